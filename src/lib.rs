@@ -1,0 +1,17 @@
+//! fanjet: fan-out/fan-in workflow jobs on NATS JetStream.
+//!
+//! # Layout
+//! - [`protocol`]: the wire contract (subjects, streams, buckets, events, tasks, codecs).
+//! - [`workflow`]: workflow definitions (TOML in, validated, JSON in the KV bucket).
+//! - [`machine`]: the pure state machine: events in, actions out.
+//! - [`setup`]: creates the streams, consumers and buckets fanjet uses.
+//! - [`store`]: job records and pending-set chunks in KV.
+//! - [`manager`]: the workflow manager: intake, event loop, executor, advisories.
+//! - [`worker`]: the worker pool, the handler API and the `--exec` handler.
+//! - [`connect`]: NATS connection options shared by every command.
+//! - [`server`]: finds and runs a local nats-server (for `fanjet dev` and tests).
+//! - [`shutdown`]: signals to cancellation.
+
+pub mod machine;
+pub mod protocol;
+pub mod workflow;

@@ -1,0 +1,214 @@
+//! The state of one job: what `fanjet status` shows and what the manager
+//! stores in the jobs bucket at each checkpoint (the pending bitmaps are
+//! stored apart, in chunks).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::Pending;
+use crate::protocol::{JobRequested, Millis};
+use crate::workflow::{StepKind, Workflow};
+
+/// Failed subjobs kept with their error per step; the count is always exact.
+pub const MAX_FAILURES_KEPT: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Requested,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    Rejected,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled | JobState::Rejected)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Requested => "requested",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::Rejected => "rejected",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Completed => "completed",
+            StepState::Failed => "failed",
+            StepState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Which field of a logged event holds a step's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceField {
+    /// `input` of a JobRequested.
+    Input,
+    /// `result` of a SubjobCompleted.
+    Result,
+}
+
+/// Where a step's input or items are. Large values stay in the log and are
+/// referenced by sequence, so the job record stays small.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Event { seq: u64, field: SourceField },
+    Inline(Value),
+}
+
+/// A failed subjob and its last error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub index: u64,
+    pub attempt: u32,
+    pub error: String,
+}
+
+/// The progress of one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRun {
+    pub name: String,
+    pub kind: StepKind,
+    pub state: StepState,
+    pub total: u64,
+    pub completed: u64,
+    pub failed: u64,
+    /// Attempts beyond the first, over the subjobs that finished.
+    pub retries: u64,
+    /// Subjobs enqueued so far (the in-flight window moves through the step).
+    pub dispatched: u64,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    pub failures: Vec<Failure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// Task step: sequence of the SubjobCompleted that holds its result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_seq: Option<u64>,
+    /// Task step: length of its result when it is an array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_len: Option<u64>,
+    /// Stored apart, chunk by chunk.
+    #[serde(skip)]
+    pub pending: Pending,
+}
+
+/// One job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub job_id: String,
+    pub workflow: String,
+    pub customer: Option<String>,
+    pub state: JobState,
+    pub current: usize,
+    pub steps: Vec<StepRun>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The last step's result (task) or summary (fanout), once completed.
+    #[serde(default)]
+    pub output: Value,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    pub finished_at: Option<Millis>,
+    /// Sequence of the JobRequested event (the job's input).
+    pub requested_seq: u64,
+    /// The workflow as it was when the job started; later edits do not
+    /// change a running job.
+    pub definition: Workflow,
+}
+
+impl Job {
+    pub fn new(ev: &JobRequested, definition: Workflow, seq: u64, now: Millis) -> Self {
+        let steps = definition
+            .steps
+            .iter()
+            .map(|s| StepRun {
+                name: s.name.clone(),
+                kind: s.kind,
+                state: StepState::Pending,
+                total: 0,
+                completed: 0,
+                failed: 0,
+                retries: 0,
+                dispatched: 0,
+                started_at: None,
+                finished_at: None,
+                failures: Vec::new(),
+                source: None,
+                output_seq: None,
+                output_len: None,
+                pending: Pending::default(),
+            })
+            .collect();
+        Job {
+            job_id: ev.job_id.clone(),
+            workflow: ev.workflow.clone(),
+            customer: ev.customer.clone(),
+            state: JobState::Running,
+            current: 0,
+            steps,
+            error: None,
+            output: Value::Null,
+            created_at: ev.at.min(now),
+            updated_at: now,
+            finished_at: None,
+            requested_seq: seq,
+            definition,
+        }
+    }
+
+    pub fn rejected(job_id: &str, workflow: Option<&str>, customer: Option<String>, reason: String, at: Millis) -> Self {
+        Job {
+            job_id: job_id.to_string(),
+            workflow: workflow.unwrap_or_default().to_string(),
+            customer,
+            state: JobState::Rejected,
+            current: 0,
+            steps: Vec::new(),
+            error: Some(reason),
+            output: Value::Null,
+            created_at: at,
+            updated_at: at,
+            finished_at: Some(at),
+            requested_seq: 0,
+            definition: Workflow { name: workflow.unwrap_or_default().to_string(), description: String::new(), steps: Vec::new() },
+        }
+    }
+
+    /// After loading a record and its bitmaps: the counts follow the bits,
+    /// which may be behind the record after a crash (see the executor).
+    pub fn recount(&mut self) {
+        if let Some(step) = self.steps.get_mut(self.current) {
+            if step.state == StepState::Running {
+                let (completed, failed) = step.pending.counts();
+                step.completed = completed;
+                step.failed = failed;
+            }
+        }
+    }
+}

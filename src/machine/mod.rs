@@ -1,0 +1,464 @@
+//! The workflow logic as a pure state machine: `Engine::apply(input, now)`
+//! changes the jobs it holds and returns the [`Action`]s an executor must
+//! carry out. No I/O, no clock, no tokio: everything it needs arrives in the
+//! input, so every interleaving of events can be tested in memory.
+//!
+//! Rules it keeps:
+//! - each subjob's outcome is counted once (the [`Pending`] bitmaps);
+//! - events for a step that is no longer running, or a job that ended, are ignored;
+//! - every action is idempotent when replayed (events and tasks carry
+//!   deterministic message ids), so the executor may re-apply events after a
+//!   crash and re-run what they produce.
+
+mod bitset;
+mod job;
+
+pub use bitset::{Mark, Pending, CHUNK_BITS};
+pub use job::{Failure, Job, JobState, Source, SourceField, StepRun, StepState, MAX_FAILURES_KEPT};
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde_json::{json, Value};
+
+use crate::protocol::{
+    event_subject, CancelRequested, Event, EventKind, JobCancelled, JobCompleted, JobFailed,
+    JobRejected, JobRequested, Millis, RejectCode, StepCompleted, StepStarted, SubjobCompleted,
+    SubjobFailed, EVENTS_STREAM,
+};
+use crate::workflow::{Step, StepKind, Workflow};
+
+/// Refill a step's in-flight window only when at least this many slots are
+/// free (or the rest fits), so dispatches go out in batches.
+const MIN_REFILL: u64 = 256;
+
+/// What the engine is told.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A job was requested; the executor looked up its workflow (None: unknown).
+    Requested { seq: u64, event: JobRequested, workflow: Option<Workflow> },
+    /// Any other event of the log, with its stream sequence.
+    Event { seq: u64, event: Event },
+    /// Time passed: check deadlines and refill in-flight windows.
+    Tick,
+}
+
+/// What the executor must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Append an event to the log.
+    Publish(Event),
+    /// Enqueue subjobs `from..to` of a step.
+    Dispatch(Dispatch),
+    /// Drop every queued task of the job.
+    PurgeTasks { job_id: String },
+}
+
+/// Subjobs to enqueue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispatch {
+    pub job_id: String,
+    pub workflow: String,
+    pub step_index: usize,
+    pub step: Step,
+    pub total: u64,
+    pub from: u64,
+    pub to: u64,
+    /// Where the step's input (task) or items (fanout) are.
+    pub source: Source,
+}
+
+/// Every job the manager holds in memory, and which ones changed.
+#[derive(Debug, Default)]
+pub struct Engine {
+    jobs: HashMap<String, Job>,
+    dirty: BTreeSet<String>,
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn contains(&self, job_id: &str) -> bool {
+        self.jobs.contains_key(job_id)
+    }
+
+    pub fn job(&self, job_id: &str) -> Option<&Job> {
+        self.jobs.get(job_id)
+    }
+
+    pub fn job_mut(&mut self, job_id: &str) -> Option<&mut Job> {
+        self.jobs.get_mut(job_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Adds a job loaded from storage (after a restart).
+    pub fn insert(&mut self, job: Job) {
+        self.jobs.insert(job.job_id.clone(), job);
+    }
+
+    /// Removes a job (after it ended and was stored).
+    pub fn remove(&mut self, job_id: &str) -> Option<Job> {
+        self.dirty.remove(job_id);
+        self.jobs.remove(job_id)
+    }
+
+    /// Ids of jobs changed since the last call.
+    pub fn take_dirty(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.dirty).into_iter().collect()
+    }
+
+    /// Applies one input at time `now`.
+    pub fn apply(&mut self, input: Input, now: Millis) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Requested { seq, event, workflow } => self.requested(seq, event, workflow, now, &mut out),
+            Input::Event { seq, event } => self.event(seq, event, now, &mut out),
+            Input::Tick => {
+                let ids: Vec<String> = self.jobs.iter().filter(|(_, j)| j.state == JobState::Running).map(|(id, _)| id.clone()).collect();
+                for id in ids {
+                    if let Some(job) = self.jobs.get_mut(&id) {
+                        if tick(job, now, &mut out) {
+                            self.dirty.insert(id);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn requested(&mut self, seq: u64, ev: JobRequested, workflow: Option<Workflow>, now: Millis, out: &mut Vec<Action>) {
+        if self.jobs.contains_key(&ev.job_id) {
+            return; // re-submission: nothing new starts
+        }
+        let Some(workflow) = workflow else {
+            out.push(Action::Publish(Event::JobRejected(JobRejected {
+                job_id: ev.job_id.clone(),
+                workflow: Some(ev.workflow.clone()),
+                customer: ev.customer.clone(),
+                code: RejectCode::UnknownWorkflow,
+                reason: format!("unknown workflow {:?}: apply it first with `fanjet workflow apply`", ev.workflow),
+                at: now,
+            })));
+            let job = Job::rejected(&ev.job_id, Some(&ev.workflow), ev.customer.clone(), format!("unknown workflow {:?}", ev.workflow), now);
+            self.dirty.insert(job.job_id.clone());
+            self.jobs.insert(job.job_id.clone(), job);
+            return;
+        };
+        let mut job = Job::new(&ev, workflow, seq, now);
+        let len = ev.input.as_array().map(|a| a.len() as u64);
+        start_step(&mut job, 0, Source::Event { seq, field: SourceField::Input }, len, now, out);
+        self.dirty.insert(job.job_id.clone());
+        self.jobs.insert(job.job_id.clone(), job);
+    }
+
+    fn event(&mut self, seq: u64, event: Event, now: Millis, out: &mut Vec<Action>) {
+        if let Event::JobRejected(r) = &event {
+            if !self.jobs.contains_key(&r.job_id) {
+                let job = Job::rejected(&r.job_id, r.workflow.as_deref(), r.customer.clone(), r.reason.clone(), r.at);
+                self.dirty.insert(job.job_id.clone());
+                self.jobs.insert(job.job_id.clone(), job);
+            }
+            return;
+        }
+        let Some(job) = self.jobs.get_mut(event.job_id()) else {
+            return; // unknown or already finished and unloaded: late
+        };
+        if job.state.is_terminal() {
+            return;
+        }
+        let changed = match event {
+            Event::SubjobCompleted(e) => subjob_completed(job, seq, e, now, out),
+            Event::SubjobFailed(e) => subjob_failed(job, e, now, out),
+            Event::CancelRequested(e) => cancel(job, e, now, out),
+            // The manager's own output, read back: already applied.
+            _ => false,
+        };
+        if changed {
+            self.dirty.insert(job.job_id.clone());
+        }
+    }
+}
+
+/// The step an event addresses, if it is the running one.
+fn running_step(job: &mut Job, step_index: usize) -> Option<&mut StepRun> {
+    if job.state != JobState::Running || job.current != step_index {
+        return None;
+    }
+    job.steps.get_mut(step_index).filter(|s| s.state == StepState::Running)
+}
+
+fn subjob_completed(job: &mut Job, seq: u64, e: SubjobCompleted, now: Millis, out: &mut Vec<Action>) -> bool {
+    let Some(step) = running_step(job, e.step_index) else { return false };
+    if e.index >= step.dispatched || step.pending.mark(e.index, false) != Mark::New {
+        return false;
+    }
+    step.completed += 1;
+    step.retries += u64::from(e.attempt.saturating_sub(1));
+    if step.kind == StepKind::Task {
+        step.output_seq = Some(seq);
+        step.output_len = e.result.as_array().map(|a| a.len() as u64);
+        if e.step_index + 1 == job.steps.len() {
+            job.output = e.result;
+        }
+    }
+    job.updated_at = now;
+    after_outcome(job, now, out);
+    true
+}
+
+fn subjob_failed(job: &mut Job, e: SubjobFailed, now: Millis, out: &mut Vec<Action>) -> bool {
+    let Some(step) = running_step(job, e.step_index) else { return false };
+    if e.index >= step.dispatched || step.pending.mark(e.index, true) != Mark::New {
+        return false;
+    }
+    step.failed += 1;
+    step.retries += u64::from(e.attempt.saturating_sub(1));
+    if step.failures.len() < MAX_FAILURES_KEPT {
+        step.failures.push(Failure { index: e.index, attempt: e.attempt, error: e.error });
+    }
+    job.updated_at = now;
+    after_outcome(job, now, out);
+    true
+}
+
+/// After a subjob outcome: fail the job past the tolerance, finish the step
+/// when nothing is pending, or refill the in-flight window.
+fn after_outcome(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
+    let i = job.current;
+    let def = &job.definition.steps[i];
+    let step = &job.steps[i];
+    if step.failed > def.tolerate.allowed(step.total) {
+        let reason = match step.failures.last() {
+            Some(f) => format!(
+                "step {:?}: {} of {} subjobs failed, more than tolerated ({}); last error (subjob {}): {}",
+                step.name, step.failed, step.total, def.tolerate.allowed(step.total), f.index, f.error
+            ),
+            None => format!("step {:?}: {} of {} subjobs failed, more than tolerated", step.name, step.failed, step.total),
+        };
+        fail_job(job, reason, now, out);
+    } else if step.completed + step.failed == step.total {
+        finish_step(job, now, out);
+    } else {
+        refill(job, out);
+    }
+}
+
+/// Enqueues the next slice of the running fanout if its window has room.
+fn refill(job: &mut Job, out: &mut Vec<Action>) {
+    let i = job.current;
+    let def = &job.definition.steps[i];
+    let step = &mut job.steps[i];
+    if step.state != StepState::Running || step.dispatched >= step.total {
+        return;
+    }
+    let in_flight = step.dispatched - (step.completed + step.failed).min(step.dispatched);
+    let room = def.max_in_flight.saturating_sub(in_flight);
+    let rest = step.total - step.dispatched;
+    if room == 0 || (room < MIN_REFILL.min(def.max_in_flight) && room < rest) {
+        return;
+    }
+    let from = step.dispatched;
+    let to = from + room.min(rest);
+    step.dispatched = to;
+    let Some(source) = step.source.clone() else { return };
+    out.push(Action::Dispatch(Dispatch {
+        job_id: job.job_id.clone(),
+        workflow: job.workflow.clone(),
+        step_index: i,
+        step: def.clone(),
+        total: step.total,
+        from,
+        to,
+        source,
+    }));
+}
+
+fn start_step(job: &mut Job, i: usize, source: Source, len: Option<u64>, now: Millis, out: &mut Vec<Action>) {
+    job.current = i;
+    let def = job.definition.steps[i].clone();
+    let total = match def.kind {
+        StepKind::Task => 1,
+        StepKind::Fanout => match len {
+            Some(n) => n,
+            None => {
+                let reason = format!(
+                    "step {:?} is a fanout, but its input (the previous step's result, or the job's input for a first step) is not a JSON array",
+                    def.name
+                );
+                job.steps[i].state = StepState::Running;
+                job.steps[i].started_at = Some(now);
+                fail_job(job, reason, now, out);
+                return;
+            }
+        },
+    };
+    let step = &mut job.steps[i];
+    step.state = StepState::Running;
+    step.total = total;
+    step.pending = Pending::new(total);
+    step.started_at = Some(now);
+    step.source = Some(source);
+    out.push(Action::Publish(Event::StepStarted(StepStarted {
+        job_id: job.job_id.clone(),
+        step: def.name.clone(),
+        step_index: i,
+        total,
+        at: now,
+    })));
+    if total == 0 {
+        finish_step(job, now, out);
+    } else {
+        refill(job, out);
+    }
+}
+
+fn finish_step(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
+    let i = job.current;
+    let step = &mut job.steps[i];
+    step.state = StepState::Completed;
+    step.finished_at = Some(now);
+    out.push(Action::Publish(Event::StepCompleted(step_completed_event(&job.job_id, i, step, true, now))));
+    let (source, len) = match step.kind {
+        StepKind::Task => (
+            Source::Event { seq: step.output_seq.unwrap_or(0), field: SourceField::Result },
+            step.output_len,
+        ),
+        StepKind::Fanout => (Source::Inline(fanout_summary(&job.job_id, i, step)), None),
+    };
+    if i + 1 < job.steps.len() {
+        start_step(job, i + 1, source, len, now, out);
+        return;
+    }
+    if let Source::Inline(summary) = source {
+        job.output = summary;
+    }
+    job.state = JobState::Completed;
+    job.finished_at = Some(now);
+    job.updated_at = now;
+    out.push(Action::Publish(Event::JobCompleted(JobCompleted {
+        job_id: job.job_id.clone(),
+        workflow: job.workflow.clone(),
+        output: job.output.clone(),
+        at: now,
+    })));
+}
+
+fn step_completed_event(job_id: &str, i: usize, step: &StepRun, ok: bool, now: Millis) -> StepCompleted {
+    StepCompleted {
+        job_id: job_id.to_string(),
+        step: step.name.clone(),
+        step_index: i,
+        ok,
+        total: step.total,
+        completed: step.completed,
+        failed: step.failed,
+        retries: step.retries,
+        started_at: step.started_at.unwrap_or(now),
+        at: now,
+    }
+}
+
+/// What a task step after a fanout receives as input.
+fn fanout_summary(job_id: &str, i: usize, step: &StepRun) -> Value {
+    json!({
+        "step": step.name,
+        "step_index": i,
+        "total": step.total,
+        "completed": step.completed,
+        "failed": step.failed,
+        "retries": step.retries,
+        "failures": step.failures,
+        "results": {
+            "stream": EVENTS_STREAM,
+            "subject": event_subject(job_id, EventKind::SubjobCompleted.token()),
+            "step_index": i,
+        },
+    })
+}
+
+fn fail_job(job: &mut Job, reason: String, now: Millis, out: &mut Vec<Action>) {
+    let i = job.current;
+    if let Some(step) = job.steps.get_mut(i) {
+        step.state = StepState::Failed;
+        step.finished_at = Some(now);
+        out.push(Action::Publish(Event::StepCompleted(step_completed_event(&job.job_id, i, step, false, now))));
+    }
+    job.state = JobState::Failed;
+    job.error = Some(reason.clone());
+    job.finished_at = Some(now);
+    job.updated_at = now;
+    out.push(Action::PurgeTasks { job_id: job.job_id.clone() });
+    out.push(Action::Publish(Event::JobFailed(JobFailed {
+        job_id: job.job_id.clone(),
+        workflow: job.workflow.clone(),
+        error: reason,
+        at: now,
+    })));
+}
+
+fn cancel(job: &mut Job, e: CancelRequested, now: Millis, out: &mut Vec<Action>) -> bool {
+    if let Some(step) = job.steps.get_mut(job.current) {
+        if step.state == StepState::Running {
+            step.state = StepState::Cancelled;
+            step.finished_at = Some(now);
+        }
+    }
+    job.state = JobState::Cancelled;
+    job.error = e.reason.clone().or_else(|| Some("cancelled".into()));
+    job.finished_at = Some(now);
+    job.updated_at = now;
+    out.push(Action::PurgeTasks { job_id: job.job_id.clone() });
+    out.push(Action::Publish(Event::JobCancelled(JobCancelled {
+        job_id: job.job_id.clone(),
+        workflow: job.workflow.clone(),
+        reason: e.reason,
+        at: now,
+    })));
+    true
+}
+
+/// Deadline and window checks for one running job; true when it changed.
+fn tick(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
+    let i = job.current;
+    let Some(def) = job.definition.steps.get(i) else { return false };
+    let step = &mut job.steps[i];
+    if step.state != StepState::Running {
+        return false;
+    }
+    if let (Some(deadline), Some(started)) = (def.deadline_ms, step.started_at) {
+        if now >= started.saturating_add(deadline) {
+            let first_open = step.pending.next_open(0, step.total);
+            let n = step.pending.fail_rest();
+            if let (Some(index), true) = (first_open, n > 0) {
+                step.failed += n;
+                step.dispatched = step.total;
+                if step.failures.len() < MAX_FAILURES_KEPT {
+                    step.failures.push(Failure {
+                        index,
+                        attempt: 0,
+                        error: format!("step deadline of {deadline} ms passed with {n} subjobs unfinished"),
+                    });
+                }
+                out.push(Action::PurgeTasks { job_id: job.job_id.clone() });
+                job.updated_at = now;
+                after_outcome(job, now, out);
+                return true;
+            }
+        }
+    }
+    let before = out.len();
+    refill(job, out);
+    out.len() > before
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,286 @@
+//! The engine driven in memory: hand-written scenarios, then random
+//! interleavings with duplicates, reorderings and late events.
+
+use super::*;
+use crate::protocol::{CancelRequested, SubjobCompleted, SubjobFailed};
+use crate::workflow::Workflow;
+use proptest::prelude::*;
+use serde_json::json;
+
+fn workflow(fanout_extra: &str) -> Workflow {
+    Workflow::from_toml(&format!(
+        r#"
+name = "invoices"
+[[steps]]
+name = "collect"
+kind = "task"
+[[steps]]
+name = "send"
+kind = "fanout"
+max_attempts = 3
+{fanout_extra}
+[[steps]]
+name = "summarize"
+kind = "task"
+"#
+    ))
+    .unwrap()
+}
+
+fn request(engine: &mut Engine, wf: Workflow) -> Vec<Action> {
+    engine.apply(
+        Input::Requested {
+            seq: 1,
+            event: JobRequested { job_id: "j".into(), workflow: "invoices".into(), customer: Some("acme".into()), input: json!({"n": 1}), at: 0 },
+            workflow: Some(wf),
+        },
+        10,
+    )
+}
+
+fn done(step_index: usize, index: u64, attempt: u32, result: Value) -> Input {
+    Input::Event {
+        seq: 100 + index,
+        event: Event::SubjobCompleted(SubjobCompleted { job_id: "j".into(), step_index, index, attempt, result, duration_ms: 1 }),
+    }
+}
+
+fn failed(step_index: usize, index: u64) -> Input {
+    Input::Event {
+        seq: 0,
+        event: Event::SubjobFailed(SubjobFailed { job_id: "j".into(), step_index, index, attempt: 3, error: format!("bad {index}") }),
+    }
+}
+
+fn kinds(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .map(|a| match a {
+            Action::Publish(e) => e.kind().token().to_string(),
+            Action::Dispatch(d) => format!("dispatch {}:{}..{}", d.step_index, d.from, d.to),
+            Action::PurgeTasks { .. } => "purge".into(),
+        })
+        .collect()
+}
+
+#[test]
+fn happy_path_runs_three_steps_and_counts_once() {
+    let mut e = Engine::new();
+    assert_eq!(kinds(&request(&mut e, workflow(""))), ["step_started", "dispatch 0:0..1"]);
+    let a = e.apply(done(0, 0, 1, json!([1, 2, 3])), 20);
+    assert_eq!(kinds(&a), ["step_completed", "step_started", "dispatch 1:0..3"]);
+    match &a[2] {
+        Action::Dispatch(d) => assert_eq!(d.source, Source::Event { seq: 100, field: SourceField::Result }),
+        other => panic!("{other:?}"),
+    }
+    assert!(e.apply(done(1, 0, 1, json!(null)), 30).is_empty());
+    assert!(e.apply(done(1, 0, 2, json!(null)), 31).is_empty(), "duplicate counted once");
+    assert!(e.apply(done(1, 7, 1, json!(null)), 31).is_empty(), "index beyond the step is ignored");
+    e.apply(done(1, 1, 2, json!(null)), 32);
+    let a = e.apply(done(1, 2, 1, json!(null)), 33);
+    assert_eq!(kinds(&a), ["step_completed", "step_started", "dispatch 2:0..1"]);
+    match &a[2] {
+        Action::Dispatch(d) => match &d.source {
+            Source::Inline(s) => {
+                assert_eq!(s["completed"], 3);
+                assert_eq!(s["retries"], 1);
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    assert!(e.apply(done(1, 2, 1, json!(null)), 34).is_empty(), "late completion ignored");
+    let a = e.apply(done(2, 0, 1, json!({"sent": 3})), 40);
+    assert_eq!(kinds(&a), ["step_completed", "completed"]);
+    let job = e.job("j").unwrap();
+    assert_eq!(job.state, JobState::Completed);
+    assert_eq!(job.output, json!({"sent": 3}));
+    assert_eq!((job.steps[1].completed, job.steps[1].failed, job.steps[1].retries), (3, 0, 1));
+    assert!(e.apply(done(2, 0, 1, json!(null)), 50).is_empty());
+}
+
+#[test]
+fn failures_beyond_tolerance_fail_the_job_and_purge() {
+    let mut e = Engine::new();
+    request(&mut e, workflow("tolerate_failures = \"1\""));
+    e.apply(done(0, 0, 1, json!([1, 2, 3, 4])), 20);
+    assert!(e.apply(failed(1, 0), 21).is_empty(), "one failure is tolerated");
+    let a = e.apply(failed(1, 1), 22);
+    assert_eq!(kinds(&a), ["step_completed", "purge", "failed"]);
+    let job = e.job("j").unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert!(job.error.as_deref().unwrap().contains("bad 1"), "{:?}", job.error);
+    assert!(e.apply(done(1, 2, 1, json!(null)), 23).is_empty());
+}
+
+#[test]
+fn tolerated_failures_let_the_job_complete() {
+    let mut e = Engine::new();
+    request(&mut e, workflow("tolerate_failures = \"50%\""));
+    e.apply(done(0, 0, 1, json!([1, 2])), 20);
+    e.apply(failed(1, 0), 21);
+    let a = e.apply(done(1, 1, 1, json!(null)), 22);
+    assert_eq!(kinds(&a), ["step_completed", "step_started", "dispatch 2:0..1"]);
+    assert_eq!(e.job("j").unwrap().steps[1].failures[0].error, "bad 0");
+}
+
+#[test]
+fn a_fanout_over_a_non_array_fails_clearly() {
+    let mut e = Engine::new();
+    request(&mut e, workflow(""));
+    let a = e.apply(done(0, 0, 1, json!({"not": "a list"})), 20);
+    assert_eq!(kinds(&a), ["step_completed", "step_completed", "purge", "failed"]);
+    assert!(e.job("j").unwrap().error.as_deref().unwrap().contains("not a JSON array"));
+}
+
+#[test]
+fn an_empty_fanout_goes_straight_on() {
+    let mut e = Engine::new();
+    request(&mut e, workflow(""));
+    let a = e.apply(done(0, 0, 1, json!([])), 20);
+    assert_eq!(kinds(&a), ["step_completed", "step_started", "step_completed", "step_started", "dispatch 2:0..1"]);
+}
+
+#[test]
+fn cancel_stops_everything() {
+    let mut e = Engine::new();
+    request(&mut e, workflow(""));
+    e.apply(done(0, 0, 1, json!([1, 2])), 20);
+    let a = e.apply(Input::Event { seq: 9, event: Event::CancelRequested(CancelRequested { job_id: "j".into(), reason: None, at: 1 }) }, 21);
+    assert_eq!(kinds(&a), ["purge", "cancelled"]);
+    assert_eq!(e.job("j").unwrap().state, JobState::Cancelled);
+    assert!(e.apply(done(1, 0, 1, json!(null)), 22).is_empty());
+    assert!(e.apply(Input::Event { seq: 9, event: Event::CancelRequested(CancelRequested { job_id: "j".into(), reason: None, at: 1 }) }, 23).is_empty());
+}
+
+#[test]
+fn unknown_workflow_and_resubmission() {
+    let mut e = Engine::new();
+    let a = e.apply(
+        Input::Requested {
+            seq: 1,
+            event: JobRequested { job_id: "x".into(), workflow: "nope".into(), customer: None, input: json!(null), at: 0 },
+            workflow: None,
+        },
+        5,
+    );
+    assert_eq!(kinds(&a), ["rejected"]);
+    assert_eq!(e.job("x").unwrap().state, JobState::Rejected);
+    request(&mut e, workflow(""));
+    assert!(request(&mut e, workflow("")).is_empty(), "same id again starts nothing");
+}
+
+#[test]
+fn the_window_moves_through_a_large_fanout_and_the_deadline_fails_the_rest() {
+    let mut e = Engine::new();
+    request(&mut e, workflow("max_in_flight = 1000\ndeadline = \"10s\"\ntolerate_failures = \"100%\""));
+    let a = e.apply(done(0, 0, 1, Value::Array(vec![json!(0); 5000])), 1000);
+    assert_eq!(kinds(&a)[2], "dispatch 1:0..1000");
+    for i in 0..255 {
+        assert!(e.apply(done(1, i, 1, json!(null)), 1001).is_empty());
+    }
+    assert!(e.apply(done(1, 1000, 1, json!(null)), 1001).is_empty(), "not dispatched yet: ignored");
+    assert_eq!(kinds(&e.apply(done(1, 255, 1, json!(null)), 1002)), ["dispatch 1:1000..1256"]);
+    assert!(e.apply(Input::Tick, 5000).is_empty());
+    let a = e.apply(Input::Tick, 11_001);
+    assert_eq!(kinds(&a), ["purge", "step_completed", "step_started", "dispatch 2:0..1"]);
+    let step = &e.job("j").unwrap().steps[1];
+    assert_eq!((step.completed, step.failed), (256, 4744));
+}
+
+#[test]
+fn recount_follows_the_bitmap() {
+    let mut e = Engine::new();
+    request(&mut e, workflow("tolerate_failures = \"1\""));
+    e.apply(done(0, 0, 1, json!([1, 2, 3])), 20);
+    e.apply(done(1, 0, 1, json!(null)), 21);
+    e.apply(failed(1, 1), 22);
+    let mut job = e.job("j").unwrap().clone();
+    job.steps[1].completed = 99;
+    job.recount();
+    assert_eq!((job.steps[1].completed, job.steps[1].failed), (1, 1));
+}
+
+/// One message a simulated worker may deliver.
+#[derive(Debug, Clone)]
+enum Delivery {
+    Done { step: usize, index: u64, attempt: u32 },
+    Fail { step: usize, index: u64 },
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Workers answer in any order, repeat themselves, fail some subjobs for
+    /// good, and keep answering after steps ended. Whatever happens, every
+    /// job ends, each subjob is counted once, and counts add up.
+    #[test]
+    fn any_interleaving_ends_with_exact_counts(
+        n in 0u64..60,
+        window in 1u64..20,
+        tolerate in 0u64..5,
+        choices in proptest::collection::vec((0usize..1000, 0u8..10), 1..800),
+    ) {
+        let wf = workflow(&format!("max_in_flight = {window}\ntolerate_failures = \"{tolerate}\""));
+        let mut e = Engine::new();
+        let mut queue: Vec<Delivery> = Vec::new();
+        let mut sent: Vec<Delivery> = Vec::new();
+        let mut now = 10;
+        let push = |actions: Vec<Action>, queue: &mut Vec<Delivery>| {
+            for a in actions {
+                if let Action::Dispatch(d) = a {
+                    for i in d.from..d.to {
+                        queue.push(Delivery::Done { step: d.step_index, index: i, attempt: 1 });
+                    }
+                }
+            }
+        };
+        push(request(&mut e, wf), &mut queue);
+        let mut choices = choices.into_iter();
+        while e.job("j").map(|j| !j.state.is_terminal()).unwrap_or(false) {
+            now += 1;
+            let (pick, roll) = choices.next().unwrap_or((0, 9));
+            let input = if !queue.is_empty() && roll >= 2 {
+                let d = queue.remove(pick % queue.len());
+                let d = match d {
+                    Delivery::Done { step, index, attempt } if roll == 2 && attempt < 3 => {
+                        // a retry: the same subjob comes back later with a higher attempt
+                        queue.push(Delivery::Done { step, index, attempt: attempt + 1 });
+                        continue;
+                    }
+                    Delivery::Done { step, index, .. } if roll == 3 => Delivery::Fail { step, index },
+                    other => other,
+                };
+                sent.push(d.clone());
+                to_input(&d, n)
+            } else if !sent.is_empty() && roll == 1 {
+                // a duplicate or a late answer
+                to_input(&sent[pick % sent.len()].clone(), n)
+            } else {
+                Input::Tick
+            };
+            let actions = e.apply(input, now);
+            push(actions, &mut queue);
+            prop_assert!(now < 100_000, "job did not end");
+        }
+        let job = e.job("j").unwrap();
+        let fan = &job.steps[1];
+        if job.state == JobState::Completed {
+            prop_assert_eq!(fan.completed + fan.failed, n);
+            prop_assert!(fan.failed <= tolerate);
+        } else {
+            prop_assert_eq!(job.state, JobState::Failed);
+            prop_assert!(fan.failed > tolerate || job.steps[0].state == StepState::Failed || job.steps[2].state == StepState::Failed);
+        }
+        let (c, f) = fan.pending.counts();
+        prop_assert_eq!((c, f), (fan.completed, fan.failed));
+    }
+}
+
+fn to_input(d: &Delivery, n: u64) -> Input {
+    match *d {
+        Delivery::Done { step: 0, index, attempt } => done(0, index, attempt, Value::Array(vec![json!(1); n as usize])),
+        Delivery::Done { step, index, attempt } => done(step, index, attempt, json!(null)),
+        Delivery::Fail { step, index } => failed(step, index),
+    }
+}

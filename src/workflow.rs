@@ -1,0 +1,295 @@
+//! Workflow definitions: a named, ordered list of steps, written in TOML by
+//! people and stored as JSON in the workflows bucket.
+//!
+//! Parsing is strict (unknown keys, bad durations and duplicate step names
+//! are errors with the offending name in the message) because a typo in a
+//! retry policy should fail at `fanjet workflow apply`, not at 3 a.m.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::protocol::{validate_token, TokenError};
+
+/// How a step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// One execution; its result is the next step's input.
+    Task,
+    /// One subjob per item of the previous step's output (a JSON array).
+    Fanout,
+}
+
+impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Task => "task",
+            StepKind::Fanout => "fanout",
+        }
+    }
+}
+
+/// How many failed subjobs a step tolerates before the job fails.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tolerance {
+    Count(u64),
+    Percent(f64),
+}
+
+impl Tolerance {
+    /// The largest number of failures allowed among `total` subjobs.
+    pub fn allowed(self, total: u64) -> u64 {
+        match self {
+            Tolerance::Count(n) => n,
+            Tolerance::Percent(p) => ((total as f64) * p / 100.0).floor() as u64,
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|_| format!("{s:?} is not a percentage like \"5%\""))?;
+            if !(0.0..=100.0).contains(&v) {
+                return Err(format!("{s:?} must be between 0% and 100%"));
+            }
+            Ok(Tolerance::Percent(v))
+        } else {
+            t.parse::<u64>()
+                .map(Tolerance::Count)
+                .map_err(|_| format!("{s:?} is neither a count like \"10\" nor a percentage like \"5%\""))
+        }
+    }
+}
+
+/// One validated step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub kind: StepKind,
+    pub handler: String,
+    /// Ack deadline of one attempt.
+    pub timeout_ms: u64,
+    pub max_attempts: u32,
+    /// Delay before each retry; the last value repeats.
+    pub backoff_ms: Vec<u64>,
+    pub tolerate: Tolerance,
+    /// Overall deadline of the step from its start; subjobs still pending then fail.
+    pub deadline_ms: Option<u64>,
+    /// Most subjobs of one job queued or running at once (fair share between jobs).
+    pub max_in_flight: u64,
+}
+
+/// One validated workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Workflow {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub steps: Vec<Step>,
+}
+
+/// Default ack deadline per attempt.
+pub const DEFAULT_TIMEOUT: &str = "30s";
+/// Default attempts per subjob.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Default in-flight window per job and step.
+pub const DEFAULT_MAX_IN_FLIGHT: u64 = 5000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkflowFile {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    steps: Vec<StepFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepFile {
+    name: String,
+    kind: StepKind,
+    handler: Option<String>,
+    timeout: Option<String>,
+    max_attempts: Option<u32>,
+    backoff: Option<Vec<String>>,
+    tolerate_failures: Option<String>,
+    deadline: Option<String>,
+    max_in_flight: Option<u64>,
+}
+
+/// What is wrong with a workflow definition.
+#[derive(Debug, Error)]
+pub enum WorkflowError {
+    #[error("invalid workflow file: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("invalid workflow JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Name(#[from] TokenError),
+    #[error("workflow {0:?} has no steps")]
+    NoSteps(String),
+    #[error("step name {0:?} appears more than once")]
+    DuplicateStep(String),
+    #[error("step {step:?}: {field} {message}")]
+    Field { step: String, field: &'static str, message: String },
+}
+
+fn duration_ms(step: &str, field: &'static str, s: &str) -> Result<u64, WorkflowError> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| WorkflowError::Field {
+        step: step.into(),
+        field,
+        message: format!("{s:?} is not a duration like \"30s\" or \"5m\" ({e})"),
+    })?;
+    Ok(d.as_millis() as u64)
+}
+
+impl Workflow {
+    /// Parses and validates a TOML definition.
+    pub fn from_toml(text: &str) -> Result<Self, WorkflowError> {
+        let file: WorkflowFile = toml::from_str(text)?;
+        Self::validate(file)
+    }
+
+    /// Reads a definition stored as JSON (by `fanjet workflow apply`).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, WorkflowError> {
+        Ok(serde_json::from_slice(bytes)?)
+    }
+
+    pub fn step(&self, index: usize) -> Option<&Step> {
+        self.steps.get(index)
+    }
+
+    fn validate(file: WorkflowFile) -> Result<Self, WorkflowError> {
+        validate_token("workflow name", &file.name)?;
+        if file.steps.is_empty() {
+            return Err(WorkflowError::NoSteps(file.name));
+        }
+        let mut steps: Vec<Step> = Vec::with_capacity(file.steps.len());
+        for s in file.steps {
+            validate_token("step name", &s.name)?;
+            if steps.iter().any(|p| p.name == s.name) {
+                return Err(WorkflowError::DuplicateStep(s.name));
+            }
+            let field = |field: &'static str, message: String| WorkflowError::Field {
+                step: s.name.clone(),
+                field,
+                message,
+            };
+            let timeout_ms = duration_ms(&s.name, "timeout", s.timeout.as_deref().unwrap_or(DEFAULT_TIMEOUT))?;
+            if timeout_ms < 1000 {
+                return Err(field("timeout", "must be at least 1s".into()));
+            }
+            let max_attempts = s.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+            if max_attempts == 0 {
+                return Err(field("max_attempts", "must be at least 1".into()));
+            }
+            let backoff_ms = match &s.backoff {
+                Some(list) => list
+                    .iter()
+                    .map(|b| duration_ms(&s.name, "backoff", b))
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => vec![1000, 5000, 30_000],
+            };
+            let tolerate = match &s.tolerate_failures {
+                Some(t) => Tolerance::parse(t).map_err(|m| field("tolerate_failures", m))?,
+                None => Tolerance::Count(0),
+            };
+            let deadline_ms = s
+                .deadline
+                .as_deref()
+                .map(|d| duration_ms(&s.name, "deadline", d))
+                .transpose()?;
+            let max_in_flight = s.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
+            if max_in_flight == 0 {
+                return Err(field("max_in_flight", "must be at least 1".into()));
+            }
+            let handler = s.handler.clone().unwrap_or_else(|| s.name.clone());
+            if handler.trim().is_empty() {
+                return Err(field("handler", "is empty".into()));
+            }
+            steps.push(Step {
+                name: s.name,
+                kind: s.kind,
+                handler,
+                timeout_ms,
+                max_attempts,
+                backoff_ms,
+                tolerate,
+                deadline_ms,
+                max_in_flight,
+            });
+        }
+        Ok(Workflow { name: file.name, description: file.description, steps })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+name = "invoices"
+
+[[steps]]
+name = "collect"          # S1
+kind = "task"
+timeout = "30s"
+
+[[steps]]
+name = "send"             # S2
+kind = "fanout"
+timeout = "30s"
+max_attempts = 5
+backoff = ["1s", "2s", "5s"]
+tolerate_failures = "0%"
+
+[[steps]]
+name = "summarize"        # S3
+kind = "task"
+timeout = "30s"
+"#;
+
+    #[test]
+    fn seed_definition_is_accepted() {
+        let w = Workflow::from_toml(SEED).unwrap();
+        assert_eq!(w.name, "invoices");
+        assert_eq!(w.steps.len(), 3);
+        let send = &w.steps[1];
+        assert_eq!(send.kind, StepKind::Fanout);
+        assert_eq!(send.max_attempts, 5);
+        assert_eq!(send.backoff_ms, vec![1000, 2000, 5000]);
+        assert_eq!(send.tolerate, Tolerance::Percent(0.0));
+        assert_eq!(send.timeout_ms, 30_000);
+        let back = Workflow::from_json(&serde_json::to_vec(&w).unwrap()).unwrap();
+        assert_eq!(back, w);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let cases = [
+            ("name = \"w\"\nbogus = 1\n[[steps]]\nname=\"a\"\nkind=\"task\"", "bogus"),
+            ("name = \"w\"\n[[steps]]\nname=\"a\"\nkind=\"task\"\ntimeout=\"soon\"", "timeout"),
+            ("name = \"w\"\n[[steps]]\nname=\"a\"\nkind=\"task\"\n[[steps]]\nname=\"a\"\nkind=\"task\"", "more than once"),
+            ("name = \"w.x\"\n[[steps]]\nname=\"a\"\nkind=\"task\"", "may only contain"),
+            ("name = \"w\"\n[[steps]]\nname=\"a\"\nkind=\"loop\"", "loop"),
+            ("name = \"w\"", "no steps"),
+            ("name = \"w\"\n[[steps]]\nname=\"a\"\nkind=\"fanout\"\ntolerate_failures=\"lots\"", "tolerate_failures"),
+        ];
+        for (text, needle) in cases {
+            let err = Workflow::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
+        }
+    }
+
+    #[test]
+    fn tolerance_allowed() {
+        assert_eq!(Tolerance::Percent(10.0).allowed(1000), 100);
+        assert_eq!(Tolerance::Percent(0.0).allowed(1000), 0);
+        assert_eq!(Tolerance::Count(3).allowed(1), 3);
+        assert_eq!(Tolerance::parse("2.5%").unwrap(), Tolerance::Percent(2.5));
+        assert!(Tolerance::parse("101%").is_err());
+    }
+}
