@@ -15,3 +15,6 @@
 pub mod machine;
 pub mod protocol;
 pub mod workflow;
+pub mod manager;
+pub mod setup;
+pub mod store;

@@ -33,6 +33,9 @@ pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
 /// with consumer filters rather than a redesign.
 pub const PARTITIONS: u32 = 16;
 
+/// Largest submission body accepted by the intake.
+pub const MAX_SUBMISSION_BYTES: usize = 1024 * 1024;
+
 /// Longest job id, workflow or step name accepted.
 pub const MAX_TOKEN_LEN: usize = 64;
 /// Longest customer (tenant) key accepted.

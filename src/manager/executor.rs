@@ -1,0 +1,147 @@
+//! Carries out the engine's actions on NATS: appends events, enqueues tasks,
+//! drops queued tasks. Publishes are pipelined (many acks awaited at once,
+//! a bounded number in flight) because per-subjob work is the hot path.
+
+use std::collections::HashMap;
+use std::future::IntoFuture;
+use std::sync::Arc;
+
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
+use async_nats::jetstream::message::PublishMessage;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use serde_json::Value;
+
+use super::ManagerError;
+use crate::machine::{Action, Dispatch, Source, SourceField};
+use crate::protocol::{encode_json, job_tasks_filter, task_subject, task_msg_id, Event, Task};
+use crate::setup::Nats;
+use crate::workflow::StepKind;
+
+/// Publishes awaiting their ack at once, at most.
+const MAX_IN_FLIGHT: usize = 1024;
+/// Step inputs kept decoded (each is one logged event's payload).
+const SOURCE_CACHE: usize = 64;
+
+pub struct Executor {
+    nats: Nats,
+    sources: HashMap<u64, Arc<Value>>,
+    acks: FuturesUnordered<<PublishAckFuture as IntoFuture>::IntoFuture>,
+}
+
+impl Executor {
+    pub fn new(nats: Nats) -> Self {
+        Executor { nats, sources: HashMap::new(), acks: FuturesUnordered::new() }
+    }
+
+    /// Carries out `actions` in order; returns when every publish is acknowledged.
+    pub async fn run(&mut self, actions: Vec<Action>) -> Result<(), ManagerError> {
+        for action in actions {
+            match action {
+                Action::Publish(event) => self.publish_event(&event).await?,
+                Action::Dispatch(d) => self.dispatch(d).await?,
+                Action::PurgeTasks { job_id } => {
+                    // Everything enqueued before must be in the stream before it is purged.
+                    self.flush().await?;
+                    self.nats
+                        .tasks
+                        .purge()
+                        .filter(job_tasks_filter(&job_id))
+                        .await
+                        .map_err(|e| ManagerError::Nats(format!("purging tasks of {job_id}: {e}")))?;
+                }
+            }
+        }
+        self.flush().await
+    }
+
+    async fn publish_event(&mut self, event: &Event) -> Result<(), ManagerError> {
+        let payload = encode_json(event).map_err(|e| ManagerError::Nats(e.to_string()))?;
+        self.send(event.subject(), PublishMessage::build().payload(payload).message_id(event.msg_id())).await
+    }
+
+    async fn send(&mut self, subject: String, msg: PublishMessage) -> Result<(), ManagerError> {
+        while self.acks.len() >= MAX_IN_FLIGHT {
+            if let Some(ack) = self.acks.next().await {
+                ack.map_err(publish_err)?;
+            }
+        }
+        let fut = self.nats.js.send_publish(subject, msg).await.map_err(publish_err)?;
+        self.acks.push(fut.into_future());
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ManagerError> {
+        while let Some(ack) = self.acks.next().await {
+            ack.map_err(publish_err)?;
+        }
+        Ok(())
+    }
+
+    async fn dispatch(&mut self, d: Dispatch) -> Result<(), ManagerError> {
+        let value = self.source(&d.source).await?;
+        for index in d.from..d.to {
+            let (item, input) = match d.step.kind {
+                StepKind::Fanout => (value.get(index as usize).cloned().unwrap_or(Value::Null), Value::Null),
+                StepKind::Task => (Value::Null, (*value).clone()),
+            };
+            let task = Task {
+                job_id: d.job_id.clone(),
+                workflow: d.workflow.clone(),
+                step: d.step.name.clone(),
+                step_index: d.step_index,
+                handler: d.step.handler.clone(),
+                index,
+                total: d.total,
+                kind: d.step.kind.as_str().to_string(),
+                item,
+                input,
+                timeout_ms: d.step.timeout_ms,
+                max_attempts: d.step.max_attempts,
+                backoff_ms: d.step.backoff_ms.clone(),
+            };
+            let payload = encode_json(&task).map_err(|e| ManagerError::Nats(e.to_string()))?;
+            let msg = PublishMessage::build()
+                .payload(payload)
+                .message_id(task_msg_id(&d.job_id, d.step_index, index));
+            self.send(task_subject(&d.workflow, &d.step.name, &d.job_id), msg).await?;
+        }
+        Ok(())
+    }
+
+    /// The value a step reads: inline, or a field of an event in the log.
+    async fn source(&mut self, source: &Source) -> Result<Arc<Value>, ManagerError> {
+        let (seq, field) = match source {
+            Source::Inline(v) => return Ok(Arc::new(v.clone())),
+            Source::Event { seq, field } => (*seq, *field),
+        };
+        if let Some(v) = self.sources.get(&seq) {
+            return Ok(v.clone());
+        }
+        let msg = self
+            .nats
+            .events
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| ManagerError::Nats(format!("reading step input at event {seq}: {e}")))?;
+        let event: Event = serde_json::from_slice(&msg.payload)
+            .map_err(|e| ManagerError::Nats(format!("step input at event {seq} is unreadable: {e}")))?;
+        let value = match (event, field) {
+            (Event::JobRequested(r), SourceField::Input) => r.input,
+            (Event::SubjobCompleted(c), SourceField::Result) => c.result,
+            (other, _) => {
+                return Err(ManagerError::Nats(format!("event {seq} is a {:?}, not a step input", other.kind())));
+            }
+        };
+        if self.sources.len() >= SOURCE_CACHE {
+            self.sources.clear();
+        }
+        let v = Arc::new(value);
+        self.sources.insert(seq, v.clone());
+        Ok(v)
+    }
+}
+
+fn publish_err(e: PublishError) -> ManagerError {
+    ManagerError::Nats(format!("publish: {e}"))
+}

@@ -1,0 +1,149 @@
+//! Submission intake: answers requests on `fanjet.submit.<workflow>` from any
+//! NATS client, turning each into a JobRequested (or a JobRejected) on the
+//! log. Runs in a queue group, so any number of managers share the load.
+
+use async_nats::jetstream::message::PublishMessage;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::ManagerError;
+use crate::protocol::{
+    decode, encode_json, new_job_id, now_ms, validate_customer, validate_token, Encoding, Event,
+    JobRejected, JobRequested, RejectCode, SubmitError, SubmitReply, Submission, INTAKE_QUEUE,
+    MAX_SUBMISSION_BYTES, SUBMIT_WILDCARD,
+};
+use crate::setup::Nats;
+use crate::store;
+
+pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerError> {
+    let mut sub = nats
+        .client
+        .queue_subscribe(SUBMIT_WILDCARD, INTAKE_QUEUE.into())
+        .await
+        .map_err(|e| ManagerError::Nats(format!("subscribing to submissions: {e}")))?;
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let reply = submit(&nats, &msg).await;
+        if let Some(to) = msg.reply.clone() {
+            let body = match encode_json(&reply) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "could not encode a submission reply");
+                    continue;
+                }
+            };
+            if let Err(e) = nats.client.publish(to, body).await {
+                warn!(error = %e, "could not answer a submission");
+            }
+        }
+    }
+    let _ = sub.unsubscribe().await;
+    Ok(())
+}
+
+fn rejected(job_id: Option<String>, code: RejectCode, message: String) -> SubmitReply {
+    SubmitReply { ok: false, job_id, duplicate: false, error: Some(SubmitError { code, message }) }
+}
+
+/// Handles one submission; every failure becomes a rejection, never a panic.
+async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
+    let workflow = msg.subject.as_str().rsplit('.').next().unwrap_or_default().to_string();
+    let mut reject = Rejection { workflow: Some(workflow.clone()), customer: None, job_id: None };
+    if let Err(e) = validate_token("workflow name", &workflow) {
+        reject.workflow = None;
+        return reject.send(nats, RejectCode::InvalidWorkflowName, e.to_string()).await;
+    }
+    if msg.payload.len() > MAX_SUBMISSION_BYTES {
+        let m = format!("submission is {} bytes; the limit is {MAX_SUBMISSION_BYTES}", msg.payload.len());
+        return reject.send(nats, RejectCode::PayloadTooLarge, m).await;
+    }
+    let encoding = Encoding::from_headers(msg.headers.as_ref());
+    let sub: Submission = if msg.payload.iter().all(u8::is_ascii_whitespace) {
+        Submission::default()
+    } else {
+        match decode(encoding, &msg.payload) {
+            Ok(s) => s,
+            Err(e) => return reject.send(nats, RejectCode::MalformedPayload, e.to_string()).await,
+        }
+    };
+    if let Some(c) = &sub.customer {
+        if let Err(e) = validate_customer(c) {
+            return reject.send(nats, RejectCode::InvalidCustomer, e.to_string()).await;
+        }
+        reject.customer = Some(c.clone());
+    }
+    let job_id = match sub.job_id {
+        Some(id) => match validate_token("job id", &id) {
+            Ok(()) => id,
+            Err(e) => return reject.send(nats, RejectCode::InvalidJobId, e.to_string()).await,
+        },
+        None => new_job_id(),
+    };
+    reject.job_id = Some(job_id.clone());
+    match store::get(nats, &job_id).await {
+        Ok(Some(_)) => return SubmitReply { ok: true, job_id: Some(job_id), duplicate: true, error: None },
+        Ok(None) => {}
+        Err(e) => return rejected(Some(job_id), RejectCode::Internal, e.to_string()),
+    }
+    match nats.workflow(&workflow).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            let m = format!("unknown workflow {workflow:?}: apply it first with `fanjet workflow apply FILE`");
+            return reject.send(nats, RejectCode::UnknownWorkflow, m).await;
+        }
+        Err(e) => return rejected(Some(job_id), RejectCode::Internal, e.to_string()),
+    }
+    let event = Event::JobRequested(JobRequested { job_id: job_id.clone(), workflow, customer: sub.customer, input: sub.input, at: now_ms() });
+    match publish(nats, &event).await {
+        Ok(duplicate) => {
+            info!(job_id, duplicate, "job requested");
+            SubmitReply { ok: true, job_id: Some(job_id), duplicate, error: None }
+        }
+        Err(e) => rejected(Some(job_id), RejectCode::Internal, format!("could not record the job: {e}")),
+    }
+}
+
+/// Appends an event; true when the stream already had it (a duplicate).
+async fn publish(nats: &Nats, event: &Event) -> Result<bool, String> {
+    let payload = encode_json(event).map_err(|e| e.to_string())?;
+    let ack = nats
+        .js
+        .send_publish(event.subject(), PublishMessage::build().payload(payload).message_id(event.msg_id()))
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ack.duplicate)
+}
+
+/// What is known of a submission when it is refused.
+struct Rejection {
+    workflow: Option<String>,
+    customer: Option<String>,
+    job_id: Option<String>,
+}
+
+impl Rejection {
+    /// Logs a JobRejected (under the submitted id when it is valid, a fresh
+    /// one otherwise) and builds the reply.
+    async fn send(self, nats: &Nats, code: RejectCode, reason: String) -> SubmitReply {
+        let job_id = self.job_id.clone().unwrap_or_else(new_job_id);
+        warn!(job_id, ?code, reason, "submission rejected");
+        let event = Event::JobRejected(JobRejected {
+            job_id: job_id.clone(),
+            workflow: self.workflow,
+            customer: self.customer,
+            code,
+            reason: reason.clone(),
+            at: now_ms(),
+        });
+        if let Err(e) = publish(nats, &event).await {
+            warn!(job_id, error = %e, "could not log a rejection");
+        }
+        rejected(Some(job_id), code, reason)
+    }
+}

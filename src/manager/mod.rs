@@ -1,0 +1,278 @@
+//! The workflow manager: reads the event log through its durable consumer,
+//! feeds the [`Engine`], has the [`Executor`] carry out the actions, then
+//! checkpoints the changed jobs and acknowledges the events.
+//!
+//! Order of one batch, and why it is crash-safe:
+//! 1. apply the batch's events (memory only);
+//! 2. carry out the actions (publishes carry deterministic message ids);
+//! 3. write changed job records, then their bitmap chunks;
+//! 4. ack the last event (AckPolicy::All acks the batch).
+//!
+//! A crash anywhere re-delivers the batch from the consumer's ack floor (the
+//! consumer is reset to it at start), the engine re-applies it onto the
+//! stored state, duplicates are counted once, and re-published events and
+//! tasks are dropped by the streams' duplicate window.
+
+mod advisories;
+mod executor;
+mod intake;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, pull, PullConsumer};
+use async_nats::jetstream::Message;
+use futures::{FutureExt, StreamExt};
+use thiserror::Error;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+pub use executor::Executor;
+
+use crate::machine::{Engine, Input};
+use crate::protocol::{kind_filter, now_ms, Event, EventKind, MANAGER_CONSUMER};
+use crate::setup::{Nats, SetupError};
+use crate::store::{self, Checkpoint, StoreError};
+use crate::workflow::Workflow;
+
+#[derive(Debug, Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// Manager settings.
+#[derive(Debug, Clone)]
+pub struct ManagerOptions {
+    /// How often deadlines and in-flight windows are checked.
+    pub tick: Duration,
+    /// Most events applied between two checkpoints.
+    pub batch: usize,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> Self {
+        ManagerOptions { tick: Duration::from_millis(500), batch: 2000 }
+    }
+}
+
+/// Runs the intake, the advisory watcher and the event loop until `cancel`.
+pub async fn run(nats: Nats, options: ManagerOptions, cancel: CancellationToken) -> Result<(), ManagerError> {
+    let mut tasks = JoinSet::new();
+    tasks.spawn(intake::run(nats.clone(), cancel.clone()));
+    tasks.spawn(advisories::run(nats.clone(), cancel.clone()));
+    let result = EventLoop::new(nats, options).run(cancel.clone()).await;
+    cancel.cancel();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Err(e)) => error!(error = %e, "manager task failed"),
+            Err(e) => error!(error = %e, "manager task panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
+    result
+}
+
+struct EventLoop {
+    nats: Nats,
+    options: ManagerOptions,
+    engine: Engine,
+    revisions: HashMap<String, u64>,
+    executor: Executor,
+    /// Definitions seen, to create step consumers when one is new or changed.
+    workflows: HashMap<String, Workflow>,
+}
+
+impl EventLoop {
+    fn new(nats: Nats, options: ManagerOptions) -> Self {
+        EventLoop {
+            executor: Executor::new(nats.clone()),
+            nats,
+            options,
+            engine: Engine::new(),
+            revisions: HashMap::new(),
+            workflows: HashMap::new(),
+        }
+    }
+
+    async fn consumer(&self) -> Result<PullConsumer, ManagerError> {
+        let filters = EventKind::ALL.iter().filter(|k| k.drives_manager()).map(|k| kind_filter(k.token())).collect();
+        let consumer = self
+            .nats
+            .events
+            .create_consumer(pull::Config {
+                durable_name: Some(MANAGER_CONSUMER.into()),
+                filter_subjects: filters,
+                ack_policy: consumer::AckPolicy::All,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: 100_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ManagerError::Nats(format!("creating the manager consumer: {e}")))?;
+        // Everything delivered but not acknowledged is delivered again, in
+        // order: with AckPolicy::All a later ack would otherwise skip it.
+        self.nats
+            .events
+            .reset_consumer(MANAGER_CONSUMER, None)
+            .await
+            .map_err(|e| ManagerError::Nats(format!("resetting the manager consumer: {e}")))?;
+        Ok(consumer)
+    }
+
+    async fn reload(&mut self) -> Result<(), ManagerError> {
+        self.engine = Engine::new();
+        self.revisions.clear();
+        for (job, rev) in store::load_active(&self.nats).await? {
+            self.revisions.insert(job.job_id.clone(), rev);
+            self.engine.insert(job);
+        }
+        info!(jobs = self.engine.len(), "resumed running jobs");
+        Ok(())
+    }
+
+    async fn run(mut self, cancel: CancellationToken) -> Result<(), ManagerError> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.session(&cancel).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    error!(error = %e, "manager loop failed; reloading state and resuming from the last checkpoint");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// Loads state, resets the consumer and processes until cancelled or an error.
+    async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ManagerError> {
+        self.reload().await?;
+        let consumer = self.consumer().await?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(self.options.batch)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(|e| ManagerError::Nats(format!("pulling events: {e}")))?;
+        let mut ticker = tokio::time::interval(self.options.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        info!("manager running");
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = ticker.tick() => {
+                    let actions = self.engine.apply(Input::Tick, now_ms());
+                    self.executor.run(actions).await?;
+                    self.checkpoint().await?;
+                }
+                first = messages.next() => {
+                    let Some(first) = first else {
+                        return Err(ManagerError::Nats("event consumer closed".into()));
+                    };
+                    let mut batch = vec![first.map_err(|e| ManagerError::Nats(format!("pulling events: {e}")))?];
+                    while batch.len() < self.options.batch {
+                        match messages.next().now_or_never() {
+                            Some(Some(Ok(m))) => batch.push(m),
+                            Some(Some(Err(e))) => return Err(ManagerError::Nats(format!("pulling events: {e}"))),
+                            _ => break,
+                        }
+                    }
+                    self.batch(batch).await?;
+                }
+            }
+        }
+    }
+
+    async fn batch(&mut self, batch: Vec<Message>) -> Result<(), ManagerError> {
+        let now = now_ms();
+        let mut actions = Vec::new();
+        for msg in &batch {
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let event: Event = match serde_json::from_slice(&msg.payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(subject = %msg.subject, seq, error = %e, "dropping an unreadable event");
+                    continue;
+                }
+            };
+            if !msg.subject.ends_with(&format!(".{}.{}", event.job_id(), event.kind().token())) {
+                warn!(subject = %msg.subject, seq, "dropping an event whose subject does not match its body");
+                continue;
+            }
+            let input = match event {
+                Event::JobRequested(req) => {
+                    if self.engine.contains(&req.job_id) || store::get(&self.nats, &req.job_id).await?.is_some() {
+                        debug!(job_id = %req.job_id, "job exists already; nothing new starts");
+                        continue;
+                    }
+                    let workflow = self.workflow(&req.workflow).await?;
+                    Input::Requested { seq, event: req, workflow }
+                }
+                event => Input::Event { seq, event },
+            };
+            actions.extend(self.engine.apply(input, now));
+        }
+        self.executor.run(actions).await?;
+        self.checkpoint().await?;
+        if let Some(last) = batch.last() {
+            last.ack().await.map_err(|e| ManagerError::Nats(format!("acking events: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn workflow(&mut self, name: &str) -> Result<Option<Workflow>, ManagerError> {
+        let Some(wf) = self.nats.workflow(name).await? else { return Ok(None) };
+        if self.workflows.get(name) != Some(&wf) {
+            for step in &wf.steps {
+                self.nats.ensure_step_consumer(&wf.name, step).await?;
+            }
+            self.workflows.insert(name.to_string(), wf.clone());
+        }
+        Ok(Some(wf))
+    }
+
+    /// Stores every job changed since the last checkpoint; unloads ended ones.
+    async fn checkpoint(&mut self) -> Result<(), ManagerError> {
+        let mut writes = Vec::new();
+        for id in self.engine.take_dirty() {
+            let Some(job) = self.engine.job_mut(&id) else { continue };
+            writes.push(Checkpoint::of(job, self.revisions.get(&id).copied())?);
+        }
+        let nats = &self.nats;
+        let results: Vec<(String, Result<u64, StoreError>)> = futures::stream::iter(writes)
+            .map(|cp| async move { (cp.job_id.clone(), cp.write(nats).await) })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for (id, result) in results {
+            match result {
+                Ok(rev) => {
+                    if self.engine.job(&id).is_some_and(|j| j.state.is_terminal()) {
+                        self.engine.remove(&id);
+                        self.revisions.remove(&id);
+                    } else {
+                        self.revisions.insert(id, rev);
+                    }
+                }
+                Err(e @ StoreError::Conflict { .. }) => {
+                    // Someone else owns this job now; stop driving it here.
+                    error!(job_id = %id, error = %e, "unloading job");
+                    self.engine.remove(&id);
+                    self.revisions.remove(&id);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}

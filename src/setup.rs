@@ -1,0 +1,155 @@
+//! Creates (or updates to the current settings) every stream, consumer and
+//! bucket fanjet uses. Every command calls [`Nats::ensure`], so the order in
+//! which a user starts things does not matter.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream, Context};
+use thiserror::Error;
+
+use crate::protocol::{
+    max_deliveries_advisories, step_consumer, step_tasks_filter, ADVISORIES_STREAM, EVENTS_STREAM,
+    EVENTS_WILDCARD, JOBS_BUCKET, PENDING_BUCKET, TASKS_STREAM, TASKS_WILDCARD, WORKFLOWS_BUCKET,
+};
+use crate::workflow::{Step, Workflow};
+
+/// How long the event log keeps events (and so how long a job may run).
+pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Duplicate window of the event and task streams: a re-publish within it
+/// (after a crash) is dropped by the server.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Error)]
+pub enum SetupError {
+    #[error("could not create or update stream {name}: {source}")]
+    Stream { name: &'static str, source: jetstream::context::CreateStreamError },
+    #[error("could not create or update bucket {name}: {source}")]
+    Bucket { name: &'static str, source: jetstream::context::CreateKeyValueError },
+    #[error("could not create consumer {name}: {source}")]
+    Consumer { name: String, source: jetstream::stream::ConsumerError },
+    #[error("could not read stream {name}: {source}")]
+    GetStream { name: &'static str, source: jetstream::context::GetStreamError },
+    #[error("could not store workflow {name}: {message}")]
+    Workflow { name: String, message: String },
+}
+
+/// Handles to everything fanjet uses on one NATS connection.
+#[derive(Clone)]
+pub struct Nats {
+    pub client: async_nats::Client,
+    pub js: Context,
+    pub events: stream::Stream,
+    pub tasks: stream::Stream,
+    pub advisories: stream::Stream,
+    pub workflows: kv::Store,
+    pub jobs: kv::Store,
+    pub pending: kv::Store,
+}
+
+impl Nats {
+    /// Creates or updates the streams and buckets, and returns handles.
+    pub async fn ensure(client: async_nats::Client) -> Result<Self, SetupError> {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .max_ack_inflight(4096)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let stream = |name: &'static str, subject: String, retention, max_age| {
+            let js = js.clone();
+            let cfg = stream::Config {
+                name: name.to_string(),
+                subjects: vec![subject],
+                retention,
+                max_age,
+                storage: stream::StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                ..Default::default()
+            };
+            async move {
+                js.create_or_update_stream(cfg).await.map_err(|source| SetupError::Stream { name, source })?;
+                js.get_stream(name).await.map_err(|source| SetupError::GetStream { name, source })
+            }
+        };
+        let bucket = |name: &'static str, history: i64| {
+            let js = js.clone();
+            let cfg = kv::Config {
+                bucket: name.to_string(),
+                history,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            };
+            async move { js.create_or_update_key_value(cfg).await.map_err(|source| SetupError::Bucket { name, source }) }
+        };
+        use stream::RetentionPolicy::{Limits, WorkQueue};
+        Ok(Nats {
+            events: stream(EVENTS_STREAM, EVENTS_WILDCARD.into(), Limits, EVENTS_MAX_AGE).await?,
+            tasks: stream(TASKS_STREAM, TASKS_WILDCARD.into(), WorkQueue, Duration::ZERO).await?,
+            advisories: stream(ADVISORIES_STREAM, max_deliveries_advisories(), Limits, EVENTS_MAX_AGE).await?,
+            workflows: bucket(WORKFLOWS_BUCKET, 5).await?,
+            jobs: bucket(JOBS_BUCKET, 1).await?,
+            pending: bucket(PENDING_BUCKET, 1).await?,
+            client,
+            js,
+        })
+    }
+
+    /// Creates or updates the pull consumer workers of one step share:
+    /// AckWait = the step's timeout, MaxDeliver = its attempts.
+    pub async fn ensure_step_consumer(&self, workflow: &str, step: &Step) -> Result<consumer::PullConsumer, SetupError> {
+        let name = step_consumer(workflow, &step.name);
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: step_tasks_filter(workflow, &step.name),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_millis(step.timeout_ms),
+            max_deliver: i64::from(step.max_attempts),
+            max_ack_pending: 100_000,
+            max_waiting: 4096,
+            ..Default::default()
+        };
+        self.tasks
+            .create_consumer(config)
+            .await
+            .map_err(|source| SetupError::Consumer { name, source })
+    }
+
+    /// Stores a workflow definition and creates its step consumers.
+    pub async fn apply_workflow(&self, workflow: &Workflow) -> Result<(), SetupError> {
+        for step in &workflow.steps {
+            self.ensure_step_consumer(&workflow.name, step).await?;
+        }
+        let bytes = serde_json::to_vec(workflow).map_err(|e| SetupError::Workflow { name: workflow.name.clone(), message: e.to_string() })?;
+        self.workflows
+            .put(&workflow.name, bytes.into())
+            .await
+            .map_err(|e| SetupError::Workflow { name: workflow.name.clone(), message: e.to_string() })?;
+        Ok(())
+    }
+
+    /// Reads a stored workflow; `Ok(None)` when there is none by that name.
+    pub async fn workflow(&self, name: &str) -> Result<Option<Workflow>, SetupError> {
+        let err = |message: String| SetupError::Workflow { name: name.to_string(), message };
+        match self.workflows.get(name).await.map_err(|e| err(e.to_string()))? {
+            None => Ok(None),
+            Some(bytes) => Workflow::from_json(&bytes).map(Some).map_err(|e| err(e.to_string())),
+        }
+    }
+
+    /// Every stored workflow, by name.
+    pub async fn workflows(&self) -> Result<Vec<Workflow>, SetupError> {
+        use futures::TryStreamExt;
+        let err = |message: String| SetupError::Workflow { name: "*".into(), message };
+        let keys: Vec<String> = match self.workflows.keys().await {
+            Ok(k) => k.try_collect().await.map_err(|e| err(e.to_string()))?,
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let mut out = Vec::new();
+        for k in keys {
+            if let Some(w) = self.workflow(&k).await? {
+                out.push(w);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}

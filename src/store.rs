@@ -1,0 +1,158 @@
+//! Job records and pending-set chunks in KV.
+//!
+//! A checkpoint writes a job's record first and its changed bitmap chunks
+//! second. After a crash the record may be ahead of the bitmaps, never
+//! behind, so on load the counts are taken from the bits ([`Job::recount`])
+//! and re-applied events count exactly the subjobs the bits miss.
+
+use async_nats::jetstream::kv;
+use futures::TryStreamExt;
+use thiserror::Error;
+
+use crate::machine::{Job, Pending, StepState};
+use crate::setup::Nats;
+use crate::workflow::StepKind;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("job {job_id}: stored record is unreadable: {source}")]
+    Decode { job_id: String, source: serde_json::Error },
+    #[error("job {job_id}: another manager changed it (expected revision {expected:?})")]
+    Conflict { job_id: String, expected: Option<u64> },
+    #[error("job {job_id}: {op} failed: {message}")]
+    Kv { job_id: String, op: &'static str, message: String },
+}
+
+/// KV key of one bitmap chunk.
+pub fn chunk_key(job_id: &str, step_index: usize, chunk: u64) -> String {
+    format!("{job_id}.{step_index}.{chunk}")
+}
+
+/// What one job's checkpoint writes, prepared without holding the engine.
+pub struct Checkpoint {
+    pub job_id: String,
+    pub record: bytes::Bytes,
+    pub revision: Option<u64>,
+    pub chunks: Vec<(String, Vec<u8>)>,
+    /// Chunk keys to delete (the job ended).
+    pub purge: Vec<String>,
+}
+
+impl Checkpoint {
+    /// Takes what changed in `job` since the last checkpoint.
+    pub fn of(job: &mut Job, revision: Option<u64>) -> Result<Self, StoreError> {
+        let record = serde_json::to_vec(&*job)
+            .map_err(|source| StoreError::Decode { job_id: job.job_id.clone(), source })?
+            .into();
+        let mut chunks = Vec::new();
+        let mut purge = Vec::new();
+        let ended = job.state.is_terminal();
+        for (i, step) in job.steps.iter_mut().enumerate() {
+            if step.kind != StepKind::Fanout {
+                continue;
+            }
+            if ended {
+                purge.extend((0..step.pending.chunk_count()).map(|c| chunk_key(&job.job_id, i, c)));
+            } else {
+                chunks.extend(step.pending.take_dirty().into_iter().map(|(c, b)| (chunk_key(&job.job_id, i, c), b)));
+            }
+        }
+        Ok(Checkpoint { job_id: job.job_id.clone(), record, revision, chunks, purge })
+    }
+
+    /// Writes it; returns the record's new revision.
+    pub async fn write(self, nats: &Nats) -> Result<u64, StoreError> {
+        let kv_err = |op, e: &dyn std::fmt::Display| StoreError::Kv { job_id: self.job_id.clone(), op, message: e.to_string() };
+        let revision = match self.revision {
+            None => nats.jobs.create(&self.job_id, self.record.clone()).await.map_err(|e| {
+                if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                    StoreError::Conflict { job_id: self.job_id.clone(), expected: None }
+                } else {
+                    kv_err("create", &e)
+                }
+            })?,
+            Some(rev) => nats.jobs.update(&self.job_id, self.record.clone(), rev).await.map_err(|e| {
+                if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                    StoreError::Conflict { job_id: self.job_id.clone(), expected: Some(rev) }
+                } else {
+                    kv_err("update", &e)
+                }
+            })?,
+        };
+        for (key, bytes) in &self.chunks {
+            nats.pending.put(key, bytes.clone().into()).await.map_err(|e| kv_err("put chunk", &e))?;
+        }
+        for key in &self.purge {
+            nats.pending.purge(key).await.map_err(|e| kv_err("purge chunk", &e))?;
+        }
+        Ok(revision)
+    }
+}
+
+/// Reads one job record (without its bitmaps): what `fanjet status` shows.
+pub async fn get(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreError> {
+    let entry = nats
+        .jobs
+        .entry(job_id)
+        .await
+        .map_err(|e| StoreError::Kv { job_id: job_id.into(), op: "get", message: e.to_string() })?;
+    match entry {
+        Some(e) if e.operation == kv::Operation::Put => {
+            let job: Job = serde_json::from_slice(&e.value).map_err(|source| StoreError::Decode { job_id: job_id.into(), source })?;
+            Ok(Some((job, e.revision)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Reads a job record with the bitmap of its running step, ready to resume.
+pub async fn load(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreError> {
+    let Some((mut job, rev)) = get(nats, job_id).await? else { return Ok(None) };
+    let i = job.current;
+    if let Some(step) = job.steps.get_mut(i) {
+        if step.state == StepState::Running {
+            let mut pending = Pending::new(step.total);
+            if step.kind == StepKind::Fanout {
+                for c in 0..pending.chunk_count() {
+                    let key = chunk_key(job_id, i, c);
+                    let bytes = nats
+                        .pending
+                        .get(&key)
+                        .await
+                        .map_err(|e| StoreError::Kv { job_id: job_id.into(), op: "get chunk", message: e.to_string() })?;
+                    if let Some(b) = bytes {
+                        if !pending.load_chunk(c, &b) {
+                            tracing::warn!(job_id, key, "pending chunk has the wrong size; treating it as empty");
+                        }
+                    }
+                }
+            }
+            step.pending = pending;
+        }
+    }
+    job.recount();
+    Ok(Some((job, rev)))
+}
+
+/// Every job id in the jobs bucket.
+pub async fn job_ids(nats: &Nats) -> Result<Vec<String>, StoreError> {
+    let err = |e: &dyn std::fmt::Display| StoreError::Kv { job_id: "*".into(), op: "list", message: e.to_string() };
+    let keys = nats.jobs.keys().await.map_err(|e| err(&e))?;
+    keys.try_collect().await.map_err(|e| err(&e))
+}
+
+/// Every job not yet ended, loaded to resume.
+pub async fn load_active(nats: &Nats) -> Result<Vec<(Job, u64)>, StoreError> {
+    let mut out = Vec::new();
+    for id in job_ids(nats).await? {
+        if let Some((job, _)) = get(nats, &id).await? {
+            if job.state.is_terminal() {
+                continue;
+            }
+        }
+        if let Some(loaded) = load(nats, &id).await? {
+            out.push(loaded);
+        }
+    }
+    Ok(out)
+}
