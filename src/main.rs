@@ -1,1 +1,392 @@
-fn main(){}
+//! The `fanjet` command: parses arguments, sets up logging, dispatches.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use fanjet::connect::ConnectArgs;
+use fanjet::machine::JobState;
+use fanjet::manager::{self, ManagerOptions};
+use fanjet::protocol::{encode_json, now_ms, submit_subject, CancelRequested, Event, SubmitReply, Submission};
+use fanjet::setup::Nats;
+use fanjet::server::NatsServer;
+use fanjet::worker::{exec_handler, Worker, EXIT_GIVE_UP};
+use fanjet::workflow::Workflow;
+use fanjet::{demo, progress, shutdown, store};
+
+/// fanjet: fan-out/fan-in workflow jobs on NATS JetStream.
+///
+/// A job runs a workflow's steps in order; a fanout step splits into one
+/// subjob per item, spread over any number of workers. Start with
+/// `fanjet dev --demo`, which runs everything against its own nats-server.
+#[derive(Parser)]
+#[command(name = "fanjet", version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embedded default: starts its own nats-server, a manager and a worker pool with the demo handlers.
+    Dev {
+        /// Where the embedded nats-server keeps its data.
+        #[arg(long, default_value = ".fanjet/nats")]
+        store: PathBuf,
+        /// Port of the embedded nats-server (4222 when free, else any free one).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Run one `invoices` job, show its progress and statistics, then exit.
+        #[arg(long)]
+        demo: bool,
+        /// Invoices (subjobs) the demo job sends.
+        #[arg(long, default_value_t = 1000)]
+        invoices: u64,
+        /// Worker slots.
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        /// Share of demo send attempts that fail transiently (0..1).
+        #[arg(long, default_value_t = 0.05)]
+        failure_rate: f64,
+    },
+    /// Runs the workflow manager (intake, event loop, advisories) until SIGTERM.
+    Manager,
+    /// Runs a worker pool that executes a shell command per task.
+    ///
+    /// The command runs through `sh -c` with the task as JSON on stdin
+    /// (job_id, workflow, step, attempt, and index + item for a fanout subjob
+    /// or input for a task step). Its stdout (JSON, or text) is the result.
+    /// Exit 0: success. Exit 100: give up now, no more attempts. Any other
+    /// exit: retry after the step's backoff, stderr is the error.
+    Worker {
+        /// Workflow whose steps this worker serves.
+        #[arg(long)]
+        workflow: String,
+        /// Step to serve (repeat for several).
+        #[arg(long = "step", required = true)]
+        steps: Vec<String>,
+        /// Command run per task.
+        #[arg(long)]
+        exec: String,
+        /// Most tasks running at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// How long in-flight tasks may finish after SIGTERM.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        grace: Duration,
+    },
+    /// Submits a job and prints its id (with --wait, follows it to the end).
+    Submit {
+        workflow: String,
+        /// Job id (idempotent: the same id never starts twice). Generated when absent.
+        #[arg(long)]
+        job_id: Option<String>,
+        /// Customer (tenant) key.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Input as JSON, or @FILE to read it from a file.
+        #[arg(long)]
+        input: Option<String>,
+        /// Follow the job with progress bars and exit with its outcome (0 completed, 1 failed, 2 cancelled).
+        #[arg(long)]
+        wait: bool,
+        /// Print machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows a job's detailed status.
+    Status {
+        job_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists jobs.
+    Jobs {
+        #[arg(long)]
+        customer: Option<String>,
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only jobs in this state (requested, running, completed, failed, cancelled, rejected).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancels a job: nothing new is dispatched, queued tasks are dropped.
+    Cancel {
+        job_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Manages workflow definitions.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
+}
+
+#[derive(Subcommand)]
+enum WorkflowCommand {
+    /// Validates TOML definitions and stores them (creating their step consumers).
+    Apply { files: Vec<PathBuf> },
+    /// Lists stored workflows.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FANJET_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn nats(connect: &ConnectArgs, name: &str) -> Result<Nats> {
+    let client = connect.connect(name).await?;
+    Ok(Nats::ensure(client).await?)
+}
+
+async fn run(cli: Cli) -> Result<u8> {
+    let root = CancellationToken::new();
+    match cli.command {
+        Command::Dev { store, port, demo, invoices, concurrency, failure_rate } => {
+            dev(store, port, demo, invoices, concurrency, failure_rate, root).await
+        }
+        Command::Manager => {
+            let nats = nats(&cli.connect, "fanjet-manager").await?;
+            shutdown::on_signals(root.clone());
+            manager::run(nats, ManagerOptions::default(), root).await?;
+            Ok(0)
+        }
+        Command::Worker { workflow, steps, exec, concurrency, grace } => {
+            let nats = nats(&cli.connect, "fanjet-worker").await?;
+            shutdown::on_signals(root.clone());
+            let mut worker = Worker::new(nats).concurrency(concurrency).grace(grace);
+            for step in &steps {
+                worker = worker.boxed_handler(&workflow, step, exec_handler(exec.clone()));
+            }
+            tracing::info!(give_up_exit_code = EXIT_GIVE_UP, "worker starting");
+            worker.run(root).await?;
+            Ok(0)
+        }
+        Command::Submit { workflow, job_id, customer, input, wait, json } => {
+            let nats = nats(&cli.connect, "fanjet-cli").await?;
+            let input = match input {
+                None => serde_json::Value::Null,
+                Some(s) => {
+                    let text = match s.strip_prefix('@') {
+                        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading input file {path}"))?,
+                        None => s,
+                    };
+                    serde_json::from_str(&text).context("--input is not valid JSON")?
+                }
+            };
+            let reply = submit(&nats, &workflow, Submission { job_id, customer, input }).await?;
+            let id = reply.job_id.clone().unwrap_or_default();
+            if !reply.ok {
+                let err = reply.error.map(|e| format!("{:?}: {}", e.code, e.message)).unwrap_or_default();
+                bail!("job {id} rejected: {err}");
+            }
+            if json && !wait {
+                println!("{}", serde_json::to_string(&reply)?);
+            } else if !wait {
+                println!("{id}");
+            }
+            if reply.duplicate {
+                eprintln!("note: job {id} existed already; nothing new was started");
+            }
+            if !wait {
+                return Ok(0);
+            }
+            let job = progress::follow(&nats, &id, !json, None).await?.ok_or_else(|| anyhow!("job {id} vanished"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+            } else {
+                print!("{}", progress::render(&job));
+            }
+            Ok(progress::exit_code(job.state) as u8)
+        }
+        Command::Status { job_id, json } => {
+            let nats = nats(&cli.connect, "fanjet-cli").await?;
+            let (job, _) = store::get(&nats, &job_id).await?.ok_or_else(|| anyhow!("no job {job_id:?}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+            } else {
+                print!("{}", progress::render(&job));
+            }
+            Ok(0)
+        }
+        Command::Jobs { customer, workflow, state, json } => {
+            let nats = nats(&cli.connect, "fanjet-cli").await?;
+            let mut jobs = Vec::new();
+            for id in store::job_ids(&nats).await? {
+                if let Some((job, _)) = store::get(&nats, &id).await? {
+                    let keep = customer.as_deref().is_none_or(|c| job.customer.as_deref() == Some(c))
+                        && workflow.as_deref().is_none_or(|w| job.workflow == w)
+                        && state.as_deref().is_none_or(|s| job.state.as_str() == s);
+                    if keep {
+                        jobs.push(job);
+                    }
+                }
+            }
+            jobs.sort_by_key(|j| j.created_at);
+            if json {
+                let list: Vec<_> = jobs
+                    .iter()
+                    .map(|j| serde_json::json!({"job_id": j.job_id, "workflow": j.workflow, "customer": j.customer, "state": j.state, "created_at": j.created_at, "finished_at": j.finished_at}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<28} {:<16} {:<16} {:<10} progress", "job", "workflow", "customer", "state");
+                for j in &jobs {
+                    let done: u64 = j.steps.iter().filter(|s| s.state != fanjet::machine::StepState::Pending).count() as u64;
+                    println!("{:<28} {:<16} {:<16} {:<10} step {}/{}", j.job_id, j.workflow, j.customer.as_deref().unwrap_or("-"), j.state.as_str(), done, j.steps.len());
+                }
+            }
+            Ok(0)
+        }
+        Command::Cancel { job_id, reason } => {
+            let nats = nats(&cli.connect, "fanjet-cli").await?;
+            let (job, _) = store::get(&nats, &job_id).await?.ok_or_else(|| anyhow!("no job {job_id:?}"))?;
+            if job.state.is_terminal() {
+                bail!("job {job_id} has already ended ({})", job.state.as_str());
+            }
+            let event = Event::CancelRequested(CancelRequested { job_id: job_id.clone(), reason, at: now_ms() });
+            nats.js.publish(event.subject(), encode_json(&event)?).await?.await?;
+            eprintln!("cancel requested for {job_id}");
+            Ok(0)
+        }
+        Command::Workflow(WorkflowCommand::Apply { files }) => {
+            if files.is_empty() {
+                bail!("give at least one workflow file");
+            }
+            let mut parsed = Vec::new();
+            for f in &files {
+                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                parsed.push(Workflow::from_toml(&text).with_context(|| format!("{}", f.display()))?);
+            }
+            let nats = nats(&cli.connect, "fanjet-cli").await?;
+            for w in parsed {
+                nats.apply_workflow(&w).await?;
+                println!("applied {} ({} steps)", w.name, w.steps.len());
+            }
+            Ok(0)
+        }
+        Command::Workflow(WorkflowCommand::List { json }) => {
+            let nats = nats(&cli.connect, "fanjet-cli").await?;
+            let list = nats.workflows().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for w in list {
+                    let steps: Vec<String> = w.steps.iter().map(|s| format!("{}({})", s.name, s.kind.as_str())).collect();
+                    println!("{:<20} {}", w.name, steps.join(" -> "));
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Sends a submission request; waits up to 5 s for a manager to come up.
+async fn submit(nats: &Nats, workflow: &str, sub: Submission) -> Result<SubmitReply> {
+    let body = encode_json(&sub)?;
+    let start = std::time::Instant::now();
+    loop {
+        let answer = tokio::time::timeout(Duration::from_secs(10), nats.client.request(submit_subject(workflow), body.clone()))
+            .await
+            .map_err(|_| anyhow!("no answer from a fanjet manager within 10 s"))?;
+        match answer {
+            Ok(msg) => return serde_json::from_slice(&msg.payload).context("unreadable answer from the manager"),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                if start.elapsed() > Duration::from_secs(5) {
+                    bail!("no fanjet manager is running (start `fanjet manager` or `fanjet dev`)");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => bail!("submitting: {e}"),
+        }
+    }
+}
+
+async fn dev(store_dir: PathBuf, port: Option<u16>, run_demo: bool, invoices: u64, concurrency: usize, failure_rate: f64, root: CancellationToken) -> Result<u8> {
+    let port = port.unwrap_or_else(|| if std::net::TcpListener::bind("127.0.0.1:4222").is_ok() { 4222 } else { fanjet::server::free_port() });
+    let server = tokio::task::spawn_blocking(move || NatsServer::start(Some(store_dir), Some(port))).await??;
+    let url = server.url();
+    eprintln!("nats-server {} (JetStream data in {})", url, server.store().display());
+    let nats = nats(&ConnectArgs::url(&url), "fanjet-dev").await?;
+    nats.apply_workflow(&Workflow::from_toml(demo::INVOICES_TOML)?).await?;
+    shutdown::on_signals(root.clone());
+    let mut tasks = JoinSet::new();
+    {
+        let (n, c) = (nats.clone(), root.clone());
+        tasks.spawn(async move { manager::run(n, ManagerOptions::default(), c).await.map_err(anyhow::Error::from) });
+    }
+    {
+        let opts = demo::DemoOptions { invoices, failure_rate, ..Default::default() };
+        let worker = demo::register(Worker::new(nats.clone()).concurrency(concurrency), nats.clone(), opts);
+        let c = root.clone();
+        tasks.spawn(async move { worker.run(c).await.map_err(anyhow::Error::from) });
+    }
+    let mut code = 0;
+    if run_demo {
+        let sub = Submission { job_id: None, customer: Some("acme".into()), input: serde_json::json!({"customer": "acme", "count": invoices}) };
+        let reply = submit(&nats, "invoices", sub).await?;
+        let id = reply.job_id.ok_or_else(|| anyhow!("submission refused: {:?}", reply.error))?;
+        eprintln!("submitted job {id}: collect -> send x{invoices} -> summarize, {concurrency} worker slots");
+        let job = tokio::select! {
+            j = progress::follow(&nats, &id, true, None) => j?,
+            _ = root.cancelled() => None,
+        };
+        if let Some(job) = job {
+            print!("{}", progress::render(&job));
+            code = progress::exit_code(job.state);
+            if job.state != JobState::Completed {
+                eprintln!("the demo job did not complete");
+            }
+        }
+        root.cancel();
+    } else {
+        eprintln!("manager and worker running; submit a job from another shell:");
+        eprintln!("  fanjet --server {url} submit invoices --customer acme --input '{{\"count\": 100}}' --wait");
+        eprintln!("or from any NATS client: nats --server {url} request fanjet.submit.invoices '{{\"input\": {{\"count\": 100}}}}'");
+        eprintln!("Ctrl-C stops everything.");
+    }
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Err(e)) => {
+                root.cancel();
+                eprintln!("error: {e:#}");
+                code = 1;
+            }
+            Err(e) => eprintln!("error: task failed: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+    drop(server);
+    Ok(code as u8)
+}

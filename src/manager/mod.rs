@@ -100,10 +100,9 @@ impl EventLoop {
         }
     }
 
-    async fn consumer(&self) -> Result<PullConsumer, ManagerError> {
+    async fn consumer(nats: &Nats) -> Result<PullConsumer, ManagerError> {
         let filters = EventKind::ALL.iter().filter(|k| k.drives_manager()).map(|k| kind_filter(k.token())).collect();
-        let consumer = self
-            .nats
+        let consumer = nats
             .events
             .create_consumer(pull::Config {
                 durable_name: Some(MANAGER_CONSUMER.into()),
@@ -117,8 +116,7 @@ impl EventLoop {
             .map_err(|e| ManagerError::Nats(format!("creating the manager consumer: {e}")))?;
         // Everything delivered but not acknowledged is delivered again, in
         // order: with AckPolicy::All a later ack would otherwise skip it.
-        self.nats
-            .events
+        nats.events
             .reset_consumer(MANAGER_CONSUMER, None)
             .await
             .map_err(|e| ManagerError::Nats(format!("resetting the manager consumer: {e}")))?;
@@ -156,7 +154,7 @@ impl EventLoop {
     /// Loads state, resets the consumer and processes until cancelled or an error.
     async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ManagerError> {
         self.reload().await?;
-        let consumer = self.consumer().await?;
+        let consumer = Self::consumer(&self.nats).await?;
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(self.options.batch)

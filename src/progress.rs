@@ -1,0 +1,101 @@
+//! Following a job from the terminal: progress bars per step (on stderr)
+//! while it runs, and a statistics table when it ends.
+
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::machine::{Job, JobState, StepState};
+use crate::setup::Nats;
+use crate::store::{self, StoreError};
+
+/// Polls the job's status until it ends; draws bars when `bars` is set.
+pub async fn follow(nats: &Nats, job_id: &str, bars: bool, timeout: Option<Duration>) -> Result<Option<Job>, StoreError> {
+    let multi = MultiProgress::with_draw_target(if bars { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let style = ProgressStyle::with_template("{prefix:>12} [{bar:40.cyan/blue}] {pos:>6}/{len:6} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let mut shown: Vec<ProgressBar> = Vec::new();
+    let start = std::time::Instant::now();
+    loop {
+        if let Some((job, _)) = store::get(nats, job_id).await? {
+            for (i, step) in job.steps.iter().enumerate() {
+                if shown.len() <= i {
+                    let bar = multi.add(ProgressBar::new(step.total.max(1)));
+                    bar.set_style(style.clone());
+                    bar.set_prefix(step.name.clone());
+                    shown.push(bar);
+                }
+                let bar = &shown[i];
+                bar.set_length(step.total.max(1));
+                bar.set_position(step.completed + step.failed);
+                bar.set_message(format!("{} failed {} retries {}", step.state.as_str(), step.failed, step.retries));
+            }
+            if job.state.is_terminal() {
+                for bar in &shown {
+                    bar.finish();
+                }
+                return Ok(Some(job));
+            }
+        }
+        if timeout.is_some_and(|t| start.elapsed() > t) {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn secs(from: Option<u64>, to: Option<u64>) -> String {
+    match (from, to) {
+        (Some(a), Some(b)) => format!("{:.2}s", (b.saturating_sub(a)) as f64 / 1000.0),
+        _ => "-".into(),
+    }
+}
+
+/// A human summary of a job: state, per-step counts and durations.
+pub fn render(job: &Job) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("job {}  workflow {}  customer {}\n", job.job_id, job.workflow, job.customer.as_deref().unwrap_or("-")));
+    out.push_str(&format!("state {}  duration {}\n", job.state.as_str(), secs(Some(job.created_at), job.finished_at)));
+    if let Some(e) = &job.error {
+        out.push_str(&format!("error {e}\n"));
+    }
+    if !job.steps.is_empty() {
+        out.push_str(&format!("{:<14} {:<7} {:<10} {:>8} {:>9} {:>7} {:>8} {:>9}\n", "step", "kind", "state", "total", "completed", "failed", "retries", "duration"));
+    }
+    for s in &job.steps {
+        out.push_str(&format!(
+            "{:<14} {:<7} {:<10} {:>8} {:>9} {:>7} {:>8} {:>9}\n",
+            s.name,
+            s.kind.as_str(),
+            s.state.as_str(),
+            s.total,
+            s.completed,
+            s.failed,
+            s.retries,
+            secs(s.started_at, s.finished_at)
+        ));
+        for f in s.failures.iter().take(5) {
+            out.push_str(&format!("    subjob {} failed after {} attempt(s): {}\n", f.index, f.attempt, f.error));
+        }
+        if s.failures.len() > 5 {
+            out.push_str(&format!("    ... {} more failures\n", s.failed.saturating_sub(5)));
+        }
+        if s.state == StepState::Running && s.total > 0 {
+            out.push_str(&format!("    {:.1}% done\n", 100.0 * (s.completed + s.failed) as f64 / s.total as f64));
+        }
+    }
+    if job.state == JobState::Completed && !job.output.is_null() {
+        out.push_str(&format!("output {}\n", job.output));
+    }
+    out
+}
+
+/// Exit code for a finished job: 0 completed, 1 failed, 2 cancelled or rejected.
+pub fn exit_code(state: JobState) -> i32 {
+    match state {
+        JobState::Completed => 0,
+        JobState::Failed => 1,
+        _ => 2,
+    }
+}

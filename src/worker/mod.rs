@@ -1,0 +1,363 @@
+//! The worker pool: pulls tasks of the steps it serves, runs their handlers
+//! with at most `concurrency` at once, and reports each outcome on the log.
+//!
+//! A handler's result says what happens next ([`TaskError`]); [`settle`]
+//! is the one place that maps it to JetStream: ack, NAK with a delay, or
+//! TERM. Long handlers get in-progress acks on a timer so the ack deadline
+//! only fires for a worker that died or hung.
+
+mod exec;
+
+pub use exec::{exec_handler, EXIT_GIVE_UP};
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::AckKind;
+use futures::{FutureExt, StreamExt};
+use serde_json::Value;
+use thiserror::Error;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::protocol::{encode_json, Event, SubjobCompleted, SubjobFailed, Task};
+use crate::setup::{Nats, SetupError};
+
+/// Why a handler did not produce a result, and what should happen next.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum TaskError {
+    /// Try again later: after `after`, or the step's backoff when `None`.
+    #[error("{message}")]
+    Retry { message: String, after: Option<Duration> },
+    /// Do not try again: the subjob fails now.
+    #[error("{message}")]
+    GiveUp { message: String },
+}
+
+impl TaskError {
+    pub fn retry(message: impl Into<String>) -> Self {
+        TaskError::Retry { message: message.into(), after: None }
+    }
+    pub fn give_up(message: impl Into<String>) -> Self {
+        TaskError::GiveUp { message: message.into() }
+    }
+}
+
+/// One task as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    pub task: Task,
+    /// Delivery attempt, from 1.
+    pub attempt: u32,
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
+/// A step's handler.
+pub type Handler = Arc<dyn Fn(TaskContext) -> HandlerFuture + Send + Sync>;
+
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("a worker needs at least one step to serve")]
+    NoSteps,
+}
+
+/// Builds and runs a worker pool.
+pub struct Worker {
+    nats: Nats,
+    concurrency: usize,
+    grace: Duration,
+    handlers: Vec<(String, String, Handler)>,
+}
+
+impl Worker {
+    pub fn new(nats: Nats) -> Self {
+        Worker { nats, concurrency: 16, grace: Duration::from_secs(30), handlers: Vec::new() }
+    }
+
+    /// Most tasks running at once, over all steps served.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// How long in-flight tasks may finish after shutdown begins.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Serves `workflow`'s step `step` with `handler`.
+    pub fn handler<F, Fut>(mut self, workflow: &str, step: &str, handler: F) -> Self
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
+    {
+        let h: Handler = Arc::new(move |ctx| Box::pin(handler(ctx)));
+        self.handlers.push((workflow.to_string(), step.to_string(), h));
+        self
+    }
+
+    /// Serves with an already boxed handler.
+    pub fn boxed_handler(mut self, workflow: &str, step: &str, handler: Handler) -> Self {
+        self.handlers.push((workflow.to_string(), step.to_string(), handler));
+        self
+    }
+
+    /// Pulls and runs tasks until `cancel`, then lets in-flight tasks finish
+    /// within the grace period. Unfinished tasks are redelivered elsewhere.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), WorkerError> {
+        if self.handlers.is_empty() {
+            return Err(WorkerError::NoSteps);
+        }
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        let mut loops = JoinSet::new();
+        let running: Arc<tokio::sync::Mutex<JoinSet<()>>> = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+        for (workflow, step, handler) in self.handlers {
+            let consumer = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                c = bind(&self.nats, &workflow, &step) => c?,
+            };
+            info!(workflow, step, concurrency = self.concurrency, "worker serving");
+            let pull = PullLoop {
+                nats: self.nats.clone(),
+                consumer,
+                handler,
+                slots: slots.clone(),
+                max_batch: self.concurrency,
+                running: running.clone(),
+            };
+            loops.spawn(pull.run(cancel.clone()));
+        }
+        while let Some(r) = loops.join_next().await {
+            if let Ok(Err(e)) = r {
+                warn!(error = %e, "pull loop ended");
+            }
+        }
+        let mut running = running.lock().await;
+        if !running.is_empty() {
+            info!(in_flight = running.len(), grace = ?self.grace, "waiting for in-flight tasks");
+        }
+        let drained = tokio::time::timeout(self.grace, async { while running.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            warn!(left = running.len(), "grace period over; unfinished tasks will be redelivered");
+            running.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+/// Finds the step's consumer, creating it from the stored workflow; waits
+/// (saying so) until the workflow has been applied.
+async fn bind(nats: &Nats, workflow: &str, step: &str) -> Result<PullConsumer, WorkerError> {
+    let mut said = false;
+    loop {
+        if let Some(wf) = nats.workflow(workflow).await? {
+            match wf.steps.iter().find(|s| s.name == step) {
+                Some(s) => return Ok(nats.ensure_step_consumer(workflow, s).await?),
+                None if !said => warn!(workflow, step, "workflow has no such step; waiting for a definition that has it"),
+                None => {}
+            }
+        } else if !said {
+            warn!(workflow, "workflow not applied yet; waiting (run `fanjet workflow apply FILE`)");
+        }
+        said = true;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+struct PullLoop {
+    nats: Nats,
+    consumer: PullConsumer,
+    handler: Handler,
+    slots: Arc<Semaphore>,
+    max_batch: usize,
+    running: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+}
+
+impl PullLoop {
+    async fn run(self, cancel: CancellationToken) -> Result<(), WorkerError> {
+        // An idle step asks for one task at a time, so it does not hold
+        // slots that a busy step of the same worker could use.
+        let mut idle = false;
+        loop {
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                p = self.slots.clone().acquire_owned() => p.map_err(|e| WorkerError::Nats(e.to_string()))?,
+            };
+            let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
+            let want = if idle { 1 } else { self.max_batch };
+            while permits.len() < want {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let batch = self
+                .consumer
+                .batch()
+                .max_messages(permits.len())
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "pull request failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let mut got = 0;
+            loop {
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    n = batch.next() => n,
+                };
+                let msg = match next {
+                    None => break,
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        debug!(error = %e, "pull batch ended");
+                        break;
+                    }
+                };
+                let Some(permit) = permits.pop() else { break };
+                got += 1;
+                let nats = self.nats.clone();
+                let handler = self.handler.clone();
+                self.running.lock().await.spawn(async move {
+                    process(&nats, msg, handler).await;
+                    drop(permit);
+                });
+            }
+            idle = got == 0;
+            // Reap finished tasks so the set does not grow.
+            let mut running = self.running.lock().await;
+            while running.try_join_next().is_some() {}
+        }
+    }
+}
+
+/// Runs one task and settles its message.
+async fn process(nats: &Nats, msg: async_nats::jetstream::Message, handler: Handler) {
+    let attempt = msg.info().map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX)).unwrap_or(1);
+    let task: Task = match serde_json::from_slice(&msg.payload) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(subject = %msg.subject, error = %e, "unreadable task; terminating it");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let started = Instant::now();
+    let ctx = TaskContext { task: task.clone(), attempt };
+    let work = AssertUnwindSafe(handler(ctx)).catch_unwind();
+    let progress_every = Duration::from_millis((task.timeout_ms / 3).max(500));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
+    tokio::pin!(work);
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = ticker.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    debug!(error = %e, "in-progress ack");
+                }
+            }
+        }
+    };
+    let result = result.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "handler panicked".into());
+        Err(TaskError::retry(format!("handler panicked: {what}")))
+    });
+    settle(nats, &msg, &task, attempt, started.elapsed(), result).await;
+}
+
+/// Maps a handler outcome to the log and to JetStream's ack, NAK or TERM.
+async fn settle(
+    nats: &Nats,
+    msg: &async_nats::jetstream::Message,
+    task: &Task,
+    attempt: u32,
+    took: Duration,
+    result: Result<Value, TaskError>,
+) {
+    let (event, ack) = match result {
+        Ok(result) => (
+            Some(Event::SubjobCompleted(SubjobCompleted {
+                job_id: task.job_id.clone(),
+                step_index: task.step_index,
+                index: task.index,
+                attempt,
+                result,
+                duration_ms: took.as_millis() as u64,
+            })),
+            AckKind::Ack,
+        ),
+        Err(TaskError::Retry { message, after }) if attempt < task.max_attempts => {
+            let delay = after.unwrap_or_else(|| task.backoff_after(attempt));
+            debug!(job_id = %task.job_id, index = task.index, attempt, ?delay, error = %message, "retrying");
+            (None, AckKind::Nak(Some(delay)))
+        }
+        Err(e) => {
+            let error = match &e {
+                TaskError::Retry { message, .. } => format!("{message} (attempt {attempt} of {}, no attempts left)", task.max_attempts),
+                TaskError::GiveUp { message } => message.clone(),
+            };
+            (
+                Some(Event::SubjobFailed(SubjobFailed {
+                    job_id: task.job_id.clone(),
+                    step_index: task.step_index,
+                    index: task.index,
+                    attempt,
+                    error,
+                })),
+                AckKind::Term,
+            )
+        }
+    };
+    if let Some(event) = event {
+        if let Err(e) = report(nats, &event).await {
+            // Not acked: the task comes back after its deadline and runs again.
+            warn!(job_id = %task.job_id, index = task.index, error = %e, "could not report an outcome");
+            return;
+        }
+    }
+    if let Err(e) = msg.ack_with(ack).await {
+        warn!(job_id = %task.job_id, index = task.index, error = %e, "could not ack a task");
+    }
+}
+
+/// Appends an outcome to the log, retrying briefly.
+async fn report(nats: &Nats, event: &Event) -> Result<(), String> {
+    let payload = encode_json(event).map_err(|e| e.to_string())?;
+    let mut last = String::new();
+    for attempt in 0..5u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
+        let msg = PublishMessage::build().payload(payload.clone()).message_id(event.msg_id());
+        match nats.js.send_publish(event.subject(), msg).await {
+            Ok(ack) => match ack.await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
