@@ -145,6 +145,7 @@ impl Worker {
             }
         }
         let mut running = running.lock().await;
+        while running.try_join_next().is_some() {}
         if !running.is_empty() {
             info!(in_flight = running.len(), grace = ?self.grace, "waiting for in-flight tasks");
         }

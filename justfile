@@ -1,0 +1,37 @@
+# fanjet tasks. `just demo` and `just test` are all a new user needs.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export PATH := justfile_directory() + "/.tools/bin:" + env_var("PATH")
+
+# List recipes.
+default:
+    @just --list
+
+# Install the pinned nats-server (v2.15.1) into .tools/bin unless one is on PATH.
+nats-server:
+    @scripts/install-tools.sh nats-server
+
+# Run the seed job on the embedded default: fanjet starts its own nats-server.
+demo *ARGS: nats-server
+    rm -rf .fanjet/demo
+    cargo run --quiet -- dev --demo --store .fanjet/demo {{ARGS}}
+
+# Run fanjet dev (manager + workers + nats-server) until Ctrl-C.
+dev *ARGS: nats-server
+    cargo run --quiet -- dev {{ARGS}}
+
+# Formatting, lints and every test against real nats-servers.
+test: nats-server
+    cargo fmt --all -- --check
+    cargo clippy --all-targets -- -D warnings
+    cargo test --all-targets
+    cargo test --doc
+
+# The benchmark (release build): fanjet vs raw JetStream on the same server.
+bench *ARGS: nats-server
+    cargo run --release --quiet --bin fanjet-bench -- {{ARGS}}
+
+# Format the code.
+fmt:
+    cargo fmt --all

@@ -1,0 +1,221 @@
+//! Shared harness for the integration tests: a real nats-server per test on
+//! a free loopback port with a temporary store (killed and removed on drop),
+//! the manager and workers in-process or as `fanjet` child processes.
+//!
+//! A missing nats-server fails the test with the install command; it never
+//! skips.
+
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fanjet::machine::Job;
+use fanjet::manager::{self, ManagerOptions};
+use fanjet::protocol::{encode_json, submit_subject, SubmitReply};
+use fanjet::server::NatsServer;
+use fanjet::setup::Nats;
+use fanjet::store;
+use fanjet::worker::Worker;
+use fanjet::workflow::Workflow;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct Env {
+    pub server: NatsServer,
+    pub nats: Nats,
+    pub cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    children: Vec<Child>,
+}
+
+impl Env {
+    /// Starts a fresh nats-server and connects to it.
+    pub async fn start() -> Env {
+        let server = match tokio::task::spawn_blocking(|| NatsServer::start(None, None)).await.expect("join") {
+            Ok(s) => s,
+            Err(e) => panic!("this test needs a real nats-server: {e}"),
+        };
+        let client = async_nats::connect(server.url()).await.expect("connect to the test nats-server");
+        let nats = Nats::ensure(client).await.expect("create streams and buckets");
+        Env { server, nats, cancel: CancellationToken::new(), tasks: Vec::new(), children: Vec::new() }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub async fn apply(&self, toml: &str) -> Workflow {
+        let wf = Workflow::from_toml(toml).expect("valid workflow");
+        self.nats.apply_workflow(&wf).await.expect("apply workflow");
+        wf
+    }
+
+    /// Runs a manager in this process until the env is dropped.
+    pub fn manager(&mut self) {
+        let (nats, cancel) = (self.nats.clone(), self.cancel.clone());
+        let opts = ManagerOptions { tick: Duration::from_millis(200), ..Default::default() };
+        self.tasks.push(tokio::spawn(async move {
+            manager::run(nats, opts, cancel).await.expect("manager");
+        }));
+    }
+
+    /// Runs a worker pool in this process.
+    pub fn worker(&mut self, worker: Worker) -> CancellationToken {
+        let cancel = self.cancel.child_token();
+        let c = cancel.clone();
+        self.tasks.push(tokio::spawn(async move {
+            worker.run(c).await.expect("worker");
+        }));
+        cancel
+    }
+
+    /// Starts `fanjet ARGS --server URL` as a child process.
+    pub fn spawn(&mut self, args: &[&str]) -> usize {
+        let child = fanjet_command(&self.url(), args).spawn().expect("start fanjet");
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// SIGKILLs a child started with [`spawn`](Self::spawn).
+    pub fn kill(&mut self, i: usize) {
+        let c = &mut self.children[i];
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// Sends a submission request like any NATS client would.
+    pub async fn submit(&self, workflow: &str, body: Value) -> SubmitReply {
+        submit_bytes(&self.nats, workflow, encode_json(&body).expect("json").to_vec()).await
+    }
+
+    /// Waits until the job has ended; fails the test after `within`.
+    pub async fn wait_end(&self, job_id: &str, within: Duration) -> Job {
+        let start = Instant::now();
+        loop {
+            if let Some((job, _)) = store::get(&self.nats, job_id).await.expect("read status") {
+                if job.state.is_terminal() {
+                    return job;
+                }
+                if start.elapsed() > within {
+                    panic!("job {job_id} did not end within {within:?}: {}", serde_json::to_string_pretty(&job).unwrap_or_default());
+                }
+            } else if start.elapsed() > within {
+                panic!("job {job_id} never appeared within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `f(job)` holds.
+    pub async fn wait_for(&self, job_id: &str, within: Duration, what: &str, f: impl Fn(&Job) -> bool) -> Job {
+        let start = Instant::now();
+        loop {
+            if let Some((job, _)) = store::get(&self.nats, job_id).await.expect("read status") {
+                if f(&job) {
+                    return job;
+                }
+            }
+            assert!(start.elapsed() < within, "job {job_id}: {what} did not happen within {within:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The job's events in the log, as JSON, in order.
+    pub async fn events(&self, job_id: &str) -> Vec<Value> {
+        use futures::StreamExt;
+        let consumer = self
+            .nats
+            .events
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: fanjet::protocol::job_events_filter(job_id),
+                ..Default::default()
+            })
+            .await
+            .expect("ordered consumer");
+        let mut out = Vec::new();
+        let mut msgs = consumer.messages().await.expect("messages");
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await {
+            out.push(serde_json::from_slice(&m.payload).expect("event json"));
+            if m.info().map(|i| i.pending).unwrap_or(0) == 0 {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Messages left in the task stream for `filter`.
+    pub async fn queued_tasks(&self, filter: &str) -> u64 {
+        use futures::StreamExt;
+        let mut subjects = self.nats.tasks.info_with_subjects(filter).await.expect("stream info");
+        let mut n = 0;
+        while let Some(entry) = subjects.next().await {
+            n += entry.expect("subject count").1 as u64;
+        }
+        n
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub async fn submit_bytes(nats: &Nats, workflow: &str, body: Vec<u8>) -> SubmitReply {
+    let start = Instant::now();
+    loop {
+        match nats.client.request(submit_subject(workflow), body.clone().into()).await {
+            Ok(m) => return serde_json::from_slice(&m.payload).expect("reply json"),
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("submission got no answer: {e}"),
+        }
+    }
+}
+
+/// `fanjet ARGS` pointed at `url`, with quiet logs.
+pub fn fanjet_command(url: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fanjet"));
+    c.args(args)
+        .env("NATS_URL", url)
+        .env("FANJET_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    c
+}
+
+/// The seed shape with a configurable fanout step.
+pub fn seed_workflow(name: &str, fanout_extra: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+[[steps]]
+name = "collect"
+kind = "task"
+timeout = "5s"
+[[steps]]
+name = "send"
+kind = "fanout"
+timeout = "5s"
+max_attempts = 3
+backoff = ["50ms"]
+{fanout_extra}
+[[steps]]
+name = "summarize"
+kind = "task"
+timeout = "5s"
+"#
+    )
+}
