@@ -1,7 +1,9 @@
 //! The `--exec` handler: runs a shell command per task, the task as JSON on
 //! stdin, the result as JSON on stdout. Exit 0 is success, [`EXIT_GIVE_UP`]
 //! fails the subjob at once, any other exit asks for a retry with stderr as
-//! the error.
+//! the error. The same facts are in the environment (`FANJET_JOB_ID`,
+//! `FANJET_WORKFLOW`, `FANJET_STEP`, `FANJET_INDEX`, `FANJET_ATTEMPT`) for
+//! commands that do not parse JSON.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -53,6 +55,11 @@ async fn run(command: &str, ctx: TaskContext) -> Result<Value, TaskError> {
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)
+        .env("FANJET_JOB_ID", &ctx.task.job_id)
+        .env("FANJET_WORKFLOW", &ctx.task.workflow)
+        .env("FANJET_STEP", &ctx.task.step)
+        .env("FANJET_INDEX", ctx.task.index.to_string())
+        .env("FANJET_ATTEMPT", ctx.attempt.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -127,6 +134,7 @@ mod tests {
         assert_eq!(ok["index"], 4);
         assert_eq!(run("echo hello", ctx("fanout")).await.unwrap(), json!("hello"));
         assert_eq!(run("true", ctx("task")).await.unwrap(), Value::Null);
+        assert_eq!(run("echo $FANJET_STEP-$FANJET_INDEX-$FANJET_ATTEMPT", ctx("fanout")).await.unwrap(), json!("s-4-2"));
         assert_eq!(
             run("echo nope >&2; exit 100", ctx("fanout")).await.unwrap_err(),
             TaskError::give_up("nope")
