@@ -17,7 +17,13 @@ pub enum ConnectError {
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
     /// NATS server URL(s), comma-separated.
-    #[arg(long = "server", short = 's', env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    #[arg(
+        long = "server",
+        short = 's',
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
     pub server: String,
     /// NATS credentials file (JWT + NKey seed).
     #[arg(long, env = "NATS_CREDS", global = true)]
@@ -36,7 +42,13 @@ pub struct ConnectArgs {
 impl ConnectArgs {
     /// Arguments pointing at `url` with no authentication.
     pub fn url(url: impl Into<String>) -> Self {
-        ConnectArgs { server: url.into(), creds: None, user: None, password: None, token: None }
+        ConnectArgs {
+            server: url.into(),
+            creds: None,
+            user: None,
+            password: None,
+            token: None,
+        }
     }
 
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, ConnectError> {
@@ -45,7 +57,10 @@ impl ConnectArgs {
             opts = opts
                 .credentials_file(path)
                 .await
-                .map_err(|e| ConnectError::Creds { path: path.clone(), message: e.to_string() })?;
+                .map_err(|e| ConnectError::Creds {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
         }
         if let (Some(u), Some(p)) = (&self.user, &self.password) {
             opts = opts.user_and_password(u.clone(), p.clone());
@@ -58,9 +73,13 @@ impl ConnectArgs {
             .split(',')
             .map(|s| s.trim().parse())
             .collect::<Result<_, _>>()
-            .map_err(|e: std::io::Error| ConnectError::Connect { url: self.server.clone(), message: e.to_string() })?;
-        opts.connect(urls)
-            .await
-            .map_err(|e| ConnectError::Connect { url: self.server.clone(), message: e.to_string() })
+            .map_err(|e: std::io::Error| ConnectError::Connect {
+                url: self.server.clone(),
+                message: e.to_string(),
+            })?;
+        opts.connect(urls).await.map_err(|e| ConnectError::Connect {
+            url: self.server.clone(),
+            message: e.to_string(),
+        })
     }
 }

@@ -29,7 +29,11 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        DemoOptions { invoices: 1000, send_ms: (100, 300), failure_rate: 0.05 }
+        DemoOptions {
+            invoices: 1000,
+            send_ms: (100, 300),
+            failure_rate: 0.05,
+        }
     }
 }
 
@@ -38,7 +42,9 @@ pub fn register(worker: Worker, nats: Nats, options: DemoOptions) -> Worker {
     let default_count = options.invoices;
     let send_opts = options.clone();
     worker
-        .handler("invoices", "collect", move |ctx: TaskContext| async move { Ok(collect(&ctx.task.input, default_count)) })
+        .handler("invoices", "collect", move |ctx: TaskContext| async move {
+            Ok(collect(&ctx.task.input, default_count))
+        })
         .handler("invoices", "send", move |ctx: TaskContext| {
             let o = send_opts.clone();
             async move { send(ctx, &o).await }
@@ -51,8 +57,14 @@ pub fn register(worker: Worker, nats: Nats, options: DemoOptions) -> Worker {
 
 /// S1: the invoices of `input.customer` (`input.count` of them).
 pub fn collect(input: &Value, default_count: u64) -> Value {
-    let customer = input.get("customer").and_then(Value::as_str).unwrap_or("acme");
-    let count = input.get("count").and_then(Value::as_u64).unwrap_or(default_count);
+    let customer = input
+        .get("customer")
+        .and_then(Value::as_str)
+        .unwrap_or("acme");
+    let count = input
+        .get("count")
+        .and_then(Value::as_u64)
+        .unwrap_or(default_count);
     Value::Array(
         (0..count)
             .map(|i| json!({"invoice": format!("INV-{customer}-{:05}", i + 1), "customer": customer, "amount_cents": 1000 + (i * 37) % 9000}))
@@ -63,7 +75,10 @@ pub fn collect(input: &Value, default_count: u64) -> Value {
 async fn send(ctx: TaskContext, o: &DemoOptions) -> Result<Value, TaskError> {
     let (delay, fail) = {
         let mut rng = rand::rng();
-        (rng.random_range(o.send_ms.0..=o.send_ms.1.max(o.send_ms.0)), rng.random_bool(o.failure_rate.clamp(0.0, 1.0)))
+        (
+            rng.random_range(o.send_ms.0..=o.send_ms.1.max(o.send_ms.0)),
+            rng.random_bool(o.failure_rate.clamp(0.0, 1.0)),
+        )
     };
     tokio::time::sleep(Duration::from_millis(delay)).await;
     if fail {
@@ -76,7 +91,10 @@ async fn send(ctx: TaskContext, o: &DemoOptions) -> Result<Value, TaskError> {
 /// S3: reads the fanout's results from the log (the subject its summary
 /// names) and totals them.
 async fn summarize(nats: &Nats, summary: &Value) -> Result<Value, TaskError> {
-    let subject = summary["results"]["subject"].as_str().unwrap_or_default().to_string();
+    let subject = summary["results"]["subject"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let step_index = summary["results"]["step_index"].as_u64().unwrap_or(0);
     let expected = summary["completed"].as_u64().unwrap_or(0);
     let mut total_cents = 0u64;
@@ -91,7 +109,10 @@ async fn summarize(nats: &Nats, summary: &Value) -> Result<Value, TaskError> {
             })
             .await
             .map_err(|e| TaskError::retry(format!("reading results: {e}")))?;
-        let mut messages = consumer.messages().await.map_err(|e| TaskError::retry(format!("reading results: {e}")))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| TaskError::retry(format!("reading results: {e}")))?;
         while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
             .await
             .map_err(|_| TaskError::retry("timed out reading results"))?

@@ -12,15 +12,15 @@
 //! - [`server`]: finds and runs a local nats-server (for `fanjet dev` and tests).
 //! - [`shutdown`]: signals to cancellation.
 
+pub mod connect;
+pub mod demo;
 pub mod machine;
-pub mod protocol;
-pub mod workflow;
 pub mod manager;
+pub mod progress;
+pub mod protocol;
+pub mod server;
 pub mod setup;
+pub mod shutdown;
 pub mod store;
 pub mod worker;
-pub mod connect;
-pub mod server;
-pub mod shutdown;
-pub mod demo;
-pub mod progress;
+pub mod workflow;

@@ -12,9 +12,11 @@ use tokio_util::sync::CancellationToken;
 use fanjet::connect::ConnectArgs;
 use fanjet::machine::JobState;
 use fanjet::manager::{self, ManagerOptions};
-use fanjet::protocol::{encode_json, now_ms, submit_subject, CancelRequested, Event, SubmitReply, Submission};
-use fanjet::setup::Nats;
+use fanjet::protocol::{
+    encode_json, now_ms, submit_subject, CancelRequested, Event, Submission, SubmitReply,
+};
 use fanjet::server::NatsServer;
+use fanjet::setup::Nats;
 use fanjet::worker::{exec_handler, Worker, EXIT_GIVE_UP};
 use fanjet::workflow::Workflow;
 use fanjet::{demo, progress, shutdown, store};
@@ -145,7 +147,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FANJET_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
+            tracing_subscriber::EnvFilter::try_from_env("FANJET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -173,16 +176,27 @@ async fn nats(connect: &ConnectArgs, name: &str) -> Result<Nats> {
 async fn run(cli: Cli) -> Result<u8> {
     let root = CancellationToken::new();
     match cli.command {
-        Command::Dev { store, port, demo, invoices, concurrency, failure_rate } => {
-            dev(store, port, demo, invoices, concurrency, failure_rate, root).await
-        }
+        Command::Dev {
+            store,
+            port,
+            demo,
+            invoices,
+            concurrency,
+            failure_rate,
+        } => dev(store, port, demo, invoices, concurrency, failure_rate, root).await,
         Command::Manager => {
             let nats = nats(&cli.connect, "fanjet-manager").await?;
             shutdown::on_signals(root.clone());
             manager::run(nats, ManagerOptions::default(), root).await?;
             Ok(0)
         }
-        Command::Worker { workflow, steps, exec, concurrency, grace } => {
+        Command::Worker {
+            workflow,
+            steps,
+            exec,
+            concurrency,
+            grace,
+        } => {
             let nats = nats(&cli.connect, "fanjet-worker").await?;
             shutdown::on_signals(root.clone());
             let mut worker = Worker::new(nats).concurrency(concurrency).grace(grace);
@@ -193,22 +207,42 @@ async fn run(cli: Cli) -> Result<u8> {
             worker.run(root).await?;
             Ok(0)
         }
-        Command::Submit { workflow, job_id, customer, input, wait, json } => {
+        Command::Submit {
+            workflow,
+            job_id,
+            customer,
+            input,
+            wait,
+            json,
+        } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
             let input = match input {
                 None => serde_json::Value::Null,
                 Some(s) => {
                     let text = match s.strip_prefix('@') {
-                        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading input file {path}"))?,
+                        Some(path) => std::fs::read_to_string(path)
+                            .with_context(|| format!("reading input file {path}"))?,
                         None => s,
                     };
                     serde_json::from_str(&text).context("--input is not valid JSON")?
                 }
             };
-            let reply = submit(&nats, &workflow, Submission { job_id, customer, input }).await?;
+            let reply = submit(
+                &nats,
+                &workflow,
+                Submission {
+                    job_id,
+                    customer,
+                    input,
+                },
+            )
+            .await?;
             let id = reply.job_id.clone().unwrap_or_default();
             if !reply.ok {
-                let err = reply.error.map(|e| format!("{:?}: {}", e.code, e.message)).unwrap_or_default();
+                let err = reply
+                    .error
+                    .map(|e| format!("{:?}: {}", e.code, e.message))
+                    .unwrap_or_default();
                 bail!("job {id} rejected: {err}");
             }
             if json && !wait {
@@ -222,7 +256,9 @@ async fn run(cli: Cli) -> Result<u8> {
             if !wait {
                 return Ok(0);
             }
-            let job = progress::follow(&nats, &id, !json, None).await?.ok_or_else(|| anyhow!("job {id} vanished"))?;
+            let job = progress::follow(&nats, &id, !json, None)
+                .await?
+                .ok_or_else(|| anyhow!("job {id} vanished"))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&job)?);
             } else {
@@ -232,7 +268,9 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Status { job_id, json } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
-            let (job, _) = store::get(&nats, &job_id).await?.ok_or_else(|| anyhow!("no job {job_id:?}"))?;
+            let (job, _) = store::get(&nats, &job_id)
+                .await?
+                .ok_or_else(|| anyhow!("no job {job_id:?}"))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&job)?);
             } else {
@@ -240,12 +278,19 @@ async fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Jobs { customer, workflow, state, json } => {
+        Command::Jobs {
+            customer,
+            workflow,
+            state,
+            json,
+        } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
             let mut jobs = Vec::new();
             for id in store::job_ids(&nats).await? {
                 if let Some((job, _)) = store::get(&nats, &id).await? {
-                    let keep = customer.as_deref().is_none_or(|c| job.customer.as_deref() == Some(c))
+                    let keep = customer
+                        .as_deref()
+                        .is_none_or(|c| job.customer.as_deref() == Some(c))
                         && workflow.as_deref().is_none_or(|w| job.workflow == w)
                         && state.as_deref().is_none_or(|s| job.state.as_str() == s);
                     if keep {
@@ -261,22 +306,46 @@ async fn run(cli: Cli) -> Result<u8> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<28} {:<16} {:<16} {:<10} progress", "job", "workflow", "customer", "state");
+                println!(
+                    "{:<28} {:<16} {:<16} {:<10} progress",
+                    "job", "workflow", "customer", "state"
+                );
                 for j in &jobs {
-                    let done: u64 = j.steps.iter().filter(|s| s.state != fanjet::machine::StepState::Pending).count() as u64;
-                    println!("{:<28} {:<16} {:<16} {:<10} step {}/{}", j.job_id, j.workflow, j.customer.as_deref().unwrap_or("-"), j.state.as_str(), done, j.steps.len());
+                    let done: u64 = j
+                        .steps
+                        .iter()
+                        .filter(|s| s.state != fanjet::machine::StepState::Pending)
+                        .count() as u64;
+                    println!(
+                        "{:<28} {:<16} {:<16} {:<10} step {}/{}",
+                        j.job_id,
+                        j.workflow,
+                        j.customer.as_deref().unwrap_or("-"),
+                        j.state.as_str(),
+                        done,
+                        j.steps.len()
+                    );
                 }
             }
             Ok(0)
         }
         Command::Cancel { job_id, reason } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
-            let (job, _) = store::get(&nats, &job_id).await?.ok_or_else(|| anyhow!("no job {job_id:?}"))?;
+            let (job, _) = store::get(&nats, &job_id)
+                .await?
+                .ok_or_else(|| anyhow!("no job {job_id:?}"))?;
             if job.state.is_terminal() {
                 bail!("job {job_id} has already ended ({})", job.state.as_str());
             }
-            let event = Event::CancelRequested(CancelRequested { job_id: job_id.clone(), reason, at: now_ms() });
-            nats.js.publish(event.subject(), encode_json(&event)?).await?.await?;
+            let event = Event::CancelRequested(CancelRequested {
+                job_id: job_id.clone(),
+                reason,
+                at: now_ms(),
+            });
+            nats.js
+                .publish(event.subject(), encode_json(&event)?)
+                .await?
+                .await?;
             eprintln!("cancel requested for {job_id}");
             Ok(0)
         }
@@ -286,8 +355,10 @@ async fn run(cli: Cli) -> Result<u8> {
             }
             let mut parsed = Vec::new();
             for f in &files {
-                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-                parsed.push(Workflow::from_toml(&text).with_context(|| format!("{}", f.display()))?);
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                parsed
+                    .push(Workflow::from_toml(&text).with_context(|| format!("{}", f.display()))?);
             }
             let nats = nats(&cli.connect, "fanjet-cli").await?;
             for w in parsed {
@@ -303,7 +374,11 @@ async fn run(cli: Cli) -> Result<u8> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for w in list {
-                    let steps: Vec<String> = w.steps.iter().map(|s| format!("{}({})", s.name, s.kind.as_str())).collect();
+                    let steps: Vec<String> = w
+                        .steps
+                        .iter()
+                        .map(|s| format!("{}({})", s.name, s.kind.as_str()))
+                        .collect();
                     println!("{:<20} {}", w.name, steps.join(" -> "));
                 }
             }
@@ -317,11 +392,17 @@ async fn submit(nats: &Nats, workflow: &str, sub: Submission) -> Result<SubmitRe
     let body = encode_json(&sub)?;
     let start = std::time::Instant::now();
     loop {
-        let answer = tokio::time::timeout(Duration::from_secs(10), nats.client.request(submit_subject(workflow), body.clone()))
-            .await
-            .map_err(|_| anyhow!("no answer from a fanjet manager within 10 s"))?;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            nats.client.request(submit_subject(workflow), body.clone()),
+        )
+        .await
+        .map_err(|_| anyhow!("no answer from a fanjet manager within 10 s"))?;
         match answer {
-            Ok(msg) => return serde_json::from_slice(&msg.payload).context("unreadable answer from the manager"),
+            Ok(msg) => {
+                return serde_json::from_slice(&msg.payload)
+                    .context("unreadable answer from the manager")
+            }
             Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
                 if start.elapsed() > Duration::from_secs(5) {
                     bail!("no fanjet manager is running (start `fanjet manager` or `fanjet dev`)");
@@ -333,30 +414,69 @@ async fn submit(nats: &Nats, workflow: &str, sub: Submission) -> Result<SubmitRe
     }
 }
 
-async fn dev(store_dir: PathBuf, port: Option<u16>, run_demo: bool, invoices: u64, concurrency: usize, failure_rate: f64, root: CancellationToken) -> Result<u8> {
-    let port = port.unwrap_or_else(|| if std::net::TcpListener::bind("127.0.0.1:4222").is_ok() { 4222 } else { fanjet::server::free_port() });
-    let server = tokio::task::spawn_blocking(move || NatsServer::start(Some(store_dir), Some(port))).await??;
+async fn dev(
+    store_dir: PathBuf,
+    port: Option<u16>,
+    run_demo: bool,
+    invoices: u64,
+    concurrency: usize,
+    failure_rate: f64,
+    root: CancellationToken,
+) -> Result<u8> {
+    let port = port.unwrap_or_else(|| {
+        if std::net::TcpListener::bind("127.0.0.1:4222").is_ok() {
+            4222
+        } else {
+            fanjet::server::free_port()
+        }
+    });
+    let server =
+        tokio::task::spawn_blocking(move || NatsServer::start(Some(store_dir), Some(port)))
+            .await??;
     let url = server.url();
-    eprintln!("nats-server {} (JetStream data in {})", url, server.store().display());
+    eprintln!(
+        "nats-server {} (JetStream data in {})",
+        url,
+        server.store().display()
+    );
     let nats = nats(&ConnectArgs::url(&url), "fanjet-dev").await?;
-    nats.apply_workflow(&Workflow::from_toml(demo::INVOICES_TOML)?).await?;
+    nats.apply_workflow(&Workflow::from_toml(demo::INVOICES_TOML)?)
+        .await?;
     shutdown::on_signals(root.clone());
     let mut tasks = JoinSet::new();
     {
         let (n, c) = (nats.clone(), root.clone());
-        tasks.spawn(async move { manager::run(n, ManagerOptions::default(), c).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move {
+            manager::run(n, ManagerOptions::default(), c)
+                .await
+                .map_err(anyhow::Error::from)
+        });
     }
     {
-        let opts = demo::DemoOptions { invoices, failure_rate, ..Default::default() };
-        let worker = demo::register(Worker::new(nats.clone()).concurrency(concurrency), nats.clone(), opts);
+        let opts = demo::DemoOptions {
+            invoices,
+            failure_rate,
+            ..Default::default()
+        };
+        let worker = demo::register(
+            Worker::new(nats.clone()).concurrency(concurrency),
+            nats.clone(),
+            opts,
+        );
         let c = root.clone();
         tasks.spawn(async move { worker.run(c).await.map_err(anyhow::Error::from) });
     }
     let mut code = 0;
     if run_demo {
-        let sub = Submission { job_id: None, customer: Some("acme".into()), input: serde_json::json!({"customer": "acme", "count": invoices}) };
+        let sub = Submission {
+            job_id: None,
+            customer: Some("acme".into()),
+            input: serde_json::json!({"customer": "acme", "count": invoices}),
+        };
         let reply = submit(&nats, "invoices", sub).await?;
-        let id = reply.job_id.ok_or_else(|| anyhow!("submission refused: {:?}", reply.error))?;
+        let id = reply
+            .job_id
+            .ok_or_else(|| anyhow!("submission refused: {:?}", reply.error))?;
         eprintln!("submitted job {id}: collect -> send x{invoices} -> summarize, {concurrency} worker slots");
         let job = tokio::select! {
             j = progress::follow(&nats, &id, true, None) => j?,

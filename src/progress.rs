@@ -10,11 +10,21 @@ use crate::setup::Nats;
 use crate::store::{self, StoreError};
 
 /// Polls the job's status until it ends; draws bars when `bars` is set.
-pub async fn follow(nats: &Nats, job_id: &str, bars: bool, timeout: Option<Duration>) -> Result<Option<Job>, StoreError> {
-    let multi = MultiProgress::with_draw_target(if bars { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
-    let style = ProgressStyle::with_template("{prefix:>12} [{bar:40.cyan/blue}] {pos:>6}/{len:6} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+pub async fn follow(
+    nats: &Nats,
+    job_id: &str,
+    bars: bool,
+    timeout: Option<Duration>,
+) -> Result<Option<Job>, StoreError> {
+    let multi = MultiProgress::with_draw_target(if bars {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style =
+        ProgressStyle::with_template("{prefix:>12} [{bar:40.cyan/blue}] {pos:>6}/{len:6} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
     let mut shown: Vec<ProgressBar> = Vec::new();
     let start = std::time::Instant::now();
     loop {
@@ -29,7 +39,12 @@ pub async fn follow(nats: &Nats, job_id: &str, bars: bool, timeout: Option<Durat
                 let bar = &shown[i];
                 bar.set_length(step.total.max(1));
                 bar.set_position(step.completed + step.failed);
-                bar.set_message(format!("{} failed {} retries {}", step.state.as_str(), step.failed, step.retries));
+                bar.set_message(format!(
+                    "{} failed {} retries {}",
+                    step.state.as_str(),
+                    step.failed,
+                    step.retries
+                ));
             }
             if job.state.is_terminal() {
                 for bar in &shown {
@@ -55,13 +70,25 @@ fn secs(from: Option<u64>, to: Option<u64>) -> String {
 /// A human summary of a job: state, per-step counts and durations.
 pub fn render(job: &Job) -> String {
     let mut out = String::new();
-    out.push_str(&format!("job {}  workflow {}  customer {}\n", job.job_id, job.workflow, job.customer.as_deref().unwrap_or("-")));
-    out.push_str(&format!("state {}  duration {}\n", job.state.as_str(), secs(Some(job.created_at), job.finished_at)));
+    out.push_str(&format!(
+        "job {}  workflow {}  customer {}\n",
+        job.job_id,
+        job.workflow,
+        job.customer.as_deref().unwrap_or("-")
+    ));
+    out.push_str(&format!(
+        "state {}  duration {}\n",
+        job.state.as_str(),
+        secs(Some(job.created_at), job.finished_at)
+    ));
     if let Some(e) = &job.error {
         out.push_str(&format!("error {e}\n"));
     }
     if !job.steps.is_empty() {
-        out.push_str(&format!("{:<14} {:<7} {:<10} {:>8} {:>9} {:>7} {:>8} {:>9}\n", "step", "kind", "state", "total", "completed", "failed", "retries", "duration"));
+        out.push_str(&format!(
+            "{:<14} {:<7} {:<10} {:>8} {:>9} {:>7} {:>8} {:>9}\n",
+            "step", "kind", "state", "total", "completed", "failed", "retries", "duration"
+        ));
     }
     for s in &job.steps {
         out.push_str(&format!(
@@ -76,13 +103,22 @@ pub fn render(job: &Job) -> String {
             secs(s.started_at, s.finished_at)
         ));
         for f in s.failures.iter().take(5) {
-            out.push_str(&format!("    subjob {} failed after {} attempt(s): {}\n", f.index, f.attempt, f.error));
+            out.push_str(&format!(
+                "    subjob {} failed after {} attempt(s): {}\n",
+                f.index, f.attempt, f.error
+            ));
         }
         if s.failures.len() > 5 {
-            out.push_str(&format!("    ... {} more failures\n", s.failed.saturating_sub(5)));
+            out.push_str(&format!(
+                "    ... {} more failures\n",
+                s.failed.saturating_sub(5)
+            ));
         }
         if s.state == StepState::Running && s.total > 0 {
-            out.push_str(&format!("    {:.1}% done\n", 100.0 * (s.completed + s.failed) as f64 / s.total as f64));
+            out.push_str(&format!(
+                "    {:.1}% done\n",
+                100.0 * (s.completed + s.failed) as f64 / s.total as f64
+            ));
         }
     }
     if job.state == JobState::Completed && !job.output.is_null() {

@@ -25,7 +25,9 @@ pub enum ServerError {
     NotFound { tools: String, found: String },
     #[error("could not start {path}: {message}")]
     Start { path: PathBuf, message: String },
-    #[error("nats-server did not accept connections on port {port} within {secs} s; its log: {log}")]
+    #[error(
+        "nats-server did not accept connections on port {port} within {secs} s; its log: {log}"
+    )]
     NotReady { port: u16, secs: u64, log: String },
 }
 
@@ -41,38 +43,61 @@ fn tool_dirs() -> Vec<PathBuf> {
 }
 
 fn version_of(path: &Path) -> Option<(u32, u32, u32)> {
-    let out = std::process::Command::new(path).arg("--version").output().ok()?;
+    let out = std::process::Command::new(path)
+        .arg("--version")
+        .output()
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let v = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
     let mut parts = v.split(['.', '-']).map(|p| p.parse::<u32>().ok());
-    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
 }
 
 /// Finds a usable nats-server: PATH first, then the tools folders.
 pub fn find() -> Result<PathBuf, ServerError> {
     let mut rejected = Vec::new();
     let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("nats-server")).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("nats-server"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
-    for candidate in on_path.into_iter().chain(tool_dirs().into_iter().map(|d| d.join("nats-server"))) {
+    for candidate in on_path
+        .into_iter()
+        .chain(tool_dirs().into_iter().map(|d| d.join("nats-server")))
+    {
         if !candidate.is_file() {
             continue;
         }
         match version_of(&candidate) {
             Some((major, minor, _)) if (major, minor) >= MIN_VERSION => return Ok(candidate),
-            Some((a, b, c)) => rejected.push(format!("{} is v{a}.{b}.{c}, too old", candidate.display())),
+            Some((a, b, c)) => {
+                rejected.push(format!("{} is v{a}.{b}.{c}, too old", candidate.display()))
+            }
             None => rejected.push(format!("{} did not tell its version", candidate.display())),
         }
     }
     Err(ServerError::NotFound {
         tools: ".tools/bin".into(),
-        found: if rejected.is_empty() { String::new() } else { format!(" ({})", rejected.join("; ")) },
+        found: if rejected.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", rejected.join("; "))
+        },
     })
 }
 
 /// A free loopback TCP port (free when asked; good enough for local runs).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(14222)
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(14222)
 }
 
 /// A running nats-server child process, killed when dropped.
@@ -92,7 +117,11 @@ impl NatsServer {
     }
 
     /// Like [`start`](Self::start), with extra command-line arguments.
-    pub fn start_with(store: Option<PathBuf>, port: Option<u16>, extra: &[&str]) -> Result<Self, ServerError> {
+    pub fn start_with(
+        store: Option<PathBuf>,
+        port: Option<u16>,
+        extra: &[&str],
+    ) -> Result<Self, ServerError> {
         let path = find()?;
         let (store, temp) = match store {
             Some(s) => (s, None),
@@ -100,11 +129,17 @@ impl NatsServer {
                 let t = tempfile::Builder::new()
                     .prefix("fanjet-nats-")
                     .tempdir()
-                    .map_err(|e| ServerError::Start { path: path.clone(), message: e.to_string() })?;
+                    .map_err(|e| ServerError::Start {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
                 (t.path().to_path_buf(), Some(t))
             }
         };
-        std::fs::create_dir_all(&store).map_err(|e| ServerError::Start { path: path.clone(), message: e.to_string() })?;
+        std::fs::create_dir_all(&store).map_err(|e| ServerError::Start {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let port = port.unwrap_or_else(free_port);
         let log = store.join("nats-server.log");
         // Same limits as nats/dev.conf; the generated file keeps the paths right.
@@ -113,7 +148,10 @@ impl NatsServer {
             "listen: \"127.0.0.1:{port}\"\nmax_payload: 8MB\njetstream {{\n  store_dir: {store:?}\n}}\n",
             store = store.join("jetstream").display().to_string()
         );
-        std::fs::write(&conf, text).map_err(|e| ServerError::Start { path: path.clone(), message: e.to_string() })?;
+        std::fs::write(&conf, text).map_err(|e| ServerError::Start {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let child = std::process::Command::new(&path)
             .arg("-c")
             .arg(&conf)
@@ -124,8 +162,16 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| ServerError::Start { path: path.clone(), message: e.to_string() })?;
-        let server = NatsServer { child, port, store, _temp: temp };
+            .map_err(|e| ServerError::Start {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let server = NatsServer {
+            child,
+            port,
+            store,
+            _temp: temp,
+        };
         server.wait_ready(Duration::from_secs(15))?;
         Ok(server)
     }
@@ -139,7 +185,11 @@ impl NatsServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         let log = std::fs::read_to_string(self.store.join("nats-server.log")).unwrap_or_default();
-        Err(ServerError::NotReady { port: self.port, secs: within.as_secs(), log: log.lines().rev().take(5).collect::<Vec<_>>().join(" | ") })
+        Err(ServerError::NotReady {
+            port: self.port,
+            secs: within.as_secs(),
+            log: log.lines().rev().take(5).collect::<Vec<_>>().join(" | "),
+        })
     }
 
     pub fn url(&self) -> String {

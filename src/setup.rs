@@ -22,13 +22,25 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
 #[derive(Debug, Error)]
 pub enum SetupError {
     #[error("could not create or update stream {name}: {source}")]
-    Stream { name: &'static str, source: jetstream::context::CreateStreamError },
+    Stream {
+        name: &'static str,
+        source: jetstream::context::CreateStreamError,
+    },
     #[error("could not create or update bucket {name}: {source}")]
-    Bucket { name: &'static str, source: jetstream::context::CreateKeyValueError },
+    Bucket {
+        name: &'static str,
+        source: jetstream::context::CreateKeyValueError,
+    },
     #[error("could not create consumer {name}: {source}")]
-    Consumer { name: String, source: jetstream::stream::ConsumerError },
+    Consumer {
+        name: String,
+        source: jetstream::stream::ConsumerError,
+    },
     #[error("could not read stream {name}: {source}")]
-    GetStream { name: &'static str, source: jetstream::context::GetStreamError },
+    GetStream {
+        name: &'static str,
+        source: jetstream::context::GetStreamError,
+    },
     #[error("could not store workflow {name}: {message}")]
     Workflow { name: String, message: String },
 }
@@ -66,8 +78,12 @@ impl Nats {
                 ..Default::default()
             };
             async move {
-                js.create_or_update_stream(cfg).await.map_err(|source| SetupError::Stream { name, source })?;
-                js.get_stream(name).await.map_err(|source| SetupError::GetStream { name, source })
+                js.create_or_update_stream(cfg)
+                    .await
+                    .map_err(|source| SetupError::Stream { name, source })?;
+                js.get_stream(name)
+                    .await
+                    .map_err(|source| SetupError::GetStream { name, source })
             }
         };
         let bucket = |name: &'static str, history: i64| {
@@ -78,13 +94,35 @@ impl Nats {
                 storage: stream::StorageType::File,
                 ..Default::default()
             };
-            async move { js.create_or_update_key_value(cfg).await.map_err(|source| SetupError::Bucket { name, source }) }
+            async move {
+                js.create_or_update_key_value(cfg)
+                    .await
+                    .map_err(|source| SetupError::Bucket { name, source })
+            }
         };
         use stream::RetentionPolicy::{Limits, WorkQueue};
         Ok(Nats {
-            events: stream(EVENTS_STREAM, EVENTS_WILDCARD.into(), Limits, EVENTS_MAX_AGE).await?,
-            tasks: stream(TASKS_STREAM, TASKS_WILDCARD.into(), WorkQueue, Duration::ZERO).await?,
-            advisories: stream(ADVISORIES_STREAM, max_deliveries_advisories(), Limits, EVENTS_MAX_AGE).await?,
+            events: stream(
+                EVENTS_STREAM,
+                EVENTS_WILDCARD.into(),
+                Limits,
+                EVENTS_MAX_AGE,
+            )
+            .await?,
+            tasks: stream(
+                TASKS_STREAM,
+                TASKS_WILDCARD.into(),
+                WorkQueue,
+                Duration::ZERO,
+            )
+            .await?,
+            advisories: stream(
+                ADVISORIES_STREAM,
+                max_deliveries_advisories(),
+                Limits,
+                EVENTS_MAX_AGE,
+            )
+            .await?,
             workflows: bucket(WORKFLOWS_BUCKET, 5).await?,
             jobs: bucket(JOBS_BUCKET, 1).await?,
             pending: bucket(PENDING_BUCKET, 1).await?,
@@ -95,7 +133,11 @@ impl Nats {
 
     /// Creates or updates the pull consumer workers of one step share:
     /// AckWait = the step's timeout, MaxDeliver = its attempts.
-    pub async fn ensure_step_consumer(&self, workflow: &str, step: &Step) -> Result<consumer::PullConsumer, SetupError> {
+    pub async fn ensure_step_consumer(
+        &self,
+        workflow: &str,
+        step: &Step,
+    ) -> Result<consumer::PullConsumer, SetupError> {
         let name = step_consumer(workflow, &step.name);
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
@@ -118,27 +160,46 @@ impl Nats {
         for step in &workflow.steps {
             self.ensure_step_consumer(&workflow.name, step).await?;
         }
-        let bytes = serde_json::to_vec(workflow).map_err(|e| SetupError::Workflow { name: workflow.name.clone(), message: e.to_string() })?;
+        let bytes = serde_json::to_vec(workflow).map_err(|e| SetupError::Workflow {
+            name: workflow.name.clone(),
+            message: e.to_string(),
+        })?;
         self.workflows
             .put(&workflow.name, bytes.into())
             .await
-            .map_err(|e| SetupError::Workflow { name: workflow.name.clone(), message: e.to_string() })?;
+            .map_err(|e| SetupError::Workflow {
+                name: workflow.name.clone(),
+                message: e.to_string(),
+            })?;
         Ok(())
     }
 
     /// Reads a stored workflow; `Ok(None)` when there is none by that name.
     pub async fn workflow(&self, name: &str) -> Result<Option<Workflow>, SetupError> {
-        let err = |message: String| SetupError::Workflow { name: name.to_string(), message };
-        match self.workflows.get(name).await.map_err(|e| err(e.to_string()))? {
+        let err = |message: String| SetupError::Workflow {
+            name: name.to_string(),
+            message,
+        };
+        match self
+            .workflows
+            .get(name)
+            .await
+            .map_err(|e| err(e.to_string()))?
+        {
             None => Ok(None),
-            Some(bytes) => Workflow::from_json(&bytes).map(Some).map_err(|e| err(e.to_string())),
+            Some(bytes) => Workflow::from_json(&bytes)
+                .map(Some)
+                .map_err(|e| err(e.to_string())),
         }
     }
 
     /// Every stored workflow, by name.
     pub async fn workflows(&self) -> Result<Vec<Workflow>, SetupError> {
         use futures::TryStreamExt;
-        let err = |message: String| SetupError::Workflow { name: "*".into(), message };
+        let err = |message: String| SetupError::Workflow {
+            name: "*".into(),
+            message,
+        };
         let keys: Vec<String> = match self.workflows.keys().await {
             Ok(k) => k.try_collect().await.map_err(|e| err(e.to_string()))?,
             Err(e) => return Err(err(e.to_string())),

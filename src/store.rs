@@ -16,11 +16,21 @@ use crate::workflow::StepKind;
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("job {job_id}: stored record is unreadable: {source}")]
-    Decode { job_id: String, source: serde_json::Error },
+    Decode {
+        job_id: String,
+        source: serde_json::Error,
+    },
     #[error("job {job_id}: another manager changed it (expected revision {expected:?})")]
-    Conflict { job_id: String, expected: Option<u64> },
+    Conflict {
+        job_id: String,
+        expected: Option<u64>,
+    },
     #[error("job {job_id}: {op} failed: {message}")]
-    Kv { job_id: String, op: &'static str, message: String },
+    Kv {
+        job_id: String,
+        op: &'static str,
+        message: String,
+    },
 }
 
 /// KV key of one bitmap chunk.
@@ -42,7 +52,10 @@ impl Checkpoint {
     /// Takes what changed in `job` since the last checkpoint.
     pub fn of(job: &mut Job, revision: Option<u64>) -> Result<Self, StoreError> {
         let record = serde_json::to_vec(&*job)
-            .map_err(|source| StoreError::Decode { job_id: job.job_id.clone(), source })?
+            .map_err(|source| StoreError::Decode {
+                job_id: job.job_id.clone(),
+                source,
+            })?
             .into();
         let mut chunks = Vec::new();
         let mut purge = Vec::new();
@@ -54,36 +67,71 @@ impl Checkpoint {
             if ended {
                 purge.extend((0..step.pending.chunk_count()).map(|c| chunk_key(&job.job_id, i, c)));
             } else {
-                chunks.extend(step.pending.take_dirty().into_iter().map(|(c, b)| (chunk_key(&job.job_id, i, c), b)));
+                chunks.extend(
+                    step.pending
+                        .take_dirty()
+                        .into_iter()
+                        .map(|(c, b)| (chunk_key(&job.job_id, i, c), b)),
+                );
             }
         }
-        Ok(Checkpoint { job_id: job.job_id.clone(), record, revision, chunks, purge })
+        Ok(Checkpoint {
+            job_id: job.job_id.clone(),
+            record,
+            revision,
+            chunks,
+            purge,
+        })
     }
 
     /// Writes it; returns the record's new revision.
     pub async fn write(self, nats: &Nats) -> Result<u64, StoreError> {
-        let kv_err = |op, e: &dyn std::fmt::Display| StoreError::Kv { job_id: self.job_id.clone(), op, message: e.to_string() };
+        let kv_err = |op, e: &dyn std::fmt::Display| StoreError::Kv {
+            job_id: self.job_id.clone(),
+            op,
+            message: e.to_string(),
+        };
         let revision = match self.revision {
-            None => nats.jobs.create(&self.job_id, self.record.clone()).await.map_err(|e| {
-                if e.kind() == kv::CreateErrorKind::AlreadyExists {
-                    StoreError::Conflict { job_id: self.job_id.clone(), expected: None }
-                } else {
-                    kv_err("create", &e)
-                }
-            })?,
-            Some(rev) => nats.jobs.update(&self.job_id, self.record.clone(), rev).await.map_err(|e| {
-                if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
-                    StoreError::Conflict { job_id: self.job_id.clone(), expected: Some(rev) }
-                } else {
-                    kv_err("update", &e)
-                }
-            })?,
+            None => nats
+                .jobs
+                .create(&self.job_id, self.record.clone())
+                .await
+                .map_err(|e| {
+                    if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                        StoreError::Conflict {
+                            job_id: self.job_id.clone(),
+                            expected: None,
+                        }
+                    } else {
+                        kv_err("create", &e)
+                    }
+                })?,
+            Some(rev) => nats
+                .jobs
+                .update(&self.job_id, self.record.clone(), rev)
+                .await
+                .map_err(|e| {
+                    if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                        StoreError::Conflict {
+                            job_id: self.job_id.clone(),
+                            expected: Some(rev),
+                        }
+                    } else {
+                        kv_err("update", &e)
+                    }
+                })?,
         };
         for (key, bytes) in &self.chunks {
-            nats.pending.put(key, bytes.clone().into()).await.map_err(|e| kv_err("put chunk", &e))?;
+            nats.pending
+                .put(key, bytes.clone().into())
+                .await
+                .map_err(|e| kv_err("put chunk", &e))?;
         }
         for key in &self.purge {
-            nats.pending.purge(key).await.map_err(|e| kv_err("purge chunk", &e))?;
+            nats.pending
+                .purge(key)
+                .await
+                .map_err(|e| kv_err("purge chunk", &e))?;
         }
         Ok(revision)
     }
@@ -91,14 +139,18 @@ impl Checkpoint {
 
 /// Reads one job record (without its bitmaps): what `fanjet status` shows.
 pub async fn get(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreError> {
-    let entry = nats
-        .jobs
-        .entry(job_id)
-        .await
-        .map_err(|e| StoreError::Kv { job_id: job_id.into(), op: "get", message: e.to_string() })?;
+    let entry = nats.jobs.entry(job_id).await.map_err(|e| StoreError::Kv {
+        job_id: job_id.into(),
+        op: "get",
+        message: e.to_string(),
+    })?;
     match entry {
         Some(e) if e.operation == kv::Operation::Put => {
-            let job: Job = serde_json::from_slice(&e.value).map_err(|source| StoreError::Decode { job_id: job_id.into(), source })?;
+            let job: Job =
+                serde_json::from_slice(&e.value).map_err(|source| StoreError::Decode {
+                    job_id: job_id.into(),
+                    source,
+                })?;
             Ok(Some((job, e.revision)))
         }
         _ => Ok(None),
@@ -107,7 +159,9 @@ pub async fn get(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreE
 
 /// Reads a job record with the bitmap of its running step, ready to resume.
 pub async fn load(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreError> {
-    let Some((mut job, rev)) = get(nats, job_id).await? else { return Ok(None) };
+    let Some((mut job, rev)) = get(nats, job_id).await? else {
+        return Ok(None);
+    };
     let i = job.current;
     if let Some(step) = job.steps.get_mut(i) {
         if step.state == StepState::Running {
@@ -115,14 +169,18 @@ pub async fn load(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, Store
             if step.kind == StepKind::Fanout {
                 for c in 0..pending.chunk_count() {
                     let key = chunk_key(job_id, i, c);
-                    let bytes = nats
-                        .pending
-                        .get(&key)
-                        .await
-                        .map_err(|e| StoreError::Kv { job_id: job_id.into(), op: "get chunk", message: e.to_string() })?;
+                    let bytes = nats.pending.get(&key).await.map_err(|e| StoreError::Kv {
+                        job_id: job_id.into(),
+                        op: "get chunk",
+                        message: e.to_string(),
+                    })?;
                     if let Some(b) = bytes {
                         if !pending.load_chunk(c, &b) {
-                            tracing::warn!(job_id, key, "pending chunk has the wrong size; treating it as empty");
+                            tracing::warn!(
+                                job_id,
+                                key,
+                                "pending chunk has the wrong size; treating it as empty"
+                            );
                         }
                     }
                 }
@@ -136,7 +194,11 @@ pub async fn load(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, Store
 
 /// Every job id in the jobs bucket.
 pub async fn job_ids(nats: &Nats) -> Result<Vec<String>, StoreError> {
-    let err = |e: &dyn std::fmt::Display| StoreError::Kv { job_id: "*".into(), op: "list", message: e.to_string() };
+    let err = |e: &dyn std::fmt::Display| StoreError::Kv {
+        job_id: "*".into(),
+        op: "list",
+        message: e.to_string(),
+    };
     let keys = nats.jobs.keys().await.map_err(|e| err(&e))?;
     keys.try_collect().await.map_err(|e| err(&e))
 }

@@ -49,15 +49,18 @@ impl Tolerance {
     fn parse(s: &str) -> Result<Self, String> {
         let t = s.trim();
         if let Some(p) = t.strip_suffix('%') {
-            let v: f64 = p.trim().parse().map_err(|_| format!("{s:?} is not a percentage like \"5%\""))?;
+            let v: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("{s:?} is not a percentage like \"5%\""))?;
             if !(0.0..=100.0).contains(&v) {
                 return Err(format!("{s:?} must be between 0% and 100%"));
             }
             Ok(Tolerance::Percent(v))
         } else {
-            t.parse::<u64>()
-                .map(Tolerance::Count)
-                .map_err(|_| format!("{s:?} is neither a count like \"10\" nor a percentage like \"5%\""))
+            t.parse::<u64>().map(Tolerance::Count).map_err(|_| {
+                format!("{s:?} is neither a count like \"10\" nor a percentage like \"5%\"")
+            })
         }
     }
 }
@@ -134,7 +137,11 @@ pub enum WorkflowError {
     #[error("step name {0:?} appears more than once")]
     DuplicateStep(String),
     #[error("step {step:?}: {field} {message}")]
-    Field { step: String, field: &'static str, message: String },
+    Field {
+        step: String,
+        field: &'static str,
+        message: String,
+    },
 }
 
 fn duration_ms(step: &str, field: &'static str, s: &str) -> Result<u64, WorkflowError> {
@@ -178,7 +185,11 @@ impl Workflow {
                 field,
                 message,
             };
-            let timeout_ms = duration_ms(&s.name, "timeout", s.timeout.as_deref().unwrap_or(DEFAULT_TIMEOUT))?;
+            let timeout_ms = duration_ms(
+                &s.name,
+                "timeout",
+                s.timeout.as_deref().unwrap_or(DEFAULT_TIMEOUT),
+            )?;
             if timeout_ms < 1000 {
                 return Err(field("timeout", "must be at least 1s".into()));
             }
@@ -222,7 +233,11 @@ impl Workflow {
                 max_in_flight,
             });
         }
-        Ok(Workflow { name: file.name, description: file.description, steps })
+        Ok(Workflow {
+            name: file.name,
+            description: file.description,
+            steps,
+        })
     }
 }
 

@@ -17,7 +17,11 @@ use serde_json::{json, Value};
 
 /// Workers for the seed shape: collect lists `input.count` items, send
 /// returns the item doubled, summarize echoes its input.
-fn seed_worker(env: &Env, wf: &str, send: impl Fn(TaskContext) -> Result<Value, TaskError> + Send + Sync + 'static) -> Worker {
+fn seed_worker(
+    env: &Env,
+    wf: &str,
+    send: impl Fn(TaskContext) -> Result<Value, TaskError> + Send + Sync + 'static,
+) -> Worker {
     let send = Arc::new(send);
     Worker::new(env.nats.clone())
         .concurrency(64)
@@ -29,7 +33,9 @@ fn seed_worker(env: &Env, wf: &str, send: impl Fn(TaskContext) -> Result<Value, 
             let send = send.clone();
             async move { send(ctx) }
         })
-        .handler(wf, "summarize", |ctx: TaskContext| async move { Ok(ctx.task.input) })
+        .handler(wf, "summarize", |ctx: TaskContext| async move {
+            Ok(ctx.task.input)
+        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +52,12 @@ async fn a_thousand_subjobs_from_a_plain_nats_request_complete_with_exact_counts
     env.worker(w);
 
     // Exactly what any NATS client sends: a request with a JSON body.
-    let reply = env.submit("invoices", json!({"job_id": "happy-1", "customer": "acme", "input": {"count": 1000}})).await;
+    let reply = env
+        .submit(
+            "invoices",
+            json!({"job_id": "happy-1", "customer": "acme", "input": {"count": 1000}}),
+        )
+        .await;
     assert!(reply.ok, "{reply:?}");
     assert_eq!(reply.job_id.as_deref(), Some("happy-1"));
 
@@ -55,11 +66,22 @@ async fn a_thousand_subjobs_from_a_plain_nats_request_complete_with_exact_counts
     assert_eq!(job.customer.as_deref(), Some("acme"));
     let send = &job.steps[1];
     assert_eq!((send.total, send.completed, send.failed), (1000, 1000, 0));
-    assert!(job.steps.iter().all(|s| s.state == StepState::Completed && s.started_at.is_some() && s.finished_at.is_some()));
-    assert_eq!(seen.lock().unwrap().len(), 1000, "every item was handed to a worker");
+    assert!(job.steps.iter().all(|s| s.state == StepState::Completed
+        && s.started_at.is_some()
+        && s.finished_at.is_some()));
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1000,
+        "every item was handed to a worker"
+    );
     // S3 got the fanout's summary as input, and its result is the job's output.
     assert_eq!(job.output["completed"], 1000);
-    assert_eq!(job.output["results"]["subject"].as_str().map(|s| s.ends_with(".happy-1.subjob_completed")), Some(true));
+    assert_eq!(
+        job.output["results"]["subject"]
+            .as_str()
+            .map(|s| s.ends_with(".happy-1.subjob_completed")),
+        Some(true)
+    );
 
     let events = env.events("happy-1").await;
     let count = |t: &str| events.iter().filter(|e| e["type"] == t).count();
@@ -68,14 +90,26 @@ async fn a_thousand_subjobs_from_a_plain_nats_request_complete_with_exact_counts
     assert_eq!(count("StepCompleted"), 3);
     assert_eq!(count("SubjobCompleted"), 1002);
     assert_eq!(count("JobCompleted"), 1);
-    assert_eq!(events.last().map(|e| e["type"].clone()), Some(json!("JobCompleted")));
+    assert_eq!(
+        events.last().map(|e| e["type"].clone()),
+        Some(json!("JobCompleted"))
+    );
 
     // Submitting the same id again starts nothing new.
-    let again = env.submit("invoices", json!({"job_id": "happy-1", "input": {"count": 5}})).await;
+    let again = env
+        .submit(
+            "invoices",
+            json!({"job_id": "happy-1", "input": {"count": 5}}),
+        )
+        .await;
     assert!(again.ok && again.duplicate, "{again:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.events("happy-1").await.len(), events.len());
-    assert_eq!(env.queued_tasks("fanjet.task.>").await, 0, "work queue drained");
+    assert_eq!(
+        env.queued_tasks("fanjet.task.>").await,
+        0,
+        "work queue drained"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,11 +121,16 @@ async fn transient_failures_are_retried_and_counted() {
         // Every third subjob fails on its first attempt, once on the second.
         match (ctx.task.index % 3, ctx.attempt) {
             (0, 1) => Err(TaskError::retry("flaky")),
-            (0, 2) if ctx.task.index % 2 == 0 => Err(TaskError::Retry { message: "flaky again".into(), after: Some(Duration::from_millis(10)) }),
+            (0, 2) if ctx.task.index % 2 == 0 => Err(TaskError::Retry {
+                message: "flaky again".into(),
+                after: Some(Duration::from_millis(10)),
+            }),
             _ => Ok(json!(ctx.attempt)),
         }
     }));
-    let reply = env.submit("retry", json!({"job_id": "r1", "input": {"count": 30}})).await;
+    let reply = env
+        .submit("retry", json!({"job_id": "r1", "input": {"count": 30}}))
+        .await;
     assert!(reply.ok);
     let job = env.wait_end("r1", Duration::from_secs(30)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
@@ -105,7 +144,8 @@ async fn transient_failures_are_retried_and_counted() {
 async fn permanent_failures_fail_the_job_or_are_tolerated() {
     let mut env = Env::start().await;
     env.apply(&seed_workflow("strict", "")).await;
-    env.apply(&seed_workflow("lenient", "tolerate_failures = \"10%\"")).await;
+    env.apply(&seed_workflow("lenient", "tolerate_failures = \"10%\""))
+        .await;
     env.manager();
     let handler = |ctx: TaskContext| match ctx.task.index {
         7 => Err(TaskError::give_up("invoice 7 has no e-mail address")),
@@ -115,13 +155,30 @@ async fn permanent_failures_fail_the_job_or_are_tolerated() {
     env.worker(seed_worker(&env, "strict", handler));
     env.worker(seed_worker(&env, "lenient", handler));
 
-    assert!(env.submit("strict", json!({"job_id": "strict-1", "input": {"count": 50}})).await.ok);
-    assert!(env.submit("lenient", json!({"job_id": "lenient-1", "input": {"count": 50}})).await.ok);
+    assert!(
+        env.submit(
+            "strict",
+            json!({"job_id": "strict-1", "input": {"count": 50}})
+        )
+        .await
+        .ok
+    );
+    assert!(
+        env.submit(
+            "lenient",
+            json!({"job_id": "lenient-1", "input": {"count": 50}})
+        )
+        .await
+        .ok
+    );
 
     let strict = env.wait_end("strict-1", Duration::from_secs(30)).await;
     assert_eq!(strict.state, JobState::Failed);
     let err = strict.error.clone().unwrap_or_default();
-    assert!(err.contains("send") && err.contains("more than tolerated"), "{err}");
+    assert!(
+        err.contains("send") && err.contains("more than tolerated"),
+        "{err}"
+    );
     assert_eq!(strict.steps[1].state, StepState::Failed);
     assert_eq!(strict.steps[2].state, StepState::Pending, "S3 never ran");
 
@@ -129,13 +186,23 @@ async fn permanent_failures_fail_the_job_or_are_tolerated() {
     assert_eq!(lenient.state, JobState::Completed, "{:?}", lenient.error);
     let send = &lenient.steps[1];
     assert_eq!((send.completed, send.failed), (48, 2));
-    let mut failures: Vec<_> = send.failures.iter().map(|f| (f.index, f.attempt, f.error.clone())).collect();
+    let mut failures: Vec<_> = send
+        .failures
+        .iter()
+        .map(|f| (f.index, f.attempt, f.error.clone()))
+        .collect();
     failures.sort();
-    assert_eq!(failures[0], (7, 1, "invoice 7 has no e-mail address".to_string()));
+    assert_eq!(
+        failures[0],
+        (7, 1, "invoice 7 has no e-mail address".to_string())
+    );
     assert_eq!(failures[1].0, 9);
     assert_eq!(failures[1].1, 3, "retried up to max_attempts");
     assert!(failures[1].2.contains("mailbox full"), "{:?}", failures[1]);
-    assert_eq!(lenient.output["failed"], 2, "S3 saw the failures in its summary");
+    assert_eq!(
+        lenient.output["failed"], 2,
+        "S3 saw the failures in its summary"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,19 +224,46 @@ async fn duplicate_and_late_completions_count_once() {
         });
         let nats = nats.clone();
         tokio::spawn(async move {
-            let _ = nats.js.publish(ev.subject(), encode_json(&ev).unwrap()).await;
+            let _ = nats
+                .js
+                .publish(ev.subject(), encode_json(&ev).unwrap())
+                .await;
         });
         Ok(json!("ok"))
     });
     env.worker(worker);
-    assert!(env.submit("dup", json!({"job_id": "d1", "input": {"count": 200}})).await.ok);
+    assert!(
+        env.submit("dup", json!({"job_id": "d1", "input": {"count": 200}}))
+            .await
+            .ok
+    );
     let job = env.wait_end("d1", Duration::from_secs(30)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
-    assert_eq!((job.steps[1].completed, job.steps[1].failed, job.steps[1].retries), (200, 0, 0));
+    assert_eq!(
+        (
+            job.steps[1].completed,
+            job.steps[1].failed,
+            job.steps[1].retries
+        ),
+        (200, 0, 0)
+    );
 
     // A late completion after the job ended changes nothing.
-    let late = Event::SubjobCompleted(SubjobCompleted { job_id: "d1".into(), step_index: 1, index: 3, attempt: 9, result: json!(null), duration_ms: 0 });
-    env.nats.js.publish(late.subject(), encode_json(&late).unwrap()).await.unwrap().await.unwrap();
+    let late = Event::SubjobCompleted(SubjobCompleted {
+        job_id: "d1".into(),
+        step_index: 1,
+        index: 3,
+        attempt: 9,
+        result: json!(null),
+        duration_ms: 0,
+    });
+    env.nats
+        .js
+        .publish(late.subject(), encode_json(&late).unwrap())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (after, _) = fanjet::store::get(&env.nats, "d1").await.unwrap().unwrap();
     assert_eq!(after, job);
@@ -184,7 +278,9 @@ async fn cancel_drops_queued_tasks_and_ends_the_job() {
     let r = ran.clone();
     let worker = Worker::new(env.nats.clone())
         .concurrency(2)
-        .handler("slow", "collect", |_ctx: TaskContext| async move { Ok(Value::Array((0..500).map(|i| json!(i)).collect())) })
+        .handler("slow", "collect", |_ctx: TaskContext| async move {
+            Ok(Value::Array((0..500).map(|i| json!(i)).collect()))
+        })
         .handler("slow", "send", move |_ctx: TaskContext| {
             let r = r.clone();
             async move {
@@ -195,18 +291,30 @@ async fn cancel_drops_queued_tasks_and_ends_the_job() {
         });
     env.worker(worker);
     assert!(env.submit("slow", json!({"job_id": "c1"})).await.ok);
-    env.wait_for("c1", Duration::from_secs(20), "some subjobs done", |j| j.steps[1].completed >= 4).await;
+    env.wait_for("c1", Duration::from_secs(20), "some subjobs done", |j| {
+        j.steps[1].completed >= 4
+    })
+    .await;
 
-    let status = common::fanjet_command(&env.url(), &["cancel", "c1", "--reason", "customer asked"]).status().unwrap();
+    let status =
+        common::fanjet_command(&env.url(), &["cancel", "c1", "--reason", "customer asked"])
+            .status()
+            .unwrap();
     assert!(status.success());
     let job = env.wait_end("c1", Duration::from_secs(10)).await;
     assert_eq!(job.state, JobState::Cancelled);
     assert_eq!(job.error.as_deref(), Some("customer asked"));
     assert_eq!(job.steps[1].state, StepState::Cancelled);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(env.queued_tasks("fanjet.task.*.*.c1").await, 0, "queued tasks dropped");
+    assert_eq!(
+        env.queued_tasks("fanjet.task.*.*.c1").await,
+        0,
+        "queued tasks dropped"
+    );
     assert!(ran.load(Ordering::SeqCst) < 100, "most subjobs never ran");
-    let again = common::fanjet_command(&env.url(), &["cancel", "c1"]).status().unwrap();
+    let again = common::fanjet_command(&env.url(), &["cancel", "c1"])
+        .status()
+        .unwrap();
     assert!(!again.success(), "cancelling an ended job is an error");
 }
 
@@ -219,27 +327,57 @@ async fn bad_submissions_are_rejected_and_the_manager_keeps_going() {
 
     let malformed = common::submit_bytes(&env.nats, "ok", b"{not json".to_vec()).await;
     assert!(!malformed.ok);
-    assert_eq!(malformed.error.as_ref().map(|e| e.code), Some(RejectCode::MalformedPayload));
+    assert_eq!(
+        malformed.error.as_ref().map(|e| e.code),
+        Some(RejectCode::MalformedPayload)
+    );
 
     let cbor_garbage = {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Content-Type", "application/cbor");
-        let m = env.nats.client.request_with_headers("fanjet.submit.ok", headers, vec![0xff, 0x00, 0x9f].into()).await.unwrap();
+        let m = env
+            .nats
+            .client
+            .request_with_headers("fanjet.submit.ok", headers, vec![0xff, 0x00, 0x9f].into())
+            .await
+            .unwrap();
         serde_json::from_slice::<fanjet::protocol::SubmitReply>(&m.payload).unwrap()
     };
-    assert_eq!(cbor_garbage.error.as_ref().map(|e| e.code), Some(RejectCode::MalformedPayload));
+    assert_eq!(
+        cbor_garbage.error.as_ref().map(|e| e.code),
+        Some(RejectCode::MalformedPayload)
+    );
 
     let unknown = env.submit("nope", json!({"job_id": "u1"})).await;
-    assert_eq!(unknown.error.as_ref().map(|e| e.code), Some(RejectCode::UnknownWorkflow));
-    assert!(unknown.error.as_ref().unwrap().message.contains("workflow apply"));
+    assert_eq!(
+        unknown.error.as_ref().map(|e| e.code),
+        Some(RejectCode::UnknownWorkflow)
+    );
+    assert!(unknown
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("workflow apply"));
 
     for bad in ["a.b", "x*", "white space", ">"] {
         let r = env.submit("ok", json!({"job_id": bad})).await;
-        assert_eq!(r.error.as_ref().map(|e| e.code), Some(RejectCode::InvalidJobId), "{bad:?}: {r:?}");
-        assert_ne!(r.job_id.as_deref(), Some(bad), "a fresh id carries the rejection");
+        assert_eq!(
+            r.error.as_ref().map(|e| e.code),
+            Some(RejectCode::InvalidJobId),
+            "{bad:?}: {r:?}"
+        );
+        assert_ne!(
+            r.job_id.as_deref(),
+            Some(bad),
+            "a fresh id carries the rejection"
+        );
     }
     let wrong_type = env.submit("ok", json!({"job_id": 5})).await;
-    assert_eq!(wrong_type.error.as_ref().map(|e| e.code), Some(RejectCode::MalformedPayload));
+    assert_eq!(
+        wrong_type.error.as_ref().map(|e| e.code),
+        Some(RejectCode::MalformedPayload)
+    );
 
     // The rejection is on the log and in the status.
     let job = env.wait_end("u1", Duration::from_secs(10)).await;
@@ -251,13 +389,25 @@ async fn bad_submissions_are_rejected_and_the_manager_keeps_going() {
 
     // CBOR works when it is well-formed, and the manager is still running.
     let mut body = Vec::new();
-    ciborium::ser::into_writer(&json!({"job_id": "good-1", "input": {"count": 3}}), &mut body).unwrap();
+    ciborium::ser::into_writer(
+        &json!({"job_id": "good-1", "input": {"count": 3}}),
+        &mut body,
+    )
+    .unwrap();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Content-Type", "application/cbor");
-    let m = env.nats.client.request_with_headers("fanjet.submit.ok", headers, body.into()).await.unwrap();
+    let m = env
+        .nats
+        .client
+        .request_with_headers("fanjet.submit.ok", headers, body.into())
+        .await
+        .unwrap();
     let reply: fanjet::protocol::SubmitReply = serde_json::from_slice(&m.payload).unwrap();
     assert!(reply.ok, "{reply:?}");
-    assert_eq!(env.wait_end("good-1", Duration::from_secs(20)).await.state, JobState::Completed);
+    assert_eq!(
+        env.wait_end("good-1", Duration::from_secs(20)).await.state,
+        JobState::Completed
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,11 +422,20 @@ async fn concurrent_jobs_of_one_customer_stay_isolated() {
             Ok(json!(ctx.task.item))
         }
     }));
-    let a = env.submit("iso", json!({"job_id": "iso-a", "customer": "acme", "input": {"count": 300}}));
-    let b = env.submit("iso", json!({"job_id": "iso-b", "customer": "acme", "input": {"count": 200}}));
+    let a = env.submit(
+        "iso",
+        json!({"job_id": "iso-a", "customer": "acme", "input": {"count": 300}}),
+    );
+    let b = env.submit(
+        "iso",
+        json!({"job_id": "iso-b", "customer": "acme", "input": {"count": 200}}),
+    );
     let (a, b) = tokio::join!(a, b);
     assert!(a.ok && b.ok);
-    let (a, b) = tokio::join!(env.wait_end("iso-a", Duration::from_secs(30)), env.wait_end("iso-b", Duration::from_secs(30)));
+    let (a, b) = tokio::join!(
+        env.wait_end("iso-a", Duration::from_secs(30)),
+        env.wait_end("iso-b", Duration::from_secs(30))
+    );
     assert_eq!(a.state, JobState::Completed, "{:?}", a.error);
     assert_eq!((a.steps[1].total, a.steps[1].completed), (300, 300));
     assert_eq!(b.state, JobState::Failed);

@@ -16,7 +16,11 @@ use serde_json::{json, Value};
 async fn wait_file(path: &Path, within: Duration) {
     let start = Instant::now();
     while !path.exists() {
-        assert!(start.elapsed() < within, "{} never appeared", path.display());
+        assert!(
+            start.elapsed() < within,
+            "{} never appeared",
+            path.display()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -34,25 +38,36 @@ tolerate_failures = "1"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manager_killed_mid_job_resumes_with_exact_counts() {
     let mut env = Env::start().await;
-    env.apply(&seed_workflow("crash", "max_in_flight = 300")).await;
+    env.apply(&seed_workflow("crash", "max_in_flight = 300"))
+        .await;
     let worker = Worker::new(env.nats.clone())
         .concurrency(16)
-        .handler("crash", "collect", |_c: TaskContext| async move { Ok(Value::Array((0..1000).map(|i| json!(i)).collect())) })
+        .handler("crash", "collect", |_c: TaskContext| async move {
+            Ok(Value::Array((0..1000).map(|i| json!(i)).collect()))
+        })
         .handler("crash", "send", |c: TaskContext| async move {
             tokio::time::sleep(Duration::from_millis(15)).await;
             Ok(c.task.item)
         })
-        .handler("crash", "summarize", |c: TaskContext| async move { Ok(c.task.input) });
+        .handler("crash", "summarize", |c: TaskContext| async move {
+            Ok(c.task.input)
+        });
     env.worker(worker);
 
     let m1 = env.spawn(&["manager"]);
     assert!(env.submit("crash", json!({"job_id": "k1"})).await.ok);
-    env.wait_for("k1", Duration::from_secs(30), "200 subjobs done", |j| j.steps.get(1).is_some_and(|s| s.completed >= 200)).await;
+    env.wait_for("k1", Duration::from_secs(30), "200 subjobs done", |j| {
+        j.steps.get(1).is_some_and(|s| s.completed >= 200)
+    })
+    .await;
     env.kill(m1);
     // Workers go on finishing what was queued while no manager runs.
     tokio::time::sleep(Duration::from_millis(700)).await;
     let m2 = env.spawn(&["manager"]);
-    env.wait_for("k1", Duration::from_secs(30), "600 subjobs done", |j| j.steps.get(1).is_some_and(|s| s.completed >= 600)).await;
+    env.wait_for("k1", Duration::from_secs(30), "600 subjobs done", |j| {
+        j.steps.get(1).is_some_and(|s| s.completed >= 600)
+    })
+    .await;
     env.kill(m2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     env.spawn(&["manager"]);
@@ -78,20 +93,49 @@ async fn a_worker_killed_mid_task_is_redelivered_after_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let mark = dir.path().join("started");
     let hang = format!("touch {}; sleep 30", mark.display());
-    let w1 = env.spawn(&["worker", "--workflow", "one", "--step", "send", "--concurrency", "1", "--exec", &hang]);
-    assert!(env.submit("one", json!({"job_id": "w1", "input": ["a", "b", "c"]})).await.ok);
+    let w1 = env.spawn(&[
+        "worker",
+        "--workflow",
+        "one",
+        "--step",
+        "send",
+        "--concurrency",
+        "1",
+        "--exec",
+        &hang,
+    ]);
+    assert!(
+        env.submit("one", json!({"job_id": "w1", "input": ["a", "b", "c"]}))
+            .await
+            .ok
+    );
     wait_file(&mark, Duration::from_secs(20)).await;
     env.kill(w1);
     let killed_at = Instant::now();
-    env.spawn(&["worker", "--workflow", "one", "--step", "send", "--exec", "cat"]);
+    env.spawn(&[
+        "worker",
+        "--workflow",
+        "one",
+        "--step",
+        "send",
+        "--exec",
+        "cat",
+    ]);
     let job = env.wait_end("w1", Duration::from_secs(30)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!((job.steps[0].completed, job.steps[0].failed), (3, 0));
     assert!(job.steps[0].retries >= 1, "the killed attempt was retried");
-    assert!(killed_at.elapsed() >= Duration::from_millis(500), "redelivery waited for the ack deadline");
+    assert!(
+        killed_at.elapsed() >= Duration::from_millis(500),
+        "redelivery waited for the ack deadline"
+    );
     // `cat` echoes the task: the redelivered one says attempt 2.
     let events = env.events("w1").await;
-    let attempts: Vec<u64> = events.iter().filter(|e| e["type"] == "SubjobCompleted").map(|e| e["result"]["attempt"].as_u64().unwrap_or(0)).collect();
+    let attempts: Vec<u64> = events
+        .iter()
+        .filter(|e| e["type"] == "SubjobCompleted")
+        .map(|e| e["result"]["attempt"].as_u64().unwrap_or(0))
+        .collect();
     assert!(attempts.contains(&2), "{attempts:?}");
 }
 
@@ -103,17 +147,52 @@ async fn a_subjob_whose_last_attempt_times_out_fails_via_the_advisory() {
     let dir = tempfile::tempdir().unwrap();
     let mark = dir.path().join("started");
     let hang = format!("touch {}; sleep 30", mark.display());
-    let w1 = env.spawn(&["worker", "--workflow", "one", "--step", "send", "--concurrency", "1", "--exec", &hang]);
-    assert!(env.submit("one", json!({"job_id": "x1", "input": [1, 2, 3, 4]})).await.ok);
+    let w1 = env.spawn(&[
+        "worker",
+        "--workflow",
+        "one",
+        "--step",
+        "send",
+        "--concurrency",
+        "1",
+        "--exec",
+        &hang,
+    ]);
+    assert!(
+        env.submit("one", json!({"job_id": "x1", "input": [1, 2, 3, 4]}))
+            .await
+            .ok
+    );
     wait_file(&mark, Duration::from_secs(20)).await;
     env.kill(w1);
-    env.spawn(&["worker", "--workflow", "one", "--step", "send", "--exec", "cat"]);
+    env.spawn(&[
+        "worker",
+        "--workflow",
+        "one",
+        "--step",
+        "send",
+        "--exec",
+        "cat",
+    ]);
     let job = env.wait_end("x1", Duration::from_secs(30)).await;
-    assert_eq!(job.state, JobState::Completed, "one failure is tolerated: {:?}", job.error);
+    assert_eq!(
+        job.state,
+        JobState::Completed,
+        "one failure is tolerated: {:?}",
+        job.error
+    );
     let send = &job.steps[0];
     assert_eq!((send.completed, send.failed), (3, 1));
-    assert!(send.failures[0].error.contains("no answer within"), "{:?}", send.failures);
-    assert_eq!(env.queued_tasks("fanjet.task.>").await, 0, "the exhausted task does not stay in the work queue");
+    assert!(
+        send.failures[0].error.contains("no answer within"),
+        "{:?}",
+        send.failures
+    );
+    assert_eq!(
+        env.queued_tasks("fanjet.task.>").await,
+        0,
+        "the exhausted task does not stay in the work queue"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,37 +209,79 @@ deadline = "2s"
     )
     .await;
     env.manager();
-    env.worker(Worker::new(env.nats.clone()).concurrency(8).handler("late", "send", |c: TaskContext| async move {
-        if c.task.index == 0 {
-            tokio::time::sleep(Duration::from_secs(120)).await;
-        }
-        Ok(json!(null))
-    }));
-    assert!(env.submit("late", json!({"job_id": "dl", "input": [0, 1, 2, 3, 4]})).await.ok);
+    env.worker(Worker::new(env.nats.clone()).concurrency(8).handler(
+        "late",
+        "send",
+        |c: TaskContext| async move {
+            if c.task.index == 0 {
+                tokio::time::sleep(Duration::from_secs(120)).await;
+            }
+            Ok(json!(null))
+        },
+    ));
+    assert!(
+        env.submit("late", json!({"job_id": "dl", "input": [0, 1, 2, 3, 4]}))
+            .await
+            .ok
+    );
     let job = env.wait_end("dl", Duration::from_secs(20)).await;
     assert_eq!(job.state, JobState::Failed);
     assert_eq!((job.steps[0].completed, job.steps[0].failed), (4, 1));
-    assert!(job.error.as_deref().unwrap_or_default().contains("deadline"), "{:?}", job.error);
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("deadline"),
+        "{:?}",
+        job.error
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_worker_finish_in_flight_tasks() {
     let mut env = Env::start().await;
-    env.apply(&ONE_FANOUT.replace("MAX", "3").replace("1s", "10s")).await;
+    env.apply(&ONE_FANOUT.replace("MAX", "3").replace("1s", "10s"))
+        .await;
     env.manager();
     let dir = tempfile::tempdir().unwrap();
     let mark = dir.path().join("started");
     let slow = format!("touch {}; sleep 1; cat", mark.display());
-    let mut worker = common::fanjet_command(&env.url(), &["worker", "--workflow", "one", "--step", "send", "--concurrency", "2", "--exec", &slow])
-        .spawn()
-        .unwrap();
-    assert!(env.submit("one", json!({"job_id": "t1", "input": [1, 2]})).await.ok);
+    let mut worker = common::fanjet_command(
+        &env.url(),
+        &[
+            "worker",
+            "--workflow",
+            "one",
+            "--step",
+            "send",
+            "--concurrency",
+            "2",
+            "--exec",
+            &slow,
+        ],
+    )
+    .spawn()
+    .unwrap();
+    assert!(
+        env.submit("one", json!({"job_id": "t1", "input": [1, 2]}))
+            .await
+            .ok
+    );
     wait_file(&mark, Duration::from_secs(20)).await;
-    let term = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
     assert!(term.success());
-    let status = tokio::task::spawn_blocking(move || worker.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "worker exits cleanly: {status:?}");
     let job = env.wait_end("t1", Duration::from_secs(10)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
-    assert_eq!(job.steps[0].retries, 0, "in-flight tasks finished; nothing was redelivered");
+    assert_eq!(
+        job.steps[0].retries, 0,
+        "in-flight tasks finished; nothing was redelivered"
+    );
 }

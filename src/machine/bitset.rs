@@ -31,7 +31,12 @@ pub enum Mark {
 impl Pending {
     pub fn new(len: u64) -> Self {
         let words = len.div_ceil(64) as usize;
-        Pending { len, done: vec![0; words], failed: vec![0; words], dirty: BTreeSet::new() }
+        Pending {
+            len,
+            done: vec![0; words],
+            failed: vec![0; words],
+            dirty: BTreeSet::new(),
+        }
     }
 
     pub fn len(&self) -> u64 {
@@ -67,7 +72,11 @@ impl Pending {
     pub fn fail_rest(&mut self) -> u64 {
         let mut n = 0;
         for w in 0..self.done.len() {
-            let valid = if (w as u64 + 1) * 64 <= self.len { u64::MAX } else { (1u64 << (self.len % 64)) - 1 };
+            let valid = if (w as u64 + 1) * 64 <= self.len {
+                u64::MAX
+            } else {
+                (1u64 << (self.len % 64)) - 1
+            };
             let open = !self.done[w] & valid;
             if open != 0 {
                 n += u64::from(open.count_ones());
@@ -98,12 +107,17 @@ impl Pending {
     /// Chunks changed since the last call, with their bytes.
     pub fn take_dirty(&mut self) -> Vec<(u64, Vec<u8>)> {
         let dirty = std::mem::take(&mut self.dirty);
-        dirty.into_iter().map(|c| (c, self.chunk_bytes(c))).collect()
+        dirty
+            .into_iter()
+            .map(|c| (c, self.chunk_bytes(c)))
+            .collect()
     }
 
     /// Every chunk's bytes (for a first write).
     pub fn all_chunks(&self) -> Vec<(u64, Vec<u8>)> {
-        (0..self.chunk_count()).map(|c| (c, self.chunk_bytes(c))).collect()
+        (0..self.chunk_count())
+            .map(|c| (c, self.chunk_bytes(c)))
+            .collect()
     }
 
     /// Stored form of a chunk: its `done` words then its `failed` words, little-endian.

@@ -25,7 +25,10 @@ pub enum JobState {
 
 impl JobState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled | JobState::Rejected)
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled | JobState::Rejected
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -182,7 +185,13 @@ impl Job {
         }
     }
 
-    pub fn rejected(job_id: &str, workflow: Option<&str>, customer: Option<String>, reason: String, at: Millis) -> Self {
+    pub fn rejected(
+        job_id: &str,
+        workflow: Option<&str>,
+        customer: Option<String>,
+        reason: String,
+        at: Millis,
+    ) -> Self {
         Job {
             job_id: job_id.to_string(),
             workflow: workflow.unwrap_or_default().to_string(),
@@ -196,7 +205,11 @@ impl Job {
             updated_at: at,
             finished_at: Some(at),
             requested_seq: 0,
-            definition: Workflow { name: workflow.unwrap_or_default().to_string(), description: String::new(), steps: Vec::new() },
+            definition: Workflow {
+                name: workflow.unwrap_or_default().to_string(),
+                description: String::new(),
+                steps: Vec::new(),
+            },
         }
     }
 

@@ -35,7 +35,11 @@ const MIN_REFILL: u64 = 256;
 #[derive(Debug, Clone)]
 pub enum Input {
     /// A job was requested; the executor looked up its workflow (None: unknown).
-    Requested { seq: u64, event: JobRequested, workflow: Option<Workflow> },
+    Requested {
+        seq: u64,
+        event: JobRequested,
+        workflow: Option<Workflow>,
+    },
     /// Any other event of the log, with its stream sequence.
     Event { seq: u64, event: Event },
     /// Time passed: check deadlines and refill in-flight windows.
@@ -119,10 +123,19 @@ impl Engine {
     pub fn apply(&mut self, input: Input, now: Millis) -> Vec<Action> {
         let mut out = Vec::new();
         match input {
-            Input::Requested { seq, event, workflow } => self.requested(seq, event, workflow, now, &mut out),
+            Input::Requested {
+                seq,
+                event,
+                workflow,
+            } => self.requested(seq, event, workflow, now, &mut out),
             Input::Event { seq, event } => self.event(seq, event, now, &mut out),
             Input::Tick => {
-                let ids: Vec<String> = self.jobs.iter().filter(|(_, j)| j.state == JobState::Running).map(|(id, _)| id.clone()).collect();
+                let ids: Vec<String> = self
+                    .jobs
+                    .iter()
+                    .filter(|(_, j)| j.state == JobState::Running)
+                    .map(|(id, _)| id.clone())
+                    .collect();
                 for id in ids {
                     if let Some(job) = self.jobs.get_mut(&id) {
                         if tick(job, now, &mut out) {
@@ -135,7 +148,14 @@ impl Engine {
         out
     }
 
-    fn requested(&mut self, seq: u64, ev: JobRequested, workflow: Option<Workflow>, now: Millis, out: &mut Vec<Action>) {
+    fn requested(
+        &mut self,
+        seq: u64,
+        ev: JobRequested,
+        workflow: Option<Workflow>,
+        now: Millis,
+        out: &mut Vec<Action>,
+    ) {
         if self.jobs.contains_key(&ev.job_id) {
             return; // re-submission: nothing new starts
         }
@@ -145,17 +165,36 @@ impl Engine {
                 workflow: Some(ev.workflow.clone()),
                 customer: ev.customer.clone(),
                 code: RejectCode::UnknownWorkflow,
-                reason: format!("unknown workflow {:?}: apply it first with `fanjet workflow apply`", ev.workflow),
+                reason: format!(
+                    "unknown workflow {:?}: apply it first with `fanjet workflow apply`",
+                    ev.workflow
+                ),
                 at: now,
             })));
-            let job = Job::rejected(&ev.job_id, Some(&ev.workflow), ev.customer.clone(), format!("unknown workflow {:?}", ev.workflow), now);
+            let job = Job::rejected(
+                &ev.job_id,
+                Some(&ev.workflow),
+                ev.customer.clone(),
+                format!("unknown workflow {:?}", ev.workflow),
+                now,
+            );
             self.dirty.insert(job.job_id.clone());
             self.jobs.insert(job.job_id.clone(), job);
             return;
         };
         let mut job = Job::new(&ev, workflow, seq, now);
         let len = ev.input.as_array().map(|a| a.len() as u64);
-        start_step(&mut job, 0, Source::Event { seq, field: SourceField::Input }, len, now, out);
+        start_step(
+            &mut job,
+            0,
+            Source::Event {
+                seq,
+                field: SourceField::Input,
+            },
+            len,
+            now,
+            out,
+        );
         self.dirty.insert(job.job_id.clone());
         self.jobs.insert(job.job_id.clone(), job);
     }
@@ -163,7 +202,13 @@ impl Engine {
     fn event(&mut self, seq: u64, event: Event, now: Millis, out: &mut Vec<Action>) {
         if let Event::JobRejected(r) = &event {
             if !self.jobs.contains_key(&r.job_id) {
-                let job = Job::rejected(&r.job_id, r.workflow.as_deref(), r.customer.clone(), r.reason.clone(), r.at);
+                let job = Job::rejected(
+                    &r.job_id,
+                    r.workflow.as_deref(),
+                    r.customer.clone(),
+                    r.reason.clone(),
+                    r.at,
+                );
                 self.dirty.insert(job.job_id.clone());
                 self.jobs.insert(job.job_id.clone(), job);
             }
@@ -193,11 +238,21 @@ fn running_step(job: &mut Job, step_index: usize) -> Option<&mut StepRun> {
     if job.state != JobState::Running || job.current != step_index {
         return None;
     }
-    job.steps.get_mut(step_index).filter(|s| s.state == StepState::Running)
+    job.steps
+        .get_mut(step_index)
+        .filter(|s| s.state == StepState::Running)
 }
 
-fn subjob_completed(job: &mut Job, seq: u64, e: SubjobCompleted, now: Millis, out: &mut Vec<Action>) -> bool {
-    let Some(step) = running_step(job, e.step_index) else { return false };
+fn subjob_completed(
+    job: &mut Job,
+    seq: u64,
+    e: SubjobCompleted,
+    now: Millis,
+    out: &mut Vec<Action>,
+) -> bool {
+    let Some(step) = running_step(job, e.step_index) else {
+        return false;
+    };
     if e.index >= step.dispatched || step.pending.mark(e.index, false) != Mark::New {
         return false;
     }
@@ -216,14 +271,20 @@ fn subjob_completed(job: &mut Job, seq: u64, e: SubjobCompleted, now: Millis, ou
 }
 
 fn subjob_failed(job: &mut Job, e: SubjobFailed, now: Millis, out: &mut Vec<Action>) -> bool {
-    let Some(step) = running_step(job, e.step_index) else { return false };
+    let Some(step) = running_step(job, e.step_index) else {
+        return false;
+    };
     if e.index >= step.dispatched || step.pending.mark(e.index, true) != Mark::New {
         return false;
     }
     step.failed += 1;
     step.retries += u64::from(e.attempt.saturating_sub(1));
     if step.failures.len() < MAX_FAILURES_KEPT {
-        step.failures.push(Failure { index: e.index, attempt: e.attempt, error: e.error });
+        step.failures.push(Failure {
+            index: e.index,
+            attempt: e.attempt,
+            error: e.error,
+        });
     }
     job.updated_at = now;
     after_outcome(job, now, out);
@@ -269,7 +330,9 @@ fn refill(job: &mut Job, out: &mut Vec<Action>) {
     let from = step.dispatched;
     let to = from + room.min(rest);
     step.dispatched = to;
-    let Some(source) = step.source.clone() else { return };
+    let Some(source) = step.source.clone() else {
+        return;
+    };
     out.push(Action::Dispatch(Dispatch {
         job_id: job.job_id.clone(),
         workflow: job.workflow.clone(),
@@ -282,7 +345,14 @@ fn refill(job: &mut Job, out: &mut Vec<Action>) {
     }));
 }
 
-fn start_step(job: &mut Job, i: usize, source: Source, len: Option<u64>, now: Millis, out: &mut Vec<Action>) {
+fn start_step(
+    job: &mut Job,
+    i: usize,
+    source: Source,
+    len: Option<u64>,
+    now: Millis,
+    out: &mut Vec<Action>,
+) {
     job.current = i;
     let def = job.definition.steps[i].clone();
     let total = match def.kind {
@@ -326,10 +396,19 @@ fn finish_step(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
     let step = &mut job.steps[i];
     step.state = StepState::Completed;
     step.finished_at = Some(now);
-    out.push(Action::Publish(Event::StepCompleted(step_completed_event(&job.job_id, i, step, true, now))));
+    out.push(Action::Publish(Event::StepCompleted(step_completed_event(
+        &job.job_id,
+        i,
+        step,
+        true,
+        now,
+    ))));
     let (source, len) = match step.kind {
         StepKind::Task => (
-            Source::Event { seq: step.output_seq.unwrap_or(0), field: SourceField::Result },
+            Source::Event {
+                seq: step.output_seq.unwrap_or(0),
+                field: SourceField::Result,
+            },
             step.output_len,
         ),
         StepKind::Fanout => (Source::Inline(fanout_summary(&job.job_id, i, step)), None),
@@ -352,7 +431,13 @@ fn finish_step(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
     })));
 }
 
-fn step_completed_event(job_id: &str, i: usize, step: &StepRun, ok: bool, now: Millis) -> StepCompleted {
+fn step_completed_event(
+    job_id: &str,
+    i: usize,
+    step: &StepRun,
+    ok: bool,
+    now: Millis,
+) -> StepCompleted {
     StepCompleted {
         job_id: job_id.to_string(),
         step: step.name.clone(),
@@ -390,13 +475,21 @@ fn fail_job(job: &mut Job, reason: String, now: Millis, out: &mut Vec<Action>) {
     if let Some(step) = job.steps.get_mut(i) {
         step.state = StepState::Failed;
         step.finished_at = Some(now);
-        out.push(Action::Publish(Event::StepCompleted(step_completed_event(&job.job_id, i, step, false, now))));
+        out.push(Action::Publish(Event::StepCompleted(step_completed_event(
+            &job.job_id,
+            i,
+            step,
+            false,
+            now,
+        ))));
     }
     job.state = JobState::Failed;
     job.error = Some(reason.clone());
     job.finished_at = Some(now);
     job.updated_at = now;
-    out.push(Action::PurgeTasks { job_id: job.job_id.clone() });
+    out.push(Action::PurgeTasks {
+        job_id: job.job_id.clone(),
+    });
     out.push(Action::Publish(Event::JobFailed(JobFailed {
         job_id: job.job_id.clone(),
         workflow: job.workflow.clone(),
@@ -416,7 +509,9 @@ fn cancel(job: &mut Job, e: CancelRequested, now: Millis, out: &mut Vec<Action>)
     job.error = e.reason.clone().or_else(|| Some("cancelled".into()));
     job.finished_at = Some(now);
     job.updated_at = now;
-    out.push(Action::PurgeTasks { job_id: job.job_id.clone() });
+    out.push(Action::PurgeTasks {
+        job_id: job.job_id.clone(),
+    });
     out.push(Action::Publish(Event::JobCancelled(JobCancelled {
         job_id: job.job_id.clone(),
         workflow: job.workflow.clone(),
@@ -429,7 +524,9 @@ fn cancel(job: &mut Job, e: CancelRequested, now: Millis, out: &mut Vec<Action>)
 /// Deadline and window checks for one running job; true when it changed.
 fn tick(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
     let i = job.current;
-    let Some(def) = job.definition.steps.get(i) else { return false };
+    let Some(def) = job.definition.steps.get(i) else {
+        return false;
+    };
     let step = &mut job.steps[i];
     if step.state != StepState::Running {
         return false;
@@ -445,10 +542,14 @@ fn tick(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
                     step.failures.push(Failure {
                         index,
                         attempt: 0,
-                        error: format!("step deadline of {deadline} ms passed with {n} subjobs unfinished"),
+                        error: format!(
+                            "step deadline of {deadline} ms passed with {n} subjobs unfinished"
+                        ),
                     });
                 }
-                out.push(Action::PurgeTasks { job_id: job.job_id.clone() });
+                out.push(Action::PurgeTasks {
+                    job_id: job.job_id.clone(),
+                });
                 job.updated_at = now;
                 after_outcome(job, now, out);
                 return true;

@@ -31,7 +31,13 @@ fn request(engine: &mut Engine, wf: Workflow) -> Vec<Action> {
     engine.apply(
         Input::Requested {
             seq: 1,
-            event: JobRequested { job_id: "j".into(), workflow: "invoices".into(), customer: Some("acme".into()), input: json!({"n": 1}), at: 0 },
+            event: JobRequested {
+                job_id: "j".into(),
+                workflow: "invoices".into(),
+                customer: Some("acme".into()),
+                input: json!({"n": 1}),
+                at: 0,
+            },
             workflow: Some(wf),
         },
         10,
@@ -41,14 +47,27 @@ fn request(engine: &mut Engine, wf: Workflow) -> Vec<Action> {
 fn done(step_index: usize, index: u64, attempt: u32, result: Value) -> Input {
     Input::Event {
         seq: 100 + index,
-        event: Event::SubjobCompleted(SubjobCompleted { job_id: "j".into(), step_index, index, attempt, result, duration_ms: 1 }),
+        event: Event::SubjobCompleted(SubjobCompleted {
+            job_id: "j".into(),
+            step_index,
+            index,
+            attempt,
+            result,
+            duration_ms: 1,
+        }),
     }
 }
 
 fn failed(step_index: usize, index: u64) -> Input {
     Input::Event {
         seq: 0,
-        event: Event::SubjobFailed(SubjobFailed { job_id: "j".into(), step_index, index, attempt: 3, error: format!("bad {index}") }),
+        event: Event::SubjobFailed(SubjobFailed {
+            job_id: "j".into(),
+            step_index,
+            index,
+            attempt: 3,
+            error: format!("bad {index}"),
+        }),
     }
 }
 
@@ -66,19 +85,40 @@ fn kinds(actions: &[Action]) -> Vec<String> {
 #[test]
 fn happy_path_runs_three_steps_and_counts_once() {
     let mut e = Engine::new();
-    assert_eq!(kinds(&request(&mut e, workflow(""))), ["step_started", "dispatch 0:0..1"]);
+    assert_eq!(
+        kinds(&request(&mut e, workflow(""))),
+        ["step_started", "dispatch 0:0..1"]
+    );
     let a = e.apply(done(0, 0, 1, json!([1, 2, 3])), 20);
-    assert_eq!(kinds(&a), ["step_completed", "step_started", "dispatch 1:0..3"]);
+    assert_eq!(
+        kinds(&a),
+        ["step_completed", "step_started", "dispatch 1:0..3"]
+    );
     match &a[2] {
-        Action::Dispatch(d) => assert_eq!(d.source, Source::Event { seq: 100, field: SourceField::Result }),
+        Action::Dispatch(d) => assert_eq!(
+            d.source,
+            Source::Event {
+                seq: 100,
+                field: SourceField::Result
+            }
+        ),
         other => panic!("{other:?}"),
     }
     assert!(e.apply(done(1, 0, 1, json!(null)), 30).is_empty());
-    assert!(e.apply(done(1, 0, 2, json!(null)), 31).is_empty(), "duplicate counted once");
-    assert!(e.apply(done(1, 7, 1, json!(null)), 31).is_empty(), "index beyond the step is ignored");
+    assert!(
+        e.apply(done(1, 0, 2, json!(null)), 31).is_empty(),
+        "duplicate counted once"
+    );
+    assert!(
+        e.apply(done(1, 7, 1, json!(null)), 31).is_empty(),
+        "index beyond the step is ignored"
+    );
     e.apply(done(1, 1, 2, json!(null)), 32);
     let a = e.apply(done(1, 2, 1, json!(null)), 33);
-    assert_eq!(kinds(&a), ["step_completed", "step_started", "dispatch 2:0..1"]);
+    assert_eq!(
+        kinds(&a),
+        ["step_completed", "step_started", "dispatch 2:0..1"]
+    );
     match &a[2] {
         Action::Dispatch(d) => match &d.source {
             Source::Inline(s) => {
@@ -89,13 +129,23 @@ fn happy_path_runs_three_steps_and_counts_once() {
         },
         other => panic!("{other:?}"),
     }
-    assert!(e.apply(done(1, 2, 1, json!(null)), 34).is_empty(), "late completion ignored");
+    assert!(
+        e.apply(done(1, 2, 1, json!(null)), 34).is_empty(),
+        "late completion ignored"
+    );
     let a = e.apply(done(2, 0, 1, json!({"sent": 3})), 40);
     assert_eq!(kinds(&a), ["step_completed", "completed"]);
     let job = e.job("j").unwrap();
     assert_eq!(job.state, JobState::Completed);
     assert_eq!(job.output, json!({"sent": 3}));
-    assert_eq!((job.steps[1].completed, job.steps[1].failed, job.steps[1].retries), (3, 0, 1));
+    assert_eq!(
+        (
+            job.steps[1].completed,
+            job.steps[1].failed,
+            job.steps[1].retries
+        ),
+        (3, 0, 1)
+    );
     assert!(e.apply(done(2, 0, 1, json!(null)), 50).is_empty());
 }
 
@@ -104,12 +154,19 @@ fn failures_beyond_tolerance_fail_the_job_and_purge() {
     let mut e = Engine::new();
     request(&mut e, workflow("tolerate_failures = \"1\""));
     e.apply(done(0, 0, 1, json!([1, 2, 3, 4])), 20);
-    assert!(e.apply(failed(1, 0), 21).is_empty(), "one failure is tolerated");
+    assert!(
+        e.apply(failed(1, 0), 21).is_empty(),
+        "one failure is tolerated"
+    );
     let a = e.apply(failed(1, 1), 22);
     assert_eq!(kinds(&a), ["step_completed", "purge", "failed"]);
     let job = e.job("j").unwrap();
     assert_eq!(job.state, JobState::Failed);
-    assert!(job.error.as_deref().unwrap().contains("bad 1"), "{:?}", job.error);
+    assert!(
+        job.error.as_deref().unwrap().contains("bad 1"),
+        "{:?}",
+        job.error
+    );
     assert!(e.apply(done(1, 2, 1, json!(null)), 23).is_empty());
 }
 
@@ -120,7 +177,10 @@ fn tolerated_failures_let_the_job_complete() {
     e.apply(done(0, 0, 1, json!([1, 2])), 20);
     e.apply(failed(1, 0), 21);
     let a = e.apply(done(1, 1, 1, json!(null)), 22);
-    assert_eq!(kinds(&a), ["step_completed", "step_started", "dispatch 2:0..1"]);
+    assert_eq!(
+        kinds(&a),
+        ["step_completed", "step_started", "dispatch 2:0..1"]
+    );
     assert_eq!(e.job("j").unwrap().steps[1].failures[0].error, "bad 0");
 }
 
@@ -129,8 +189,17 @@ fn a_fanout_over_a_non_array_fails_clearly() {
     let mut e = Engine::new();
     request(&mut e, workflow(""));
     let a = e.apply(done(0, 0, 1, json!({"not": "a list"})), 20);
-    assert_eq!(kinds(&a), ["step_completed", "step_completed", "purge", "failed"]);
-    assert!(e.job("j").unwrap().error.as_deref().unwrap().contains("not a JSON array"));
+    assert_eq!(
+        kinds(&a),
+        ["step_completed", "step_completed", "purge", "failed"]
+    );
+    assert!(e
+        .job("j")
+        .unwrap()
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("not a JSON array"));
 }
 
 #[test]
@@ -138,7 +207,16 @@ fn an_empty_fanout_goes_straight_on() {
     let mut e = Engine::new();
     request(&mut e, workflow(""));
     let a = e.apply(done(0, 0, 1, json!([])), 20);
-    assert_eq!(kinds(&a), ["step_completed", "step_started", "step_completed", "step_started", "dispatch 2:0..1"]);
+    assert_eq!(
+        kinds(&a),
+        [
+            "step_completed",
+            "step_started",
+            "step_completed",
+            "step_started",
+            "dispatch 2:0..1"
+        ]
+    );
 }
 
 #[test]
@@ -146,11 +224,33 @@ fn cancel_stops_everything() {
     let mut e = Engine::new();
     request(&mut e, workflow(""));
     e.apply(done(0, 0, 1, json!([1, 2])), 20);
-    let a = e.apply(Input::Event { seq: 9, event: Event::CancelRequested(CancelRequested { job_id: "j".into(), reason: None, at: 1 }) }, 21);
+    let a = e.apply(
+        Input::Event {
+            seq: 9,
+            event: Event::CancelRequested(CancelRequested {
+                job_id: "j".into(),
+                reason: None,
+                at: 1,
+            }),
+        },
+        21,
+    );
     assert_eq!(kinds(&a), ["purge", "cancelled"]);
     assert_eq!(e.job("j").unwrap().state, JobState::Cancelled);
     assert!(e.apply(done(1, 0, 1, json!(null)), 22).is_empty());
-    assert!(e.apply(Input::Event { seq: 9, event: Event::CancelRequested(CancelRequested { job_id: "j".into(), reason: None, at: 1 }) }, 23).is_empty());
+    assert!(e
+        .apply(
+            Input::Event {
+                seq: 9,
+                event: Event::CancelRequested(CancelRequested {
+                    job_id: "j".into(),
+                    reason: None,
+                    at: 1
+                })
+            },
+            23
+        )
+        .is_empty());
 }
 
 #[test]
@@ -159,7 +259,13 @@ fn unknown_workflow_and_resubmission() {
     let a = e.apply(
         Input::Requested {
             seq: 1,
-            event: JobRequested { job_id: "x".into(), workflow: "nope".into(), customer: None, input: json!(null), at: 0 },
+            event: JobRequested {
+                job_id: "x".into(),
+                workflow: "nope".into(),
+                customer: None,
+                input: json!(null),
+                at: 0,
+            },
             workflow: None,
         },
         5,
@@ -167,23 +273,38 @@ fn unknown_workflow_and_resubmission() {
     assert_eq!(kinds(&a), ["rejected"]);
     assert_eq!(e.job("x").unwrap().state, JobState::Rejected);
     request(&mut e, workflow(""));
-    assert!(request(&mut e, workflow("")).is_empty(), "same id again starts nothing");
+    assert!(
+        request(&mut e, workflow("")).is_empty(),
+        "same id again starts nothing"
+    );
 }
 
 #[test]
 fn the_window_moves_through_a_large_fanout_and_the_deadline_fails_the_rest() {
     let mut e = Engine::new();
-    request(&mut e, workflow("max_in_flight = 1000\ndeadline = \"10s\"\ntolerate_failures = \"100%\""));
+    request(
+        &mut e,
+        workflow("max_in_flight = 1000\ndeadline = \"10s\"\ntolerate_failures = \"100%\""),
+    );
     let a = e.apply(done(0, 0, 1, Value::Array(vec![json!(0); 5000])), 1000);
     assert_eq!(kinds(&a)[2], "dispatch 1:0..1000");
     for i in 0..255 {
         assert!(e.apply(done(1, i, 1, json!(null)), 1001).is_empty());
     }
-    assert!(e.apply(done(1, 1000, 1, json!(null)), 1001).is_empty(), "not dispatched yet: ignored");
-    assert_eq!(kinds(&e.apply(done(1, 255, 1, json!(null)), 1002)), ["dispatch 1:1000..1256"]);
+    assert!(
+        e.apply(done(1, 1000, 1, json!(null)), 1001).is_empty(),
+        "not dispatched yet: ignored"
+    );
+    assert_eq!(
+        kinds(&e.apply(done(1, 255, 1, json!(null)), 1002)),
+        ["dispatch 1:1000..1256"]
+    );
     assert!(e.apply(Input::Tick, 5000).is_empty());
     let a = e.apply(Input::Tick, 11_001);
-    assert_eq!(kinds(&a), ["purge", "step_completed", "step_started", "dispatch 2:0..1"]);
+    assert_eq!(
+        kinds(&a),
+        ["purge", "step_completed", "step_started", "dispatch 2:0..1"]
+    );
     let step = &e.job("j").unwrap().steps[1];
     assert_eq!((step.completed, step.failed), (256, 4744));
 }
@@ -204,8 +325,15 @@ fn recount_follows_the_bitmap() {
 /// One message a simulated worker may deliver.
 #[derive(Debug, Clone)]
 enum Delivery {
-    Done { step: usize, index: u64, attempt: u32 },
-    Fail { step: usize, index: u64 },
+    Done {
+        step: usize,
+        index: u64,
+        attempt: u32,
+    },
+    Fail {
+        step: usize,
+        index: u64,
+    },
 }
 
 proptest! {
@@ -279,8 +407,16 @@ proptest! {
 
 fn to_input(d: &Delivery, n: u64) -> Input {
     match *d {
-        Delivery::Done { step: 0, index, attempt } => done(0, index, attempt, Value::Array(vec![json!(1); n as usize])),
-        Delivery::Done { step, index, attempt } => done(step, index, attempt, json!(null)),
+        Delivery::Done {
+            step: 0,
+            index,
+            attempt,
+        } => done(0, index, attempt, Value::Array(vec![json!(1); n as usize])),
+        Delivery::Done {
+            step,
+            index,
+            attempt,
+        } => done(step, index, attempt, json!(null)),
         Delivery::Fail { step, index } => failed(step, index),
     }
 }

@@ -87,7 +87,9 @@ async fn handle(nats: &Nats, payload: &[u8]) -> Result<(), String> {
         nats.js
             .send_publish(
                 event.subject(),
-                async_nats::jetstream::message::PublishMessage::build().payload(body).message_id(event.msg_id()),
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(body)
+                    .message_id(event.msg_id()),
             )
             .await
             .map_err(|e| e.to_string())?
@@ -95,8 +97,14 @@ async fn handle(nats: &Nats, payload: &[u8]) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         info!(job_id = %task.job_id, step = %task.step, index = task.index, "subjob exhausted its attempts");
     } else {
-        warn!(seq = adv.stream_seq, "an exhausted task is unreadable; deleting it");
+        warn!(
+            seq = adv.stream_seq,
+            "an exhausted task is unreadable; deleting it"
+        );
     }
-    nats.tasks.delete_message(adv.stream_seq).await.map_err(|e| e.to_string())?;
+    nats.tasks
+        .delete_message(adv.stream_seq)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }

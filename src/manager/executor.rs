@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::ManagerError;
 use crate::machine::{Action, Dispatch, Source, SourceField};
-use crate::protocol::{encode_json, job_tasks_filter, task_subject, task_msg_id, Event, Task};
+use crate::protocol::{encode_json, job_tasks_filter, task_msg_id, task_subject, Event, Task};
 use crate::setup::Nats;
 use crate::workflow::StepKind;
 
@@ -31,7 +31,11 @@ pub struct Executor {
 
 impl Executor {
     pub fn new(nats: Nats) -> Self {
-        Executor { nats, sources: HashMap::new(), acks: FuturesUnordered::new() }
+        Executor {
+            nats,
+            sources: HashMap::new(),
+            acks: FuturesUnordered::new(),
+        }
     }
 
     /// Carries out `actions` in order; returns when every publish is acknowledged.
@@ -48,7 +52,9 @@ impl Executor {
                         .purge()
                         .filter(job_tasks_filter(&job_id))
                         .await
-                        .map_err(|e| ManagerError::Nats(format!("purging tasks of {job_id}: {e}")))?;
+                        .map_err(|e| {
+                            ManagerError::Nats(format!("purging tasks of {job_id}: {e}"))
+                        })?;
                 }
             }
         }
@@ -57,7 +63,13 @@ impl Executor {
 
     async fn publish_event(&mut self, event: &Event) -> Result<(), ManagerError> {
         let payload = encode_json(event).map_err(|e| ManagerError::Nats(e.to_string()))?;
-        self.send(event.subject(), PublishMessage::build().payload(payload).message_id(event.msg_id())).await
+        self.send(
+            event.subject(),
+            PublishMessage::build()
+                .payload(payload)
+                .message_id(event.msg_id()),
+        )
+        .await
     }
 
     async fn send(&mut self, subject: String, msg: PublishMessage) -> Result<(), ManagerError> {
@@ -66,7 +78,12 @@ impl Executor {
                 ack.map_err(publish_err)?;
             }
         }
-        let fut = self.nats.js.send_publish(subject, msg).await.map_err(publish_err)?;
+        let fut = self
+            .nats
+            .js
+            .send_publish(subject, msg)
+            .await
+            .map_err(publish_err)?;
         self.acks.push(fut.into_future());
         Ok(())
     }
@@ -82,7 +99,10 @@ impl Executor {
         let value = self.source(&d.source).await?;
         for index in d.from..d.to {
             let (item, input) = match d.step.kind {
-                StepKind::Fanout => (value.get(index as usize).cloned().unwrap_or(Value::Null), Value::Null),
+                StepKind::Fanout => (
+                    value.get(index as usize).cloned().unwrap_or(Value::Null),
+                    Value::Null,
+                ),
                 StepKind::Task => (Value::Null, (*value).clone()),
             };
             let task = Task {
@@ -104,7 +124,8 @@ impl Executor {
             let msg = PublishMessage::build()
                 .payload(payload)
                 .message_id(task_msg_id(&d.job_id, d.step_index, index));
-            self.send(task_subject(&d.workflow, &d.step.name, &d.job_id), msg).await?;
+            self.send(task_subject(&d.workflow, &d.step.name, &d.job_id), msg)
+                .await?;
         }
         Ok(())
     }
@@ -118,19 +139,21 @@ impl Executor {
         if let Some(v) = self.sources.get(&seq) {
             return Ok(v.clone());
         }
-        let msg = self
-            .nats
-            .events
-            .get_raw_message(seq)
-            .await
-            .map_err(|e| ManagerError::Nats(format!("reading step input at event {seq}: {e}")))?;
-        let event: Event = serde_json::from_slice(&msg.payload)
-            .map_err(|e| ManagerError::Nats(format!("step input at event {seq} is unreadable: {e}")))?;
+        let msg =
+            self.nats.events.get_raw_message(seq).await.map_err(|e| {
+                ManagerError::Nats(format!("reading step input at event {seq}: {e}"))
+            })?;
+        let event: Event = serde_json::from_slice(&msg.payload).map_err(|e| {
+            ManagerError::Nats(format!("step input at event {seq} is unreadable: {e}"))
+        })?;
         let value = match (event, field) {
             (Event::JobRequested(r), SourceField::Input) => r.input,
             (Event::SubjobCompleted(c), SourceField::Result) => c.result,
             (other, _) => {
-                return Err(ManagerError::Nats(format!("event {seq} is a {:?}, not a step input", other.kind())));
+                return Err(ManagerError::Nats(format!(
+                    "event {seq} is a {:?}, not a step input",
+                    other.kind()
+                )));
             }
         };
         if self.sources.len() >= SOURCE_CACHE {

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::ManagerError;
 use crate::protocol::{
     decode, encode_json, new_job_id, now_ms, validate_customer, validate_token, Encoding, Event,
-    JobRejected, JobRequested, RejectCode, SubmitError, SubmitReply, Submission, INTAKE_QUEUE,
+    JobRejected, JobRequested, RejectCode, Submission, SubmitError, SubmitReply, INTAKE_QUEUE,
     MAX_SUBMISSION_BYTES, SUBMIT_WILDCARD,
 };
 use crate::setup::Nats;
@@ -46,19 +46,39 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerErr
 }
 
 fn rejected(job_id: Option<String>, code: RejectCode, message: String) -> SubmitReply {
-    SubmitReply { ok: false, job_id, duplicate: false, error: Some(SubmitError { code, message }) }
+    SubmitReply {
+        ok: false,
+        job_id,
+        duplicate: false,
+        error: Some(SubmitError { code, message }),
+    }
 }
 
 /// Handles one submission; every failure becomes a rejection, never a panic.
 async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
-    let workflow = msg.subject.as_str().rsplit('.').next().unwrap_or_default().to_string();
-    let mut reject = Rejection { workflow: Some(workflow.clone()), customer: None, job_id: None };
+    let workflow = msg
+        .subject
+        .as_str()
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let mut reject = Rejection {
+        workflow: Some(workflow.clone()),
+        customer: None,
+        job_id: None,
+    };
     if let Err(e) = validate_token("workflow name", &workflow) {
         reject.workflow = None;
-        return reject.send(nats, RejectCode::InvalidWorkflowName, e.to_string()).await;
+        return reject
+            .send(nats, RejectCode::InvalidWorkflowName, e.to_string())
+            .await;
     }
     if msg.payload.len() > MAX_SUBMISSION_BYTES {
-        let m = format!("submission is {} bytes; the limit is {MAX_SUBMISSION_BYTES}", msg.payload.len());
+        let m = format!(
+            "submission is {} bytes; the limit is {MAX_SUBMISSION_BYTES}",
+            msg.payload.len()
+        );
         return reject.send(nats, RejectCode::PayloadTooLarge, m).await;
     }
     let encoding = Encoding::from_headers(msg.headers.as_ref());
@@ -67,43 +87,77 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
     } else {
         match decode(encoding, &msg.payload) {
             Ok(s) => s,
-            Err(e) => return reject.send(nats, RejectCode::MalformedPayload, e.to_string()).await,
+            Err(e) => {
+                return reject
+                    .send(nats, RejectCode::MalformedPayload, e.to_string())
+                    .await
+            }
         }
     };
     if let Some(c) = &sub.customer {
         if let Err(e) = validate_customer(c) {
-            return reject.send(nats, RejectCode::InvalidCustomer, e.to_string()).await;
+            return reject
+                .send(nats, RejectCode::InvalidCustomer, e.to_string())
+                .await;
         }
         reject.customer = Some(c.clone());
     }
     let job_id = match sub.job_id {
         Some(id) => match validate_token("job id", &id) {
             Ok(()) => id,
-            Err(e) => return reject.send(nats, RejectCode::InvalidJobId, e.to_string()).await,
+            Err(e) => {
+                return reject
+                    .send(nats, RejectCode::InvalidJobId, e.to_string())
+                    .await
+            }
         },
         None => new_job_id(),
     };
     reject.job_id = Some(job_id.clone());
     match store::get(nats, &job_id).await {
-        Ok(Some(_)) => return SubmitReply { ok: true, job_id: Some(job_id), duplicate: true, error: None },
+        Ok(Some(_)) => {
+            return SubmitReply {
+                ok: true,
+                job_id: Some(job_id),
+                duplicate: true,
+                error: None,
+            }
+        }
         Ok(None) => {}
         Err(e) => return rejected(Some(job_id), RejectCode::Internal, e.to_string()),
     }
     match nats.workflow(&workflow).await {
         Ok(Some(_)) => {}
         Ok(None) => {
-            let m = format!("unknown workflow {workflow:?}: apply it first with `fanjet workflow apply FILE`");
+            let m = format!(
+                "unknown workflow {workflow:?}: apply it first with `fanjet workflow apply FILE`"
+            );
             return reject.send(nats, RejectCode::UnknownWorkflow, m).await;
         }
         Err(e) => return rejected(Some(job_id), RejectCode::Internal, e.to_string()),
     }
-    let event = Event::JobRequested(JobRequested { job_id: job_id.clone(), workflow, customer: sub.customer, input: sub.input, at: now_ms() });
+    let event = Event::JobRequested(JobRequested {
+        job_id: job_id.clone(),
+        workflow,
+        customer: sub.customer,
+        input: sub.input,
+        at: now_ms(),
+    });
     match publish(nats, &event).await {
         Ok(duplicate) => {
             info!(job_id, duplicate, "job requested");
-            SubmitReply { ok: true, job_id: Some(job_id), duplicate, error: None }
+            SubmitReply {
+                ok: true,
+                job_id: Some(job_id),
+                duplicate,
+                error: None,
+            }
         }
-        Err(e) => rejected(Some(job_id), RejectCode::Internal, format!("could not record the job: {e}")),
+        Err(e) => rejected(
+            Some(job_id),
+            RejectCode::Internal,
+            format!("could not record the job: {e}"),
+        ),
     }
 }
 
@@ -112,7 +166,12 @@ async fn publish(nats: &Nats, event: &Event) -> Result<bool, String> {
     let payload = encode_json(event).map_err(|e| e.to_string())?;
     let ack = nats
         .js
-        .send_publish(event.subject(), PublishMessage::build().payload(payload).message_id(event.msg_id()))
+        .send_publish(
+            event.subject(),
+            PublishMessage::build()
+                .payload(payload)
+                .message_id(event.msg_id()),
+        )
         .await
         .map_err(|e| e.to_string())?
         .await

@@ -57,12 +57,19 @@ pub struct ManagerOptions {
 
 impl Default for ManagerOptions {
     fn default() -> Self {
-        ManagerOptions { tick: Duration::from_millis(500), batch: 2000 }
+        ManagerOptions {
+            tick: Duration::from_millis(500),
+            batch: 2000,
+        }
     }
 }
 
 /// Runs the intake, the advisory watcher and the event loop until `cancel`.
-pub async fn run(nats: Nats, options: ManagerOptions, cancel: CancellationToken) -> Result<(), ManagerError> {
+pub async fn run(
+    nats: Nats,
+    options: ManagerOptions,
+    cancel: CancellationToken,
+) -> Result<(), ManagerError> {
     let mut tasks = JoinSet::new();
     tasks.spawn(intake::run(nats.clone(), cancel.clone()));
     tasks.spawn(advisories::run(nats.clone(), cancel.clone()));
@@ -101,7 +108,11 @@ impl EventLoop {
     }
 
     async fn consumer(nats: &Nats) -> Result<PullConsumer, ManagerError> {
-        let filters = EventKind::ALL.iter().filter(|k| k.drives_manager()).map(|k| kind_filter(k.token())).collect();
+        let filters = EventKind::ALL
+            .iter()
+            .filter(|k| k.drives_manager())
+            .map(|k| kind_filter(k.token()))
+            .collect();
         let consumer = nats
             .events
             .create_consumer(pull::Config {
@@ -203,18 +214,27 @@ impl EventLoop {
                     continue;
                 }
             };
-            if !msg.subject.ends_with(&format!(".{}.{}", event.job_id(), event.kind().token())) {
+            if !msg
+                .subject
+                .ends_with(&format!(".{}.{}", event.job_id(), event.kind().token()))
+            {
                 warn!(subject = %msg.subject, seq, "dropping an event whose subject does not match its body");
                 continue;
             }
             let input = match event {
                 Event::JobRequested(req) => {
-                    if self.engine.contains(&req.job_id) || store::get(&self.nats, &req.job_id).await?.is_some() {
+                    if self.engine.contains(&req.job_id)
+                        || store::get(&self.nats, &req.job_id).await?.is_some()
+                    {
                         debug!(job_id = %req.job_id, "job exists already; nothing new starts");
                         continue;
                     }
                     let workflow = self.workflow(&req.workflow).await?;
-                    Input::Requested { seq, event: req, workflow }
+                    Input::Requested {
+                        seq,
+                        event: req,
+                        workflow,
+                    }
                 }
                 event => Input::Event { seq, event },
             };
@@ -223,13 +243,17 @@ impl EventLoop {
         self.executor.run(actions).await?;
         self.checkpoint().await?;
         if let Some(last) = batch.last() {
-            last.ack().await.map_err(|e| ManagerError::Nats(format!("acking events: {e}")))?;
+            last.ack()
+                .await
+                .map_err(|e| ManagerError::Nats(format!("acking events: {e}")))?;
         }
         Ok(())
     }
 
     async fn workflow(&mut self, name: &str) -> Result<Option<Workflow>, ManagerError> {
-        let Some(wf) = self.nats.workflow(name).await? else { return Ok(None) };
+        let Some(wf) = self.nats.workflow(name).await? else {
+            return Ok(None);
+        };
         if self.workflows.get(name) != Some(&wf) {
             for step in &wf.steps {
                 self.nats.ensure_step_consumer(&wf.name, step).await?;
@@ -243,7 +267,9 @@ impl EventLoop {
     async fn checkpoint(&mut self) -> Result<(), ManagerError> {
         let mut writes = Vec::new();
         for id in self.engine.take_dirty() {
-            let Some(job) = self.engine.job_mut(&id) else { continue };
+            let Some(job) = self.engine.job_mut(&id) else {
+                continue;
+            };
             writes.push(Checkpoint::of(job, self.revisions.get(&id).copied())?);
         }
         let nats = &self.nats;

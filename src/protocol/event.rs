@@ -284,7 +284,13 @@ mod tests {
                 reason: "no".into(),
                 at: 1,
             }),
-            Event::StepStarted(StepStarted { job_id: "j".into(), step: "s".into(), step_index: 0, total: 3, at: 2 }),
+            Event::StepStarted(StepStarted {
+                job_id: "j".into(),
+                step: "s".into(),
+                step_index: 0,
+                total: 3,
+                at: 2,
+            }),
             Event::StepCompleted(StepCompleted {
                 job_id: "j".into(),
                 step: "s".into(),
@@ -305,11 +311,36 @@ mod tests {
                 result: json!({"ok": true}),
                 duration_ms: 12,
             }),
-            Event::SubjobFailed(SubjobFailed { job_id: "j".into(), step_index: 1, index: 7, attempt: 5, error: "boom".into() }),
-            Event::JobCompleted(JobCompleted { job_id: "j".into(), workflow: "w".into(), output: json!(null), at: 4 }),
-            Event::JobFailed(JobFailed { job_id: "j".into(), workflow: "w".into(), error: "e".into(), at: 4 }),
-            Event::CancelRequested(CancelRequested { job_id: "j".into(), reason: None, at: 4 }),
-            Event::JobCancelled(JobCancelled { job_id: "j".into(), workflow: "w".into(), reason: Some("r".into()), at: 5 }),
+            Event::SubjobFailed(SubjobFailed {
+                job_id: "j".into(),
+                step_index: 1,
+                index: 7,
+                attempt: 5,
+                error: "boom".into(),
+            }),
+            Event::JobCompleted(JobCompleted {
+                job_id: "j".into(),
+                workflow: "w".into(),
+                output: json!(null),
+                at: 4,
+            }),
+            Event::JobFailed(JobFailed {
+                job_id: "j".into(),
+                workflow: "w".into(),
+                error: "e".into(),
+                at: 4,
+            }),
+            Event::CancelRequested(CancelRequested {
+                job_id: "j".into(),
+                reason: None,
+                at: 4,
+            }),
+            Event::JobCancelled(JobCancelled {
+                job_id: "j".into(),
+                workflow: "w".into(),
+                reason: Some("r".into()),
+                at: 5,
+            }),
         ]
     }
 

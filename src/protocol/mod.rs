@@ -12,13 +12,15 @@ mod names;
 mod submit;
 mod task;
 
-pub use codec::{decode, encode_cbor, encode_json, CodecError, Encoding, CBOR_CONTENT_TYPE, JSON_CONTENT_TYPE};
+pub use codec::{
+    decode, encode_cbor, encode_json, CodecError, Encoding, CBOR_CONTENT_TYPE, JSON_CONTENT_TYPE,
+};
 pub use event::{
-    Event, EventKind, JobCancelled, JobCompleted, JobFailed, JobRejected, JobRequested,
-    RejectCode, StepCompleted, StepStarted, SubjobCompleted, SubjobFailed, CancelRequested,
+    CancelRequested, Event, EventKind, JobCancelled, JobCompleted, JobFailed, JobRejected,
+    JobRequested, RejectCode, StepCompleted, StepStarted, SubjobCompleted, SubjobFailed,
 };
 pub use names::*;
-pub use submit::{SubmitError, SubmitReply, Submission};
+pub use submit::{Submission, SubmitError, SubmitReply};
 pub use task::Task;
 
 /// Milliseconds since the Unix epoch: the one time format on the wire.

@@ -129,7 +129,10 @@ pub fn validate_token(what: &'static str, value: &str) -> Result<(), TokenError>
         return Err(TokenError::Empty { what });
     }
     if value.len() > MAX_TOKEN_LEN {
-        return Err(TokenError::TooLong { what, max: MAX_TOKEN_LEN });
+        return Err(TokenError::TooLong {
+            what,
+            max: MAX_TOKEN_LEN,
+        });
     }
     if !value
         .bytes()
@@ -148,10 +151,16 @@ pub fn validate_customer(value: &str) -> Result<(), TokenError> {
         return Err(TokenError::Empty { what: "customer" });
     }
     if value.chars().count() > MAX_CUSTOMER_LEN {
-        return Err(TokenError::TooLong { what: "customer", max: MAX_CUSTOMER_LEN });
+        return Err(TokenError::TooLong {
+            what: "customer",
+            max: MAX_CUSTOMER_LEN,
+        });
     }
     if value.chars().any(char::is_control) {
-        return Err(TokenError::BadChar { what: "customer", value: value.escape_debug().to_string() });
+        return Err(TokenError::BadChar {
+            what: "customer",
+            value: value.escape_debug().to_string(),
+        });
     }
     Ok(())
 }
@@ -183,7 +192,11 @@ mod tests {
         let all: std::collections::HashSet<u32> =
             (0..1000).map(|i| partition(&format!("j{i}"))).collect();
         assert!(all.iter().all(|p| *p < PARTITIONS));
-        assert_eq!(all.len() as u32, PARTITIONS, "hash spreads over every partition");
+        assert_eq!(
+            all.len() as u32,
+            PARTITIONS,
+            "hash spreads over every partition"
+        );
         assert!(event_subject("job-1", "requested").starts_with("fanjet.ev."));
     }
 }

@@ -66,7 +66,8 @@ async fn run(command: &str, ctx: TaskContext) -> Result<Value, TaskError> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| TaskError::retry(format!("could not start `sh -c {command}`: {e}")))?;
-    let input = serde_json::to_vec(&stdin_json(&ctx)).map_err(|e| TaskError::give_up(e.to_string()))?;
+    let input =
+        serde_json::to_vec(&stdin_json(&ctx)).map_err(|e| TaskError::give_up(e.to_string()))?;
     if let Some(mut stdin) = child.stdin.take() {
         // A command that does not read its stdin is fine: ignore a broken pipe.
         let _ = stdin.write_all(&input).await;
@@ -94,8 +95,14 @@ async fn run(command: &str, ctx: TaskContext) -> Result<Value, TaskError> {
             Err(TaskError::give_up(error))
         }
         code => {
-            let how = code.map(|c| format!("exit {c}")).unwrap_or_else(|| "killed by a signal".into());
-            Err(TaskError::retry(if error.is_empty() { format!("command failed ({how})") } else { format!("{error} ({how})") }))
+            let how = code
+                .map(|c| format!("exit {c}"))
+                .unwrap_or_else(|| "killed by a signal".into());
+            Err(TaskError::retry(if error.is_empty() {
+                format!("command failed ({how})")
+            } else {
+                format!("{error} ({how})")
+            }))
         }
     }
 }
@@ -132,14 +139,30 @@ mod tests {
         assert_eq!(ok["item"]["n"], 4);
         assert_eq!(ok["attempt"], 2);
         assert_eq!(ok["index"], 4);
-        assert_eq!(run("echo hello", ctx("fanout")).await.unwrap(), json!("hello"));
-        assert_eq!(run("true", ctx("task")).await.unwrap(), Value::Null);
-        assert_eq!(run("echo $FANJET_STEP-$FANJET_INDEX-$FANJET_ATTEMPT", ctx("fanout")).await.unwrap(), json!("s-4-2"));
         assert_eq!(
-            run("echo nope >&2; exit 100", ctx("fanout")).await.unwrap_err(),
+            run("echo hello", ctx("fanout")).await.unwrap(),
+            json!("hello")
+        );
+        assert_eq!(run("true", ctx("task")).await.unwrap(), Value::Null);
+        assert_eq!(
+            run(
+                "echo $FANJET_STEP-$FANJET_INDEX-$FANJET_ATTEMPT",
+                ctx("fanout")
+            )
+            .await
+            .unwrap(),
+            json!("s-4-2")
+        );
+        assert_eq!(
+            run("echo nope >&2; exit 100", ctx("fanout"))
+                .await
+                .unwrap_err(),
             TaskError::give_up("nope")
         );
-        match run("echo flaky >&2; exit 3", ctx("fanout")).await.unwrap_err() {
+        match run("echo flaky >&2; exit 3", ctx("fanout"))
+            .await
+            .unwrap_err()
+        {
             TaskError::Retry { message, .. } => assert_eq!(message, "flaky (exit 3)"),
             other => panic!("{other:?}"),
         }

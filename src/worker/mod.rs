@@ -35,7 +35,10 @@ use crate::setup::{Nats, SetupError};
 pub enum TaskError {
     /// Try again later: after `after`, or the step's backoff when `None`.
     #[error("{message}")]
-    Retry { message: String, after: Option<Duration> },
+    Retry {
+        message: String,
+        after: Option<Duration>,
+    },
     /// Do not try again: the subjob fails now.
     #[error("{message}")]
     GiveUp { message: String },
@@ -43,10 +46,15 @@ pub enum TaskError {
 
 impl TaskError {
     pub fn retry(message: impl Into<String>) -> Self {
-        TaskError::Retry { message: message.into(), after: None }
+        TaskError::Retry {
+            message: message.into(),
+            after: None,
+        }
     }
     pub fn give_up(message: impl Into<String>) -> Self {
-        TaskError::GiveUp { message: message.into() }
+        TaskError::GiveUp {
+            message: message.into(),
+        }
     }
 }
 
@@ -82,7 +90,12 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(nats: Nats) -> Self {
-        Worker { nats, concurrency: 16, grace: Duration::from_secs(30), handlers: Vec::new() }
+        Worker {
+            nats,
+            concurrency: 16,
+            grace: Duration::from_secs(30),
+            handlers: Vec::new(),
+        }
     }
 
     /// Most tasks running at once, over all steps served.
@@ -104,13 +117,15 @@ impl Worker {
         Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
     {
         let h: Handler = Arc::new(move |ctx| Box::pin(handler(ctx)));
-        self.handlers.push((workflow.to_string(), step.to_string(), h));
+        self.handlers
+            .push((workflow.to_string(), step.to_string(), h));
         self
     }
 
     /// Serves with an already boxed handler.
     pub fn boxed_handler(mut self, workflow: &str, step: &str, handler: Handler) -> Self {
-        self.handlers.push((workflow.to_string(), step.to_string(), handler));
+        self.handlers
+            .push((workflow.to_string(), step.to_string(), handler));
         self
     }
 
@@ -122,13 +137,19 @@ impl Worker {
         }
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut loops = JoinSet::new();
-        let running: Arc<tokio::sync::Mutex<JoinSet<()>>> = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+        let running: Arc<tokio::sync::Mutex<JoinSet<()>>> =
+            Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
         for (workflow, step, handler) in self.handlers {
             let consumer = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 c = bind(&self.nats, &workflow, &step) => c?,
             };
-            info!(workflow, step, concurrency = self.concurrency, "worker serving");
+            info!(
+                workflow,
+                step,
+                concurrency = self.concurrency,
+                "worker serving"
+            );
             let pull = PullLoop {
                 nats: self.nats.clone(),
                 consumer,
@@ -149,9 +170,15 @@ impl Worker {
         if !running.is_empty() {
             info!(in_flight = running.len(), grace = ?self.grace, "waiting for in-flight tasks");
         }
-        let drained = tokio::time::timeout(self.grace, async { while running.join_next().await.is_some() {} }).await;
+        let drained = tokio::time::timeout(self.grace, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
         if drained.is_err() {
-            warn!(left = running.len(), "grace period over; unfinished tasks will be redelivered");
+            warn!(
+                left = running.len(),
+                "grace period over; unfinished tasks will be redelivered"
+            );
             running.shutdown().await;
         }
         Ok(())
@@ -166,11 +193,17 @@ async fn bind(nats: &Nats, workflow: &str, step: &str) -> Result<PullConsumer, W
         if let Some(wf) = nats.workflow(workflow).await? {
             match wf.steps.iter().find(|s| s.name == step) {
                 Some(s) => return Ok(nats.ensure_step_consumer(workflow, s).await?),
-                None if !said => warn!(workflow, step, "workflow has no such step; waiting for a definition that has it"),
+                None if !said => warn!(
+                    workflow,
+                    step, "workflow has no such step; waiting for a definition that has it"
+                ),
                 None => {}
             }
         } else if !said {
-            warn!(workflow, "workflow not applied yet; waiting (run `fanjet workflow apply FILE`)");
+            warn!(
+                workflow,
+                "workflow not applied yet; waiting (run `fanjet workflow apply FILE`)"
+            );
         }
         said = true;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -252,7 +285,10 @@ impl PullLoop {
 
 /// Runs one task and settles its message.
 async fn process(nats: &Nats, msg: async_nats::jetstream::Message, handler: Handler) {
-    let attempt = msg.info().map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX)).unwrap_or(1);
+    let attempt = msg
+        .info()
+        .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
+        .unwrap_or(1);
     let task: Task = match serde_json::from_slice(&msg.payload) {
         Ok(t) => t,
         Err(e) => {
@@ -262,10 +298,14 @@ async fn process(nats: &Nats, msg: async_nats::jetstream::Message, handler: Hand
         }
     };
     let started = Instant::now();
-    let ctx = TaskContext { task: task.clone(), attempt };
+    let ctx = TaskContext {
+        task: task.clone(),
+        attempt,
+    };
     let work = AssertUnwindSafe(handler(ctx)).catch_unwind();
     let progress_every = Duration::from_millis((task.timeout_ms / 3).max(500));
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
     tokio::pin!(work);
     let result = loop {
         tokio::select! {
@@ -316,7 +356,10 @@ async fn settle(
         }
         Err(e) => {
             let error = match &e {
-                TaskError::Retry { message, .. } => format!("{message} (attempt {attempt} of {}, no attempts left)", task.max_attempts),
+                TaskError::Retry { message, .. } => format!(
+                    "{message} (attempt {attempt} of {}, no attempts left)",
+                    task.max_attempts
+                ),
                 TaskError::GiveUp { message } => message.clone(),
             };
             (
@@ -351,7 +394,9 @@ async fn report(nats: &Nats, event: &Event) -> Result<(), String> {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
-        let msg = PublishMessage::build().payload(payload.clone()).message_id(event.msg_id());
+        let msg = PublishMessage::build()
+            .payload(payload.clone())
+            .message_id(event.msg_id());
         match nats.js.send_publish(event.subject(), msg).await {
             Ok(ack) => match ack.await {
                 Ok(_) => return Ok(()),

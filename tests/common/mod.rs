@@ -33,13 +33,26 @@ pub struct Env {
 impl Env {
     /// Starts a fresh nats-server and connects to it.
     pub async fn start() -> Env {
-        let server = match tokio::task::spawn_blocking(|| NatsServer::start(None, None)).await.expect("join") {
+        let server = match tokio::task::spawn_blocking(|| NatsServer::start(None, None))
+            .await
+            .expect("join")
+        {
             Ok(s) => s,
             Err(e) => panic!("this test needs a real nats-server: {e}"),
         };
-        let client = async_nats::connect(server.url()).await.expect("connect to the test nats-server");
-        let nats = Nats::ensure(client).await.expect("create streams and buckets");
-        Env { server, nats, cancel: CancellationToken::new(), tasks: Vec::new(), children: Vec::new() }
+        let client = async_nats::connect(server.url())
+            .await
+            .expect("connect to the test nats-server");
+        let nats = Nats::ensure(client)
+            .await
+            .expect("create streams and buckets");
+        Env {
+            server,
+            nats,
+            cancel: CancellationToken::new(),
+            tasks: Vec::new(),
+            children: Vec::new(),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -55,7 +68,10 @@ impl Env {
     /// Runs a manager in this process until the env is dropped.
     pub fn manager(&mut self) {
         let (nats, cancel) = (self.nats.clone(), self.cancel.clone());
-        let opts = ManagerOptions { tick: Duration::from_millis(200), ..Default::default() };
+        let opts = ManagerOptions {
+            tick: Duration::from_millis(200),
+            ..Default::default()
+        };
         self.tasks.push(tokio::spawn(async move {
             manager::run(nats, opts, cancel).await.expect("manager");
         }));
@@ -73,7 +89,9 @@ impl Env {
 
     /// Starts `fanjet ARGS --server URL` as a child process.
     pub fn spawn(&mut self, args: &[&str]) -> usize {
-        let child = fanjet_command(&self.url(), args).spawn().expect("start fanjet");
+        let child = fanjet_command(&self.url(), args)
+            .spawn()
+            .expect("start fanjet");
         self.children.push(child);
         self.children.len() - 1
     }
@@ -87,7 +105,12 @@ impl Env {
 
     /// Sends a submission request like any NATS client would.
     pub async fn submit(&self, workflow: &str, body: Value) -> SubmitReply {
-        submit_bytes(&self.nats, workflow, encode_json(&body).expect("json").to_vec()).await
+        submit_bytes(
+            &self.nats,
+            workflow,
+            encode_json(&body).expect("json").to_vec(),
+        )
+        .await
     }
 
     /// Waits until the job has ended; fails the test after `within`.
@@ -99,7 +122,10 @@ impl Env {
                     return job;
                 }
                 if start.elapsed() > within {
-                    panic!("job {job_id} did not end within {within:?}: {}", serde_json::to_string_pretty(&job).unwrap_or_default());
+                    panic!(
+                        "job {job_id} did not end within {within:?}: {}",
+                        serde_json::to_string_pretty(&job).unwrap_or_default()
+                    );
                 }
             } else if start.elapsed() > within {
                 panic!("job {job_id} never appeared within {within:?}");
@@ -109,7 +135,13 @@ impl Env {
     }
 
     /// Waits until `f(job)` holds.
-    pub async fn wait_for(&self, job_id: &str, within: Duration, what: &str, f: impl Fn(&Job) -> bool) -> Job {
+    pub async fn wait_for(
+        &self,
+        job_id: &str,
+        within: Duration,
+        what: &str,
+        f: impl Fn(&Job) -> bool,
+    ) -> Job {
         let start = Instant::now();
         loop {
             if let Some((job, _)) = store::get(&self.nats, job_id).await.expect("read status") {
@@ -117,7 +149,10 @@ impl Env {
                     return job;
                 }
             }
-            assert!(start.elapsed() < within, "job {job_id}: {what} did not happen within {within:?}");
+            assert!(
+                start.elapsed() < within,
+                "job {job_id}: {what} did not happen within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -136,7 +171,9 @@ impl Env {
             .expect("ordered consumer");
         let mut out = Vec::new();
         let mut msgs = consumer.messages().await.expect("messages");
-        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await {
+        while let Ok(Some(Ok(m))) =
+            tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
+        {
             out.push(serde_json::from_slice(&m.payload).expect("event json"));
             if m.info().map(|i| i.pending).unwrap_or(0) == 0 {
                 break;
@@ -148,7 +185,12 @@ impl Env {
     /// Messages left in the task stream for `filter`.
     pub async fn queued_tasks(&self, filter: &str) -> u64 {
         use futures::StreamExt;
-        let mut subjects = self.nats.tasks.info_with_subjects(filter).await.expect("stream info");
+        let mut subjects = self
+            .nats
+            .tasks
+            .info_with_subjects(filter)
+            .await
+            .expect("stream info");
         let mut n = 0;
         while let Some(entry) = subjects.next().await {
             n += entry.expect("subject count").1 as u64;
@@ -173,7 +215,11 @@ impl Drop for Env {
 pub async fn submit_bytes(nats: &Nats, workflow: &str, body: Vec<u8>) -> SubmitReply {
     let start = Instant::now();
     loop {
-        match nats.client.request(submit_subject(workflow), body.clone().into()).await {
+        match nats
+            .client
+            .request(submit_subject(workflow), body.clone().into())
+            .await
+        {
             Ok(m) => return serde_json::from_slice(&m.payload).expect("reply json"),
             Err(e) if start.elapsed() < Duration::from_secs(10) => {
                 let _ = e;
