@@ -187,8 +187,12 @@ mod tests {
 
     #[test]
     fn partition_is_stable_and_in_range() {
-        // Fixed vector: other clients implementing the hash can check against it.
-        assert_eq!(partition("job-1"), partition("job-1"));
+        // Fixed vector (also in docs/PROTOCOL.md) for other implementations.
+        assert_eq!(partition("job-1"), 6);
+        assert_eq!(
+            event_subject("job-1", "requested"),
+            "fanjet.ev.06.job-1.requested"
+        );
         let all: std::collections::HashSet<u32> =
             (0..1000).map(|i| partition(&format!("j{i}"))).collect();
         assert!(all.iter().all(|p| *p < PARTITIONS));

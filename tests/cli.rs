@@ -1,0 +1,223 @@
+//! The `fanjet` binary as a user runs it: workflow apply/list, worker
+//! --exec, submit --wait, status --json, jobs, errors, a plain NATS publish,
+//! and the embedded `dev --demo`.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::{fanjet_command, Env};
+use serde_json::{json, Value};
+
+fn run(env: &Env, args: &[&str]) -> Output {
+    fanjet_command(&env.url(), args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run fanjet")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_runs_a_job_end_to_end() {
+    let mut env = Env::start().await;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let applied = run(
+        &env,
+        &[
+            "workflow",
+            "apply",
+            &format!("{root}/examples/squares.toml"),
+        ],
+    );
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    assert!(stdout(&applied).contains("applied squares (2 steps)"));
+    let list = run(&env, &["workflow", "list"]);
+    assert!(
+        stdout(&list).contains("square(fanout) -> report(task)"),
+        "{}",
+        stdout(&list)
+    );
+
+    env.spawn(&["manager"]);
+    env.spawn(&[
+        "worker",
+        "--workflow",
+        "squares",
+        "--step",
+        "square",
+        "--step",
+        "report",
+        "--concurrency",
+        "4",
+        "--exec",
+        "echo $((FANJET_INDEX * FANJET_INDEX))",
+    ]);
+
+    let out = run(
+        &env,
+        &[
+            "submit",
+            "squares",
+            "--job-id",
+            "sq-1",
+            "--customer",
+            "acme",
+            "--input",
+            "[5, 6, 7, 8]",
+            "--wait",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job: Value =
+        serde_json::from_str(&stdout(&out)).expect("submit --wait --json prints the job");
+    assert_eq!(job["state"], "completed");
+
+    let status = run(&env, &["status", "sq-1", "--json"]);
+    assert!(status.status.success());
+    let s: Value = serde_json::from_str(&stdout(&status)).unwrap();
+    for key in ["job_id", "workflow", "customer", "state", "steps"] {
+        assert!(s.get(key).is_some(), "status lacks {key}");
+    }
+    assert_eq!(
+        (
+            s["job_id"].as_str(),
+            s["workflow"].as_str(),
+            s["customer"].as_str()
+        ),
+        (Some("sq-1"), Some("squares"), Some("acme"))
+    );
+    let step = &s["steps"][0];
+    for key in [
+        "name",
+        "kind",
+        "state",
+        "total",
+        "completed",
+        "failed",
+        "retries",
+        "started_at",
+        "finished_at",
+    ] {
+        assert!(step.get(key).is_some(), "step lacks {key}");
+    }
+    assert_eq!(
+        (step["total"].as_u64(), step["completed"].as_u64()),
+        (Some(4), Some(4))
+    );
+    // The report step got the fanout's summary; its stdout (its index squared, 0) is the output.
+    assert_eq!(s["output"], json!(0));
+
+    let human = run(&env, &["status", "sq-1"]);
+    assert!(
+        stdout(&human).contains("state completed"),
+        "{}",
+        stdout(&human)
+    );
+
+    let jobs = run(&env, &["jobs", "--customer", "acme", "--json"]);
+    let list: Value = serde_json::from_str(&stdout(&jobs)).unwrap();
+    assert_eq!(list.as_array().map(|a| a.len()), Some(1));
+    let none = run(&env, &["jobs", "--customer", "other", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&none)).unwrap(),
+        json!([])
+    );
+
+    // A plain publish, no reply subject: fire and forget, still a job.
+    env.nats
+        .client
+        .publish(
+            "fanjet.submit.squares",
+            r#"{"job_id": "plain-1", "input": [1, 2]}"#.into(),
+        )
+        .await
+        .unwrap();
+    let job = env.wait_end("plain-1", Duration::from_secs(20)).await;
+    assert_eq!(job.state, fanjet::machine::JobState::Completed);
+
+    // Errors are clear and exit non-zero.
+    let unknown = run(&env, &["submit", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("unknown workflow"),
+        "{}",
+        stderr(&unknown)
+    );
+    let missing = run(&env, &["status", "no-such-job"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("no job"), "{}", stderr(&missing));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"w\"\n[[steps]]\nname = \"a\"\nkind = \"task\"\ntimeout = \"soonish\"\n",
+    )
+    .unwrap();
+    let rejected = run(&env, &["workflow", "apply", bad.to_str().unwrap()]);
+    assert!(!rejected.status.success());
+    assert!(
+        stderr(&rejected).contains("timeout"),
+        "{}",
+        stderr(&rejected)
+    );
+    let bad_input = run(&env, &["submit", "squares", "--input", "{oops"]);
+    assert!(
+        stderr(&bad_input).contains("not valid JSON"),
+        "{}",
+        stderr(&bad_input)
+    );
+}
+
+#[test]
+fn dev_demo_runs_the_seed_job_on_its_own_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("nats");
+    let port = fanjet::server::free_port().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanjet"))
+        .args([
+            "dev",
+            "--demo",
+            "--invoices",
+            "200",
+            "--store",
+            store.to_str().unwrap(),
+            "--port",
+            &port,
+        ])
+        .env("FANJET_LOG", "warn")
+        .output()
+        .expect("run fanjet dev");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {text}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("state completed"), "{text}");
+    assert!(text.contains("\"invoices_sent\":200"), "{text}");
+    assert!(
+        text.contains("\"results_read\":200"),
+        "S3 read every result back from the log: {text}"
+    );
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanjet"))
+        .args(["worker", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Exit 100"), "{text}");
+    assert!(text.contains("--concurrency"));
+}
