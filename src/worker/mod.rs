@@ -67,6 +67,12 @@ pub struct TaskContext {
 }
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
+/// How long a busy pull loop waits to gather free slots before pulling.
+const GATHER: Duration = Duration::from_millis(2);
+
+/// How long an idle pull loop's request waits for a task.
+const IDLE_WAIT: Duration = Duration::from_secs(2);
+
 /// A step's handler.
 pub type Handler = Arc<dyn Fn(TaskContext) -> HandlerFuture + Send + Sync>;
 
@@ -221,9 +227,9 @@ struct PullLoop {
 
 impl PullLoop {
     async fn run(self, cancel: CancellationToken) -> Result<(), WorkerError> {
-        // An idle step asks for one task at a time, so it does not hold
+        // An idle step waits for one task at a time, so it does not hold
         // slots that a busy step of the same worker could use.
-        let mut idle = false;
+        let mut idle = true;
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -231,19 +237,39 @@ impl PullLoop {
             };
             let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
             let want = if idle { 1 } else { self.max_batch };
+            // A busy step waits a moment for a quarter of its slots to free
+            // up, so each pull round trip brings several tasks, not one.
+            let enough = (want / 4).max(1);
+            let gather_until = tokio::time::Instant::now() + GATHER;
             while permits.len() < want {
                 match self.slots.clone().try_acquire_owned() {
                     Ok(p) => permits.push(p),
-                    Err(_) => break,
+                    Err(_) if permits.len() >= enough => break,
+                    Err(_) => tokio::select! {
+                        p = self.slots.clone().acquire_owned() => match p {
+                            Ok(p) => permits.push(p),
+                            Err(_) => break,
+                        },
+                        _ = tokio::time::sleep_until(gather_until) => break,
+                    },
                 }
             }
-            let batch = self
-                .consumer
-                .batch()
-                .max_messages(permits.len())
-                .expires(Duration::from_secs(2))
-                .messages()
-                .await;
+            // Busy: take what is there now, without waiting. Idle: wait for
+            // one task, holding a single slot.
+            let batch = if idle {
+                self.consumer
+                    .batch()
+                    .max_messages(1)
+                    .expires(IDLE_WAIT)
+                    .messages()
+                    .await
+            } else {
+                self.consumer
+                    .fetch()
+                    .max_messages(permits.len())
+                    .messages()
+                    .await
+            };
             let mut batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
