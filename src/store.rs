@@ -65,7 +65,9 @@ impl Checkpoint {
                 continue;
             }
             if ended {
-                purge.extend((0..step.pending.chunk_count()).map(|c| chunk_key(&job.job_id, i, c)));
+                // From the total: steps before a restart have no bits loaded.
+                let chunks = step.total.div_ceil(crate::machine::CHUNK_BITS);
+                purge.extend((0..chunks).map(|c| chunk_key(&job.job_id, i, c)));
             } else {
                 chunks.extend(
                     step.pending

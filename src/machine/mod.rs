@@ -44,6 +44,10 @@ pub enum Input {
     Event { seq: u64, event: Event },
     /// Time passed: check deadlines and refill in-flight windows.
     Tick,
+    /// The executor could not carry out an action for this job (its input
+    /// is gone from the log, a task is larger than the server accepts):
+    /// the job fails with `reason` instead of blocking the manager.
+    Abort { job_id: String, reason: String },
 }
 
 /// What the executor must do.
@@ -129,6 +133,14 @@ impl Engine {
                 workflow,
             } => self.requested(seq, event, workflow, now, &mut out),
             Input::Event { seq, event } => self.event(seq, event, now, &mut out),
+            Input::Abort { job_id, reason } => {
+                if let Some(job) = self.jobs.get_mut(&job_id) {
+                    if !job.state.is_terminal() {
+                        fail_job(job, reason, now, &mut out);
+                        self.dirty.insert(job_id);
+                    }
+                }
+            }
             Input::Tick => {
                 let ids: Vec<String> = self
                     .jobs
@@ -403,15 +415,17 @@ fn finish_step(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
         true,
         now,
     ))));
-    let (source, len) = match step.kind {
-        StepKind::Task => (
+    let (source, len) = match (step.kind, step.output_seq) {
+        (StepKind::Task, Some(seq)) => (
             Source::Event {
-                seq: step.output_seq.unwrap_or(0),
+                seq,
                 field: SourceField::Result,
             },
             step.output_len,
         ),
-        StepKind::Fanout => (Source::Inline(fanout_summary(&job.job_id, i, step)), None),
+        // A task step whose one run failed, within its tolerance: no result.
+        (StepKind::Task, None) => (Source::Inline(Value::Null), None),
+        (StepKind::Fanout, _) => (Source::Inline(fanout_summary(&job.job_id, i, step)), None),
     };
     if i + 1 < job.steps.len() {
         start_step(job, i + 1, source, len, now, out);

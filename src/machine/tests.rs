@@ -185,6 +185,43 @@ fn tolerated_failures_let_the_job_complete() {
 }
 
 #[test]
+fn a_tolerated_task_failure_hands_null_on_and_abort_fails_the_job() {
+    let wf = Workflow::from_toml(
+        "name = \"w\"\n[[steps]]\nname = \"a\"\nkind = \"task\"\ntolerate_failures = \"1\"\n[[steps]]\nname = \"b\"\nkind = \"task\"",
+    )
+    .unwrap();
+    let mut e = Engine::new();
+    request(&mut e, wf);
+    let a = e.apply(failed(0, 0), 20);
+    assert_eq!(
+        kinds(&a),
+        ["step_completed", "step_started", "dispatch 1:0..1"]
+    );
+    match &a[2] {
+        Action::Dispatch(d) => assert_eq!(d.source, Source::Inline(Value::Null)),
+        other => panic!("{other:?}"),
+    }
+    let a = e.apply(
+        Input::Abort {
+            job_id: "j".into(),
+            reason: "input gone".into(),
+        },
+        21,
+    );
+    assert_eq!(kinds(&a), ["step_completed", "purge", "failed"]);
+    assert_eq!(e.job("j").unwrap().error.as_deref(), Some("input gone"));
+    assert!(e
+        .apply(
+            Input::Abort {
+                job_id: "j".into(),
+                reason: "again".into()
+            },
+            22
+        )
+        .is_empty());
+}
+
+#[test]
 fn a_fanout_over_a_non_array_fails_clearly() {
     let mut e = Engine::new();
     request(&mut e, workflow(""));

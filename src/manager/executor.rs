@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use serde_json::Value;
+use tracing::warn;
 
 use super::ManagerError;
 use crate::machine::{Action, Dispatch, Source, SourceField};
@@ -20,6 +22,8 @@ use crate::workflow::StepKind;
 
 /// Publishes awaiting their ack at once, at most.
 const MAX_IN_FLIGHT: usize = 1024;
+/// Room left for headers under the server's max payload.
+const HEADER_ROOM: usize = 1024;
 /// Step inputs kept decoded (each is one logged event's payload).
 const SOURCE_CACHE: usize = 64;
 
@@ -38,12 +42,27 @@ impl Executor {
         }
     }
 
-    /// Carries out `actions` in order; returns when every publish is acknowledged.
-    pub async fn run(&mut self, actions: Vec<Action>) -> Result<(), ManagerError> {
+    /// Carries out `actions` in order; returns when every publish is
+    /// acknowledged, with the jobs that must fail because an action of
+    /// theirs cannot be carried out (job id, reason).
+    pub async fn run(
+        &mut self,
+        actions: Vec<Action>,
+    ) -> Result<Vec<(String, String)>, ManagerError> {
+        let mut aborts = Vec::new();
         for action in actions {
             match action {
                 Action::Publish(event) => self.publish_event(&event).await?,
-                Action::Dispatch(d) => self.dispatch(d).await?,
+                Action::Dispatch(d) => {
+                    let job_id = d.job_id.clone();
+                    if let Some(reason) = self.dispatch(d).await? {
+                        warn!(
+                            job_id,
+                            reason, "failing the job: its tasks cannot be enqueued"
+                        );
+                        aborts.push((job_id, reason));
+                    }
+                }
                 Action::PurgeTasks { job_id } => {
                     // Everything enqueued before must be in the stream before it is purged.
                     self.flush().await?;
@@ -58,11 +77,32 @@ impl Executor {
                 }
             }
         }
-        self.flush().await
+        self.flush().await?;
+        Ok(aborts)
+    }
+
+    /// Largest payload the server takes, less room for headers.
+    fn max_payload(&self) -> usize {
+        let max = self.nats.client.server_info().max_payload;
+        if max == 0 {
+            usize::MAX
+        } else {
+            max.saturating_sub(HEADER_ROOM)
+        }
     }
 
     async fn publish_event(&mut self, event: &Event) -> Result<(), ManagerError> {
-        let payload = encode_json(event).map_err(|e| ManagerError::Nats(e.to_string()))?;
+        let mut payload = encode_json(event).map_err(|e| ManagerError::Nats(e.to_string()))?;
+        if payload.len() > self.max_payload() {
+            // Only a job's output can be this large (it came in a result that
+            // fit, plus a little); the event goes out without it.
+            let mut slim = event.clone();
+            if let Event::JobCompleted(c) = &mut slim {
+                c.output = serde_json::json!({"omitted": "larger than the server's max payload; see the last step's SubjobCompleted"});
+            }
+            warn!(job_id = event.job_id(), kind = ?event.kind(), bytes = payload.len(), "event too large; sending it without its output");
+            payload = encode_json(&slim).map_err(|e| ManagerError::Nats(e.to_string()))?;
+        }
         self.send(
             event.subject(),
             PublishMessage::build()
@@ -95,8 +135,13 @@ impl Executor {
         Ok(())
     }
 
-    async fn dispatch(&mut self, d: Dispatch) -> Result<(), ManagerError> {
-        let value = self.source(&d.source).await?;
+    /// Enqueues a slice of a step; `Some(reason)` when it never can be.
+    async fn dispatch(&mut self, d: Dispatch) -> Result<Option<String>, ManagerError> {
+        let value = match self.source(&d.source).await? {
+            Ok(v) => v,
+            Err(reason) => return Ok(Some(format!("step {:?}: {reason}", d.step.name))),
+        };
+        let max = self.max_payload();
         for index in d.from..d.to {
             let (item, input) = match d.step.kind {
                 StepKind::Fanout => (
@@ -121,47 +166,60 @@ impl Executor {
                 backoff_ms: d.step.backoff_ms.clone(),
             };
             let payload = encode_json(&task).map_err(|e| ManagerError::Nats(e.to_string()))?;
+            if payload.len() > max {
+                return Ok(Some(format!(
+                    "step {:?}: the task for subjob {index} is {} bytes, more than the server accepts ({max})",
+                    d.step.name,
+                    payload.len()
+                )));
+            }
             let msg = PublishMessage::build()
                 .payload(payload)
                 .message_id(task_msg_id(&d.job_id, d.step_index, index));
             self.send(task_subject(&d.workflow, &d.step.name, &d.job_id), msg)
                 .await?;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The value a step reads: inline, or a field of an event in the log.
-    async fn source(&mut self, source: &Source) -> Result<Arc<Value>, ManagerError> {
+    /// The inner error is permanent (the job cannot go on), the outer one
+    /// transient.
+    async fn source(
+        &mut self,
+        source: &Source,
+    ) -> Result<Result<Arc<Value>, String>, ManagerError> {
         let (seq, field) = match source {
-            Source::Inline(v) => return Ok(Arc::new(v.clone())),
+            Source::Inline(v) => return Ok(Ok(Arc::new(v.clone()))),
             Source::Event { seq, field } => (*seq, *field),
         };
         if let Some(v) = self.sources.get(&seq) {
-            return Ok(v.clone());
+            return Ok(Ok(v.clone()));
         }
-        let msg =
-            self.nats.events.get_raw_message(seq).await.map_err(|e| {
-                ManagerError::Nats(format!("reading step input at event {seq}: {e}"))
-            })?;
-        let event: Event = serde_json::from_slice(&msg.payload).map_err(|e| {
-            ManagerError::Nats(format!("step input at event {seq} is unreadable: {e}"))
-        })?;
-        let value = match (event, field) {
-            (Event::JobRequested(r), SourceField::Input) => r.input,
-            (Event::SubjobCompleted(c), SourceField::Result) => c.result,
-            (other, _) => {
-                return Err(ManagerError::Nats(format!(
-                    "event {seq} is a {:?}, not a step input",
-                    other.kind()
+        let msg = match self.nats.events.get_raw_message(seq).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {
+                return Ok(Err(format!(
+                    "its input (event {seq}) is no longer in the log"
                 )));
             }
+            Err(e) => {
+                return Err(ManagerError::Nats(format!(
+                    "reading step input at event {seq}: {e}"
+                )))
+            }
+        };
+        let value = match (serde_json::from_slice::<Event>(&msg.payload), field) {
+            (Ok(Event::JobRequested(r)), SourceField::Input) => r.input,
+            (Ok(Event::SubjobCompleted(c)), SourceField::Result) => c.result,
+            _ => return Ok(Err(format!("event {seq} does not hold a step input"))),
         };
         if self.sources.len() >= SOURCE_CACHE {
             self.sources.clear();
         }
         let v = Arc::new(value);
         self.sources.insert(seq, v.clone());
-        Ok(v)
+        Ok(Ok(v))
     }
 }
 

@@ -31,7 +31,7 @@ use tracing::{debug, error, info, warn};
 
 pub use executor::Executor;
 
-use crate::machine::{Engine, Input};
+use crate::machine::{Action, Engine, Input};
 use crate::protocol::{kind_filter, now_ms, Event, EventKind, MANAGER_CONSUMER};
 use crate::setup::{Nats, SetupError};
 use crate::store::{self, Checkpoint, StoreError};
@@ -194,7 +194,7 @@ impl EventLoop {
                 }
                 _ = ticker.tick() => {
                     let actions = self.engine.apply(Input::Tick, now_ms());
-                    self.executor.run(actions).await?;
+                    self.execute(actions).await?;
                 }
                 _ = saver.tick() => {
                     self.save(&mut unacked).await?;
@@ -274,7 +274,20 @@ impl EventLoop {
             };
             actions.extend(self.engine.apply(input, now));
         }
-        self.executor.run(actions).await
+        self.execute(actions).await
+    }
+
+    /// Carries out actions; jobs whose actions cannot be carried out fail.
+    async fn execute(&mut self, actions: Vec<Action>) -> Result<(), ManagerError> {
+        let mut actions = actions;
+        while !actions.is_empty() {
+            let aborts = self.executor.run(actions).await?;
+            actions = Vec::new();
+            for (job_id, reason) in aborts {
+                actions.extend(self.engine.apply(Input::Abort { job_id, reason }, now_ms()));
+            }
+        }
+        Ok(())
     }
 
     async fn workflow(&mut self, name: &str) -> Result<Option<Workflow>, ManagerError> {

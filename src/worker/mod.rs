@@ -400,8 +400,38 @@ async fn settle(
             )
         }
     };
-    if let Some(event) = event {
-        if let Err(e) = report(nats, &event).await {
+    let (event, ack) = match event.map(|e| encode_json(&e).map(|bytes| (e, bytes))) {
+        None => (None, ack),
+        Some(Ok((Event::SubjobCompleted(done), bytes)))
+            if bytes.len() + HEADER_ROOM > max_payload(nats) =>
+        {
+            // Retrying would not make it fit: fail the subjob with a clear error.
+            let error = format!(
+                "result too large: {} bytes, the server accepts {}",
+                bytes.len(),
+                max_payload(nats)
+            );
+            warn!(job_id = %task.job_id, index = task.index, error, "failing the subjob");
+            let failed = Event::SubjobFailed(SubjobFailed {
+                job_id: done.job_id,
+                step_index: done.step_index,
+                index: done.index,
+                attempt,
+                error,
+            });
+            match encode_json(&failed) {
+                Ok(bytes) => (Some((failed, bytes)), AckKind::Term),
+                Err(_) => (None, AckKind::Term),
+            }
+        }
+        Some(Ok(pair)) => (Some(pair), ack),
+        Some(Err(e)) => {
+            warn!(job_id = %task.job_id, index = task.index, error = %e, "could not encode an outcome");
+            (None, AckKind::Nak(None))
+        }
+    };
+    if let Some((event, payload)) = event {
+        if let Err(e) = report(nats, &event, payload).await {
             // Not acked: the task comes back after its deadline and runs again.
             warn!(job_id = %task.job_id, index = task.index, error = %e, "could not report an outcome");
             return;
@@ -412,9 +442,18 @@ async fn settle(
     }
 }
 
+/// Room left for headers under the server's max payload.
+const HEADER_ROOM: usize = 1024;
+
+fn max_payload(nats: &Nats) -> usize {
+    match nats.client.server_info().max_payload {
+        0 => usize::MAX,
+        n => n,
+    }
+}
+
 /// Appends an outcome to the log, retrying briefly.
-async fn report(nats: &Nats, event: &Event) -> Result<(), String> {
-    let payload = encode_json(event).map_err(|e| e.to_string())?;
+async fn report(nats: &Nats, event: &Event, payload: bytes::Bytes) -> Result<(), String> {
     let mut last = String::new();
     for attempt in 0..5u32 {
         if attempt > 0 {
