@@ -1,6 +1,7 @@
 //! Following a job from the terminal: progress bars per step (on stderr)
 //! while it runs, and a statistics table when it ends.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -21,14 +22,22 @@ pub async fn follow(
     } else {
         ProgressDrawTarget::hidden()
     });
-    let style =
-        ProgressStyle::with_template("{prefix:>12} [{bar:40.cyan/blue}] {pos:>6}/{len:6} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+    let style = ProgressStyle::with_template(
+        "{prefix:>12} [{bar:40.cyan/blue}] {pos:>6}/{len:6} {per_sec:>10} eta {eta:>4} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
     let mut shown: Vec<ProgressBar> = Vec::new();
     let start = std::time::Instant::now();
+    // Without a terminal (a log, CI), a plain line every few seconds instead.
+    let plain = bars && !std::io::stderr().is_terminal();
+    let mut last_line = std::time::Instant::now();
     loop {
         if let Some((job, _)) = store::get(nats, job_id).await? {
+            if plain && (last_line.elapsed() >= Duration::from_secs(2) || job.state.is_terminal()) {
+                last_line = std::time::Instant::now();
+                eprintln!("[{:>5.1}s] {}", start.elapsed().as_secs_f64(), line(&job));
+            }
             for (i, step) in job.steps.iter().enumerate() {
                 if shown.len() <= i {
                     let bar = multi.add(ProgressBar::new(step.total.max(1)));
@@ -58,6 +67,27 @@ pub async fn follow(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// One line of progress: each step's counts.
+fn line(job: &Job) -> String {
+    let steps: Vec<String> = job
+        .steps
+        .iter()
+        .map(|s| match s.state {
+            StepState::Pending => format!("{} pending", s.name),
+            _ => format!(
+                "{} {}/{} ({} failed, {} retries) {}",
+                s.name,
+                s.completed + s.failed,
+                s.total,
+                s.failed,
+                s.retries,
+                s.state.as_str()
+            ),
+        })
+        .collect();
+    format!("{}: {}", job.state.as_str(), steps.join(" | "))
 }
 
 fn secs(from: Option<u64>, to: Option<u64>) -> String {

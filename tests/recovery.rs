@@ -285,3 +285,33 @@ async fn sigterm_lets_a_worker_finish_in_flight_tasks() {
         "in-flight tasks finished; nothing was redelivered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subjobs_whose_tasks_vanished_fail_instead_of_hanging() {
+    let mut env = Env::start().await;
+    env.apply(&ONE_FANOUT.replace("MAX", "3").replace("\"1\"", "\"0\""))
+        .await;
+    env.manager_with(fanjet::manager::ManagerOptions {
+        stall_after: Duration::from_secs(1),
+        ..Default::default()
+    });
+    assert!(
+        env.submit("one", json!({"job_id": "lost-1", "input": [1, 2, 3]}))
+            .await
+            .ok
+    );
+    env.wait_for("lost-1", Duration::from_secs(10), "tasks dispatched", |j| {
+        j.steps[0].dispatched == 3
+    })
+    .await;
+    // No worker ever runs; an operator purges the queue.
+    env.nats.tasks.purge().await.unwrap();
+    let job = env.wait_end("lost-1", Duration::from_secs(20)).await;
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.steps[0].failed, 3);
+    assert!(
+        job.error.as_deref().unwrap_or_default().contains("lost"),
+        "{:?}",
+        job.error
+    );
+}

@@ -48,6 +48,10 @@ pub enum Input {
     /// is gone from the log, a task is larger than the server accepts):
     /// the job fails with `reason` instead of blocking the manager.
     Abort { job_id: String, reason: String },
+    /// None of the job's dispatched, unfinished subjobs has a task left in
+    /// the work queue (someone purged it, or its failure report was lost):
+    /// they can never complete, so they fail.
+    Lost { job_id: String },
 }
 
 /// What the executor must do.
@@ -107,6 +111,11 @@ impl Engine {
         self.jobs.is_empty()
     }
 
+    /// Every job held in memory.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
     /// Adds a job loaded from storage (after a restart).
     pub fn insert(&mut self, job: Job) {
         self.jobs.insert(job.job_id.clone(), job);
@@ -137,6 +146,13 @@ impl Engine {
                 if let Some(job) = self.jobs.get_mut(&job_id) {
                     if !job.state.is_terminal() {
                         fail_job(job, reason, now, &mut out);
+                        self.dirty.insert(job_id);
+                    }
+                }
+            }
+            Input::Lost { job_id } => {
+                if let Some(job) = self.jobs.get_mut(&job_id) {
+                    if lost(job, now, &mut out) {
                         self.dirty.insert(job_id);
                     }
                 }
@@ -532,6 +548,43 @@ fn cancel(job: &mut Job, e: CancelRequested, now: Millis, out: &mut Vec<Action>)
         reason: e.reason,
         at: now,
     })));
+    true
+}
+
+/// Subjobs dispatched and unfinished, for a running job's current step.
+pub fn in_flight(job: &Job) -> u64 {
+    match job.steps.get(job.current) {
+        Some(s) if job.state == JobState::Running && s.state == StepState::Running => {
+            s.dispatched.saturating_sub(s.completed + s.failed)
+        }
+        _ => 0,
+    }
+}
+
+fn lost(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
+    if in_flight(job) == 0 {
+        return false;
+    }
+    let step = &mut job.steps[job.current];
+    let mut n = 0;
+    let mut first = None;
+    for i in 0..step.dispatched {
+        if step.pending.mark(i, true) == Mark::New {
+            n += 1;
+            first.get_or_insert(i);
+        }
+    }
+    let Some(index) = first else { return false };
+    step.failed += n;
+    if step.failures.len() < MAX_FAILURES_KEPT {
+        step.failures.push(Failure {
+            index,
+            attempt: 0,
+            error: format!("{n} subjobs lost: their tasks are no longer in the work queue and no outcome was reported"),
+        });
+    }
+    job.updated_at = now;
+    after_outcome(job, now, out);
     true
 }
 

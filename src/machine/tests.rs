@@ -222,6 +222,29 @@ fn a_tolerated_task_failure_hands_null_on_and_abort_fails_the_job() {
 }
 
 #[test]
+fn lost_subjobs_fail_and_the_window_goes_on() {
+    let mut e = Engine::new();
+    request(
+        &mut e,
+        workflow("max_in_flight = 2\ntolerate_failures = \"100%\""),
+    );
+    e.apply(done(0, 0, 1, json!([1, 2, 3, 4])), 20);
+    e.apply(done(1, 0, 1, json!(null)), 21);
+    assert_eq!(in_flight(e.job("j").unwrap()), 1);
+    let a = e.apply(Input::Lost { job_id: "j".into() }, 22);
+    assert_eq!(kinds(&a), ["dispatch 1:2..4"]);
+    let step = &e.job("j").unwrap().steps[1];
+    assert_eq!((step.completed, step.failed), (1, 1));
+    assert!(step.failures[0].error.contains("lost"));
+    let a = e.apply(Input::Lost { job_id: "j".into() }, 23);
+    assert_eq!(
+        kinds(&a),
+        ["step_completed", "step_started", "dispatch 2:0..1"]
+    );
+    assert_eq!(e.job("j").unwrap().steps[1].failed, 3);
+}
+
+#[test]
 fn a_fanout_over_a_non_array_fails_clearly() {
     let mut e = Engine::new();
     request(&mut e, workflow(""));

@@ -31,8 +31,8 @@ use tracing::{debug, error, info, warn};
 
 pub use executor::Executor;
 
-use crate::machine::{Action, Engine, Input};
-use crate::protocol::{kind_filter, now_ms, Event, EventKind, MANAGER_CONSUMER};
+use crate::machine::{in_flight, Action, Engine, Input};
+use crate::protocol::{job_tasks_filter, kind_filter, now_ms, Event, EventKind, MANAGER_CONSUMER};
 use crate::setup::{Nats, SetupError};
 use crate::store::{self, Checkpoint, StoreError};
 use crate::workflow::Workflow;
@@ -56,6 +56,9 @@ pub struct ManagerOptions {
     pub batch: usize,
     /// Longest time between two checkpoints (and so the status lag).
     pub checkpoint_every: Duration,
+    /// A job whose in-flight subjobs show no progress this long is checked
+    /// for lost tasks.
+    pub stall_after: Duration,
 }
 
 impl Default for ManagerOptions {
@@ -64,6 +67,7 @@ impl Default for ManagerOptions {
             tick: Duration::from_millis(500),
             batch: 2000,
             checkpoint_every: Duration::from_millis(100),
+            stall_after: Duration::from_secs(30),
         }
     }
 }
@@ -181,6 +185,8 @@ impl EventLoop {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut saver = tokio::time::interval(self.options.checkpoint_every);
         saver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stall = tokio::time::interval(self.options.stall_after / 2);
+        stall.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The last applied event not yet acknowledged, and how many are behind it.
         let mut unacked: Option<Message> = None;
         let mut unsaved = 0usize;
@@ -195,6 +201,10 @@ impl EventLoop {
                 _ = ticker.tick() => {
                     let actions = self.engine.apply(Input::Tick, now_ms());
                     self.execute(actions).await?;
+                }
+                _ = stall.tick() => {
+                    self.find_lost(&mut unacked).await?;
+                    unsaved = 0;
                 }
                 _ = saver.tick() => {
                     self.save(&mut unacked).await?;
@@ -222,6 +232,57 @@ impl EventLoop {
                 }
             }
         }
+    }
+
+    /// Fails subjobs that can never finish: in flight, without progress for
+    /// `stall_after`, and with no task left in the work queue.
+    ///
+    /// Outcomes are reported before their task is acknowledged, so once the
+    /// queue holds no task of a job, every outcome of it is in the log. The
+    /// queue is read first and the manager's consumer second: when the
+    /// consumer then has nothing undelivered or unacknowledged, every
+    /// outcome reported before the queue was read has been applied.
+    async fn find_lost(&mut self, unacked: &mut Option<Message>) -> Result<(), ManagerError> {
+        let now = now_ms();
+        let quiet = self.options.stall_after.as_millis() as u64;
+        let candidates: Vec<String> = self
+            .engine
+            .jobs()
+            .filter(|j| in_flight(j) > 0 && now.saturating_sub(j.updated_at) >= quiet)
+            .map(|j| j.job_id.clone())
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        self.save(unacked).await?;
+        let mut empty = Vec::new();
+        for job_id in candidates {
+            if queued_tasks(&self.nats, &job_id).await? == 0 {
+                empty.push(job_id);
+            }
+        }
+        if empty.is_empty() {
+            return Ok(());
+        }
+        let info = self
+            .nats
+            .events
+            .clone()
+            .consumer_info(MANAGER_CONSUMER)
+            .await
+            .map_err(|e| ManagerError::Nats(format!("reading the manager consumer: {e}")))?;
+        if info.num_pending > 0 || info.num_ack_pending > 0 {
+            return Ok(()); // outcomes still on their way; look again next time
+        }
+        let mut actions = Vec::new();
+        for job_id in empty {
+            warn!(
+                job_id,
+                "subjobs in flight have no task left in the work queue; failing them"
+            );
+            actions.extend(self.engine.apply(Input::Lost { job_id }, now));
+        }
+        self.execute(actions).await
     }
 
     /// Checkpoints changed jobs, then acknowledges every event applied so far.
@@ -339,4 +400,20 @@ impl EventLoop {
         }
         Ok(())
     }
+}
+
+/// Tasks of one job in the work queue (queued, running or waiting to be retried).
+async fn queued_tasks(nats: &Nats, job_id: &str) -> Result<u64, ManagerError> {
+    let mut subjects = nats
+        .tasks
+        .info_with_subjects(job_tasks_filter(job_id))
+        .await
+        .map_err(|e| ManagerError::Nats(format!("counting tasks of {job_id}: {e}")))?;
+    let mut n = 0;
+    while let Some(entry) = subjects.next().await {
+        n += entry
+            .map_err(|e| ManagerError::Nats(format!("counting tasks of {job_id}: {e}")))?
+            .1 as u64;
+    }
+    Ok(n)
 }

@@ -67,11 +67,15 @@ impl Env {
 
     /// Runs a manager in this process until the env is dropped.
     pub fn manager(&mut self) {
-        let (nats, cancel) = (self.nats.clone(), self.cancel.clone());
-        let opts = ManagerOptions {
+        self.manager_with(ManagerOptions {
             tick: Duration::from_millis(200),
             ..Default::default()
-        };
+        });
+    }
+
+    /// Runs a manager with these options.
+    pub fn manager_with(&mut self, opts: ManagerOptions) {
+        let (nats, cancel) = (self.nats.clone(), self.cancel.clone());
         self.tasks.push(tokio::spawn(async move {
             manager::run(nats, opts, cancel).await.expect("manager");
         }));
