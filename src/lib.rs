@@ -12,15 +12,22 @@
 //! - [`server`]: finds and runs a local nats-server (for `fanjet dev` and tests).
 //! - [`shutdown`]: signals to cancellation.
 
+pub mod api;
+pub mod client;
 pub mod connect;
 pub mod demo;
 pub mod machine;
 pub mod manager;
+pub mod metrics;
+pub mod monitor;
+pub mod notify;
 pub mod progress;
 pub mod protocol;
+pub mod serve;
 pub mod server;
 pub mod setup;
 pub mod shutdown;
+pub mod stats;
 pub mod store;
 pub mod worker;
 pub mod workflow;

@@ -12,14 +12,14 @@ use tokio_util::sync::CancellationToken;
 use fanjet::connect::ConnectArgs;
 use fanjet::machine::JobState;
 use fanjet::manager::{self, ManagerOptions};
-use fanjet::protocol::{
-    encode_json, now_ms, submit_subject, CancelRequested, Event, Submission, SubmitReply,
-};
+use fanjet::notify::Webhooks;
+use fanjet::protocol::Submission;
+use fanjet::serve::{self, ServeOptions};
 use fanjet::server::NatsServer;
 use fanjet::setup::Nats;
 use fanjet::worker::{exec_handler, Worker, EXIT_GIVE_UP};
 use fanjet::workflow::Workflow;
-use fanjet::{demo, progress, shutdown, store};
+use fanjet::{client, demo, progress, shutdown, store};
 
 /// fanjet: fan-out/fan-in workflow jobs on NATS JetStream.
 ///
@@ -57,6 +57,9 @@ enum Command {
         /// Share of demo send attempts that fail transiently (0..1).
         #[arg(long, default_value_t = 0.05)]
         failure_rate: f64,
+        /// Address of the HTTP API and web page (127.0.0.1:8080 when free, else any free port).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Runs the workflow manager (intake, event loop, advisories) until SIGTERM.
     Manager,
@@ -127,6 +130,20 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Follows a job with live progress bars; exits with its outcome (0 completed, 1 failed, 2 cancelled or rejected).
+    Watch { job_id: String },
+    /// Serves the HTTP API, the web page and /metrics, and runs the statistics consumer and the notifier.
+    Serve {
+        /// Address of the HTTP server. Loopback by default: put a proxy in front to expose it.
+        #[arg(long, default_value = "127.0.0.1:8080", env = "FANJET_LISTEN")]
+        listen: std::net::SocketAddr,
+        /// URL to POST every step and job notification to (repeat for several).
+        #[arg(long = "webhook", env = "FANJET_WEBHOOKS", value_delimiter = ',')]
+        webhooks: Vec<String>,
+        /// Tries per notification and webhook (delays double from 1 s).
+        #[arg(long, default_value_t = 6)]
+        webhook_attempts: u32,
+    },
     /// Manages workflow definitions.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
@@ -183,7 +200,19 @@ async fn run(cli: Cli) -> Result<u8> {
             invoices,
             concurrency,
             failure_rate,
-        } => dev(store, port, demo, invoices, concurrency, failure_rate, root).await,
+            listen,
+        } => {
+            let opts = DevOptions {
+                store,
+                port,
+                demo,
+                invoices,
+                concurrency,
+                failure_rate,
+                listen,
+            };
+            dev(opts, root).await
+        }
         Command::Manager => {
             let nats = nats(&cli.connect, "fanjet-manager").await?;
             shutdown::on_signals(root.clone());
@@ -227,16 +256,12 @@ async fn run(cli: Cli) -> Result<u8> {
                     serde_json::from_str(&text).context("--input is not valid JSON")?
                 }
             };
-            let reply = submit(
-                &nats,
-                &workflow,
-                Submission {
-                    job_id,
-                    customer,
-                    input,
-                },
-            )
-            .await?;
+            let sub = Submission {
+                job_id,
+                customer,
+                input,
+            };
+            let reply = client::submit(&nats, &workflow, &sub).await?;
             let id = reply.job_id.clone().unwrap_or_default();
             if !reply.ok {
                 let err = reply
@@ -331,22 +356,43 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Cancel { job_id, reason } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
-            let (job, _) = store::get(&nats, &job_id)
-                .await?
-                .ok_or_else(|| anyhow!("no job {job_id:?}"))?;
-            if job.state.is_terminal() {
-                bail!("job {job_id} has already ended ({})", job.state.as_str());
-            }
-            let event = Event::CancelRequested(CancelRequested {
-                job_id: job_id.clone(),
-                reason,
-                at: now_ms(),
-            });
-            nats.js
-                .publish(event.subject(), encode_json(&event)?)
-                .await?
-                .await?;
+            client::cancel(&nats, &job_id, reason).await?;
             eprintln!("cancel requested for {job_id}");
+            Ok(0)
+        }
+        Command::Watch { job_id } => {
+            let nats = nats(&cli.connect, "fanjet-cli").await?;
+            if store::get(&nats, &job_id).await?.is_none() {
+                bail!("no job {job_id:?}");
+            }
+            let job = progress::follow(&nats, &job_id, true, None)
+                .await?
+                .ok_or_else(|| anyhow!("job {job_id} vanished"))?;
+            print!("{}", progress::render(&job));
+            Ok(progress::exit_code(job.state) as u8)
+        }
+        Command::Serve {
+            listen,
+            webhooks,
+            webhook_attempts,
+        } => {
+            let nats = nats(&cli.connect, "fanjet-serve").await?;
+            shutdown::on_signals(root.clone());
+            let hooks = Webhooks {
+                urls: webhooks,
+                attempts: webhook_attempts,
+                ..Default::default()
+            };
+            eprintln!("fanjet serve: http://{listen}/ (API under /api, metrics at /metrics)");
+            serve::run(
+                nats,
+                ServeOptions {
+                    listen,
+                    webhooks: hooks,
+                },
+                root,
+            )
+            .await?;
             Ok(0)
         }
         Command::Workflow(WorkflowCommand::Apply { files }) => {
@@ -387,58 +433,40 @@ async fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-/// Sends a submission request; waits up to 5 s for a manager to come up.
-async fn submit(nats: &Nats, workflow: &str, sub: Submission) -> Result<SubmitReply> {
-    let body = encode_json(&sub)?;
-    let start = std::time::Instant::now();
-    loop {
-        let answer = tokio::time::timeout(
-            Duration::from_secs(10),
-            nats.client.request(submit_subject(workflow), body.clone()),
-        )
-        .await
-        .map_err(|_| anyhow!("no answer from a fanjet manager within 10 s"))?;
-        match answer {
-            Ok(msg) => {
-                return serde_json::from_slice(&msg.payload)
-                    .context("unreadable answer from the manager")
-            }
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                if start.elapsed() > Duration::from_secs(5) {
-                    bail!("no fanjet manager is running (start `fanjet manager` or `fanjet dev`)");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => bail!("submitting: {e}"),
-        }
-    }
-}
-
-async fn dev(
-    store_dir: PathBuf,
+struct DevOptions {
+    store: PathBuf,
     port: Option<u16>,
-    run_demo: bool,
+    demo: bool,
     invoices: u64,
     concurrency: usize,
     failure_rate: f64,
-    root: CancellationToken,
-) -> Result<u8> {
-    let port = port.unwrap_or_else(|| {
-        if std::net::TcpListener::bind("127.0.0.1:4222").is_ok() {
-            4222
-        } else {
-            fanjet::server::free_port()
-        }
-    });
+    listen: Option<std::net::SocketAddr>,
+}
+
+/// A port: the preferred one when free, else any free one.
+fn port_or_free(preferred: u16) -> u16 {
+    if std::net::TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
+        preferred
+    } else {
+        fanjet::server::free_port()
+    }
+}
+
+async fn dev(o: DevOptions, root: CancellationToken) -> Result<u8> {
+    let port = o.port.unwrap_or_else(|| port_or_free(4222));
+    let store_dir = o.store.clone();
     let server =
         tokio::task::spawn_blocking(move || NatsServer::start(Some(store_dir), Some(port)))
             .await??;
     let url = server.url();
+    let listen = o
+        .listen
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], port_or_free(8080))));
     eprintln!(
-        "nats-server {} (JetStream data in {})",
-        url,
+        "nats-server  {url}  (JetStream data in {})",
         server.store().display()
     );
+    eprintln!("web page     http://{listen}/   API http://{listen}/api/jobs   metrics http://{listen}/metrics");
     let nats = nats(&ConnectArgs::url(&url), "fanjet-dev").await?;
     nats.apply_workflow(&Workflow::from_toml(demo::INVOICES_TOML)?)
         .await?;
@@ -454,36 +482,55 @@ async fn dev(
     }
     {
         let opts = demo::DemoOptions {
-            invoices,
-            failure_rate,
+            invoices: o.invoices,
+            failure_rate: o.failure_rate,
             ..Default::default()
         };
         let worker = demo::register(
-            Worker::new(nats.clone()).concurrency(concurrency),
+            Worker::new(nats.clone()).concurrency(o.concurrency),
             nats.clone(),
             opts,
         );
         let c = root.clone();
         tasks.spawn(async move { worker.run(c).await.map_err(anyhow::Error::from) });
     }
+    {
+        let (n, c) = (nats.clone(), root.clone());
+        let options = ServeOptions {
+            listen,
+            webhooks: Webhooks::default(),
+        };
+        tasks.spawn(async move { serve::run(n, options, c).await.map_err(anyhow::Error::from) });
+    }
     let mut code = 0;
-    if run_demo {
+    if o.demo {
+        let invoices = o.invoices;
         let sub = Submission {
             job_id: None,
             customer: Some("acme".into()),
             input: serde_json::json!({"customer": "acme", "count": invoices}),
         };
-        let reply = submit(&nats, "invoices", sub).await?;
+        let reply = client::submit(&nats, "invoices", &sub).await?;
         let id = reply
             .job_id
             .ok_or_else(|| anyhow!("submission refused: {:?}", reply.error))?;
-        eprintln!("submitted job {id}: collect -> send x{invoices} -> summarize, {concurrency} worker slots");
+        eprintln!(
+            "submitted job {id}: collect -> send x{invoices} -> summarize, {} worker slots",
+            o.concurrency
+        );
+        eprintln!("watch it at http://{listen}/#job={id}");
         let job = tokio::select! {
             j = progress::follow(&nats, &id, true, None) => j?,
             _ = root.cancelled() => None,
         };
         if let Some(job) = job {
             print!("{}", progress::render(&job));
+            if let Ok(Some(st)) = fanjet::stats::get(&nats, &id).await {
+                print!(
+                    "{}",
+                    progress::render_stats(&st, job.finished_at.unwrap_or(0))
+                );
+            }
             code = progress::exit_code(job.state);
             if job.state != JobState::Completed {
                 eprintln!("the demo job did not complete");
@@ -491,7 +538,7 @@ async fn dev(
         }
         root.cancel();
     } else {
-        eprintln!("manager and worker running; submit a job from another shell:");
+        eprintln!("manager, workers and API running; submit a job from another shell:");
         eprintln!("  fanjet --server {url} submit invoices --customer acme --input '{{\"count\": 100}}' --wait");
         eprintln!("or from any NATS client: nats --server {url} request fanjet.submit.invoices '{{\"input\": {{\"count\": 100}}}}'");
         eprintln!("Ctrl-C stops everything.");

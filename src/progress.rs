@@ -157,6 +157,38 @@ pub fn render(job: &Job) -> String {
     out
 }
 
+/// Per-step statistics: subjob durations and attempts.
+pub fn render_stats(st: &crate::stats::JobStats, now: u64) -> String {
+    let mut out = format!(
+        "{:<14} {:>9} {:>9} {:>9} {:>11}  attempts (1, 2, 3, ...)\n",
+        "statistics", "p50 ms", "p95 ms", "max ms", "subjobs/s"
+    );
+    for s in &st.steps {
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        let attempts: Vec<String> = {
+            let last = s
+                .attempts
+                .iter()
+                .rposition(|c| *c > 0)
+                .map(|i| i + 1)
+                .unwrap_or(0);
+            s.attempts[..last].iter().map(|c| c.to_string()).collect()
+        };
+        out.push_str(&format!(
+            "{:<14} {:>9} {:>9} {:>9} {:>11}  {}\n",
+            s.name,
+            opt(s.duration_quantile_ms(0.5)),
+            opt(s.duration_quantile_ms(0.95)),
+            opt((s.completed > 0).then_some(s.duration_max_ms)),
+            s.throughput(now)
+                .map(|t| format!("{t:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            attempts.join(", ")
+        ));
+    }
+    out
+}
+
 /// Exit code for a finished job: 0 completed, 1 failed, 2 cancelled or rejected.
 pub fn exit_code(state: JobState) -> i32 {
     match state {

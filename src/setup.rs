@@ -9,12 +9,15 @@ use thiserror::Error;
 
 use crate::protocol::{
     max_deliveries_advisories, step_consumer, step_tasks_filter, ADVISORIES_STREAM, EVENTS_STREAM,
-    EVENTS_WILDCARD, JOBS_BUCKET, PENDING_BUCKET, TASKS_STREAM, TASKS_WILDCARD, WORKFLOWS_BUCKET,
+    EVENTS_WILDCARD, JOBS_BUCKET, PENDING_BUCKET, STATS_BUCKET, TASKS_STREAM, TASKS_WILDCARD,
+    WORKFLOWS_BUCKET,
 };
 use crate::workflow::{Step, Workflow};
 
 /// How long the event log keeps events (and so how long a job may run).
 pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long job status and statistics are kept after their last change.
+pub const RECORDS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Duplicate window of the event and task streams: a re-publish within it
 /// (after a crash) is dropped by the server.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
@@ -56,6 +59,7 @@ pub struct Nats {
     pub workflows: kv::Store,
     pub jobs: kv::Store,
     pub pending: kv::Store,
+    pub stats: kv::Store,
 }
 
 impl Nats {
@@ -86,11 +90,12 @@ impl Nats {
                     .map_err(|source| SetupError::GetStream { name, source })
             }
         };
-        let bucket = |name: &'static str, history: i64| {
+        let bucket = |name: &'static str, history: i64, max_age: Duration| {
             let js = js.clone();
             let cfg = kv::Config {
                 bucket: name.to_string(),
                 history,
+                max_age,
                 storage: stream::StorageType::File,
                 ..Default::default()
             };
@@ -123,9 +128,10 @@ impl Nats {
                 EVENTS_MAX_AGE,
             )
             .await?,
-            workflows: bucket(WORKFLOWS_BUCKET, 5).await?,
-            jobs: bucket(JOBS_BUCKET, 1).await?,
-            pending: bucket(PENDING_BUCKET, 1).await?,
+            workflows: bucket(WORKFLOWS_BUCKET, 5, Duration::ZERO).await?,
+            jobs: bucket(JOBS_BUCKET, 1, RECORDS_MAX_AGE).await?,
+            pending: bucket(PENDING_BUCKET, 1, Duration::ZERO).await?,
+            stats: bucket(STATS_BUCKET, 1, RECORDS_MAX_AGE).await?,
             client,
             js,
         })

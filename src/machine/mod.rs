@@ -407,6 +407,7 @@ fn start_step(
     step.source = Some(source);
     out.push(Action::Publish(Event::StepStarted(StepStarted {
         job_id: job.job_id.clone(),
+        workflow: job.workflow.clone(),
         step: def.name.clone(),
         step_index: i,
         total,
@@ -426,6 +427,7 @@ fn finish_step(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
     step.finished_at = Some(now);
     out.push(Action::Publish(Event::StepCompleted(step_completed_event(
         &job.job_id,
+        &job.workflow,
         i,
         step,
         true,
@@ -463,6 +465,7 @@ fn finish_step(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
 
 fn step_completed_event(
     job_id: &str,
+    workflow: &str,
     i: usize,
     step: &StepRun,
     ok: bool,
@@ -470,6 +473,7 @@ fn step_completed_event(
 ) -> StepCompleted {
     StepCompleted {
         job_id: job_id.to_string(),
+        workflow: workflow.to_string(),
         step: step.name.clone(),
         step_index: i,
         ok,
@@ -507,6 +511,7 @@ fn fail_job(job: &mut Job, reason: String, now: Millis, out: &mut Vec<Action>) {
         step.finished_at = Some(now);
         out.push(Action::Publish(Event::StepCompleted(step_completed_event(
             &job.job_id,
+            &job.workflow,
             i,
             step,
             false,

@@ -19,6 +19,8 @@ mod executor;
 mod intake;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, pull, PullConsumer};
@@ -32,7 +34,10 @@ use tracing::{debug, error, info, warn};
 pub use executor::Executor;
 
 use crate::machine::{in_flight, Action, Engine, Input};
-use crate::protocol::{job_tasks_filter, kind_filter, now_ms, Event, EventKind, MANAGER_CONSUMER};
+use crate::monitor::{self, Heartbeat};
+use crate::protocol::{
+    job_tasks_filter, kind_filter, now_ms, Event, EventKind, MANAGER_CONSUMER, PARTITIONS,
+};
 use crate::setup::{Nats, SetupError};
 use crate::store::{self, Checkpoint, StoreError};
 use crate::workflow::Workflow;
@@ -81,7 +86,22 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     tasks.spawn(intake::run(nats.clone(), cancel.clone()));
     tasks.spawn(advisories::run(nats.clone(), cancel.clone()));
-    let result = EventLoop::new(nats, options).run(cancel.clone()).await;
+    let event_loop = EventLoop::new(nats.clone(), options);
+    let running = event_loop.running.clone();
+    let id = monitor::process_id("manager");
+    let beat_cancel = cancel.clone();
+    tasks.spawn(async move {
+        monitor::beat(nats, beat_cancel, move || Heartbeat {
+            role: "manager".into(),
+            id: id.clone(),
+            jobs: running.load(Ordering::Relaxed),
+            partitions: u64::from(PARTITIONS),
+            ..Default::default()
+        })
+        .await;
+        Ok(())
+    });
+    let result = event_loop.run(cancel.clone()).await;
     cancel.cancel();
     while let Some(r) = tasks.join_next().await {
         match r {
@@ -94,6 +114,8 @@ pub async fn run(
 }
 
 struct EventLoop {
+    /// Jobs held as running, for the heartbeat.
+    running: Arc<AtomicU64>,
     nats: Nats,
     options: ManagerOptions,
     engine: Engine,
@@ -106,6 +128,7 @@ struct EventLoop {
 impl EventLoop {
     fn new(nats: Nats, options: ManagerOptions) -> Self {
         EventLoop {
+            running: Arc::new(AtomicU64::new(0)),
             executor: Executor::new(nats.clone()),
             nats,
             options,
@@ -288,6 +311,8 @@ impl EventLoop {
     /// Checkpoints changed jobs, then acknowledges every event applied so far.
     async fn save(&mut self, unacked: &mut Option<Message>) -> Result<(), ManagerError> {
         self.checkpoint().await?;
+        self.running
+            .store(self.engine.len() as u64, Ordering::Relaxed);
         if let Some(last) = unacked.take() {
             last.ack()
                 .await

@@ -49,6 +49,8 @@ pub struct JobRejected {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepStarted {
     pub job_id: String,
+    #[serde(default)]
+    pub workflow: String,
     pub step: String,
     pub step_index: usize,
     pub total: u64,
@@ -59,6 +61,8 @@ pub struct StepStarted {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepCompleted {
     pub job_id: String,
+    #[serde(default)]
+    pub workflow: String,
     pub step: String,
     pub step_index: usize,
     pub ok: bool,
@@ -286,6 +290,7 @@ mod tests {
             }),
             Event::StepStarted(StepStarted {
                 job_id: "j".into(),
+                workflow: "w".into(),
                 step: "s".into(),
                 step_index: 0,
                 total: 3,
@@ -293,6 +298,7 @@ mod tests {
             }),
             Event::StepCompleted(StepCompleted {
                 job_id: "j".into(),
+                workflow: "w".into(),
                 step: "s".into(),
                 step_index: 0,
                 ok: true,

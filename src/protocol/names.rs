@@ -18,6 +18,13 @@ pub const JOBS_BUCKET: &str = "fanjet_jobs";
 /// KV bucket: pending sets as bitmap chunks, key = `<job>.<step>.<chunk>`.
 pub const PENDING_BUCKET: &str = "fanjet_pending";
 
+/// KV bucket: per-job statistics, key = job id.
+pub const STATS_BUCKET: &str = "fanjet_stats";
+/// Durable consumer of the event log that builds statistics and metrics.
+pub const STATS_CONSUMER: &str = "fanjet-stats";
+/// Durable consumer of the event log that sends notifications.
+pub const NOTIFY_CONSUMER: &str = "fanjet-notify";
+
 /// Durable consumer of the event log used by the workflow manager.
 pub const MANAGER_CONSUMER: &str = "fanjet-manager";
 /// Durable consumer of the advisories stream used by the workflow manager.
@@ -77,6 +84,25 @@ pub fn job_events_filter(job_id: &str) -> String {
 pub fn kind_filter(kind: &str) -> String {
     format!("fanjet.ev.*.*.{kind}")
 }
+
+/// Subject of a notification: `fanjet.notify.<workflow>.<job_id>.<kind>`
+/// (`_` as the workflow when a rejected submission named none).
+pub fn notify_subject(workflow: &str, job_id: &str, kind: &str) -> String {
+    let workflow = if workflow.is_empty() { "_" } else { workflow };
+    format!("fanjet.notify.{workflow}.{job_id}.{kind}")
+}
+
+/// Subject of a heartbeat: `fanjet.heartbeat.<role>.<id>`.
+pub fn heartbeat_subject(role: &str, id: &str) -> String {
+    format!("fanjet.heartbeat.{role}.{id}")
+}
+
+/// Every heartbeat.
+pub const HEARTBEAT_WILDCARD: &str = "fanjet.heartbeat.>";
+
+/// Header carrying a notification's stable id (the event's message id), for
+/// receivers to drop the rare duplicate.
+pub const NOTIFICATION_ID_HEADER: &str = "Fanjet-Notification-Id";
 
 /// Subjects of the task stream.
 pub const TASKS_WILDCARD: &str = "fanjet.task.>";

@@ -27,6 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::monitor::{self, Heartbeat};
 use crate::protocol::{encode_json, Event, SubjobCompleted, SubjobFailed, Task};
 use crate::setup::{Nats, SetupError};
 
@@ -143,6 +144,26 @@ impl Worker {
         }
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut loops = JoinSet::new();
+        {
+            let (slots, total, id) = (
+                slots.clone(),
+                self.concurrency as u64,
+                monitor::process_id("worker"),
+            );
+            let nats = self.nats.clone();
+            let c = cancel.clone();
+            loops.spawn(async move {
+                monitor::beat(nats, c, move || Heartbeat {
+                    role: "worker".into(),
+                    id: id.clone(),
+                    slots: total,
+                    busy: total.saturating_sub(slots.available_permits() as u64),
+                    ..Default::default()
+                })
+                .await;
+                Ok(())
+            });
+        }
         let running: Arc<tokio::sync::Mutex<JoinSet<()>>> =
             Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
         for (workflow, step, handler) in self.handlers {

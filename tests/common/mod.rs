@@ -91,6 +91,32 @@ impl Env {
         cancel
     }
 
+    /// Runs `fanjet serve` parts (API, statistics, notifier, collector) in
+    /// this process on a free port; returns the base URL and a token that
+    /// stops them.
+    pub async fn serve(
+        &mut self,
+        webhooks: fanjet::notify::Webhooks,
+    ) -> (String, CancellationToken) {
+        let port = fanjet::server::free_port();
+        let listen: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let cancel = self.cancel.child_token();
+        let (nats, c) = (self.nats.clone(), cancel.clone());
+        let options = fanjet::serve::ServeOptions { listen, webhooks };
+        self.tasks.push(tokio::spawn(async move {
+            fanjet::serve::run(nats, options, c).await.expect("serve");
+        }));
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(listen).await.is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "fanjet serve never listened on {listen}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (format!("http://{listen}"), cancel)
+    }
+
     /// Starts `fanjet ARGS --server URL` as a child process.
     pub fn spawn(&mut self, args: &[&str]) -> usize {
         let child = fanjet_command(&self.url(), args)

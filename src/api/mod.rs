@@ -1,0 +1,431 @@
+//! The HTTP API and the web page (`fanjet serve`): detailed status, events,
+//! live progress (Server-Sent Events), submission, cancellation, health and
+//! metrics. The contract is `docs/openapi.json`, served at
+//! `/api/openapi.json`. Errors are JSON: `{"error": {"code", "message"}}`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{self, ClientError};
+use crate::machine::{Job, StepState};
+use crate::metrics::Metrics;
+use crate::protocol::{now_ms, RejectCode, Submission};
+use crate::setup::Nats;
+use crate::{stats, store};
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+const INDEX: &str = include_str!("index.html");
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// An API error: status code, stable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        let status = match &e {
+            ClientError::NoSuchJob(_) => StatusCode::NOT_FOUND,
+            ClientError::Ended { .. } => StatusCode::CONFLICT,
+            ClientError::NoManager | ClientError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ClientError::Store(_) | ClientError::Nats(_) => StatusCode::BAD_GATEWAY,
+        };
+        let code = match &e {
+            ClientError::NoSuchJob(_) => "not_found",
+            ClientError::Ended { .. } => "job_ended",
+            ClientError::NoManager | ClientError::Timeout(_) => "no_manager",
+            _ => "nats_error",
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<store::StoreError> for ApiError {
+    fn from(e: store::StoreError) -> Self {
+        ApiError::new(StatusCode::BAD_GATEWAY, "nats_error", e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The router, with every route of `docs/openapi.json`.
+pub fn router(nats: Nats) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/api/jobs", get(list_jobs).post(submit))
+        .route("/api/jobs/{id}", get(job))
+        .route("/api/jobs/{id}/events", get(events))
+        .route("/api/jobs/{id}/stream", get(stream))
+        .route("/api/jobs/{id}/cancel", post(cancel))
+        .route("/api/openapi.json", get(openapi))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see /api/openapi.json",
+            )
+        })
+        .with_state(nats)
+}
+
+/// Serves until `cancel`.
+pub async fn serve(
+    nats: Nats,
+    addr: SocketAddr,
+    cancel: CancellationToken,
+) -> Result<(), ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    tracing::info!(%addr, "HTTP API and web page listening");
+    axum::serve(listener, router(nats))
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+        .map_err(ServeError::Serve)
+}
+
+async fn index() -> Html<&'static str> {
+    Html(INDEX)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(nats): State<Nats>) -> Response {
+    let connected = nats.client.connection_state() == async_nats::connection::State::Connected;
+    let streams = nats.events.get_info().await.is_ok();
+    let body = json!({"nats_connected": connected, "streams": streams});
+    let status = if connected && streams {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        Metrics::get().render(),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    workflow: Option<String>,
+    customer: Option<String>,
+    state: Option<String>,
+    #[serde(default = "default_limit")]
+    limit: usize,
+    #[serde(default)]
+    offset: usize,
+}
+
+fn default_limit() -> usize {
+    50
+}
+
+/// One line of the jobs list.
+fn summary(job: &Job) -> Value {
+    let step = job.steps.get(job.current);
+    json!({
+        "job_id": job.job_id,
+        "workflow": job.workflow,
+        "customer": job.customer,
+        "state": job.state,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "step": step.map(|s| s.name.clone()),
+        "step_index": job.current,
+        "steps": job.steps.len(),
+        "done": step.map(|s| s.completed + s.failed),
+        "total": step.map(|s| s.total),
+        "error": job.error,
+    })
+}
+
+async fn list_jobs(State(nats): State<Nats>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+    if let Some(s) = &q.state {
+        if ![
+            "requested",
+            "running",
+            "completed",
+            "failed",
+            "cancelled",
+            "rejected",
+        ]
+        .contains(&s.as_str())
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("unknown state {s:?}"),
+            ));
+        }
+    }
+    let limit = q.limit.clamp(1, 1000);
+    let mut jobs = Vec::new();
+    for id in store::job_ids(&nats).await? {
+        if let Some((job, _)) = store::get(&nats, &id).await? {
+            let keep = q.workflow.as_deref().is_none_or(|w| job.workflow == w)
+                && q.customer
+                    .as_deref()
+                    .is_none_or(|c| job.customer.as_deref() == Some(c))
+                && q.state.as_deref().is_none_or(|s| job.state.as_str() == s);
+            if keep {
+                jobs.push(job);
+            }
+        }
+    }
+    jobs.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then_with(|| b.job_id.cmp(&a.job_id))
+    });
+    let total = jobs.len();
+    let page: Vec<Value> = jobs
+        .iter()
+        .skip(q.offset)
+        .take(limit)
+        .map(summary)
+        .collect();
+    Ok(Json(
+        json!({"jobs": page, "total": total, "offset": q.offset, "limit": limit}),
+    ))
+}
+
+/// The detailed status: the job record, with statistics and an ETA per step.
+pub fn detailed(job: &Job, stats: Option<&stats::JobStats>, now: u64) -> Value {
+    let mut v = serde_json::to_value(job).unwrap_or(Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("definition");
+        obj.remove("requested_seq");
+    }
+    if let Some(steps) = v.get_mut("steps").and_then(Value::as_array_mut) {
+        for (i, sv) in steps.iter_mut().enumerate() {
+            let Some(step) = job.steps.get(i) else {
+                continue;
+            };
+            let Some(o) = sv.as_object_mut() else {
+                continue;
+            };
+            o.remove("source");
+            o.remove("output_seq");
+            o.remove("output_len");
+            if let Some(st) = stats.and_then(|s| s.steps.get(i)) {
+                o.insert("stats".into(), st.summary(now));
+            }
+            if step.state == StepState::Running {
+                let done = step.completed + step.failed;
+                let elapsed = now.saturating_sub(step.started_at.unwrap_or(now)).max(1);
+                if done > 0 {
+                    let rate = done as f64 / (elapsed as f64 / 1000.0);
+                    let eta_ms = ((step.total.saturating_sub(done)) as f64 / rate * 1000.0) as u64;
+                    o.insert("throughput_per_s".into(), json!(rate));
+                    o.insert("eta_ms".into(), json!(eta_ms));
+                    o.insert("eta_at".into(), json!(now + eta_ms));
+                }
+            }
+        }
+    }
+    v
+}
+
+async fn job(State(nats): State<Nats>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let job = client::status(&nats, &id)
+        .await?
+        .ok_or_else(|| ApiError::from(ClientError::NoSuchJob(id.clone())))?;
+    let st = stats::get(&nats, &id).await.ok().flatten();
+    Ok(Json(detailed(&job, st.as_ref(), now_ms())))
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    from_seq: u64,
+    #[serde(default = "default_event_limit")]
+    limit: usize,
+}
+
+fn default_event_limit() -> usize {
+    1000
+}
+
+async fn events(
+    State(nats): State<Nats>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Json<Value>> {
+    if client::status(&nats, &id).await?.is_none() {
+        return Err(ClientError::NoSuchJob(id).into());
+    }
+    let list = client::events(&nats, &id, q.from_seq, q.limit.clamp(1, 10_000)).await?;
+    Ok(Json(json!({"job_id": id, "events": list})))
+}
+
+async fn stream(
+    State(nats): State<Nats>,
+    Path(id): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    if client::status(&nats, &id).await?.is_none() {
+        return Err(ClientError::NoSuchJob(id).into());
+    }
+    let watch = nats
+        .jobs
+        .watch(&id)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "nats_error", e.to_string()))?;
+    let nats2 = nats.clone();
+    // One `status` event per change of the record; the stream ends after
+    // the job ends.
+    let updates = watch
+        .filter_map(|entry| async move {
+            entry
+                .ok()
+                .and_then(|e| serde_json::from_slice::<Job>(&e.value).ok())
+        })
+        .scan(false, |ended, job| {
+            let out = if *ended { None } else { Some(job.clone()) };
+            *ended = job.state.is_terminal();
+            futures::future::ready(out)
+        })
+        .then(move |job| {
+            let nats = nats2.clone();
+            async move {
+                let st = stats::get(&nats, &job.job_id).await.ok().flatten();
+                let data = detailed(&job, st.as_ref(), now_ms());
+                let kind = if job.state.is_terminal() {
+                    "end"
+                } else {
+                    "status"
+                };
+                Ok(SseEvent::default().event(kind).data(data.to_string()))
+            }
+        });
+    Ok(Sse::new(updates).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    workflow: String,
+    job_id: Option<String>,
+    customer: Option<String>,
+    #[serde(default)]
+    input: Value,
+}
+
+async fn submit(
+    State(nats): State<Nats>,
+    body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(body) = body
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_payload", e.body_text()))?;
+    crate::protocol::validate_token("workflow name", &body.workflow).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_workflow_name",
+            e.to_string(),
+        )
+    })?;
+    let sub = Submission {
+        job_id: body.job_id,
+        customer: body.customer,
+        input: body.input,
+    };
+    let reply = client::submit(&nats, &body.workflow, &sub).await?;
+    if let Some(err) = &reply.error {
+        let status = match err.code {
+            RejectCode::UnknownWorkflow => StatusCode::NOT_FOUND,
+            RejectCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RejectCode::Internal => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        return Ok((status, Json(json!({"error": {"code": err.code, "message": err.message}, "job_id": reply.job_id}))).into_response());
+    }
+    let status = if reply.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((
+        status,
+        Json(json!({"job_id": reply.job_id, "duplicate": reply.duplicate})),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CancelBody {
+    reason: Option<String>,
+}
+
+async fn cancel(
+    State(nats): State<Nats>,
+    Path(id): Path<String>,
+    body: Option<Json<CancelBody>>,
+) -> ApiResult<Response> {
+    let reason = body.and_then(|Json(b)| b.reason);
+    client::cancel(&nats, &id, reason).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": id, "cancel": "requested"})),
+    )
+        .into_response())
+}

@@ -1,0 +1,177 @@
+//! What a client does, shared by the CLI and the HTTP API: submit a job,
+//! cancel it, read its events.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::pull::OrderedConfig;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::machine::{Job, JobState};
+use crate::protocol::{
+    encode_json, event_subject, job_events_filter, now_ms, submit_subject, CancelRequested, Event,
+    EventKind, Submission, SubmitReply,
+};
+use crate::setup::Nats;
+use crate::store::{self, StoreError};
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("no fanjet manager is running (start `fanjet manager` or `fanjet dev`)")]
+    NoManager,
+    #[error("no answer from a fanjet manager within {0:?}")]
+    Timeout(Duration),
+    #[error("no job {0:?}")]
+    NoSuchJob(String),
+    #[error("job {job_id} has already ended ({state})")]
+    Ended { job_id: String, state: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// Submits a job through the intake; waits up to 5 s for a manager to come up.
+pub async fn submit(
+    nats: &Nats,
+    workflow: &str,
+    sub: &Submission,
+) -> Result<SubmitReply, ClientError> {
+    let body = encode_json(sub).map_err(|e| ClientError::Nats(e.to_string()))?;
+    let start = Instant::now();
+    let wait = Duration::from_secs(10);
+    loop {
+        let answer = tokio::time::timeout(
+            wait,
+            nats.client.request(submit_subject(workflow), body.clone()),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(wait))?;
+        match answer {
+            Ok(msg) => {
+                return serde_json::from_slice(&msg.payload).map_err(|e| {
+                    ClientError::Nats(format!("unreadable answer from the manager: {e}"))
+                })
+            }
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                if start.elapsed() > Duration::from_secs(5) {
+                    return Err(ClientError::NoManager);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(ClientError::Nats(format!("submitting: {e}"))),
+        }
+    }
+}
+
+/// Asks the manager to cancel a running job.
+pub async fn cancel(nats: &Nats, job_id: &str, reason: Option<String>) -> Result<(), ClientError> {
+    let (job, _) = store::get(nats, job_id)
+        .await?
+        .ok_or_else(|| ClientError::NoSuchJob(job_id.to_string()))?;
+    if job.state.is_terminal() {
+        return Err(ClientError::Ended {
+            job_id: job_id.to_string(),
+            state: job.state.as_str().to_string(),
+        });
+    }
+    let event = Event::CancelRequested(CancelRequested {
+        job_id: job_id.to_string(),
+        reason,
+        at: now_ms(),
+    });
+    let body = encode_json(&event).map_err(|e| ClientError::Nats(e.to_string()))?;
+    nats.js
+        .publish(event.subject(), body)
+        .await
+        .map_err(|e| ClientError::Nats(e.to_string()))?
+        .await
+        .map_err(|e| ClientError::Nats(e.to_string()))?;
+    Ok(())
+}
+
+/// A job's status: its record, or, in the moment between its acceptance and
+/// the manager's first checkpoint, a `requested` stub built from the log.
+pub async fn status(nats: &Nats, job_id: &str) -> Result<Option<Job>, ClientError> {
+    if let Some((job, _)) = store::get(nats, job_id).await? {
+        return Ok(Some(job));
+    }
+    if crate::protocol::validate_token("job id", job_id).is_err() {
+        return Ok(None);
+    }
+    let subject = event_subject(job_id, EventKind::JobRequested.token());
+    let Ok(msg) = nats.events.get_last_raw_message_by_subject(&subject).await else {
+        return Ok(None);
+    };
+    let Ok(Event::JobRequested(req)) = serde_json::from_slice::<Event>(&msg.payload) else {
+        return Ok(None);
+    };
+    let mut job = Job::rejected(
+        &req.job_id,
+        Some(&req.workflow),
+        req.customer.clone(),
+        String::new(),
+        req.at,
+    );
+    job.state = JobState::Requested;
+    job.error = None;
+    job.finished_at = None;
+    Ok(Some(job))
+}
+
+/// One event of a job's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoggedEvent {
+    pub seq: u64,
+    pub subject: String,
+    pub event: Value,
+}
+
+/// A job's events from the log in order, from sequence `from_seq`, at most `limit`.
+pub async fn events(
+    nats: &Nats,
+    job_id: &str,
+    from_seq: u64,
+    limit: usize,
+) -> Result<Vec<LoggedEvent>, ClientError> {
+    let err = |e: &dyn std::fmt::Display| ClientError::Nats(e.to_string());
+    let deliver_policy = if from_seq > 1 {
+        DeliverPolicy::ByStartSequence {
+            start_sequence: from_seq,
+        }
+    } else {
+        DeliverPolicy::All
+    };
+    let consumer = nats
+        .events
+        .create_consumer(OrderedConfig {
+            filter_subject: job_events_filter(job_id),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(&e))?;
+    let mut out = Vec::new();
+    let mut msgs = consumer.messages().await.map_err(|e| err(&e))?;
+    while out.len() < limit {
+        let Ok(Some(next)) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
+        else {
+            break;
+        };
+        let m = next.map_err(|e| err(&e))?;
+        let info = m.info().map_err(|e| err(&e))?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        out.push(LoggedEvent {
+            seq,
+            subject: m.subject.to_string(),
+            event: serde_json::from_slice(&m.payload).unwrap_or(Value::Null),
+        });
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,158 @@
+//! Every Prometheus metric fanjet exports: one registry, each name a
+//! constant with its help text here, so the dashboard and this file can be
+//! read side by side (`dashboards/README.md`).
+//!
+//! Labels are bounded: workflow, step, outcome, state. Never a job id.
+//! The counters are fed from the event log by the statistics consumer, so
+//! one `fanjet serve` exports the whole deployment whatever the number of
+//! managers and workers; gauges come from consumer info and heartbeats.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub const JOBS_SUBMITTED: &str = "fanjet_jobs_submitted_total";
+pub const JOBS_FINISHED: &str = "fanjet_jobs_finished_total";
+pub const JOBS_RUNNING: &str = "fanjet_jobs_running";
+pub const SUBJOBS_COMPLETED: &str = "fanjet_subjobs_completed_total";
+pub const SUBJOBS_FAILED: &str = "fanjet_subjobs_failed_total";
+pub const SUBJOB_RETRIES: &str = "fanjet_subjob_retries_total";
+pub const SUBJOB_DURATION: &str = "fanjet_subjob_duration_seconds";
+pub const STEP_DURATION: &str = "fanjet_step_duration_seconds";
+pub const JOB_DURATION: &str = "fanjet_job_duration_seconds";
+pub const TASK_BACKLOG: &str = "fanjet_task_backlog";
+pub const TASKS_IN_FLIGHT: &str = "fanjet_tasks_in_flight";
+pub const TASKS_REDELIVERED: &str = "fanjet_tasks_redelivered";
+pub const WORKER_SLOTS: &str = "fanjet_worker_slots";
+pub const WORKERS: &str = "fanjet_workers";
+pub const MANAGERS: &str = "fanjet_managers";
+pub const MANAGER_PARTITIONS: &str = "fanjet_manager_partitions_owned";
+pub const MANAGER_LAG: &str = "fanjet_manager_lag_events";
+pub const EVENTS_OBSERVED: &str = "fanjet_events_observed_total";
+
+/// Buckets for subjob durations: 1 ms to 10 min.
+const SUBJOB_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0,
+];
+/// Buckets for step and job durations: 10 ms to 4 h.
+const LONG_BUCKETS: &[f64] = &[
+    0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 5400.0, 7200.0,
+    14400.0,
+];
+
+/// The metrics, registered once per process.
+pub struct Metrics {
+    pub registry: Registry,
+    pub jobs_submitted: IntCounterVec,
+    pub jobs_finished: IntCounterVec,
+    pub jobs_running: IntGaugeVec,
+    pub subjobs_completed: IntCounterVec,
+    pub subjobs_failed: IntCounterVec,
+    pub subjob_retries: IntCounterVec,
+    pub subjob_duration: HistogramVec,
+    pub step_duration: HistogramVec,
+    pub job_duration: HistogramVec,
+    pub task_backlog: IntGaugeVec,
+    pub tasks_in_flight: IntGaugeVec,
+    pub tasks_redelivered: IntGaugeVec,
+    pub worker_slots: IntGaugeVec,
+    pub workers: IntGaugeVec,
+    pub managers: IntGaugeVec,
+    pub manager_partitions: IntGaugeVec,
+    pub manager_lag: IntGaugeVec,
+    pub events_observed: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    h
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        Metrics {
+            jobs_submitted: counter(&r, JOBS_SUBMITTED, "Jobs requested (accepted by the intake), by workflow.", &["workflow"]),
+            jobs_finished: counter(&r, JOBS_FINISHED, "Jobs that ended, by workflow and outcome (completed, failed, cancelled, rejected).", &["workflow", "outcome"]),
+            jobs_running: gauge(&r, JOBS_RUNNING, "Jobs the managers hold as running (from manager heartbeats).", &["manager"]),
+            subjobs_completed: counter(&r, SUBJOBS_COMPLETED, "Subjobs (and task-step runs) that succeeded, by workflow and step.", &["workflow", "step"]),
+            subjobs_failed: counter(&r, SUBJOBS_FAILED, "Subjobs that failed for good, by workflow and step.", &["workflow", "step"]),
+            subjob_retries: counter(&r, SUBJOB_RETRIES, "Attempts beyond the first, over subjobs that finished, by workflow and step.", &["workflow", "step"]),
+            subjob_duration: histogram(&r, SUBJOB_DURATION, "Handler run time of successful subjob attempts, by workflow and step.", &["workflow", "step"], SUBJOB_BUCKETS),
+            step_duration: histogram(&r, STEP_DURATION, "Time from step start to step end, by workflow, step and outcome (ok, failed).", &["workflow", "step", "outcome"], LONG_BUCKETS),
+            job_duration: histogram(&r, JOB_DURATION, "Time from request to end, by workflow and outcome.", &["workflow", "outcome"], LONG_BUCKETS),
+            task_backlog: gauge(&r, TASK_BACKLOG, "Tasks queued and not yet delivered to a worker, by workflow and step.", &["workflow", "step"]),
+            tasks_in_flight: gauge(&r, TASKS_IN_FLIGHT, "Tasks delivered to workers and not yet acknowledged, by workflow and step.", &["workflow", "step"]),
+            tasks_redelivered: gauge(&r, TASKS_REDELIVERED, "Tasks currently being delivered again (a worker timed out or asked for a retry), by workflow and step.", &["workflow", "step"]),
+            worker_slots: gauge(&r, WORKER_SLOTS, "Worker slots by state (busy, free), over all live workers.", &["state"]),
+            workers: gauge(&r, WORKERS, "Live worker processes (heartbeat within 15 s).", &[]),
+            managers: gauge(&r, MANAGERS, "Live manager processes (heartbeat within 15 s).", &[]),
+            manager_partitions: gauge(&r, MANAGER_PARTITIONS, "Event-log partitions each live manager owns.", &["manager"]),
+            manager_lag: gauge(&r, MANAGER_LAG, "Events in the log not yet processed by the manager (delivered or not).", &[]),
+            events_observed: counter(&r, EVENTS_OBSERVED, "Events read from the log by the statistics consumer, by kind.", &["kind"]),
+            registry: r,
+        }
+    }
+
+    /// The process-wide metrics.
+    pub fn get() -> &'static Metrics {
+        static M: OnceLock<Metrics> = OnceLock::new();
+        M.get_or_init(Metrics::new)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_registered_with_help() {
+        let m = Metrics::get();
+        m.subjobs_completed.with_label_values(&["w", "s"]).inc();
+        m.workers.with_label_values::<&str>(&[]).set(1);
+        let text = m.render();
+        for name in [SUBJOBS_COMPLETED, WORKERS] {
+            assert!(text.contains(&format!("# HELP {name} ")), "{name} missing");
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Heartbeats and the gauges built from them and from consumer info.
+//!
+//! Managers and workers publish a small heartbeat every few seconds on
+//! `fanjet.heartbeat.<role>.<id>`; `fanjet serve` listens, reads the task
+//! and manager consumers' state, and sets the gauges, so one scrape target
+//! covers every process.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::metrics::Metrics;
+use crate::protocol::{heartbeat_subject, HEARTBEAT_WILDCARD, MANAGER_CONSUMER};
+use crate::setup::Nats;
+
+/// How often processes send a heartbeat.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// A process silent this long is gone.
+const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
+
+/// What a process says about itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// `manager` or `worker`.
+    pub role: String,
+    pub id: String,
+    /// Worker: slots in all, and busy.
+    #[serde(default)]
+    pub slots: u64,
+    #[serde(default)]
+    pub busy: u64,
+    /// Manager: jobs held as running, partitions owned.
+    #[serde(default)]
+    pub jobs: u64,
+    #[serde(default)]
+    pub partitions: u64,
+}
+
+/// A unique id for this process's heartbeats.
+pub fn process_id(role: &str) -> String {
+    format!(
+        "{role}-{}-{}",
+        std::process::id(),
+        ulid::Ulid::new()
+            .to_string()
+            .to_lowercase()
+            .get(20..)
+            .unwrap_or("0")
+    )
+}
+
+/// Publishes `beat()` every [`HEARTBEAT_EVERY`] until `cancel`.
+pub async fn beat(
+    nats: Nats,
+    cancel: CancellationToken,
+    mut make: impl FnMut() -> Heartbeat + Send,
+) {
+    let mut every = tokio::time::interval(HEARTBEAT_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {
+                let hb = make();
+                if let Ok(body) = serde_json::to_vec(&hb) {
+                    if let Err(e) = nats.client.publish(heartbeat_subject(&hb.role, &hb.id), body.into()).await {
+                        debug!(error = %e, "heartbeat");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the gauges current until `cancel`.
+pub async fn collect(
+    nats: Nats,
+    cancel: CancellationToken,
+) -> Result<(), async_nats::SubscribeError> {
+    let m = Metrics::get();
+    let mut beats = nats.client.subscribe(HEARTBEAT_WILDCARD).await?;
+    let mut seen: HashMap<String, (Instant, Heartbeat)> = HashMap::new();
+    let mut every = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            Some(msg) = beats.next() => {
+                if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
+                    seen.insert(hb.id.clone(), (Instant::now(), hb));
+                }
+            }
+            _ = every.tick() => {
+                seen.retain(|_, (at, _)| at.elapsed() < HEARTBEAT_TTL);
+                let workers = seen.values().filter(|(_, h)| h.role == "worker");
+                let (mut n, mut slots, mut busy) = (0, 0, 0);
+                for (_, h) in workers {
+                    n += 1;
+                    slots += h.slots;
+                    busy += h.busy;
+                }
+                m.workers.with_label_values::<&str>(&[]).set(n);
+                m.worker_slots.with_label_values(&["busy"]).set(busy as i64);
+                m.worker_slots.with_label_values(&["free"]).set(slots.saturating_sub(busy) as i64);
+                m.jobs_running.reset();
+                m.manager_partitions.reset();
+                let mut managers = 0;
+                for (_, h) in seen.values().filter(|(_, h)| h.role == "manager") {
+                    managers += 1;
+                    m.jobs_running.with_label_values(&[&h.id]).set(h.jobs as i64);
+                    m.manager_partitions.with_label_values(&[&h.id]).set(h.partitions as i64);
+                }
+                m.managers.with_label_values::<&str>(&[]).set(managers);
+                consumers(&nats, m).await;
+            }
+        }
+    }
+}
+
+/// Backlog, in-flight and redelivered tasks per step; the manager's lag.
+async fn consumers(nats: &Nats, m: &Metrics) {
+    let mut list = nats.tasks.consumers();
+    while let Some(Ok(info)) = list.next().await {
+        // Consumer names join workflow and step with '_', which the names
+        // may hold too; the filter subject keeps them apart.
+        let filter = info.config.filter_subject.clone();
+        let parts: Vec<&str> = filter.split('.').collect();
+        if parts.len() != 5 || parts[0] != "fanjet" || parts[1] != "task" {
+            continue;
+        }
+        let labels = [parts[2], parts[3]];
+        m.task_backlog
+            .with_label_values(&labels)
+            .set(info.num_pending as i64);
+        m.tasks_in_flight
+            .with_label_values(&labels)
+            .set(info.num_ack_pending as i64);
+        m.tasks_redelivered
+            .with_label_values(&labels)
+            .set(info.num_redelivered as i64);
+    }
+    if let Ok(info) = nats.events.clone().consumer_info(MANAGER_CONSUMER).await {
+        m.manager_lag
+            .with_label_values::<&str>(&[])
+            .set((info.num_pending + info.num_ack_pending as u64) as i64);
+    }
+}

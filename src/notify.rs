@@ -1,0 +1,181 @@
+//! The notifier: a consumer of the event log, separate from the manager,
+//! that announces step and job transitions on NATS subjects
+//! (`fanjet.notify.<workflow>.<job_id>.<kind>`) and, when configured, POSTs
+//! them as JSON to webhooks with retries and backoff.
+//!
+//! Each event is acknowledged only after it was announced and every webhook
+//! took it or gave up, so a restarted notifier resumes where it stopped.
+//! Every notification carries the event's message id in the
+//! `Fanjet-Notification-Id` header for receivers to drop the rare duplicate
+//! (a notifier that dies between sending and acknowledging).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, pull};
+use futures::StreamExt;
+use thiserror::Error;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::protocol::{
+    kind_filter, notify_subject, Event, EventKind, NOTIFICATION_ID_HEADER, NOTIFY_CONSUMER,
+};
+use crate::setup::Nats;
+
+#[derive(Debug, Error)]
+pub enum NotifyError {
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// Kinds that are notified.
+pub const NOTIFIED: [EventKind; 6] = [
+    EventKind::StepStarted,
+    EventKind::StepCompleted,
+    EventKind::JobCompleted,
+    EventKind::JobFailed,
+    EventKind::JobCancelled,
+    EventKind::JobRejected,
+];
+
+/// Webhook delivery settings.
+#[derive(Debug, Clone)]
+pub struct Webhooks {
+    pub urls: Vec<String>,
+    /// Tries per notification and URL.
+    pub attempts: u32,
+    /// Delay before the first retry; doubles each time.
+    pub first_backoff: Duration,
+}
+
+impl Default for Webhooks {
+    fn default() -> Self {
+        Webhooks {
+            urls: Vec::new(),
+            attempts: 6,
+            first_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The workflow an event names (empty when it names none).
+fn workflow_of(event: &Event) -> &str {
+    match event {
+        Event::StepStarted(e) => &e.workflow,
+        Event::StepCompleted(e) => &e.workflow,
+        Event::JobCompleted(e) => &e.workflow,
+        Event::JobFailed(e) => &e.workflow,
+        Event::JobCancelled(e) => &e.workflow,
+        Event::JobRejected(e) => e.workflow.as_deref().unwrap_or(""),
+        _ => "",
+    }
+}
+
+/// Runs the notifier until `cancel`.
+pub async fn run(
+    nats: Nats,
+    hooks: Webhooks,
+    cancel: CancellationToken,
+) -> Result<(), NotifyError> {
+    let err = |e: &dyn std::fmt::Display| NotifyError::Nats(e.to_string());
+    let consumer = nats
+        .events
+        .create_consumer(pull::Config {
+            durable_name: Some(NOTIFY_CONSUMER.into()),
+            filter_subjects: NOTIFIED.iter().map(|k| kind_filter(k.token())).collect(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            // Long enough for every retry of a slow webhook.
+            ack_wait: Duration::from_secs(300),
+            max_ack_pending: 1000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(&e))?;
+    let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| err(&e))?;
+    let hooks = Arc::new(hooks);
+    let slots = Arc::new(Semaphore::new(64));
+    let mut deliveries = JoinSet::new();
+    info!(webhooks = hooks.urls.len(), "notifier running");
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => break,
+            m = messages.next() => match m {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => { warn!(error = %e, "notifier pull"); continue; }
+                None => break,
+            },
+        };
+        while deliveries.try_join_next().is_some() {}
+        let event: Event = match serde_json::from_slice(&msg.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(subject = %msg.subject, error = %e, "notifier: skipping an unreadable event");
+                let _ = msg.ack().await;
+                continue;
+            }
+        };
+        let id = event.msg_id();
+        let subject = notify_subject(workflow_of(&event), event.job_id(), event.kind().token());
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(NOTIFICATION_ID_HEADER, id.as_str());
+        if let Err(e) = nats
+            .client
+            .publish_with_headers(subject, headers, msg.payload.clone())
+            .await
+        {
+            warn!(error = %e, "could not publish a notification; it will be retried");
+            continue;
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let (http, hooks, body) = (http.clone(), hooks.clone(), msg.payload.clone());
+        deliveries.spawn(async move {
+            for url in &hooks.urls {
+                post(&http, url, &id, body.clone(), &hooks).await;
+            }
+            if let Err(e) = msg.ack().await {
+                warn!(error = %e, "acking a notified event");
+            }
+            drop(permit);
+        });
+    }
+    // Let deliveries under way finish their current try; the rest are redelivered.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while deliveries.join_next().await.is_some() {}
+    })
+    .await;
+    deliveries.shutdown().await;
+    Ok(())
+}
+
+/// POSTs one notification, retrying with doubling delays.
+async fn post(http: &reqwest::Client, url: &str, id: &str, body: bytes::Bytes, hooks: &Webhooks) {
+    let mut delay = hooks.first_backoff;
+    for attempt in 1..=hooks.attempts.max(1) {
+        let sent = http
+            .post(url)
+            .header(NOTIFICATION_ID_HEADER, id)
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) => warn!(url, attempt, status = %r.status(), "webhook refused a notification"),
+            Err(e) => warn!(url, attempt, error = %e, "webhook unreachable"),
+        }
+        if attempt < hooks.attempts {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(300));
+        }
+    }
+    warn!(url, id, "webhook gave up after {} attempts", hooks.attempts);
+}

@@ -1,0 +1,76 @@
+//! What `fanjet serve` runs: the HTTP API and page, the statistics
+//! consumer, the notifier and the metrics collector, each its own task (and
+//! its own consumer of the log), restarted alone when it fails, all
+//! stopped together.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use crate::api::{self, ServeError};
+use crate::notify::{self, Webhooks};
+use crate::setup::Nats;
+use crate::{monitor, stats};
+
+/// Settings of `fanjet serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub webhooks: Webhooks,
+}
+
+/// Runs everything until `cancel`; the first part to fail stops the rest.
+pub async fn run(
+    nats: Nats,
+    options: ServeOptions,
+    cancel: CancellationToken,
+) -> Result<(), ServeError> {
+    let mut tasks = JoinSet::new();
+    let (n, c) = (nats.clone(), cancel.clone());
+    tasks.spawn(supervise("statistics", c.clone(), move || {
+        stats::run(n.clone(), c.clone())
+    }));
+    let (n, c, hooks) = (nats.clone(), cancel.clone(), options.webhooks.clone());
+    tasks.spawn(supervise("notifier", c.clone(), move || {
+        notify::run(n.clone(), hooks.clone(), c.clone())
+    }));
+    let (n, c) = (nats.clone(), cancel.clone());
+    tasks.spawn(supervise("metrics collector", c.clone(), move || {
+        monitor::collect(n.clone(), c.clone())
+    }));
+    let served = api::serve(nats, options.listen, cancel.clone()).await;
+    cancel.cancel();
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            error!(error = %e, "serve task panicked");
+        }
+    }
+    served
+}
+
+/// Runs `part` until `cancel`, starting it again (with a growing pause) when
+/// it fails, so one consumer's trouble does not stop the others.
+async fn supervise<F, Fut, E>(name: &'static str, cancel: CancellationToken, mut part: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match part().await {
+            Ok(()) if cancel.is_cancelled() => return,
+            Ok(()) => error!(part = name, "stopped on its own; starting it again"),
+            Err(e) => error!(part = name, error = %e, "failed; starting it again"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,458 @@
+//! The statistics consumer: a projection of the event log, separate from
+//! the manager, that keeps per-job statistics in the `fanjet_stats` bucket
+//! (attempt histograms, subjob duration percentiles, throughput) and feeds
+//! the Prometheus counters.
+//!
+//! Each record remembers the last log sequence it applied, so replaying
+//! after a restart counts nothing twice.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, pull};
+use async_nats::jetstream::Message;
+use futures::{FutureExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::protocol::{Event, Millis, EVENTS_WILDCARD, STATS_CONSUMER};
+use crate::setup::Nats;
+use crate::store;
+
+/// Upper bounds (ms) of the duration buckets; the last bucket is open.
+pub const DURATION_BOUNDS_MS: [u64; 16] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000, 300_000,
+];
+/// Attempts counted one by one up to this; more fall in the last bucket.
+pub const MAX_ATTEMPT_BUCKET: usize = 10;
+
+#[derive(Debug, Error)]
+pub enum StatsError {
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// Statistics of one step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    pub name: String,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    pub total: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub retries: u64,
+    /// `attempts[i]`: subjobs that finished on attempt i+1 (the last entry: 10 or more).
+    pub attempts: Vec<u64>,
+    /// Counts per duration bucket (see [`DURATION_BOUNDS_MS`]), successful attempts only.
+    pub duration_buckets: Vec<u64>,
+    pub duration_max_ms: u64,
+    pub duration_sum_ms: u64,
+}
+
+impl StepStats {
+    fn record_attempt(&mut self, attempt: u32) {
+        let i = (attempt.max(1) as usize - 1).min(MAX_ATTEMPT_BUCKET - 1);
+        if self.attempts.len() < MAX_ATTEMPT_BUCKET {
+            self.attempts.resize(MAX_ATTEMPT_BUCKET, 0);
+        }
+        self.attempts[i] += 1;
+        self.retries += u64::from(attempt.saturating_sub(1));
+    }
+
+    fn record_duration(&mut self, ms: u64) {
+        if self.duration_buckets.len() < DURATION_BOUNDS_MS.len() + 1 {
+            self.duration_buckets
+                .resize(DURATION_BOUNDS_MS.len() + 1, 0);
+        }
+        let i = DURATION_BOUNDS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(DURATION_BOUNDS_MS.len());
+        self.duration_buckets[i] += 1;
+        self.duration_max_ms = self.duration_max_ms.max(ms);
+        self.duration_sum_ms += ms;
+    }
+
+    /// The duration (ms) under which a share `q` of successful attempts
+    /// fall: the upper bound of the bucket that holds the quantile, capped
+    /// by the maximum seen.
+    pub fn duration_quantile_ms(&self, q: f64) -> Option<u64> {
+        let n: u64 = self.duration_buckets.iter().sum();
+        if n == 0 {
+            return None;
+        }
+        let rank = ((n as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.duration_buckets.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                let bound = DURATION_BOUNDS_MS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(self.duration_max_ms);
+                return Some(bound.min(self.duration_max_ms));
+            }
+        }
+        Some(self.duration_max_ms)
+    }
+
+    /// Subjobs finished per second, over the step's run so far.
+    pub fn throughput(&self, now: Millis) -> Option<f64> {
+        let start = self.started_at?;
+        let end = self.finished_at.unwrap_or(now);
+        let secs = (end.saturating_sub(start) as f64 / 1000.0).max(0.001);
+        Some((self.completed + self.failed) as f64 / secs)
+    }
+
+    /// A summary for people and the API.
+    pub fn summary(&self, now: Millis) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "duration_ms": self.started_at.map(|s| self.finished_at.unwrap_or(now).saturating_sub(s)),
+            "attempts_histogram": self.attempts,
+            "subjob_duration_ms": {
+                "p50": self.duration_quantile_ms(0.5),
+                "p95": self.duration_quantile_ms(0.95),
+                "max": (self.duration_buckets.iter().sum::<u64>() > 0).then_some(self.duration_max_ms),
+                "mean": (self.completed > 0).then(|| self.duration_sum_ms / self.completed.max(1)),
+            },
+            "throughput_per_s": self.throughput(now),
+        })
+    }
+}
+
+/// Statistics of one job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobStats {
+    pub job_id: String,
+    pub workflow: String,
+    pub requested_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    pub outcome: Option<String>,
+    pub steps: Vec<StepStats>,
+    /// Last event-log sequence applied to this record.
+    pub applied_seq: u64,
+}
+
+impl JobStats {
+    fn step(&mut self, i: usize) -> &mut StepStats {
+        if self.steps.len() <= i {
+            self.steps.resize_with(i + 1, StepStats::default);
+        }
+        &mut self.steps[i]
+    }
+
+    fn step_name(&self, i: usize) -> String {
+        self.steps
+            .get(i)
+            .map(|s| s.name.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("step{i}"))
+    }
+
+    /// Applies one event; updates the metrics. False when already applied.
+    pub fn apply(&mut self, seq: u64, event: &Event, metrics: &Metrics) -> bool {
+        if seq <= self.applied_seq {
+            return false;
+        }
+        self.applied_seq = seq;
+        metrics
+            .events_observed
+            .with_label_values(&[event.kind().token()])
+            .inc();
+        match event {
+            Event::JobRequested(e) => {
+                self.workflow = e.workflow.clone();
+                self.requested_at = Some(e.at);
+                metrics
+                    .jobs_submitted
+                    .with_label_values(&[&e.workflow])
+                    .inc();
+            }
+            Event::StepStarted(e) => {
+                if !e.workflow.is_empty() {
+                    self.workflow = e.workflow.clone();
+                }
+                let s = self.step(e.step_index);
+                s.name = e.step.clone();
+                s.started_at = Some(e.at);
+                s.total = e.total;
+            }
+            Event::StepCompleted(e) => {
+                let s = self.step(e.step_index);
+                s.name = e.step.clone();
+                s.finished_at = Some(e.at);
+                let secs = e.at.saturating_sub(e.started_at) as f64 / 1000.0;
+                let outcome = if e.ok { "ok" } else { "failed" };
+                metrics
+                    .step_duration
+                    .with_label_values(&[&self.workflow, &e.step, outcome])
+                    .observe(secs);
+            }
+            Event::SubjobCompleted(e) => {
+                let name = self.step_name(e.step_index);
+                let s = self.step(e.step_index);
+                s.completed += 1;
+                s.record_attempt(e.attempt);
+                s.record_duration(e.duration_ms);
+                let labels = [self.workflow.as_str(), name.as_str()];
+                metrics.subjobs_completed.with_label_values(&labels).inc();
+                metrics
+                    .subjob_retries
+                    .with_label_values(&labels)
+                    .inc_by(u64::from(e.attempt.saturating_sub(1)));
+                metrics
+                    .subjob_duration
+                    .with_label_values(&labels)
+                    .observe(e.duration_ms as f64 / 1000.0);
+            }
+            Event::SubjobFailed(e) => {
+                let name = self.step_name(e.step_index);
+                let s = self.step(e.step_index);
+                s.failed += 1;
+                s.record_attempt(e.attempt);
+                let labels = [self.workflow.as_str(), name.as_str()];
+                metrics.subjobs_failed.with_label_values(&labels).inc();
+                metrics
+                    .subjob_retries
+                    .with_label_values(&labels)
+                    .inc_by(u64::from(e.attempt.saturating_sub(1)));
+            }
+            Event::JobCompleted(e) => self.finish("completed", e.at, metrics),
+            Event::JobFailed(e) => self.finish("failed", e.at, metrics),
+            Event::JobCancelled(e) => self.finish("cancelled", e.at, metrics),
+            Event::JobRejected(e) => {
+                if let Some(w) = &e.workflow {
+                    self.workflow = w.clone();
+                }
+                self.finish("rejected", e.at, metrics);
+            }
+            Event::CancelRequested(_) => {}
+        }
+        true
+    }
+
+    fn finish(&mut self, outcome: &str, at: Millis, metrics: &Metrics) {
+        if self.outcome.is_some() {
+            return;
+        }
+        self.outcome = Some(outcome.to_string());
+        self.finished_at = Some(at);
+        metrics
+            .jobs_finished
+            .with_label_values(&[&self.workflow, outcome])
+            .inc();
+        if let Some(start) = self.requested_at {
+            metrics
+                .job_duration
+                .with_label_values(&[&self.workflow, outcome])
+                .observe(at.saturating_sub(start) as f64 / 1000.0);
+        }
+    }
+}
+
+/// Reads a job's statistics.
+pub async fn get(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StatsError> {
+    match nats
+        .stats
+        .get(job_id)
+        .await
+        .map_err(|e| StatsError::Nats(e.to_string()))?
+    {
+        Some(b) => Ok(serde_json::from_slice(&b).ok()),
+        None => Ok(None),
+    }
+}
+
+/// Runs the statistics consumer until `cancel`.
+pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError> {
+    let err = |e: &dyn std::fmt::Display| StatsError::Nats(e.to_string());
+    let consumer = nats
+        .events
+        .create_consumer(pull::Config {
+            durable_name: Some(STATS_CONSUMER.into()),
+            filter_subject: EVENTS_WILDCARD.into(),
+            ack_policy: consumer::AckPolicy::All,
+            ack_wait: Duration::from_secs(60),
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(&e))?;
+    nats.events
+        .reset_consumer(STATS_CONSUMER, None)
+        .await
+        .map_err(|e| err(&e))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(2000)
+        .messages()
+        .await
+        .map_err(|e| err(&e))?;
+    let metrics = Metrics::get();
+    let mut jobs: HashMap<String, JobStats> = HashMap::new();
+    let mut dirty: Vec<String> = Vec::new();
+    let mut unacked: Option<Message> = None;
+    let mut saver = tokio::time::interval(Duration::from_millis(500));
+    info!("statistics consumer running");
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                save(&nats, &mut jobs, &mut dirty, &mut unacked).await?;
+                return Ok(());
+            }
+            _ = saver.tick() => save(&nats, &mut jobs, &mut dirty, &mut unacked).await?,
+            first = messages.next() => {
+                let Some(first) = first else { return Err(StatsError::Nats("event consumer closed".into())) };
+                let mut batch = vec![first.map_err(|e| err(&e))?];
+                while batch.len() < 2000 {
+                    match messages.next().now_or_never() {
+                        Some(Some(Ok(m))) => batch.push(m),
+                        _ => break,
+                    }
+                }
+                for msg in &batch {
+                    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    let Ok(event) = serde_json::from_slice::<Event>(&msg.payload) else {
+                        warn!(subject = %msg.subject, "statistics: skipping an unreadable event");
+                        continue;
+                    };
+                    let id = event.job_id().to_string();
+                    if !jobs.contains_key(&id) {
+                        let loaded = match get(&nats, &id).await? {
+                            Some(s) => s,
+                            None => seed(&nats, &id).await,
+                        };
+                        jobs.insert(id.clone(), loaded);
+                    }
+                    if let Some(stats) = jobs.get_mut(&id) {
+                        if stats.apply(seq, &event, metrics) {
+                            dirty.push(id);
+                        }
+                    }
+                }
+                unacked = batch.pop();
+            }
+        }
+    }
+}
+
+/// A fresh record; names from the job's status when the consumer joined late.
+async fn seed(nats: &Nats, job_id: &str) -> JobStats {
+    let mut s = JobStats {
+        job_id: job_id.to_string(),
+        ..Default::default()
+    };
+    if let Ok(Some((job, _))) = store::get(nats, job_id).await {
+        s.workflow = job.workflow.clone();
+        s.requested_at = Some(job.created_at);
+        s.steps = job
+            .steps
+            .iter()
+            .map(|st| StepStats {
+                name: st.name.clone(),
+                ..Default::default()
+            })
+            .collect();
+    }
+    s
+}
+
+async fn save(
+    nats: &Nats,
+    jobs: &mut HashMap<String, JobStats>,
+    dirty: &mut Vec<String>,
+    unacked: &mut Option<Message>,
+) -> Result<(), StatsError> {
+    dirty.sort();
+    dirty.dedup();
+    for id in dirty.drain(..) {
+        if let Some(s) = jobs.get(&id) {
+            let bytes = serde_json::to_vec(s).map_err(|e| StatsError::Nats(e.to_string()))?;
+            nats.stats
+                .put(&id, bytes.into())
+                .await
+                .map_err(|e| StatsError::Nats(e.to_string()))?;
+            if s.outcome.is_some() {
+                jobs.remove(&id);
+            }
+        }
+    }
+    if let Some(m) = unacked.take() {
+        m.ack().await.map_err(|e| StatsError::Nats(e.to_string()))?;
+    }
+    // Bound memory: jobs idle in the cache are reloaded from KV when needed.
+    if jobs.len() > 10_000 {
+        jobs.clear();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{JobRequested, StepStarted, SubjobCompleted};
+
+    #[test]
+    fn percentiles_attempts_and_replays() {
+        let m = Metrics::get();
+        let mut s = JobStats::default();
+        assert!(s.apply(
+            1,
+            &Event::JobRequested(JobRequested {
+                job_id: "j".into(),
+                workflow: "w".into(),
+                customer: None,
+                input: serde_json::Value::Null,
+                at: 0
+            }),
+            m
+        ));
+        s.apply(
+            2,
+            &Event::StepStarted(StepStarted {
+                job_id: "j".into(),
+                workflow: "w".into(),
+                step: "send".into(),
+                step_index: 0,
+                total: 100,
+                at: 1000,
+            }),
+            m,
+        );
+        for i in 0..100u64 {
+            let ev = Event::SubjobCompleted(SubjobCompleted {
+                job_id: "j".into(),
+                step_index: 0,
+                index: i,
+                attempt: if i < 10 { 2 } else { 1 },
+                result: serde_json::Value::Null,
+                duration_ms: i + 1,
+            });
+            assert!(s.apply(3 + i, &ev, m));
+        }
+        let st = &s.steps[0];
+        assert_eq!((st.completed, st.retries), (100, 10));
+        assert_eq!(&st.attempts[..2], &[90, 10]);
+        assert_eq!(st.duration_quantile_ms(0.5), Some(50));
+        assert_eq!(st.duration_quantile_ms(0.95), Some(100));
+        assert_eq!(st.duration_max_ms, 100);
+        assert_eq!(st.throughput(3000), Some(50.0));
+        // Replaying an applied sequence changes nothing.
+        let before = s.clone();
+        let ev = Event::SubjobCompleted(SubjobCompleted {
+            job_id: "j".into(),
+            step_index: 0,
+            index: 1,
+            attempt: 1,
+            result: serde_json::Value::Null,
+            duration_ms: 5,
+        });
+        assert!(!s.apply(50, &ev, m));
+        assert_eq!(s, before);
+    }
+}

@@ -1,0 +1,443 @@
+//! Seeing everything, against a real nats-server: the HTTP API (status with
+//! statistics and ETA, events, live SSE, submit, cancel, errors), the
+//! OpenAPI document, notifications on NATS and webhooks, and `/metrics`.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{seed_workflow, Env};
+use fanjet::notify::Webhooks;
+use fanjet::worker::{TaskContext, TaskError, Worker};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+fn seed_worker(env: &Env, wf: &str, delay_ms: u64) -> Worker {
+    Worker::new(env.nats.clone())
+        .concurrency(16)
+        .handler(wf, "collect", |ctx: TaskContext| async move {
+            let n = ctx.task.input["count"].as_u64().unwrap_or(0);
+            Ok(Value::Array((0..n).map(|i| json!(i)).collect()))
+        })
+        .handler(wf, "send", move |ctx: TaskContext| async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            match (ctx.task.index, ctx.attempt) {
+                (i, 1) if i % 10 == 0 => Err(TaskError::retry("flaky")),
+                (7, _) => Err(TaskError::give_up("bad address")),
+                _ => Ok(json!(ctx.task.index)),
+            }
+        })
+        .handler(wf, "summarize", |ctx: TaskContext| async move {
+            Ok(ctx.task.input)
+        })
+}
+
+async fn get(url: &str) -> (u16, Value) {
+    let r = reqwest::get(url).await.expect("GET");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(url: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_shows_status_statistics_events_and_live_progress() {
+    let mut env = Env::start().await;
+    env.apply(&seed_workflow("inv", "tolerate_failures = \"5\""))
+        .await;
+    env.manager();
+    let (base, _stop) = env.serve(Webhooks::default()).await;
+    env.worker(seed_worker(&env, "inv", 5));
+
+    let (code, body) = post(
+        &format!("{base}/api/jobs"),
+        json!({"workflow": "inv", "job_id": "api-1", "customer": "acme", "input": {"count": 200}}),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["job_id"], "api-1");
+
+    // Live progress: SSE status events until the `end` event.
+    let mut sse = reqwest::get(format!("{base}/api/jobs/api-1/stream"))
+        .await
+        .unwrap();
+    assert_eq!(sse.status().as_u16(), 200);
+    assert!(sse.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut text = String::new();
+    let mut done_counts = Vec::new();
+    let mut ended = false;
+    while !ended {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), sse.chunk())
+            .await
+            .expect("SSE went quiet")
+            .unwrap();
+        let Some(chunk) = chunk else { break };
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let frame: String = text.drain(..end + 2).collect();
+            let kind = frame
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap_or("")
+                .to_string();
+            let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            let data: Value = serde_json::from_str(data).unwrap();
+            done_counts.push(data["steps"][1]["completed"].as_u64().unwrap_or(0));
+            if kind == "end" {
+                assert_eq!(data["state"], "completed");
+                ended = true;
+            }
+        }
+    }
+    assert!(ended, "the stream ends with an `end` event");
+    assert!(
+        done_counts.len() >= 3,
+        "several live updates: {done_counts:?}"
+    );
+    assert!(
+        done_counts.windows(2).all(|w| w[0] <= w[1]),
+        "progress only grows: {done_counts:?}"
+    );
+    assert_eq!(done_counts.last(), Some(&199));
+
+    let (code, job) = get(&format!("{base}/api/jobs/api-1")).await;
+    assert_eq!(code, 200);
+    assert_eq!(job["state"], "completed");
+    let send = &job["steps"][1];
+    assert_eq!(
+        (
+            send["completed"].as_u64(),
+            send["failed"].as_u64(),
+            send["retries"].as_u64()
+        ),
+        (Some(199), Some(1), Some(20))
+    );
+    assert_eq!(send["failures"][0]["error"], "bad address");
+    assert_eq!(send["failures"][0]["index"], 7);
+    // Statistics (they follow the log within a second): attempts histogram
+    // and duration percentiles of the 5 ms handlers.
+    let mut job = job;
+    for _ in 0..50 {
+        if job["steps"][1]["stats"]["attempts_histogram"]
+            .as_array()
+            .is_some_and(|h| h.iter().filter_map(Value::as_u64).sum::<u64>() == 200)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        job = get(&format!("{base}/api/jobs/api-1")).await.1;
+    }
+    let st = &job["steps"][1]["stats"];
+    let hist: Vec<u64> = st["attempts_histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(hist[0] + hist[1], 200, "{hist:?}");
+    assert_eq!(
+        &hist[..2],
+        &[180, 20],
+        "every tenth subjob succeeded on its second attempt"
+    );
+    let p50 = st["subjob_duration_ms"]["p50"].as_u64().unwrap();
+    let p95 = st["subjob_duration_ms"]["p95"].as_u64().unwrap();
+    let max = st["subjob_duration_ms"]["max"].as_u64().unwrap();
+    assert!(
+        (5..=100).contains(&p50) && p50 <= p95 && p95 <= max,
+        "p50 {p50} p95 {p95} max {max}"
+    );
+    assert!(st["throughput_per_s"].as_f64().unwrap() > 0.0);
+    assert!(job.get("definition").is_none());
+
+    let (code, list) = get(&format!("{base}/api/jobs?customer=acme&state=completed")).await;
+    assert_eq!(code, 200);
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["jobs"][0]["job_id"], "api-1");
+    let (_, none) = get(&format!("{base}/api/jobs?customer=other")).await;
+    assert_eq!(none["total"], 0);
+
+    let (code, ev) = get(&format!("{base}/api/jobs/api-1/events")).await;
+    assert_eq!(code, 200);
+    let events = ev["events"].as_array().unwrap();
+    assert_eq!(events.first().unwrap()["event"]["type"], "JobRequested");
+    assert_eq!(events.last().unwrap()["event"]["type"], "JobCompleted");
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()),
+        "in log order"
+    );
+
+    // Errors: JSON, with the right status codes.
+    assert_eq!(get(&format!("{base}/api/jobs/nope")).await.0, 404);
+    let (code, err) = post(&format!("{base}/api/jobs"), json!({"workflow": "ghost"})).await;
+    assert_eq!(code, 404);
+    assert_eq!(err["error"]["code"], "unknown_workflow");
+    let r = reqwest::Client::new()
+        .post(format!("{base}/api/jobs"))
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "malformed_payload"
+    );
+    let (code, err) = post(
+        &format!("{base}/api/jobs"),
+        json!({"workflow": "inv", "job_id": "a.b"}),
+    )
+    .await;
+    assert_eq!(
+        (code, err["error"]["code"].as_str()),
+        (400, Some("invalid_job_id"))
+    );
+    let (code, err) = post(&format!("{base}/api/jobs/api-1/cancel"), json!({})).await;
+    assert_eq!(
+        (code, err["error"]["code"].as_str()),
+        (409, Some("job_ended"))
+    );
+    let (code, again) = post(
+        &format!("{base}/api/jobs"),
+        json!({"workflow": "inv", "job_id": "api-1"}),
+    )
+    .await;
+    assert_eq!((code, again["duplicate"].as_bool()), (200, Some(true)));
+    assert_eq!(get(&format!("{base}/no/such/route")).await.0, 404);
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
+
+    // The metrics carry what happened.
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "fanjet_subjobs_completed_total{step=\"send\",workflow=\"inv\"} 199",
+        "fanjet_subjobs_failed_total{step=\"send\",workflow=\"inv\"} 1",
+        "fanjet_jobs_finished_total{outcome=\"completed\",workflow=\"inv\"} 1",
+    ] {
+        assert!(metrics.contains(needle), "/metrics lacks {needle}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_over_http_and_the_openapi_document_matches_the_routes() {
+    let mut env = Env::start().await;
+    env.apply(&seed_workflow("slow", "tolerate_failures = \"5\""))
+        .await;
+    env.manager();
+    let (base, _stop) = env.serve(Webhooks::default()).await;
+    env.worker(seed_worker(&env, "slow", 200));
+    let (code, _) = post(
+        &format!("{base}/api/jobs"),
+        json!({"workflow": "slow", "job_id": "c-1", "input": {"count": 500}}),
+    )
+    .await;
+    assert_eq!(code, 202);
+    env.wait_for("c-1", Duration::from_secs(20), "send running", |j| {
+        j.steps[1].completed > 0
+    })
+    .await;
+    let (_, running) = get(&format!("{base}/api/jobs/c-1")).await;
+    assert!(
+        running["steps"][1]["eta_ms"].as_u64().is_some(),
+        "a running fanout has an ETA: {}",
+        running["steps"][1]
+    );
+    let (code, body) = post(
+        &format!("{base}/api/jobs/c-1/cancel"),
+        json!({"reason": "from the API"}),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    let job = env.wait_end("c-1", Duration::from_secs(10)).await;
+    assert_eq!(job.state, fanjet::machine::JobState::Cancelled);
+    assert_eq!(job.error.as_deref(), Some("from the API"));
+
+    let (code, doc) = get(&format!("{base}/api/openapi.json")).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        doc,
+        serde_json::from_str::<Value>(fanjet::api::OPENAPI).unwrap()
+    );
+    let paths = doc["paths"].as_object().unwrap();
+    let routes = [
+        ("/", "get"),
+        ("/api/jobs", "get"),
+        ("/api/jobs", "post"),
+        ("/api/jobs/{id}", "get"),
+        ("/api/jobs/{id}/events", "get"),
+        ("/api/jobs/{id}/stream", "get"),
+        ("/api/jobs/{id}/cancel", "post"),
+        ("/api/openapi.json", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+    ];
+    let documented: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
+    assert_eq!(
+        documented,
+        routes.len(),
+        "every documented operation is served, and only those"
+    );
+    for (path, method) in routes {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} is not in docs/openapi.json"
+        );
+        let url = format!("{base}{}", path.replace("{id}", "c-1"));
+        let status = match method {
+            "get" if path.ends_with("/stream") => {
+                reqwest::get(&url).await.unwrap().status().as_u16()
+            }
+            "get" => reqwest::get(&url).await.unwrap().status().as_u16(),
+            _ => reqwest::Client::new()
+                .post(&url)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        };
+        assert_ne!(status, 405, "{method} {path}");
+        assert!(
+            status != 404 || path == "/api/jobs/{id}/cancel",
+            "{method} {path} answered 404"
+        );
+    }
+}
+
+/// A webhook receiver that refuses each notification's first delivery.
+async fn webhook_receiver() -> (String, Arc<Mutex<Vec<(String, Value)>>>) {
+    use axum::http::{HeaderMap, StatusCode};
+    let got: Arc<Mutex<Vec<(String, Value)>>> = Arc::new(Mutex::new(Vec::new()));
+    let refused: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: axum::Json<Value>| {
+            let (g, refused) = (g.clone(), refused.clone());
+            async move {
+                let id = headers
+                    .get("Fanjet-Notification-Id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                if refused.lock().unwrap().insert(id.clone()) {
+                    return StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                g.lock().unwrap().push((id, body.0));
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_and_job_notifications_reach_nats_and_webhooks_once() {
+    let mut env = Env::start().await;
+    env.apply(&seed_workflow("note", "tolerate_failures = \"5\""))
+        .await;
+    env.manager();
+    let (hook, received) = webhook_receiver().await;
+    let hooks = Webhooks {
+        urls: vec![hook],
+        attempts: 5,
+        first_backoff: Duration::from_millis(100),
+    };
+    let (_base, stop) = env.serve(hooks.clone()).await;
+    let mut sub = env
+        .nats
+        .client
+        .subscribe("fanjet.notify.note.n-1.>")
+        .await
+        .unwrap();
+    env.worker(seed_worker(&env, "note", 1));
+    assert!(
+        env.submit("note", json!({"job_id": "n-1", "input": {"count": 20}}))
+            .await
+            .ok
+    );
+    env.wait_end("n-1", Duration::from_secs(30)).await;
+
+    let mut on_nats = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await {
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Fanjet-Notification-Id"))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        on_nats.push((m.subject.to_string(), id));
+    }
+    let kinds: Vec<&str> = on_nats
+        .iter()
+        .map(|(s, _)| s.rsplit('.').next().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "step_started",
+            "step_completed",
+            "step_started",
+            "step_completed",
+            "step_started",
+            "step_completed",
+            "completed"
+        ],
+        "{on_nats:?}"
+    );
+    assert!(on_nats.iter().all(|(_, id)| id.starts_with("n-1:")));
+
+    // Webhooks: each notification once, after one refused delivery.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while received.lock().unwrap().len() < 7 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), 7, "{got:?}");
+    let mut ids: Vec<&String> = got.iter().map(|(id, _)| id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 7, "no duplicates");
+    assert!(got.iter().any(|(_, b)| b["type"] == "JobCompleted"));
+
+    // A restarted notifier sends nothing again.
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_base2, _stop2) = env.serve(hooks).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(received.lock().unwrap().len(), 7);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.next())
+            .await
+            .is_err(),
+        "no NATS notification repeated"
+    );
+}
