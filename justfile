@@ -21,8 +21,12 @@ demo *ARGS: nats-server
 dev *ARGS: nats-server
     cargo run --quiet -- dev {{ARGS}}
 
+# Debian packages the tests drive (Prometheus, headless Chromium), if missing.
+test-deps:
+    @scripts/install-tools.sh test-deps
+
 # Formatting, lints and every test against real nats-servers.
-test: nats-server
+test: nats-server test-deps
     cargo fmt --all -- --check
     cargo clippy --all-targets -- -D warnings
     cargo test --all-targets

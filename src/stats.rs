@@ -78,24 +78,27 @@ impl StepStats {
     }
 
     /// The duration (ms) under which a share `q` of successful attempts
-    /// fall: the upper bound of the bucket that holds the quantile, capped
-    /// by the maximum seen.
+    /// fall, interpolated within its bucket and capped by the maximum seen.
     pub fn duration_quantile_ms(&self, q: f64) -> Option<u64> {
         let n: u64 = self.duration_buckets.iter().sum();
         if n == 0 {
             return None;
         }
-        let rank = ((n as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
+        let rank = ((n as f64) * q).ceil().max(1.0);
+        let mut below = 0u64;
         for (i, c) in self.duration_buckets.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                let bound = DURATION_BOUNDS_MS
+            if *c > 0 && (below + c) as f64 >= rank {
+                let lo = if i == 0 { 0 } else { DURATION_BOUNDS_MS[i - 1] };
+                let hi = DURATION_BOUNDS_MS
                     .get(i)
                     .copied()
-                    .unwrap_or(self.duration_max_ms);
-                return Some(bound.min(self.duration_max_ms));
+                    .unwrap_or(self.duration_max_ms)
+                    .min(self.duration_max_ms)
+                    .max(lo);
+                let share = (rank - below as f64) / *c as f64;
+                return Some(lo + ((hi - lo) as f64 * share).round() as u64);
             }
+            below += c;
         }
         Some(self.duration_max_ms)
     }
@@ -439,7 +442,7 @@ mod tests {
         assert_eq!((st.completed, st.retries), (100, 10));
         assert_eq!(&st.attempts[..2], &[90, 10]);
         assert_eq!(st.duration_quantile_ms(0.5), Some(50));
-        assert_eq!(st.duration_quantile_ms(0.95), Some(100));
+        assert_eq!(st.duration_quantile_ms(0.95), Some(95));
         assert_eq!(st.duration_max_ms, 100);
         assert_eq!(st.throughput(3000), Some(50.0));
         // Replaying an applied sequence changes nothing.

@@ -221,3 +221,37 @@ fn help_explains_the_commands() {
     assert!(text.contains("Exit 100"), "{text}");
     assert!(text.contains("--concurrency"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_exits_with_the_jobs_outcome() {
+    let mut env = Env::start().await;
+    env.apply("name = \"w\"\n[[steps]]\nname = \"s\"\nkind = \"fanout\"\ntimeout = \"5s\"\nmax_attempts = 1\n").await;
+    env.spawn(&["manager"]);
+    env.spawn(&[
+        "worker",
+        "--workflow",
+        "w",
+        "--step",
+        "s",
+        "--exec",
+        "test \"$FANJET_INDEX\" != 9 || exit 100; sleep 0.05",
+    ]);
+    let ok = env
+        .submit("w", json!({"job_id": "ok-1", "input": [1, 2, 3]}))
+        .await;
+    let bad = env
+        .submit(
+            "w",
+            json!({"job_id": "bad-1", "input": (0..12).collect::<Vec<_>>()}),
+        )
+        .await;
+    assert!(ok.ok && bad.ok);
+    let watched = run(&env, &["watch", "ok-1"]);
+    assert_eq!(watched.status.code(), Some(0), "{}", stderr(&watched));
+    assert!(stdout(&watched).contains("state completed"));
+    let failed = run(&env, &["watch", "bad-1"]);
+    assert_eq!(failed.status.code(), Some(1), "{}", stdout(&failed));
+    assert!(stdout(&failed).contains("state failed"));
+    let missing = run(&env, &["watch", "nope"]);
+    assert!(!missing.status.success());
+}

@@ -1,0 +1,238 @@
+//! The web page in headless Chromium (Debian packages `chromium` and
+//! `chromium-driver`), driven over WebDriver during a running job: the job
+//! shows in the list, its progress grows live, it ends completed. A
+//! screenshot is saved to `target/screenshots/web-page.png`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::{seed_workflow, Env};
+use fanjet::notify::Webhooks;
+use fanjet::worker::{TaskContext, Worker};
+use serde_json::{json, Value};
+
+fn find(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or(None)
+}
+
+struct Driver {
+    child: Child,
+    url: String,
+    session: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Driver {
+    async fn start(profile: &Path) -> Driver {
+        let driver = find("chromedriver").unwrap_or_else(|| panic!("this test needs chromedriver: `apt-get install chromium chromium-driver` (`just test` does it for you)"));
+        let chromium = find("chromium").unwrap_or_else(|| panic!("this test needs chromium: `apt-get install chromium chromium-driver` (`just test` does it for you)"));
+        let port = fanjet::server::free_port();
+        let child = Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let mut d = Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            session: None,
+            http: reqwest::Client::new(),
+        };
+        let start = Instant::now();
+        while d
+            .http
+            .get(format!("{}/status", d.url))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "chromedriver did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": chromium,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--window-size=1400,900", format!("--user-data-dir={}", profile.display())]
+        }}}});
+        let r: Value = d
+            .http
+            .post(format!("{}/session", d.url))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = r["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no WebDriver session: {r}"))
+            .to_string();
+        d.session = Some(id);
+        d
+    }
+
+    fn at(&self, path: &str) -> String {
+        format!(
+            "{}/session/{}{path}",
+            self.url,
+            self.session.as_deref().unwrap_or("")
+        )
+    }
+
+    async fn go(&self, url: &str) {
+        let r: Value = self
+            .http
+            .post(self.at("/url"))
+            .json(&json!({"url": url}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(r["value"].is_null(), "navigation failed: {r}");
+    }
+
+    async fn js(&self, script: &str) -> Value {
+        let r: Value = self
+            .http
+            .post(self.at("/execute/sync"))
+            .json(&json!({"script": script, "args": []}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["value"].clone()
+    }
+
+    async fn screenshot(&self, to: &Path) {
+        let r: Value = self
+            .http
+            .get(self.at("/screenshot"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["value"].as_str().unwrap())
+            .unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::write(to, png).unwrap();
+    }
+}
+
+/// Completed subjobs of `step` as the page shows them, if shown.
+const DONE: &str = "const e = document.querySelector('.step[data-step=\"send\"] .done'); return e ? Number(e.textContent) : null;";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_follows_a_running_job_live_in_chromium() {
+    let mut env = Env::start().await;
+    env.apply(&seed_workflow("page", "")).await;
+    env.manager();
+    let (base, _stop) = env.serve(Webhooks::default()).await;
+    env.worker(
+        Worker::new(env.nats.clone())
+            .concurrency(4)
+            .handler("page", "collect", |_c: TaskContext| async move {
+                Ok(Value::Array((0..400).map(|i| json!(i)).collect()))
+            })
+            .handler("page", "send", |c: TaskContext| async move {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                Ok(c.task.item)
+            })
+            .handler("page", "summarize", |c: TaskContext| async move {
+                Ok(c.task.input)
+            }),
+    );
+    let profile = tempfile::tempdir().unwrap();
+    let driver = Driver::start(profile.path()).await;
+    assert!(
+        env.submit("page", json!({"job_id": "web-1", "customer": "acme"}))
+            .await
+            .ok
+    );
+    env.wait_for("web-1", Duration::from_secs(20), "send started", |j| {
+        j.steps[1].completed > 0
+    })
+    .await;
+
+    driver.go(&format!("{base}/#job=web-1")).await;
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    while seen.len() < 3 && start.elapsed() < Duration::from_secs(20) {
+        if let Some(n) = driver.js(DONE).await.as_u64() {
+            if seen.last() != Some(&n) && n < 400 {
+                seen.push(n);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        seen.len() >= 3 && seen.windows(2).all(|w| w[0] < w[1]),
+        "progress grew live on the page: {seen:?}"
+    );
+    let listed = driver
+        .js("return !!document.querySelector('tr.job[data-id=\"web-1\"]');")
+        .await;
+    assert_eq!(listed, json!(true), "the job is in the jobs list");
+    let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots/web-page.png");
+    driver.screenshot(&shot).await;
+
+    env.wait_end("web-1", Duration::from_secs(30)).await;
+    let start = Instant::now();
+    loop {
+        let state = driver.js("const e = document.querySelector('#title .state'); return e ? e.textContent : null;").await;
+        if state == json!("completed") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the page never showed the end: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(driver.js(DONE).await, json!(400));
+    let timeline = driver
+        .js("return document.querySelector('#timeline').textContent;")
+        .await;
+    assert!(
+        timeline
+            .as_str()
+            .unwrap_or("")
+            .contains("step send started with 400"),
+        "{timeline}"
+    );
+    driver
+        .screenshot(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots/web-page-done.png"),
+        )
+        .await;
+}
