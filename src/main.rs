@@ -106,7 +106,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Shows a job's detailed status.
+    /// Shows a job's detailed status and statistics (with --json: the same object as GET /api/jobs/JOB).
     Status {
         job_id: String,
         #[arg(long)]
@@ -293,13 +293,22 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Status { job_id, json } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
-            let (job, _) = store::get(&nats, &job_id)
+            let job = client::status(&nats, &job_id)
                 .await?
                 .ok_or_else(|| anyhow!("no job {job_id:?}"))?;
+            let stats = fanjet::stats::get(&nats, &job_id).await.ok().flatten();
+            let now = fanjet::protocol::now_ms();
             if json {
-                println!("{}", serde_json::to_string_pretty(&job)?);
+                let detailed = fanjet::api::detailed(&job, stats.as_ref(), now);
+                println!("{}", serde_json::to_string_pretty(&detailed)?);
             } else {
                 print!("{}", progress::render(&job));
+                if let Some(st) = &stats {
+                    print!(
+                        "{}",
+                        progress::render_stats(st, job.finished_at.unwrap_or(now))
+                    );
+                }
             }
             Ok(0)
         }
