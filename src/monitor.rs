@@ -23,7 +23,7 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
 
 /// What a process says about itself.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Heartbeat {
     /// `manager` or `worker`.
     pub role: String,

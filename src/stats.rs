@@ -36,7 +36,7 @@ pub enum StatsError {
 }
 
 /// Statistics of one step.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StepStats {
     pub name: String,
     pub started_at: Option<Millis>,
@@ -129,7 +129,7 @@ impl StepStats {
 }
 
 /// Statistics of one job.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobStats {
     pub job_id: String,
     pub workflow: String,

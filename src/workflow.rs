@@ -11,7 +11,7 @@ use thiserror::Error;
 use crate::protocol::{validate_token, TokenError};
 
 /// How a step runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepKind {
     /// One execution; its result is the next step's input.
@@ -30,7 +30,7 @@ impl StepKind {
 }
 
 /// How many failed subjobs a step tolerates before the job fails.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Tolerance {
     Count(u64),
@@ -66,7 +66,7 @@ impl Tolerance {
 }
 
 /// One validated step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Step {
     pub name: String,
     pub kind: StepKind,
@@ -84,7 +84,7 @@ pub struct Step {
 }
 
 /// One validated workflow.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Workflow {
     pub name: String,
     #[serde(default)]

@@ -12,7 +12,7 @@ use crate::workflow::{StepKind, Workflow};
 /// Failed subjobs kept with their error per step; the count is always exact.
 pub const MAX_FAILURES_KEPT: usize = 100;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Requested,
@@ -43,7 +43,7 @@ impl JobState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepState {
     Pending,
@@ -66,7 +66,7 @@ impl StepState {
 }
 
 /// Which field of a logged event holds a step's input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceField {
     /// `input` of a JobRequested.
@@ -77,7 +77,7 @@ pub enum SourceField {
 
 /// Where a step's input or items are. Large values stay in the log and are
 /// referenced by sequence, so the job record stays small.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     Event { seq: u64, field: SourceField },
@@ -85,7 +85,7 @@ pub enum Source {
 }
 
 /// A failed subjob and its last error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Failure {
     pub index: u64,
     pub attempt: u32,
@@ -93,7 +93,7 @@ pub struct Failure {
 }
 
 /// The progress of one step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StepRun {
     pub name: String,
     pub kind: StepKind,
@@ -122,7 +122,7 @@ pub struct StepRun {
 }
 
 /// One job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Job {
     pub job_id: String,
     pub workflow: String,

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::{event_subject, Millis};
 
 /// A job was submitted and accepted by the intake.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobRequested {
     pub job_id: String,
     pub workflow: String,
@@ -20,7 +20,7 @@ pub struct JobRequested {
 }
 
 /// Why a job was rejected; stable codes a client can branch on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RejectCode {
     MalformedPayload,
@@ -33,7 +33,7 @@ pub enum RejectCode {
 }
 
 /// A submission was refused; nothing runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobRejected {
     pub job_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,7 +46,7 @@ pub struct JobRejected {
 }
 
 /// A step began; `total` subjobs were planned (1 for a task step).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StepStarted {
     pub job_id: String,
     #[serde(default)]
@@ -58,7 +58,7 @@ pub struct StepStarted {
 }
 
 /// A step ended: `ok` says whether the job goes on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StepCompleted {
     pub job_id: String,
     #[serde(default)]
@@ -75,7 +75,7 @@ pub struct StepCompleted {
 }
 
 /// One subjob (or the single run of a task step) succeeded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SubjobCompleted {
     pub job_id: String,
     pub step_index: usize,
@@ -90,7 +90,7 @@ pub struct SubjobCompleted {
 
 /// One subjob gave up: its attempts are exhausted, its handler said so, or
 /// the step's deadline passed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SubjobFailed {
     pub job_id: String,
     pub step_index: usize,
@@ -100,7 +100,7 @@ pub struct SubjobFailed {
 }
 
 /// The last step completed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobCompleted {
     pub job_id: String,
     pub workflow: String,
@@ -111,7 +111,7 @@ pub struct JobCompleted {
 }
 
 /// The job stopped on an error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobFailed {
     pub job_id: String,
     pub workflow: String,
@@ -120,7 +120,7 @@ pub struct JobFailed {
 }
 
 /// Someone asked to cancel the job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CancelRequested {
     pub job_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,7 +129,7 @@ pub struct CancelRequested {
 }
 
 /// The job was cancelled; its queued tasks were dropped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobCancelled {
     pub job_id: String,
     pub workflow: String,
@@ -139,7 +139,7 @@ pub struct JobCancelled {
 }
 
 /// Every event of the log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type")]
 pub enum Event {
     JobRequested(JobRequested),

@@ -9,6 +9,7 @@
 mod codec;
 mod event;
 mod names;
+pub mod schemas;
 mod submit;
 mod task;
 

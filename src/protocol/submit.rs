@@ -8,7 +8,7 @@ use super::RejectCode;
 
 /// The body of a submission. Every field is optional; `{}` is a valid job
 /// with a null input and a generated id.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Submission {
     /// Client-chosen id for idempotent submission; a ULID is generated when absent.
@@ -23,7 +23,7 @@ pub struct Submission {
 }
 
 /// The reply to a submission request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SubmitReply {
     /// True when the job was accepted (or already existed).
     pub ok: bool,
@@ -38,7 +38,7 @@ pub struct SubmitReply {
 }
 
 /// Why a submission was refused.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SubmitError {
     pub code: RejectCode,
     pub message: String,

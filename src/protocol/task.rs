@@ -6,7 +6,7 @@ use serde_json::Value;
 
 /// What a worker receives. The attempt number is not in the payload: it is
 /// the JetStream delivery count of the message.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Task {
     pub job_id: String,
     pub workflow: String,

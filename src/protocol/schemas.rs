@@ -1,0 +1,59 @@
+//! JSON Schemas of every payload, generated from the Rust types. The copies
+//! in `docs/schemas/` are checked against these by a test, so the documents
+//! other languages rely on cannot drift from the code. Regenerate them with
+//! `FANJET_WRITE_SCHEMAS=1 cargo test --lib schemas`.
+
+use schemars::schema_for;
+use serde_json::Value;
+
+use super::{Event, SubmitReply, Submission, Task};
+use crate::machine::Job;
+use crate::monitor::Heartbeat;
+use crate::stats::JobStats;
+use crate::workflow::Workflow;
+
+/// (file name in `docs/schemas/`, schema) for every payload.
+pub fn all() -> Vec<(&'static str, Value)> {
+    let v = |s: schemars::Schema| s.to_value();
+    vec![
+        ("submission.json", v(schema_for!(Submission))),
+        ("submit-reply.json", v(schema_for!(SubmitReply))),
+        ("event.json", v(schema_for!(Event))),
+        ("task.json", v(schema_for!(Task))),
+        ("job-status.json", v(schema_for!(Job))),
+        ("job-stats.json", v(schema_for!(JobStats))),
+        ("heartbeat.json", v(schema_for!(Heartbeat))),
+        ("workflow.json", v(schema_for!(Workflow))),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn docs_schemas_match_the_code() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemas");
+        let write = std::env::var_os("FANJET_WRITE_SCHEMAS").is_some();
+        for (name, schema) in all() {
+            let text = serde_json::to_string_pretty(&schema).unwrap() + "\n";
+            let path = dir.join(name);
+            if write {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &text).unwrap();
+            }
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("{} is missing; run FANJET_WRITE_SCHEMAS=1 cargo test --lib schemas", path.display()));
+            assert_eq!(on_disk, text, "{} differs from the code; run FANJET_WRITE_SCHEMAS=1 cargo test --lib schemas", path.display());
+        }
+    }
+
+    #[test]
+    fn the_event_schema_names_every_kind() {
+        let schema = all().into_iter().find(|(n, _)| *n == "event.json").unwrap().1;
+        let text = schema.to_string();
+        for kind in ["JobRequested", "JobRejected", "StepStarted", "StepCompleted", "SubjobCompleted", "SubjobFailed", "JobCompleted", "JobFailed", "CancelRequested", "JobCancelled"] {
+            assert!(text.contains(&format!("\"{kind}\"")), "{kind} missing from the event schema");
+        }
+    }
+}
