@@ -69,7 +69,9 @@ pub async fn submit(
 
 /// Asks the manager to cancel a running job.
 pub async fn cancel(nats: &Nats, job_id: &str, reason: Option<String>) -> Result<(), ClientError> {
-    let (job, _) = store::get(nats, job_id)
+    // A job just accepted (not yet checkpointed) can be cancelled too: the
+    // request follows its JobRequested in the log.
+    let job = status(nats, job_id)
         .await?
         .ok_or_else(|| ClientError::NoSuchJob(job_id.to_string()))?;
     if job.state.is_terminal() {

@@ -62,7 +62,11 @@ enum Command {
         listen: Option<std::net::SocketAddr>,
     },
     /// Runs the workflow manager (intake, event loop, advisories) until SIGTERM.
-    Manager,
+    Manager {
+        /// Also serve this process's Prometheus metrics (events ignored, by reason) at ADDR/metrics.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+    },
     /// Runs a worker pool that executes a shell command per task.
     ///
     /// The command runs through `sh -c` with the task as JSON on stdin
@@ -213,10 +217,21 @@ async fn run(cli: Cli) -> Result<u8> {
             };
             dev(opts, root).await
         }
-        Command::Manager => {
+        Command::Manager { metrics } => {
             let nats = nats(&cli.connect, "fanjet-manager").await?;
             shutdown::on_signals(root.clone());
-            manager::run(nats, ManagerOptions::default(), root).await?;
+            let mut side = JoinSet::new();
+            if let Some(addr) = metrics {
+                side.spawn(fanjet::api::serve_metrics(addr, root.clone()));
+            }
+            let result = manager::run(nats, ManagerOptions::default(), root.clone()).await;
+            root.cancel();
+            while let Some(r) = side.join_next().await {
+                if let Ok(Err(e)) = r {
+                    eprintln!("error: metrics endpoint: {e}");
+                }
+            }
+            result?;
             Ok(0)
         }
         Command::Worker {
@@ -371,7 +386,7 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Watch { job_id } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
-            if store::get(&nats, &job_id).await?.is_none() {
+            if client::status(&nats, &job_id).await?.is_none() {
                 bail!("no job {job_id:?}");
             }
             let job = progress::follow(&nats, &job_id, true, None)

@@ -31,6 +31,7 @@ pub const MANAGERS: &str = "fanjet_managers";
 pub const MANAGER_PARTITIONS: &str = "fanjet_manager_partitions_owned";
 pub const MANAGER_LAG: &str = "fanjet_manager_lag_events";
 pub const EVENTS_OBSERVED: &str = "fanjet_events_observed_total";
+pub const MANAGER_IGNORED: &str = "fanjet_manager_events_ignored_total";
 
 /// Buckets for subjob durations: 1 ms to 10 min.
 const SUBJOB_BUCKETS: &[f64] = &[
@@ -64,6 +65,7 @@ pub struct Metrics {
     pub manager_partitions: IntGaugeVec,
     pub manager_lag: IntGaugeVec,
     pub events_observed: IntCounterVec,
+    pub manager_ignored: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -121,6 +123,12 @@ impl Metrics {
             manager_partitions: gauge(&r, MANAGER_PARTITIONS, "Event-log partitions each live manager owns.", &["manager"]),
             manager_lag: gauge(&r, MANAGER_LAG, "Events in the log not yet processed by the manager (delivered or not).", &[]),
             events_observed: counter(&r, EVENTS_OBSERVED, "Events read from the log by the statistics consumer, by kind.", &["kind"]),
+            manager_ignored: counter(
+                &r,
+                MANAGER_IGNORED,
+                "Events the manager read and ignored, by reason: duplicate, step_not_running (late), job_ended, unknown_job, not_dispatched, unreadable, subject_mismatch. Exported by the process that runs the manager.",
+                &["reason"],
+            ),
             registry: r,
         }
     }

@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, kv, stream, Context};
+use async_nats::jetstream::{self, consumer, kv, object_store, stream, Context};
 use thiserror::Error;
 
 use crate::protocol::{
     max_deliveries_advisories, step_consumer, step_tasks_filter, ADVISORIES_STREAM, EVENTS_STREAM,
-    EVENTS_WILDCARD, JOBS_BUCKET, PENDING_BUCKET, STATS_BUCKET, TASKS_STREAM, TASKS_WILDCARD,
-    WORKFLOWS_BUCKET,
+    EVENTS_WILDCARD, JOBS_BUCKET, PENDING_BUCKET, RESULTS_BUCKET, STATS_BUCKET, TASKS_STREAM,
+    TASKS_WILDCARD, WORKFLOWS_BUCKET,
 };
 use crate::workflow::{Step, Workflow};
 
@@ -44,6 +44,8 @@ pub enum SetupError {
         name: &'static str,
         source: jetstream::context::GetStreamError,
     },
+    #[error("could not open the results object store: {0}")]
+    Results(String),
     #[error("could not store workflow {name}: {message}")]
     Workflow { name: String, message: String },
 }
@@ -60,6 +62,8 @@ pub struct Nats {
     pub jobs: kv::Store,
     pub pending: kv::Store,
     pub stats: kv::Store,
+    /// Results too large to travel inline in their event.
+    pub results: object_store::ObjectStore,
 }
 
 impl Nats {
@@ -132,6 +136,7 @@ impl Nats {
             jobs: bucket(JOBS_BUCKET, 1, RECORDS_MAX_AGE).await?,
             pending: bucket(PENDING_BUCKET, 1, Duration::ZERO).await?,
             stats: bucket(STATS_BUCKET, 1, RECORDS_MAX_AGE).await?,
+            results: results_bucket(&js).await?,
             client,
             js,
         })
@@ -219,4 +224,20 @@ impl Nats {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
+}
+
+/// The object store of large results, created on first use.
+async fn results_bucket(js: &Context) -> Result<object_store::ObjectStore, SetupError> {
+    if let Ok(store) = js.get_object_store(RESULTS_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_object_store(object_store::Config {
+        bucket: RESULTS_BUCKET.into(),
+        description: Some("fanjet: results too large to travel in their event".into()),
+        max_age: EVENTS_MAX_AGE,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| SetupError::Results(e.to_string()))
 }

@@ -81,6 +81,13 @@ pub struct Step {
     pub deadline_ms: Option<u64>,
     /// Most subjobs of one job queued or running at once (fair share between jobs).
     pub max_in_flight: u64,
+    /// Most subjobs a fanout step may split into; a larger input fails the job.
+    #[serde(default = "default_max_subjobs")]
+    pub max_subjobs: u64,
+}
+
+fn default_max_subjobs() -> u64 {
+    DEFAULT_MAX_SUBJOBS
 }
 
 /// One validated workflow.
@@ -96,6 +103,8 @@ pub struct Workflow {
 pub const DEFAULT_TIMEOUT: &str = "30s";
 /// Default attempts per subjob.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Default limit of subjobs per fanout step.
+pub const DEFAULT_MAX_SUBJOBS: u64 = 10_000_000;
 /// Default in-flight window per job and step.
 pub const DEFAULT_MAX_IN_FLIGHT: u64 = 5000;
 
@@ -121,6 +130,7 @@ struct StepFile {
     tolerate_failures: Option<String>,
     deadline: Option<String>,
     max_in_flight: Option<u64>,
+    max_subjobs: Option<u64>,
 }
 
 /// What is wrong with a workflow definition.
@@ -217,6 +227,7 @@ impl Workflow {
             if max_in_flight == 0 {
                 return Err(field("max_in_flight", "must be at least 1".into()));
             }
+            let max_subjobs = s.max_subjobs.unwrap_or(DEFAULT_MAX_SUBJOBS);
             let handler = s.handler.clone().unwrap_or_else(|| s.name.clone());
             if handler.trim().is_empty() {
                 return Err(field("handler", "is empty".into()));
@@ -231,6 +242,7 @@ impl Workflow {
                 tolerate,
                 deadline_ms,
                 max_in_flight,
+                max_subjobs,
             });
         }
         Ok(Workflow {

@@ -442,36 +442,3 @@ async fn concurrent_jobs_of_one_customer_stay_isolated() {
     assert_eq!(b.steps[1].total, 200);
     assert!(b.steps[1].failed >= 1);
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_result_larger_than_the_server_accepts_fails_its_subjob_clearly() {
-    let mut env = Env::start().await;
-    env.apply(&seed_workflow("big", "tolerate_failures = \"1\""))
-        .await;
-    env.manager();
-    env.worker(seed_worker(&env, "big", |ctx| {
-        if ctx.task.index == 1 {
-            Ok(json!("x".repeat(9 * 1024 * 1024)))
-        } else {
-            Ok(json!("small"))
-        }
-    }));
-    assert!(
-        env.submit("big", json!({"job_id": "big-1", "input": {"count": 3}}))
-            .await
-            .ok
-    );
-    let job = env.wait_end("big-1", Duration::from_secs(30)).await;
-    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
-    let send = &job.steps[1];
-    assert_eq!(
-        (send.completed, send.failed, send.retries),
-        (2, 1, 0),
-        "not retried: it would never fit"
-    );
-    assert!(
-        send.failures[0].error.contains("result too large"),
-        "{:?}",
-        send.failures
-    );
-}

@@ -134,6 +134,22 @@ pub async fn serve(
         .map_err(ServeError::Serve)
 }
 
+/// Serves only `/metrics` and `/healthz` (for `fanjet manager --metrics`,
+/// `fanjet worker --metrics`, or a metrics port apart from the API).
+pub async fn serve_metrics(addr: SocketAddr, cancel: CancellationToken) -> Result<(), ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    tracing::info!(%addr, "metrics listening");
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+        .map_err(ServeError::Serve)
+}
+
 async fn index() -> Html<&'static str> {
     Html(INDEX)
 }

@@ -16,7 +16,7 @@ mod job;
 pub use bitset::{Mark, Pending, CHUNK_BITS};
 pub use job::{Failure, Job, JobState, Source, SourceField, StepRun, StepState, MAX_FAILURES_KEPT};
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Value};
 
@@ -84,6 +84,7 @@ pub struct Dispatch {
 pub struct Engine {
     jobs: HashMap<String, Job>,
     dirty: BTreeSet<String>,
+    ignored: BTreeMap<&'static str, u64>,
 }
 
 impl Engine {
@@ -243,21 +244,84 @@ impl Engine {
             return;
         }
         let Some(job) = self.jobs.get_mut(event.job_id()) else {
-            return; // unknown or already finished and unloaded: late
+            // Unknown, or ended and unloaded: late or forged.
+            self.ignore(&event, Ignored::UnknownJob);
+            return;
         };
         if job.state.is_terminal() {
+            self.ignore(&event, Ignored::JobEnded);
             return;
         }
-        let changed = match event {
-            Event::SubjobCompleted(e) => subjob_completed(job, seq, e, now, out),
-            Event::SubjobFailed(e) => subjob_failed(job, e, now, out),
-            Event::CancelRequested(e) => cancel(job, e, now, out),
+        let result = match &event {
+            Event::SubjobCompleted(e) => subjob_completed(job, seq, e.clone(), now, out),
+            Event::SubjobFailed(e) => subjob_failed(job, e.clone(), now, out),
+            Event::CancelRequested(e) => Ok(cancel(job, e.clone(), now, out)),
             // The manager's own output, read back: already applied.
-            _ => false,
+            _ => Ok(false),
         };
-        if changed {
-            self.dirty.insert(job.job_id.clone());
+        match result {
+            Ok(true) => {
+                self.dirty.insert(event.job_id().to_string());
+            }
+            Ok(false) => {}
+            Err(why) => self.ignore(&event, why),
         }
+    }
+
+    fn ignore(&mut self, event: &Event, why: Ignored) {
+        if event.kind().drives_manager() {
+            *self.ignored.entry(why.as_str()).or_default() += 1;
+        }
+    }
+
+    /// Events ignored since the last call, by reason (for a metric).
+    pub fn take_ignored(&mut self) -> BTreeMap<&'static str, u64> {
+        std::mem::take(&mut self.ignored)
+    }
+}
+
+/// Why an event changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ignored {
+    /// No such job here (never existed, or ended and unloaded).
+    UnknownJob,
+    /// The job has ended.
+    JobEnded,
+    /// The event is for a step that is not running (late, or forged).
+    StepNotRunning,
+    /// The subjob was never dispatched (forged, or a corrupt index).
+    NotDispatched,
+    /// The subjob's outcome was counted already.
+    Duplicate,
+}
+
+impl Ignored {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ignored::UnknownJob => "unknown_job",
+            Ignored::JobEnded => "job_ended",
+            Ignored::StepNotRunning => "step_not_running",
+            Ignored::NotDispatched => "not_dispatched",
+            Ignored::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Records a subjob's outcome once; the step it belongs to, or why not.
+fn mark_outcome(
+    job: &mut Job,
+    step_index: usize,
+    index: u64,
+    failed: bool,
+) -> Result<&mut StepRun, Ignored> {
+    let step = running_step(job, step_index).ok_or(Ignored::StepNotRunning)?;
+    if index >= step.dispatched {
+        return Err(Ignored::NotDispatched);
+    }
+    match step.pending.mark(index, failed) {
+        Mark::New => Ok(step),
+        Mark::Seen => Err(Ignored::Duplicate),
+        Mark::OutOfRange => Err(Ignored::NotDispatched),
     }
 }
 
@@ -277,34 +341,29 @@ fn subjob_completed(
     e: SubjobCompleted,
     now: Millis,
     out: &mut Vec<Action>,
-) -> bool {
-    let Some(step) = running_step(job, e.step_index) else {
-        return false;
-    };
-    if e.index >= step.dispatched || step.pending.mark(e.index, false) != Mark::New {
-        return false;
-    }
+) -> Result<bool, Ignored> {
+    let step = mark_outcome(job, e.step_index, e.index, false)?;
     step.completed += 1;
     step.retries += u64::from(e.attempt.saturating_sub(1));
     if step.kind == StepKind::Task {
         step.output_seq = Some(seq);
-        step.output_len = e.result.as_array().map(|a| a.len() as u64);
+        step.output_len = crate::protocol::array_len(&e.result);
         if e.step_index + 1 == job.steps.len() {
             job.output = e.result;
         }
     }
     job.updated_at = now;
     after_outcome(job, now, out);
-    true
+    Ok(true)
 }
 
-fn subjob_failed(job: &mut Job, e: SubjobFailed, now: Millis, out: &mut Vec<Action>) -> bool {
-    let Some(step) = running_step(job, e.step_index) else {
-        return false;
-    };
-    if e.index >= step.dispatched || step.pending.mark(e.index, true) != Mark::New {
-        return false;
-    }
+fn subjob_failed(
+    job: &mut Job,
+    e: SubjobFailed,
+    now: Millis,
+    out: &mut Vec<Action>,
+) -> Result<bool, Ignored> {
+    let step = mark_outcome(job, e.step_index, e.index, true)?;
     step.failed += 1;
     step.retries += u64::from(e.attempt.saturating_sub(1));
     if step.failures.len() < MAX_FAILURES_KEPT {
@@ -316,7 +375,7 @@ fn subjob_failed(job: &mut Job, e: SubjobFailed, now: Millis, out: &mut Vec<Acti
     }
     job.updated_at = now;
     after_outcome(job, now, out);
-    true
+    Ok(true)
 }
 
 /// After a subjob outcome: fail the job past the tolerance, finish the step
@@ -386,6 +445,16 @@ fn start_step(
     let total = match def.kind {
         StepKind::Task => 1,
         StepKind::Fanout => match len {
+            Some(n) if n > def.max_subjobs => {
+                let reason = format!(
+                    "step {:?} would split into {n} subjobs, more than its limit of {} (max_subjobs)",
+                    def.name, def.max_subjobs
+                );
+                job.steps[i].state = StepState::Running;
+                job.steps[i].started_at = Some(now);
+                fail_job(job, reason, now, out);
+                return;
+            }
             Some(n) => n,
             None => {
                 let reason = format!(

@@ -16,7 +16,9 @@ use tracing::warn;
 
 use super::ManagerError;
 use crate::machine::{Action, Dispatch, Source, SourceField};
-use crate::protocol::{encode_json, job_tasks_filter, task_msg_id, task_subject, Event, Task};
+use crate::protocol::{
+    encode_json, job_tasks_filter, task_msg_id, task_subject, Event, ResultRef, Task,
+};
 use crate::setup::Nats;
 use crate::workflow::StepKind;
 
@@ -214,6 +216,13 @@ impl Executor {
             (Ok(Event::SubjobCompleted(c)), SourceField::Result) => c.result,
             _ => return Ok(Err(format!("event {seq} does not hold a step input"))),
         };
+        let value = match ResultRef::from_value(&value) {
+            None => value,
+            Some(r) => match fetch_result(&self.nats, &r).await? {
+                Ok(v) => v,
+                Err(reason) => return Ok(Err(reason)),
+            },
+        };
         if self.sources.len() >= SOURCE_CACHE {
             self.sources.clear();
         }
@@ -221,6 +230,33 @@ impl Executor {
         self.sources.insert(seq, v.clone());
         Ok(Ok(v))
     }
+}
+
+/// Reads a large result from the object store. The inner error is
+/// permanent (gone or unreadable), the outer one transient.
+async fn fetch_result(nats: &Nats, r: &ResultRef) -> Result<Result<Value, String>, ManagerError> {
+    use tokio::io::AsyncReadExt;
+    let mut object = match nats.results.get(&r.name).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound => {
+            return Ok(Err(format!(
+                "its input (result {}) is no longer in the object store",
+                r.name
+            )));
+        }
+        Err(e) => {
+            return Err(ManagerError::Nats(format!(
+                "reading result {}: {e}",
+                r.name
+            )))
+        }
+    };
+    let mut bytes = Vec::with_capacity(r.size as usize);
+    object
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| ManagerError::Nats(format!("reading result {}: {e}", r.name)))?;
+    Ok(serde_json::from_slice(&bytes).map_err(|e| format!("result {} is not JSON: {e}", r.name)))
 }
 
 fn publish_err(e: PublishError) -> ManagerError {

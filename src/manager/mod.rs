@@ -34,6 +34,7 @@ use tracing::{debug, error, info, warn};
 pub use executor::Executor;
 
 use crate::machine::{in_flight, Action, Engine, Input};
+use crate::metrics::Metrics;
 use crate::monitor::{self, Heartbeat};
 use crate::protocol::{
     job_tasks_filter, kind_filter, now_ms, Event, EventKind, MANAGER_CONSUMER, PARTITIONS,
@@ -330,6 +331,10 @@ impl EventLoop {
             let event: Event = match serde_json::from_slice(&msg.payload) {
                 Ok(e) => e,
                 Err(e) => {
+                    Metrics::get()
+                        .manager_ignored
+                        .with_label_values(&["unreadable"])
+                        .inc();
                     warn!(subject = %msg.subject, seq, error = %e, "dropping an unreadable event");
                     continue;
                 }
@@ -338,6 +343,10 @@ impl EventLoop {
                 .subject
                 .ends_with(&format!(".{}.{}", event.job_id(), event.kind().token()))
             {
+                Metrics::get()
+                    .manager_ignored
+                    .with_label_values(&["subject_mismatch"])
+                    .inc();
                 warn!(subject = %msg.subject, seq, "dropping an event whose subject does not match its body");
                 continue;
             }
@@ -359,6 +368,13 @@ impl EventLoop {
                 event => Input::Event { seq, event },
             };
             actions.extend(self.engine.apply(input, now));
+        }
+        for (reason, n) in self.engine.take_ignored() {
+            debug!(reason, n, "events ignored");
+            Metrics::get()
+                .manager_ignored
+                .with_label_values(&[reason])
+                .inc_by(n);
         }
         self.execute(actions).await
     }

@@ -8,7 +8,10 @@
 
 mod codec;
 mod event;
+#[cfg(test)]
+mod fuzz;
 mod names;
+mod results;
 pub mod schemas;
 mod submit;
 mod task;
@@ -21,6 +24,9 @@ pub use event::{
     JobRequested, RejectCode, StepCompleted, StepStarted, SubjobCompleted, SubjobFailed,
 };
 pub use names::*;
+pub use results::{
+    array_len, ResultRef, INLINE_RESULT_MAX, MAX_RESULT_BYTES, RESULTS_BUCKET, RESULT_REF_KEY,
+};
 pub use submit::{Submission, SubmitError, SubmitReply};
 pub use task::Task;
 

@@ -6,7 +6,7 @@
 use schemars::schema_for;
 use serde_json::Value;
 
-use super::{Event, SubmitReply, Submission, Task};
+use super::{Event, Submission, SubmitReply, Task};
 use crate::machine::Job;
 use crate::monitor::Heartbeat;
 use crate::stats::JobStats;
@@ -43,17 +43,45 @@ mod tests {
                 std::fs::create_dir_all(&dir).unwrap();
                 std::fs::write(&path, &text).unwrap();
             }
-            let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("{} is missing; run FANJET_WRITE_SCHEMAS=1 cargo test --lib schemas", path.display()));
-            assert_eq!(on_disk, text, "{} differs from the code; run FANJET_WRITE_SCHEMAS=1 cargo test --lib schemas", path.display());
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+                panic!(
+                    "{} is missing; run FANJET_WRITE_SCHEMAS=1 cargo test --lib schemas",
+                    path.display()
+                )
+            });
+            assert_eq!(
+                on_disk,
+                text,
+                "{} differs from the code; run FANJET_WRITE_SCHEMAS=1 cargo test --lib schemas",
+                path.display()
+            );
         }
     }
 
     #[test]
     fn the_event_schema_names_every_kind() {
-        let schema = all().into_iter().find(|(n, _)| *n == "event.json").unwrap().1;
+        let schema = all()
+            .into_iter()
+            .find(|(n, _)| *n == "event.json")
+            .unwrap()
+            .1;
         let text = schema.to_string();
-        for kind in ["JobRequested", "JobRejected", "StepStarted", "StepCompleted", "SubjobCompleted", "SubjobFailed", "JobCompleted", "JobFailed", "CancelRequested", "JobCancelled"] {
-            assert!(text.contains(&format!("\"{kind}\"")), "{kind} missing from the event schema");
+        for kind in [
+            "JobRequested",
+            "JobRejected",
+            "StepStarted",
+            "StepCompleted",
+            "SubjobCompleted",
+            "SubjobFailed",
+            "JobCompleted",
+            "JobFailed",
+            "CancelRequested",
+            "JobCancelled",
+        ] {
+            assert!(
+                text.contains(&format!("\"{kind}\"")),
+                "{kind} missing from the event schema"
+            );
         }
     }
 }

@@ -28,7 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::monitor::{self, Heartbeat};
-use crate::protocol::{encode_json, Event, SubjobCompleted, SubjobFailed, Task};
+use crate::protocol::{
+    encode_json, Event, ResultRef, SubjobCompleted, SubjobFailed, Task, INLINE_RESULT_MAX,
+    MAX_RESULT_BYTES, RESULTS_BUCKET,
+};
 use crate::setup::{Nats, SetupError};
 
 /// Why a handler did not produce a result, and what should happen next.
@@ -166,26 +169,33 @@ impl Worker {
         }
         let running: Arc<tokio::sync::Mutex<JoinSet<()>>> =
             Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+        // Each step binds on its own, so a step whose workflow is not applied
+        // yet does not hold up the others.
         for (workflow, step, handler) in self.handlers {
-            let consumer = tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                c = bind(&self.nats, &workflow, &step) => c?,
-            };
-            info!(
-                workflow,
-                step,
-                concurrency = self.concurrency,
-                "worker serving"
+            let (nats, slots, running, cancel) = (
+                self.nats.clone(),
+                slots.clone(),
+                running.clone(),
+                cancel.clone(),
             );
-            let pull = PullLoop {
-                nats: self.nats.clone(),
-                consumer,
-                handler,
-                slots: slots.clone(),
-                max_batch: self.concurrency,
-                running: running.clone(),
-            };
-            loops.spawn(pull.run(cancel.clone()));
+            let max_batch = self.concurrency;
+            loops.spawn(async move {
+                let consumer = tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    c = bind(&nats, &workflow, &step) => c?,
+                };
+                info!(workflow, step, concurrency = max_batch, "worker serving");
+                PullLoop {
+                    nats,
+                    consumer,
+                    handler,
+                    slots,
+                    max_batch,
+                    running,
+                }
+                .run(cancel)
+                .await
+            });
         }
         while let Some(r) = loops.join_next().await {
             if let Ok(Err(e)) = r {
@@ -384,6 +394,10 @@ async fn settle(
     took: Duration,
     result: Result<Value, TaskError>,
 ) {
+    let result = match result {
+        Ok(value) => offload(nats, task, value).await,
+        Err(e) => Err(e),
+    };
     let (event, ack) = match result {
         Ok(result) => (
             Some(Event::SubjobCompleted(SubjobCompleted {
@@ -461,6 +475,33 @@ async fn settle(
     if let Err(e) = msg.ack_with(ack).await {
         warn!(job_id = %task.job_id, index = task.index, error = %e, "could not ack a task");
     }
+}
+
+/// Moves a large result to the object store and returns the reference to
+/// send instead; a result beyond [`MAX_RESULT_BYTES`] fails the subjob.
+async fn offload(nats: &Nats, task: &Task, value: Value) -> Result<Value, TaskError> {
+    let bytes = serde_json::to_vec(&value)
+        .map_err(|e| TaskError::give_up(format!("result is not JSON: {e}")))?;
+    if bytes.len() <= INLINE_RESULT_MAX {
+        return Ok(value);
+    }
+    if bytes.len() > MAX_RESULT_BYTES {
+        return Err(TaskError::give_up(format!(
+            "result too large: {} bytes, the limit is {MAX_RESULT_BYTES}",
+            bytes.len()
+        )));
+    }
+    let reference = ResultRef {
+        bucket: RESULTS_BUCKET.into(),
+        name: ResultRef::name_for(&task.job_id, task.step_index, task.index),
+        size: bytes.len() as u64,
+        array_len: value.as_array().map(|a| a.len() as u64),
+    };
+    nats.results
+        .put(reference.name.as_str(), &mut bytes.as_slice())
+        .await
+        .map_err(|e| TaskError::retry(format!("storing a large result: {e}")))?;
+    Ok(reference.to_value())
 }
 
 /// Room left for headers under the server's max payload.

@@ -1,0 +1,86 @@
+//! Large results. A result whose JSON is larger than [`INLINE_RESULT_MAX`]
+//! is stored in the JetStream object store bucket [`RESULTS_BUCKET`] and
+//! the event carries a reference instead:
+//! `{"$fanjet_result": {"bucket": …, "name": …, "size": …, "array_len": …}}`.
+//! Readers of a result (the manager, for a step's input) follow it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Object store bucket of large results.
+pub const RESULTS_BUCKET: &str = "fanjet_results";
+/// Largest result sent inline in its event, in bytes of JSON.
+pub const INLINE_RESULT_MAX: usize = 256 * 1024;
+/// Largest result accepted at all, in bytes of JSON.
+pub const MAX_RESULT_BYTES: usize = 64 * 1024 * 1024;
+/// The key that marks a reference.
+pub const RESULT_REF_KEY: &str = "$fanjet_result";
+
+/// Where a large result is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ResultRef {
+    pub bucket: String,
+    /// Object name: `<job_id>/<step_index>/<index>`.
+    pub name: String,
+    /// Bytes of JSON.
+    pub size: u64,
+    /// When the result is an array: its length (a fanout step's subjob count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array_len: Option<u64>,
+}
+
+impl ResultRef {
+    /// The object name of a subjob's result.
+    pub fn name_for(job_id: &str, step_index: usize, index: u64) -> String {
+        format!("{job_id}/{step_index}/{index}")
+    }
+
+    /// The value an event carries in place of the result.
+    pub fn to_value(&self) -> Value {
+        serde_json::json!({ RESULT_REF_KEY: self })
+    }
+
+    /// The reference in `value`, if it is one.
+    pub fn from_value(value: &Value) -> Option<ResultRef> {
+        let obj = value.as_object()?;
+        if obj.len() != 1 {
+            return None;
+        }
+        serde_json::from_value(obj.get(RESULT_REF_KEY)?.clone()).ok()
+    }
+}
+
+/// The number of elements of a result that is (or refers to) an array.
+pub fn array_len(value: &Value) -> Option<u64> {
+    match value.as_array() {
+        Some(a) => Some(a.len() as u64),
+        None => ResultRef::from_value(value).and_then(|r| r.array_len),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_round_trip_and_carry_the_length() {
+        let r = ResultRef {
+            bucket: RESULTS_BUCKET.into(),
+            name: ResultRef::name_for("j", 0, 0),
+            size: 10,
+            array_len: Some(3),
+        };
+        let v = r.to_value();
+        assert_eq!(ResultRef::from_value(&v), Some(r));
+        assert_eq!(array_len(&v), Some(3));
+        assert_eq!(array_len(&serde_json::json!([1, 2])), Some(2));
+        assert_eq!(
+            ResultRef::from_value(&serde_json::json!({"$fanjet_result": 1})),
+            None
+        );
+        assert_eq!(
+            ResultRef::from_value(&serde_json::json!({"a": 1, "$fanjet_result": {}})),
+            None
+        );
+    }
+}
