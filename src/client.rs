@@ -7,13 +7,13 @@ use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use futures::StreamExt;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 use thiserror::Error;
 
-use crate::machine::{Job, JobState};
+use crate::machine::{Job, JobState, StepState};
 use crate::protocol::{
-    encode_json, event_subject, job_events_filter, now_ms, submit_subject, CancelRequested, Event,
-    EventKind, Submission, SubmitReply,
+    customer_submit_subject, encode_json, event_subject, job_events_filter, now_ms, status_subject,
+    submit_subject, validate_token, CancelRequested, Event, EventKind, Submission, SubmitReply,
 };
 use crate::setup::Nats;
 use crate::store::{self, StoreError};
@@ -41,15 +41,18 @@ pub async fn submit(
     sub: &Submission,
 ) -> Result<SubmitReply, ClientError> {
     let body = encode_json(sub).map_err(|e| ClientError::Nats(e.to_string()))?;
+    // A customer that is a subject token goes on the tenant-scoped subject,
+    // which is what a submitter's permissions allow.
+    let subject = match sub.customer.as_deref() {
+        Some(c) if validate_token("customer", c).is_ok() => customer_submit_subject(workflow, c),
+        _ => submit_subject(workflow),
+    };
     let start = Instant::now();
     let wait = Duration::from_secs(10);
     loop {
-        let answer = tokio::time::timeout(
-            wait,
-            nats.client.request(submit_subject(workflow), body.clone()),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout(wait))?;
+        let answer = tokio::time::timeout(wait, nats.client.request(subject.clone(), body.clone()))
+            .await
+            .map_err(|_| ClientError::Timeout(wait))?;
         match answer {
             Ok(msg) => {
                 return serde_json::from_slice(&msg.payload).map_err(|e| {
@@ -124,6 +127,34 @@ pub async fn status(nats: &Nats, job_id: &str) -> Result<Option<Job>, ClientErro
     Ok(Some(job))
 }
 
+/// A job's detailed status through the status service, as a customer sees
+/// it (for users whose permissions allow only `fanjet.status.<customer>.>`).
+pub async fn status_as(
+    nats: &Nats,
+    customer: &str,
+    job_id: &str,
+) -> Result<Option<Job>, ClientError> {
+    let msg = tokio::time::timeout(
+        Duration::from_secs(10),
+        nats.client
+            .request(status_subject(customer, job_id), "".into()),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(Duration::from_secs(10)))?
+    .map_err(|e| match e.kind() {
+        async_nats::RequestErrorKind::NoResponders => ClientError::NoManager,
+        _ => ClientError::Nats(e.to_string()),
+    })?;
+    let v: Value =
+        serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Nats(e.to_string()))?;
+    if v.get("error").is_some() {
+        return Ok(None);
+    }
+    serde_json::from_value(v)
+        .map(Some)
+        .map_err(|e| ClientError::Nats(format!("unreadable status: {e}")))
+}
+
 /// One event of a job's history.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoggedEvent {
@@ -176,4 +207,41 @@ pub async fn events(
         }
     }
     Ok(out)
+}
+
+/// The detailed status: the job record, with statistics and an ETA per step.
+pub fn detailed(job: &Job, stats: Option<&crate::stats::JobStats>, now: u64) -> Value {
+    let mut v = serde_json::to_value(job).unwrap_or(Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("definition");
+        obj.remove("requested_seq");
+    }
+    if let Some(steps) = v.get_mut("steps").and_then(Value::as_array_mut) {
+        for (i, sv) in steps.iter_mut().enumerate() {
+            let Some(step) = job.steps.get(i) else {
+                continue;
+            };
+            let Some(o) = sv.as_object_mut() else {
+                continue;
+            };
+            o.remove("source");
+            o.remove("output_seq");
+            o.remove("output_len");
+            if let Some(st) = stats.and_then(|s| s.steps.get(i)) {
+                o.insert("stats".into(), st.summary(now));
+            }
+            if step.state == StepState::Running {
+                let done = step.completed + step.failed;
+                let elapsed = now.saturating_sub(step.started_at.unwrap_or(now)).max(1);
+                if done > 0 {
+                    let rate = done as f64 / (elapsed as f64 / 1000.0);
+                    let eta_ms = ((step.total.saturating_sub(done)) as f64 / rate * 1000.0) as u64;
+                    o.insert("throughput_per_s".into(), json!(rate));
+                    o.insert("eta_ms".into(), json!(eta_ms));
+                    o.insert("eta_at".into(), json!(now + eta_ms));
+                }
+            }
+        }
+    }
+    v
 }

@@ -9,7 +9,7 @@ use thiserror::Error;
 pub enum ConnectError {
     #[error("cannot connect to NATS at {url}: {message}")]
     Connect { url: String, message: String },
-    #[error("cannot read credentials file {path}: {message}")]
+    #[error("cannot use credentials file {path}: {message}")]
     Creds { path: PathBuf, message: String },
 }
 
@@ -37,6 +37,18 @@ pub struct ConnectArgs {
     /// Authentication token.
     #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// File holding an NKey seed (SU...) to authenticate with.
+    #[arg(long, env = "NATS_NKEY", global = true)]
+    pub nkey: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server's TLS certificate; implies TLS.
+    #[arg(long, env = "NATS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS (with --tls-key).
+    #[arg(long, env = "NATS_CERT", global = true, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS (with --tls-cert).
+    #[arg(long, env = "NATS_KEY", global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ConnectArgs {
@@ -48,6 +60,10 @@ impl ConnectArgs {
             user: None,
             password: None,
             token: None,
+            nkey: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 
@@ -67,6 +83,40 @@ impl ConnectArgs {
         }
         if let Some(t) = &self.token {
             opts = opts.token(t.clone());
+        }
+        if let Some(path) = &self.nkey {
+            let seed = std::fs::read_to_string(path).map_err(|e| ConnectError::Creds {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let seed = seed
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with("SU"))
+                .ok_or_else(|| ConnectError::Creds {
+                    path: path.clone(),
+                    message: "no user NKey seed (a line starting with SU) in the file".into(),
+                })?;
+            opts = opts.nkey(seed.to_string());
+        }
+        for path in [&self.tls_ca, &self.tls_cert, &self.tls_key]
+            .into_iter()
+            .flatten()
+        {
+            if !path.is_file() {
+                return Err(ConnectError::Creds {
+                    path: path.clone(),
+                    message: "no such file".into(),
+                });
+            }
+        }
+        if let Some(ca) = &self.tls_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            opts = opts
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
         }
         let urls: Vec<async_nats::ServerAddr> = self
             .server

@@ -115,6 +115,9 @@ enum Command {
         job_id: String,
         #[arg(long)]
         json: bool,
+        /// Ask the status service as this customer (for users who may only do that).
+        #[arg(long)]
+        customer: Option<String>,
     },
     /// Lists jobs.
     Jobs {
@@ -135,7 +138,12 @@ enum Command {
         reason: Option<String>,
     },
     /// Follows a job with live progress bars; exits with its outcome (0 completed, 1 failed, 2 cancelled or rejected).
-    Watch { job_id: String },
+    Watch {
+        job_id: String,
+        /// Read the status as this customer, through the status service (for users who may only do that).
+        #[arg(long)]
+        customer: Option<String>,
+    },
     /// Serves the HTTP API, the web page and /metrics, and runs the statistics consumer and the notifier.
     Serve {
         /// Address of the HTTP server. Loopback by default: put a proxy in front to expose it.
@@ -189,7 +197,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Connects and binds to fanjet's streams and buckets; creates them when
+/// they are missing and this user may (a fresh server).
 async fn nats(connect: &ConnectArgs, name: &str) -> Result<Nats> {
+    let client = connect.connect(name).await?;
+    match Nats::bind(client.clone()).await {
+        Ok(n) => Ok(n),
+        Err(bind_err) => Nats::ensure(client)
+            .await
+            .map_err(|_| anyhow::Error::from(bind_err)),
+    }
+}
+
+/// Connects, creating or updating every stream and bucket (manager, serve,
+/// workflow apply).
+async fn nats_admin(connect: &ConnectArgs, name: &str) -> Result<Nats> {
     let client = connect.connect(name).await?;
     Ok(Nats::ensure(client).await?)
 }
@@ -218,7 +240,7 @@ async fn run(cli: Cli) -> Result<u8> {
             dev(opts, root).await
         }
         Command::Manager { metrics } => {
-            let nats = nats(&cli.connect, "fanjet-manager").await?;
+            let nats = nats_admin(&cli.connect, "fanjet-manager").await?;
             shutdown::on_signals(root.clone());
             let mut side = JoinSet::new();
             if let Some(addr) = metrics {
@@ -271,6 +293,10 @@ async fn run(cli: Cli) -> Result<u8> {
                     serde_json::from_str(&text).context("--input is not valid JSON")?
                 }
             };
+            // A customer (a token) may be all this user can read status as.
+            let as_customer = customer
+                .clone()
+                .filter(|c| fanjet::protocol::validate_token("customer", c).is_ok());
             let sub = Submission {
                 job_id,
                 customer,
@@ -296,7 +322,7 @@ async fn run(cli: Cli) -> Result<u8> {
             if !wait {
                 return Ok(0);
             }
-            let job = progress::follow(&nats, &id, !json, None)
+            let job = progress::follow(&nats, &id, !json, None, as_customer.as_deref())
                 .await?
                 .ok_or_else(|| anyhow!("job {id} vanished"))?;
             if json {
@@ -306,15 +332,24 @@ async fn run(cli: Cli) -> Result<u8> {
             }
             Ok(progress::exit_code(job.state) as u8)
         }
-        Command::Status { job_id, json } => {
+        Command::Status {
+            job_id,
+            json,
+            customer,
+        } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
-            let job = client::status(&nats, &job_id)
-                .await?
-                .ok_or_else(|| anyhow!("no job {job_id:?}"))?;
-            let stats = fanjet::stats::get(&nats, &job_id).await.ok().flatten();
+            let job = match &customer {
+                Some(c) => client::status_as(&nats, c, &job_id).await?,
+                None => client::status(&nats, &job_id).await?,
+            }
+            .ok_or_else(|| anyhow!("no job {job_id:?}"))?;
+            let stats = match customer {
+                Some(_) => None,
+                None => fanjet::stats::get(&nats, &job_id).await.ok().flatten(),
+            };
             let now = fanjet::protocol::now_ms();
             if json {
-                let detailed = fanjet::api::detailed(&job, stats.as_ref(), now);
+                let detailed = client::detailed(&job, stats.as_ref(), now);
                 println!("{}", serde_json::to_string_pretty(&detailed)?);
             } else {
                 print!("{}", progress::render(&job));
@@ -384,12 +419,16 @@ async fn run(cli: Cli) -> Result<u8> {
             eprintln!("cancel requested for {job_id}");
             Ok(0)
         }
-        Command::Watch { job_id } => {
+        Command::Watch { job_id, customer } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
-            if client::status(&nats, &job_id).await?.is_none() {
+            let known = match &customer {
+                Some(c) => client::status_as(&nats, c, &job_id).await?,
+                None => client::status(&nats, &job_id).await?,
+            };
+            if known.is_none() {
                 bail!("no job {job_id:?}");
             }
-            let job = progress::follow(&nats, &job_id, true, None)
+            let job = progress::follow(&nats, &job_id, true, None, customer.as_deref())
                 .await?
                 .ok_or_else(|| anyhow!("job {job_id} vanished"))?;
             print!("{}", progress::render(&job));
@@ -400,7 +439,7 @@ async fn run(cli: Cli) -> Result<u8> {
             webhooks,
             webhook_attempts,
         } => {
-            let nats = nats(&cli.connect, "fanjet-serve").await?;
+            let nats = nats_admin(&cli.connect, "fanjet-serve").await?;
             shutdown::on_signals(root.clone());
             let hooks = Webhooks {
                 urls: webhooks,
@@ -430,7 +469,7 @@ async fn run(cli: Cli) -> Result<u8> {
                 parsed
                     .push(Workflow::from_toml(&text).with_context(|| format!("{}", f.display()))?);
             }
-            let nats = nats(&cli.connect, "fanjet-cli").await?;
+            let nats = nats_admin(&cli.connect, "fanjet-cli").await?;
             for w in parsed {
                 nats.apply_workflow(&w).await?;
                 println!("applied {} ({} steps)", w.name, w.steps.len());
@@ -544,7 +583,7 @@ async fn dev(o: DevOptions, root: CancellationToken) -> Result<u8> {
         );
         eprintln!("watch it at http://{listen}/#job={id}");
         let job = tokio::select! {
-            j = progress::follow(&nats, &id, true, None) => j?,
+            j = progress::follow(&nats, &id, true, None, None) => j?,
             _ = root.cancelled() => None,
         };
         if let Some(job) = job {

@@ -6,17 +6,21 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::client::{self, ClientError};
 use crate::machine::{Job, JobState, StepState};
 use crate::setup::Nats;
-use crate::store::{self, StoreError};
+use crate::store;
 
 /// Polls the job's status until it ends; draws bars when `bars` is set.
+/// With `as_customer`, reads through the status service as that customer
+/// (what a submitter may do) instead of the jobs bucket.
 pub async fn follow(
     nats: &Nats,
     job_id: &str,
     bars: bool,
     timeout: Option<Duration>,
-) -> Result<Option<Job>, StoreError> {
+    as_customer: Option<&str>,
+) -> Result<Option<Job>, ClientError> {
     let multi = MultiProgress::with_draw_target(if bars {
         ProgressDrawTarget::stderr()
     } else {
@@ -33,7 +37,11 @@ pub async fn follow(
     let plain = bars && !std::io::stderr().is_terminal();
     let mut last_line = std::time::Instant::now();
     loop {
-        if let Some((job, _)) = store::get(nats, job_id).await? {
+        let current = match as_customer {
+            Some(c) => client::status_as(nats, c, job_id).await?,
+            None => store::get(nats, job_id).await?.map(|(j, _)| j),
+        };
+        if let Some(job) = current {
             if plain && (last_line.elapsed() >= Duration::from_secs(2) || job.state.is_terminal()) {
                 last_line = std::time::Instant::now();
                 eprintln!("[{:>5.1}s] {}", start.elapsed().as_secs_f64(), line(&job));

@@ -44,6 +44,8 @@ pub enum SetupError {
         name: &'static str,
         source: jetstream::context::GetStreamError,
     },
+    #[error("fanjet's streams and buckets are not there or not readable ({0}): start `fanjet manager` (or `fanjet dev`) first, or check this user's permissions")]
+    Missing(String),
     #[error("could not open the results object store: {0}")]
     Results(String),
     #[error("could not store workflow {name}: {message}")]
@@ -67,13 +69,41 @@ pub struct Nats {
 }
 
 impl Nats {
+    /// Handles to the streams and buckets a manager created, creating
+    /// nothing: for roles that may only read and publish (workers,
+    /// submitters, viewers). Needs `$JS.API.STREAM.INFO` on them.
+    pub async fn bind(client: async_nats::Client) -> Result<Self, SetupError> {
+        let js = context(client.clone());
+        let missing =
+            |what: &str, e: &dyn std::fmt::Display| SetupError::Missing(format!("{what}: {e}"));
+        let stream = |name: &'static str| {
+            let js = js.clone();
+            async move { js.get_stream(name).await.map_err(|e| missing(name, &e)) }
+        };
+        let bucket = |name: &'static str| {
+            let js = js.clone();
+            async move { js.get_key_value(name).await.map_err(|e| missing(name, &e)) }
+        };
+        Ok(Nats {
+            events: stream(EVENTS_STREAM).await?,
+            tasks: stream(TASKS_STREAM).await?,
+            advisories: stream(ADVISORIES_STREAM).await?,
+            workflows: bucket(WORKFLOWS_BUCKET).await?,
+            jobs: bucket(JOBS_BUCKET).await?,
+            pending: bucket(PENDING_BUCKET).await?,
+            stats: bucket(STATS_BUCKET).await?,
+            results: js
+                .get_object_store(RESULTS_BUCKET)
+                .await
+                .map_err(|e| missing(RESULTS_BUCKET, &e))?,
+            client,
+            js,
+        })
+    }
+
     /// Creates or updates the streams and buckets, and returns handles.
     pub async fn ensure(client: async_nats::Client) -> Result<Self, SetupError> {
-        let js = jetstream::ContextBuilder::new()
-            .timeout(Duration::from_secs(10))
-            .max_ack_inflight(4096)
-            .backpressure_on_inflight(true)
-            .build(client.clone());
+        let js = context(client.clone());
         let stream = |name: &'static str, subject: String, retention, max_age| {
             let js = js.clone();
             let cfg = stream::Config {
@@ -240,4 +270,13 @@ async fn results_bucket(js: &Context) -> Result<object_store::ObjectStore, Setup
     })
     .await
     .map_err(|e| SetupError::Results(e.to_string()))
+}
+
+/// The JetStream context every command uses.
+fn context(client: async_nats::Client) -> Context {
+    jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .max_ack_inflight(4096)
+        .backpressure_on_inflight(true)
+        .build(client)
 }

@@ -91,7 +91,7 @@ fn default_max_subjobs() -> u64 {
 }
 
 /// One validated workflow.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Workflow {
     pub name: String,
     #[serde(default)]

@@ -20,7 +20,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, ClientError};
-use crate::machine::{Job, StepState};
+use crate::machine::Job;
 use crate::metrics::Metrics;
 use crate::protocol::{now_ms, RejectCode, Submission};
 use crate::setup::Nats;
@@ -266,49 +266,12 @@ async fn list_jobs(State(nats): State<Nats>, Query(q): Query<ListQuery>) -> ApiR
     ))
 }
 
-/// The detailed status: the job record, with statistics and an ETA per step.
-pub fn detailed(job: &Job, stats: Option<&stats::JobStats>, now: u64) -> Value {
-    let mut v = serde_json::to_value(job).unwrap_or(Value::Null);
-    if let Some(obj) = v.as_object_mut() {
-        obj.remove("definition");
-        obj.remove("requested_seq");
-    }
-    if let Some(steps) = v.get_mut("steps").and_then(Value::as_array_mut) {
-        for (i, sv) in steps.iter_mut().enumerate() {
-            let Some(step) = job.steps.get(i) else {
-                continue;
-            };
-            let Some(o) = sv.as_object_mut() else {
-                continue;
-            };
-            o.remove("source");
-            o.remove("output_seq");
-            o.remove("output_len");
-            if let Some(st) = stats.and_then(|s| s.steps.get(i)) {
-                o.insert("stats".into(), st.summary(now));
-            }
-            if step.state == StepState::Running {
-                let done = step.completed + step.failed;
-                let elapsed = now.saturating_sub(step.started_at.unwrap_or(now)).max(1);
-                if done > 0 {
-                    let rate = done as f64 / (elapsed as f64 / 1000.0);
-                    let eta_ms = ((step.total.saturating_sub(done)) as f64 / rate * 1000.0) as u64;
-                    o.insert("throughput_per_s".into(), json!(rate));
-                    o.insert("eta_ms".into(), json!(eta_ms));
-                    o.insert("eta_at".into(), json!(now + eta_ms));
-                }
-            }
-        }
-    }
-    v
-}
-
 async fn job(State(nats): State<Nats>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let job = client::status(&nats, &id)
         .await?
         .ok_or_else(|| ApiError::from(ClientError::NoSuchJob(id.clone())))?;
     let st = stats::get(&nats, &id).await.ok().flatten();
-    Ok(Json(detailed(&job, st.as_ref(), now_ms())))
+    Ok(Json(client::detailed(&job, st.as_ref(), now_ms())))
 }
 
 #[derive(Debug, Deserialize)]
@@ -365,7 +328,7 @@ async fn stream(
             let nats = nats2.clone();
             async move {
                 let st = stats::get(&nats, &job.job_id).await.ok().flatten();
-                let data = detailed(&job, st.as_ref(), now_ms());
+                let data = client::detailed(&job, st.as_ref(), now_ms());
                 let kind = if job.state.is_terminal() {
                     "end"
                 } else {

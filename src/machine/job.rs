@@ -104,6 +104,7 @@ pub struct StepRun {
     /// Attempts beyond the first, over the subjobs that finished.
     pub retries: u64,
     /// Subjobs enqueued so far (the in-flight window moves through the step).
+    #[serde(default)]
     pub dispatched: u64,
     pub started_at: Option<Millis>,
     pub finished_at: Option<Millis>,
@@ -139,9 +140,11 @@ pub struct Job {
     pub updated_at: Millis,
     pub finished_at: Option<Millis>,
     /// Sequence of the JobRequested event (the job's input).
+    #[serde(default)]
     pub requested_seq: u64,
     /// The workflow as it was when the job started; later edits do not
     /// change a running job.
+    #[serde(default)]
     pub definition: Workflow,
 }
 

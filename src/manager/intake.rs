@@ -11,10 +11,51 @@ use super::ManagerError;
 use crate::protocol::{
     decode, encode_json, new_job_id, now_ms, validate_customer, validate_token, Encoding, Event,
     JobRejected, JobRequested, RejectCode, Submission, SubmitError, SubmitReply, INTAKE_QUEUE,
-    MAX_SUBMISSION_BYTES, SUBMIT_WILDCARD,
+    MAX_SUBMISSION_BYTES, STATUS_WILDCARD, SUBMIT_WILDCARD,
 };
 use crate::setup::Nats;
-use crate::store;
+use crate::{client, store};
+
+/// Answers `fanjet.status.<customer>.<job_id>` with the job's detailed
+/// status, when the job is that customer's; `{"error": …}` otherwise.
+pub async fn status_service(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerError> {
+    let mut sub = nats
+        .client
+        .queue_subscribe(STATUS_WILDCARD, INTAKE_QUEUE.into())
+        .await
+        .map_err(|e| ManagerError::Nats(format!("subscribing to status requests: {e}")))?;
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        let mut tokens = msg.subject.as_str().split('.').skip(2);
+        let (customer, job_id) = (
+            tokens.next().unwrap_or_default(),
+            tokens.next().unwrap_or_default(),
+        );
+        let answer = match client::status(&nats, job_id).await {
+            Ok(Some(job)) if job.customer.as_deref() == Some(customer) => {
+                let stats = crate::stats::get(&nats, job_id).await.ok().flatten();
+                client::detailed(&job, stats.as_ref(), now_ms())
+            }
+            Ok(_) => {
+                serde_json::json!({"error": {"code": "not_found", "message": format!("no job {job_id:?} for customer {customer:?}")}})
+            }
+            Err(e) => serde_json::json!({"error": {"code": "internal", "message": e.to_string()}}),
+        };
+        if let Ok(body) = encode_json(&answer) {
+            if let Err(e) = nats.client.publish(reply, body).await {
+                warn!(error = %e, "could not answer a status request");
+            }
+        }
+    }
+    let _ = sub.unsubscribe().await;
+    Ok(())
+}
 
 pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerError> {
     let mut sub = nats
@@ -56,18 +97,23 @@ fn rejected(job_id: Option<String>, code: RejectCode, message: String) -> Submit
 
 /// Handles one submission; every failure becomes a rejection, never a panic.
 async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
-    let workflow = msg
-        .subject
-        .as_str()
-        .rsplit('.')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    // fanjet.submit.<workflow> or fanjet.submit.<workflow>.<customer>
+    let tokens: Vec<&str> = msg.subject.as_str().split('.').skip(2).collect();
+    let workflow = tokens.first().copied().unwrap_or_default().to_string();
+    let pinned_customer = tokens.get(1).map(|c| c.to_string());
     let mut reject = Rejection {
         workflow: Some(workflow.clone()),
         customer: None,
         job_id: None,
     };
+    if tokens.len() > 2 {
+        reject.workflow = None;
+        let m = format!(
+            "submit to fanjet.submit.<workflow> or fanjet.submit.<workflow>.<customer>, not {}",
+            msg.subject
+        );
+        return reject.send(nats, RejectCode::InvalidWorkflowName, m).await;
+    }
     if let Err(e) = validate_token("workflow name", &workflow) {
         reject.workflow = None;
         return reject
@@ -94,6 +140,18 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
             }
         }
     };
+    let mut sub = sub;
+    if let Some(pinned) = &pinned_customer {
+        if sub.customer.as_deref().is_some_and(|c| c != pinned) {
+            let m = format!(
+                "the submission names customer {:?} but was sent to {}",
+                sub.customer.as_deref().unwrap_or(""),
+                msg.subject
+            );
+            return reject.send(nats, RejectCode::InvalidCustomer, m).await;
+        }
+        sub.customer = Some(pinned.clone());
+    }
     if let Some(c) = &sub.customer {
         if let Err(e) = validate_customer(c) {
             return reject

@@ -86,6 +86,7 @@ pub async fn run(
 ) -> Result<(), ManagerError> {
     let mut tasks = JoinSet::new();
     tasks.spawn(intake::run(nats.clone(), cancel.clone()));
+    tasks.spawn(intake::status_service(nats.clone(), cancel.clone()));
     tasks.spawn(advisories::run(nats.clone(), cancel.clone()));
     let event_loop = EventLoop::new(nats.clone(), options);
     let running = event_loop.running.clone();

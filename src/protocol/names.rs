@@ -64,8 +64,24 @@ pub fn submit_subject(workflow: &str) -> String {
     format!("fanjet.submit.{workflow}")
 }
 
+/// Tenant-scoped submission subject: the intake sets the job's customer to
+/// the last token, so a user allowed only `fanjet.submit.*.<customer>` can
+/// submit for that customer alone.
+pub fn customer_submit_subject(workflow: &str, customer: &str) -> String {
+    format!("fanjet.submit.{workflow}.{customer}")
+}
+
+/// Request subject of the status service: answers with the job's detailed
+/// status when the job belongs to `customer` (which a permission can pin).
+pub fn status_subject(customer: &str, job_id: &str) -> String {
+    format!("fanjet.status.{customer}.{job_id}")
+}
+
+/// What the status service listens on.
+pub const STATUS_WILDCARD: &str = "fanjet.status.*.*";
+
 /// Wildcard the intake subscribes to.
-pub const SUBMIT_WILDCARD: &str = "fanjet.submit.*";
+pub const SUBMIT_WILDCARD: &str = "fanjet.submit.>";
 
 /// Subjects of the event log.
 pub const EVENTS_WILDCARD: &str = "fanjet.ev.>";

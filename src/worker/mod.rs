@@ -227,9 +227,24 @@ impl Worker {
 async fn bind(nats: &Nats, workflow: &str, step: &str) -> Result<PullConsumer, WorkerError> {
     let mut said = false;
     loop {
+        // The consumer exists once the workflow was applied; binding to it
+        // needs no right to create anything.
+        if let Ok(c) = nats
+            .tasks
+            .get_consumer(&crate::protocol::step_consumer(workflow, step))
+            .await
+        {
+            return Ok(c);
+        }
         if let Some(wf) = nats.workflow(workflow).await? {
             match wf.steps.iter().find(|s| s.name == step) {
-                Some(s) => return Ok(nats.ensure_step_consumer(workflow, s).await?),
+                Some(s) => match nats.ensure_step_consumer(workflow, s).await {
+                    Ok(c) => return Ok(c),
+                    Err(e) if !said => {
+                        warn!(workflow, step, error = %e, "cannot create the step's consumer; waiting for the workflow to be applied")
+                    }
+                    Err(_) => {}
+                },
                 None if !said => warn!(
                     workflow,
                     step, "workflow has no such step; waiting for a definition that has it"
