@@ -176,6 +176,62 @@ impl NatsServer {
         Ok(server)
     }
 
+    /// Starts a server from a config file (e.g. `nats/secure/server.conf`),
+    /// overriding its address, port and store with loopback, a free port
+    /// and a temporary folder.
+    pub fn start_config(conf: &Path) -> Result<Self, ServerError> {
+        let path = find()?;
+        let start = |message: String| ServerError::Start {
+            path: path.clone(),
+            message,
+        };
+        let temp = tempfile::Builder::new()
+            .prefix("fanjet-nats-")
+            .tempdir()
+            .map_err(|e| start(e.to_string()))?;
+        let store = temp.path().to_path_buf();
+        let port = free_port();
+        // The same config with its JetStream store moved into the temporary folder.
+        let text =
+            std::fs::read_to_string(conf).map_err(|e| start(format!("{}: {e}", conf.display())))?;
+        let jetstream = format!(
+            "store_dir: {:?}",
+            store.join("jetstream").display().to_string()
+        );
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.trim_start().starts_with("store_dir:") {
+                    jetstream.clone()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let copy = store.join("server.conf");
+        std::fs::write(&copy, text).map_err(|e| start(e.to_string()))?;
+        let child = std::process::Command::new(&path)
+            .arg("-c")
+            .arg(&copy)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .arg("-l")
+            .arg(store.join("nats-server.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| start(e.to_string()))?;
+        let server = NatsServer {
+            child,
+            port,
+            store,
+            _temp: Some(temp),
+        };
+        server.wait_ready(Duration::from_secs(15))?;
+        Ok(server)
+    }
+
     fn wait_ready(&self, within: Duration) -> Result<(), ServerError> {
         let start = Instant::now();
         while start.elapsed() < within {
