@@ -155,6 +155,12 @@ enum Command {
         /// Tries per notification and webhook (delays double from 1 s).
         #[arg(long, default_value_t = 6)]
         webhook_attempts: u32,
+        /// Bearer token every API call must carry. Required to listen on a non-loopback address.
+        #[arg(long, env = "FANJET_API_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Also serve /metrics, without the token, on this address (for Prometheus).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Manages workflow definitions.
     #[command(subcommand)]
@@ -438,6 +444,8 @@ async fn run(cli: Cli) -> Result<u8> {
             listen,
             webhooks,
             webhook_attempts,
+            token,
+            metrics_listen,
         } => {
             let nats = nats_admin(&cli.connect, "fanjet-serve").await?;
             shutdown::on_signals(root.clone());
@@ -452,6 +460,8 @@ async fn run(cli: Cli) -> Result<u8> {
                 ServeOptions {
                     listen,
                     webhooks: hooks,
+                    token,
+                    metrics_listen,
                 },
                 root,
             )
@@ -562,6 +572,8 @@ async fn dev(o: DevOptions, root: CancellationToken) -> Result<u8> {
         let options = ServeOptions {
             listen,
             webhooks: Webhooks::default(),
+            token: None,
+            metrics_listen: None,
         };
         tasks.spawn(async move { serve::run(n, options, c).await.map_err(anyhow::Error::from) });
     }

@@ -21,6 +21,10 @@ use crate::{monitor, stats};
 pub struct ServeOptions {
     pub listen: SocketAddr,
     pub webhooks: Webhooks,
+    /// Bearer token the API requires (none: open, loopback only).
+    pub token: Option<String>,
+    /// A separate, unauthenticated listener for `/metrics` (for Prometheus).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Runs everything until `cancel`; the first part to fail stops the rest.
@@ -42,7 +46,15 @@ pub async fn run(
     tasks.spawn(supervise("metrics collector", c.clone(), move || {
         monitor::collect(n.clone(), c.clone())
     }));
-    let served = api::serve(nats, options.listen, cancel.clone()).await;
+    if let Some(addr) = options.metrics_listen {
+        let c = cancel.clone();
+        tasks.spawn(async move {
+            if let Err(e) = api::serve_metrics(addr, c).await {
+                error!(error = %e, "metrics listener");
+            }
+        });
+    }
+    let served = api::serve(nats, options.listen, options.token.clone(), cancel.clone()).await;
     cancel.cancel();
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r {

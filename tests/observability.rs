@@ -441,3 +441,113 @@ async fn step_and_job_notifications_reach_nats_and_webhooks_once() {
         "no NATS notification repeated"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
+    let mut env = Env::start().await;
+    env.apply(&seed_workflow("tok", "")).await;
+    env.manager();
+    let listen: std::net::SocketAddr = ([127, 0, 0, 1], fanjet::server::free_port()).into();
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], fanjet::server::free_port()).into();
+    let options = fanjet::serve::ServeOptions {
+        listen,
+        webhooks: Webhooks::default(),
+        token: Some("s3cret".into()),
+        metrics_listen: Some(metrics),
+    };
+    let (base, _stop) = env.serve_with(options).await;
+    let http = reqwest::Client::new();
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(
+        status(http.get(format!("{base}/api/jobs")).send().await.unwrap()),
+        401
+    );
+    assert_eq!(
+        status(
+            http.get(format!("{base}/api/jobs"))
+                .bearer_auth("wrong")
+                .send()
+                .await
+                .unwrap()
+        ),
+        401
+    );
+    assert_eq!(
+        status(
+            http.get(format!("{base}/api/jobs"))
+                .bearer_auth("s3cret")
+                .send()
+                .await
+                .unwrap()
+        ),
+        200
+    );
+    assert_eq!(
+        status(http.get(format!("{base}/metrics")).send().await.unwrap()),
+        401
+    );
+    assert_eq!(
+        status(http.get(format!("{base}/healthz")).send().await.unwrap()),
+        200
+    );
+    assert_eq!(
+        status(http.get(format!("{base}/")).send().await.unwrap()),
+        200,
+        "the page shell loads, then asks for the token"
+    );
+    let r = http
+        .post(format!("{base}/api/jobs"))
+        .bearer_auth("s3cret")
+        .json(&json!({"workflow": "tok", "job_id": "t-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    env.wait_for("t-1", Duration::from_secs(10), "recorded", |_| true)
+        .await;
+    assert_eq!(
+        status(
+            http.get(format!("{base}/api/jobs/t-1/stream"))
+                .send()
+                .await
+                .unwrap()
+        ),
+        401
+    );
+    let sse = http
+        .get(format!("{base}/api/jobs/t-1/stream?access_token=s3cret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        sse.status().as_u16(),
+        200,
+        "EventSource cannot send headers: the token may come as a query parameter"
+    );
+    drop(sse);
+    let m = http
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(m.status().as_u16(), 200);
+    assert!(m
+        .text()
+        .await
+        .unwrap()
+        .contains("fanjet_jobs_submitted_total"));
+
+    // Exposing the API beyond loopback without a token is refused.
+    let open: std::net::SocketAddr = ([0, 0, 0, 0], fanjet::server::free_port()).into();
+    let refused = fanjet::api::serve(
+        env.nats.clone(),
+        open,
+        None,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(fanjet::api::ServeError::Exposed(_))),
+        "{refused:?}"
+    );
+}

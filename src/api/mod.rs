@@ -37,6 +37,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("refusing to serve on {0} without a token: set --token (FANJET_API_TOKEN) or listen on loopback behind a proxy")]
+    Exposed(SocketAddr),
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
 }
@@ -96,7 +98,7 @@ impl From<store::StoreError> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// The router, with every route of `docs/openapi.json`.
-pub fn router(nats: Nats) -> Router {
+pub fn router(nats: Nats, token: Option<String>) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/api/jobs", get(list_jobs).post(submit))
@@ -115,20 +117,73 @@ pub fn router(nats: Nats) -> Router {
                 "no such route; see /api/openapi.json",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            token.map(std::sync::Arc::new),
+            require_token,
+        ))
         .with_state(nats)
 }
 
-/// Serves until `cancel`.
+/// With a token configured, every route but the page shell, `/healthz`
+/// and `/readyz` needs `Authorization: Bearer <token>` (or, where a browser
+/// cannot set headers, as for Server-Sent Events, `?access_token=<token>`).
+async fn require_token(
+    State(token): State<Option<std::sync::Arc<String>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = token else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    if matches!(path, "/" | "/healthz" | "/readyz") {
+        return next.run(req).await;
+    }
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let query = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("access_token="))
+        .map(str::to_string);
+    let given = bearer.or(query).unwrap_or_default();
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required (Authorization: Bearer …)",
+        )
+        .into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves until `cancel`. Refuses a non-loopback address without a token.
 pub async fn serve(
     nats: Nats,
     addr: SocketAddr,
+    token: Option<String>,
     cancel: CancellationToken,
 ) -> Result<(), ServeError> {
+    if !addr.ip().is_loopback() && token.is_none() {
+        return Err(ServeError::Exposed(addr));
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
-    tracing::info!(%addr, "HTTP API and web page listening");
-    axum::serve(listener, router(nats))
+    tracing::info!(%addr, auth = token.is_some(), "HTTP API and web page listening");
+    axum::serve(listener, router(nats, token))
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
         .map_err(ServeError::Serve)

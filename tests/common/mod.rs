@@ -100,9 +100,23 @@ impl Env {
     ) -> (String, CancellationToken) {
         let port = fanjet::server::free_port();
         let listen: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        self.serve_with(fanjet::serve::ServeOptions {
+            listen,
+            webhooks,
+            token: None,
+            metrics_listen: None,
+        })
+        .await
+    }
+
+    /// Runs `fanjet serve` parts with these options.
+    pub async fn serve_with(
+        &mut self,
+        options: fanjet::serve::ServeOptions,
+    ) -> (String, CancellationToken) {
+        let listen = options.listen;
         let cancel = self.cancel.child_token();
         let (nats, c) = (self.nats.clone(), cancel.clone());
-        let options = fanjet::serve::ServeOptions { listen, webhooks };
         self.tasks.push(tokio::spawn(async move {
             fanjet::serve::run(nats, options, c).await.expect("serve");
         }));
