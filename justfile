@@ -21,8 +21,12 @@ demo *ARGS: nats-server
 dev *ARGS: nats-server
     cargo run --quiet -- dev {{ARGS}}
 
+# nats-py into .tools/python, for the Python worker example.
+python-deps:
+    @scripts/install-tools.sh python-deps
+
 # Debian packages the tests drive (Prometheus, headless Chromium), if missing.
-test-deps:
+test-deps: python-deps
     @scripts/install-tools.sh test-deps
 
 # Formatting, lints and every test against real nats-servers.

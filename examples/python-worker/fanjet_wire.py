@@ -1,0 +1,50 @@
+"""The few fanjet protocol rules a Python client needs (docs/PROTOCOL.md).
+
+Nothing here imports fanjet: it is the wire contract written out in Python.
+"""
+
+import json
+
+
+def partition(job_id: str) -> int:
+    """FNV-1a (32 bit) of the job id's bytes, modulo 16."""
+    h = 0x811C9DC5
+    for b in job_id.encode():
+        h ^= b
+        h = (h * 0x01000193) & 0xFFFFFFFF
+    return h % 16
+
+
+def event_subject(job_id: str, kind: str) -> str:
+    return f"fanjet.ev.{partition(job_id):02d}.{job_id}.{kind}"
+
+
+def step_consumer(workflow: str, step: str) -> str:
+    return f"fanjet_{workflow}_{step}"
+
+
+def subjob_completed(task: dict, attempt: int, result, duration_ms: int):
+    """(subject, headers, payload) of a SubjobCompleted event."""
+    job, i, idx = task["job_id"], task["step_index"], task["index"]
+    event = {"type": "SubjobCompleted", "job_id": job, "step_index": i, "index": idx,
+             "attempt": attempt, "result": result, "duration_ms": duration_ms}
+    headers = {"Nats-Msg-Id": f"{job}:subjob_completed:{i}:{idx}"}
+    return event_subject(job, "subjob_completed"), headers, json.dumps(event).encode()
+
+
+def subjob_failed(task: dict, attempt: int, error: str):
+    """(subject, headers, payload) of a SubjobFailed event."""
+    job, i, idx = task["job_id"], task["step_index"], task["index"]
+    event = {"type": "SubjobFailed", "job_id": job, "step_index": i, "index": idx,
+             "attempt": attempt, "error": error}
+    headers = {"Nats-Msg-Id": f"{job}:subjob_failed:{i}:{idx}"}
+    return event_subject(job, "subjob_failed"), headers, json.dumps(event).encode()
+
+
+def backoff_seconds(task: dict, attempt: int) -> float:
+    """The step's delay before retrying after failed attempt `attempt`."""
+    delays = task.get("backoff_ms") or [0]
+    return delays[min(attempt, len(delays)) - 1] / 1000.0
+
+
+TERMINAL = {"completed", "failed", "cancelled", "rejected"}
