@@ -38,7 +38,8 @@ test: nats-server test-deps
 
 # The benchmark (release build): fanjet vs raw JetStream on the same server.
 bench *ARGS: nats-server
-    cargo run --release --quiet --bin fanjet-bench -- {{ARGS}}
+    cargo build --release --quiet --bins
+    target/release/fanjet-bench {{ARGS}}
 
 # Format the code.
 fmt:

@@ -82,8 +82,12 @@ enum Command {
         #[arg(long = "step", required = true)]
         steps: Vec<String>,
         /// Command run per task.
-        #[arg(long)]
-        exec: String,
+        #[arg(long, required_unless_present = "sleep", conflicts_with = "sleep")]
+        exec: Option<String>,
+        /// Built-in handler instead of --exec: sleep this long, then succeed with a null result
+        /// (benchmarks and smoke tests).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        sleep: Option<Duration>,
         /// Most tasks running at once.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
@@ -266,6 +270,7 @@ async fn run(cli: Cli) -> Result<u8> {
             workflow,
             steps,
             exec,
+            sleep,
             concurrency,
             grace,
         } => {
@@ -273,7 +278,12 @@ async fn run(cli: Cli) -> Result<u8> {
             shutdown::on_signals(root.clone());
             let mut worker = Worker::new(nats).concurrency(concurrency).grace(grace);
             for step in &steps {
-                worker = worker.boxed_handler(&workflow, step, exec_handler(exec.clone()));
+                let handler = match (&exec, sleep) {
+                    (Some(cmd), _) => exec_handler(cmd.clone()),
+                    (None, Some(d)) => fanjet::worker::sleep_handler(d),
+                    (None, None) => bail!("give --exec CMD or --sleep DURATION"),
+                };
+                worker = worker.boxed_handler(&workflow, step, handler);
             }
             tracing::info!(give_up_exit_code = EXIT_GIVE_UP, "worker starting");
             worker.run(root).await?;

@@ -1,13 +1,22 @@
 //! `just bench`: fanjet against the raw JetStream floor, on fresh local
-//! nats-servers, in one run. Prints a table and writes
-//! `target/bench/results.json`.
+//! nats-servers (file storage, the settings fanjet ships), in one run.
+//! Prints a table and writes `target/bench/results.json`; each figure is
+//! the median of `--runs` runs with min and max.
 //!
 //! - floor: the least JetStream work per subjob, with async-nats directly:
 //!   publish a task to a work-queue stream, a pull consumer fetches it,
 //!   publishes a completion to a second stream and acks; one consumer
 //!   counts completions.
-//! - A: one fanjet job, S1 -> N no-op subjobs -> S3, the same worker
-//!   concurrency; the whole job, submit to JobCompleted.
+//! - A, overhead: one job, S1 -> N no-op subjobs -> S3, the same worker
+//!   concurrency; subjobs/s from submission to JobCompleted, and the ratio
+//!   to the floor of the same run.
+//! - B, the seed at 1000x compression: 10,000 subjobs of 60 ms on 4 worker
+//!   processes of 50 slots; efficiency = ideal / measured.
+//! - C, many jobs: 100 jobs of 100 no-op subjobs submitted at once.
+//! - D, scale: one job of 1,000,000 no-op subjobs; the manager runs as its
+//!   own process and its peak RSS is reported.
+//! - E, latency: 200 small jobs one after another: submission to first
+//!   subjob running, and last subjob done to JobCompleted.
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -30,16 +39,25 @@ use fanjet::workflow::Workflow;
 #[derive(Parser)]
 #[command(about = "fanjet vs raw JetStream on the same machine")]
 struct Args {
-    /// Subjobs per run.
+    /// Subjobs per run of floor and A.
     #[arg(long, default_value_t = 10_000)]
     subjobs: u64,
-    /// Worker slots (floor and fanjet alike).
+    /// Worker slots (floor, A, C, D, E).
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
     /// Runs of each scenario; the median is reported with min-max.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Scenarios to run (floor, A, B, C, D, E).
+    #[arg(long, value_delimiter = ',', default_value = "floor,A,B,C,D,E")]
+    only: Vec<String>,
+    /// Subjobs of scenario D.
+    #[arg(long, default_value_t = 1_000_000)]
+    d_subjobs: u64,
 }
+
+/// Figures of one run of a scenario.
+type Figures = Vec<(&'static str, f64)>;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -51,53 +69,78 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let mut floor = Vec::new();
-    let mut a = Vec::new();
-    for run in 1..=args.runs {
-        let f = floor_run(args.subjobs, args.concurrency).await?;
-        eprintln!("run {run}: floor {f:.0} subjobs/s");
-        floor.push(f);
-        let x = fanjet_run(args.subjobs, args.concurrency).await?;
-        eprintln!("run {run}: fanjet {x:.0} subjobs/s");
-        a.push(x);
+    let want = |s: &str| args.only.iter().any(|o| o.eq_ignore_ascii_case(s));
+    let mut results: Vec<(&'static str, Vec<Figures>)> = Vec::new();
+    let mut floors = Vec::new();
+    let plan = [
+        ("floor", want("floor") || want("A")),
+        ("A", want("A")),
+        ("B", want("B")),
+        ("C", want("C")),
+        ("D", want("D")),
+        ("E", want("E")),
+    ];
+    for (name, on) in plan {
+        if !on {
+            continue;
+        }
+        let mut runs = Vec::new();
+        for run in 1..=args.runs {
+            let figures = match name {
+                "floor" => {
+                    let f = floor_run(args.subjobs, args.concurrency).await?;
+                    floors.push(f);
+                    vec![("subjobs_per_s", f)]
+                }
+                "A" => {
+                    let x = fanjet_run(args.subjobs, args.concurrency).await?;
+                    let floor = floors.get(run - 1).copied().unwrap_or(f64::NAN);
+                    vec![("subjobs_per_s", x), ("ratio_to_floor", x / floor)]
+                }
+                "B" => seed_run().await?,
+                "C" => many_jobs_run(args.concurrency).await?,
+                "D" => scale_run(args.d_subjobs, args.concurrency).await?,
+                _ => latency_run(args.concurrency).await?,
+            };
+            let shown: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
+            eprintln!("{name} run {run}: {}", shown.join(" "));
+            runs.push(figures);
+        }
+        results.push((name, runs));
     }
-    let (fm, fmin, fmax) = stats(&floor);
-    let (am, amin, amax) = stats(&a);
-    let ratios: Vec<f64> = a.iter().zip(&floor).map(|(x, f)| x / f).collect();
-    let (rm, rmin, rmax) = stats(&ratios);
-    println!(
-        "{:<10} {:>14} {:>22} {:>10}",
-        "scenario", "subjobs/s", "min-max", "vs floor"
+    let mut out = serde_json::Map::new();
+    out.insert(
+        "machine".into(),
+        json!({"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)}),
+    );
+    out.insert(
+        "params".into(),
+        json!({"subjobs": args.subjobs, "concurrency": args.concurrency, "runs": args.runs, "d_subjobs": args.d_subjobs}),
     );
     println!(
-        "{:<10} {:>14.0} {:>22} {:>10}",
-        "floor",
-        fm,
-        format!("{fmin:.0}-{fmax:.0}"),
-        "1.00"
+        "{:<9} {:<28} {:>14} {:>28}",
+        "scenario", "figure", "median", "min-max"
     );
-    println!(
-        "{:<10} {:>14.0} {:>22} {:>10}",
-        "A",
-        am,
-        format!("{amin:.0}-{amax:.0}"),
-        format!("{rm:.2} ({rmin:.2}-{rmax:.2})")
-    );
-    println!(
-        "({} subjobs, concurrency {}, median of {} runs)",
-        args.subjobs, args.concurrency, args.runs
-    );
-    let results = json!({
-        "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
-        "params": {"subjobs": args.subjobs, "concurrency": args.concurrency, "runs": args.runs},
-        "floor": {"subjobs_per_s": fm, "min": fmin, "max": fmax},
-        "A": {"subjobs_per_s": am, "min": amin, "max": amax, "ratio_to_floor": rm, "ratio_min": rmin, "ratio_max": rmax},
-    });
+    for (name, runs) in &results {
+        let mut obj = serde_json::Map::new();
+        for (i, (key, _)) in runs[0].iter().enumerate() {
+            let values: Vec<f64> = runs.iter().map(|r| r[i].1).collect();
+            let (med, min, max) = stats(&values);
+            println!(
+                "{name:<9} {key:<28} {med:>14.3} {:>28}",
+                format!("{min:.3}-{max:.3}")
+            );
+            obj.insert((*key).into(), json!(med));
+            obj.insert(format!("{key}_min"), json!(min));
+            obj.insert(format!("{key}_max"), json!(max));
+        }
+        out.insert((*name).into(), Value::Object(obj));
+    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
         dir.join("results.json"),
-        serde_json::to_string_pretty(&results)?,
+        serde_json::to_string_pretty(&Value::Object(out))?,
     )?;
     eprintln!("wrote {}", dir.join("results.json").display());
     Ok(())
@@ -312,37 +355,6 @@ async fn fanjet_run(n: u64, concurrency: usize) -> Result<f64> {
     };
     anyhow::ensure!(reply.ok, "bench job rejected: {reply:?}");
     let start = Instant::now();
-    if std::env::var_os("FANJET_BENCH_DEBUG").is_some() {
-        let nats = nats.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let t = nats
-                    .tasks
-                    .get_info()
-                    .await
-                    .map(|i| i.state.messages)
-                    .unwrap_or(0);
-                let e = nats
-                    .events
-                    .get_info()
-                    .await
-                    .map(|i| i.state.messages)
-                    .unwrap_or(0);
-                let c = nats
-                    .events
-                    .clone()
-                    .consumer_info(fanjet::protocol::MANAGER_CONSUMER)
-                    .await
-                    .map(|i| (i.num_pending, i.num_ack_pending))
-                    .unwrap_or((0, 0));
-                eprintln!(
-                    "  t={:?} tasks queued {t} events {e} manager pending/unacked {c:?}",
-                    start.elapsed()
-                );
-            }
-        });
-    }
     // Wait for JobCompleted on the log (not the checkpoint poll, to time it exactly).
     let mut sub = nats
         .client
@@ -365,18 +377,6 @@ async fn fanjet_run(n: u64, concurrency: usize) -> Result<f64> {
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
-    if std::env::var_os("FANJET_BENCH_DEBUG").is_some() {
-        for st in &job.steps {
-            eprintln!(
-                "  {} {:?}..{:?} = {:?} ms",
-                st.name,
-                st.started_at,
-                st.finished_at,
-                st.finished_at.zip(st.started_at).map(|(a, b)| a - b)
-            );
-        }
-        eprintln!("  job {} ms", job.finished_at.unwrap_or(0) - job.created_at);
-    }
     anyhow::ensure!(
         job.steps[1].completed == n,
         "bench job counted {} of {n}",
@@ -385,4 +385,365 @@ async fn fanjet_run(n: u64, concurrency: usize) -> Result<f64> {
     cancel.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(n as f64 / took.as_secs_f64())
+}
+
+/// A fresh server with fanjet's streams, a manager (in this process, or as
+/// a `fanjet manager` child process) and nothing else.
+struct Cluster {
+    server: NatsServer,
+    nats: Nats,
+    cancel: CancellationToken,
+    tasks: tokio::task::JoinSet<Result<()>>,
+    children: Vec<std::process::Child>,
+}
+
+impl Cluster {
+    async fn start(manager_process: bool) -> Result<Cluster> {
+        let server = start_server().await?;
+        let nats = Nats::ensure(async_nats::connect(server.url()).await?).await?;
+        let mut c = Cluster {
+            server,
+            nats,
+            cancel: CancellationToken::new(),
+            tasks: tokio::task::JoinSet::new(),
+            children: Vec::new(),
+        };
+        if manager_process {
+            c.spawn(&["manager"])?;
+        } else {
+            let (n, cancel) = (c.nats.clone(), c.cancel.clone());
+            c.tasks.spawn(async move {
+                manager::run(n, ManagerOptions::default(), cancel)
+                    .await
+                    .map_err(anyhow::Error::from)
+            });
+        }
+        Ok(c)
+    }
+
+    fn spawn(&mut self, args: &[&str]) -> Result<u32> {
+        let exe = std::env::current_exe()?.with_file_name("fanjet");
+        anyhow::ensure!(
+            exe.is_file(),
+            "{} is missing: build it with `cargo build --release --bins`",
+            exe.display()
+        );
+        let child = std::process::Command::new(exe)
+            .args(args)
+            .env("NATS_URL", self.server.url())
+            .env("FANJET_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    fn worker(&mut self, worker: Worker) {
+        let c = self.cancel.clone();
+        self.tasks
+            .spawn(async move { worker.run(c).await.map_err(anyhow::Error::from) });
+    }
+
+    async fn submit(&self, workflow: &str, sub: &Submission) -> Result<String> {
+        let reply = fanjet::client::submit(&self.nats, workflow, sub).await?;
+        anyhow::ensure!(reply.ok, "rejected: {reply:?}");
+        reply.job_id.context("no job id")
+    }
+
+    /// Waits for the job's record to say it ended.
+    async fn wait_end(&self, job_id: &str, within: Duration) -> Result<fanjet::machine::Job> {
+        let start = Instant::now();
+        loop {
+            if let Some((job, _)) = fanjet::store::get(&self.nats, job_id).await? {
+                if job.state.is_terminal() {
+                    return Ok(job);
+                }
+            }
+            anyhow::ensure!(
+                start.elapsed() < within,
+                "job {job_id} did not end within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Peak resident memory of a process, in MiB (VmHWM).
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// B: the seed compressed 1000x: 10,000 subjobs of 60 ms, 4 worker
+/// processes of 50 slots. Ideal: ceil(10000 / 200) x 60 ms = 3.0 s.
+async fn seed_run() -> Result<Figures> {
+    let mut c = Cluster::start(false).await?;
+    let n = 10_000u64;
+    c.nats
+        .apply_workflow(&Workflow::from_toml(
+            "name = \"seed\"\n[[steps]]\nname = \"collect\"\nkind = \"task\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\nmax_in_flight = 10000\n[[steps]]\nname = \"summarize\"\nkind = \"task\"\n",
+        )?)
+        .await?;
+    for _ in 0..4 {
+        c.spawn(&[
+            "worker",
+            "--workflow",
+            "seed",
+            "--step",
+            "send",
+            "--sleep",
+            "60ms",
+            "--concurrency",
+            "50",
+        ])?;
+    }
+    c.worker(
+        Worker::new(c.nats.clone())
+            .concurrency(2)
+            .handler("seed", "collect", move |_t: TaskContext| async move {
+                Ok(Value::Array(vec![Value::Null; n as usize]))
+            })
+            .handler("seed", "summarize", |t: TaskContext| async move {
+                Ok(t.task.input)
+            }),
+    );
+    // All 200 slots are pulling before the clock starts.
+    let consumer = fanjet::protocol::step_consumer("seed", "send");
+    let start = Instant::now();
+    loop {
+        let waiting = c
+            .nats
+            .tasks
+            .clone()
+            .consumer_info(&consumer)
+            .await
+            .map(|i| i.num_waiting)
+            .unwrap_or(0);
+        if waiting >= 4 || start.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start = Instant::now();
+    let id = c
+        .submit(
+            "seed",
+            &Submission {
+                job_id: None,
+                customer: None,
+                input: Value::Null,
+            },
+        )
+        .await?;
+    let job = c.wait_end(&id, Duration::from_secs(300)).await?;
+    let took = job.finished_at.unwrap_or(0).saturating_sub(job.created_at) as f64 / 1000.0;
+    let wall = start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        job.steps[1].completed == n,
+        "seed job counted {}",
+        job.steps[1].completed
+    );
+    c.stop().await;
+    let ideal = (n as f64 / 200.0).ceil() * 0.060;
+    Ok(vec![
+        ("seconds", took),
+        ("ideal_seconds", ideal),
+        ("efficiency", ideal / took),
+        ("wall_seconds", wall),
+    ])
+}
+
+/// C: 100 jobs of 100 no-op subjobs, submitted at once.
+async fn many_jobs_run(concurrency: usize) -> Result<Figures> {
+    let mut c = Cluster::start(false).await?;
+    c.nats
+        .apply_workflow(&Workflow::from_toml(
+            "name = \"many\"\n[[steps]]\nname = \"noop\"\nkind = \"fanout\"\n",
+        )?)
+        .await?;
+    c.worker(
+        Worker::new(c.nats.clone())
+            .concurrency(concurrency)
+            .handler(
+                "many",
+                "noop",
+                |_t: TaskContext| async move { Ok(Value::Null) },
+            ),
+    );
+    let input = Value::Array(vec![Value::Null; 100]);
+    let start = Instant::now();
+    let subs = (0..100).map(|i| Submission {
+        job_id: Some(format!("many-{i}")),
+        customer: Some(format!("c{}", i % 10)),
+        input: input.clone(),
+    });
+    let ids: Vec<String> = futures::future::try_join_all(subs.map(|s| {
+        let c = &c;
+        async move { c.submit("many", &s).await }
+    }))
+    .await?;
+    let mut durations = Vec::new();
+    for id in &ids {
+        let job = c.wait_end(id, Duration::from_secs(300)).await?;
+        anyhow::ensure!(
+            job.steps[0].completed == 100,
+            "job {id} counted {}",
+            job.steps[0].completed
+        );
+        durations.push(job.finished_at.unwrap_or(0).saturating_sub(job.created_at) as f64 / 1000.0);
+    }
+    let took = start.elapsed().as_secs_f64();
+    c.stop().await;
+    let (p50, min, max) = stats(&durations);
+    Ok(vec![
+        ("jobs_per_s", 100.0 / took),
+        ("subjobs_per_s", 10_000.0 / took),
+        ("job_seconds_min", min),
+        ("job_seconds_p50", p50),
+        ("job_seconds_max", max),
+    ])
+}
+
+/// D: one job of `n` no-op subjobs; the manager is a child process so its
+/// peak memory can be read.
+async fn scale_run(n: u64, concurrency: usize) -> Result<Figures> {
+    let mut c = Cluster::start(true).await?;
+    let manager_pid = c.children[0].id();
+    c.nats
+        .apply_workflow(&Workflow::from_toml(
+            "name = \"scale\"\n[[steps]]\nname = \"collect\"\nkind = \"task\"\n[[steps]]\nname = \"noop\"\nkind = \"fanout\"\n[[steps]]\nname = \"summarize\"\nkind = \"task\"\n",
+        )?)
+        .await?;
+    c.worker(
+        Worker::new(c.nats.clone())
+            .concurrency(concurrency)
+            .handler("scale", "collect", move |_t: TaskContext| async move {
+                Ok(Value::Array(vec![Value::Null; n as usize]))
+            })
+            .handler(
+                "scale",
+                "noop",
+                |_t: TaskContext| async move { Ok(Value::Null) },
+            )
+            .handler("scale", "summarize", |t: TaskContext| async move {
+                Ok(t.task.input)
+            }),
+    );
+    let start = Instant::now();
+    let id = c
+        .submit(
+            "scale",
+            &Submission {
+                job_id: None,
+                customer: None,
+                input: Value::Null,
+            },
+        )
+        .await?;
+    let job = c.wait_end(&id, Duration::from_secs(1800)).await?;
+    let took = start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        job.steps[1].completed == n,
+        "scale job counted {} of {n}",
+        job.steps[1].completed
+    );
+    let rss = peak_rss_mib(manager_pid).unwrap_or(f64::NAN);
+    c.stop().await;
+    Ok(vec![
+        ("seconds", took),
+        ("subjobs_per_s", n as f64 / took),
+        ("manager_peak_rss_mib", rss),
+    ])
+}
+
+/// E: 200 small jobs (3 no-op subjobs) one after another.
+async fn latency_run(concurrency: usize) -> Result<Figures> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let mut c = Cluster::start(false).await?;
+    c.nats
+        .apply_workflow(&Workflow::from_toml(
+            "name = \"lat\"\n[[steps]]\nname = \"noop\"\nkind = \"fanout\"\n",
+        )?)
+        .await?;
+    // job -> (first handler start, last handler end)
+    let marks: Arc<Mutex<HashMap<String, (Instant, Instant)>>> = Arc::default();
+    let m = marks.clone();
+    c.worker(
+        Worker::new(c.nats.clone())
+            .concurrency(concurrency)
+            .handler("lat", "noop", move |t: TaskContext| {
+                let m = m.clone();
+                async move {
+                    let begun = Instant::now();
+                    let end = Instant::now();
+                    if let Ok(mut g) = m.lock() {
+                        let e = g.entry(t.task.job_id).or_insert((begun, end));
+                        e.0 = e.0.min(begun);
+                        e.1 = e.1.max(end);
+                    }
+                    Ok(Value::Null)
+                }
+            }),
+    );
+    let mut completed = c.nats.client.subscribe("fanjet.ev.*.*.completed").await?;
+    let (mut to_first, mut to_end) = (Vec::new(), Vec::new());
+    for i in 0..200 {
+        let id = format!("lat-{i}");
+        let sent = Instant::now();
+        c.submit(
+            "lat",
+            &Submission {
+                job_id: Some(id.clone()),
+                customer: None,
+                input: json!([1, 2, 3]),
+            },
+        )
+        .await?;
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), completed.next())
+                .await?
+                .context("subscription ended")?;
+            if msg.subject.as_str().contains(&format!(".{id}.")) {
+                break;
+            }
+        }
+        let seen = Instant::now();
+        let (first, last) = marks
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .get(&id)
+            .copied()
+            .context("no subjob ran")?;
+        to_first.push(first.duration_since(sent).as_secs_f64() * 1000.0);
+        to_end.push(seen.duration_since(last).as_secs_f64() * 1000.0);
+    }
+    c.stop().await;
+    let pct = |v: &mut Vec<f64>, q: f64| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1]
+    };
+    Ok(vec![
+        ("submit_to_first_subjob_ms_p50", pct(&mut to_first, 0.5)),
+        ("submit_to_first_subjob_ms_p99", pct(&mut to_first, 0.99)),
+        ("last_subjob_to_completed_ms_p50", pct(&mut to_end, 0.5)),
+        ("last_subjob_to_completed_ms_p99", pct(&mut to_end, 0.99)),
+    ])
 }

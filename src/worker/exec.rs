@@ -28,6 +28,17 @@ pub fn exec_handler(command: String) -> Handler {
     })
 }
 
+/// A built-in handler that sleeps `d` and succeeds with null: the cost of
+/// fanjet itself when the work is a known, fixed time (benchmarks).
+pub fn sleep_handler(d: std::time::Duration) -> Handler {
+    Arc::new(move |_ctx: TaskContext| {
+        Box::pin(async move {
+            tokio::time::sleep(d).await;
+            Ok(Value::Null)
+        })
+    })
+}
+
 /// What the command reads on stdin.
 fn stdin_json(ctx: &TaskContext) -> Value {
     let t = &ctx.task;

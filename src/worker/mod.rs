@@ -8,7 +8,7 @@
 
 mod exec;
 
-pub use exec::{exec_handler, EXIT_GIVE_UP};
+pub use exec::{exec_handler, sleep_handler, EXIT_GIVE_UP};
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
