@@ -32,6 +32,8 @@ pub const MANAGER_PARTITIONS: &str = "fanjet_manager_partitions_owned";
 pub const MANAGER_LAG: &str = "fanjet_manager_lag_events";
 pub const EVENTS_OBSERVED: &str = "fanjet_events_observed_total";
 pub const MANAGER_IGNORED: &str = "fanjet_manager_events_ignored_total";
+pub const SLOTS_NEEDED: &str = "fanjet_step_slots_needed";
+pub const SECONDS_LEFT: &str = "fanjet_step_predicted_seconds_left";
 
 /// Buckets for subjob durations: 1 ms to 10 min.
 const SUBJOB_BUCKETS: &[f64] = &[
@@ -66,6 +68,8 @@ pub struct Metrics {
     pub manager_lag: IntGaugeVec,
     pub events_observed: IntCounterVec,
     pub manager_ignored: IntCounterVec,
+    pub slots_needed: IntGaugeVec,
+    pub predicted_seconds_left: IntGaugeVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -128,6 +132,18 @@ impl Metrics {
                 MANAGER_IGNORED,
                 "Events the manager read and ignored, by reason: duplicate, step_not_running (late), job_ended, unknown_job, not_dispatched, unreadable, subject_mismatch. Exported by the process that runs the manager.",
                 &["reason"],
+            ),
+            slots_needed: gauge(
+                &r,
+                SLOTS_NEEDED,
+                "Worker slots the running fanout steps need, busy until their jobs' deadlines, to finish on time (sum over running jobs with a deadline). What an autoscaler should provide.",
+                &["workflow", "step"],
+            ),
+            predicted_seconds_left: gauge(
+                &r,
+                SECONDS_LEFT,
+                "Seconds until the running fanout steps end at the throughput seen so far (the longest over running jobs).",
+                &["workflow", "step"],
             ),
             registry: r,
         }

@@ -136,6 +136,9 @@ pub struct JobStats {
     pub requested_at: Option<Millis>,
     pub finished_at: Option<Millis>,
     pub outcome: Option<String>,
+    /// When the job should have ended, if its workflow has a deadline.
+    #[serde(default)]
+    pub deadline_at: Option<Millis>,
     pub steps: Vec<StepStats>,
     /// Last event-log sequence applied to this record.
     pub applied_seq: u64,
@@ -171,6 +174,7 @@ impl JobStats {
             Event::JobRequested(e) => {
                 self.workflow = e.workflow.clone();
                 self.requested_at = Some(e.at);
+                self.deadline_at = e.deadline_at;
                 metrics
                     .jobs_submitted
                     .with_label_values(&[&e.workflow])
@@ -388,11 +392,67 @@ async fn save(
     if let Some(m) = unacked.take() {
         m.ack().await.map_err(|e| StatsError::Nats(e.to_string()))?;
     }
+    capacity_gauges(jobs.values(), crate::protocol::now_ms());
     // Bound memory: jobs idle in the cache are reloaded from KV when needed.
     if jobs.len() > 10_000 {
         jobs.clear();
     }
     Ok(())
+}
+
+/// Per workflow and step, over running jobs: worker slots needed to meet
+/// the jobs' deadlines, and seconds left at the throughput seen.
+fn capacity_gauges<'a>(jobs: impl Iterator<Item = &'a JobStats>, now: Millis) {
+    let m = Metrics::get();
+    let mut needed: HashMap<(String, String), (i64, i64)> = HashMap::new();
+    for job in jobs.filter(|j| j.outcome.is_none()) {
+        let Some(step) = job
+            .steps
+            .iter()
+            .find(|s| s.started_at.is_some() && s.finished_at.is_none() && s.total > 0)
+        else {
+            continue;
+        };
+        let mean = step.duration_sum_ms.checked_div(step.completed);
+        let done = step.completed + step.failed;
+        let Some(c) = crate::client::capacity(
+            step.total,
+            done,
+            step.started_at.unwrap_or(now),
+            now,
+            mean,
+            job.deadline_at,
+        ) else {
+            continue;
+        };
+        let e = needed
+            .entry((job.workflow.clone(), step.name.clone()))
+            .or_default();
+        e.0 += c.slots_needed.unwrap_or(0) as i64;
+        let left = c
+            .predicted_finish_at
+            .map(|at| at.saturating_sub(now) / 1000)
+            .unwrap_or(0) as i64;
+        e.1 = e.1.max(left);
+    }
+    // Steps seen once stay at 0 when idle: a dashboard line drops to zero
+    // rather than vanishing.
+    static SEEN: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let Ok(mut seen) = SEEN.lock() else { return };
+    for key in needed.keys() {
+        if !seen.contains(key) {
+            seen.push(key.clone());
+        }
+    }
+    for key in seen.iter() {
+        let (slots, left) = needed.get(key).copied().unwrap_or((0, 0));
+        m.slots_needed
+            .with_label_values(&[&key.0, &key.1])
+            .set(slots);
+        m.predicted_seconds_left
+            .with_label_values(&[&key.0, &key.1])
+            .set(left);
+    }
 }
 
 #[cfg(test)]
@@ -411,7 +471,8 @@ mod tests {
                 workflow: "w".into(),
                 customer: None,
                 input: serde_json::Value::Null,
-                at: 0
+                at: 0,
+                deadline_at: None
             }),
             m
         ));

@@ -97,6 +97,10 @@ pub struct Workflow {
     #[serde(default)]
     pub description: String,
     pub steps: Vec<Step>,
+    /// Time a job has from its request to its end (the capacity figures
+    /// say how many worker slots keep it on time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 /// Default ack deadline per attempt.
@@ -114,6 +118,7 @@ struct WorkflowFile {
     name: String,
     #[serde(default)]
     description: String,
+    deadline: Option<String>,
     #[serde(default)]
     steps: Vec<StepFile>,
 }
@@ -245,10 +250,16 @@ impl Workflow {
                 max_subjobs,
             });
         }
+        let deadline_ms = file
+            .deadline
+            .as_deref()
+            .map(|d| duration_ms("(workflow)", "deadline", d))
+            .transpose()?;
         Ok(Workflow {
             name: file.name,
             description: file.description,
             steps,
+            deadline_ms,
         })
     }
 }

@@ -100,7 +100,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
                 Ok(Value::Array((0..300).map(|i| json!(i)).collect()))
             })
             .handler("dash", "send", |c: TaskContext| async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
                 match (c.task.index, c.attempt) {
                     (3, _) => Err(TaskError::give_up("no address")),
                     (i, 1) if i % 7 == 0 => Err(TaskError::retry("flaky")),

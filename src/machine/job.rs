@@ -142,6 +142,9 @@ pub struct Job {
     /// Sequence of the JobRequested event (the job's input).
     #[serde(default)]
     pub requested_seq: u64,
+    /// When the job should have ended, if its workflow has a deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<Millis>,
     /// The workflow as it was when the job started; later edits do not
     /// change a running job.
     #[serde(default)]
@@ -184,6 +187,9 @@ impl Job {
             updated_at: now,
             finished_at: None,
             requested_seq: seq,
+            deadline_at: ev
+                .deadline_at
+                .or_else(|| definition.deadline_ms.map(|d| ev.at + d)),
             definition,
         }
     }
@@ -208,10 +214,10 @@ impl Job {
             updated_at: at,
             finished_at: Some(at),
             requested_seq: 0,
+            deadline_at: None,
             definition: Workflow {
                 name: workflow.unwrap_or_default().to_string(),
-                description: String::new(),
-                steps: Vec::new(),
+                ..Workflow::default()
             },
         }
     }

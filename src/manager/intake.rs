@@ -184,8 +184,8 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
         Ok(None) => {}
         Err(e) => return rejected(Some(job_id), RejectCode::Internal, e.to_string()),
     }
-    match nats.workflow(&workflow).await {
-        Ok(Some(_)) => {}
+    let deadline_ms = match nats.workflow(&workflow).await {
+        Ok(Some(wf)) => wf.deadline_ms,
         Ok(None) => {
             let m = format!(
                 "unknown workflow {workflow:?}: apply it first with `fanjet workflow apply FILE`"
@@ -193,13 +193,15 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
             return reject.send(nats, RejectCode::UnknownWorkflow, m).await;
         }
         Err(e) => return rejected(Some(job_id), RejectCode::Internal, e.to_string()),
-    }
+    };
+    let at = now_ms();
     let event = Event::JobRequested(JobRequested {
         job_id: job_id.clone(),
         workflow,
         customer: sub.customer,
         input: sub.input,
-        at: now_ms(),
+        at,
+        deadline_at: deadline_ms.map(|d| at + d),
     });
     match publish(nats, &event).await {
         Ok(duplicate) => {

@@ -17,6 +17,9 @@ pub struct JobRequested {
     #[serde(default)]
     pub input: Value,
     pub at: Millis,
+    /// When the job should have ended (its workflow's deadline), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<Millis>,
 }
 
 /// Why a job was rejected; stable codes a client can branch on.
@@ -279,6 +282,7 @@ mod tests {
                 customer: Some("c".into()),
                 input: json!([1, 2]),
                 at: 1,
+                deadline_at: None,
             }),
             Event::JobRejected(JobRejected {
                 job_id: "j".into(),

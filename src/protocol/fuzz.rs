@@ -129,6 +129,7 @@ fn random_event_streams_never_panic_the_engine() {
                             customer: None,
                             input: json!(null),
                             at: now,
+                            deadline_at: None,
                         },
                         workflow: flag.then(|| wf.clone()),
                     },
