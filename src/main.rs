@@ -207,6 +207,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// A job's status from the jobs bucket, or as `customer` through the status service.
+async fn lookup(nats: &Nats, job_id: &str, customer: Option<&str>) -> Result<fanjet::machine::Job> {
+    let job = match customer {
+        Some(c) => client::status_as(nats, c, job_id).await?,
+        None => client::status(nats, job_id).await?,
+    };
+    job.ok_or_else(|| anyhow!("no job {job_id:?}"))
+}
+
 /// Connects and binds to fanjet's streams and buckets; creates them when
 /// they are missing and this user may (a fresh server).
 async fn nats(connect: &ConnectArgs, name: &str) -> Result<Nats> {
@@ -354,11 +363,7 @@ async fn run(cli: Cli) -> Result<u8> {
             customer,
         } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
-            let job = match &customer {
-                Some(c) => client::status_as(&nats, c, &job_id).await?,
-                None => client::status(&nats, &job_id).await?,
-            }
-            .ok_or_else(|| anyhow!("no job {job_id:?}"))?;
+            let job = lookup(&nats, &job_id, customer.as_deref()).await?;
             let stats = match customer {
                 Some(_) => None,
                 None => fanjet::stats::get(&nats, &job_id).await.ok().flatten(),
@@ -375,6 +380,8 @@ async fn run(cli: Cli) -> Result<u8> {
                         progress::render_stats(st, job.finished_at.unwrap_or(now))
                     );
                 }
+                let detailed = client::detailed(&job, stats.as_ref(), now);
+                print!("{}", progress::render_capacity(&detailed, now));
             }
             Ok(0)
         }
@@ -437,13 +444,7 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Watch { job_id, customer } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
-            let known = match &customer {
-                Some(c) => client::status_as(&nats, c, &job_id).await?,
-                None => client::status(&nats, &job_id).await?,
-            };
-            if known.is_none() {
-                bail!("no job {job_id:?}");
-            }
+            lookup(&nats, &job_id, customer.as_deref()).await?;
             let job = progress::follow(&nats, &job_id, true, None, customer.as_deref())
                 .await?
                 .ok_or_else(|| anyhow!("job {job_id} vanished"))?;

@@ -197,6 +197,30 @@ pub fn render_stats(st: &crate::stats::JobStats, now: u64) -> String {
     out
 }
 
+/// The capacity figures of running steps (from the detailed status).
+pub fn render_capacity(detailed: &serde_json::Value, now: u64) -> String {
+    let mut out = String::new();
+    for step in detailed["steps"].as_array().into_iter().flatten() {
+        let c = &step["capacity"];
+        if c.is_null() {
+            continue;
+        }
+        let secs = |at: &serde_json::Value| {
+            at.as_u64()
+                .map(|t| format!("{:.0}s", t.saturating_sub(now) as f64 / 1000.0))
+        };
+        out.push_str(&format!(
+            "capacity {}: ends in {} at this pace; deadline in {}; needs {} worker slots to meet it (mean subjob {} ms)\n",
+            step["name"].as_str().unwrap_or("?"),
+            secs(&c["predicted_finish_at"]).unwrap_or_else(|| "?".into()),
+            secs(&c["deadline_at"]).unwrap_or_else(|| "-".into()),
+            c["slots_needed"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+            c["mean_subjob_ms"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+        ));
+    }
+    out
+}
+
 /// Exit code for a finished job: 0 completed, 1 failed, 2 cancelled or rejected.
 pub fn exit_code(state: JobState) -> i32 {
     match state {

@@ -57,6 +57,15 @@ async fn the_prediction_matches_a_run_of_known_duration() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let status = common::fanjet_command(&env.url(), &["status", "cap-1"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("capacity send: ends in") && text.contains("worker slots to meet it"),
+        "fanjet status shows it: {text}"
+    );
     let metrics = reqwest::get(format!("{base}/metrics"))
         .await
         .unwrap()

@@ -25,6 +25,22 @@ async fn wait_file(path: &Path, within: Duration) {
     }
 }
 
+/// A `fanjet worker` process whose one slot touches `mark` and then hangs.
+fn hanging_worker(env: &mut Env, mark: &Path) -> usize {
+    let hang = format!("touch {}; sleep 30", mark.display());
+    env.spawn(&[
+        "worker",
+        "--workflow",
+        "one",
+        "--step",
+        "send",
+        "--concurrency",
+        "1",
+        "--exec",
+        &hang,
+    ])
+}
+
 const ONE_FANOUT: &str = r#"
 name = "one"
 [[steps]]
@@ -92,18 +108,7 @@ async fn a_worker_killed_mid_task_is_redelivered_after_the_deadline() {
     env.manager();
     let dir = tempfile::tempdir().unwrap();
     let mark = dir.path().join("started");
-    let hang = format!("touch {}; sleep 30", mark.display());
-    let w1 = env.spawn(&[
-        "worker",
-        "--workflow",
-        "one",
-        "--step",
-        "send",
-        "--concurrency",
-        "1",
-        "--exec",
-        &hang,
-    ]);
+    let w1 = hanging_worker(&mut env, &mark);
     assert!(
         env.submit("one", json!({"job_id": "w1", "input": ["a", "b", "c"]}))
             .await
@@ -146,18 +151,7 @@ async fn a_subjob_whose_last_attempt_times_out_fails_via_the_advisory() {
     env.manager();
     let dir = tempfile::tempdir().unwrap();
     let mark = dir.path().join("started");
-    let hang = format!("touch {}; sleep 30", mark.display());
-    let w1 = env.spawn(&[
-        "worker",
-        "--workflow",
-        "one",
-        "--step",
-        "send",
-        "--concurrency",
-        "1",
-        "--exec",
-        &hang,
-    ]);
+    let w1 = hanging_worker(&mut env, &mark);
     assert!(
         env.submit("one", json!({"job_id": "x1", "input": [1, 2, 3, 4]}))
             .await
