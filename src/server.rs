@@ -272,3 +272,69 @@ impl Drop for NatsServer {
         self.kill();
     }
 }
+
+/// A local JetStream cluster of nats-servers joined by routes, each on
+/// free loopback ports with a temporary store; killed when dropped.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes and waits until each accepts clients.
+    pub fn start(n: usize) -> Result<Self, ServerError> {
+        let path = find()?;
+        let start_err = |message: String| ServerError::Start {
+            path: path.clone(),
+            message,
+        };
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, r)| format!("\"nats-route://127.0.0.1:{r}\""))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (client, route)) in ports.iter().enumerate() {
+            let temp = tempfile::Builder::new()
+                .prefix("fanjet-cluster-")
+                .tempdir()
+                .map_err(|e| start_err(e.to_string()))?;
+            let store = temp.path().to_path_buf();
+            let conf = store.join("server.conf");
+            let text = format!(
+                "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\nmax_payload: 8MB\njetstream {{ store_dir: {:?} }}\ncluster {{\n  name: fanjet\n  listen: \"127.0.0.1:{route}\"\n  routes: [{}]\n}}\n",
+                store.join("jetstream").display().to_string(),
+                routes.join(", ")
+            );
+            std::fs::write(&conf, text).map_err(|e| start_err(e.to_string()))?;
+            let child = std::process::Command::new(&path)
+                .arg("-c")
+                .arg(&conf)
+                .arg("-l")
+                .arg(store.join("nats-server.log"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| start_err(e.to_string()))?;
+            nodes.push(NatsServer {
+                child,
+                port: *client,
+                store,
+                _temp: Some(temp),
+            });
+        }
+        for node in &nodes {
+            node.wait_ready(Duration::from_secs(15))?;
+        }
+        Ok(NatsCluster { nodes })
+    }
+
+    /// Every node's client URL, comma-separated (what `--server` takes).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}

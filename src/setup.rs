@@ -103,6 +103,17 @@ impl Nats {
 
     /// Creates or updates the streams and buckets, and returns handles.
     pub async fn ensure(client: async_nats::Client) -> Result<Self, SetupError> {
+        Self::ensure_replicated(client, replicas_from_env()).await
+    }
+
+    /// Like [`ensure`](Self::ensure), with `replicas` copies of every
+    /// stream, bucket and consumer (3 on a 3-node cluster survives the loss
+    /// of one node).
+    pub async fn ensure_replicated(
+        client: async_nats::Client,
+        replicas: usize,
+    ) -> Result<Self, SetupError> {
+        let replicas = replicas.max(1);
         let js = context(client.clone());
         let stream = |name: &'static str, subject: String, retention, max_age| {
             let js = js.clone();
@@ -112,6 +123,7 @@ impl Nats {
                 retention,
                 max_age,
                 storage: stream::StorageType::File,
+                num_replicas: replicas,
                 duplicate_window: DUPLICATE_WINDOW,
                 ..Default::default()
             };
@@ -131,6 +143,7 @@ impl Nats {
                 history,
                 max_age,
                 storage: stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             };
             async move {
@@ -166,7 +179,7 @@ impl Nats {
             jobs: bucket(JOBS_BUCKET, 1, RECORDS_MAX_AGE).await?,
             pending: bucket(PENDING_BUCKET, 1, Duration::ZERO).await?,
             stats: bucket(STATS_BUCKET, 1, RECORDS_MAX_AGE).await?,
-            results: results_bucket(&js).await?,
+            results: results_bucket(&js, replicas).await?,
             client,
             js,
         })
@@ -257,7 +270,10 @@ impl Nats {
 }
 
 /// The object store of large results, created on first use.
-async fn results_bucket(js: &Context) -> Result<object_store::ObjectStore, SetupError> {
+async fn results_bucket(
+    js: &Context,
+    replicas: usize,
+) -> Result<object_store::ObjectStore, SetupError> {
     if let Ok(store) = js.get_object_store(RESULTS_BUCKET).await {
         return Ok(store);
     }
@@ -266,10 +282,19 @@ async fn results_bucket(js: &Context) -> Result<object_store::ObjectStore, Setup
         description: Some("fanjet: results too large to travel in their event".into()),
         max_age: EVENTS_MAX_AGE,
         storage: stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
     .map_err(|e| SetupError::Results(e.to_string()))
+}
+
+/// Replicas for new streams and buckets: `FANJET_REPLICAS`, else 1.
+pub fn replicas_from_env() -> usize {
+    std::env::var("FANJET_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 /// The JetStream context every command uses.

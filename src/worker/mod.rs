@@ -325,9 +325,17 @@ impl PullLoop {
                 }
             };
             let mut got = 0;
+            // A pull whose answer never comes (its consumer's leader moved to
+            // another node of a cluster) must not hold the loop: give up on it
+            // a while after the server would have answered.
+            let give_up_at = tokio::time::Instant::now() + IDLE_WAIT + Duration::from_secs(3);
             loop {
                 let next = tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep_until(give_up_at) => {
+                        debug!("pull request unanswered; pulling again");
+                        break;
+                    }
                     n = batch.next() => n,
                 };
                 let msg = match next {

@@ -1,0 +1,158 @@
+//! fanjet on a 3-node JetStream cluster with 3 replicas of everything: a job
+//! keeps going and ends with exact counts when a node is killed mid-job.
+
+use std::time::{Duration, Instant};
+
+use fanjet::connect::ConnectArgs;
+use fanjet::machine::JobState;
+use fanjet::manager::{self, ManagerOptions};
+use fanjet::server::NatsCluster;
+use fanjet::setup::Nats;
+use fanjet::worker::{TaskContext, Worker};
+use fanjet::workflow::Workflow;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+async fn connect(cluster: &NatsCluster, name: &str) -> async_nats::Client {
+    ConnectArgs::url(cluster.urls())
+        .connect(name)
+        .await
+        .expect("connect to the cluster")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_survives_losing_a_cluster_node() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("FANJET_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let mut cluster = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("this test needs a real nats-server: {e}"));
+    // The cluster elects its JetStream leader after the nodes meet.
+    let start = Instant::now();
+    let admin = loop {
+        match Nats::ensure_replicated(connect(&cluster, "admin").await, 3).await {
+            Ok(n) => break n,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "JetStream cluster never ready: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let info = admin.events.get_info().await.unwrap();
+    assert_eq!(info.config.num_replicas, 3);
+    assert_eq!(
+        info.cluster.as_ref().map(|c| c.replicas.len()),
+        Some(2),
+        "a leader and two replicas"
+    );
+    admin
+        .apply_workflow(&Workflow::from_toml("name = \"ha\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"3s\"\nmax_attempts = 5\nbackoff = [\"200ms\"]\n").unwrap())
+        .await
+        .unwrap();
+
+    let cancel = CancellationToken::new();
+    let m = Nats::bind(connect(&cluster, "manager").await)
+        .await
+        .unwrap();
+    let manager = tokio::spawn(manager::run(m, ManagerOptions::default(), cancel.clone()));
+    let w = Nats::bind(connect(&cluster, "worker").await).await.unwrap();
+    let worker =
+        Worker::new(w)
+            .concurrency(16)
+            .handler("ha", "send", |c: TaskContext| async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok(c.task.item)
+            });
+    let wc = cancel.clone();
+    let worker = tokio::spawn(async move { worker.run(wc).await });
+
+    let reply = fanjet::client::submit(
+        &admin,
+        "ha",
+        &fanjet::protocol::Submission {
+            job_id: Some("ha-1".into()),
+            customer: None,
+            input: json!((0..600).collect::<Vec<_>>()),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(reply.ok);
+    let start = Instant::now();
+    loop {
+        if let Ok(Some((job, _))) = fanjet::store::get(&admin, "ha-1").await {
+            if job.steps[0].completed >= 150 {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the job did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.nodes[2].kill();
+
+    let start = Instant::now();
+    let job = loop {
+        if let Ok(Some((job, _))) = fanjet::store::get(&admin, "ha-1").await {
+            if job.state.is_terminal() {
+                break job;
+            }
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let job = fanjet::store::get(&admin, "ha-1")
+                .await
+                .ok()
+                .flatten()
+                .map(|(j, _)| {
+                    (
+                        j.state,
+                        j.steps[0].completed,
+                        j.steps[0].failed,
+                        j.steps[0].dispatched,
+                    )
+                });
+            let mgr = admin
+                .events
+                .clone()
+                .consumer_info(fanjet::protocol::MANAGER_CONSUMER)
+                .await
+                .map(|i| {
+                    (
+                        i.num_pending,
+                        i.num_ack_pending,
+                        i.delivered.stream_sequence,
+                        i.ack_floor.stream_sequence,
+                    )
+                });
+            let tasks = admin
+                .tasks
+                .clone()
+                .consumer_info("fanjet_ha_send")
+                .await
+                .map(|i| (i.num_pending, i.num_ack_pending, i.num_waiting));
+            let ev = admin.events.get_info().await.map(|i| i.state.messages);
+            panic!("the job did not end after losing a node: job {job:?} manager consumer {mgr:?} tasks consumer {tasks:?} events {ev:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(
+        (
+            job.steps[0].total,
+            job.steps[0].completed,
+            job.steps[0].failed
+        ),
+        (600, 600, 0)
+    );
+    cancel.cancel();
+    let _ = manager.await;
+    let _ = worker.await;
+}
