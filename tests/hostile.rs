@@ -279,10 +279,10 @@ async fn large_results_go_to_the_object_store_and_limits_hold() {
     env.worker(
         Worker::new(env.nats.clone())
             .concurrency(4)
-            // S1's output (30,000 items, about 1.3 MB) is too large for an event.
+            // S1's output (12,000 items, about 500 KB) is too large for an event.
             .handler("big", "collect", |_c: TaskContext| async move {
                 Ok(Value::Array(
-                    (0..30_000)
+                    (0..12_000)
                         .map(|i| json!({"invoice": format!("INV-{i:08}-padding")}))
                         .collect(),
                 ))
@@ -307,7 +307,7 @@ async fn large_results_go_to_the_object_store_and_limits_hold() {
     let send = &job.steps[1];
     assert_eq!(
         (send.total, send.completed, send.failed, send.retries),
-        (30_000, 29_999, 1, 0)
+        (12_000, 11_999, 1, 0)
     );
     assert_eq!(send.failures[0].index, 2);
     assert!(
@@ -329,7 +329,7 @@ async fn large_results_go_to_the_object_store_and_limits_hold() {
         .unwrap();
     assert_eq!(
         ResultRef::from_value(&collect["result"]).and_then(|r| r.array_len),
-        Some(30_000)
+        Some(12_000)
     );
     use tokio::io::AsyncReadExt;
     let mut obj = env.nats.results.get(&r.name).await.unwrap();
