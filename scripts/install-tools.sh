@@ -57,7 +57,7 @@ case "${1:-}" in
     pydir="$root/.tools/python"
     if (cd "$pydir" 2>/dev/null && PYTHONPATH="$pydir" python3 -c "import nats.aio.client") >/dev/null 2>&1; then exit 0; fi
     echo "installing nats-py into $pydir" >&2
-    python3 -m pip install --quiet --disable-pip-version-check --target "$pydir" "nats-py==2.16.0" >&2
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$pydir" "nats-py==2.16.0" >&2
     ;;
   test-deps)
     missing=()

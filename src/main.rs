@@ -611,7 +611,16 @@ async fn dev(o: DevOptions, root: CancellationToken) -> Result<u8> {
         };
         if let Some(job) = job {
             print!("{}", progress::render(&job));
-            if let Ok(Some(st)) = fanjet::stats::get(&nats, &id).await {
+            // The statistics consumer records the end within a second.
+            let mut stats = None;
+            for _ in 0..30 {
+                stats = fanjet::stats::get(&nats, &id).await.ok().flatten();
+                if stats.as_ref().is_some_and(|s| s.outcome.is_some()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if let Some(st) = stats {
                 print!(
                     "{}",
                     progress::render_stats(&st, job.finished_at.unwrap_or(0))
