@@ -209,6 +209,10 @@ fn dev_demo_runs_the_seed_job_on_its_own_server() {
         text.contains("\"results_read\":200"),
         "S3 read every result back from the log: {text}"
     );
+    assert!(
+        text.contains("statistics") && text.contains("p50 ms"),
+        "final statistics: {text}"
+    );
 }
 
 #[test]
