@@ -94,10 +94,25 @@ pub fn find() -> Result<PathBuf, ServerError> {
 
 /// A free loopback TCP port (free when asked; good enough for local runs).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(14222)
+    // The kernel may hand the same ephemeral port out again once released;
+    // never give one out twice in this process (tests start many servers).
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..50 {
+        let Ok(port) = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+        else {
+            continue;
+        };
+        let Ok(mut given) = GIVEN.lock() else {
+            return port;
+        };
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    14222
 }
 
 /// A running nats-server child process, killed when dropped.
@@ -118,6 +133,25 @@ impl NatsServer {
 
     /// Like [`start`](Self::start), with extra command-line arguments.
     pub fn start_with(
+        store: Option<PathBuf>,
+        port: Option<u16>,
+        extra: &[&str],
+    ) -> Result<Self, ServerError> {
+        // A port picked here may be taken by someone else before the server
+        // binds it: try another one.
+        let mut tries = if port.is_some() { 1 } else { 3 };
+        loop {
+            tries -= 1;
+            match Self::start_once(store.clone(), port, extra) {
+                Err(e) if tries > 0 => {
+                    tracing::debug!(error = %e, "nats-server did not start; trying another port")
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(
         store: Option<PathBuf>,
         port: Option<u16>,
         extra: &[&str],
@@ -166,7 +200,7 @@ impl NatsServer {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
-        let server = NatsServer {
+        let mut server = NatsServer {
             child,
             port,
             store,
@@ -222,7 +256,7 @@ impl NatsServer {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| start(e.to_string()))?;
-        let server = NatsServer {
+        let mut server = NatsServer {
             child,
             port,
             store,
@@ -232,11 +266,29 @@ impl NatsServer {
         Ok(server)
     }
 
-    fn wait_ready(&self, within: Duration) -> Result<(), ServerError> {
+    /// Ready when *this* server answers on its port with the NATS `INFO`
+    /// greeting (not merely when something listens there), and fails early
+    /// if the process exited (a port taken by someone else, a bad config).
+    fn wait_ready(&mut self, within: Duration) -> Result<(), ServerError> {
+        use std::io::Read;
         let start = Instant::now();
         while start.elapsed() < within {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log =
+                    std::fs::read_to_string(self.store.join("nats-server.log")).unwrap_or_default();
+                let tail = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                return Err(ServerError::NotReady {
+                    port: self.port,
+                    secs: 0,
+                    log: format!("exited with {status}: {tail}"),
+                });
+            }
+            if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+                let mut greeting = [0u8; 4];
+                if conn.read_exact(&mut greeting).is_ok() && &greeting == b"INFO" {
+                    return Ok(());
+                }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -323,7 +375,7 @@ impl NatsCluster {
                 _temp: Some(temp),
             });
         }
-        for node in &nodes {
+        for node in &mut nodes {
             node.wait_ready(Duration::from_secs(15))?;
         }
         Ok(NatsCluster { nodes })
