@@ -1,5 +1,8 @@
 //! fanjet on a 3-node JetStream cluster with 3 replicas of everything: a job
 //! keeps going and ends with exact counts when a node is killed mid-job.
+//! (Attempts are generous: while streams change leaders, outcomes cannot be
+//! reported and tasks come back; a subjob that ran out of attempts then
+//! would fail, rightly, and this test is about nothing being lost.)
 
 use std::time::{Duration, Instant};
 
@@ -52,7 +55,7 @@ async fn a_job_survives_losing_a_cluster_node() {
         "a leader and two replicas"
     );
     admin
-        .apply_workflow(&Workflow::from_toml("name = \"ha\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"3s\"\nmax_attempts = 5\nbackoff = [\"200ms\"]\n").unwrap())
+        .apply_workflow(&Workflow::from_toml("name = \"ha\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"3s\"\nmax_attempts = 20\nbackoff = [\"200ms\"]\n").unwrap())
         .await
         .unwrap();
 
@@ -106,7 +109,7 @@ async fn a_job_survives_losing_a_cluster_node() {
                 break job;
             }
         }
-        if start.elapsed() > Duration::from_secs(60) {
+        if start.elapsed() > Duration::from_secs(150) {
             let job = fanjet::store::get(&admin, "ha-1")
                 .await
                 .ok()

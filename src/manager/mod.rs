@@ -125,6 +125,8 @@ struct EventLoop {
     executor: Executor,
     /// Definitions seen, to create step consumers when one is new or changed.
     workflows: HashMap<String, Workflow>,
+    /// Jobs that looked lost at the last check, with their `updated_at` then.
+    suspects: HashMap<String, u64>,
 }
 
 impl EventLoop {
@@ -137,6 +139,7 @@ impl EventLoop {
             engine: Engine::new(),
             revisions: HashMap::new(),
             workflows: HashMap::new(),
+            suspects: HashMap::new(),
         }
     }
 
@@ -277,6 +280,7 @@ impl EventLoop {
             .map(|j| j.job_id.clone())
             .collect();
         if candidates.is_empty() {
+            self.suspects.clear();
             return Ok(());
         }
         self.save(unacked).await?;
@@ -287,6 +291,7 @@ impl EventLoop {
             }
         }
         if empty.is_empty() {
+            self.suspects.clear();
             return Ok(());
         }
         let info = self
@@ -299,14 +304,25 @@ impl EventLoop {
         if info.num_pending > 0 || info.num_ack_pending > 0 {
             return Ok(()); // outcomes still on their way; look again next time
         }
+        // Two strikes: a job is failed only when it looked lost at two
+        // checks in a row with no progress in between, so a moment of a
+        // cluster changing leaders (when the queue can read as empty) does
+        // not fail anything.
         let mut actions = Vec::new();
+        let mut suspects = HashMap::new();
         for job_id in empty {
-            warn!(
-                job_id,
-                "subjobs in flight have no task left in the work queue; failing them"
-            );
-            actions.extend(self.engine.apply(Input::Lost { job_id }, now));
+            let updated = self.engine.job(&job_id).map(|j| j.updated_at).unwrap_or(0);
+            if self.suspects.get(&job_id) == Some(&updated) {
+                warn!(
+                    job_id,
+                    "subjobs in flight have no task left in the work queue; failing them"
+                );
+                actions.extend(self.engine.apply(Input::Lost { job_id }, now));
+            } else {
+                suspects.insert(job_id, updated);
+            }
         }
+        self.suspects = suspects;
         self.execute(actions).await
     }
 
