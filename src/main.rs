@@ -207,6 +207,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Follows a job to its end (bars unless `json`), prints it, and returns
+/// its outcome as the exit code.
+async fn follow_to_end(
+    nats: &Nats,
+    job_id: &str,
+    json: bool,
+    customer: Option<&str>,
+) -> Result<u8> {
+    let job = progress::follow(nats, job_id, !json, None, customer)
+        .await?
+        .ok_or_else(|| anyhow!("job {job_id} vanished"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&job)?);
+    } else {
+        print!("{}", progress::render(&job));
+    }
+    Ok(progress::exit_code(job.state) as u8)
+}
+
 /// A job's status from the jobs bucket, or as `customer` through the status service.
 async fn lookup(nats: &Nats, job_id: &str, customer: Option<&str>) -> Result<fanjet::machine::Job> {
     let job = match customer {
@@ -347,15 +366,7 @@ async fn run(cli: Cli) -> Result<u8> {
             if !wait {
                 return Ok(0);
             }
-            let job = progress::follow(&nats, &id, !json, None, as_customer.as_deref())
-                .await?
-                .ok_or_else(|| anyhow!("job {id} vanished"))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&job)?);
-            } else {
-                print!("{}", progress::render(&job));
-            }
-            Ok(progress::exit_code(job.state) as u8)
+            follow_to_end(&nats, &id, json, as_customer.as_deref()).await
         }
         Command::Status {
             job_id,
@@ -445,11 +456,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Watch { job_id, customer } => {
             let nats = nats(&cli.connect, "fanjet-cli").await?;
             lookup(&nats, &job_id, customer.as_deref()).await?;
-            let job = progress::follow(&nats, &job_id, true, None, customer.as_deref())
-                .await?
-                .ok_or_else(|| anyhow!("job {job_id} vanished"))?;
-            print!("{}", progress::render(&job));
-            Ok(progress::exit_code(job.state) as u8)
+            follow_to_end(&nats, &job_id, false, customer.as_deref()).await
         }
         Command::Serve {
             listen,

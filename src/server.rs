@@ -92,6 +92,29 @@ pub fn find() -> Result<PathBuf, ServerError> {
     })
 }
 
+/// Runs `nats-server -c conf -l log [extra]`, quiet on the terminal.
+fn spawn(
+    path: &Path,
+    conf: &Path,
+    log: &Path,
+    extra: &[&str],
+) -> Result<std::process::Child, ServerError> {
+    std::process::Command::new(path)
+        .arg("-c")
+        .arg(conf)
+        .arg("-l")
+        .arg(log)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| ServerError::Start {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
 /// A free loopback TCP port (free when asked; good enough for local runs).
 pub fn free_port() -> u16 {
     // The kernel may hand the same ephemeral port out again once released;
@@ -186,20 +209,7 @@ impl NatsServer {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        let child = std::process::Command::new(&path)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-l")
-            .arg(&log)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| ServerError::Start {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+        let child = spawn(&path, &conf, &log, extra)?;
         let mut server = NatsServer {
             child,
             port,
@@ -245,17 +255,13 @@ impl NatsServer {
             .join("\n");
         let copy = store.join("server.conf");
         std::fs::write(&copy, text).map_err(|e| start(e.to_string()))?;
-        let child = std::process::Command::new(&path)
-            .arg("-c")
-            .arg(&copy)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .arg("-l")
-            .arg(store.join("nats-server.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| start(e.to_string()))?;
+        let port_arg = port.to_string();
+        let child = spawn(
+            &path,
+            &copy,
+            &store.join("nats-server.log"),
+            &["-a", "127.0.0.1", "-p", &port_arg],
+        )?;
         let mut server = NatsServer {
             child,
             port,
@@ -358,16 +364,7 @@ impl NatsCluster {
                 routes.join(", ")
             );
             std::fs::write(&conf, text).map_err(|e| start_err(e.to_string()))?;
-            let child = std::process::Command::new(&path)
-                .arg("-c")
-                .arg(&conf)
-                .arg("-l")
-                .arg(store.join("nats-server.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| start_err(e.to_string()))?;
+            let child = spawn(&path, &conf, &store.join("nats-server.log"), &[])?;
             nodes.push(NatsServer {
                 child,
                 port: *client,

@@ -261,7 +261,9 @@ impl Engine {
         };
         match result {
             Ok(true) => {
-                self.dirty.insert(event.job_id().to_string());
+                if !self.dirty.contains(event.job_id()) {
+                    self.dirty.insert(event.job_id().to_string());
+                }
             }
             Ok(false) => {}
             Err(why) => self.ignore(&event, why),

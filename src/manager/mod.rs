@@ -356,10 +356,7 @@ impl EventLoop {
                     continue;
                 }
             };
-            if !msg
-                .subject
-                .ends_with(&format!(".{}.{}", event.job_id(), event.kind().token()))
-            {
+            if !subject_matches(&msg.subject, &event) {
                 Metrics::get()
                     .manager_ignored
                     .with_label_values(&["subject_mismatch"])
@@ -474,4 +471,11 @@ async fn queued_tasks(nats: &Nats, job_id: &str) -> Result<u64, ManagerError> {
             .1 as u64;
     }
     Ok(n)
+}
+
+/// Whether an event's subject ends in `.<job_id>.<kind>` of its body,
+/// without building the string (this runs for every event).
+fn subject_matches(subject: &str, event: &Event) -> bool {
+    let mut tokens = subject.rsplit('.');
+    tokens.next() == Some(event.kind().token()) && tokens.next() == Some(event.job_id())
 }

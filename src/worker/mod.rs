@@ -503,11 +503,13 @@ async fn settle(
 /// Moves a large result to the object store and returns the reference to
 /// send instead; a result beyond [`MAX_RESULT_BYTES`] fails the subjob.
 async fn offload(nats: &Nats, task: &Task, value: Value) -> Result<Value, TaskError> {
-    let bytes = serde_json::to_vec(&value)
-        .map_err(|e| TaskError::give_up(format!("result is not JSON: {e}")))?;
-    if bytes.len() <= INLINE_RESULT_MAX {
+    // Per-subjob path: most results are small, so measure without building
+    // the encoding (it is built once, with the event).
+    if json_len(&value) <= INLINE_RESULT_MAX {
         return Ok(value);
     }
+    let bytes = serde_json::to_vec(&value)
+        .map_err(|e| TaskError::give_up(format!("result is not JSON: {e}")))?;
     if bytes.len() > MAX_RESULT_BYTES {
         return Err(TaskError::give_up(format!(
             "result too large: {} bytes, the limit is {MAX_RESULT_BYTES}",
@@ -525,6 +527,32 @@ async fn offload(nats: &Nats, task: &Task, value: Value) -> Result<Value, TaskEr
         .await
         .map_err(|e| TaskError::retry(format!("storing a large result: {e}")))?;
     Ok(reference.to_value())
+}
+
+/// Bytes of `value`'s JSON encoding, counted without a buffer.
+fn json_len(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 32,
+        // Escaping at most sextuples a byte.
+        Value::String(s) if s.len() * 6 + 2 <= INLINE_RESULT_MAX => s.len() * 6 + 2,
+        _ => {
+            struct Count(usize);
+            impl std::io::Write for Count {
+                fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                    self.0 += b.len();
+                    Ok(b.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
+            }
+            let mut c = Count(0);
+            match serde_json::to_writer(&mut c, value) {
+                Ok(()) => c.0,
+                Err(_) => usize::MAX,
+            }
+        }
+    }
 }
 
 /// Room left for headers under the server's max payload.
@@ -556,4 +584,31 @@ async fn report(nats: &Nats, event: &Event, payload: bytes::Bytes) -> Result<(),
         }
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_len_never_undercounts() {
+        for v in [
+            json!(null),
+            json!(1.5e300),
+            json!("a\"\n\u{1}é"),
+            json!({"k": [1, "two", {"x": null}]}),
+            json!("x".repeat(300_000)),
+        ] {
+            let real = serde_json::to_vec(&v).unwrap().len();
+            let counted = json_len(&v);
+            assert!(counted >= real, "{counted} < {real} for {v}");
+            if v.is_object() || v.as_str().is_some_and(|s| s.len() > 100_000) {
+                assert_eq!(
+                    counted, real,
+                    "containers and long strings are counted exactly"
+                );
+            }
+        }
+    }
 }
