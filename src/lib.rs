@@ -8,6 +8,7 @@
 //! - [`store`]: job records and pending-set chunks in KV.
 //! - [`manager`]: the workflow manager: intake, event loop, executor, advisories.
 //! - [`worker`]: the worker pool, the handler API and the `--exec` handler.
+//! - [`delivery`]: finds deliveries lost on the way to an acknowledge-all consumer.
 //! - [`connect`]: NATS connection options shared by every command.
 //! - [`server`]: finds and runs a local nats-server (for `fanjet dev` and tests).
 //! - [`shutdown`]: signals to cancellation.
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod client;
 pub mod connect;
+pub mod delivery;
 pub mod demo;
 pub mod machine;
 pub mod manager;

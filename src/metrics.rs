@@ -32,6 +32,7 @@ pub const MANAGER_PARTITIONS: &str = "fanjet_manager_partitions_owned";
 pub const MANAGER_LAG: &str = "fanjet_manager_lag_events";
 pub const EVENTS_OBSERVED: &str = "fanjet_events_observed_total";
 pub const MANAGER_IGNORED: &str = "fanjet_manager_events_ignored_total";
+pub const LOG_HOLES: &str = "fanjet_log_deliveries_missed_total";
 pub const SLOTS_NEEDED: &str = "fanjet_step_slots_needed";
 pub const SECONDS_LEFT: &str = "fanjet_step_predicted_seconds_left";
 
@@ -68,6 +69,7 @@ pub struct Metrics {
     pub manager_lag: IntGaugeVec,
     pub events_observed: IntCounterVec,
     pub manager_ignored: IntCounterVec,
+    pub log_holes: IntCounterVec,
     pub slots_needed: IntGaugeVec,
     pub predicted_seconds_left: IntGaugeVec,
 }
@@ -132,6 +134,12 @@ impl Metrics {
                 MANAGER_IGNORED,
                 "Events the manager read and ignored, by reason: duplicate, step_not_running (late), job_ended, unknown_job, not_dispatched, unreadable, subject_mismatch. Exported by the process that runs the manager.",
                 &["reason"],
+            ),
+            log_holes: counter(
+                &r,
+                LOG_HOLES,
+                "Deliveries of the event log that never reached a reader (manager or statistics), each followed by that reader starting again from its last acknowledged event. Seen when a connection drops or a cluster changes leaders.",
+                &["reader"],
             ),
             slots_needed: gauge(
                 &r,

@@ -17,6 +17,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::delivery::Deliveries;
 use crate::metrics::Metrics;
 use crate::protocol::{Event, Millis, EVENTS_WILDCARD, STATS_CONSUMER};
 use crate::setup::Nats;
@@ -290,8 +291,7 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
         })
         .await
         .map_err(|e| err(&e))?;
-    nats.events
-        .reset_consumer(STATS_CONSUMER, None)
+    let mut deliveries = Deliveries::reset(&nats.events, STATS_CONSUMER)
         .await
         .map_err(|e| err(&e))?;
     let mut messages = consumer
@@ -322,6 +322,12 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
                         _ => break,
                     }
                 }
+                let hole = deliveries.check(&batch);
+                if let Some(hole) = hole {
+                    // Applying past the hole would mark the missing event as
+                    // seen; start again from the ack floor instead.
+                    batch.truncate(hole.at);
+                }
                 for msg in &batch {
                     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
                     let Ok(event) = serde_json::from_slice::<Event>(&msg.payload) else {
@@ -342,7 +348,14 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
                         }
                     }
                 }
-                unacked = batch.pop();
+                if let Some(last) = batch.pop() {
+                    unacked = Some(last);
+                }
+                if let Some(hole) = hole {
+                    save(&nats, &mut jobs, &mut dirty, &mut unacked).await?;
+                    metrics.log_holes.with_label_values(&["statistics"]).inc();
+                    return Err(StatsError::Nats(format!("reading events: {hole}")));
+                }
             }
         }
     }

@@ -1,5 +1,6 @@
 //! fanjet on a 3-node JetStream cluster with 3 replicas of everything: a job
-//! keeps going and ends with exact counts when a node is killed mid-job.
+//! keeps going and ends with exact counts when the event log's leader is
+//! killed mid-job.
 //! (Attempts are generous: while streams change leaders, outcomes cannot be
 //! reported and tasks come back; a subjob that ran out of attempts then
 //! would fail, rightly, and this test is about nothing being lost.)
@@ -100,7 +101,22 @@ async fn a_job_survives_losing_a_cluster_node() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    cluster.nodes[2].kill();
+    // Kill the hardest node to lose: the event log's leader. Outcomes cannot
+    // be written until another node leads, and deliveries in flight to the
+    // manager are lost with it.
+    let leader = admin
+        .events
+        .get_info()
+        .await
+        .ok()
+        .and_then(|i| i.cluster)
+        .and_then(|c| c.leader)
+        .expect("the event log has a leader");
+    let node: usize = leader
+        .trim_start_matches('n')
+        .parse()
+        .unwrap_or_else(|_| panic!("unexpected server name {leader}"));
+    cluster.nodes[node].kill();
 
     let start = Instant::now();
     let job = loop {

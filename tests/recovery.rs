@@ -309,3 +309,106 @@ async fn subjobs_whose_tasks_vanished_fail_instead_of_hanging() {
         job.error
     );
 }
+
+/// Takes up to `n` deliveries of `consumer` on the event log and drops them,
+/// as a connection that died mid-delivery would; returns how many it took.
+async fn steal_deliveries(env: &Env, consumer: &str, n: usize) -> usize {
+    use futures::StreamExt;
+    let client = async_nats::connect(env.url()).await.expect("connect");
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.expect("subscribe");
+    let request = json!({"batch": n, "expires": 2_000_000_000u64});
+    client
+        .publish_with_reply(
+            format!(
+                "$JS.API.CONSUMER.MSG.NEXT.{}.{consumer}",
+                fanjet::protocol::EVENTS_STREAM
+            ),
+            inbox,
+            serde_json::to_vec(&request).expect("json").into(),
+        )
+        .await
+        .expect("pull request");
+    let mut taken = 0;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(2500), sub.next()).await {
+        // Status messages (timeouts) carry no reply subject; deliveries do.
+        if m.reply.is_some() {
+            taken += 1;
+        }
+        if taken == n {
+            break;
+        }
+    }
+    taken
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_lost_on_the_way_to_the_manager_or_statistics_are_read_again() {
+    let mut env = Env::start().await;
+    env.apply("name = \"gaps\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"5s\"\n")
+        .await;
+    env.manager();
+    env.serve(Default::default()).await;
+    let worker = Worker::new(env.nats.clone()).concurrency(8).handler(
+        "gaps",
+        "send",
+        |c: TaskContext| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(c.task.item)
+        },
+    );
+    env.worker(worker);
+    let holes = |reader: &str| {
+        fanjet::metrics::Metrics::get()
+            .log_holes
+            .with_label_values(&[reader])
+            .get()
+    };
+    let before = (holes("manager"), holes("statistics"));
+    let input: Vec<u32> = (0..400).collect();
+    assert!(
+        env.submit("gaps", json!({"job_id": "g1", "input": input}))
+            .await
+            .ok
+    );
+    env.wait_for("g1", Duration::from_secs(30), "50 subjobs done", |j| {
+        j.steps[0].completed >= 50
+    })
+    .await;
+    // Deliveries taken while the job runs never reach their reader; under
+    // acknowledge-all, the reader's next ack would cover them for good.
+    let mut stolen = (0, 0);
+    for _ in 0..3 {
+        stolen.0 += steal_deliveries(&env, fanjet::protocol::MANAGER_CONSUMER, 5).await;
+        stolen.1 += steal_deliveries(&env, fanjet::protocol::STATS_CONSUMER, 5).await;
+    }
+    assert!(
+        stolen.0 > 0 && stolen.1 > 0,
+        "nothing was taken: {stolen:?}"
+    );
+
+    let job = env.wait_end("g1", Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!((job.steps[0].completed, job.steps[0].failed), (400, 0));
+    assert!(
+        holes("manager") > before.0,
+        "the manager never noticed the missing deliveries"
+    );
+    let start = Instant::now();
+    loop {
+        let stats = fanjet::stats::get(&env.nats, "g1").await.expect("stats");
+        let counts = stats
+            .as_ref()
+            .and_then(|s| s.steps.first())
+            .map(|s| (s.completed, s.failed));
+        if counts == Some((400, 0)) && stats.is_some_and(|s| s.outcome.is_some()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "statistics never counted every subjob: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(holes("statistics") > before.1);
+}

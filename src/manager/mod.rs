@@ -33,6 +33,7 @@ use tracing::{debug, error, info, warn};
 
 pub use executor::Executor;
 
+use crate::delivery::Deliveries;
 use crate::machine::{in_flight, Action, Engine, Input};
 use crate::metrics::Metrics;
 use crate::monitor::{self, Heartbeat};
@@ -143,7 +144,7 @@ impl EventLoop {
         }
     }
 
-    async fn consumer(nats: &Nats) -> Result<PullConsumer, ManagerError> {
+    async fn consumer(nats: &Nats) -> Result<(PullConsumer, Deliveries), ManagerError> {
         let filters = EventKind::ALL
             .iter()
             .filter(|k| k.drives_manager())
@@ -163,11 +164,10 @@ impl EventLoop {
             .map_err(|e| ManagerError::Nats(format!("creating the manager consumer: {e}")))?;
         // Everything delivered but not acknowledged is delivered again, in
         // order: with AckPolicy::All a later ack would otherwise skip it.
-        nats.events
-            .reset_consumer(MANAGER_CONSUMER, None)
+        let deliveries = Deliveries::reset(&nats.events, MANAGER_CONSUMER)
             .await
             .map_err(|e| ManagerError::Nats(format!("resetting the manager consumer: {e}")))?;
-        Ok(consumer)
+        Ok((consumer, deliveries))
     }
 
     async fn reload(&mut self) -> Result<(), ManagerError> {
@@ -184,9 +184,13 @@ impl EventLoop {
     async fn run(mut self, cancel: CancellationToken) -> Result<(), ManagerError> {
         let mut backoff = Duration::from_millis(200);
         loop {
+            let began = std::time::Instant::now();
             match self.session(&cancel).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
+                    if began.elapsed() > Duration::from_secs(30) {
+                        backoff = Duration::from_millis(200); // it had recovered
+                    }
                     error!(error = %e, "manager loop failed; reloading state and resuming from the last checkpoint");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
@@ -201,7 +205,7 @@ impl EventLoop {
     /// Loads state, resets the consumer and processes until cancelled or an error.
     async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ManagerError> {
         self.reload().await?;
-        let consumer = Self::consumer(&self.nats).await?;
+        let (consumer, mut deliveries) = Self::consumer(&self.nats).await?;
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(self.options.batch)
@@ -249,6 +253,19 @@ impl EventLoop {
                             Some(Some(Err(e))) => return Err(ManagerError::Nats(format!("pulling events: {e}"))),
                             _ => break,
                         }
+                    }
+                    if let Some(hole) = deliveries.check(&batch) {
+                        // Apply and acknowledge only what came before the
+                        // hole; starting again from the ack floor delivers
+                        // the missing event.
+                        batch.truncate(hole.at);
+                        self.apply(&batch).await?;
+                        if let Some(last) = batch.pop() {
+                            unacked = Some(last);
+                        }
+                        self.save(&mut unacked).await?;
+                        Metrics::get().log_holes.with_label_values(&["manager"]).inc();
+                        return Err(ManagerError::Nats(format!("reading events: {hole}")));
                     }
                     unsaved += batch.len();
                     self.apply(&batch).await?;
