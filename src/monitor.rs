@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::metrics::Metrics;
-use crate::protocol::{heartbeat_subject, HEARTBEAT_WILDCARD, MANAGER_CONSUMER};
+use crate::protocol::{heartbeat_subject, manager_consumer, HEARTBEAT_WILDCARD, PARTITIONS};
 use crate::setup::Nats;
 
 /// How often processes send a heartbeat.
@@ -141,9 +141,22 @@ async fn consumers(nats: &Nats, m: &Metrics) {
             .with_label_values(&labels)
             .set(info.num_redelivered as i64);
     }
-    if let Ok(info) = nats.events.clone().consumer_info(MANAGER_CONSUMER).await {
+    // The lag of every partition's consumer, summed.
+    let lags = (0..PARTITIONS).map(|p| {
+        let events = nats.events.clone();
+        async move {
+            events
+                .clone()
+                .consumer_info(manager_consumer(p))
+                .await
+                .ok()
+                .map(|i| i.num_pending + i.num_ack_pending as u64)
+        }
+    });
+    let lags: Vec<Option<u64>> = futures::future::join_all(lags).await;
+    if lags.iter().any(Option::is_some) {
         m.manager_lag
             .with_label_values::<&str>(&[])
-            .set((info.num_pending + info.num_ack_pending as u64) as i64);
+            .set(lags.into_iter().flatten().sum::<u64>() as i64);
     }
 }

@@ -9,8 +9,8 @@ use thiserror::Error;
 
 use crate::protocol::{
     max_deliveries_advisories, step_consumer, step_tasks_filter, ADVISORIES_STREAM, EVENTS_STREAM,
-    EVENTS_WILDCARD, JOBS_BUCKET, PENDING_BUCKET, RESULTS_BUCKET, STATS_BUCKET, TASKS_STREAM,
-    TASKS_WILDCARD, WORKFLOWS_BUCKET,
+    EVENTS_WILDCARD, JOBS_BUCKET, LEASES_BUCKET, LEASE_TTL, PENDING_BUCKET, RESULTS_BUCKET,
+    STATS_BUCKET, TASKS_STREAM, TASKS_WILDCARD, WORKFLOWS_BUCKET,
 };
 use crate::workflow::{Step, Workflow};
 
@@ -153,6 +153,8 @@ impl Nats {
             }
         };
         use stream::RetentionPolicy::{Limits, WorkQueue};
+        // Managers split the log's partitions through leases that expire.
+        bucket(LEASES_BUCKET, 1, LEASE_TTL).await?;
         Ok(Nats {
             events: stream(
                 EVENTS_STREAM,

@@ -205,10 +205,13 @@ pub async fn job_ids(nats: &Nats) -> Result<Vec<String>, StoreError> {
     keys.try_collect().await.map_err(|e| err(&e))
 }
 
-/// Every job not yet ended, loaded to resume.
-pub async fn load_active(nats: &Nats) -> Result<Vec<(Job, u64)>, StoreError> {
+/// Every job not yet ended whose id passes `mine`, loaded to resume.
+pub async fn load_active(
+    nats: &Nats,
+    mine: impl Fn(&str) -> bool,
+) -> Result<Vec<(Job, u64)>, StoreError> {
     let mut out = Vec::new();
-    for id in job_ids(nats).await? {
+    for id in job_ids(nats).await?.into_iter().filter(|id| mine(id)) {
         if let Some((job, _)) = get(nats, &id).await? {
             if job.state.is_terminal() {
                 continue;

@@ -141,7 +141,9 @@ async fn a_job_survives_losing_a_cluster_node() {
             let mgr = admin
                 .events
                 .clone()
-                .consumer_info(fanjet::protocol::MANAGER_CONSUMER)
+                .consumer_info(fanjet::protocol::manager_consumer(
+                    fanjet::protocol::partition("ha-1"),
+                ))
                 .await
                 .map(|i| {
                     (

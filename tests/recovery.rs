@@ -379,7 +379,12 @@ async fn events_lost_on_the_way_to_the_manager_or_statistics_are_read_again() {
     // acknowledge-all, the reader's next ack would cover them for good.
     let mut stolen = (0, 0);
     for _ in 0..3 {
-        stolen.0 += steal_deliveries(&env, fanjet::protocol::MANAGER_CONSUMER, 5).await;
+        stolen.0 += steal_deliveries(
+            &env,
+            &fanjet::protocol::manager_consumer(fanjet::protocol::partition("g1")),
+            5,
+        )
+        .await;
         stolen.1 += steal_deliveries(&env, fanjet::protocol::STATS_CONSUMER, 5).await;
     }
     assert!(

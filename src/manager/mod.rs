@@ -17,6 +17,7 @@
 mod advisories;
 mod executor;
 mod intake;
+mod leases;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,13 +33,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 pub use executor::Executor;
+pub use leases::{LeaseError, Leases};
+use std::collections::BTreeMap;
 
 use crate::delivery::Deliveries;
 use crate::machine::{in_flight, Action, Engine, Input};
 use crate::metrics::Metrics;
 use crate::monitor::{self, Heartbeat};
 use crate::protocol::{
-    job_tasks_filter, kind_filter, now_ms, Event, EventKind, MANAGER_CONSUMER, PARTITIONS,
+    job_tasks_filter, manager_consumer, now_ms, partition, partition_kind_filter, Event, EventKind,
+    LEASE_TTL, MANAGER_CONSUMER, PARTITIONS,
 };
 use crate::setup::{Nats, SetupError};
 use crate::store::{self, Checkpoint, StoreError};
@@ -50,6 +54,8 @@ pub enum ManagerError {
     Setup(#[from] SetupError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Leases(#[from] LeaseError),
     #[error("NATS: {0}")]
     Nats(String),
 }
@@ -79,33 +85,101 @@ impl Default for ManagerOptions {
     }
 }
 
-/// Runs the intake, the advisory watcher and the event loop until `cancel`.
+/// Runs the intake, the advisory watcher and, for every partition this
+/// manager holds a lease on, an event loop, until `cancel`.
 pub async fn run(
     nats: Nats,
     options: ManagerOptions,
     cancel: CancellationToken,
 ) -> Result<(), ManagerError> {
+    let id = monitor::process_id("manager");
+    let mut leases = Leases::open(&nats, id.clone()).await?;
+    // Retired: the single consumer of versions that did not split the log.
+    if nats.events.delete_consumer(MANAGER_CONSUMER).await.is_ok() {
+        info!("removed the unpartitioned manager consumer of an earlier version");
+    }
     let mut tasks = JoinSet::new();
     tasks.spawn(intake::run(nats.clone(), cancel.clone()));
     tasks.spawn(intake::status_service(nats.clone(), cancel.clone()));
     tasks.spawn(advisories::run(nats.clone(), cancel.clone()));
-    let event_loop = EventLoop::new(nats.clone(), options);
-    let running = event_loop.running.clone();
-    let id = monitor::process_id("manager");
-    let beat_cancel = cancel.clone();
+    let running: Arc<Vec<AtomicU64>> =
+        Arc::new((0..PARTITIONS).map(|_| AtomicU64::new(0)).collect());
+    let owned = Arc::new(AtomicU64::new(0));
+    let (beat_cancel, beat_nats) = (cancel.clone(), nats.clone());
+    let (beat_running, beat_owned, beat_id) = (running.clone(), owned.clone(), id.clone());
     tasks.spawn(async move {
-        monitor::beat(nats, beat_cancel, move || Heartbeat {
+        monitor::beat(beat_nats, beat_cancel, move || Heartbeat {
             role: "manager".into(),
-            id: id.clone(),
-            jobs: running.load(Ordering::Relaxed),
-            partitions: u64::from(PARTITIONS),
+            id: beat_id.clone(),
+            jobs: beat_running.iter().map(|n| n.load(Ordering::Relaxed)).sum(),
+            partitions: beat_owned.load(Ordering::Relaxed),
             ..Default::default()
         })
         .await;
         Ok(())
     });
-    let result = event_loop.run(cancel.clone()).await;
+    info!(manager = %id, "manager running; claiming partitions of the event log");
+    let mut loops = Partitions {
+        nats: nats.clone(),
+        options,
+        running,
+        cancel: cancel.clone(),
+        loops: BTreeMap::new(),
+    };
+    let mut round = tokio::time::interval(LEASE_TTL / 5);
+    round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let step = LEASE_TTL / 4;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = round.tick() => {}
+        }
+        let mut stop = tokio::time::timeout(step, leases.renew())
+            .await
+            .unwrap_or_default();
+        stop.extend(leases.expiring());
+        loops.stop(&stop).await;
+        match tokio::time::timeout(step, leases.survey()).await {
+            Ok(Ok((members, free))) => {
+                let change = leases::plan(&leases.held(), members);
+                loops.stop(&change.give_up).await;
+                for p in &change.give_up {
+                    leases.release(*p).await;
+                }
+                let mut claimed = 0;
+                for p in leases::claim_order(&id, &free) {
+                    if claimed == change.claim {
+                        break;
+                    }
+                    match leases.claim(p).await {
+                        Ok(true) => {
+                            claimed += 1;
+                            loops.start(p);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            warn!(error = %e, "could not claim a partition");
+                            break;
+                        }
+                    }
+                }
+                if !change.give_up.is_empty() || claimed > 0 {
+                    info!(
+                        managers = members,
+                        held = ?leases.held(),
+                        "partitions rebalanced"
+                    );
+                }
+            }
+            Ok(Err(e)) => warn!(error = %e, "could not read the partition leases"),
+            Err(_) => warn!("reading the partition leases timed out"),
+        }
+        owned.store(leases.held().len() as u64, Ordering::Relaxed);
+    }
     cancel.cancel();
+    let all: Vec<u32> = loops.loops.keys().copied().collect();
+    loops.stop(&all).await;
+    leases.leave(Duration::from_secs(2)).await;
     while let Some(r) = tasks.join_next().await {
         match r {
             Ok(Err(e)) => error!(error = %e, "manager task failed"),
@@ -113,12 +187,62 @@ pub async fn run(
             Ok(Ok(())) => {}
         }
     }
-    result
+    Ok(())
+}
+
+/// The event loops of the partitions this manager holds.
+struct Partitions {
+    nats: Nats,
+    options: ManagerOptions,
+    running: Arc<Vec<AtomicU64>>,
+    cancel: CancellationToken,
+    loops: BTreeMap<u32, (CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+impl Partitions {
+    fn start(&mut self, p: u32) {
+        let cancel = self.cancel.child_token();
+        let event_loop = EventLoop::new(
+            self.nats.clone(),
+            self.options.clone(),
+            p,
+            self.running.clone(),
+        );
+        let c = cancel.clone();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = event_loop.run(c).await {
+                error!(partition = p, error = %e, "partition loop failed");
+            }
+        });
+        self.loops.insert(p, (cancel, handle));
+    }
+
+    /// Stops these partitions' loops (each stores what it applied first)
+    /// and waits until they have.
+    async fn stop(&mut self, partitions: &[u32]) {
+        let stopping: Vec<_> = partitions
+            .iter()
+            .filter_map(|p| self.loops.remove(p).map(|l| (*p, l)))
+            .collect();
+        for (_, (cancel, _)) in &stopping {
+            cancel.cancel();
+        }
+        for (p, (_, handle)) in stopping {
+            if let Err(e) = handle.await {
+                error!(partition = p, error = %e, "partition loop panicked");
+            }
+            if let Some(n) = self.running.get(p as usize) {
+                n.store(0, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 struct EventLoop {
-    /// Jobs held as running, for the heartbeat.
-    running: Arc<AtomicU64>,
+    /// The partition of the log this loop reads.
+    partition: u32,
+    /// Jobs held as running per partition, for the heartbeat.
+    running: Arc<Vec<AtomicU64>>,
     nats: Nats,
     options: ManagerOptions,
     engine: Engine,
@@ -131,9 +255,15 @@ struct EventLoop {
 }
 
 impl EventLoop {
-    fn new(nats: Nats, options: ManagerOptions) -> Self {
+    fn new(
+        nats: Nats,
+        options: ManagerOptions,
+        partition: u32,
+        running: Arc<Vec<AtomicU64>>,
+    ) -> Self {
         EventLoop {
-            running: Arc::new(AtomicU64::new(0)),
+            partition,
+            running,
             executor: Executor::new(nats.clone()),
             nats,
             options,
@@ -144,16 +274,20 @@ impl EventLoop {
         }
     }
 
-    async fn consumer(nats: &Nats) -> Result<(PullConsumer, Deliveries), ManagerError> {
+    async fn consumer(
+        nats: &Nats,
+        partition: u32,
+    ) -> Result<(PullConsumer, Deliveries), ManagerError> {
+        let name = manager_consumer(partition);
         let filters = EventKind::ALL
             .iter()
             .filter(|k| k.drives_manager())
-            .map(|k| kind_filter(k.token()))
+            .map(|k| partition_kind_filter(partition, k.token()))
             .collect();
         let consumer = nats
             .events
             .create_consumer(pull::Config {
-                durable_name: Some(MANAGER_CONSUMER.into()),
+                durable_name: Some(name.clone()),
                 filter_subjects: filters,
                 ack_policy: consumer::AckPolicy::All,
                 ack_wait: Duration::from_secs(60),
@@ -164,7 +298,7 @@ impl EventLoop {
             .map_err(|e| ManagerError::Nats(format!("creating the manager consumer: {e}")))?;
         // Everything delivered but not acknowledged is delivered again, in
         // order: with AckPolicy::All a later ack would otherwise skip it.
-        let deliveries = Deliveries::reset(&nats.events, MANAGER_CONSUMER)
+        let deliveries = Deliveries::reset(&nats.events, &name)
             .await
             .map_err(|e| ManagerError::Nats(format!("resetting the manager consumer: {e}")))?;
         Ok((consumer, deliveries))
@@ -173,11 +307,16 @@ impl EventLoop {
     async fn reload(&mut self) -> Result<(), ManagerError> {
         self.engine = Engine::new();
         self.revisions.clear();
-        for (job, rev) in store::load_active(&self.nats).await? {
+        let p = self.partition;
+        for (job, rev) in store::load_active(&self.nats, |id| partition(id) == p).await? {
             self.revisions.insert(job.job_id.clone(), rev);
             self.engine.insert(job);
         }
-        info!(jobs = self.engine.len(), "resumed running jobs");
+        info!(
+            partition = p,
+            jobs = self.engine.len(),
+            "resumed running jobs"
+        );
         Ok(())
     }
 
@@ -205,7 +344,7 @@ impl EventLoop {
     /// Loads state, resets the consumer and processes until cancelled or an error.
     async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ManagerError> {
         self.reload().await?;
-        let (consumer, mut deliveries) = Self::consumer(&self.nats).await?;
+        let (consumer, mut deliveries) = Self::consumer(&self.nats, self.partition).await?;
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(self.options.batch)
@@ -315,7 +454,7 @@ impl EventLoop {
             .nats
             .events
             .clone()
-            .consumer_info(MANAGER_CONSUMER)
+            .consumer_info(manager_consumer(self.partition))
             .await
             .map_err(|e| ManagerError::Nats(format!("reading the manager consumer: {e}")))?;
         if info.num_pending > 0 || info.num_ack_pending > 0 {
@@ -346,8 +485,9 @@ impl EventLoop {
     /// Checkpoints changed jobs, then acknowledges every event applied so far.
     async fn save(&mut self, unacked: &mut Option<Message>) -> Result<(), ManagerError> {
         self.checkpoint().await?;
-        self.running
-            .store(self.engine.len() as u64, Ordering::Relaxed);
+        if let Some(n) = self.running.get(self.partition as usize) {
+            n.store(self.engine.len() as u64, Ordering::Relaxed);
+        }
         if let Some(last) = unacked.take() {
             last.ack()
                 .await

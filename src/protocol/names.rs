@@ -25,8 +25,15 @@ pub const STATS_CONSUMER: &str = "fanjet-stats";
 /// Durable consumer of the event log that sends notifications.
 pub const NOTIFY_CONSUMER: &str = "fanjet-notify";
 
-/// Durable consumer of the event log used by the workflow manager.
+/// Prefix of the durable consumers through which managers read the event
+/// log, one per partition: `fanjet-manager-00` … `fanjet-manager-15`.
 pub const MANAGER_CONSUMER: &str = "fanjet-manager";
+/// KV bucket: which manager owns which partition of the log (keys
+/// `partition.<NN>`), and which managers are alive (keys `manager.<id>`).
+/// Entries expire after [`LEASE_TTL`] unless renewed.
+pub const LEASES_BUCKET: &str = "fanjet_leases";
+/// How long a partition lease or a manager's membership lasts unrenewed.
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Durable consumer of the advisories stream used by the workflow manager.
 pub const ADVISORY_CONSUMER: &str = "fanjet-advisories";
 /// Queue group of the submission intake (any number of managers).
@@ -35,9 +42,9 @@ pub const INTAKE_QUEUE: &str = "fanjet-intake";
 /// Content type header; `application/cbor` selects CBOR, anything else JSON.
 pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
 
-/// Number of partitions of the event log. The partition is the second token
-/// of every event subject, so managers can later split the log by partition
-/// with consumer filters rather than a redesign.
+/// Number of partitions of the event log. The partition is the third token
+/// of every event subject; managers split the partitions between them and
+/// read each through its own consumer filter.
 pub const PARTITIONS: u32 = 16;
 
 /// Largest submission body accepted by the intake.
@@ -57,6 +64,26 @@ pub fn partition(job_id: &str) -> u32 {
         h = h.wrapping_mul(0x0100_0193);
     }
     h % PARTITIONS
+}
+
+/// The durable consumer a manager reads partition `partition` through.
+pub fn manager_consumer(partition: u32) -> String {
+    format!("{MANAGER_CONSUMER}-{partition:02}")
+}
+
+/// Events of one kind in one partition.
+pub fn partition_kind_filter(partition: u32, kind: &str) -> String {
+    format!("fanjet.ev.{partition:02}.*.{kind}")
+}
+
+/// Key of a partition's lease in [`LEASES_BUCKET`].
+pub fn lease_key(partition: u32) -> String {
+    format!("partition.{partition:02}")
+}
+
+/// Key of a manager's membership in [`LEASES_BUCKET`].
+pub fn member_key(manager_id: &str) -> String {
+    format!("manager.{manager_id}")
 }
 
 /// Subject a client publishes (or sends a request) to in order to start a job.

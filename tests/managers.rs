@@ -1,0 +1,148 @@
+//! Several managers split the event log's partitions through leases: a
+//! second manager takes half of them, and when one of two managers is
+//! SIGKILLed mid-jobs, the other takes its partitions over and every job
+//! ends with exact counts, each step started once.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::Env;
+use fanjet::machine::JobState;
+use fanjet::protocol::{partition, LEASES_BUCKET, PARTITIONS};
+use fanjet::worker::{TaskContext, Worker};
+use futures::TryStreamExt;
+use serde_json::json;
+
+/// Partition → the manager holding its lease.
+async fn holders(env: &Env) -> BTreeMap<u32, String> {
+    let kv = env
+        .nats
+        .js
+        .get_key_value(LEASES_BUCKET)
+        .await
+        .expect("lease bucket");
+    let keys: Vec<String> = kv
+        .keys()
+        .await
+        .expect("keys")
+        .try_collect()
+        .await
+        .expect("keys");
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let Some(p) = key.strip_prefix("partition.") else {
+            continue;
+        };
+        if let Ok(Some(v)) = kv.get(&key).await {
+            out.insert(
+                p.parse().expect("partition number"),
+                String::from_utf8_lossy(&v).into_owned(),
+            );
+        }
+    }
+    out
+}
+
+/// How many partitions each manager holds, once every partition is held.
+async fn wait_split(env: &Env, managers: usize, within: Duration) -> BTreeMap<String, Vec<u32>> {
+    let start = Instant::now();
+    loop {
+        let held = holders(env).await;
+        let mut by: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for (p, m) in &held {
+            by.entry(m.clone()).or_default().push(*p);
+        }
+        let even = by
+            .values()
+            .all(|ps| ps.len() == PARTITIONS as usize / managers);
+        if held.len() == PARTITIONS as usize && by.len() == managers && even {
+            return by;
+        }
+        assert!(
+            start.elapsed() < within,
+            "partitions never split between {managers} managers: {by:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managers_split_partitions_and_take_over_a_killed_one() {
+    let mut env = Env::start().await;
+    env.apply(
+        "name = \"many\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"5s\"\nmax_in_flight = 40\n",
+    )
+    .await;
+    let worker = Worker::new(env.nats.clone()).concurrency(16).handler(
+        "many",
+        "send",
+        |c: TaskContext| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(c.task.item)
+        },
+    );
+    env.worker(worker);
+
+    let first = env.spawn(&["manager"]);
+    let alone = wait_split(&env, 1, Duration::from_secs(20)).await;
+    let first_id = alone.keys().next().expect("one manager").clone();
+    env.spawn(&["manager"]);
+    let split = wait_split(&env, 2, Duration::from_secs(30)).await;
+    assert!(split.contains_key(&first_id), "{split:?}");
+    let first_parts = &split[&first_id];
+
+    // Jobs on both managers' partitions.
+    let ids: Vec<String> = (0..12).map(|i| format!("mm-{i}")).collect();
+    let on_first = ids
+        .iter()
+        .filter(|id| first_parts.contains(&partition(id)))
+        .count();
+    assert!(
+        on_first > 0 && on_first < ids.len(),
+        "test ids should land on both managers: {on_first} of {}",
+        ids.len()
+    );
+    let input: Vec<u32> = (0..150).collect();
+    for id in &ids {
+        assert!(
+            env.submit("many", json!({"job_id": id, "input": input}))
+                .await
+                .ok
+        );
+    }
+    // Kill the first manager while its jobs are under way.
+    let victim = ids
+        .iter()
+        .find(|id| first_parts.contains(&partition(id)))
+        .expect("a job of the first manager");
+    env.wait_for(victim, Duration::from_secs(60), "progress", |j| {
+        j.steps[0].completed >= 10
+    })
+    .await;
+    env.kill(first);
+
+    for id in &ids {
+        let job = env.wait_end(id, Duration::from_secs(120)).await;
+        assert_eq!(job.state, JobState::Completed, "{id}: {:?}", job.error);
+        assert_eq!(
+            (
+                job.steps[0].total,
+                job.steps[0].completed,
+                job.steps[0].failed
+            ),
+            (150, 150, 0),
+            "{id}"
+        );
+        let started = env
+            .events(id)
+            .await
+            .iter()
+            .filter(|e| e["type"] == "StepStarted")
+            .count();
+        assert_eq!(started, 1, "{id}: the step started {started} times");
+    }
+    let survivor = wait_split(&env, 1, Duration::from_secs(30)).await;
+    assert!(!survivor.contains_key(&first_id), "{survivor:?}");
+}
