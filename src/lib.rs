@@ -9,6 +9,7 @@
 //! - [`manager`]: the workflow manager: intake, event loop, executor, advisories.
 //! - [`worker`]: the worker pool, the handler API and the `--exec` handler.
 //! - [`delivery`]: finds deliveries lost on the way to an acknowledge-all consumer.
+//! - [`leases`]: who runs what when only one may: partitions among managers, the statistics consumer.
 //! - [`connect`]: NATS connection options shared by every command.
 //! - [`server`]: finds and runs a local nats-server (for `fanjet dev` and tests).
 //! - [`shutdown`]: signals to cancellation.
@@ -18,6 +19,7 @@ pub mod client;
 pub mod connect;
 pub mod delivery;
 pub mod demo;
+pub mod leases;
 pub mod machine;
 pub mod manager;
 pub mod metrics;

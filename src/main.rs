@@ -61,7 +61,12 @@ enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
-    /// Runs the workflow manager (intake, event loop, advisories) until SIGTERM.
+    /// Runs the workflow manager (intake, event loops, advisories) until SIGTERM.
+    ///
+    /// Run several for capacity and availability: they split the event log's
+    /// 16 partitions evenly through leases in the `fanjet_leases` bucket. A
+    /// manager that stops gracefully hands its partitions over at once; one
+    /// that dies loses them after 10 s, when the others take them over.
     Manager {
         /// Also serve this process's Prometheus metrics (events ignored, by reason) at ADDR/metrics.
         #[arg(long)]

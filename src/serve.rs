@@ -14,7 +14,7 @@ use tracing::error;
 use crate::api::{self, ServeError};
 use crate::notify::{self, Webhooks};
 use crate::setup::Nats;
-use crate::{monitor, stats};
+use crate::{leases, monitor, stats};
 
 /// Settings of `fanjet serve`.
 #[derive(Debug, Clone)]
@@ -35,8 +35,17 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let mut tasks = JoinSet::new();
     let (n, c) = (nats.clone(), cancel.clone());
+    // One statistics reader across every `fanjet serve`: it builds records
+    // in memory between saves. The others stand by and take over.
+    let me = monitor::process_id("serve");
     tasks.spawn(supervise("statistics", c.clone(), move || {
-        stats::run(n.clone(), c.clone())
+        let (n, c, me) = (n.clone(), c.clone(), me.clone());
+        async move {
+            leases::exclusive(&n, "statistics", &me, &c, |inner| {
+                stats::run(n.clone(), inner)
+            })
+            .await
+        }
     }));
     let (n, c, hooks) = (nats.clone(), cancel.clone(), options.webhooks.clone());
     tasks.spawn(supervise("notifier", c.clone(), move || {

@@ -146,3 +146,79 @@ async fn managers_split_partitions_and_take_over_a_killed_one() {
     let survivor = wait_split(&env, 1, Duration::from_secs(30)).await;
     assert!(!survivor.contains_key(&first_id), "{survivor:?}");
 }
+
+/// Waits until the statistics record of `job_id` counts `n` completed subjobs
+/// and the job's outcome.
+async fn wait_stats(env: &Env, job_id: &str, n: u64) {
+    let start = Instant::now();
+    loop {
+        let stats = fanjet::stats::get(&env.nats, job_id).await.expect("stats");
+        let counts = stats
+            .as_ref()
+            .and_then(|s| s.steps.first())
+            .map(|s| (s.completed, s.failed));
+        if counts == Some((n, 0)) && stats.as_ref().is_some_and(|s| s.outcome.is_some()) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{job_id}: statistics never counted {n} subjobs: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serve_processes_count_statistics_once_and_hand_over() {
+    let mut env = Env::start().await;
+    env.apply("name = \"st\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\n")
+        .await;
+    env.manager();
+    let worker = Worker::new(env.nats.clone()).concurrency(8).handler(
+        "st",
+        "send",
+        |c: TaskContext| async move { Ok(c.task.item) },
+    );
+    env.worker(worker);
+    let (_, first) = env.serve(Default::default()).await;
+    let (_, _second) = env.serve(Default::default()).await;
+    let kv = env
+        .nats
+        .js
+        .get_key_value(LEASES_BUCKET)
+        .await
+        .expect("lease bucket");
+    let holder = || async {
+        kv.get("exclusive.statistics")
+            .await
+            .ok()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    };
+
+    let input: Vec<u32> = (0..300).collect();
+    assert!(
+        env.submit("st", json!({"job_id": "s1", "input": input}))
+            .await
+            .ok
+    );
+    let job = env.wait_end("s1", Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Completed);
+    wait_stats(&env, "s1", 300).await;
+    let before = holder()
+        .await
+        .expect("one serve holds the statistics lease");
+
+    // Stop the first serve: if it was the reader, the second takes over.
+    first.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        env.submit("st", json!({"job_id": "s2", "input": input}))
+            .await
+            .ok
+    );
+    env.wait_end("s2", Duration::from_secs(60)).await;
+    wait_stats(&env, "s2", 300).await;
+    let after = holder().await.expect("the statistics lease is held");
+    eprintln!("statistics reader before: {before}, after: {after}");
+}

@@ -17,7 +17,6 @@
 mod advisories;
 mod executor;
 mod intake;
-mod leases;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,8 +31,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::leases::{self, LeaseError, Partitions as PartitionLeases};
 pub use executor::Executor;
-pub use leases::{LeaseError, Leases};
 use std::collections::BTreeMap;
 
 use crate::delivery::Deliveries;
@@ -93,7 +92,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), ManagerError> {
     let id = monitor::process_id("manager");
-    let mut leases = Leases::open(&nats, id.clone()).await?;
+    let mut leases = PartitionLeases::open(&nats, id.clone()).await?;
     // Retired: the single consumer of versions that did not split the log.
     if nats.events.delete_consumer(MANAGER_CONSUMER).await.is_ok() {
         info!("removed the unpartitioned manager consumer of an earlier version");

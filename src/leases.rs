@@ -1,0 +1,405 @@
+//! Leases in the `fanjet_leases` KV bucket: who runs what, when only one
+//! process may.
+//!
+//! Two users. Managers split the event log's partitions ([`Partitions`]):
+//! each partition is read by one manager at a time, through its own durable
+//! consumer, so a job's events keep their order and its state has a single
+//! writer, exactly as with one manager; more managers share the partitions.
+//! And `fanjet serve` runs the statistics consumer in one process only
+//! ([`exclusive`]), since it builds records in memory between saves.
+//!
+//! Every round (a fifth of a lease's life) a holder renews its leases with a
+//! revision-checked update. Entries expire unrenewed after [`LEASE_TTL`], so
+//! a killed holder's leases are free again after at most that long. A lease
+//! that could not be renewed for half its life is treated as lost and its
+//! work stopped, well before the entry can expire and be claimed elsewhere.
+//!
+//! Managers also renew a membership key, count the live managers and move
+//! toward an equal share, `ceil(partitions / managers)`: they give up extra
+//! partitions (stopping their loops first) and claim free ones with
+//! `create`, which only one manager can win.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use futures::TryStreamExt;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::protocol::{lease_key, member_key, LEASES_BUCKET, LEASE_TTL, PARTITIONS};
+use crate::setup::Nats;
+
+#[derive(Debug, Error)]
+pub enum LeaseError {
+    #[error("leases ({LEASES_BUCKET}): {0}")]
+    Nats(String),
+    #[error("the lease on {0} was lost; its work was stopped")]
+    Lost(String),
+    #[error("{0}")]
+    Work(String),
+}
+
+/// The lease bucket (created by [`Nats::ensure`]).
+pub async fn bucket(nats: &Nats) -> Result<kv::Store, LeaseError> {
+    nats.js
+        .get_key_value(LEASES_BUCKET)
+        .await
+        .map_err(|e| LeaseError::Nats(e.to_string()))
+}
+
+/// One held key.
+pub struct Lease {
+    key: String,
+    revision: u64,
+    renewed: Instant,
+}
+
+/// How a renewal went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Renewal {
+    Renewed,
+    /// Someone else holds the key now (it expired first).
+    TakenOver,
+    /// Not renewed this time (NATS unreachable, timed out); still held.
+    Failed,
+}
+
+impl Lease {
+    /// Takes `key` if nobody holds it.
+    pub async fn claim(kv: &kv::Store, key: &str, me: &str) -> Result<Option<Lease>, LeaseError> {
+        match kv.create(key, me.to_string().into()).await {
+            Ok(revision) => Ok(Some(Lease {
+                key: key.to_string(),
+                revision,
+                renewed: Instant::now(),
+            })),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(LeaseError::Nats(e.to_string())),
+        }
+    }
+
+    /// Extends the lease by another [`LEASE_TTL`].
+    pub async fn renew(&mut self, kv: &kv::Store, me: &str) -> Renewal {
+        match kv
+            .update(&self.key, me.to_string().into(), self.revision)
+            .await
+        {
+            Ok(revision) => {
+                self.revision = revision;
+                self.renewed = Instant::now();
+                Renewal::Renewed
+            }
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Renewal::TakenOver,
+            Err(e) => {
+                warn!(key = %self.key, error = %e, "could not renew a lease");
+                Renewal::Failed
+            }
+        }
+    }
+
+    /// Not renewed for half its life: it may expire soon, so whatever it
+    /// guards must stop now.
+    pub fn expiring(&self) -> bool {
+        self.renewed.elapsed() >= LEASE_TTL / 2
+    }
+
+    /// Gives the key up (its work must have stopped).
+    pub async fn release(self, kv: &kv::Store) {
+        if let Err(e) = kv
+            .delete_expect_revision(&self.key, Some(self.revision))
+            .await
+        {
+            debug!(key = %self.key, error = %e, "releasing a lease; it will expire instead");
+        }
+    }
+}
+
+/// Runs `work` while this process holds the lease `name`; waits for it
+/// while another process does. `work` is cancelled if the lease is lost.
+pub async fn exclusive<F, Fut, E>(
+    nats: &Nats,
+    name: &str,
+    me: &str,
+    cancel: &CancellationToken,
+    work: F,
+) -> Result<(), LeaseError>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let kv = bucket(nats).await?;
+    let key = format!("exclusive.{name}");
+    let mut waiting_said = false;
+    let mut lease = loop {
+        if let Some(lease) = Lease::claim(&kv, &key, me).await? {
+            break lease;
+        }
+        if !waiting_said {
+            info!(part = name, "another process runs this; standing by");
+            waiting_said = true;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(LEASE_TTL / 5) => {}
+        }
+    };
+    let inner = cancel.child_token();
+    let work = work(inner.clone());
+    tokio::pin!(work);
+    let mut round = tokio::time::interval(LEASE_TTL / 5);
+    round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            done = &mut work => break done.map_err(|e| LeaseError::Work(e.to_string())),
+            _ = round.tick() => {
+                let renewal = tokio::time::timeout(LEASE_TTL / 4, lease.renew(&kv, me))
+                    .await
+                    .unwrap_or(Renewal::Failed);
+                if renewal == Renewal::TakenOver || lease.expiring() {
+                    inner.cancel();
+                    let _ = work.await;
+                    break Err(LeaseError::Lost(name.to_string()));
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), lease.release(&kv)).await;
+    result
+}
+
+/// This manager's membership and the partitions it holds.
+pub struct Partitions {
+    kv: kv::Store,
+    me: String,
+    held: BTreeMap<u32, Lease>,
+}
+
+/// What one round should change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebalance {
+    /// Held partitions to give up, highest first.
+    pub give_up: Vec<u32>,
+    /// How many free partitions to claim.
+    pub claim: usize,
+}
+
+/// The share each of `members` live managers should hold.
+pub fn share(members: usize) -> usize {
+    (PARTITIONS as usize).div_ceil(members.max(1))
+}
+
+/// Moves `held` toward an equal share among `members` managers.
+pub fn plan(held: &[u32], members: usize) -> Rebalance {
+    let target = share(members);
+    let mut give_up: Vec<u32> = held
+        .iter()
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    give_up.reverse();
+    give_up.truncate(held.len().saturating_sub(target));
+    Rebalance {
+        give_up,
+        claim: target.saturating_sub(held.len()),
+    }
+}
+
+/// Free partitions in the order this manager tries them: starting at a
+/// place of its own, so managers claiming at once rarely collide.
+pub fn claim_order(me: &str, free: &[u32]) -> Vec<u32> {
+    if free.is_empty() {
+        return Vec::new();
+    }
+    let start = crate::protocol::partition(me) as usize % free.len();
+    free[start..]
+        .iter()
+        .chain(&free[..start])
+        .copied()
+        .collect()
+}
+
+impl Partitions {
+    /// Opens the lease bucket for manager `me`.
+    pub async fn open(nats: &Nats, me: String) -> Result<Self, LeaseError> {
+        Ok(Partitions {
+            kv: bucket(nats).await?,
+            me,
+            held: BTreeMap::new(),
+        })
+    }
+
+    /// Partitions held, in order.
+    pub fn held(&self) -> Vec<u32> {
+        self.held.keys().copied().collect()
+    }
+
+    /// Renews the membership and every held lease. A lease someone else
+    /// holds now is dropped and returned.
+    pub async fn renew(&mut self) -> Vec<u32> {
+        if let Err(e) = self
+            .kv
+            .put(member_key(&self.me), self.me.clone().into())
+            .await
+        {
+            warn!(error = %e, "could not renew this manager's membership");
+        }
+        let (kv, me) = (&self.kv, self.me.as_str());
+        let renewals = self
+            .held
+            .iter_mut()
+            .map(|(p, lease)| async move { (*p, lease.renew(kv, me).await) });
+        let renewals = futures::future::join_all(renewals).await;
+        let mut lost = Vec::new();
+        for (p, renewal) in renewals {
+            if renewal == Renewal::TakenOver {
+                warn!(partition = p, "partition lease taken over; stopping it");
+                lost.push(p);
+            }
+        }
+        for p in &lost {
+            self.held.remove(p);
+        }
+        lost
+    }
+
+    /// Drops and returns the leases not renewed for half their life.
+    pub fn expiring(&mut self) -> Vec<u32> {
+        let stale: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, lease)| lease.expiring())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &stale {
+            warn!(
+                partition = p,
+                "partition lease not renewed in time; stopping it"
+            );
+            self.held.remove(p);
+        }
+        stale
+    }
+
+    /// Live managers (this one included) and the partitions nobody holds.
+    pub async fn survey(&self) -> Result<(usize, Vec<u32>), LeaseError> {
+        let err = |e: &dyn std::fmt::Display| LeaseError::Nats(e.to_string());
+        let keys: Vec<String> = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| err(&e))?
+            .try_collect()
+            .await
+            .map_err(|e| err(&e))?;
+        let mut members: BTreeSet<&str> = BTreeSet::new();
+        let mut taken = BTreeSet::new();
+        for key in &keys {
+            if let Some(id) = key.strip_prefix("manager.") {
+                members.insert(id);
+            } else if let Some(p) = key.strip_prefix("partition.") {
+                if let Ok(p) = p.parse::<u32>() {
+                    taken.insert(p);
+                }
+            }
+        }
+        members.insert(&self.me);
+        let free = (0..PARTITIONS)
+            .filter(|p| !taken.contains(p) && !self.held.contains_key(p))
+            .collect();
+        Ok((members.len(), free))
+    }
+
+    /// Tries to take a free partition; false when another manager won it.
+    pub async fn claim(&mut self, p: u32) -> Result<bool, LeaseError> {
+        match Lease::claim(&self.kv, &lease_key(p), &self.me).await? {
+            Some(lease) => {
+                debug!(partition = p, "partition lease claimed");
+                self.held.insert(p, lease);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Gives a partition up (its loop must have stopped).
+    pub async fn release(&mut self, p: u32) {
+        if let Some(lease) = self.held.remove(&p) {
+            lease.release(&self.kv).await;
+        }
+    }
+
+    /// Gives every partition up and leaves (graceful shutdown), so other
+    /// managers take over at once instead of after the leases expire.
+    pub async fn leave(&mut self, within: Duration) {
+        let leave = async {
+            for p in self.held() {
+                self.release(p).await;
+            }
+            let _ = self.kv.delete(member_key(&self.me)).await;
+        };
+        let _ = tokio::time::timeout(within, leave).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_manager_takes_everything() {
+        assert_eq!(
+            plan(&[], 1),
+            Rebalance {
+                give_up: vec![],
+                claim: 16
+            }
+        );
+    }
+
+    #[test]
+    fn a_second_manager_gets_half() {
+        let all: Vec<u32> = (0..16).collect();
+        assert_eq!(
+            plan(&all, 2),
+            Rebalance {
+                give_up: vec![15, 14, 13, 12, 11, 10, 9, 8],
+                claim: 0
+            }
+        );
+        assert_eq!(plan(&[], 2).claim, 8);
+    }
+
+    #[test]
+    fn shares_always_cover_every_partition() {
+        for members in 1..=40 {
+            assert!(share(members) * members >= PARTITIONS as usize);
+            assert!(share(members) >= 1);
+        }
+    }
+
+    #[test]
+    fn a_manager_at_its_share_changes_nothing() {
+        assert_eq!(
+            plan(&[1, 5, 9], 6),
+            Rebalance {
+                give_up: vec![],
+                claim: 0
+            }
+        );
+    }
+
+    #[test]
+    fn claim_order_is_a_rotation_of_the_free_partitions() {
+        let free = vec![2, 3, 7, 11];
+        let order = claim_order("manager-1-abc", &free);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, free);
+        assert!(claim_order("x", &[]).is_empty());
+    }
+}
