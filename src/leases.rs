@@ -64,7 +64,7 @@ pub enum Renewal {
     /// Someone else holds the key now (it expired first).
     TakenOver,
     /// Not renewed this time (NATS unreachable, timed out); still held.
-    Failed,
+    Failed(String),
 }
 
 impl Lease {
@@ -93,10 +93,7 @@ impl Lease {
                 Renewal::Renewed
             }
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Renewal::TakenOver,
-            Err(e) => {
-                warn!(key = %self.key, error = %e, "could not renew a lease");
-                Renewal::Failed
-            }
+            Err(e) => Renewal::Failed(e.to_string()),
         }
     }
 
@@ -158,7 +155,10 @@ where
             _ = round.tick() => {
                 let renewal = tokio::time::timeout(LEASE_TTL / 4, lease.renew(&kv, me))
                     .await
-                    .unwrap_or(Renewal::Failed);
+                    .unwrap_or_else(|_| Renewal::Failed("timed out".into()));
+                if let Renewal::Failed(error) = &renewal {
+                    warn!(part = name, error, "could not renew the lease");
+                }
                 if renewal == Renewal::TakenOver || lease.expiring() {
                     inner.cancel();
                     let _ = work.await;
@@ -255,11 +255,20 @@ impl Partitions {
             .map(|(p, lease)| async move { (*p, lease.renew(kv, me).await) });
         let renewals = futures::future::join_all(renewals).await;
         let mut lost = Vec::new();
+        let mut failed = Vec::new();
         for (p, renewal) in renewals {
-            if renewal == Renewal::TakenOver {
-                warn!(partition = p, "partition lease taken over; stopping it");
-                lost.push(p);
+            match renewal {
+                Renewal::TakenOver => {
+                    warn!(partition = p, "partition lease taken over; stopping it");
+                    lost.push(p);
+                }
+                Renewal::Failed(error) => failed.push((p, error)),
+                Renewal::Renewed => {}
             }
+        }
+        if let Some((_, error)) = failed.first() {
+            let partitions: Vec<u32> = failed.iter().map(|(p, _)| *p).collect();
+            warn!(?partitions, error, "could not renew partition leases");
         }
         for p in &lost {
             self.held.remove(p);

@@ -1,4 +1,5 @@
-//! fanjet on a 3-node JetStream cluster with 3 replicas of everything: a job
+//! fanjet on a 3-node JetStream cluster with 3 replicas of everything and two
+//! managers splitting the partitions: a job
 //! keeps going and ends with exact counts when the event log's leader is
 //! killed mid-job.
 //! (Attempts are generous: while streams change leaders, outcomes cannot be
@@ -61,10 +62,16 @@ async fn a_job_survives_losing_a_cluster_node() {
         .unwrap();
 
     let cancel = CancellationToken::new();
-    let m = Nats::bind(connect(&cluster, "manager").await)
-        .await
-        .unwrap();
-    let manager = tokio::spawn(manager::run(m, ManagerOptions::default(), cancel.clone()));
+    // Two managers splitting the partitions, each on its own connection.
+    let mut managers = Vec::new();
+    for name in ["manager-a", "manager-b"] {
+        let m = Nats::bind(connect(&cluster, name).await).await.unwrap();
+        managers.push(tokio::spawn(manager::run(
+            m,
+            ManagerOptions::default(),
+            cancel.clone(),
+        )));
+    }
     let w = Nats::bind(connect(&cluster, "worker").await).await.unwrap();
     let worker =
         Worker::new(w)
@@ -174,6 +181,8 @@ async fn a_job_survives_losing_a_cluster_node() {
         (600, 600, 0)
     );
     cancel.cancel();
-    let _ = manager.await;
+    for m in managers {
+        let _ = m.await;
+    }
     let _ = worker.await;
 }
