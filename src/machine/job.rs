@@ -142,6 +142,11 @@ pub struct Job {
     /// Sequence of the JobRequested event (the job's input).
     #[serde(default)]
     pub requested_seq: u64,
+    /// The highest log sequence of an outcome counted in `retries` and
+    /// `failures`. An outcome replayed after a crash (its bit was not yet
+    /// stored) sets its bit again but is not counted twice.
+    #[serde(default)]
+    pub applied_seq: u64,
     /// When the job should have ended, if its workflow has a deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_at: Option<Millis>,
@@ -187,6 +192,7 @@ impl Job {
             updated_at: now,
             finished_at: None,
             requested_seq: seq,
+            applied_seq: seq,
             deadline_at: ev
                 .deadline_at
                 .or_else(|| definition.deadline_ms.map(|d| ev.at + d)),
@@ -214,6 +220,7 @@ impl Job {
             updated_at: at,
             finished_at: Some(at),
             requested_seq: 0,
+            applied_seq: 0,
             deadline_at: None,
             definition: Workflow {
                 name: workflow.unwrap_or_default().to_string(),

@@ -254,7 +254,7 @@ impl Engine {
         }
         let result = match &event {
             Event::SubjobCompleted(e) => subjob_completed(job, seq, e.clone(), now, out),
-            Event::SubjobFailed(e) => subjob_failed(job, e.clone(), now, out),
+            Event::SubjobFailed(e) => subjob_failed(job, seq, e.clone(), now, out),
             Event::CancelRequested(e) => Ok(cancel(job, e.clone(), now, out)),
             // The manager's own output, read back: already applied.
             _ => Ok(false),
@@ -344,9 +344,12 @@ fn subjob_completed(
     now: Millis,
     out: &mut Vec<Action>,
 ) -> Result<bool, Ignored> {
+    let replayed = replayed(job, seq);
     let step = mark_outcome(job, e.step_index, e.index, false)?;
     step.completed += 1;
-    step.retries += u64::from(e.attempt.saturating_sub(1));
+    if !replayed {
+        step.retries += u64::from(e.attempt.saturating_sub(1));
+    }
     if step.kind == StepKind::Task {
         step.output_seq = Some(seq);
         step.output_len = crate::protocol::array_len(&e.result);
@@ -361,14 +364,20 @@ fn subjob_completed(
 
 fn subjob_failed(
     job: &mut Job,
+    seq: u64,
     e: SubjobFailed,
     now: Millis,
     out: &mut Vec<Action>,
 ) -> Result<bool, Ignored> {
+    let replayed = replayed(job, seq);
     let step = mark_outcome(job, e.step_index, e.index, true)?;
     step.failed += 1;
-    step.retries += u64::from(e.attempt.saturating_sub(1));
-    if step.failures.len() < MAX_FAILURES_KEPT {
+    if replayed {
+        // Counted in the stored record already; only its bit was lost.
+    } else {
+        step.retries += u64::from(e.attempt.saturating_sub(1));
+    }
+    if !replayed && step.failures.len() < MAX_FAILURES_KEPT {
         step.failures.push(Failure {
             index: e.index,
             attempt: e.attempt,
@@ -378,6 +387,18 @@ fn subjob_failed(
     job.updated_at = now;
     after_outcome(job, now, out);
     Ok(true)
+}
+
+/// Whether an outcome at log sequence `seq` was counted before (the log is
+/// read in order, so a sequence at or below the last one counted is a
+/// replay after a restart); records `seq` otherwise. Sequence 0 (an outcome
+/// made by the manager itself) is never a replay.
+fn replayed(job: &mut Job, seq: u64) -> bool {
+    if seq != 0 && seq <= job.applied_seq {
+        return true;
+    }
+    job.applied_seq = job.applied_seq.max(seq);
+    false
 }
 
 /// After a subjob outcome: fail the job past the tolerance, finish the step

@@ -45,9 +45,22 @@ fn request(engine: &mut Engine, wf: Workflow) -> Vec<Action> {
     )
 }
 
+thread_local! {
+    /// Log sequences in the order events are made, as the log assigns them.
+    static SEQ: std::cell::Cell<u64> = const { std::cell::Cell::new(100) };
+}
+
+fn next_seq() -> u64 {
+    SEQ.with(|s| {
+        let seq = s.get();
+        s.set(seq + 1);
+        seq
+    })
+}
+
 fn done(step_index: usize, index: u64, attempt: u32, result: Value) -> Input {
     Input::Event {
-        seq: 100 + index,
+        seq: next_seq(),
         event: Event::SubjobCompleted(SubjobCompleted {
             job_id: "j".into(),
             step_index,
@@ -61,7 +74,7 @@ fn done(step_index: usize, index: u64, attempt: u32, result: Value) -> Input {
 
 fn failed(step_index: usize, index: u64) -> Input {
     Input::Event {
-        seq: 0,
+        seq: next_seq(),
         event: Event::SubjobFailed(SubjobFailed {
             job_id: "j".into(),
             step_index,
@@ -382,6 +395,46 @@ fn recount_follows_the_bitmap() {
     job.steps[1].completed = 99;
     job.recount();
     assert_eq!((job.steps[1].completed, job.steps[1].failed), (1, 1));
+}
+
+#[test]
+fn outcomes_replayed_after_a_crash_are_not_counted_twice() {
+    // The record was written after four outcomes, but the crash came
+    // before the bitmap of the last two: on restart those two are replayed
+    // from the log with the same sequences.
+    let mut e = Engine::new();
+    request(&mut e, workflow("tolerate_failures = \"2\""));
+    e.apply(done(0, 0, 1, json!([1, 2, 3, 4, 5])), 20);
+    e.apply(done(1, 0, 2, json!(null)), 21);
+    e.apply(done(1, 1, 1, json!(null)), 22);
+    let bits_stored = e.job("j").unwrap().steps[1].pending.clone();
+    let third = done(1, 2, 3, json!(null));
+    let fourth = failed(1, 3);
+    e.apply(third.clone(), 23);
+    e.apply(fourth.clone(), 24);
+    let record = e.job("j").unwrap().clone();
+    assert_eq!(
+        (record.steps[1].retries, record.steps[1].failures.len()),
+        (5, 1)
+    );
+
+    let mut loaded = record.clone();
+    loaded.steps[1].pending = bits_stored;
+    loaded.recount();
+    assert_eq!((loaded.steps[1].completed, loaded.steps[1].failed), (2, 0));
+    let mut e = Engine::new();
+    e.insert(loaded);
+    e.apply(third, 30);
+    e.apply(fourth, 31);
+    let job = e.job("j").unwrap();
+    let s = &job.steps[1];
+    assert_eq!((s.completed, s.failed), (3, 1), "bits set again");
+    assert_eq!((s.retries, s.failures.len()), (5, 1), "counted once");
+
+    // A new outcome after the replay is counted as usual.
+    e.apply(done(1, 4, 2, json!(null)), 32);
+    let s = &e.job("j").unwrap().steps[1];
+    assert_eq!((s.completed, s.retries), (4, 6));
 }
 
 /// One message a simulated worker may deliver.
