@@ -42,12 +42,41 @@ pub enum LeaseError {
     Work(String),
 }
 
-/// The lease bucket (created by [`Nats::ensure`]).
+/// The lease bucket: created by [`Nats::ensure`], or here when a
+/// deployment set up by an earlier version lacks it (with the event log's
+/// replicas).
 pub async fn bucket(nats: &Nats) -> Result<kv::Store, LeaseError> {
+    if let Ok(kv) = nats.js.get_key_value(LEASES_BUCKET).await {
+        return Ok(kv);
+    }
     nats.js
-        .get_key_value(LEASES_BUCKET)
+        .create_key_value(kv::Config {
+            bucket: LEASES_BUCKET.to_string(),
+            history: 1,
+            max_age: LEASE_TTL,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: nats.events.cached_info().config.num_replicas.max(1),
+            ..Default::default()
+        })
         .await
         .map_err(|e| LeaseError::Nats(e.to_string()))
+}
+
+/// Forgets every lease. Only for a server no other fanjet process uses
+/// (`fanjet dev`'s own): leases left by a killed earlier run would
+/// otherwise keep its partitions idle until they expire.
+pub async fn clear(nats: &Nats) -> Result<(), LeaseError> {
+    bucket(nats).await?;
+    let stream = nats
+        .js
+        .get_stream(format!("KV_{LEASES_BUCKET}"))
+        .await
+        .map_err(|e| LeaseError::Nats(e.to_string()))?;
+    stream
+        .purge()
+        .await
+        .map_err(|e| LeaseError::Nats(e.to_string()))?;
+    Ok(())
 }
 
 /// One held key.

@@ -563,7 +563,8 @@ async fn dev(o: DevOptions, root: CancellationToken) -> Result<u8> {
         server.store().display()
     );
     eprintln!("web page     http://{listen}/   API http://{listen}/api/jobs   metrics http://{listen}/metrics");
-    let nats = nats(&ConnectArgs::url(&url), "fanjet-dev").await?;
+    let nats = nats_admin(&ConnectArgs::url(&url), "fanjet-dev").await?;
+    fanjet::leases::clear(&nats).await?;
     nats.apply_workflow(&Workflow::from_toml(demo::INVOICES_TOML)?)
         .await?;
     shutdown::on_signals(root.clone());

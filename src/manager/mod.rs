@@ -311,11 +311,13 @@ impl EventLoop {
             self.revisions.insert(job.job_id.clone(), rev);
             self.engine.insert(job);
         }
-        info!(
-            partition = p,
-            jobs = self.engine.len(),
-            "resumed running jobs"
-        );
+        if self.engine.len() > 0 {
+            info!(
+                partition = p,
+                jobs = self.engine.len(),
+                "resumed running jobs"
+            );
+        }
         Ok(())
     }
 
@@ -360,7 +362,7 @@ impl EventLoop {
         // The last applied event not yet acknowledged, and how many are behind it.
         let mut unacked: Option<Message> = None;
         let mut unsaved = 0usize;
-        info!("manager running");
+        debug!(partition = self.partition, "partition loop running");
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => {
