@@ -311,7 +311,7 @@ impl EventLoop {
             self.revisions.insert(job.job_id.clone(), rev);
             self.engine.insert(job);
         }
-        if self.engine.len() > 0 {
+        if !self.engine.is_empty() {
             info!(
                 partition = p,
                 jobs = self.engine.len(),
