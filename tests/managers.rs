@@ -1,7 +1,8 @@
 //! Several managers split the event log's partitions through leases: a
 //! second manager takes half of them, and when one of two managers is
 //! SIGKILLed mid-jobs, the other takes its partitions over and every job
-//! ends with exact counts, each step started once.
+//! ends with exact counts, each step started once; a manager stopped with
+//! SIGTERM hands its partitions over as it exits.
 
 mod common;
 
@@ -145,6 +146,36 @@ async fn managers_split_partitions_and_take_over_a_killed_one() {
     }
     let survivor = wait_split(&env, 1, Duration::from_secs(30)).await;
     assert!(!survivor.contains_key(&first_id), "{survivor:?}");
+
+    // A manager stopped with SIGTERM hands its partitions over as it
+    // exits, instead of leaving leases to expire.
+    let mut third = common::fanjet_command(&env.url(), &["manager"])
+        .spawn()
+        .expect("start a third manager");
+    let split = wait_split(&env, 2, Duration::from_secs(30)).await;
+    let third_id = split
+        .keys()
+        .find(|id| !survivor.contains_key(*id))
+        .expect("the third manager holds partitions")
+        .clone();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &third.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let status = tokio::task::spawn_blocking(move || third.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "manager exits cleanly: {status:?}");
+    // Leases live 10 s unrenewed: one still naming the third manager now
+    // would mean it was left to expire.
+    let left = holders(&env).await;
+    assert!(
+        left.values().all(|m| *m != third_id),
+        "leases left behind by a graceful stop: {left:?}"
+    );
+    wait_split(&env, 1, Duration::from_secs(30)).await;
 }
 
 /// Waits until the statistics record of `job_id` counts `n` completed subjobs
