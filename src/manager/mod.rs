@@ -133,6 +133,7 @@ pub async fn run(
             _ = cancel.cancelled() => break,
             _ = round.tick() => {}
         }
+        loops.revive();
         let mut stop = tokio::time::timeout(step, leases.renew())
             .await
             .unwrap_or_default();
@@ -214,6 +215,22 @@ impl Partitions {
             }
         });
         self.loops.insert(p, (cancel, handle));
+    }
+
+    /// Starts again a loop that ended without being asked to (a panic; an
+    /// event loop otherwise retries its own errors), so a held partition
+    /// is never left unread.
+    fn revive(&mut self) {
+        let ended: Vec<u32> = self
+            .loops
+            .iter()
+            .filter(|(_, (cancel, handle))| handle.is_finished() && !cancel.is_cancelled())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in ended {
+            error!(partition = p, "partition loop ended unexpectedly; starting it again");
+            self.start(p);
+        }
     }
 
     /// Stops these partitions' loops (each stores what it applied first)
