@@ -79,6 +79,30 @@ pub async fn clear(nats: &Nats) -> Result<(), LeaseError> {
     Ok(())
 }
 
+/// Who holds what: partition → manager id, and the live managers' ids.
+pub async fn holders(kv: &kv::Store) -> Result<(BTreeMap<u32, String>, Vec<String>), LeaseError> {
+    let err = |e: &dyn std::fmt::Display| LeaseError::Nats(e.to_string());
+    let keys: Vec<String> = kv
+        .keys()
+        .await
+        .map_err(|e| err(&e))?
+        .try_collect()
+        .await
+        .map_err(|e| err(&e))?;
+    let mut partitions = BTreeMap::new();
+    let mut members = Vec::new();
+    for key in keys {
+        if let Some(id) = key.strip_prefix("manager.") {
+            members.push(id.to_string());
+        } else if let Some(p) = key.strip_prefix("partition.").and_then(|p| p.parse().ok()) {
+            if let Some(holder) = kv.get(&key).await.map_err(|e| err(&e))? {
+                partitions.insert(p, String::from_utf8_lossy(&holder).into_owned());
+            }
+        }
+    }
+    Ok((partitions, members))
+}
+
 /// One held key.
 pub struct Lease {
     key: String,

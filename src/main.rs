@@ -140,6 +140,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Lists live managers (with the event-log partitions each reads) and
+    /// workers (with their slots), from the lease bucket and heartbeats.
+    ///
+    /// Processes send a heartbeat every 5 s, so this listens that long
+    /// (`--listen`) before printing.
+    Processes {
+        /// How long to listen for heartbeats.
+        #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+        listen: Duration,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancels a job: nothing new is dispatched, queued tasks are dropped.
     Cancel {
         job_id: String,
@@ -398,6 +410,23 @@ async fn run(cli: Cli) -> Result<u8> {
                 }
                 let detailed = client::detailed(&job, stats.as_ref(), now);
                 print!("{}", progress::render_capacity(&detailed, now));
+            }
+            Ok(0)
+        }
+        Command::Processes { listen, json } => {
+            let nats = nats(&cli.connect, "fanjet-cli").await?;
+            if !json {
+                eprintln!(
+                    "listening for heartbeats for {}…",
+                    humantime::format_duration(listen)
+                );
+            }
+            let beats = fanjet::monitor::listen(&nats, listen).await?;
+            let p = fanjet::client::processes(&nats, beats).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                print!("{}", progress::processes_table(&p));
             }
             Ok(0)
         }

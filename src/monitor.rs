@@ -6,6 +6,7 @@
 //! covers every process.
 
 use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -53,6 +54,52 @@ pub fn process_id(role: &str) -> String {
     )
 }
 
+/// The heartbeats [`collect`] heard lately, by process id: what the API's
+/// process list shows. Empty in a process that does not collect.
+fn heard() -> &'static Mutex<HashMap<String, (Instant, Heartbeat)>> {
+    static HEARD: OnceLock<Mutex<HashMap<String, (Instant, Heartbeat)>>> = OnceLock::new();
+    HEARD.get_or_init(Default::default)
+}
+
+/// Live processes [`collect`] has heard from: how long ago, and what they said.
+pub fn live() -> Vec<(Duration, Heartbeat)> {
+    heard()
+        .lock()
+        .map(|seen| {
+            seen.values()
+                .filter(|(at, _)| at.elapsed() < HEARTBEAT_TTL)
+                .map(|(at, hb)| (at.elapsed(), hb.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Listens to heartbeats for `period` (processes send one every
+/// [`HEARTBEAT_EVERY`]); for a command line that does not run [`collect`].
+pub async fn listen(
+    nats: &Nats,
+    period: Duration,
+) -> Result<Vec<(Duration, Heartbeat)>, async_nats::SubscribeError> {
+    let mut beats = nats.client.subscribe(HEARTBEAT_WILDCARD).await?;
+    let mut seen: HashMap<String, (Instant, Heartbeat)> = HashMap::new();
+    let until = tokio::time::sleep(period);
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            _ = &mut until => break,
+            Some(msg) = beats.next() => {
+                if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
+                    seen.insert(hb.id.clone(), (Instant::now(), hb));
+                }
+            }
+        }
+    }
+    Ok(seen
+        .into_values()
+        .map(|(at, hb)| (at.elapsed(), hb))
+        .collect())
+}
+
 /// Publishes `beat()` every [`HEARTBEAT_EVERY`] until `cancel`.
 pub async fn beat(
     nats: Nats,
@@ -94,6 +141,9 @@ pub async fn collect(
             }
             _ = every.tick() => {
                 seen.retain(|_, (at, _)| at.elapsed() < HEARTBEAT_TTL);
+                if let Ok(mut heard) = heard().lock() {
+                    heard.clone_from(&seen);
+                }
                 let workers = seen.values().filter(|(_, h)| h.role == "worker");
                 let (mut n, mut slots, mut busy) = (0, 0, 0);
                 for (_, h) in workers {

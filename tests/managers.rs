@@ -13,7 +13,6 @@ use common::Env;
 use fanjet::machine::JobState;
 use fanjet::protocol::{partition, LEASES_BUCKET, PARTITIONS};
 use fanjet::worker::{TaskContext, Worker};
-use futures::TryStreamExt;
 use serde_json::json;
 
 /// Partition → the manager holding its lease.
@@ -24,26 +23,7 @@ async fn holders(env: &Env) -> BTreeMap<u32, String> {
         .get_key_value(LEASES_BUCKET)
         .await
         .expect("lease bucket");
-    let keys: Vec<String> = kv
-        .keys()
-        .await
-        .expect("keys")
-        .try_collect()
-        .await
-        .expect("keys");
-    let mut out = BTreeMap::new();
-    for key in keys {
-        let Some(p) = key.strip_prefix("partition.") else {
-            continue;
-        };
-        if let Ok(Some(v)) = kv.get(&key).await {
-            out.insert(
-                p.parse().expect("partition number"),
-                String::from_utf8_lossy(&v).into_owned(),
-            );
-        }
-    }
-    out
+    fanjet::leases::holders(&kv).await.expect("read leases").0
 }
 
 /// How many partitions each manager holds, once every partition is held.
@@ -93,6 +73,23 @@ async fn managers_split_partitions_and_take_over_a_killed_one() {
     let split = wait_split(&env, 2, Duration::from_secs(30)).await;
     assert!(split.contains_key(&first_id), "{split:?}");
     let first_parts = &split[&first_id];
+
+    // Who runs what, as `fanjet processes` shows it (heartbeats included).
+    let out = common::fanjet_command(&env.url(), &["processes", "--json", "--listen", "5500ms"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .expect("fanjet processes");
+    assert!(out.status.success());
+    let shown: fanjet::client::Processes =
+        serde_json::from_slice(&out.stdout).expect("processes JSON");
+    assert_eq!(shown.managers.len(), 2, "{shown:?}");
+    for m in &shown.managers {
+        assert_eq!(m.partitions, split[&m.id], "{shown:?}");
+        assert!(m.seen_ms_ago.is_some(), "heartbeat heard: {shown:?}");
+    }
+    assert!(shown.unowned_partitions.is_empty());
+    assert_eq!(shown.workers.len(), 1, "the in-process worker: {shown:?}");
+    assert_eq!(shown.workers[0].slots, 16);
 
     // Jobs on both managers' partitions.
     let ids: Vec<String> = (0..12).map(|i| format!("mm-{i}")).collect();
@@ -211,7 +208,7 @@ async fn two_serve_processes_count_statistics_once_and_hand_over() {
         |c: TaskContext| async move { Ok(c.task.item) },
     );
     env.worker(worker);
-    let (_, first) = env.serve(Default::default()).await;
+    let (base, first) = env.serve(Default::default()).await;
     let (_, _second) = env.serve(Default::default()).await;
     let kv = env
         .nats
@@ -239,6 +236,15 @@ async fn two_serve_processes_count_statistics_once_and_hand_over() {
     let before = holder()
         .await
         .expect("one serve holds the statistics lease");
+    let shown: fanjet::client::Processes = reqwest::get(format!("{base}/api/processes"))
+        .await
+        .expect("GET /api/processes")
+        .json()
+        .await
+        .expect("processes JSON");
+    assert_eq!(shown.managers.len(), 1, "{shown:?}");
+    assert_eq!(shown.managers[0].partitions.len(), PARTITIONS as usize);
+    assert!(shown.unowned_partitions.is_empty());
 
     // Stop the first serve: if it was the reader, the second takes over.
     first.cancel();

@@ -106,6 +106,7 @@ pub fn router(nats: Nats, token: Option<String>) -> Router {
         .route("/api/jobs/{id}/events", get(events))
         .route("/api/jobs/{id}/stream", get(stream))
         .route("/api/jobs/{id}/cancel", post(cancel))
+        .route("/api/processes", get(processes))
         .route("/api/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -227,6 +228,11 @@ async fn readyz(State(nats): State<Nats>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// Live managers with their partitions, and workers with their slots.
+async fn processes(State(nats): State<Nats>) -> Json<client::Processes> {
+    Json(client::processes(&nats, crate::monitor::live()).await)
 }
 
 async fn metrics() -> Response {

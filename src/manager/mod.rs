@@ -228,7 +228,10 @@ impl Partitions {
             .map(|(p, _)| *p)
             .collect();
         for p in ended {
-            error!(partition = p, "partition loop ended unexpectedly; starting it again");
+            error!(
+                partition = p,
+                "partition loop ended unexpectedly; starting it again"
+            );
             self.start(p);
         }
     }
