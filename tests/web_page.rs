@@ -203,6 +203,13 @@ async fn the_page_follows_a_running_job_live_in_chromium() {
         .js("return !!document.querySelector('tr.job[data-id=\"web-1\"]');")
         .await;
     assert_eq!(listed, json!(true), "the job is in the jobs list");
+    let procs = driver
+        .js("const e = document.querySelector('#processes'); return e ? e.textContent : null;")
+        .await;
+    assert!(
+        procs.as_str().unwrap_or("").contains("partitions 0-15"),
+        "the page shows the manager and its partitions: {procs}"
+    );
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots/web-page.png");
     driver.screenshot(&shot).await;
 
