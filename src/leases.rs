@@ -79,16 +79,21 @@ pub async fn clear(nats: &Nats) -> Result<(), LeaseError> {
     Ok(())
 }
 
-/// Who holds what: partition → manager id, and the live managers' ids.
-pub async fn holders(kv: &kv::Store) -> Result<(BTreeMap<u32, String>, Vec<String>), LeaseError> {
+/// Every live key of the lease bucket.
+async fn keys(kv: &kv::Store) -> Result<Vec<String>, LeaseError> {
     let err = |e: &dyn std::fmt::Display| LeaseError::Nats(e.to_string());
-    let keys: Vec<String> = kv
-        .keys()
+    kv.keys()
         .await
         .map_err(|e| err(&e))?
         .try_collect()
         .await
-        .map_err(|e| err(&e))?;
+        .map_err(|e| err(&e))
+}
+
+/// Who holds what: partition → manager id, and the live managers' ids.
+pub async fn holders(kv: &kv::Store) -> Result<(BTreeMap<u32, String>, Vec<String>), LeaseError> {
+    let err = |e: &dyn std::fmt::Display| LeaseError::Nats(e.to_string());
+    let keys = keys(kv).await?;
     let mut partitions = BTreeMap::new();
     let mut members = Vec::new();
     for key in keys {
@@ -349,15 +354,7 @@ impl Partitions {
 
     /// Live managers (this one included) and the partitions nobody holds.
     pub async fn survey(&self) -> Result<(usize, Vec<u32>), LeaseError> {
-        let err = |e: &dyn std::fmt::Display| LeaseError::Nats(e.to_string());
-        let keys: Vec<String> = self
-            .kv
-            .keys()
-            .await
-            .map_err(|e| err(&e))?
-            .try_collect()
-            .await
-            .map_err(|e| err(&e))?;
+        let keys = keys(&self.kv).await?;
         let mut members: BTreeSet<&str> = BTreeSet::new();
         let mut taken = BTreeSet::new();
         for key in &keys {

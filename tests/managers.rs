@@ -15,14 +15,17 @@ use fanjet::protocol::{partition, LEASES_BUCKET, PARTITIONS};
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::json;
 
-/// Partition → the manager holding its lease.
-async fn holders(env: &Env) -> BTreeMap<u32, String> {
-    let kv = env
-        .nats
+async fn lease_bucket(env: &Env) -> async_nats::jetstream::kv::Store {
+    env.nats
         .js
         .get_key_value(LEASES_BUCKET)
         .await
-        .expect("lease bucket");
+        .expect("lease bucket")
+}
+
+/// Partition → the manager holding its lease.
+async fn holders(env: &Env) -> BTreeMap<u32, String> {
+    let kv = lease_bucket(env).await;
     fanjet::leases::holders(&kv).await.expect("read leases").0
 }
 
@@ -210,12 +213,7 @@ async fn two_serve_processes_count_statistics_once_and_hand_over() {
     env.worker(worker);
     let (base, first) = env.serve(Default::default()).await;
     let (_, _second) = env.serve(Default::default()).await;
-    let kv = env
-        .nats
-        .js
-        .get_key_value(LEASES_BUCKET)
-        .await
-        .expect("lease bucket");
+    let kv = lease_bucket(&env).await;
     let holder = || async {
         kv.get("exclusive.statistics")
             .await
