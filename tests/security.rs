@@ -249,6 +249,33 @@ async fn each_role_can_do_its_job_and_no_more() {
         "a viewer cannot cancel"
     );
 
+    // ... and sees who runs what, without being able to take a partition.
+    let shown = client::processes(
+        &viewer,
+        fanjet::monitor::listen(&viewer, Duration::from_millis(5500))
+            .await
+            .expect("viewer hears heartbeats"),
+    )
+    .await;
+    assert_eq!(shown.leases_error, None);
+    assert_eq!(shown.managers.len(), 1, "{shown:?}");
+    assert_eq!(shown.managers[0].partitions.len(), 16);
+    assert!(shown.managers[0].seen_ms_ago.is_some(), "{shown:?}");
+    let leases = viewer
+        .js
+        .get_key_value(fanjet::protocol::LEASES_BUCKET)
+        .await
+        .expect("viewer binds the lease bucket");
+    let grab = tokio::time::timeout(
+        Duration::from_secs(1),
+        leases.put("partition.00", "viewer".into()),
+    )
+    .await;
+    assert!(
+        !matches!(grab, Ok(Ok(_))),
+        "a viewer cannot take a partition"
+    );
+
     // Nothing forged reached the log.
     let log = client::events(&admin, "sec-2", 0, 100).await.unwrap();
     assert!(log.is_empty(), "forged events were stored: {log:?}");
