@@ -48,8 +48,8 @@ struct Args {
     /// Runs of each scenario; the median is reported with min-max.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Scenarios to run (floor, A, B, C, D, E).
-    #[arg(long, value_delimiter = ',', default_value = "floor,A,B,C,D,E")]
+    /// Scenarios to run (floor, A, B, C, D, E, F).
+    #[arg(long, value_delimiter = ',', default_value = "floor,A,B,C,D,E,F")]
     only: Vec<String>,
     /// Subjobs of scenario D.
     #[arg(long, default_value_t = 1_000_000)]
@@ -79,6 +79,7 @@ async fn main() -> Result<()> {
         ("C", want("C")),
         ("D", want("D")),
         ("E", want("E")),
+        ("F", want("F")),
     ];
     for (name, on) in plan {
         if !on {
@@ -100,7 +101,8 @@ async fn main() -> Result<()> {
                 "B" => seed_run().await?,
                 "C" => many_jobs_run(args.concurrency).await?,
                 "D" => scale_run(args.d_subjobs, args.concurrency).await?,
-                _ => latency_run(args.concurrency).await?,
+                "E" => latency_run(args.concurrency).await?,
+                _ => managers_run(args.concurrency).await?,
             };
             let shown: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
             eprintln!("{name} run {run}: {}", shown.join(" "));
@@ -468,6 +470,35 @@ impl Cluster {
         }
     }
 
+    /// Waits until `managers` managers hold an equal share of the partitions.
+    async fn wait_partitions(&self, managers: usize) -> Result<()> {
+        let kv = self
+            .nats
+            .js
+            .get_key_value(fanjet::protocol::LEASES_BUCKET)
+            .await?;
+        let start = Instant::now();
+        loop {
+            let (held, _) = fanjet::leases::holders(&kv).await?;
+            let mut by: std::collections::HashMap<&str, usize> = Default::default();
+            for m in held.values() {
+                *by.entry(m.as_str()).or_default() += 1;
+            }
+            let share = fanjet::leases::share(managers);
+            if held.len() == fanjet::protocol::PARTITIONS as usize
+                && by.len() == managers
+                && by.values().all(|n| *n <= share)
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "{managers} managers never split the partitions: {by:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn stop(mut self) {
         self.cancel.cancel();
         while self.tasks.join_next().await.is_some() {}
@@ -573,6 +604,37 @@ async fn seed_run() -> Result<Figures> {
 /// C: 100 jobs of 100 no-op subjobs, submitted at once.
 async fn many_jobs_run(concurrency: usize) -> Result<Figures> {
     let mut c = Cluster::start(false).await?;
+    let figures = many_jobs(&mut c, concurrency).await;
+    c.stop().await;
+    figures
+}
+
+/// F: C's load with one manager process, then with two splitting the
+/// partitions, each on a fresh server.
+async fn managers_run(concurrency: usize) -> Result<Figures> {
+    let mut jobs_per_s = Vec::new();
+    for managers in [1, 2] {
+        let mut c = Cluster::start(true).await?;
+        for _ in 1..managers {
+            c.spawn(&["manager"])?;
+        }
+        let figures = async {
+            c.wait_partitions(managers).await?;
+            many_jobs(&mut c, concurrency).await
+        }
+        .await;
+        c.stop().await;
+        jobs_per_s.push(figures?[0].1);
+    }
+    Ok(vec![
+        ("one_manager_jobs_per_s", jobs_per_s[0]),
+        ("two_managers_jobs_per_s", jobs_per_s[1]),
+        ("ratio_two_to_one", jobs_per_s[1] / jobs_per_s[0]),
+    ])
+}
+
+/// 100 jobs of 100 no-op subjobs submitted at once, on `c`.
+async fn many_jobs(c: &mut Cluster, concurrency: usize) -> Result<Figures> {
     c.nats
         .apply_workflow(&Workflow::from_toml(
             "name = \"many\"\n[[steps]]\nname = \"noop\"\nkind = \"fanout\"\n",
@@ -610,7 +672,6 @@ async fn many_jobs_run(concurrency: usize) -> Result<Figures> {
         durations.push(job.finished_at.unwrap_or(0).saturating_sub(job.created_at) as f64 / 1000.0);
     }
     let took = start.elapsed().as_secs_f64();
-    c.stop().await;
     let (p50, min, max) = stats(&durations);
     Ok(vec![
         ("jobs_per_s", 100.0 / took),
