@@ -127,53 +127,12 @@ pub async fn run(
     };
     let mut round = tokio::time::interval(LEASE_TTL / 5);
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let step = LEASE_TTL / 4;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = round.tick() => {}
         }
-        loops.revive();
-        let mut stop = tokio::time::timeout(step, leases.renew())
-            .await
-            .unwrap_or_default();
-        stop.extend(leases.expiring());
-        loops.stop(&stop).await;
-        match tokio::time::timeout(step, leases.survey()).await {
-            Ok(Ok((members, free))) => {
-                let change = leases::plan(&leases.held(), members);
-                loops.stop(&change.give_up).await;
-                for p in &change.give_up {
-                    leases.release(*p).await;
-                }
-                let mut claimed = 0;
-                for p in leases::claim_order(&id, &free) {
-                    if claimed == change.claim {
-                        break;
-                    }
-                    match leases.claim(p).await {
-                        Ok(true) => {
-                            claimed += 1;
-                            loops.start(p);
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            warn!(error = %e, "could not claim a partition");
-                            break;
-                        }
-                    }
-                }
-                if !change.give_up.is_empty() || claimed > 0 {
-                    info!(
-                        managers = members,
-                        held = ?leases.held(),
-                        "partitions rebalanced"
-                    );
-                }
-            }
-            Ok(Err(e)) => warn!(error = %e, "could not read the partition leases"),
-            Err(_) => warn!("reading the partition leases timed out"),
-        }
+        loops.round(&mut leases, &id).await;
         owned.store(leases.held().len() as u64, Ordering::Relaxed);
     }
     cancel.cancel();
@@ -200,6 +159,48 @@ struct Partitions {
 }
 
 impl Partitions {
+    /// One lease round: renew, stop what was lost, then move toward an
+    /// equal share (stop and release extras, claim and start free ones).
+    async fn round(&mut self, leases: &mut PartitionLeases, id: &str) {
+        let step = LEASE_TTL / 4;
+        self.revive();
+        let mut stop = tokio::time::timeout(step, leases.renew())
+            .await
+            .unwrap_or_default();
+        stop.extend(leases.expiring());
+        self.stop(&stop).await;
+        let (members, free) = match tokio::time::timeout(step, leases.survey()).await {
+            Ok(Ok(survey)) => survey,
+            Ok(Err(e)) => return warn!(error = %e, "could not read the partition leases"),
+            Err(_) => return warn!("reading the partition leases timed out"),
+        };
+        let change = leases::plan(&leases.held(), members);
+        self.stop(&change.give_up).await;
+        for p in &change.give_up {
+            leases.release(*p).await;
+        }
+        let mut claimed = 0;
+        for p in leases::claim_order(id, &free) {
+            if claimed == change.claim {
+                break;
+            }
+            match leases.claim(p).await {
+                Ok(true) => {
+                    claimed += 1;
+                    self.start(p);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "could not claim a partition");
+                    break;
+                }
+            }
+        }
+        if !change.give_up.is_empty() || claimed > 0 {
+            info!(managers = members, held = ?leases.held(), "partitions rebalanced");
+        }
+    }
+
     fn start(&mut self, p: u32) {
         let cancel = self.cancel.child_token();
         let event_loop = EventLoop::new(
