@@ -2,7 +2,8 @@
 //! second manager takes half of them, and when one of two managers is
 //! SIGKILLed mid-jobs, the other takes its partitions over and every job
 //! ends with exact counts, each step started once; a manager stopped with
-//! SIGTERM hands its partitions over as it exits.
+//! SIGTERM hands its partitions over as it exits; one joining mid-jobs takes
+//! its share while they run, and no count is lost.
 
 mod common;
 
@@ -256,4 +257,57 @@ async fn two_serve_processes_count_statistics_once_and_hand_over() {
     wait_stats(&env, "s2", 300).await;
     let after = holder().await.expect("the statistics lease is held");
     eprintln!("statistics reader before: {before}, after: {after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_joining_mid_jobs_takes_its_share_without_losing_counts() {
+    let mut env = Env::start().await;
+    env.apply(
+        "name = \"join\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"5s\"\nmax_in_flight = 40\n",
+    )
+    .await;
+    let worker = Worker::new(env.nats.clone()).concurrency(16).handler(
+        "join",
+        "send",
+        |c: TaskContext| async move {
+            // 16 slots × 10 ms: the jobs below take at least 11 s.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok(c.task.item)
+        },
+    );
+    env.worker(worker);
+    env.spawn(&["manager"]);
+    wait_split(&env, 1, Duration::from_secs(20)).await;
+    let input: Vec<u32> = (0..1500).collect();
+    let ids: Vec<String> = (0..12).map(|i| format!("join-{i}")).collect();
+    for id in &ids {
+        assert!(
+            env.submit("join", json!({"job_id": id, "input": input}))
+                .await
+                .ok
+        );
+    }
+    env.wait_for(&ids[0], Duration::from_secs(60), "progress", |j| {
+        j.steps[0].completed >= 100
+    })
+    .await;
+    // The first manager hands half its partitions over while their jobs run.
+    env.spawn(&["manager"]);
+    wait_split(&env, 2, Duration::from_secs(30)).await;
+    let mut running = 0;
+    for id in &ids {
+        if let Some((job, _)) = fanjet::store::get(&env.nats, id).await.expect("status") {
+            running += usize::from(!job.state.is_terminal());
+        }
+    }
+    assert!(running > 0, "the jobs ended before the hand-over");
+    for id in &ids {
+        let job = env.wait_end(id, Duration::from_secs(120)).await;
+        assert_eq!(job.state, JobState::Completed, "{id}: {:?}", job.error);
+        assert_eq!(
+            (job.steps[0].completed, job.steps[0].failed),
+            (1500, 0),
+            "{id}"
+        );
+    }
 }
