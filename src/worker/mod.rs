@@ -13,6 +13,7 @@ pub use exec::{exec_handler, sleep_handler, EXIT_GIVE_UP};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -146,10 +147,12 @@ impl Worker {
             return Err(WorkerError::NoSteps);
         }
         let slots = Arc::new(Semaphore::new(self.concurrency));
+        // Tasks being handled (slots also hold idle pulls, which are not work).
+        let active = Arc::new(AtomicU64::new(0));
         let mut loops = JoinSet::new();
         {
-            let (slots, total, id) = (
-                slots.clone(),
+            let (busy, total, id) = (
+                active.clone(),
                 self.concurrency as u64,
                 monitor::process_id("worker"),
             );
@@ -160,7 +163,7 @@ impl Worker {
                     role: "worker".into(),
                     id: id.clone(),
                     slots: total,
-                    busy: total.saturating_sub(slots.available_permits() as u64),
+                    busy: busy.load(Ordering::Relaxed),
                     ..Default::default()
                 })
                 .await;
@@ -172,11 +175,12 @@ impl Worker {
         // Each step binds on its own, so a step whose workflow is not applied
         // yet does not hold up the others.
         for (workflow, step, handler) in self.handlers {
-            let (nats, slots, running, cancel) = (
+            let (nats, slots, running, cancel, active) = (
                 self.nats.clone(),
                 slots.clone(),
                 running.clone(),
                 cancel.clone(),
+                active.clone(),
             );
             let max_batch = self.concurrency;
             loops.spawn(async move {
@@ -192,6 +196,7 @@ impl Worker {
                     slots,
                     max_batch,
                     running,
+                    active,
                 }
                 .run(cancel)
                 .await
@@ -269,6 +274,25 @@ struct PullLoop {
     slots: Arc<Semaphore>,
     max_batch: usize,
     running: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+    /// Tasks being handled, for the heartbeat.
+    active: Arc<AtomicU64>,
+}
+
+/// Counts a task as being handled while it lives (also when its handler
+/// panics).
+struct Active(Arc<AtomicU64>);
+
+impl Active {
+    fn start(n: &Arc<AtomicU64>) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Active(n.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl PullLoop {
@@ -350,8 +374,10 @@ impl PullLoop {
                 got += 1;
                 let nats = self.nats.clone();
                 let handler = self.handler.clone();
+                let active = Active::start(&self.active);
                 self.running.lock().await.spawn(async move {
                     process(&nats, msg, handler).await;
+                    drop(active);
                     drop(permit);
                 });
             }
