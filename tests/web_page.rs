@@ -30,10 +30,19 @@ struct Driver {
     url: String,
     session: Option<String>,
     http: reqwest::Client,
+    /// Chromium's profile folder, unique to this driver: every Chromium
+    /// process it starts names it on its command line.
+    profile: PathBuf,
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // Killing chromedriver alone leaves Chromium running (it is
+        // re-parented); stop every process of this profile first.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", "--"])
+            .arg(format!("--user-data-dir={}", self.profile.display()))
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -55,6 +64,7 @@ impl Driver {
             url: format!("http://127.0.0.1:{port}"),
             session: None,
             http: reqwest::Client::new(),
+            profile: profile.to_path_buf(),
         };
         let start = Instant::now();
         while d
