@@ -190,7 +190,7 @@ impl Worker {
                 };
                 info!(workflow, step, concurrency = max_batch, "worker serving");
                 PullLoop {
-                    nats,
+                    nats: Arc::new(nats),
                     consumer,
                     handler,
                     slots,
@@ -268,7 +268,9 @@ async fn bind(nats: &Nats, workflow: &str, step: &str) -> Result<PullConsumer, W
 }
 
 struct PullLoop {
-    nats: Nats,
+    /// Shared by the loop's tasks: cloning [`Nats`] copies every stream's
+    /// and bucket's configuration, too much to do per task.
+    nats: Arc<Nats>,
     consumer: PullConsumer,
     handler: Handler,
     slots: Arc<Semaphore>,
@@ -349,6 +351,7 @@ impl PullLoop {
                 }
             };
             let mut got = 0;
+            let max_payload = max_payload(&self.nats);
             // A pull whose answer never comes (its consumer's leader moved to
             // another node of a cluster) must not hold the loop: give up on it
             // a while after the server would have answered.
@@ -376,7 +379,7 @@ impl PullLoop {
                 let handler = self.handler.clone();
                 let active = Active::start(&self.active);
                 self.running.lock().await.spawn(async move {
-                    process(&nats, msg, handler).await;
+                    process(&nats, msg, handler, max_payload).await;
                     drop(active);
                     drop(permit);
                 });
@@ -390,7 +393,14 @@ impl PullLoop {
 }
 
 /// Runs one task and settles its message.
-async fn process(nats: &Nats, msg: async_nats::jetstream::Message, handler: Handler) {
+/// Runs one task and settles it. `max_payload` is the server's, read by
+/// the pull loop (reading it clones the server's whole INFO).
+async fn process(
+    nats: &Nats,
+    msg: async_nats::jetstream::Message,
+    handler: Handler,
+    max_payload: usize,
+) {
     let attempt = msg
         .info()
         .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
@@ -431,7 +441,16 @@ async fn process(nats: &Nats, msg: async_nats::jetstream::Message, handler: Hand
             .unwrap_or_else(|| "handler panicked".into());
         Err(TaskError::retry(format!("handler panicked: {what}")))
     });
-    settle(nats, &msg, &task, attempt, started.elapsed(), result).await;
+    settle(
+        nats,
+        &msg,
+        &task,
+        attempt,
+        started.elapsed(),
+        result,
+        max_payload,
+    )
+    .await;
 }
 
 /// Maps a handler outcome to the log and to JetStream's ack, NAK or TERM.
@@ -442,6 +461,7 @@ async fn settle(
     attempt: u32,
     took: Duration,
     result: Result<Value, TaskError>,
+    max_payload: usize,
 ) {
     let result = match result {
         Ok(value) => offload(nats, task, value).await,
@@ -487,13 +507,13 @@ async fn settle(
     let (event, ack) = match event.map(|e| encode_json(&e).map(|bytes| (e, bytes))) {
         None => (None, ack),
         Some(Ok((Event::SubjobCompleted(done), bytes)))
-            if bytes.len() + HEADER_ROOM > max_payload(nats) =>
+            if bytes.len() + HEADER_ROOM > max_payload =>
         {
             // Retrying would not make it fit: fail the subjob with a clear error.
             let error = format!(
                 "result too large: {} bytes, the server accepts {}",
                 bytes.len(),
-                max_payload(nats)
+                max_payload
             );
             warn!(job_id = %task.job_id, index = task.index, error, "failing the subjob");
             let failed = Event::SubjobFailed(SubjobFailed {
