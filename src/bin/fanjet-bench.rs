@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer, stream};
 use clap::Parser;
 use futures::StreamExt;
@@ -51,6 +52,10 @@ struct Args {
     /// Scenarios to run (floor, A, B, C, D, E, F).
     #[arg(long, value_delimiter = ',', default_value = "floor,A,B,C,D,E,F")]
     only: Vec<String>,
+    /// The floor also sets `Nats-Msg-Id` on every publish, as fanjet does,
+    /// to see what the streams' de-duplication costs.
+    #[arg(long)]
+    floor_msg_ids: bool,
     /// Subjobs of scenario D.
     #[arg(long, default_value_t = 1_000_000)]
     d_subjobs: u64,
@@ -89,7 +94,7 @@ async fn main() -> Result<()> {
         for run in 1..=args.runs {
             let figures = match name {
                 "floor" => {
-                    let f = floor_run(args.subjobs, args.concurrency).await?;
+                    let f = floor_run(args.subjobs, args.concurrency, args.floor_msg_ids).await?;
                     floors.push(f);
                     vec![("subjobs_per_s", f)]
                 }
@@ -159,7 +164,7 @@ async fn start_server() -> Result<NatsServer> {
 }
 
 /// The raw JetStream floor; returns subjobs/s.
-async fn floor_run(n: u64, concurrency: usize) -> Result<f64> {
+async fn floor_run(n: u64, concurrency: usize, msg_ids: bool) -> Result<f64> {
     let server = start_server().await?;
     let client = async_nats::connect(server.url()).await?;
     let js = jetstream::ContextBuilder::new()
@@ -211,8 +216,12 @@ async fn floor_run(n: u64, concurrency: usize) -> Result<f64> {
             let mut acks = futures::stream::FuturesUnordered::new();
             for i in 0..n {
                 let body = encode_json(&json!({"job_id": "floor", "index": i, "item": null}))?;
+                let mut msg = PublishMessage::build().payload(body);
+                if msg_ids {
+                    msg = msg.message_id(format!("t:{i}"));
+                }
                 let ack = js
-                    .publish(format!("floor.task.job.{i}"), body)
+                    .send_publish(format!("floor.task.job.{i}"), msg)
                     .await?
                     .into_future();
                 acks.push(ack);
@@ -248,8 +257,12 @@ async fn floor_run(n: u64, concurrency: usize) -> Result<f64> {
                     let js = js.clone();
                     running.spawn(async move {
                         let info_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        let mut event = PublishMessage::build().payload(msg.payload.clone());
+                        if msg_ids {
+                            event = event.message_id(format!("e:{info_seq}"));
+                        }
                         if let Ok(ack) = js
-                            .publish(format!("floor.ev.job.{info_seq}"), msg.payload.clone())
+                            .send_publish(format!("floor.ev.job.{info_seq}"), event)
                             .await
                         {
                             let _ = ack.await;
