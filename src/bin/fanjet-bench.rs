@@ -76,10 +76,29 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let want = |s: &str| args.only.iter().any(|o| o.eq_ignore_ascii_case(s));
     let mut results: Vec<(&'static str, Vec<Figures>)> = Vec::new();
-    let mut floors = Vec::new();
+    // The floor and A alternate, run by run, so each ratio compares two
+    // runs made one right after the other on this noisy machine.
+    if want("floor") || want("A") {
+        let (mut floor_runs, mut a_runs) = (Vec::new(), Vec::new());
+        for run in 1..=args.runs {
+            let floor = floor_run(args.subjobs, args.concurrency, args.floor_msg_ids).await?;
+            eprintln!("floor run {run}: subjobs_per_s={floor:.3}");
+            floor_runs.push(vec![("subjobs_per_s", floor)]);
+            if want("A") {
+                let x = fanjet_run(args.subjobs, args.concurrency).await?;
+                eprintln!(
+                    "A run {run}: subjobs_per_s={x:.3} ratio_to_floor={:.3}",
+                    x / floor
+                );
+                a_runs.push(vec![("subjobs_per_s", x), ("ratio_to_floor", x / floor)]);
+            }
+        }
+        results.push(("floor", floor_runs));
+        if want("A") {
+            results.push(("A", a_runs));
+        }
+    }
     let plan = [
-        ("floor", want("floor") || want("A")),
-        ("A", want("A")),
         ("B", want("B")),
         ("C", want("C")),
         ("D", want("D")),
@@ -93,16 +112,6 @@ async fn main() -> Result<()> {
         let mut runs = Vec::new();
         for run in 1..=args.runs {
             let figures = match name {
-                "floor" => {
-                    let f = floor_run(args.subjobs, args.concurrency, args.floor_msg_ids).await?;
-                    floors.push(f);
-                    vec![("subjobs_per_s", f)]
-                }
-                "A" => {
-                    let x = fanjet_run(args.subjobs, args.concurrency).await?;
-                    let floor = floors.get(run - 1).copied().unwrap_or(f64::NAN);
-                    vec![("subjobs_per_s", x), ("ratio_to_floor", x / floor)]
-                }
                 "B" => seed_run().await?,
                 "C" => many_jobs_run(args.concurrency).await?,
                 "D" => scale_run(args.d_subjobs, args.concurrency).await?,
