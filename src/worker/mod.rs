@@ -1,7 +1,7 @@
 //! The worker pool: pulls tasks of the steps it serves, runs their handlers
 //! with at most `concurrency` at once, and reports each outcome on the log.
 //!
-//! A handler's result says what happens next ([`TaskError`]); [`settle`]
+//! A handler's result says what happens next ([`TaskError`]); `settle`
 //! is the one place that maps it to JetStream: ack, NAK with a delay, or
 //! TERM. Long handlers get in-progress acks on a timer so the ack deadline
 //! only fires for a worker that died or hung.
