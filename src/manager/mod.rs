@@ -1,6 +1,9 @@
-//! The workflow manager: reads the event log through its durable consumer,
-//! feeds the [`Engine`], has the [`Executor`] carry out the actions, then
-//! checkpoints the changed jobs and acknowledges the events.
+//! The workflow manager: for each partition of the event log it holds a
+//! lease on (see [`crate::leases`]), an event loop reads the partition's
+//! durable consumer, feeds its own [`Engine`], has the [`Executor`] carry
+//! out the actions, then checkpoints the changed jobs and acknowledges the
+//! events. A coordinator renews the leases every round and starts and
+//! stops the loops as partitions come and go.
 //!
 //! Order of one batch, and why it is crash-safe:
 //! 1. apply the batch's events (memory only);
