@@ -655,9 +655,40 @@ async fn queued_tasks(nats: &Nats, job_id: &str) -> Result<u64, ManagerError> {
     Ok(n)
 }
 
-/// Whether an event's subject ends in `.<job_id>.<kind>` of its body,
-/// without building the string (this runs for every event).
+/// Whether an event's subject ends in `.<partition>.<job_id>.<kind>` of
+/// its body, without building the string (this runs for every event). An
+/// outcome a client sent to the wrong partition would reach a loop that does
+/// not hold its job: it is counted here rather than passing unnoticed.
 fn subject_matches(subject: &str, event: &Event) -> bool {
     let mut tokens = subject.rsplit('.');
-    tokens.next() == Some(event.kind().token()) && tokens.next() == Some(event.job_id())
+    tokens.next() == Some(event.kind().token())
+        && tokens.next() == Some(event.job_id())
+        && tokens.next().and_then(|p| p.parse::<u32>().ok()) == Some(partition(event.job_id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{event_subject, CancelRequested};
+
+    #[test]
+    fn subjects_must_match_kind_job_and_partition() {
+        let ev = Event::CancelRequested(CancelRequested {
+            job_id: "job-1".into(),
+            reason: None,
+            at: 1,
+        });
+        assert!(subject_matches(
+            &event_subject("job-1", "cancel_requested"),
+            &ev
+        ));
+        assert!(!subject_matches("fanjet.ev.06.job-2.cancel_requested", &ev));
+        assert!(!subject_matches("fanjet.ev.06.job-1.job_completed", &ev));
+        assert!(
+            !subject_matches("fanjet.ev.07.job-1.cancel_requested", &ev),
+            "job-1 is partition 06"
+        );
+        assert!(!subject_matches("fanjet.ev.xx.job-1.cancel_requested", &ev));
+        assert!(!subject_matches("job-1.cancel_requested", &ev));
+    }
 }
