@@ -215,6 +215,13 @@ pub fn detailed(job: &Job, stats: Option<&crate::stats::JobStats>, now: u64) -> 
     if let Some(obj) = v.as_object_mut() {
         obj.remove("definition");
         obj.remove("requested_seq");
+        obj.remove("applied_seq");
+        // Which manager drives the job: the holder of this partition's lease
+        // (`fanjet processes`).
+        obj.insert(
+            "partition".into(),
+            json!(crate::protocol::partition(&job.job_id)),
+        );
     }
     if let Some(steps) = v.get_mut("steps").and_then(Value::as_array_mut) {
         for (i, sv) in steps.iter_mut().enumerate() {

@@ -109,10 +109,11 @@ fn secs(from: Option<u64>, to: Option<u64>) -> String {
 pub fn render(job: &Job) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "job {}  workflow {}  customer {}\n",
+        "job {}  workflow {}  customer {}  partition {:02}\n",
         job.job_id,
         job.workflow,
-        job.customer.as_deref().unwrap_or("-")
+        job.customer.as_deref().unwrap_or("-"),
+        crate::protocol::partition(&job.job_id)
     ));
     out.push_str(&format!(
         "state {}  duration {}\n",
