@@ -1,7 +1,8 @@
 //! Crashes and deadlines on a real nats-server: the manager SIGKILLed in the
 //! middle of a 1,000-subjob job, workers SIGKILLed mid-task (redelivery, and
 //! exhausted attempts via the server's advisory), a step deadline, and a
-//! worker's graceful SIGTERM.
+//! worker's graceful SIGTERM, deliveries lost on the way to the log's readers,
+//! and the nats-server itself SIGKILLed and restarted mid-job.
 
 mod common;
 
@@ -416,4 +417,54 @@ async fn events_lost_on_the_way_to_the_manager_or_statistics_are_read_again() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(holes("statistics") > before.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_killed_and_restarted_mid_job_loses_nothing() {
+    let mut env = Env::start().await;
+    env.apply(
+        "name = \"rs\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"3s\"\nmax_attempts = 20\nmax_in_flight = 100\n",
+    )
+    .await;
+    env.manager();
+    let worker = Worker::new(env.nats.clone()).concurrency(16).handler(
+        "rs",
+        "send",
+        |c: TaskContext| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(c.task.item)
+        },
+    );
+    env.worker(worker);
+    let input: Vec<u32> = (0..2000).collect();
+    assert!(
+        env.submit("rs", json!({"job_id": "r1", "input": input}))
+            .await
+            .ok
+    );
+    env.wait_for("r1", Duration::from_secs(30), "300 subjobs done", |j| {
+        j.steps[0].completed >= 300
+    })
+    .await;
+    // SIGKILL the server, then start it again on the same port and store:
+    // the manager, the worker and this test's client reconnect by themselves.
+    let (store, port) = (env.server.store().to_path_buf(), env.server.port());
+    env.server.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _again = tokio::task::spawn_blocking(move || {
+        fanjet::server::NatsServer::start(Some(store), Some(port))
+    })
+    .await
+    .expect("join")
+    .expect("the server starts again on its store");
+    let job = env.wait_end("r1", Duration::from_secs(90)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(
+        (
+            job.steps[0].total,
+            job.steps[0].completed,
+            job.steps[0].failed
+        ),
+        (2000, 2000, 0)
+    );
 }
