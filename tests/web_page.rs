@@ -237,16 +237,22 @@ async fn the_page_follows_a_running_job_live_in_chromium() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(driver.js(DONE).await, json!(400));
-    let timeline = driver
-        .js("return document.querySelector('#timeline').textContent;")
-        .await;
-    assert!(
-        timeline
-            .as_str()
-            .unwrap_or("")
-            .contains("step send started with 400"),
-        "{timeline}"
-    );
+    // The timeline is fetched after each step or job transition.
+    let start = Instant::now();
+    loop {
+        let timeline = driver
+            .js("return document.querySelector('#timeline').textContent;")
+            .await;
+        let text = timeline.as_str().unwrap_or("");
+        if text.contains("step send started with 400") && text.contains("job completed") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the timeline never showed the job's steps and end: {timeline}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     driver
         .screenshot(
             &Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots/web-page-done.png"),
