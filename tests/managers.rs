@@ -79,7 +79,7 @@ async fn managers_split_partitions_and_take_over_a_killed_one() {
     let first_parts = &split[&first_id];
 
     // Who runs what, as `fanjet processes` shows it (heartbeats included).
-    let out = common::fanjet_command(&env.url(), &["processes", "--json", "--listen", "5500ms"])
+    let out = common::fanjet_command(&env.url(), &["processes", "--json", "--listen", "7s"])
         .stdout(std::process::Stdio::piped())
         .output()
         .expect("fanjet processes");

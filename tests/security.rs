@@ -252,7 +252,7 @@ async fn each_role_can_do_its_job_and_no_more() {
     // ... and sees who runs what, without being able to take a partition.
     let shown = client::processes(
         &viewer,
-        fanjet::monitor::listen(&viewer, Duration::from_millis(5500))
+        fanjet::monitor::listen(&viewer, Duration::from_secs(7))
             .await
             .expect("viewer hears heartbeats"),
     )
