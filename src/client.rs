@@ -385,29 +385,26 @@ pub async fn processes(
             _ => {}
         }
     }
-    let leases = match nats.js.get_key_value(crate::protocol::LEASES_BUCKET).await {
-        Ok(kv) => crate::leases::holders(&kv).await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+    let leases = match crate::leases::bucket(nats).await {
+        Ok(kv) => crate::leases::holders(&kv).await,
+        Err(e) => Err(e),
+    };
+    // A manager in the lease bucket whose heartbeat was not heard (yet).
+    let unheard = |id: &str| ManagerView {
+        id: id.to_string(),
+        partitions: Vec::new(),
+        jobs: None,
+        seen_ms_ago: None,
     };
     let (unowned_partitions, leases_error) = match leases {
         Ok((held, members)) => {
             for id in members {
-                managers.entry(id.clone()).or_insert(ManagerView {
-                    id,
-                    partitions: Vec::new(),
-                    jobs: None,
-                    seen_ms_ago: None,
-                });
+                managers.entry(id.clone()).or_insert_with(|| unheard(&id));
             }
             for (p, id) in &held {
                 managers
                     .entry(id.clone())
-                    .or_insert(ManagerView {
-                        id: id.clone(),
-                        partitions: Vec::new(),
-                        jobs: None,
-                        seen_ms_ago: None,
-                    })
+                    .or_insert_with(|| unheard(id))
                     .partitions
                     .push(*p);
             }
@@ -416,7 +413,7 @@ pub async fn processes(
                 .collect();
             (unowned, None)
         }
-        Err(e) => (Vec::new(), Some(e)),
+        Err(e) => (Vec::new(), Some(e.to_string())),
     };
     workers.sort_by(|a, b| a.id.cmp(&b.id));
     Processes {

@@ -29,7 +29,10 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::protocol::{lease_key, member_key, LEASES_BUCKET, LEASE_TTL, PARTITIONS};
+use crate::protocol::{
+    exclusive_key, lease_key, member_key, LEASES_BUCKET, LEASE_KEY_PREFIX, LEASE_TTL,
+    MEMBER_KEY_PREFIX, PARTITIONS,
+};
 use crate::setup::Nats;
 
 #[derive(Debug, Error)]
@@ -42,22 +45,11 @@ pub enum LeaseError {
     Work(String),
 }
 
-/// The lease bucket: created by [`Nats::ensure`], or here when a
-/// deployment set up by an earlier version lacks it (with the event log's
-/// replicas).
+/// The lease bucket (created with the other streams and buckets by
+/// [`Nats::ensure`]).
 pub async fn bucket(nats: &Nats) -> Result<kv::Store, LeaseError> {
-    if let Ok(kv) = nats.js.get_key_value(LEASES_BUCKET).await {
-        return Ok(kv);
-    }
     nats.js
-        .create_key_value(kv::Config {
-            bucket: LEASES_BUCKET.to_string(),
-            history: 1,
-            max_age: LEASE_TTL,
-            storage: async_nats::jetstream::stream::StorageType::File,
-            num_replicas: nats.events.cached_info().config.num_replicas.max(1),
-            ..Default::default()
-        })
+        .get_key_value(LEASES_BUCKET)
         .await
         .map_err(|e| LeaseError::Nats(e.to_string()))
 }
@@ -66,43 +58,53 @@ pub async fn bucket(nats: &Nats) -> Result<kv::Store, LeaseError> {
 /// (`fanjet dev`'s own): leases left by a killed earlier run would
 /// otherwise keep its partitions idle until they expire.
 pub async fn clear(nats: &Nats) -> Result<(), LeaseError> {
-    bucket(nats).await?;
+    let err = |e: &dyn std::fmt::Display| LeaseError::Nats(e.to_string());
     let stream = nats
         .js
         .get_stream(format!("KV_{LEASES_BUCKET}"))
         .await
-        .map_err(|e| LeaseError::Nats(e.to_string()))?;
-    stream
-        .purge()
-        .await
-        .map_err(|e| LeaseError::Nats(e.to_string()))?;
+        .map_err(|e| err(&e))?;
+    stream.purge().await.map_err(|e| err(&e))?;
     Ok(())
 }
 
-/// Every live key of the lease bucket.
-async fn keys(kv: &kv::Store) -> Result<Vec<String>, LeaseError> {
+/// The bucket's live keys, sorted out: the managers' ids and the
+/// partitions held.
+async fn keys(kv: &kv::Store) -> Result<(Vec<String>, Vec<u32>), LeaseError> {
     let err = |e: &dyn std::fmt::Display| LeaseError::Nats(e.to_string());
-    kv.keys()
+    let keys: Vec<String> = kv
+        .keys()
         .await
         .map_err(|e| err(&e))?
         .try_collect()
         .await
-        .map_err(|e| err(&e))
+        .map_err(|e| err(&e))?;
+    let mut members = Vec::new();
+    let mut partitions = Vec::new();
+    for key in keys {
+        if let Some(id) = key.strip_prefix(MEMBER_KEY_PREFIX) {
+            members.push(id.to_string());
+        } else if let Some(p) = key
+            .strip_prefix(LEASE_KEY_PREFIX)
+            .and_then(|p| p.parse().ok())
+        {
+            partitions.push(p);
+        }
+    }
+    Ok((members, partitions))
 }
 
 /// Who holds what: partition → manager id, and the live managers' ids.
 pub async fn holders(kv: &kv::Store) -> Result<(BTreeMap<u32, String>, Vec<String>), LeaseError> {
-    let err = |e: &dyn std::fmt::Display| LeaseError::Nats(e.to_string());
-    let keys = keys(kv).await?;
+    let (members, held) = keys(kv).await?;
     let mut partitions = BTreeMap::new();
-    let mut members = Vec::new();
-    for key in keys {
-        if let Some(id) = key.strip_prefix("manager.") {
-            members.push(id.to_string());
-        } else if let Some(p) = key.strip_prefix("partition.").and_then(|p| p.parse().ok()) {
-            if let Some(holder) = kv.get(&key).await.map_err(|e| err(&e))? {
-                partitions.insert(p, String::from_utf8_lossy(&holder).into_owned());
-            }
+    for p in held {
+        let holder = kv
+            .get(lease_key(p))
+            .await
+            .map_err(|e| LeaseError::Nats(e.to_string()))?;
+        if let Some(holder) = holder {
+            partitions.insert(p, String::from_utf8_lossy(&holder).into_owned());
         }
     }
     Ok((partitions, members))
@@ -187,7 +189,7 @@ where
     E: std::fmt::Display,
 {
     let kv = bucket(nats).await?;
-    let key = format!("exclusive.{name}");
+    let key = exclusive_key(name);
     let mut waiting_said = false;
     let mut lease = loop {
         if let Some(lease) = Lease::claim(&kv, &key, me).await? {
@@ -253,13 +255,8 @@ pub fn share(members: usize) -> usize {
 /// Moves `held` toward an equal share among `members` managers.
 pub fn plan(held: &[u32], members: usize) -> Rebalance {
     let target = share(members);
-    let mut give_up: Vec<u32> = held
-        .iter()
-        .copied()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    give_up.reverse();
+    let mut give_up = held.to_vec();
+    give_up.sort_unstable_by(|a, b| b.cmp(a));
     give_up.truncate(held.len().saturating_sub(target));
     Rebalance {
         give_up,
@@ -354,19 +351,9 @@ impl Partitions {
 
     /// Live managers (this one included) and the partitions nobody holds.
     pub async fn survey(&self) -> Result<(usize, Vec<u32>), LeaseError> {
-        let keys = keys(&self.kv).await?;
-        let mut members: BTreeSet<&str> = BTreeSet::new();
-        let mut taken = BTreeSet::new();
-        for key in &keys {
-            if let Some(id) = key.strip_prefix("manager.") {
-                members.insert(id);
-            } else if let Some(p) = key.strip_prefix("partition.") {
-                if let Ok(p) = p.parse::<u32>() {
-                    taken.insert(p);
-                }
-            }
-        }
-        members.insert(&self.me);
+        let (members, taken) = keys(&self.kv).await?;
+        let mut members: BTreeSet<String> = members.into_iter().collect();
+        members.insert(self.me.clone());
         let free = (0..PARTITIONS)
             .filter(|p| !taken.contains(p) && !self.held.contains_key(p))
             .collect();

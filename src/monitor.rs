@@ -54,24 +54,35 @@ pub fn process_id(role: &str) -> String {
     )
 }
 
-/// The heartbeats [`collect`] heard lately, by process id: what the API's
-/// process list shows. Empty in a process that does not collect.
-fn heard() -> &'static Mutex<HashMap<String, (Instant, Heartbeat)>> {
-    static HEARD: OnceLock<Mutex<HashMap<String, (Instant, Heartbeat)>>> = OnceLock::new();
+/// The last heartbeat of each process, by id, and when it came.
+type Heard = HashMap<String, (Instant, Heartbeat)>;
+
+/// Keeps a heartbeat message (anything unreadable is ignored).
+fn record(seen: &mut Heard, msg: &async_nats::Message) {
+    if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
+        seen.insert(hb.id.clone(), (Instant::now(), hb));
+    }
+}
+
+/// The processes heard from within [`HEARTBEAT_TTL`]: how long ago, and
+/// what they said.
+fn ages(seen: &Heard) -> Vec<(Duration, Heartbeat)> {
+    seen.values()
+        .filter(|(at, _)| at.elapsed() < HEARTBEAT_TTL)
+        .map(|(at, hb)| (at.elapsed(), hb.clone()))
+        .collect()
+}
+
+/// The heartbeats [`collect`] heard lately: what the API's process list
+/// shows. Empty in a process that does not collect.
+fn heard() -> &'static Mutex<Heard> {
+    static HEARD: OnceLock<Mutex<Heard>> = OnceLock::new();
     HEARD.get_or_init(Default::default)
 }
 
-/// Live processes [`collect`] has heard from: how long ago, and what they said.
+/// Live processes [`collect`] has heard from.
 pub fn live() -> Vec<(Duration, Heartbeat)> {
-    heard()
-        .lock()
-        .map(|seen| {
-            seen.values()
-                .filter(|(at, _)| at.elapsed() < HEARTBEAT_TTL)
-                .map(|(at, hb)| (at.elapsed(), hb.clone()))
-                .collect()
-        })
-        .unwrap_or_default()
+    heard().lock().map(|seen| ages(&seen)).unwrap_or_default()
 }
 
 /// Listens to heartbeats for `period` (processes send one every
@@ -81,23 +92,16 @@ pub async fn listen(
     period: Duration,
 ) -> Result<Vec<(Duration, Heartbeat)>, async_nats::SubscribeError> {
     let mut beats = nats.client.subscribe(HEARTBEAT_WILDCARD).await?;
-    let mut seen: HashMap<String, (Instant, Heartbeat)> = HashMap::new();
+    let mut seen = Heard::new();
     let until = tokio::time::sleep(period);
     tokio::pin!(until);
     loop {
         tokio::select! {
             _ = &mut until => break,
-            Some(msg) = beats.next() => {
-                if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
-                    seen.insert(hb.id.clone(), (Instant::now(), hb));
-                }
-            }
+            Some(msg) = beats.next() => record(&mut seen, &msg),
         }
     }
-    Ok(seen
-        .into_values()
-        .map(|(at, hb)| (at.elapsed(), hb))
-        .collect())
+    Ok(ages(&seen))
 }
 
 /// Publishes `beat()` every [`HEARTBEAT_EVERY`] until `cancel`.
@@ -129,16 +133,12 @@ pub async fn collect(
 ) -> Result<(), async_nats::SubscribeError> {
     let m = Metrics::get();
     let mut beats = nats.client.subscribe(HEARTBEAT_WILDCARD).await?;
-    let mut seen: HashMap<String, (Instant, Heartbeat)> = HashMap::new();
+    let mut seen = Heard::new();
     let mut every = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            Some(msg) = beats.next() => {
-                if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
-                    seen.insert(hb.id.clone(), (Instant::now(), hb));
-                }
-            }
+            Some(msg) = beats.next() => record(&mut seen, &msg),
             _ = every.tick() => {
                 seen.retain(|_, (at, _)| at.elapsed() < HEARTBEAT_TTL);
                 if let Ok(mut heard) = heard().lock() {
@@ -196,7 +196,6 @@ async fn consumers(nats: &Nats, m: &Metrics) {
         let events = nats.events.clone();
         async move {
             events
-                .clone()
                 .consumer_info(manager_consumer(p))
                 .await
                 .ok()

@@ -372,17 +372,16 @@ fn subjob_failed(
     let replayed = replayed(job, seq);
     let step = mark_outcome(job, e.step_index, e.index, true)?;
     step.failed += 1;
-    if replayed {
-        // Counted in the stored record already; only its bit was lost.
-    } else {
+    // A replay is in the stored record's counts already; only its bit was lost.
+    if !replayed {
         step.retries += u64::from(e.attempt.saturating_sub(1));
-    }
-    if !replayed && step.failures.len() < MAX_FAILURES_KEPT {
-        step.failures.push(Failure {
-            index: e.index,
-            attempt: e.attempt,
-            error: e.error,
-        });
+        if step.failures.len() < MAX_FAILURES_KEPT {
+            step.failures.push(Failure {
+                index: e.index,
+                attempt: e.attempt,
+                error: e.error,
+            });
+        }
     }
     job.updated_at = now;
     after_outcome(job, now, out);

@@ -21,7 +21,7 @@ mod advisories;
 mod executor;
 mod intake;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,11 +34,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::leases::{self, LeaseError, Partitions as PartitionLeases};
 pub use executor::Executor;
-use std::collections::BTreeMap;
 
 use crate::delivery::Deliveries;
+use crate::leases::{self, LeaseError, Partitions as PartitionLeases};
 use crate::machine::{in_flight, Action, Engine, Input};
 use crate::metrics::Metrics;
 use crate::monitor::{self, Heartbeat};
@@ -418,22 +417,23 @@ impl EventLoop {
                             _ => break,
                         }
                     }
-                    if let Some(hole) = deliveries.check(&batch) {
-                        // Apply and acknowledge only what came before the
-                        // hole; starting again from the ack floor delivers
-                        // the missing event.
+                    // At a hole, apply and acknowledge only what came
+                    // before it; starting again from the ack floor
+                    // delivers the missing event.
+                    let hole = deliveries.check(&batch);
+                    if let Some(hole) = hole {
                         batch.truncate(hole.at);
-                        self.apply(&batch).await?;
-                        if let Some(last) = batch.pop() {
-                            unacked = Some(last);
-                        }
+                    }
+                    unsaved += batch.len();
+                    self.apply(&batch).await?;
+                    if let Some(last) = batch.pop() {
+                        unacked = Some(last);
+                    }
+                    if let Some(hole) = hole {
                         self.save(&mut unacked).await?;
                         Metrics::get().log_holes.with_label_values(&["manager"]).inc();
                         return Err(ManagerError::Nats(format!("reading events: {hole}")));
                     }
-                    unsaved += batch.len();
-                    self.apply(&batch).await?;
-                    unacked = batch.pop();
                     if unsaved >= self.options.batch {
                         self.save(&mut unacked).await?;
                         unsaved = 0;

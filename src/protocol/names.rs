@@ -76,14 +76,25 @@ pub fn partition_kind_filter(partition: u32, kind: &str) -> String {
     format!("fanjet.ev.{partition:02}.*.{kind}")
 }
 
+/// Prefix of the partition leases' keys in [`LEASES_BUCKET`].
+pub const LEASE_KEY_PREFIX: &str = "partition.";
+/// Prefix of the managers' membership keys in [`LEASES_BUCKET`].
+pub const MEMBER_KEY_PREFIX: &str = "manager.";
+
 /// Key of a partition's lease in [`LEASES_BUCKET`].
 pub fn lease_key(partition: u32) -> String {
-    format!("partition.{partition:02}")
+    format!("{LEASE_KEY_PREFIX}{partition:02}")
 }
 
 /// Key of a manager's membership in [`LEASES_BUCKET`].
 pub fn member_key(manager_id: &str) -> String {
-    format!("manager.{manager_id}")
+    format!("{MEMBER_KEY_PREFIX}{manager_id}")
+}
+
+/// Key of the lease on work only one process may do at a time, such as
+/// `exclusive.statistics` for the statistics consumer of `fanjet serve`.
+pub fn exclusive_key(name: &str) -> String {
+    format!("exclusive.{name}")
 }
 
 /// Subject a client publishes (or sends a request) to in order to start a job.
