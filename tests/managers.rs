@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use common::Env;
 use fanjet::machine::JobState;
 use fanjet::protocol::{partition, LEASES_BUCKET, PARTITIONS};
-use fanjet::worker::{TaskContext, Worker};
 use serde_json::json;
 
 async fn lease_bucket(env: &Env) -> async_nats::jetstream::kv::Store {
@@ -56,19 +55,9 @@ async fn wait_split(env: &Env, managers: usize, within: Duration) -> BTreeMap<St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn managers_split_partitions_and_take_over_a_killed_one() {
     let mut env = Env::start().await;
-    env.apply(
-        "name = \"many\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"5s\"\nmax_in_flight = 40\n",
-    )
-    .await;
-    let worker = Worker::new(env.nats.clone()).concurrency(16).handler(
-        "many",
-        "send",
-        |c: TaskContext| async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            Ok(c.task.item)
-        },
-    );
-    env.worker(worker);
+    let extra = "timeout = \"5s\"\nmax_in_flight = 40";
+    env.one_fanout("many", extra, 16, Duration::from_millis(20))
+        .await;
 
     let first = env.spawn(&["manager"]);
     let alone = wait_split(&env, 1, Duration::from_secs(20)).await;
@@ -203,25 +192,30 @@ async fn wait_stats(env: &Env, job_id: &str, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_serve_processes_count_statistics_once_and_hand_over() {
     let mut env = Env::start().await;
-    env.apply("name = \"st\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\n")
-        .await;
+    env.one_fanout("st", "", 8, Duration::ZERO).await;
     env.manager();
-    let worker = Worker::new(env.nats.clone()).concurrency(8).handler(
-        "st",
-        "send",
-        |c: TaskContext| async move { Ok(c.task.item) },
-    );
-    env.worker(worker);
-    let (base, first) = env.serve(Default::default()).await;
-    let (_, _second) = env.serve(Default::default()).await;
     let kv = lease_bucket(&env).await;
     let holder = || async {
-        kv.get("exclusive.statistics")
+        kv.get(fanjet::protocol::exclusive_key("statistics"))
             .await
             .ok()
             .flatten()
             .map(|v| String::from_utf8_lossy(&v).into_owned())
     };
+    // The first serve takes the statistics role before the second starts.
+    let (base, first) = env.serve(Default::default()).await;
+    let start = Instant::now();
+    let before = loop {
+        if let Some(h) = holder().await {
+            break h;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no serve took the statistics lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (_, _second) = env.serve(Default::default()).await;
 
     let input: Vec<u32> = (0..300).collect();
     assert!(
@@ -232,9 +226,11 @@ async fn two_serve_processes_count_statistics_once_and_hand_over() {
     let job = env.wait_end("s1", Duration::from_secs(60)).await;
     assert_eq!(job.state, JobState::Completed);
     wait_stats(&env, "s1", 300).await;
-    let before = holder()
-        .await
-        .expect("one serve holds the statistics lease");
+    assert_eq!(
+        holder().await.as_ref(),
+        Some(&before),
+        "the second serve stood by"
+    );
     let shown: fanjet::client::Processes = reqwest::get(format!("{base}/api/processes"))
         .await
         .expect("GET /api/processes")
@@ -245,7 +241,7 @@ async fn two_serve_processes_count_statistics_once_and_hand_over() {
     assert_eq!(shown.managers[0].partitions.len(), PARTITIONS as usize);
     assert!(shown.unowned_partitions.is_empty());
 
-    // Stop the first serve: if it was the reader, the second takes over.
+    // Stop the first serve, the reader: the second takes over.
     first.cancel();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
@@ -256,26 +252,16 @@ async fn two_serve_processes_count_statistics_once_and_hand_over() {
     env.wait_end("s2", Duration::from_secs(60)).await;
     wait_stats(&env, "s2", 300).await;
     let after = holder().await.expect("the statistics lease is held");
-    eprintln!("statistics reader before: {before}, after: {after}");
+    assert_ne!(after, before, "the second serve reads statistics now");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manager_joining_mid_jobs_takes_its_share_without_losing_counts() {
     let mut env = Env::start().await;
-    env.apply(
-        "name = \"join\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"5s\"\nmax_in_flight = 40\n",
-    )
-    .await;
-    let worker = Worker::new(env.nats.clone()).concurrency(16).handler(
-        "join",
-        "send",
-        |c: TaskContext| async move {
-            // 16 slots × 10 ms: the jobs below take at least 11 s.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            Ok(c.task.item)
-        },
-    );
-    env.worker(worker);
+    // 16 slots × 10 ms: the jobs below take at least 11 s.
+    let extra = "timeout = \"5s\"\nmax_in_flight = 40";
+    env.one_fanout("join", extra, 16, Duration::from_millis(10))
+        .await;
     env.spawn(&["manager"]);
     wait_split(&env, 1, Duration::from_secs(20)).await;
     let input: Vec<u32> = (0..1500).collect();

@@ -346,19 +346,10 @@ async fn steal_deliveries(env: &Env, consumer: &str, n: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_lost_on_the_way_to_the_manager_or_statistics_are_read_again() {
     let mut env = Env::start().await;
-    env.apply("name = \"gaps\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"5s\"\n")
+    env.one_fanout("gaps", "timeout = \"5s\"", 8, Duration::from_millis(20))
         .await;
     env.manager();
     env.serve(Default::default()).await;
-    let worker = Worker::new(env.nats.clone()).concurrency(8).handler(
-        "gaps",
-        "send",
-        |c: TaskContext| async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            Ok(c.task.item)
-        },
-    );
-    env.worker(worker);
     let holes = |reader: &str| {
         fanjet::metrics::Metrics::get()
             .log_holes
@@ -422,20 +413,14 @@ async fn events_lost_on_the_way_to_the_manager_or_statistics_are_read_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_killed_and_restarted_mid_job_loses_nothing() {
     let mut env = Env::start().await;
-    env.apply(
-        "name = \"rs\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"3s\"\nmax_attempts = 20\nmax_in_flight = 100\n",
+    env.one_fanout(
+        "rs",
+        "timeout = \"3s\"\nmax_attempts = 20\nmax_in_flight = 100",
+        16,
+        Duration::from_millis(20),
     )
     .await;
     env.manager();
-    let worker = Worker::new(env.nats.clone()).concurrency(16).handler(
-        "rs",
-        "send",
-        |c: TaskContext| async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            Ok(c.task.item)
-        },
-    );
-    env.worker(worker);
     let input: Vec<u32> = (0..2000).collect();
     assert!(
         env.submit("rs", json!({"job_id": "r1", "input": input}))

@@ -91,6 +91,25 @@ impl Env {
         cancel
     }
 
+    /// Applies workflow `name`, one fanout step `send` (`extra`: more TOML
+    /// lines for it), served by an in-process worker of `slots` slots whose
+    /// handler waits `each` and returns its item.
+    pub async fn one_fanout(&mut self, name: &str, extra: &str, slots: usize, each: Duration) {
+        self.apply(&format!(
+            "name = \"{name}\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\n{extra}\n"
+        ))
+        .await;
+        let worker = Worker::new(self.nats.clone()).concurrency(slots).handler(
+            name,
+            "send",
+            move |c: fanjet::worker::TaskContext| async move {
+                tokio::time::sleep(each).await;
+                Ok(c.task.item)
+            },
+        );
+        self.worker(worker);
+    }
+
     /// Runs `fanjet serve` parts (API, statistics, notifier, collector) in
     /// this process on a free port; returns the base URL and a token that
     /// stops them.
