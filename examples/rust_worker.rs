@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use fanjet::setup::Nats;
+use fanjet::nats::Nats;
 use fanjet::worker::{TaskContext, TaskError, Worker};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
     let client = async_nats::connect(&url).await?;
     let nats = Nats::ensure(client).await?;
     // The workflow may be applied from Rust too.
-    nats.apply_workflow(&fanjet::workflow::Workflow::from_toml(include_str!(
+    nats.apply_workflow(&fanjet::protocol::Workflow::from_toml(include_str!(
         "squares.toml"
     ))?)
     .await?;

@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fanjet::server::{find, free_port};
+use fanjet::nats::server::{find, free_port};
 
 /// A nats-server from an inline config (the store goes in `dir`).
 struct Server(std::process::Child);

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Env;
-use fanjet::notify::Webhooks;
+use fanjet::observe::notify::Webhooks;
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::{json, Value};
 

@@ -143,7 +143,7 @@ async fn the_cli_runs_a_job_end_to_end() {
         .await
         .unwrap();
     let job = env.wait_end("plain-1", Duration::from_secs(20)).await;
-    assert_eq!(job.state, fanjet::machine::JobState::Completed);
+    assert_eq!(job.state, fanjet::protocol::JobState::Completed);
 
     // Errors are clear and exit non-zero.
     let unknown = run(&env, &["submit", "nope"]);
@@ -182,7 +182,7 @@ async fn the_cli_runs_a_job_end_to_end() {
 fn dev_demo_runs_the_seed_job_on_its_own_server() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("nats");
-    let port = fanjet::server::free_port().to_string();
+    let port = fanjet::nats::server::free_port().to_string();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanjet"))
         .args([
             "dev",

@@ -8,13 +8,13 @@
 
 use std::time::{Duration, Instant};
 
-use fanjet::connect::ConnectArgs;
-use fanjet::machine::JobState;
 use fanjet::manager::{self, ManagerOptions};
-use fanjet::server::NatsCluster;
-use fanjet::setup::Nats;
+use fanjet::nats::connect::ConnectArgs;
+use fanjet::nats::server::NatsCluster;
+use fanjet::nats::Nats;
+use fanjet::protocol::JobState;
+use fanjet::protocol::Workflow;
 use fanjet::worker::{TaskContext, Worker};
-use fanjet::workflow::Workflow;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -97,7 +97,7 @@ async fn a_job_survives_losing_a_cluster_node() {
     assert!(reply.ok);
     let start = Instant::now();
     loop {
-        if let Ok(Some((job, _))) = fanjet::store::get(&admin, "ha-1").await {
+        if let Ok(Some((job, _))) = fanjet::nats::store::get(&admin, "ha-1").await {
             if job.steps[0].completed >= 150 {
                 break;
             }
@@ -127,13 +127,13 @@ async fn a_job_survives_losing_a_cluster_node() {
 
     let start = Instant::now();
     let job = loop {
-        if let Ok(Some((job, _))) = fanjet::store::get(&admin, "ha-1").await {
+        if let Ok(Some((job, _))) = fanjet::nats::store::get(&admin, "ha-1").await {
             if job.state.is_terminal() {
                 break job;
             }
         }
         if start.elapsed() > Duration::from_secs(150) {
-            let job = fanjet::store::get(&admin, "ha-1")
+            let job = fanjet::nats::store::get(&admin, "ha-1")
                 .await
                 .ok()
                 .flatten()

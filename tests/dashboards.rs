@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{seed_workflow, Env};
-use fanjet::notify::Webhooks;
+use fanjet::observe::notify::Webhooks;
 use fanjet::worker::{TaskContext, TaskError, Worker};
 use serde_json::{json, Value};
 
@@ -119,7 +119,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: fanjet\n    static_configs:\n      - targets: [\"{target}\"]\n"),
     )
     .unwrap();
-    let port = fanjet::server::free_port();
+    let port = fanjet::nats::server::free_port();
     let prom = Command::new(&binary)
         .arg(format!(
             "--config.file={}",
@@ -142,7 +142,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let job = env.wait_end("d-1", Duration::from_secs(60)).await;
     assert_eq!(
         job.state,
-        fanjet::machine::JobState::Completed,
+        fanjet::protocol::JobState::Completed,
         "{:?}",
         job.error
     );

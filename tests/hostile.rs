@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{seed_workflow, Env};
-use fanjet::machine::JobState;
 use fanjet::metrics::Metrics;
+use fanjet::protocol::JobState;
 use fanjet::protocol::{encode_json, event_subject, Event, ResultRef, SubjobCompleted};
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::{json, Value};
@@ -151,7 +151,7 @@ async fn garbage_and_forged_events_are_ignored_counted_and_harmless() {
         "never-dispatched subjobs counted: {before:?} -> {after:?}"
     );
     assert!(
-        fanjet::store::get(&env.nats, "ghost")
+        fanjet::nats::store::get(&env.nats, "ghost")
             .await
             .unwrap()
             .is_none(),
@@ -238,7 +238,7 @@ async fn a_subjob_that_kills_its_worker_process_is_failed_after_its_attempts() {
     );
     let start = std::time::Instant::now();
     let job = loop {
-        if let Some((job, _)) = fanjet::store::get(&env.nats, "k-1").await.unwrap() {
+        if let Some((job, _)) = fanjet::nats::store::get(&env.nats, "k-1").await.unwrap() {
             if job.state.is_terminal() {
                 break job;
             }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{seed_workflow, Env};
-use fanjet::machine::{JobState, StepState};
 use fanjet::protocol::{encode_json, Event, RejectCode, SubjobCompleted};
+use fanjet::protocol::{JobState, StepState};
 use fanjet::worker::{TaskContext, TaskError, Worker};
 use serde_json::{json, Value};
 
@@ -265,7 +265,10 @@ async fn duplicate_and_late_completions_count_once() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (after, _) = fanjet::store::get(&env.nats, "d1").await.unwrap().unwrap();
+    let (after, _) = fanjet::nats::store::get(&env.nats, "d1")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(after, job);
 }
 

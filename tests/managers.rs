@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::Env;
-use fanjet::machine::JobState;
+use fanjet::protocol::JobState;
 use fanjet::protocol::{partition, LEASES_BUCKET, PARTITIONS};
 use serde_json::json;
 
@@ -26,7 +26,10 @@ async fn lease_bucket(env: &Env) -> async_nats::jetstream::kv::Store {
 /// Partition → the manager holding its lease.
 async fn holders(env: &Env) -> BTreeMap<u32, String> {
     let kv = lease_bucket(env).await;
-    fanjet::leases::holders(&kv).await.expect("read leases").0
+    fanjet::nats::leases::holders(&kv)
+        .await
+        .expect("read leases")
+        .0
 }
 
 /// How many partitions each manager holds, once every partition is held.
@@ -73,7 +76,7 @@ async fn managers_split_partitions_and_take_over_a_killed_one() {
         .output()
         .expect("fanjet processes");
     assert!(out.status.success());
-    let shown: fanjet::client::Processes =
+    let shown: fanjet::observe::processes::Processes =
         serde_json::from_slice(&out.stdout).expect("processes JSON");
     assert_eq!(shown.managers.len(), 2, "{shown:?}");
     for m in &shown.managers {
@@ -173,7 +176,9 @@ async fn managers_split_partitions_and_take_over_a_killed_one() {
 async fn wait_stats(env: &Env, job_id: &str, n: u64) {
     let start = Instant::now();
     loop {
-        let stats = fanjet::stats::get(&env.nats, job_id).await.expect("stats");
+        let stats = fanjet::nats::store::stats(&env.nats, job_id)
+            .await
+            .expect("stats");
         let counts = stats
             .as_ref()
             .and_then(|s| s.steps.first())
@@ -231,12 +236,13 @@ async fn two_serve_processes_count_statistics_once_and_hand_over() {
         Some(&before),
         "the second serve stood by"
     );
-    let shown: fanjet::client::Processes = reqwest::get(format!("{base}/api/processes"))
-        .await
-        .expect("GET /api/processes")
-        .json()
-        .await
-        .expect("processes JSON");
+    let shown: fanjet::observe::processes::Processes =
+        reqwest::get(format!("{base}/api/processes"))
+            .await
+            .expect("GET /api/processes")
+            .json()
+            .await
+            .expect("processes JSON");
     assert_eq!(shown.managers.len(), 1, "{shown:?}");
     assert_eq!(shown.managers[0].partitions.len(), PARTITIONS as usize);
     assert!(shown.unowned_partitions.is_empty());
@@ -282,7 +288,10 @@ async fn a_manager_joining_mid_jobs_takes_its_share_without_losing_counts() {
     wait_split(&env, 2, Duration::from_secs(30)).await;
     let mut running = 0;
     for id in &ids {
-        if let Some((job, _)) = fanjet::store::get(&env.nats, id).await.expect("status") {
+        if let Some((job, _)) = fanjet::nats::store::get(&env.nats, id)
+            .await
+            .expect("status")
+        {
             running += usize::from(!job.state.is_terminal());
         }
     }

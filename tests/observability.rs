@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{seed_workflow, Env};
-use fanjet::notify::Webhooks;
+use fanjet::observe::notify::Webhooks;
 use fanjet::worker::{TaskContext, TaskError, Worker};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -272,14 +272,14 @@ async fn cancel_over_http_and_the_openapi_document_matches_the_routes() {
     .await;
     assert_eq!(code, 202, "{body}");
     let job = env.wait_end("c-1", Duration::from_secs(10)).await;
-    assert_eq!(job.state, fanjet::machine::JobState::Cancelled);
+    assert_eq!(job.state, fanjet::protocol::JobState::Cancelled);
     assert_eq!(job.error.as_deref(), Some("from the API"));
 
     let (code, doc) = get(&format!("{base}/api/openapi.json")).await;
     assert_eq!(code, 200);
     assert_eq!(
         doc,
-        serde_json::from_str::<Value>(fanjet::api::OPENAPI).unwrap()
+        serde_json::from_str::<Value>(fanjet::observe::api::OPENAPI).unwrap()
     );
     let paths = doc["paths"].as_object().unwrap();
     let routes = [
@@ -448,9 +448,9 @@ async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
     let mut env = Env::start().await;
     env.apply(&seed_workflow("tok", "")).await;
     env.manager();
-    let listen: std::net::SocketAddr = ([127, 0, 0, 1], fanjet::server::free_port()).into();
-    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], fanjet::server::free_port()).into();
-    let options = fanjet::serve::ServeOptions {
+    let listen: std::net::SocketAddr = ([127, 0, 0, 1], fanjet::nats::server::free_port()).into();
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], fanjet::nats::server::free_port()).into();
+    let options = fanjet::observe::ServeOptions {
         listen,
         webhooks: Webhooks::default(),
         token: Some("s3cret".into()),
@@ -539,8 +539,8 @@ async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
         .contains("fanjet_jobs_submitted_total"));
 
     // Exposing the API beyond loopback without a token is refused.
-    let open: std::net::SocketAddr = ([0, 0, 0, 0], fanjet::server::free_port()).into();
-    let refused = fanjet::api::serve(
+    let open: std::net::SocketAddr = ([0, 0, 0, 0], fanjet::nats::server::free_port()).into();
+    let refused = fanjet::observe::api::serve(
         env.nats.clone(),
         open,
         None,
@@ -548,7 +548,7 @@ async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
     )
     .await;
     assert!(
-        matches!(refused, Err(fanjet::api::ServeError::Exposed(_))),
+        matches!(refused, Err(fanjet::observe::api::ServeError::Exposed(_))),
         "{refused:?}"
     );
 }

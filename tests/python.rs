@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::Env;
-use fanjet::machine::JobState;
+use fanjet::protocol::JobState;
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::{json, Value};
 

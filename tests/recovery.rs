@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{seed_workflow, Env};
-use fanjet::machine::JobState;
+use fanjet::protocol::JobState;
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::{json, Value};
 
@@ -393,7 +393,9 @@ async fn events_lost_on_the_way_to_the_manager_or_statistics_are_read_again() {
     );
     let start = Instant::now();
     loop {
-        let stats = fanjet::stats::get(&env.nats, "g1").await.expect("stats");
+        let stats = fanjet::nats::store::stats(&env.nats, "g1")
+            .await
+            .expect("stats");
         let counts = stats
             .as_ref()
             .and_then(|s| s.steps.first())
@@ -437,7 +439,7 @@ async fn nats_server_killed_and_restarted_mid_job_loses_nothing() {
     env.server.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _again = tokio::task::spawn_blocking(move || {
-        fanjet::server::NatsServer::start(Some(store), Some(port))
+        fanjet::nats::server::NatsServer::start(Some(store), Some(port))
     })
     .await
     .expect("join")

@@ -8,17 +8,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use fanjet::client;
-use fanjet::connect::ConnectArgs;
-use fanjet::machine::JobState;
 use fanjet::manager::{self, ManagerOptions};
+use fanjet::nats::connect::ConnectArgs;
+use fanjet::nats::server::NatsServer;
+use fanjet::nats::Nats;
+use fanjet::protocol::JobState;
+use fanjet::protocol::Workflow;
 use fanjet::protocol::{
     customer_submit_subject, encode_json, event_subject, Event, JobCompleted, StepCompleted,
     Submission,
 };
-use fanjet::server::NatsServer;
-use fanjet::setup::Nats;
 use fanjet::worker::{TaskContext, Worker};
-use fanjet::workflow::Workflow;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -156,7 +156,7 @@ async fn each_role_can_do_its_job_and_no_more() {
     );
     let kv = tokio::time::timeout(
         Duration::from_secs(1),
-        fanjet::store::get(&submitter, "sec-1"),
+        fanjet::nats::store::get(&submitter, "sec-1"),
     )
     .await;
     assert!(
@@ -197,15 +197,18 @@ async fn each_role_can_do_its_job_and_no_more() {
         !matches!(raw, Ok(Ok(_))),
         "a worker cannot read the event log"
     );
-    let kv =
-        tokio::time::timeout(Duration::from_secs(1), fanjet::store::get(&worker, "sec-1")).await;
+    let kv = tokio::time::timeout(
+        Duration::from_secs(1),
+        fanjet::nats::store::get(&worker, "sec-1"),
+    )
+    .await;
     assert!(
         !matches!(kv, Ok(Ok(Some(_)))),
         "a worker cannot read job status"
     );
     let read = tokio::time::timeout(
         Duration::from_secs(1),
-        client::events(&worker, "sec-1", 0, 10),
+        fanjet::nats::log::history(&worker, "sec-1", 0, 10),
     )
     .await;
     assert!(
@@ -217,12 +220,12 @@ async fn each_role_can_do_its_job_and_no_more() {
     let viewer = Nats::bind(connect(&server, "viewer").await)
         .await
         .expect("viewer binds");
-    let (seen, _) = fanjet::store::get(&viewer, "sec-1")
+    let (seen, _) = fanjet::nats::store::get(&viewer, "sec-1")
         .await
         .expect("viewer reads the jobs bucket")
         .expect("the job");
     assert_eq!(seen.state, JobState::Completed);
-    let history = client::events(&viewer, "sec-1", 0, 100)
+    let history = fanjet::nats::log::history(&viewer, "sec-1", 0, 100)
         .await
         .expect("viewer reads the job's events");
     assert!(history.iter().any(|e| e.event["type"] == "JobCompleted"));
@@ -250,9 +253,9 @@ async fn each_role_can_do_its_job_and_no_more() {
     );
 
     // ... and sees who runs what, without being able to take a partition.
-    let shown = client::processes(
+    let shown = fanjet::observe::processes::processes(
         &viewer,
-        fanjet::monitor::listen(&viewer, Duration::from_secs(7))
+        fanjet::nats::heartbeat::listen(&viewer, Duration::from_secs(7))
             .await
             .expect("viewer hears heartbeats"),
     )
@@ -277,9 +280,13 @@ async fn each_role_can_do_its_job_and_no_more() {
     );
 
     // Nothing forged reached the log.
-    let log = client::events(&admin, "sec-2", 0, 100).await.unwrap();
+    let log = fanjet::nats::log::history(&admin, "sec-2", 0, 100)
+        .await
+        .unwrap();
     assert!(log.is_empty(), "forged events were stored: {log:?}");
-    let log = client::events(&admin, "sec-1", 0, 1000).await.unwrap();
+    let log = fanjet::nats::log::history(&admin, "sec-1", 0, 1000)
+        .await
+        .unwrap();
     assert_eq!(
         log.iter()
             .filter(|e| e.event["type"] == "JobCompleted")

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::{seed_workflow, Env};
-use fanjet::notify::Webhooks;
+use fanjet::observe::notify::Webhooks;
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::{json, Value};
 
@@ -52,7 +52,7 @@ impl Driver {
     async fn start(profile: &Path) -> Driver {
         let driver = find("chromedriver").unwrap_or_else(|| panic!("this test needs chromedriver: `apt-get install chromium chromium-driver` (`just test` does it for you)"));
         let chromium = find("chromium").unwrap_or_else(|| panic!("this test needs chromium: `apt-get install chromium chromium-driver` (`just test` does it for you)"));
-        let port = fanjet::server::free_port();
+        let port = fanjet::nats::server::free_port();
         let child = Command::new(driver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())

@@ -31,11 +31,11 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use fanjet::manager::{self, ManagerOptions};
+use fanjet::nats::server::NatsServer;
+use fanjet::nats::Nats;
+use fanjet::protocol::Workflow;
 use fanjet::protocol::{encode_json, submit_subject, Submission, SubmitReply};
-use fanjet::server::NatsServer;
-use fanjet::setup::Nats;
 use fanjet::worker::{TaskContext, Worker};
-use fanjet::workflow::Workflow;
 
 #[derive(Parser)]
 #[command(about = "fanjet vs raw JetStream on the same machine")]
@@ -384,7 +384,7 @@ async fn fanjet_run(n: u64, concurrency: usize) -> Result<f64> {
         .client
         .subscribe("fanjet.ev.*.bench-1.completed")
         .await?;
-    if fanjet::store::get(&nats, "bench-1")
+    if fanjet::nats::store::get(&nats, "bench-1")
         .await?
         .map(|(j, _)| j.state.is_terminal())
         != Some(true)
@@ -396,7 +396,7 @@ async fn fanjet_run(n: u64, concurrency: usize) -> Result<f64> {
     let took = start.elapsed();
     // The status record follows the log by up to one checkpoint interval.
     let job = loop {
-        match fanjet::store::get(&nats, "bench-1").await? {
+        match fanjet::nats::store::get(&nats, "bench-1").await? {
             Some((job, _)) if job.state.is_terminal() => break job,
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
@@ -476,10 +476,10 @@ impl Cluster {
     }
 
     /// Waits for the job's record to say it ended.
-    async fn wait_end(&self, job_id: &str, within: Duration) -> Result<fanjet::machine::Job> {
+    async fn wait_end(&self, job_id: &str, within: Duration) -> Result<fanjet::protocol::Job> {
         let start = Instant::now();
         loop {
-            if let Some((job, _)) = fanjet::store::get(&self.nats, job_id).await? {
+            if let Some((job, _)) = fanjet::nats::store::get(&self.nats, job_id).await? {
                 if job.state.is_terminal() {
                     return Ok(job);
                 }
@@ -501,12 +501,12 @@ impl Cluster {
             .await?;
         let start = Instant::now();
         loop {
-            let (held, _) = fanjet::leases::holders(&kv).await?;
+            let (held, _) = fanjet::nats::leases::holders(&kv).await?;
             let mut by: std::collections::HashMap<&str, usize> = Default::default();
             for m in held.values() {
                 *by.entry(m.as_str()).or_default() += 1;
             }
-            let share = fanjet::leases::share(managers);
+            let share = fanjet::nats::leases::share(managers);
             if held.len() == fanjet::protocol::PARTITIONS as usize
                 && by.len() == managers
                 && by.values().all(|n| *n <= share)

@@ -10,22 +10,16 @@
 //!   deterministic message ids), so the executor may re-apply events after a
 //!   crash and re-run what they produce.
 
-mod bitset;
-mod job;
-
-pub use bitset::{Mark, Pending, CHUNK_BITS};
-pub use job::{Failure, Job, JobState, Source, SourceField, StepRun, StepState, MAX_FAILURES_KEPT};
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Value};
 
 use crate::protocol::{
-    event_subject, CancelRequested, Event, EventKind, JobCancelled, JobCompleted, JobFailed,
-    JobRejected, JobRequested, Millis, RejectCode, StepCompleted, StepStarted, SubjobCompleted,
-    SubjobFailed, EVENTS_STREAM,
+    array_len, event_subject, CancelRequested, Event, EventKind, Failure, Job, JobCancelled,
+    JobCompleted, JobFailed, JobRejected, JobRequested, JobState, Mark, Millis, Pending,
+    RejectCode, Source, SourceField, Step, StepCompleted, StepKind, StepRun, StepStarted,
+    StepState, SubjobCompleted, SubjobFailed, Workflow, EVENTS_STREAM, MAX_FAILURES_KEPT,
 };
-use crate::workflow::{Step, StepKind, Workflow};
 
 /// Refill a step's in-flight window only when at least this many slots are
 /// free (or the rest fits), so dispatches go out in batches.
@@ -352,7 +346,7 @@ fn subjob_completed(
     }
     if step.kind == StepKind::Task {
         step.output_seq = Some(seq);
-        step.output_len = crate::protocol::array_len(&e.result);
+        step.output_len = array_len(&e.result);
         if e.step_index + 1 == job.steps.len() {
             job.output = e.result;
         }
@@ -724,5 +718,7 @@ fn tick(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
     out.len() > before
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -2,8 +2,7 @@
 //! interleavings with duplicates, reorderings and late events.
 
 use super::*;
-use crate::protocol::{CancelRequested, SubjobCompleted, SubjobFailed};
-use crate::workflow::Workflow;
+use crate::protocol::{CancelRequested, SubjobCompleted, SubjobFailed, Workflow};
 use proptest::prelude::*;
 use serde_json::json;
 

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::ManagerError;
+use crate::nats::Nats;
 use crate::protocol::{encode_json, Event, SubjobFailed, Task, ADVISORY_CONSUMER};
-use crate::setup::Nats;
 
 #[derive(Debug, Deserialize)]
 struct MaxDeliveries {

@@ -15,12 +15,12 @@ use serde_json::Value;
 use tracing::warn;
 
 use super::ManagerError;
-use crate::machine::{Action, Dispatch, Source, SourceField};
+use crate::machine::{Action, Dispatch};
+use crate::nats::Nats;
 use crate::protocol::{
-    encode_json, job_tasks_filter, task_msg_id, task_subject, Event, ResultRef, Task,
+    encode_json, job_tasks_filter, task_msg_id, task_subject, Event, ResultRef, Source,
+    SourceField, StepKind, Task,
 };
-use crate::setup::Nats;
-use crate::workflow::StepKind;
 
 /// Publishes awaiting their ack at once, at most.
 const MAX_IN_FLIGHT: usize = 1024;

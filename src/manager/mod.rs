@@ -1,53 +1,38 @@
-//! The workflow manager: for each partition of the event log it holds a
-//! lease on (see [`crate::leases`]), an event loop reads the partition's
-//! durable consumer, feeds its own [`Engine`], has the [`Executor`] carry
-//! out the actions, then checkpoints the changed jobs and acknowledges the
-//! events. A coordinator renews the leases every round and starts and
-//! stops the loops as partitions come and go.
-//!
-//! Order of one batch, and why it is crash-safe:
-//! 1. apply the batch's events (memory only);
-//! 2. carry out the actions (publishes carry deterministic message ids);
-//! 3. every 100 ms (or 2,000 events): write changed job records, then their
-//!    bitmap chunks, then ack the last applied event (AckPolicy::All acks
-//!    everything before it).
-//!
-//! A crash anywhere re-delivers the batch from the consumer's ack floor (the
-//! consumer is reset to it at start), the engine re-applies it onto the
-//! stored state, duplicates are counted once, and re-published events and
-//! tasks are dropped by the streams' duplicate window.
+//! The workflow manager, the only writer of job state. Its parts:
+//! - the coordinator (here): renews the partition leases every round (see
+//!   [`crate::nats::leases`]) and starts and stops one event loop per
+//!   partition held;
+//! - [`partition`]: one partition's event loop around the pure
+//!   [`crate::machine::Engine`], with checkpoints;
+//! - [`executor`]: carries out the engine's actions on NATS;
+//! - [`intake`]: turns submissions into `JobRequested` events;
+//! - [`status`]: the status service customers ask;
+//! - [`advisories`]: fails subjobs whose last attempt timed out.
 
 mod advisories;
 mod executor;
 mod intake;
+mod partition;
+mod status;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, pull, PullConsumer};
-use async_nats::jetstream::Message;
-use futures::{FutureExt, StreamExt};
 use thiserror::Error;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 pub use executor::Executor;
+use partition::EventLoop;
 
-use crate::delivery::Deliveries;
-use crate::leases::{self, LeaseError, Partitions as PartitionLeases};
-use crate::machine::{in_flight, Action, Engine, Input};
-use crate::metrics::Metrics;
-use crate::monitor::{self, Heartbeat};
-use crate::protocol::{
-    job_tasks_filter, manager_consumer, now_ms, partition, partition_kind_filter, Event, EventKind,
-    LEASE_TTL, MANAGER_CONSUMER, PARTITIONS,
-};
-use crate::setup::{Nats, SetupError};
-use crate::store::{self, Checkpoint, StoreError};
-use crate::workflow::Workflow;
+use crate::nats::heartbeat::{beat, process_id};
+use crate::nats::leases::{self, LeaseError, Partitions as PartitionLeases};
+use crate::nats::store::StoreError;
+use crate::nats::{Nats, SetupError};
+use crate::protocol::{Heartbeat, LEASE_TTL, MANAGER_CONSUMER, PARTITIONS};
 
 #[derive(Debug, Error)]
 pub enum ManagerError {
@@ -93,7 +78,7 @@ pub async fn run(
     options: ManagerOptions,
     cancel: CancellationToken,
 ) -> Result<(), ManagerError> {
-    let id = monitor::process_id("manager");
+    let id = process_id("manager");
     let mut leases = PartitionLeases::open(&nats, id.clone()).await?;
     // Retired: the single consumer of versions that did not split the log.
     if nats.events.delete_consumer(MANAGER_CONSUMER).await.is_ok() {
@@ -101,7 +86,7 @@ pub async fn run(
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(intake::run(nats.clone(), cancel.clone()));
-    tasks.spawn(intake::status_service(nats.clone(), cancel.clone()));
+    tasks.spawn(status::run(nats.clone(), cancel.clone()));
     tasks.spawn(advisories::run(nats.clone(), cancel.clone()));
     let running: Arc<Vec<AtomicU64>> =
         Arc::new((0..PARTITIONS).map(|_| AtomicU64::new(0)).collect());
@@ -109,7 +94,7 @@ pub async fn run(
     let (beat_cancel, beat_nats) = (cancel.clone(), nats.clone());
     let (beat_running, beat_owned, beat_id) = (running.clone(), owned.clone(), id.clone());
     tasks.spawn(async move {
-        monitor::beat(beat_nats, beat_cancel, move || Heartbeat {
+        beat(beat_nats, beat_cancel, move || Heartbeat {
             role: "manager".into(),
             id: beat_id.clone(),
             jobs: beat_running.iter().map(|n| n.load(Ordering::Relaxed)).sum(),
@@ -257,438 +242,5 @@ impl Partitions {
                 n.store(0, Ordering::Relaxed);
             }
         }
-    }
-}
-
-struct EventLoop {
-    /// The partition of the log this loop reads.
-    partition: u32,
-    /// Jobs held as running per partition, for the heartbeat.
-    running: Arc<Vec<AtomicU64>>,
-    nats: Nats,
-    options: ManagerOptions,
-    engine: Engine,
-    revisions: HashMap<String, u64>,
-    executor: Executor,
-    /// Definitions seen, to create step consumers when one is new or changed.
-    workflows: HashMap<String, Workflow>,
-    /// Jobs that looked lost at the last check, with their `updated_at` then.
-    suspects: HashMap<String, u64>,
-}
-
-impl EventLoop {
-    fn new(
-        nats: Nats,
-        options: ManagerOptions,
-        partition: u32,
-        running: Arc<Vec<AtomicU64>>,
-    ) -> Self {
-        EventLoop {
-            partition,
-            running,
-            executor: Executor::new(nats.clone()),
-            nats,
-            options,
-            engine: Engine::new(),
-            revisions: HashMap::new(),
-            workflows: HashMap::new(),
-            suspects: HashMap::new(),
-        }
-    }
-
-    async fn consumer(
-        nats: &Nats,
-        partition: u32,
-    ) -> Result<(PullConsumer, Deliveries), ManagerError> {
-        let name = manager_consumer(partition);
-        let filters = EventKind::ALL
-            .iter()
-            .filter(|k| k.drives_manager())
-            .map(|k| partition_kind_filter(partition, k.token()))
-            .collect();
-        let consumer = nats
-            .events
-            .create_consumer(pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subjects: filters,
-                ack_policy: consumer::AckPolicy::All,
-                ack_wait: Duration::from_secs(60),
-                max_ack_pending: 100_000,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ManagerError::Nats(format!("creating the manager consumer: {e}")))?;
-        // Everything delivered but not acknowledged is delivered again, in
-        // order: with AckPolicy::All a later ack would otherwise skip it.
-        let deliveries = Deliveries::reset(&nats.events, &name)
-            .await
-            .map_err(|e| ManagerError::Nats(format!("resetting the manager consumer: {e}")))?;
-        Ok((consumer, deliveries))
-    }
-
-    async fn reload(&mut self) -> Result<(), ManagerError> {
-        self.engine = Engine::new();
-        self.revisions.clear();
-        let p = self.partition;
-        for (job, rev) in store::load_active(&self.nats, |id| partition(id) == p).await? {
-            self.revisions.insert(job.job_id.clone(), rev);
-            self.engine.insert(job);
-        }
-        if !self.engine.is_empty() {
-            info!(
-                partition = p,
-                jobs = self.engine.len(),
-                "resumed running jobs"
-            );
-        }
-        Ok(())
-    }
-
-    async fn run(mut self, cancel: CancellationToken) -> Result<(), ManagerError> {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let began = std::time::Instant::now();
-            match self.session(&cancel).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    if began.elapsed() > Duration::from_secs(30) {
-                        backoff = Duration::from_millis(200); // it had recovered
-                    }
-                    error!(error = %e, "manager loop failed; reloading state and resuming from the last checkpoint");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
-    }
-
-    /// Loads state, resets the consumer and processes until cancelled or an error.
-    async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ManagerError> {
-        self.reload().await?;
-        let (consumer, mut deliveries) = Self::consumer(&self.nats, self.partition).await?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(self.options.batch)
-            .heartbeat(Duration::from_secs(5))
-            .messages()
-            .await
-            .map_err(|e| ManagerError::Nats(format!("pulling events: {e}")))?;
-        let mut ticker = tokio::time::interval(self.options.tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut saver = tokio::time::interval(self.options.checkpoint_every);
-        saver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut stall = tokio::time::interval(self.options.stall_after / 2);
-        stall.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The last applied event not yet acknowledged, and how many are behind it.
-        let mut unacked: Option<Message> = None;
-        let mut unsaved = 0usize;
-        debug!(partition = self.partition, "partition loop running");
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => {
-                    // Graceful: store what was applied so a restart replays nothing.
-                    self.save(&mut unacked).await?;
-                    return Ok(());
-                }
-                _ = ticker.tick() => {
-                    let actions = self.engine.apply(Input::Tick, now_ms());
-                    self.execute(actions).await?;
-                }
-                _ = stall.tick() => {
-                    self.find_lost(&mut unacked).await?;
-                    unsaved = 0;
-                }
-                _ = saver.tick() => {
-                    self.save(&mut unacked).await?;
-                    unsaved = 0;
-                }
-                first = messages.next() => {
-                    let Some(first) = first else {
-                        return Err(ManagerError::Nats("event consumer closed".into()));
-                    };
-                    let mut batch = vec![first.map_err(|e| ManagerError::Nats(format!("pulling events: {e}")))?];
-                    while batch.len() < self.options.batch {
-                        match messages.next().now_or_never() {
-                            Some(Some(Ok(m))) => batch.push(m),
-                            Some(Some(Err(e))) => return Err(ManagerError::Nats(format!("pulling events: {e}"))),
-                            _ => break,
-                        }
-                    }
-                    // At a hole, apply and acknowledge only what came
-                    // before it; starting again from the ack floor
-                    // delivers the missing event.
-                    let hole = deliveries.check(&batch);
-                    if let Some(hole) = hole {
-                        batch.truncate(hole.at);
-                    }
-                    unsaved += batch.len();
-                    self.apply(&batch).await?;
-                    if let Some(last) = batch.pop() {
-                        unacked = Some(last);
-                    }
-                    if let Some(hole) = hole {
-                        self.save(&mut unacked).await?;
-                        Metrics::get().log_holes.with_label_values(&["manager"]).inc();
-                        return Err(ManagerError::Nats(format!("reading events: {hole}")));
-                    }
-                    if unsaved >= self.options.batch {
-                        self.save(&mut unacked).await?;
-                        unsaved = 0;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Fails subjobs that can never finish: in flight, without progress for
-    /// `stall_after`, and with no task left in the work queue.
-    ///
-    /// Outcomes are reported before their task is acknowledged, so once the
-    /// queue holds no task of a job, every outcome of it is in the log. The
-    /// queue is read first and the manager's consumer second: when the
-    /// consumer then has nothing undelivered or unacknowledged, every
-    /// outcome reported before the queue was read has been applied.
-    async fn find_lost(&mut self, unacked: &mut Option<Message>) -> Result<(), ManagerError> {
-        let now = now_ms();
-        let quiet = self.options.stall_after.as_millis() as u64;
-        let candidates: Vec<String> = self
-            .engine
-            .jobs()
-            .filter(|j| in_flight(j) > 0 && now.saturating_sub(j.updated_at) >= quiet)
-            .map(|j| j.job_id.clone())
-            .collect();
-        if candidates.is_empty() {
-            self.suspects.clear();
-            return Ok(());
-        }
-        self.save(unacked).await?;
-        let mut empty = Vec::new();
-        for job_id in candidates {
-            if queued_tasks(&self.nats, &job_id).await? == 0 {
-                empty.push(job_id);
-            }
-        }
-        if empty.is_empty() {
-            self.suspects.clear();
-            return Ok(());
-        }
-        let info = self
-            .nats
-            .events
-            .clone()
-            .consumer_info(manager_consumer(self.partition))
-            .await
-            .map_err(|e| ManagerError::Nats(format!("reading the manager consumer: {e}")))?;
-        if info.num_pending > 0 || info.num_ack_pending > 0 {
-            return Ok(()); // outcomes still on their way; look again next time
-        }
-        // Two strikes: a job is failed only when it looked lost at two
-        // checks in a row with no progress in between, so a moment of a
-        // cluster changing leaders (when the queue can read as empty) does
-        // not fail anything.
-        let mut actions = Vec::new();
-        let mut suspects = HashMap::new();
-        for job_id in empty {
-            let updated = self.engine.job(&job_id).map(|j| j.updated_at).unwrap_or(0);
-            if self.suspects.get(&job_id) == Some(&updated) {
-                warn!(
-                    job_id,
-                    "subjobs in flight have no task left in the work queue; failing them"
-                );
-                actions.extend(self.engine.apply(Input::Lost { job_id }, now));
-            } else {
-                suspects.insert(job_id, updated);
-            }
-        }
-        self.suspects = suspects;
-        self.execute(actions).await
-    }
-
-    /// Checkpoints changed jobs, then acknowledges every event applied so far.
-    async fn save(&mut self, unacked: &mut Option<Message>) -> Result<(), ManagerError> {
-        self.checkpoint().await?;
-        if let Some(n) = self.running.get(self.partition as usize) {
-            n.store(self.engine.len() as u64, Ordering::Relaxed);
-        }
-        if let Some(last) = unacked.take() {
-            last.ack()
-                .await
-                .map_err(|e| ManagerError::Nats(format!("acking events: {e}")))?;
-        }
-        Ok(())
-    }
-
-    /// Applies a batch of events and carries out what they call for.
-    async fn apply(&mut self, batch: &[Message]) -> Result<(), ManagerError> {
-        let now = now_ms();
-        let mut actions = Vec::new();
-        for msg in batch {
-            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let event: Event = match serde_json::from_slice(&msg.payload) {
-                Ok(e) => e,
-                Err(e) => {
-                    Metrics::get()
-                        .manager_ignored
-                        .with_label_values(&["unreadable"])
-                        .inc();
-                    warn!(subject = %msg.subject, seq, error = %e, "dropping an unreadable event");
-                    continue;
-                }
-            };
-            if !subject_matches(&msg.subject, &event) {
-                Metrics::get()
-                    .manager_ignored
-                    .with_label_values(&["subject_mismatch"])
-                    .inc();
-                warn!(subject = %msg.subject, seq, "dropping an event whose subject does not match its body");
-                continue;
-            }
-            let input = match event {
-                Event::JobRequested(req) => {
-                    if self.engine.contains(&req.job_id)
-                        || store::get(&self.nats, &req.job_id).await?.is_some()
-                    {
-                        debug!(job_id = %req.job_id, "job exists already; nothing new starts");
-                        continue;
-                    }
-                    let workflow = self.workflow(&req.workflow).await?;
-                    Input::Requested {
-                        seq,
-                        event: req,
-                        workflow,
-                    }
-                }
-                event => Input::Event { seq, event },
-            };
-            actions.extend(self.engine.apply(input, now));
-        }
-        for (reason, n) in self.engine.take_ignored() {
-            debug!(reason, n, "events ignored");
-            Metrics::get()
-                .manager_ignored
-                .with_label_values(&[reason])
-                .inc_by(n);
-        }
-        self.execute(actions).await
-    }
-
-    /// Carries out actions; jobs whose actions cannot be carried out fail.
-    async fn execute(&mut self, actions: Vec<Action>) -> Result<(), ManagerError> {
-        let mut actions = actions;
-        while !actions.is_empty() {
-            let aborts = self.executor.run(actions).await?;
-            actions = Vec::new();
-            for (job_id, reason) in aborts {
-                actions.extend(self.engine.apply(Input::Abort { job_id, reason }, now_ms()));
-            }
-        }
-        Ok(())
-    }
-
-    async fn workflow(&mut self, name: &str) -> Result<Option<Workflow>, ManagerError> {
-        let Some(wf) = self.nats.workflow(name).await? else {
-            return Ok(None);
-        };
-        if self.workflows.get(name) != Some(&wf) {
-            for step in &wf.steps {
-                self.nats.ensure_step_consumer(&wf.name, step).await?;
-            }
-            self.workflows.insert(name.to_string(), wf.clone());
-        }
-        Ok(Some(wf))
-    }
-
-    /// Stores every job changed since the last checkpoint; unloads ended ones.
-    async fn checkpoint(&mut self) -> Result<(), ManagerError> {
-        let mut writes = Vec::new();
-        for id in self.engine.take_dirty() {
-            let Some(job) = self.engine.job_mut(&id) else {
-                continue;
-            };
-            writes.push(Checkpoint::of(job, self.revisions.get(&id).copied())?);
-        }
-        let nats = &self.nats;
-        let results: Vec<(String, Result<u64, StoreError>)> = futures::stream::iter(writes)
-            .map(|cp| async move { (cp.job_id.clone(), cp.write(nats).await) })
-            .buffer_unordered(32)
-            .collect()
-            .await;
-        for (id, result) in results {
-            match result {
-                Ok(rev) => {
-                    if self.engine.job(&id).is_some_and(|j| j.state.is_terminal()) {
-                        self.engine.remove(&id);
-                        self.revisions.remove(&id);
-                    } else {
-                        self.revisions.insert(id, rev);
-                    }
-                }
-                Err(e @ StoreError::Conflict { .. }) => {
-                    // Someone else owns this job now; stop driving it here.
-                    error!(job_id = %id, error = %e, "unloading job");
-                    self.engine.remove(&id);
-                    self.revisions.remove(&id);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Tasks of one job in the work queue (queued, running or waiting to be retried).
-async fn queued_tasks(nats: &Nats, job_id: &str) -> Result<u64, ManagerError> {
-    let mut subjects = nats
-        .tasks
-        .info_with_subjects(job_tasks_filter(job_id))
-        .await
-        .map_err(|e| ManagerError::Nats(format!("counting tasks of {job_id}: {e}")))?;
-    let mut n = 0;
-    while let Some(entry) = subjects.next().await {
-        n += entry
-            .map_err(|e| ManagerError::Nats(format!("counting tasks of {job_id}: {e}")))?
-            .1 as u64;
-    }
-    Ok(n)
-}
-
-/// Whether an event's subject ends in `.<partition>.<job_id>.<kind>` of
-/// its body, without building the string (this runs for every event). An
-/// outcome a client sent to the wrong partition would reach a loop that does
-/// not hold its job: it is counted here rather than passing unnoticed.
-fn subject_matches(subject: &str, event: &Event) -> bool {
-    let mut tokens = subject.rsplit('.');
-    tokens.next() == Some(event.kind().token())
-        && tokens.next() == Some(event.job_id())
-        && tokens.next().and_then(|p| p.parse::<u32>().ok()) == Some(partition(event.job_id()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::{event_subject, CancelRequested};
-
-    #[test]
-    fn subjects_must_match_kind_job_and_partition() {
-        let ev = Event::CancelRequested(CancelRequested {
-            job_id: "job-1".into(),
-            reason: None,
-            at: 1,
-        });
-        assert!(subject_matches(
-            &event_subject("job-1", "cancel_requested"),
-            &ev
-        ));
-        assert!(!subject_matches("fanjet.ev.06.job-2.cancel_requested", &ev));
-        assert!(!subject_matches("fanjet.ev.06.job-1.job_completed", &ev));
-        assert!(
-            !subject_matches("fanjet.ev.07.job-1.cancel_requested", &ev),
-            "job-1 is partition 06"
-        );
-        assert!(!subject_matches("fanjet.ev.xx.job-1.cancel_requested", &ev));
-        assert!(!subject_matches("job-1.cancel_requested", &ev));
     }
 }

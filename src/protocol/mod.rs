@@ -1,6 +1,10 @@
 //! The wire contract: every subject, header, stream, bucket and payload that
-//! fanjet puts on NATS. `docs/PROTOCOL.md` is the same contract in prose; the
-//! two change together. Nothing outside this module builds a subject string.
+//! fanjet puts on NATS, and every record it keeps in a bucket (workflow
+//! definitions, job records with their pending bitmaps, statistics,
+//! heartbeats, the detailed status). `docs/PROTOCOL.md` is the same contract
+//! in prose and `docs/schemas/` its JSON Schemas, generated from these types
+//! ([`schemas`]); the three change together. Nothing outside this module
+//! builds a subject string, and this module imports nothing else of fanjet.
 //!
 //! Any NATS client can take part: submit with a request to
 //! [`submit_subject`], work by pulling from the task stream, follow a job by
@@ -10,11 +14,17 @@ mod codec;
 mod event;
 #[cfg(test)]
 mod fuzz;
+mod heartbeat;
+mod job;
 mod names;
+mod pending;
 mod results;
 pub mod schemas;
+mod stats;
+mod status;
 mod submit;
 mod task;
+mod workflow;
 
 pub use codec::{
     decode, encode_cbor, encode_json, CodecError, Encoding, CBOR_CONTENT_TYPE, JSON_CONTENT_TYPE,
@@ -23,12 +33,18 @@ pub use event::{
     CancelRequested, Event, EventKind, JobCancelled, JobCompleted, JobFailed, JobRejected,
     JobRequested, RejectCode, StepCompleted, StepStarted, SubjobCompleted, SubjobFailed,
 };
+pub use heartbeat::{Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL};
+pub use job::{Failure, Job, JobState, Source, SourceField, StepRun, StepState, MAX_FAILURES_KEPT};
 pub use names::*;
+pub use pending::{Mark, Pending, CHUNK_BITS};
 pub use results::{
     array_len, ResultRef, INLINE_RESULT_MAX, MAX_RESULT_BYTES, RESULTS_BUCKET, RESULT_REF_KEY,
 };
+pub use stats::{JobStats, StepStats, DURATION_BOUNDS_MS, MAX_ATTEMPT_BUCKET};
+pub use status::{capacity, detailed, Capacity};
 pub use submit::{Submission, SubmitError, SubmitReply};
 pub use task::Task;
+pub use workflow::{Step, StepKind, Tolerance, Workflow, WorkflowError};
 
 /// Milliseconds since the Unix epoch: the one time format on the wire.
 pub type Millis = u64;

@@ -6,11 +6,7 @@
 use schemars::schema_for;
 use serde_json::Value;
 
-use super::{Event, Submission, SubmitReply, Task};
-use crate::machine::Job;
-use crate::monitor::Heartbeat;
-use crate::stats::JobStats;
-use crate::workflow::Workflow;
+use super::{Event, Heartbeat, Job, JobStats, Submission, SubmitReply, Task, Workflow};
 
 /// (file name in `docs/schemas/`, schema) for every payload.
 pub fn all() -> Vec<(&'static str, Value)> {

@@ -28,12 +28,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::monitor::{self, Heartbeat};
+use crate::nats::heartbeat::{beat, process_id};
+use crate::nats::{Nats, SetupError};
 use crate::protocol::{
-    encode_json, Event, ResultRef, SubjobCompleted, SubjobFailed, Task, INLINE_RESULT_MAX,
-    MAX_RESULT_BYTES, RESULTS_BUCKET,
+    encode_json, Event, Heartbeat, ResultRef, SubjobCompleted, SubjobFailed, Task,
+    INLINE_RESULT_MAX, MAX_RESULT_BYTES, RESULTS_BUCKET,
 };
-use crate::setup::{Nats, SetupError};
 
 /// Why a handler did not produce a result, and what should happen next.
 #[derive(Debug, Clone, Error, PartialEq)]
@@ -154,12 +154,12 @@ impl Worker {
             let (busy, total, id) = (
                 active.clone(),
                 self.concurrency as u64,
-                monitor::process_id("worker"),
+                process_id("worker"),
             );
             let nats = self.nats.clone();
             let c = cancel.clone();
             loops.spawn(async move {
-                monitor::beat(nats, c, move || Heartbeat {
+                beat(nats, c, move || Heartbeat {
                     role: "worker".into(),
                     id: id.clone(),
                     slots: total,

@@ -10,14 +10,14 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fanjet::machine::Job;
 use fanjet::manager::{self, ManagerOptions};
+use fanjet::nats::server::NatsServer;
+use fanjet::nats::store;
+use fanjet::nats::Nats;
+use fanjet::protocol::Job;
+use fanjet::protocol::Workflow;
 use fanjet::protocol::{encode_json, submit_subject, SubmitReply};
-use fanjet::server::NatsServer;
-use fanjet::setup::Nats;
-use fanjet::store;
 use fanjet::worker::Worker;
-use fanjet::workflow::Workflow;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -115,11 +115,11 @@ impl Env {
     /// stops them.
     pub async fn serve(
         &mut self,
-        webhooks: fanjet::notify::Webhooks,
+        webhooks: fanjet::observe::notify::Webhooks,
     ) -> (String, CancellationToken) {
-        let port = fanjet::server::free_port();
+        let port = fanjet::nats::server::free_port();
         let listen: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-        self.serve_with(fanjet::serve::ServeOptions {
+        self.serve_with(fanjet::observe::ServeOptions {
             listen,
             webhooks,
             token: None,
@@ -131,13 +131,15 @@ impl Env {
     /// Runs `fanjet serve` parts with these options.
     pub async fn serve_with(
         &mut self,
-        options: fanjet::serve::ServeOptions,
+        options: fanjet::observe::ServeOptions,
     ) -> (String, CancellationToken) {
         let listen = options.listen;
         let cancel = self.cancel.child_token();
         let (nats, c) = (self.nats.clone(), cancel.clone());
         self.tasks.push(tokio::spawn(async move {
-            fanjet::serve::run(nats, options, c).await.expect("serve");
+            fanjet::observe::serve(nats, options, c)
+                .await
+                .expect("serve");
         }));
         let start = Instant::now();
         while tokio::net::TcpStream::connect(listen).await.is_err() {

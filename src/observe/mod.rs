@@ -1,7 +1,16 @@
-//! What `fanjet serve` runs: the HTTP API and page, the statistics
-//! consumer, the notifier and the metrics collector, each its own task (and
-//! its own consumer of the log), restarted alone when it fails, all
-//! stopped together.
+//! Watching fanjet work: everything `fanjet serve` runs. The statistics
+//! consumer ([`stats`]) and the notifier ([`notify`]) each read the log
+//! through a consumer of their own; the collector ([`monitor`]) turns
+//! heartbeats and consumer info into gauges; [`processes`] says who runs;
+//! [`api`] serves the HTTP API, the web page and `/metrics`. Each part is
+//! its own task, restarted alone when it fails, all stopped together
+//! ([`serve`]). Nothing here drives a job: observers only read the log.
+
+pub mod api;
+pub mod monitor;
+pub mod notify;
+pub mod processes;
+pub mod stats;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,10 +20,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use crate::api::{self, ServeError};
-use crate::notify::{self, Webhooks};
-use crate::setup::Nats;
-use crate::{leases, monitor, stats};
+use crate::nats::heartbeat::process_id;
+use crate::nats::{leases, Nats};
+use api::ServeError;
+use notify::Webhooks;
 
 /// Settings of `fanjet serve`.
 #[derive(Debug, Clone)]
@@ -28,7 +37,7 @@ pub struct ServeOptions {
 }
 
 /// Runs everything until `cancel`; the first part to fail stops the rest.
-pub async fn run(
+pub async fn serve(
     nats: Nats,
     options: ServeOptions,
     cancel: CancellationToken,
@@ -37,7 +46,7 @@ pub async fn run(
     let (n, c) = (nats.clone(), cancel.clone());
     // One statistics reader across every `fanjet serve`: it builds records
     // in memory between saves. The others stand by and take over.
-    let me = monitor::process_id("serve");
+    let me = process_id("serve");
     tasks.spawn(supervise("statistics", c.clone(), move || {
         let (n, c, me) = (n.clone(), c.clone(), me.clone());
         async move {

@@ -1,6 +1,21 @@
-//! Creates (or updates to the current settings) every stream, consumer and
-//! bucket fanjet uses. Every command calls [`Nats::ensure`], so the order in
-//! which a user starts things does not matter.
+//! Everything fanjet does with NATS itself, below the workflow logic:
+//! [`Nats`], the handle every part uses (one connection, with its streams
+//! and buckets found or created); the connection flags ([`connect`]); the
+//! event log, appended to and read ([`log`]); job records, pending chunks
+//! and statistics records in KV ([`store`]); leases ([`leases`]);
+//! heartbeats ([`heartbeat`]); and a local nats-server ([`server`]).
+//!
+//! [`Nats::ensure`] creates (or updates to the current settings) every
+//! stream, consumer and bucket; the manager, `fanjet serve` and `workflow
+//! apply` call it, so the order in which a user starts things does not
+//! matter. Restricted roles [`Nats::bind`] and create nothing.
+
+pub mod connect;
+pub mod heartbeat;
+pub mod leases;
+pub mod log;
+pub mod server;
+pub mod store;
 
 use std::time::Duration;
 
@@ -8,11 +23,10 @@ use async_nats::jetstream::{self, consumer, kv, object_store, stream, Context};
 use thiserror::Error;
 
 use crate::protocol::{
-    max_deliveries_advisories, step_consumer, step_tasks_filter, ADVISORIES_STREAM, EVENTS_STREAM,
-    EVENTS_WILDCARD, JOBS_BUCKET, LEASES_BUCKET, LEASE_TTL, PENDING_BUCKET, RESULTS_BUCKET,
-    STATS_BUCKET, TASKS_STREAM, TASKS_WILDCARD, WORKFLOWS_BUCKET,
+    max_deliveries_advisories, step_consumer, step_tasks_filter, Step, Workflow, ADVISORIES_STREAM,
+    EVENTS_STREAM, EVENTS_WILDCARD, JOBS_BUCKET, LEASES_BUCKET, LEASE_TTL, PENDING_BUCKET,
+    RESULTS_BUCKET, STATS_BUCKET, TASKS_STREAM, TASKS_WILDCARD, WORKFLOWS_BUCKET,
 };
-use crate::workflow::{Step, Workflow};
 
 /// How long the event log keeps events (and so how long a job may run).
 pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);

@@ -12,23 +12,16 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{self, pull};
 use async_nats::jetstream::Message;
 use futures::{FutureExt, StreamExt};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::delivery::Deliveries;
 use crate::metrics::Metrics;
-use crate::protocol::{Event, Millis, EVENTS_WILDCARD, STATS_CONSUMER};
-use crate::setup::Nats;
-use crate::store;
-
-/// Upper bounds (ms) of the duration buckets; the last bucket is open.
-pub const DURATION_BOUNDS_MS: [u64; 16] = [
-    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000, 300_000,
-];
-/// Attempts counted one by one up to this; more fall in the last bucket.
-pub const MAX_ATTEMPT_BUCKET: usize = 10;
+use crate::nats::log::Deliveries;
+use crate::nats::{store, Nats};
+use crate::protocol::{
+    capacity, Event, JobStats, Millis, StepStats, EVENTS_WILDCARD, STATS_CONSUMER,
+};
 
 #[derive(Debug, Error)]
 pub enum StatsError {
@@ -36,131 +29,7 @@ pub enum StatsError {
     Nats(String),
 }
 
-/// Statistics of one step.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct StepStats {
-    pub name: String,
-    pub started_at: Option<Millis>,
-    pub finished_at: Option<Millis>,
-    pub total: u64,
-    pub completed: u64,
-    pub failed: u64,
-    pub retries: u64,
-    /// `attempts[i]`: subjobs that finished on attempt i+1 (the last entry: 10 or more).
-    pub attempts: Vec<u64>,
-    /// Counts per duration bucket (see [`DURATION_BOUNDS_MS`]), successful attempts only.
-    pub duration_buckets: Vec<u64>,
-    pub duration_max_ms: u64,
-    pub duration_sum_ms: u64,
-}
-
-impl StepStats {
-    fn record_attempt(&mut self, attempt: u32) {
-        let i = (attempt.max(1) as usize - 1).min(MAX_ATTEMPT_BUCKET - 1);
-        if self.attempts.len() < MAX_ATTEMPT_BUCKET {
-            self.attempts.resize(MAX_ATTEMPT_BUCKET, 0);
-        }
-        self.attempts[i] += 1;
-        self.retries += u64::from(attempt.saturating_sub(1));
-    }
-
-    fn record_duration(&mut self, ms: u64) {
-        if self.duration_buckets.len() < DURATION_BOUNDS_MS.len() + 1 {
-            self.duration_buckets
-                .resize(DURATION_BOUNDS_MS.len() + 1, 0);
-        }
-        let i = DURATION_BOUNDS_MS
-            .iter()
-            .position(|b| ms <= *b)
-            .unwrap_or(DURATION_BOUNDS_MS.len());
-        self.duration_buckets[i] += 1;
-        self.duration_max_ms = self.duration_max_ms.max(ms);
-        self.duration_sum_ms += ms;
-    }
-
-    /// The duration (ms) under which a share `q` of successful attempts
-    /// fall, interpolated within its bucket and capped by the maximum seen.
-    pub fn duration_quantile_ms(&self, q: f64) -> Option<u64> {
-        let n: u64 = self.duration_buckets.iter().sum();
-        if n == 0 {
-            return None;
-        }
-        let rank = ((n as f64) * q).ceil().max(1.0);
-        let mut below = 0u64;
-        for (i, c) in self.duration_buckets.iter().enumerate() {
-            if *c > 0 && (below + c) as f64 >= rank {
-                let lo = if i == 0 { 0 } else { DURATION_BOUNDS_MS[i - 1] };
-                let hi = DURATION_BOUNDS_MS
-                    .get(i)
-                    .copied()
-                    .unwrap_or(self.duration_max_ms)
-                    .min(self.duration_max_ms)
-                    .max(lo);
-                let share = (rank - below as f64) / *c as f64;
-                return Some(lo + ((hi - lo) as f64 * share).round() as u64);
-            }
-            below += c;
-        }
-        Some(self.duration_max_ms)
-    }
-
-    /// Subjobs finished per second, over the step's run so far.
-    pub fn throughput(&self, now: Millis) -> Option<f64> {
-        let start = self.started_at?;
-        let end = self.finished_at.unwrap_or(now);
-        let secs = (end.saturating_sub(start) as f64 / 1000.0).max(0.001);
-        Some((self.completed + self.failed) as f64 / secs)
-    }
-
-    /// A summary for people and the API.
-    pub fn summary(&self, now: Millis) -> serde_json::Value {
-        serde_json::json!({
-            "name": self.name,
-            "duration_ms": self.started_at.map(|s| self.finished_at.unwrap_or(now).saturating_sub(s)),
-            "attempts_histogram": self.attempts,
-            "subjob_duration_ms": {
-                "p50": self.duration_quantile_ms(0.5),
-                "p95": self.duration_quantile_ms(0.95),
-                "max": (self.duration_buckets.iter().sum::<u64>() > 0).then_some(self.duration_max_ms),
-                "mean": (self.completed > 0).then(|| self.duration_sum_ms / self.completed.max(1)),
-            },
-            "throughput_per_s": self.throughput(now),
-        })
-    }
-}
-
-/// Statistics of one job.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct JobStats {
-    pub job_id: String,
-    pub workflow: String,
-    pub requested_at: Option<Millis>,
-    pub finished_at: Option<Millis>,
-    pub outcome: Option<String>,
-    /// When the job should have ended, if its workflow has a deadline.
-    #[serde(default)]
-    pub deadline_at: Option<Millis>,
-    pub steps: Vec<StepStats>,
-    /// Last event-log sequence applied to this record.
-    pub applied_seq: u64,
-}
-
 impl JobStats {
-    fn step(&mut self, i: usize) -> &mut StepStats {
-        if self.steps.len() <= i {
-            self.steps.resize_with(i + 1, StepStats::default);
-        }
-        &mut self.steps[i]
-    }
-
-    fn step_name(&self, i: usize) -> String {
-        self.steps
-            .get(i)
-            .map(|s| s.name.clone())
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| format!("step{i}"))
-    }
-
     /// Applies one event; updates the metrics. False when already applied.
     pub fn apply(&mut self, seq: u64, event: &Event, metrics: &Metrics) -> bool {
         if seq <= self.applied_seq {
@@ -263,19 +132,6 @@ impl JobStats {
     }
 }
 
-/// Reads a job's statistics.
-pub async fn get(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StatsError> {
-    match nats
-        .stats
-        .get(job_id)
-        .await
-        .map_err(|e| StatsError::Nats(e.to_string()))?
-    {
-        Some(b) => Ok(serde_json::from_slice(&b).ok()),
-        None => Ok(None),
-    }
-}
-
 /// Runs the statistics consumer until `cancel`.
 pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError> {
     let err = |e: &dyn std::fmt::Display| StatsError::Nats(e.to_string());
@@ -336,7 +192,7 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
                     };
                     let id = event.job_id().to_string();
                     if !jobs.contains_key(&id) {
-                        let loaded = match get(&nats, &id).await? {
+                        let loaded = match store::stats(&nats, &id).await.map_err(|e| err(&e))? {
                             Some(s) => s,
                             None => seed(&nats, &id).await,
                         };
@@ -428,7 +284,7 @@ fn capacity_gauges<'a>(jobs: impl Iterator<Item = &'a JobStats>, now: Millis) {
         };
         let mean = step.duration_sum_ms.checked_div(step.completed);
         let done = step.completed + step.failed;
-        let Some(c) = crate::client::capacity(
+        let Some(c) = capacity(
             step.total,
             done,
             step.started_at.unwrap_or(now),

@@ -10,11 +10,11 @@ use futures::StreamExt;
 use rand::Rng;
 use serde_json::{json, Value};
 
-use crate::setup::Nats;
-use crate::worker::{TaskContext, TaskError, Worker};
+use fanjet::nats::Nats;
+use fanjet::worker::{TaskContext, TaskError, Worker};
 
 /// The seed workflow's definition.
-pub const INVOICES_TOML: &str = include_str!("../examples/invoices.toml");
+pub const INVOICES_TOML: &str = include_str!("../../examples/invoices.toml");
 
 /// Knobs of the simulated work.
 #[derive(Debug, Clone)]

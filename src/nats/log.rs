@@ -1,5 +1,6 @@
-//! Hole detection for the log's acknowledge-all consumers (the manager and
-//! the statistics consumer).
+//! The event log (`FANJET_EVENTS`): reading a job's history, and finding
+//! the holes of the log's acknowledge-all readers (the manager and the
+//! statistics consumer).
 //!
 //! Under `AckPolicy::All`, acknowledging a message acknowledges every message
 //! delivered before it. A message lost between the server and the client (a
@@ -11,9 +12,80 @@
 //! without a hole notices the loss, applies only what came before it, and
 //! starts again from its ack floor, which delivers the lost message again.
 
-use async_nats::jetstream::consumer::Info;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::OrderedConfig;
+use async_nats::jetstream::consumer::{DeliverPolicy, Info};
 use async_nats::jetstream::stream::{ConsumerResetError, Stream};
 use async_nats::jetstream::Message;
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+use thiserror::Error;
+
+use super::Nats;
+use crate::protocol::job_events_filter;
+
+/// What can go wrong with the log.
+#[derive(Debug, Error)]
+pub enum LogError {
+    #[error("reading the event log: {0}")]
+    Read(String),
+}
+
+/// One event of a job's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoggedEvent {
+    pub seq: u64,
+    pub subject: String,
+    pub event: Value,
+}
+
+/// A job's events from the log in order, from sequence `from_seq`, at most `limit`.
+pub async fn history(
+    nats: &Nats,
+    job_id: &str,
+    from_seq: u64,
+    limit: usize,
+) -> Result<Vec<LoggedEvent>, LogError> {
+    let err = |e: &dyn std::fmt::Display| LogError::Read(e.to_string());
+    let deliver_policy = if from_seq > 1 {
+        DeliverPolicy::ByStartSequence {
+            start_sequence: from_seq,
+        }
+    } else {
+        DeliverPolicy::All
+    };
+    let consumer = nats
+        .events
+        .create_consumer(OrderedConfig {
+            filter_subject: job_events_filter(job_id),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(&e))?;
+    let mut out = Vec::new();
+    let mut msgs = consumer.messages().await.map_err(|e| err(&e))?;
+    while out.len() < limit {
+        let Ok(Some(next)) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
+        else {
+            break;
+        };
+        let m = next.map_err(|e| err(&e))?;
+        let info = m.info().map_err(|e| err(&e))?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        out.push(LoggedEvent {
+            seq,
+            subject: m.subject.to_string(),
+            event: serde_json::from_slice(&m.payload).unwrap_or(Value::Null),
+        });
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
 
 /// Where a batch stops following on from what was read before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,15 +19,14 @@ use serde_json::{json, Value};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
+use super::{monitor, processes};
 use crate::client::{self, ClientError};
-use crate::machine::Job;
 use crate::metrics::Metrics;
-use crate::protocol::{now_ms, RejectCode, Submission};
-use crate::setup::Nats;
-use crate::{stats, store};
+use crate::nats::{log, store, Nats};
+use crate::protocol::{detailed, now_ms, validate_token, Job, JobState, RejectCode, Submission};
 
 /// The OpenAPI document of this API.
-pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 const INDEX: &str = include_str!("index.html");
 
 #[derive(Debug, Error)]
@@ -91,6 +90,12 @@ impl From<ClientError> for ApiError {
 
 impl From<store::StoreError> for ApiError {
     fn from(e: store::StoreError) -> Self {
+        ApiError::new(StatusCode::BAD_GATEWAY, "nats_error", e.to_string())
+    }
+}
+
+impl From<log::LogError> for ApiError {
+    fn from(e: log::LogError) -> Self {
         ApiError::new(StatusCode::BAD_GATEWAY, "nats_error", e.to_string())
     }
 }
@@ -231,8 +236,8 @@ async fn readyz(State(nats): State<Nats>) -> Response {
 }
 
 /// Live managers with their partitions, and workers with their slots.
-async fn processes(State(nats): State<Nats>) -> Json<client::Processes> {
-    Json(client::processes(&nats, crate::monitor::live()).await)
+async fn processes(State(nats): State<Nats>) -> Json<processes::Processes> {
+    Json(processes::processes(&nats, monitor::live()).await)
 }
 
 async fn metrics() -> Response {
@@ -278,43 +283,24 @@ fn summary(job: &Job) -> Value {
 }
 
 async fn list_jobs(State(nats): State<Nats>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
-    if let Some(s) = &q.state {
-        if ![
-            "requested",
-            "running",
-            "completed",
-            "failed",
-            "cancelled",
-            "rejected",
-        ]
-        .contains(&s.as_str())
-        {
+    let state = match q.state.as_deref().map(JobState::parse) {
+        None => None,
+        Some(Some(s)) => Some(s),
+        Some(None) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                format!("unknown state {s:?}"),
-            ));
+                format!("unknown state {:?}", q.state.unwrap_or_default()),
+            ))
         }
-    }
+    };
     let limit = q.limit.clamp(1, 1000);
-    let mut jobs = Vec::new();
-    for id in store::job_ids(&nats).await? {
-        if let Some((job, _)) = store::get(&nats, &id).await? {
-            let keep = q.workflow.as_deref().is_none_or(|w| job.workflow == w)
-                && q.customer
-                    .as_deref()
-                    .is_none_or(|c| job.customer.as_deref() == Some(c))
-                && q.state.as_deref().is_none_or(|s| job.state.as_str() == s);
-            if keep {
-                jobs.push(job);
-            }
-        }
-    }
-    jobs.sort_by(|a, b| {
-        b.created_at
-            .cmp(&a.created_at)
-            .then_with(|| b.job_id.cmp(&a.job_id))
-    });
+    let filter = store::JobFilter {
+        customer: q.customer,
+        workflow: q.workflow,
+        state,
+    };
+    let jobs = store::list(&nats, &filter).await?;
     let total = jobs.len();
     let page: Vec<Value> = jobs
         .iter()
@@ -328,11 +314,11 @@ async fn list_jobs(State(nats): State<Nats>, Query(q): Query<ListQuery>) -> ApiR
 }
 
 async fn job(State(nats): State<Nats>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let job = client::status(&nats, &id)
+    let job = store::status(&nats, &id)
         .await?
         .ok_or_else(|| ApiError::from(ClientError::NoSuchJob(id.clone())))?;
-    let st = stats::get(&nats, &id).await.ok().flatten();
-    Ok(Json(client::detailed(&job, st.as_ref(), now_ms())))
+    let st = store::stats(&nats, &id).await.ok().flatten();
+    Ok(Json(detailed(&job, st.as_ref(), now_ms())))
 }
 
 #[derive(Debug, Deserialize)]
@@ -352,10 +338,10 @@ async fn events(
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
 ) -> ApiResult<Json<Value>> {
-    if client::status(&nats, &id).await?.is_none() {
+    if store::status(&nats, &id).await?.is_none() {
         return Err(ClientError::NoSuchJob(id).into());
     }
-    let list = client::events(&nats, &id, q.from_seq, q.limit.clamp(1, 10_000)).await?;
+    let list = log::history(&nats, &id, q.from_seq, q.limit.clamp(1, 10_000)).await?;
     Ok(Json(json!({"job_id": id, "events": list})))
 }
 
@@ -363,7 +349,7 @@ async fn stream(
     State(nats): State<Nats>,
     Path(id): Path<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
-    if client::status(&nats, &id).await?.is_none() {
+    if store::status(&nats, &id).await?.is_none() {
         return Err(ClientError::NoSuchJob(id).into());
     }
     let watch = nats
@@ -388,8 +374,8 @@ async fn stream(
         .then(move |job| {
             let nats = nats2.clone();
             async move {
-                let st = stats::get(&nats, &job.job_id).await.ok().flatten();
-                let data = client::detailed(&job, st.as_ref(), now_ms());
+                let st = store::stats(&nats, &job.job_id).await.ok().flatten();
+                let data = detailed(&job, st.as_ref(), now_ms());
                 let kind = if job.state.is_terminal() {
                     "end"
                 } else {
@@ -417,7 +403,7 @@ async fn submit(
 ) -> ApiResult<Response> {
     let Json(body) = body
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_payload", e.body_text()))?;
-    crate::protocol::validate_token("workflow name", &body.workflow).map_err(|e| {
+    validate_token("workflow name", &body.workflow).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_workflow_name",

@@ -20,10 +20,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::nats::Nats;
 use crate::protocol::{
     kind_filter, notify_subject, Event, EventKind, NOTIFICATION_ID_HEADER, NOTIFY_CONSUMER,
 };
-use crate::setup::Nats;
 
 #[derive(Debug, Error)]
 pub enum NotifyError {

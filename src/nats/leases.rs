@@ -29,11 +29,11 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::Nats;
 use crate::protocol::{
-    exclusive_key, lease_key, member_key, LEASES_BUCKET, LEASE_KEY_PREFIX, LEASE_TTL,
+    exclusive_key, lease_key, member_key, partition, LEASES_BUCKET, LEASE_KEY_PREFIX, LEASE_TTL,
     MEMBER_KEY_PREFIX, PARTITIONS,
 };
-use crate::setup::Nats;
 
 #[derive(Debug, Error)]
 pub enum LeaseError {
@@ -270,7 +270,7 @@ pub fn claim_order(me: &str, free: &[u32]) -> Vec<u32> {
     if free.is_empty() {
         return Vec::new();
     }
-    let start = crate::protocol::partition(me) as usize % free.len();
+    let start = partition(me) as usize % free.len();
     free[start..]
         .iter()
         .chain(&free[..start])

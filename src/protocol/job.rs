@@ -5,9 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::Pending;
-use crate::protocol::{JobRequested, Millis};
-use crate::workflow::{StepKind, Workflow};
+use super::{JobRequested, Millis, Pending, StepKind, Workflow};
 
 /// Failed subjobs kept with their error per step; the count is always exact.
 pub const MAX_FAILURES_KEPT: usize = 100;
@@ -29,6 +27,21 @@ impl JobState {
             self,
             JobState::Completed | JobState::Failed | JobState::Cancelled | JobState::Rejected
         )
+    }
+
+    /// Every state, in the order a job may pass through them.
+    pub const ALL: [JobState; 6] = [
+        JobState::Requested,
+        JobState::Running,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::Rejected,
+    ];
+
+    /// The state named `name` (as [`as_str`](Self::as_str) spells it).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
     }
 
     pub fn as_str(self) -> &'static str {

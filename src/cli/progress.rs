@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::client::{self, ClientError};
-use crate::machine::{Job, JobState, StepState};
-use crate::setup::Nats;
-use crate::store;
+use fanjet::client::{self, ClientError};
+use fanjet::nats::{store, Nats};
+use fanjet::protocol::{partition, Job, JobState, JobStats, StepState};
 
 /// Polls the job's status until it ends; draws bars when `bars` is set.
 /// With `as_customer`, reads through the status service as that customer
@@ -113,7 +112,7 @@ pub fn render(job: &Job) -> String {
         job.job_id,
         job.workflow,
         job.customer.as_deref().unwrap_or("-"),
-        crate::protocol::partition(&job.job_id)
+        partition(&job.job_id)
     ));
     out.push_str(&format!(
         "state {}  duration {}\n",
@@ -167,7 +166,7 @@ pub fn render(job: &Job) -> String {
 }
 
 /// Per-step statistics: subjob durations and attempts.
-pub fn render_stats(st: &crate::stats::JobStats, now: u64) -> String {
+pub fn render_stats(st: &JobStats, now: u64) -> String {
     let mut out = format!(
         "{:<14} {:>9} {:>9} {:>9} {:>11}  attempts (1, 2, 3, ...)\n",
         "statistics", "p50 ms", "p95 ms", "max ms", "subjobs/s"
@@ -228,82 +227,5 @@ pub fn exit_code(state: JobState) -> i32 {
         JobState::Completed => 0,
         JobState::Failed => 1,
         _ => 2,
-    }
-}
-
-/// Partition numbers as ranges: `0-7, 9, 12-15`.
-fn ranges(ps: &[u32]) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < ps.len() {
-        let start = ps[i];
-        while i + 1 < ps.len() && ps[i + 1] == ps[i] + 1 {
-            i += 1;
-        }
-        out.push(if ps[i] == start {
-            start.to_string()
-        } else {
-            format!("{start}-{}", ps[i])
-        });
-        i += 1;
-    }
-    if out.is_empty() {
-        "none".into()
-    } else {
-        out.join(", ")
-    }
-}
-
-/// The process list as text.
-pub fn processes_table(p: &client::Processes) -> String {
-    let ago = |ms: Option<u64>| match ms {
-        Some(ms) => format!("{:.1}s ago", ms as f64 / 1000.0),
-        None => "not heard".into(),
-    };
-    let mut out = format!("managers ({})\n", p.managers.len());
-    for m in &p.managers {
-        out += &format!(
-            "  {:<32} partitions {:<16} ({:>2})  jobs {:>5}  {}\n",
-            m.id,
-            ranges(&m.partitions),
-            m.partitions.len(),
-            m.jobs.map(|j| j.to_string()).unwrap_or_else(|| "-".into()),
-            ago(m.seen_ms_ago)
-        );
-    }
-    out += &format!("workers ({})\n", p.workers.len());
-    for w in &p.workers {
-        out += &format!(
-            "  {:<32} slots {:>4}  busy {:>4}  {}\n",
-            w.id,
-            w.slots,
-            w.busy,
-            ago(Some(w.seen_ms_ago))
-        );
-    }
-    match &p.leases_error {
-        Some(e) => out += &format!("partitions unknown: {e}\n"),
-        None if p.unowned_partitions.is_empty() => {
-            out += "every partition has a manager\n";
-        }
-        None => {
-            out += &format!(
-                "partitions without a manager: {} (their jobs wait)\n",
-                ranges(&p.unowned_partitions)
-            );
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ranges;
-
-    #[test]
-    fn partition_ranges_read_naturally() {
-        assert_eq!(ranges(&[]), "none");
-        assert_eq!(ranges(&[3]), "3");
-        assert_eq!(ranges(&[0, 1, 2, 3, 5, 7, 8]), "0-3, 5, 7-8");
     }
 }

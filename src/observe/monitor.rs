@@ -1,77 +1,20 @@
-//! Heartbeats and the gauges built from them and from consumer info.
+//! The gauges no event carries, built from heartbeats and consumer info.
 //!
 //! Managers and workers publish a small heartbeat every few seconds on
-//! `fanjet.heartbeat.<role>.<id>`; `fanjet serve` listens, reads the task
-//! and manager consumers' state, and sets the gauges, so one scrape target
-//! covers every process.
+//! `fanjet.heartbeat.<role>.<id>` ([`crate::nats::heartbeat`]); `fanjet
+//! serve` listens, reads the task and manager consumers' state, and sets
+//! the gauges, so one scrape target covers every process.
 
-use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use crate::metrics::Metrics;
-use crate::protocol::{heartbeat_subject, manager_consumer, HEARTBEAT_WILDCARD, PARTITIONS};
-use crate::setup::Nats;
-
-/// How often processes send a heartbeat.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
-/// A process silent this long is gone.
-const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
-
-/// What a process says about itself.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Heartbeat {
-    /// `manager` or `worker`.
-    pub role: String,
-    pub id: String,
-    /// Worker: slots in all, and busy.
-    #[serde(default)]
-    pub slots: u64,
-    #[serde(default)]
-    pub busy: u64,
-    /// Manager: jobs held as running, partitions owned.
-    #[serde(default)]
-    pub jobs: u64,
-    #[serde(default)]
-    pub partitions: u64,
-}
-
-/// A unique id for this process's heartbeats.
-pub fn process_id(role: &str) -> String {
-    format!(
-        "{role}-{}-{}",
-        std::process::id(),
-        ulid::Ulid::new()
-            .to_string()
-            .to_lowercase()
-            .get(20..)
-            .unwrap_or("0")
-    )
-}
-
-/// The last heartbeat of each process, by id, and when it came.
-type Heard = HashMap<String, (Instant, Heartbeat)>;
-
-/// Keeps a heartbeat message (anything unreadable is ignored).
-fn record(seen: &mut Heard, msg: &async_nats::Message) {
-    if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
-        seen.insert(hb.id.clone(), (Instant::now(), hb));
-    }
-}
-
-/// The processes heard from within [`HEARTBEAT_TTL`]: how long ago, and
-/// what they said.
-fn ages(seen: &Heard) -> Vec<(Duration, Heartbeat)> {
-    seen.values()
-        .filter(|(at, _)| at.elapsed() < HEARTBEAT_TTL)
-        .map(|(at, hb)| (at.elapsed(), hb.clone()))
-        .collect()
-}
+use crate::nats::heartbeat::{ages, record, Heard};
+use crate::nats::Nats;
+use crate::protocol::{manager_consumer, Heartbeat, HEARTBEAT_TTL, HEARTBEAT_WILDCARD, PARTITIONS};
 
 /// The heartbeats [`collect`] heard lately: what the API's process list
 /// shows. Empty in a process that does not collect.
@@ -83,47 +26,6 @@ fn heard() -> &'static Mutex<Heard> {
 /// Live processes [`collect`] has heard from.
 pub fn live() -> Vec<(Duration, Heartbeat)> {
     heard().lock().map(|seen| ages(&seen)).unwrap_or_default()
-}
-
-/// Listens to heartbeats for `period` (processes send one every
-/// [`HEARTBEAT_EVERY`]); for a command line that does not run [`collect`].
-pub async fn listen(
-    nats: &Nats,
-    period: Duration,
-) -> Result<Vec<(Duration, Heartbeat)>, async_nats::SubscribeError> {
-    let mut beats = nats.client.subscribe(HEARTBEAT_WILDCARD).await?;
-    let mut seen = Heard::new();
-    let until = tokio::time::sleep(period);
-    tokio::pin!(until);
-    loop {
-        tokio::select! {
-            _ = &mut until => break,
-            Some(msg) = beats.next() => record(&mut seen, &msg),
-        }
-    }
-    Ok(ages(&seen))
-}
-
-/// Publishes `beat()` every [`HEARTBEAT_EVERY`] until `cancel`.
-pub async fn beat(
-    nats: Nats,
-    cancel: CancellationToken,
-    mut make: impl FnMut() -> Heartbeat + Send,
-) {
-    let mut every = tokio::time::interval(HEARTBEAT_EVERY);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = every.tick() => {
-                let hb = make();
-                if let Ok(body) = serde_json::to_vec(&hb) {
-                    if let Err(e) = nats.client.publish(heartbeat_subject(&hb.role, &hb.id), body.into()).await {
-                        debug!(error = %e, "heartbeat");
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Keeps the gauges current until `cancel`.

@@ -1,4 +1,6 @@
-//! Job records and pending-set chunks in KV.
+//! The records fanjet keeps in KV: job records (`fanjet_jobs`), their
+//! pending-set chunks (`fanjet_pending`) and statistics records
+//! (`fanjet_stats`).
 //!
 //! A checkpoint writes a job's record first and its changed bitmap chunks
 //! second. After a crash the record may be ahead of the bitmaps, never
@@ -9,9 +11,11 @@ use async_nats::jetstream::kv;
 use futures::TryStreamExt;
 use thiserror::Error;
 
-use crate::machine::{Job, Pending, StepState};
-use crate::setup::Nats;
-use crate::workflow::StepKind;
+use super::Nats;
+use crate::protocol::{
+    event_subject, validate_token, Event, EventKind, Job, JobState, JobStats, Pending, StepKind,
+    StepState, CHUNK_BITS,
+};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -66,7 +70,7 @@ impl Checkpoint {
             }
             if ended {
                 // From the total: steps before a restart have no bits loaded.
-                let chunks = step.total.div_ceil(crate::machine::CHUNK_BITS);
+                let chunks = step.total.div_ceil(CHUNK_BITS);
                 purge.extend((0..chunks).map(|c| chunk_key(&job.job_id, i, c)));
             } else {
                 chunks.extend(
@@ -159,6 +163,45 @@ pub async fn get(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreE
     }
 }
 
+/// A job's status: its record, or, in the moment between its acceptance and
+/// the manager's first checkpoint, a `requested` stub built from the log.
+pub async fn status(nats: &Nats, job_id: &str) -> Result<Option<Job>, StoreError> {
+    if let Some((job, _)) = get(nats, job_id).await? {
+        return Ok(Some(job));
+    }
+    if validate_token("job id", job_id).is_err() {
+        return Ok(None);
+    }
+    let subject = event_subject(job_id, EventKind::JobRequested.token());
+    let Ok(msg) = nats.events.get_last_raw_message_by_subject(&subject).await else {
+        return Ok(None);
+    };
+    let Ok(Event::JobRequested(req)) = serde_json::from_slice::<Event>(&msg.payload) else {
+        return Ok(None);
+    };
+    let mut job = Job::rejected(
+        &req.job_id,
+        Some(&req.workflow),
+        req.customer.clone(),
+        String::new(),
+        req.at,
+    );
+    job.state = JobState::Requested;
+    job.error = None;
+    job.finished_at = None;
+    Ok(Some(job))
+}
+
+/// Reads a job's statistics record.
+pub async fn stats(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StoreError> {
+    let bytes = nats.stats.get(job_id).await.map_err(|e| StoreError::Kv {
+        job_id: job_id.into(),
+        op: "get statistics",
+        message: e.to_string(),
+    })?;
+    Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
+}
+
 /// Reads a job record with the bitmap of its running step, ready to resume.
 pub async fn load(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreError> {
     let Some((mut job, rev)) = get(nats, job_id).await? else {
@@ -203,6 +246,43 @@ pub async fn job_ids(nats: &Nats) -> Result<Vec<String>, StoreError> {
     };
     let keys = nats.jobs.keys().await.map_err(|e| err(&e))?;
     keys.try_collect().await.map_err(|e| err(&e))
+}
+
+/// Which jobs a listing keeps (`None`: any).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub customer: Option<String>,
+    pub workflow: Option<String>,
+    pub state: Option<JobState>,
+}
+
+impl JobFilter {
+    pub fn keeps(&self, job: &Job) -> bool {
+        self.customer
+            .as_deref()
+            .is_none_or(|c| job.customer.as_deref() == Some(c))
+            && self.workflow.as_deref().is_none_or(|w| job.workflow == w)
+            && self.state.is_none_or(|s| job.state == s)
+    }
+}
+
+/// Every job record the filter keeps, newest first (`fanjet jobs`, `GET
+/// /api/jobs`). It reads every record: fine for thousands, not millions.
+pub async fn list(nats: &Nats, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+    let mut jobs = Vec::new();
+    for id in job_ids(nats).await? {
+        if let Some((job, _)) = get(nats, &id).await? {
+            if filter.keeps(&job) {
+                jobs.push(job);
+            }
+        }
+    }
+    jobs.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then_with(|| b.job_id.cmp(&a.job_id))
+    });
+    Ok(jobs)
 }
 
 /// Every job not yet ended whose id passes `mine`, loaded to resume.

@@ -1,0 +1,234 @@
+//! The job commands: `fanjet submit`, `status`, `jobs`, `cancel`, `watch`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+
+use fanjet::client;
+use fanjet::nats::connect::ConnectArgs;
+use fanjet::nats::store::{self, JobFilter};
+use fanjet::nats::Nats;
+use fanjet::protocol::{detailed, now_ms, validate_token, Job, JobState, StepState, Submission};
+
+use super::progress;
+
+// `fanjet submit`
+#[derive(Args)]
+pub struct SubmitArgs {
+    workflow: String,
+    /// Job id (idempotent: the same id never starts twice). Generated when absent.
+    #[arg(long)]
+    job_id: Option<String>,
+    /// Customer (tenant) key.
+    #[arg(long)]
+    customer: Option<String>,
+    /// Input as JSON, or @FILE to read it from a file.
+    #[arg(long)]
+    input: Option<String>,
+    /// Follow the job with progress bars and exit with its outcome (0 completed, 1 failed, 2 cancelled).
+    #[arg(long)]
+    wait: bool,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+// `fanjet status`
+#[derive(Args)]
+pub struct StatusArgs {
+    job_id: String,
+    #[arg(long)]
+    json: bool,
+    /// Ask the status service as this customer (for users who may only do that).
+    #[arg(long)]
+    customer: Option<String>,
+}
+
+// `fanjet jobs`
+#[derive(Args)]
+pub struct JobsArgs {
+    #[arg(long)]
+    customer: Option<String>,
+    #[arg(long)]
+    workflow: Option<String>,
+    /// Only jobs in this state (requested, running, completed, failed, cancelled, rejected).
+    #[arg(long, value_parser = parse_state)]
+    state: Option<JobState>,
+    #[arg(long)]
+    json: bool,
+}
+
+// `fanjet cancel`
+#[derive(Args)]
+pub struct CancelArgs {
+    job_id: String,
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+// `fanjet watch`
+#[derive(Args)]
+pub struct WatchArgs {
+    job_id: String,
+    /// Read the status as this customer, through the status service (for users who may only do that).
+    #[arg(long)]
+    customer: Option<String>,
+}
+
+fn parse_state(name: &str) -> Result<JobState, String> {
+    JobState::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+        format!("unknown state {name:?}; one of {}", names.join(", "))
+    })
+}
+
+pub async fn submit(connect: &ConnectArgs, args: SubmitArgs) -> Result<u8> {
+    let nats = super::connect(connect, "fanjet-cli").await?;
+    let input = match args.input {
+        None => serde_json::Value::Null,
+        Some(s) => {
+            let text = match s.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading input file {path}"))?,
+                None => s,
+            };
+            serde_json::from_str(&text).context("--input is not valid JSON")?
+        }
+    };
+    // A customer (a token) may be all this user can read status as.
+    let as_customer = args
+        .customer
+        .clone()
+        .filter(|c| validate_token("customer", c).is_ok());
+    let sub = Submission {
+        job_id: args.job_id,
+        customer: args.customer,
+        input,
+    };
+    let reply = client::submit(&nats, &args.workflow, &sub).await?;
+    let id = reply.job_id.clone().unwrap_or_default();
+    if !reply.ok {
+        let err = reply
+            .error
+            .map(|e| format!("{:?}: {}", e.code, e.message))
+            .unwrap_or_default();
+        bail!("job {id} rejected: {err}");
+    }
+    if args.json && !args.wait {
+        println!("{}", serde_json::to_string(&reply)?);
+    } else if !args.wait {
+        println!("{id}");
+    }
+    if reply.duplicate {
+        eprintln!("note: job {id} existed already; nothing new was started");
+    }
+    if !args.wait {
+        return Ok(0);
+    }
+    follow_to_end(&nats, &id, args.json, as_customer.as_deref()).await
+}
+
+pub async fn status(connect: &ConnectArgs, args: StatusArgs) -> Result<u8> {
+    let nats = super::connect(connect, "fanjet-cli").await?;
+    let job = lookup(&nats, &args.job_id, args.customer.as_deref()).await?;
+    let stats = match args.customer {
+        Some(_) => None,
+        None => store::stats(&nats, &args.job_id).await.ok().flatten(),
+    };
+    let now = now_ms();
+    let view = detailed(&job, stats.as_ref(), now);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", progress::render(&job));
+        if let Some(st) = &stats {
+            print!(
+                "{}",
+                progress::render_stats(st, job.finished_at.unwrap_or(now))
+            );
+        }
+        print!("{}", progress::render_capacity(&view, now));
+    }
+    Ok(0)
+}
+
+pub async fn list(connect: &ConnectArgs, args: JobsArgs) -> Result<u8> {
+    let nats = super::connect(connect, "fanjet-cli").await?;
+    let filter = JobFilter {
+        customer: args.customer,
+        workflow: args.workflow,
+        state: args.state,
+    };
+    // Oldest first: the newest end up next to the prompt.
+    let mut jobs = store::list(&nats, &filter).await?;
+    jobs.reverse();
+    if args.json {
+        let list: Vec<_> = jobs
+            .iter()
+            .map(|j| serde_json::json!({"job_id": j.job_id, "workflow": j.workflow, "customer": j.customer, "state": j.state, "created_at": j.created_at, "finished_at": j.finished_at}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!(
+            "{:<28} {:<16} {:<16} {:<10} progress",
+            "job", "workflow", "customer", "state"
+        );
+        for j in &jobs {
+            let started = j
+                .steps
+                .iter()
+                .filter(|s| s.state != StepState::Pending)
+                .count();
+            println!(
+                "{:<28} {:<16} {:<16} {:<10} step {}/{}",
+                j.job_id,
+                j.workflow,
+                j.customer.as_deref().unwrap_or("-"),
+                j.state.as_str(),
+                started,
+                j.steps.len()
+            );
+        }
+    }
+    Ok(0)
+}
+
+pub async fn cancel(connect: &ConnectArgs, args: CancelArgs) -> Result<u8> {
+    let nats = super::connect(connect, "fanjet-cli").await?;
+    client::cancel(&nats, &args.job_id, args.reason).await?;
+    eprintln!("cancel requested for {}", args.job_id);
+    Ok(0)
+}
+
+pub async fn watch(connect: &ConnectArgs, args: WatchArgs) -> Result<u8> {
+    let nats = super::connect(connect, "fanjet-cli").await?;
+    lookup(&nats, &args.job_id, args.customer.as_deref()).await?;
+    follow_to_end(&nats, &args.job_id, false, args.customer.as_deref()).await
+}
+
+/// Follows a job to its end (bars unless `json`), prints it, and returns
+/// its outcome as the exit code.
+pub async fn follow_to_end(
+    nats: &Nats,
+    job_id: &str,
+    json: bool,
+    customer: Option<&str>,
+) -> Result<u8> {
+    let job = progress::follow(nats, job_id, !json, None, customer)
+        .await?
+        .ok_or_else(|| anyhow!("job {job_id} vanished"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&job)?);
+    } else {
+        print!("{}", progress::render(&job));
+    }
+    Ok(progress::exit_code(job.state) as u8)
+}
+
+/// A job's status from the jobs bucket, or as `customer` through the status service.
+async fn lookup(nats: &Nats, job_id: &str, customer: Option<&str>) -> Result<Job> {
+    let job = match customer {
+        Some(c) => client::status_as(nats, c, job_id).await?,
+        None => store::status(nats, job_id).await?,
+    };
+    job.ok_or_else(|| anyhow!("no job {job_id:?}"))
+}

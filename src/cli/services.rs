@@ -1,0 +1,131 @@
+//! The long-running processes: `fanjet manager`, `fanjet worker` and
+//! `fanjet serve`. Each runs until SIGTERM or Ctrl-C and drains first.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use fanjet::manager::{self, ManagerOptions};
+use fanjet::nats::connect::ConnectArgs;
+use fanjet::observe::notify::Webhooks;
+use fanjet::observe::{self, ServeOptions};
+use fanjet::shutdown;
+use fanjet::worker::{exec_handler, sleep_handler, Worker, EXIT_GIVE_UP};
+
+// `fanjet manager`
+#[derive(Args)]
+pub struct ManagerArgs {
+    /// Also serve this process's Prometheus metrics (events ignored, by reason) at ADDR/metrics.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+}
+
+// `fanjet worker`
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// Workflow whose steps this worker serves.
+    #[arg(long)]
+    workflow: String,
+    /// Step to serve (repeat for several).
+    #[arg(long = "step", required = true)]
+    steps: Vec<String>,
+    /// Command run per task.
+    #[arg(long, required_unless_present = "sleep", conflicts_with = "sleep")]
+    exec: Option<String>,
+    /// Built-in handler instead of --exec: sleep this long, then succeed with a null result
+    /// (benchmarks and smoke tests).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    sleep: Option<Duration>,
+    /// Most tasks running at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// How long in-flight tasks may finish after SIGTERM.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+}
+
+// `fanjet serve`
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address of the HTTP server. Loopback by default: put a proxy in front to expose it.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "FANJET_LISTEN")]
+    listen: SocketAddr,
+    /// URL to POST every step and job notification to (repeat for several).
+    #[arg(long = "webhook", env = "FANJET_WEBHOOKS", value_delimiter = ',')]
+    webhooks: Vec<String>,
+    /// Tries per notification and webhook (delays double from 1 s).
+    #[arg(long, default_value_t = 6)]
+    webhook_attempts: u32,
+    /// Bearer token every API call must carry. Required to listen on a non-loopback address.
+    #[arg(long, env = "FANJET_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Also serve /metrics, without the token, on this address (for Prometheus).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+pub async fn manager(connect: &ConnectArgs, args: ManagerArgs) -> Result<u8> {
+    let nats = super::connect_admin(connect, "fanjet-manager").await?;
+    let root = CancellationToken::new();
+    shutdown::on_signals(root.clone());
+    let mut side = JoinSet::new();
+    if let Some(addr) = args.metrics {
+        side.spawn(observe::api::serve_metrics(addr, root.clone()));
+    }
+    let result = manager::run(nats, ManagerOptions::default(), root.clone()).await;
+    root.cancel();
+    while let Some(r) = side.join_next().await {
+        if let Ok(Err(e)) = r {
+            eprintln!("error: metrics endpoint: {e}");
+        }
+    }
+    result?;
+    Ok(0)
+}
+
+pub async fn worker(connect: &ConnectArgs, args: WorkerArgs) -> Result<u8> {
+    let nats = super::connect(connect, "fanjet-worker").await?;
+    let root = CancellationToken::new();
+    shutdown::on_signals(root.clone());
+    let mut worker = Worker::new(nats)
+        .concurrency(args.concurrency)
+        .grace(args.grace);
+    for step in &args.steps {
+        let handler = match (&args.exec, args.sleep) {
+            (Some(cmd), _) => exec_handler(cmd.clone()),
+            (None, Some(d)) => sleep_handler(d),
+            (None, None) => bail!("give --exec CMD or --sleep DURATION"),
+        };
+        worker = worker.boxed_handler(&args.workflow, step, handler);
+    }
+    tracing::info!(give_up_exit_code = EXIT_GIVE_UP, "worker starting");
+    worker.run(root).await?;
+    Ok(0)
+}
+
+pub async fn serve(connect: &ConnectArgs, args: ServeArgs) -> Result<u8> {
+    let nats = super::connect_admin(connect, "fanjet-serve").await?;
+    let root = CancellationToken::new();
+    shutdown::on_signals(root.clone());
+    let webhooks = Webhooks {
+        urls: args.webhooks,
+        attempts: args.webhook_attempts,
+        ..Default::default()
+    };
+    eprintln!(
+        "fanjet serve: http://{}/ (API under /api, metrics at /metrics)",
+        args.listen
+    );
+    let options = ServeOptions {
+        listen: args.listen,
+        webhooks,
+        token: args.token,
+        metrics_listen: args.metrics_listen,
+    };
+    observe::serve(nats, options, root).await?;
+    Ok(0)
+}

@@ -1,0 +1,121 @@
+//! Random, mostly nonsensical input against the engine (unknown jobs, huge
+//! indices, wrong steps, duplicates, ticks, aborts): it may never panic or
+//! break a count, whatever arrives on the log. The test says how many
+//! streams it tried (run with `--nocapture` to see it).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use serde_json::json;
+
+use super::{Engine, Input};
+use crate::protocol::{
+    CancelRequested, Event, JobRequested, JobState, SubjobCompleted, SubjobFailed, Workflow,
+};
+
+/// Random, mostly nonsensical inputs for the engine: unknown jobs, huge
+/// indices, wrong steps, duplicates, ticks, aborts.
+fn engine_input() -> impl Strategy<Value = (u8, u8, usize, u64, u32, bool)> {
+    (
+        0u8..8,
+        0u8..3,
+        0usize..4,
+        prop_oneof![0u64..12, Just(u64::MAX), any::<u64>()],
+        0u32..6,
+        any::<bool>(),
+    )
+}
+
+#[test]
+fn random_event_streams_never_panic_the_engine() {
+    let wf = Workflow::from_toml(
+        "name = \"w\"\n[[steps]]\nname = \"a\"\nkind = \"task\"\n[[steps]]\nname = \"b\"\nkind = \"fanout\"\nmax_in_flight = 3\ntolerate_failures = \"2\"\n[[steps]]\nname = \"c\"\nkind = \"task\"\n",
+    )
+    .unwrap();
+    let tried = AtomicUsize::new(0);
+    let mut runner = TestRunner::new(Config {
+        cases: 1500,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let streams = prop::collection::vec(engine_input(), 1..120);
+    runner
+        .run(&streams, |inputs| {
+            tried.fetch_add(1, Ordering::Relaxed);
+            let mut e = Engine::new();
+            let mut now = 1;
+            for (what, job, step, index, attempt, flag) in inputs {
+                now += 7;
+                let job_id = format!("j{job}");
+                let input = match what {
+                    0 => Input::Requested {
+                        seq: now,
+                        event: JobRequested {
+                            job_id,
+                            workflow: "w".into(),
+                            customer: None,
+                            input: json!(null),
+                            at: now,
+                            deadline_at: None,
+                        },
+                        workflow: flag.then(|| wf.clone()),
+                    },
+                    1 | 2 => Input::Event {
+                        seq: now,
+                        event: Event::SubjobCompleted(SubjobCompleted {
+                            job_id,
+                            step_index: step,
+                            index,
+                            attempt,
+                            result: if flag {
+                                json!([1, 2, 3, 4, 5])
+                            } else {
+                                json!({"x": 1})
+                            },
+                            duration_ms: 1,
+                        }),
+                    },
+                    3 => Input::Event {
+                        seq: now,
+                        event: Event::SubjobFailed(SubjobFailed {
+                            job_id,
+                            step_index: step,
+                            index,
+                            attempt,
+                            error: "e".into(),
+                        }),
+                    },
+                    4 => Input::Event {
+                        seq: now,
+                        event: Event::CancelRequested(CancelRequested {
+                            job_id,
+                            reason: None,
+                            at: now,
+                        }),
+                    },
+                    5 => Input::Abort {
+                        job_id,
+                        reason: "r".into(),
+                    },
+                    6 => Input::Lost { job_id },
+                    _ => Input::Tick,
+                };
+                let _ = e.apply(input, now);
+                for j in e.jobs() {
+                    for s in &j.steps {
+                        assert!(s.completed + s.failed <= s.total.max(s.dispatched), "{s:?}");
+                        assert!(s.dispatched <= s.total, "{s:?}");
+                    }
+                    if j.state == JobState::Completed {
+                        assert!(j.steps.iter().all(|s| s.completed + s.failed == s.total));
+                    }
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    let n = tried.into_inner();
+    eprintln!("engine: tried {n} random streams of up to 120 inputs each");
+    assert_eq!(n, 1500);
+}

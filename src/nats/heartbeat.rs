@@ -1,0 +1,88 @@
+//! Sending and hearing heartbeats ([`Heartbeat`]): every manager and worker
+//! runs [`beat`]; `fanjet processes` runs [`listen`]; the collector of
+//! `fanjet serve` keeps what it hears with [`record`].
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::Nats;
+use crate::protocol::{
+    heartbeat_subject, Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL, HEARTBEAT_WILDCARD,
+};
+
+/// A unique id for this process's heartbeats.
+pub fn process_id(role: &str) -> String {
+    format!(
+        "{role}-{}-{}",
+        std::process::id(),
+        ulid::Ulid::new()
+            .to_string()
+            .to_lowercase()
+            .get(20..)
+            .unwrap_or("0")
+    )
+}
+
+/// The last heartbeat of each process, by id, and when it came.
+pub type Heard = HashMap<String, (Instant, Heartbeat)>;
+
+/// Keeps a heartbeat message (anything unreadable is ignored).
+pub fn record(seen: &mut Heard, msg: &async_nats::Message) {
+    if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
+        seen.insert(hb.id.clone(), (Instant::now(), hb));
+    }
+}
+
+/// The processes heard from within [`HEARTBEAT_TTL`]: how long ago, and
+/// what they said.
+pub fn ages(seen: &Heard) -> Vec<(Duration, Heartbeat)> {
+    seen.values()
+        .filter(|(at, _)| at.elapsed() < HEARTBEAT_TTL)
+        .map(|(at, hb)| (at.elapsed(), hb.clone()))
+        .collect()
+}
+
+/// Listens to heartbeats for `period` (processes send one every
+/// [`HEARTBEAT_EVERY`]); for a command line that does not run the collector.
+pub async fn listen(
+    nats: &Nats,
+    period: Duration,
+) -> Result<Vec<(Duration, Heartbeat)>, async_nats::SubscribeError> {
+    let mut beats = nats.client.subscribe(HEARTBEAT_WILDCARD).await?;
+    let mut seen = Heard::new();
+    let until = tokio::time::sleep(period);
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            _ = &mut until => break,
+            Some(msg) = beats.next() => record(&mut seen, &msg),
+        }
+    }
+    Ok(ages(&seen))
+}
+
+/// Publishes `make()` every [`HEARTBEAT_EVERY`] until `cancel`.
+pub async fn beat(
+    nats: Nats,
+    cancel: CancellationToken,
+    mut make: impl FnMut() -> Heartbeat + Send,
+) {
+    let mut every = tokio::time::interval(HEARTBEAT_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {
+                let hb = make();
+                if let Ok(body) = serde_json::to_vec(&hb) {
+                    if let Err(e) = nats.client.publish(heartbeat_subject(&hb.role, &hb.id), body.into()).await {
+                        debug!(error = %e, "heartbeat");
+                    }
+                }
+            }
+        }
+    }
+}
