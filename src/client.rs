@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::nats::log::{self, LogError};
 use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
@@ -27,6 +28,8 @@ pub enum ClientError {
     Ended { job_id: String, state: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Log(#[from] LogError),
     #[error("NATS: {0}")]
     Nats(String),
 }
@@ -85,13 +88,7 @@ pub async fn cancel(nats: &Nats, job_id: &str, reason: Option<String>) -> Result
         reason,
         at: now_ms(),
     });
-    let body = encode_json(&event).map_err(|e| ClientError::Nats(e.to_string()))?;
-    nats.js
-        .publish(event.subject(), body)
-        .await
-        .map_err(|e| ClientError::Nats(e.to_string()))?
-        .await
-        .map_err(|e| ClientError::Nats(e.to_string()))?;
+    log::append(nats, &event).await?;
     Ok(())
 }
 

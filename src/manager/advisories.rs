@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::ManagerError;
-use crate::nats::Nats;
-use crate::protocol::{encode_json, Event, SubjobFailed, Task, ADVISORY_CONSUMER};
+use crate::nats::{log, Nats};
+use crate::protocol::{Event, SubjobFailed, Task, ADVISORY_CONSUMER};
 
 #[derive(Debug, Deserialize)]
 struct MaxDeliveries {
@@ -83,18 +83,7 @@ async fn handle(nats: &Nats, payload: &[u8]) -> Result<(), String> {
                 task.timeout_ms, task.max_attempts
             ),
         });
-        let body = encode_json(&event).map_err(|e| e.to_string())?;
-        nats.js
-            .send_publish(
-                event.subject(),
-                async_nats::jetstream::message::PublishMessage::build()
-                    .payload(body)
-                    .message_id(event.msg_id()),
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
+        log::append(nats, &event).await.map_err(|e| e.to_string())?;
         info!(job_id = %task.job_id, step = %task.step, index = task.index, "subjob exhausted its attempts");
     } else {
         warn!(

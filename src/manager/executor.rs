@@ -16,6 +16,7 @@ use tracing::warn;
 
 use super::ManagerError;
 use crate::machine::{Action, Dispatch};
+use crate::nats::log::{self, LogError};
 use crate::nats::Nats;
 use crate::protocol::{
     encode_json, job_tasks_filter, task_msg_id, task_subject, Event, ResultRef, Source,
@@ -24,8 +25,6 @@ use crate::protocol::{
 
 /// Publishes awaiting their ack at once, at most.
 const MAX_IN_FLIGHT: usize = 1024;
-/// Room left for headers under the server's max payload.
-const HEADER_ROOM: usize = 1024;
 /// Step inputs kept decoded (each is one logged event's payload).
 const SOURCE_CACHE: usize = 64;
 
@@ -83,35 +82,25 @@ impl Executor {
         Ok(aborts)
     }
 
-    /// Largest payload the server takes, less room for headers.
-    fn max_payload(&self) -> usize {
-        let max = self.nats.client.server_info().max_payload;
-        if max == 0 {
-            usize::MAX
-        } else {
-            max.saturating_sub(HEADER_ROOM)
-        }
-    }
-
     async fn publish_event(&mut self, event: &Event) -> Result<(), ManagerError> {
-        let mut payload = encode_json(event).map_err(|e| ManagerError::Nats(e.to_string()))?;
-        if payload.len() > self.max_payload() {
-            // Only a job's output can be this large (it came in a result that
-            // fit, plus a little); the event goes out without it.
-            let mut slim = event.clone();
-            if let Event::JobCompleted(c) = &mut slim {
-                c.output = serde_json::json!({"omitted": "larger than the server's max payload; see the last step's SubjobCompleted"});
+        let max = self.nats.max_payload();
+        let payload = match (log::encode(event, max), event) {
+            (Ok(payload), _) => payload,
+            (Err(LogError::TooLarge { bytes, .. }), Event::JobCompleted(done)) => {
+                // Only a job's output can be this large (it came in a result
+                // that fit, plus a little); the event goes out without it.
+                let mut slim = done.clone();
+                slim.output = serde_json::json!({"omitted": "larger than the server's max payload; see the last step's SubjobCompleted"});
+                warn!(
+                    job_id = event.job_id(),
+                    bytes, "JobCompleted too large; sending it without its output"
+                );
+                log::encode(&Event::JobCompleted(slim), max)?
             }
-            warn!(job_id = event.job_id(), kind = ?event.kind(), bytes = payload.len(), "event too large; sending it without its output");
-            payload = encode_json(&slim).map_err(|e| ManagerError::Nats(e.to_string()))?;
-        }
-        self.send(
-            event.subject(),
-            PublishMessage::build()
-                .payload(payload)
-                .message_id(event.msg_id()),
-        )
-        .await
+            (Err(e), _) => return Err(e.into()),
+        };
+        self.send(event.subject(), log::message(event, payload))
+            .await
     }
 
     async fn send(&mut self, subject: String, msg: PublishMessage) -> Result<(), ManagerError> {
@@ -143,7 +132,7 @@ impl Executor {
             Ok(v) => v,
             Err(reason) => return Ok(Some(format!("step {:?}: {reason}", d.step.name))),
         };
-        let max = self.max_payload();
+        let max = self.nats.max_payload();
         for index in d.from..d.to {
             let (item, input) = match d.step.kind {
                 StepKind::Fanout => (

@@ -2,12 +2,12 @@
 //! NATS client, turning each into a JobRequested (or a JobRejected) on the
 //! log. Runs in a queue group, so any number of managers share the load.
 
-use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::ManagerError;
+use crate::nats::log::{self, Appended};
 use crate::nats::{store, Nats};
 use crate::protocol::{
     decode, encode_json, new_job_id, now_ms, validate_customer, validate_token, Encoding, Event,
@@ -161,8 +161,8 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
         at,
         deadline_at: deadline_ms.map(|d| at + d),
     });
-    match publish(nats, &event).await {
-        Ok(duplicate) => {
+    match log::append(nats, &event).await {
+        Ok(Appended { duplicate, .. }) => {
             info!(job_id, duplicate, "job requested");
             SubmitReply {
                 ok: true,
@@ -177,24 +177,6 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
             format!("could not record the job: {e}"),
         ),
     }
-}
-
-/// Appends an event; true when the stream already had it (a duplicate).
-async fn publish(nats: &Nats, event: &Event) -> Result<bool, String> {
-    let payload = encode_json(event).map_err(|e| e.to_string())?;
-    let ack = nats
-        .js
-        .send_publish(
-            event.subject(),
-            PublishMessage::build()
-                .payload(payload)
-                .message_id(event.msg_id()),
-        )
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(ack.duplicate)
 }
 
 /// What is known of a submission when it is refused.
@@ -218,7 +200,7 @@ impl Rejection {
             reason: reason.clone(),
             at: now_ms(),
         });
-        if let Err(e) = publish(nats, &event).await {
+        if let Err(e) = log::append(nats, &event).await {
             warn!(job_id, error = %e, "could not log a rejection");
         }
         rejected(Some(job_id), code, reason)

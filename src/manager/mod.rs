@@ -30,6 +30,7 @@ use partition::EventLoop;
 
 use crate::nats::heartbeat::{beat, process_id};
 use crate::nats::leases::{self, LeaseError, Partitions as PartitionLeases};
+use crate::nats::log::LogError;
 use crate::nats::store::StoreError;
 use crate::nats::{Nats, SetupError};
 use crate::protocol::{Heartbeat, LEASE_TTL, MANAGER_CONSUMER, PARTITIONS};
@@ -42,6 +43,8 @@ pub enum ManagerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Leases(#[from] LeaseError),
+    #[error(transparent)]
+    Log(#[from] LogError),
     #[error("NATS: {0}")]
     Nats(String),
 }

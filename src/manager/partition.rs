@@ -19,16 +19,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, pull, PullConsumer};
 use async_nats::jetstream::Message;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{Executor, ManagerError, ManagerOptions};
 use crate::machine::{in_flight, Action, Engine, Input};
 use crate::metrics::Metrics;
-use crate::nats::log::Deliveries;
+use crate::nats::log::{stream_seq, Batch, LogError, Reader};
 use crate::nats::store::{self, Checkpoint, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
@@ -72,34 +71,16 @@ impl EventLoop {
         }
     }
 
-    async fn consumer(
-        nats: &Nats,
-        partition: u32,
-    ) -> Result<(PullConsumer, Deliveries), ManagerError> {
-        let name = manager_consumer(partition);
+    /// The partition's reader: its durable consumer over the event kinds
+    /// that drive the manager, reset to its ack floor.
+    async fn reader(nats: &Nats, partition: u32, batch: usize) -> Result<Reader, ManagerError> {
         let filters = EventKind::ALL
             .iter()
             .filter(|k| k.drives_manager())
             .map(|k| partition_kind_filter(partition, k.token()))
             .collect();
-        let consumer = nats
-            .events
-            .create_consumer(pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subjects: filters,
-                ack_policy: consumer::AckPolicy::All,
-                ack_wait: Duration::from_secs(60),
-                max_ack_pending: 100_000,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ManagerError::Nats(format!("creating the manager consumer: {e}")))?;
-        // Everything delivered but not acknowledged is delivered again, in
-        // order: with AckPolicy::All a later ack would otherwise skip it.
-        let deliveries = Deliveries::reset(&nats.events, &name)
-            .await
-            .map_err(|e| ManagerError::Nats(format!("resetting the manager consumer: {e}")))?;
-        Ok((consumer, deliveries))
+        let name = manager_consumer(partition);
+        Ok(Reader::open(nats, &name, filters, batch, "manager").await?)
     }
 
     async fn reload(&mut self) -> Result<(), ManagerError> {
@@ -144,14 +125,7 @@ impl EventLoop {
     /// Loads state, resets the consumer and processes until cancelled or an error.
     async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ManagerError> {
         self.reload().await?;
-        let (consumer, mut deliveries) = Self::consumer(&self.nats, self.partition).await?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(self.options.batch)
-            .heartbeat(Duration::from_secs(5))
-            .messages()
-            .await
-            .map_err(|e| ManagerError::Nats(format!("pulling events: {e}")))?;
+        let mut reader = Self::reader(&self.nats, self.partition, self.options.batch).await?;
         let mut ticker = tokio::time::interval(self.options.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut saver = tokio::time::interval(self.options.checkpoint_every);
@@ -181,34 +155,18 @@ impl EventLoop {
                     self.save(&mut unacked).await?;
                     unsaved = 0;
                 }
-                first = messages.next() => {
-                    let Some(first) = first else {
-                        return Err(ManagerError::Nats("event consumer closed".into()));
-                    };
-                    let mut batch = vec![first.map_err(|e| ManagerError::Nats(format!("pulling events: {e}")))?];
-                    while batch.len() < self.options.batch {
-                        match messages.next().now_or_never() {
-                            Some(Some(Ok(m))) => batch.push(m),
-                            Some(Some(Err(e))) => return Err(ManagerError::Nats(format!("pulling events: {e}"))),
-                            _ => break,
-                        }
-                    }
-                    // At a hole, apply and acknowledge only what came
-                    // before it; starting again from the ack floor
-                    // delivers the missing event.
-                    let hole = deliveries.check(&batch);
-                    if let Some(hole) = hole {
-                        batch.truncate(hole.at);
-                    }
+                batch = reader.next_batch() => {
+                    let Batch { messages: mut batch, hole } = batch?;
                     unsaved += batch.len();
                     self.apply(&batch).await?;
                     if let Some(last) = batch.pop() {
                         unacked = Some(last);
                     }
                     if let Some(hole) = hole {
+                        // Starting again from the ack floor delivers the
+                        // missing event.
                         self.save(&mut unacked).await?;
-                        Metrics::get().log_holes.with_label_values(&["manager"]).inc();
-                        return Err(ManagerError::Nats(format!("reading events: {hole}")));
+                        return Err(LogError::Read(hole.to_string()).into());
                     }
                     if unsaved >= self.options.batch {
                         self.save(&mut unacked).await?;
@@ -302,7 +260,7 @@ impl EventLoop {
         let now = now_ms();
         let mut actions = Vec::new();
         for msg in batch {
-            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let seq = stream_seq(msg);
             let event: Event = match serde_json::from_slice(&msg.payload) {
                 Ok(e) => e,
                 Err(e) => {

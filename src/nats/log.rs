@@ -1,36 +1,231 @@
-//! The event log (`FANJET_EVENTS`): reading a job's history, and finding
-//! the holes of the log's acknowledge-all readers (the manager and the
-//! statistics consumer).
+//! The event log (`FANJET_EVENTS`), the one place that writes to it and
+//! reads it in order: [`append`] (and [`encode`] + [`message`] for writers
+//! that pipeline), [`Reader`] for the acknowledge-all readers (the manager's
+//! partitions, the statistics consumer), and [`history`] for a job's events.
 //!
+//! Every event goes out with its deterministic message id
+//! ([`Event::msg_id`]), so re-publishing after a crash is dropped by the
+//! stream's duplicate window, and bounded by the server's max payload: an
+//! event that cannot fit is a [`LogError::TooLarge`], which retrying cannot
+//! mend, unlike a [`LogError::Append`] (a node down, a timeout).
+//!
+//! # Holes in acknowledge-all reading
 //! Under `AckPolicy::All`, acknowledging a message acknowledges every message
 //! delivered before it. A message lost between the server and the client (a
 //! dropped connection, a consumer leader changing in the middle of a
 //! delivery) would then be acknowledged without ever being read, and the
 //! manager would wait for an outcome it will never see. The server numbers
 //! every delivery of a consumer (the consumer sequence; a reset starts it
-//! again after the ack floor), so a reader that checks the numbers follow on
-//! without a hole notices the loss, applies only what came before it, and
-//! starts again from its ack floor, which delivers the lost message again.
+//! again after the ack floor), so a [`Reader`] checks the numbers follow on
+//! without a hole: at a hole, it hands out only what came before it, and
+//! its owner applies that, acknowledges it and opens the reader again from
+//! its ack floor, which delivers the lost message again.
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::pull::OrderedConfig;
-use async_nats::jetstream::consumer::{DeliverPolicy, Info};
+use async_nats::jetstream::consumer::pull::{self, OrderedConfig};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, Info};
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{ConsumerResetError, Stream};
 use async_nats::jetstream::Message;
-use futures::StreamExt;
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use serde_json::Value;
 use thiserror::Error;
 
 use super::Nats;
-use crate::protocol::job_events_filter;
+use crate::metrics::Metrics;
+use crate::protocol::{encode_json, job_events_filter, Event};
 
-/// What can go wrong with the log.
+/// What can go wrong with the log, and whether trying again can help
+/// ([`LogError::is_transient`]).
 #[derive(Debug, Error)]
 pub enum LogError {
+    /// The event, encoded, is larger than the server accepts.
+    #[error("{kind} event of job {job_id} is {bytes} bytes, more than the server accepts ({max})")]
+    TooLarge {
+        job_id: String,
+        kind: &'static str,
+        bytes: usize,
+        max: usize,
+    },
+    /// The event cannot be encoded.
+    #[error("encoding an event: {0}")]
+    Encode(String),
+    /// NATS did not take or confirm the event (a node down, a timeout).
+    #[error("appending to the event log: {0}")]
+    Append(String),
+    /// Reading failed (a node down, a timeout, a consumer gone).
     #[error("reading the event log: {0}")]
     Read(String),
+}
+
+impl LogError {
+    /// True when the same call may succeed later; false when it never will.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, LogError::Append(_) | LogError::Read(_))
+    }
+}
+
+/// An event accepted by the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Its sequence in the log.
+    pub seq: u64,
+    /// The log had it already (the same message id, within the duplicate window).
+    pub duplicate: bool,
+}
+
+/// Encodes `event` as JSON, refusing it when it is larger than
+/// `max_payload` (take it from [`Nats::max_payload`], read once per batch:
+/// this runs for every subjob).
+pub fn encode(event: &Event, max_payload: usize) -> Result<Bytes, LogError> {
+    let bytes = encode_json(event).map_err(|e| LogError::Encode(e.to_string()))?;
+    if bytes.len() > max_payload {
+        return Err(LogError::TooLarge {
+            job_id: event.job_id().to_string(),
+            kind: event.kind().token(),
+            bytes: bytes.len(),
+            max: max_payload,
+        });
+    }
+    Ok(bytes)
+}
+
+/// The message that carries an encoded event: its payload and message id.
+pub fn message(event: &Event, payload: Bytes) -> PublishMessage {
+    PublishMessage::build()
+        .payload(payload)
+        .message_id(event.msg_id())
+}
+
+/// Appends one event and waits until the log has it.
+pub async fn append(nats: &Nats, event: &Event) -> Result<Appended, LogError> {
+    let payload = encode(event, nats.max_payload())?;
+    append_encoded(nats, event, payload).await
+}
+
+/// Appends an event already [`encode`]d.
+pub async fn append_encoded(
+    nats: &Nats,
+    event: &Event,
+    payload: Bytes,
+) -> Result<Appended, LogError> {
+    let err = |e: &dyn std::fmt::Display| LogError::Append(e.to_string());
+    let ack = nats
+        .js
+        .send_publish(event.subject(), message(event, payload))
+        .await
+        .map_err(|e| err(&e))?
+        .await
+        .map_err(|e| err(&e))?;
+    Ok(Appended {
+        seq: ack.sequence,
+        duplicate: ack.duplicate,
+    })
+}
+
+/// The log sequence of a delivered event (0 when the reply subject cannot
+/// be read, which a real server never sends).
+pub fn stream_seq(msg: &Message) -> u64 {
+    msg.info().map(|i| i.stream_sequence).unwrap_or(0)
+}
+
+/// A durable, acknowledge-all reader of the log, delivering in order and
+/// stopping at holes. Its owner applies each [`Batch`], acknowledges the
+/// last message applied (which acknowledges everything before it) and, at
+/// a hole, opens the reader again.
+pub struct Reader {
+    messages: pull::Stream,
+    deliveries: Deliveries,
+    batch: usize,
+    /// Who reads, for the holes metric.
+    who: &'static str,
+}
+
+/// What one [`Reader::next_batch`] hands out.
+pub struct Batch {
+    /// Messages in log order, every one of them following on.
+    pub messages: Vec<Message>,
+    /// Set when a delivery went missing after `messages`: apply them,
+    /// acknowledge, then open the reader again to have it delivered.
+    pub hole: Option<Hole>,
+}
+
+impl Reader {
+    /// Creates (or updates) the durable consumer `name` over `filters`,
+    /// resets it to its ack floor, so everything not yet acknowledged is
+    /// delivered again in order, and starts pulling batches of at most
+    /// `batch` events.
+    pub async fn open(
+        nats: &Nats,
+        name: &str,
+        filters: Vec<String>,
+        batch: usize,
+        who: &'static str,
+    ) -> Result<Self, LogError> {
+        let err =
+            |what: &str, e: &dyn std::fmt::Display| LogError::Read(format!("{what} {name}: {e}"));
+        let consumer: pull::Config = pull::Config {
+            durable_name: Some(name.to_string()),
+            filter_subjects: filters,
+            ack_policy: AckPolicy::All,
+            ack_wait: Duration::from_secs(60),
+            max_ack_pending: 100_000,
+            ..Default::default()
+        };
+        let consumer = nats
+            .events
+            .create_consumer(consumer)
+            .await
+            .map_err(|e| err("creating consumer", &e))?;
+        let deliveries = Deliveries::reset(&nats.events, name)
+            .await
+            .map_err(|e| err("resetting consumer", &e))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(|e| err("pulling from", &e))?;
+        Ok(Reader {
+            messages,
+            deliveries,
+            batch,
+            who,
+        })
+    }
+
+    /// Waits for the next event, then takes every event already delivered
+    /// behind it, up to the batch size, and cuts the batch at a hole.
+    pub async fn next_batch(&mut self) -> Result<Batch, LogError> {
+        let err = |e: &dyn std::fmt::Display| LogError::Read(e.to_string());
+        let first = self
+            .messages
+            .next()
+            .await
+            .ok_or_else(|| LogError::Read("the consumer closed".into()))?
+            .map_err(|e| err(&e))?;
+        let mut messages = vec![first];
+        while messages.len() < self.batch {
+            match self.messages.next().now_or_never() {
+                Some(Some(Ok(m))) => messages.push(m),
+                Some(Some(Err(e))) => return Err(err(&e)),
+                _ => break,
+            }
+        }
+        let hole = self.deliveries.check(&messages);
+        if let Some(hole) = hole {
+            messages.truncate(hole.at);
+            Metrics::get()
+                .log_holes
+                .with_label_values(&[self.who])
+                .inc();
+        }
+        Ok(Batch { messages, hole })
+    }
 }
 
 /// One event of a job's history.
@@ -110,7 +305,7 @@ impl std::fmt::Display for Hole {
 
 /// The consumer sequence the next delivery must carry.
 #[derive(Debug, Clone)]
-pub struct Deliveries {
+struct Deliveries {
     next: u64,
 }
 
@@ -118,20 +313,20 @@ impl Deliveries {
     /// Resets the durable consumer `name` of `stream` to its ack floor, so
     /// everything not yet acknowledged is delivered again, in order, and
     /// numbers the deliveries that follow.
-    pub async fn reset(stream: &Stream, name: &str) -> Result<Self, ConsumerResetError> {
+    async fn reset(stream: &Stream, name: &str) -> Result<Self, ConsumerResetError> {
         let reset = stream.reset_consumer(name, None).await?;
         Ok(Self::after(&reset.info))
     }
 
     /// Expects the delivery after the one `info` last recorded.
-    pub fn after(info: &Info) -> Self {
+    fn after(info: &Info) -> Self {
         Self {
             next: info.delivered.consumer_sequence + 1,
         }
     }
 
     /// Checks a batch of messages; `Some` when one of them does not follow on.
-    pub fn check(&mut self, batch: &[Message]) -> Option<Hole> {
+    fn check(&mut self, batch: &[Message]) -> Option<Hole> {
         self.check_sequences(
             batch
                 .iter()
@@ -161,6 +356,32 @@ impl Deliveries {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::SubjobCompleted;
+
+    #[test]
+    fn events_are_bounded_and_too_large_is_not_transient() {
+        let done = Event::SubjobCompleted(SubjobCompleted {
+            job_id: "j".into(),
+            step_index: 1,
+            index: 7,
+            attempt: 1,
+            result: serde_json::json!("x".repeat(2000)),
+            duration_ms: 3,
+        });
+        let bytes = encode(&done, 4096).expect("fits");
+        assert_eq!(bytes, encode_json(&done).unwrap());
+        match encode(&done, 1000) {
+            Err(e @ LogError::TooLarge { .. }) => {
+                assert!(!e.is_transient(), "too large stays too large");
+                let text = e.to_string();
+                assert!(text.contains("subjob_completed event of job j"), "{text}");
+                assert!(text.contains("(1000)"), "{text}");
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert!(LogError::Append("timeout".into()).is_transient());
+        assert!(LogError::Read("no responders".into()).is_transient());
+    }
 
     fn from(next: u64) -> Deliveries {
         Deliveries { next }

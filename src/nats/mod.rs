@@ -66,6 +66,10 @@ pub enum SetupError {
     Workflow { name: String, message: String },
 }
 
+/// Room kept for headers (message id and the like) under the server's max
+/// payload.
+const HEADER_ROOM: usize = 1024;
+
 /// Handles to everything fanjet uses on one NATS connection.
 #[derive(Clone)]
 pub struct Nats {
@@ -83,6 +87,15 @@ pub struct Nats {
 }
 
 impl Nats {
+    /// The largest payload a message of fanjet's may carry: the server's
+    /// max payload, less room for headers.
+    pub fn max_payload(&self) -> usize {
+        match self.client.server_info().max_payload {
+            0 => usize::MAX,
+            max => max.saturating_sub(HEADER_ROOM),
+        }
+    }
+
     /// Handles to the streams and buckets a manager created, creating
     /// nothing: for roles that may only read and publish (workers,
     /// submitters, viewers). Needs `$JS.API.STREAM.INFO` on them.

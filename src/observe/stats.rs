@@ -9,22 +9,25 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, pull};
 use async_nats::jetstream::Message;
-use futures::{FutureExt, StreamExt};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::nats::log::Deliveries;
-use crate::nats::{store, Nats};
+use crate::nats::log::{stream_seq, Batch, LogError, Reader};
+use crate::nats::store::{self, StoreError};
+use crate::nats::Nats;
 use crate::protocol::{
     capacity, Event, JobStats, Millis, StepStats, EVENTS_WILDCARD, STATS_CONSUMER,
 };
 
 #[derive(Debug, Error)]
 pub enum StatsError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("NATS: {0}")]
     Nats(String),
 }
@@ -134,28 +137,14 @@ impl JobStats {
 
 /// Runs the statistics consumer until `cancel`.
 pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError> {
-    let err = |e: &dyn std::fmt::Display| StatsError::Nats(e.to_string());
-    let consumer = nats
-        .events
-        .create_consumer(pull::Config {
-            durable_name: Some(STATS_CONSUMER.into()),
-            filter_subject: EVENTS_WILDCARD.into(),
-            ack_policy: consumer::AckPolicy::All,
-            ack_wait: Duration::from_secs(60),
-            max_ack_pending: 100_000,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err(&e))?;
-    let mut deliveries = Deliveries::reset(&nats.events, STATS_CONSUMER)
-        .await
-        .map_err(|e| err(&e))?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(2000)
-        .messages()
-        .await
-        .map_err(|e| err(&e))?;
+    let mut reader = Reader::open(
+        &nats,
+        STATS_CONSUMER,
+        vec![EVENTS_WILDCARD.into()],
+        2000,
+        "statistics",
+    )
+    .await?;
     let metrics = Metrics::get();
     let mut jobs: HashMap<String, JobStats> = HashMap::new();
     let mut dirty: Vec<String> = Vec::new();
@@ -169,48 +158,35 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
                 return Ok(());
             }
             _ = saver.tick() => save(&nats, &mut jobs, &mut dirty, &mut unacked).await?,
-            first = messages.next() => {
-                let Some(first) = first else { return Err(StatsError::Nats("event consumer closed".into())) };
-                let mut batch = vec![first.map_err(|e| err(&e))?];
-                while batch.len() < 2000 {
-                    match messages.next().now_or_never() {
-                        Some(Some(Ok(m))) => batch.push(m),
-                        _ => break,
-                    }
-                }
-                let hole = deliveries.check(&batch);
-                if let Some(hole) = hole {
-                    // Applying past the hole would mark the missing event as
-                    // seen; start again from the ack floor instead.
-                    batch.truncate(hole.at);
-                }
-                for msg in &batch {
-                    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            batch = reader.next_batch() => {
+                let Batch { mut messages, hole } = batch?;
+                for msg in &messages {
                     let Ok(event) = serde_json::from_slice::<Event>(&msg.payload) else {
                         warn!(subject = %msg.subject, "statistics: skipping an unreadable event");
                         continue;
                     };
                     let id = event.job_id().to_string();
                     if !jobs.contains_key(&id) {
-                        let loaded = match store::stats(&nats, &id).await.map_err(|e| err(&e))? {
+                        let loaded = match store::stats(&nats, &id).await? {
                             Some(s) => s,
                             None => seed(&nats, &id).await,
                         };
                         jobs.insert(id.clone(), loaded);
                     }
                     if let Some(stats) = jobs.get_mut(&id) {
-                        if stats.apply(seq, &event, metrics) {
+                        if stats.apply(stream_seq(msg), &event, metrics) {
                             dirty.push(id);
                         }
                     }
                 }
-                if let Some(last) = batch.pop() {
+                if let Some(last) = messages.pop() {
                     unacked = Some(last);
                 }
                 if let Some(hole) = hole {
+                    // Applying past the hole would mark the missing event
+                    // as seen; save, and start again from the ack floor.
                     save(&nats, &mut jobs, &mut dirty, &mut unacked).await?;
-                    metrics.log_holes.with_label_values(&["statistics"]).inc();
-                    return Err(StatsError::Nats(format!("reading events: {hole}")));
+                    return Err(LogError::Read(hole.to_string()).into());
                 }
             }
         }

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::AckKind;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
@@ -29,10 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::nats::heartbeat::{beat, process_id};
+use crate::nats::log::{self, LogError};
 use crate::nats::{Nats, SetupError};
 use crate::protocol::{
-    encode_json, Event, Heartbeat, ResultRef, SubjobCompleted, SubjobFailed, Task,
-    INLINE_RESULT_MAX, MAX_RESULT_BYTES, RESULTS_BUCKET,
+    Event, Heartbeat, ResultRef, SubjobCompleted, SubjobFailed, Task, INLINE_RESULT_MAX,
+    MAX_RESULT_BYTES, RESULTS_BUCKET,
 };
 
 /// Why a handler did not produce a result, and what should happen next.
@@ -351,7 +351,7 @@ impl PullLoop {
                 }
             };
             let mut got = 0;
-            let max_payload = max_payload(&self.nats);
+            let max_payload = self.nats.max_payload();
             // A pull whose answer never comes (its consumer's leader moved to
             // another node of a cluster) must not hold the loop: give up on it
             // a while after the server would have answered.
@@ -392,9 +392,9 @@ impl PullLoop {
     }
 }
 
-/// Runs one task and settles its message.
-/// Runs one task and settles it. `max_payload` is the server's, read by
-/// the pull loop (reading it clones the server's whole INFO).
+/// Runs one task and settles its message. `max_payload` is
+/// [`Nats::max_payload`], read by the pull loop (reading it clones the
+/// server's whole INFO).
 async fn process(
     nats: &Nats,
     msg: async_nats::jetstream::Message,
@@ -504,17 +504,12 @@ async fn settle(
             )
         }
     };
-    let (event, ack) = match event.map(|e| encode_json(&e).map(|bytes| (e, bytes))) {
+    let (event, ack) = match event.map(|e| (log::encode(&e, max_payload), e)) {
         None => (None, ack),
-        Some(Ok((Event::SubjobCompleted(done), bytes)))
-            if bytes.len() + HEADER_ROOM > max_payload =>
-        {
+        Some((Ok(bytes), e)) => (Some((e, bytes)), ack),
+        Some((Err(LogError::TooLarge { bytes, max, .. }), Event::SubjobCompleted(done))) => {
             // Retrying would not make it fit: fail the subjob with a clear error.
-            let error = format!(
-                "result too large: {} bytes, the server accepts {}",
-                bytes.len(),
-                max_payload
-            );
+            let error = format!("result too large: {bytes} bytes, the server accepts {max}");
             warn!(job_id = %task.job_id, index = task.index, error, "failing the subjob");
             let failed = Event::SubjobFailed(SubjobFailed {
                 job_id: done.job_id,
@@ -523,13 +518,12 @@ async fn settle(
                 attempt,
                 error,
             });
-            match encode_json(&failed) {
+            match log::encode(&failed, max_payload) {
                 Ok(bytes) => (Some((failed, bytes)), AckKind::Term),
                 Err(_) => (None, AckKind::Term),
             }
         }
-        Some(Ok(pair)) => (Some(pair), ack),
-        Some(Err(e)) => {
+        Some((Err(e), _)) => {
             warn!(job_id = %task.job_id, index = task.index, error = %e, "could not encode an outcome");
             (None, AckKind::Nak(None))
         }
@@ -601,35 +595,19 @@ fn json_len(value: &Value) -> usize {
     }
 }
 
-/// Room left for headers under the server's max payload.
-const HEADER_ROOM: usize = 1024;
-
-fn max_payload(nats: &Nats) -> usize {
-    match nats.client.server_info().max_payload {
-        0 => usize::MAX,
-        n => n,
-    }
-}
-
 /// Appends an outcome to the log, retrying briefly.
-async fn report(nats: &Nats, event: &Event, payload: bytes::Bytes) -> Result<(), String> {
-    let mut last = String::new();
-    for attempt in 0..5u32 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-        }
-        let msg = PublishMessage::build()
-            .payload(payload.clone())
-            .message_id(event.msg_id());
-        match nats.js.send_publish(event.subject(), msg).await {
-            Ok(ack) => match ack.await {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e.to_string(),
-            },
-            Err(e) => last = e.to_string(),
+async fn report(nats: &Nats, event: &Event, payload: bytes::Bytes) -> Result<(), LogError> {
+    let mut attempt = 0u32;
+    loop {
+        match log::append_encoded(nats, event, payload.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_transient() && attempt < 4 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+            Err(e) => return Err(e),
         }
     }
-    Err(last)
 }
 
 #[cfg(test)]
