@@ -1,5 +1,6 @@
 //! Random, mostly nonsensical input against the engine (unknown jobs, huge
-//! indices, wrong steps, duplicates, ticks, aborts): it may never panic or
+//! indices, wrong steps, duplicates, ticks, aborts, lost-task looks, saves,
+//! conflicts): it may never panic or
 //! break a count, whatever arrives on the log. The test says how many
 //! streams it tried (run with `--nocapture` to see it).
 
@@ -18,7 +19,7 @@ use crate::protocol::{
 /// indices, wrong steps, duplicates, ticks, aborts.
 fn engine_input() -> impl Strategy<Value = (u8, u8, usize, u64, u32, bool)> {
     (
-        0u8..8,
+        0u8..10,
         0u8..3,
         0usize..4,
         prop_oneof![0u64..12, Just(u64::MAX), any::<u64>()],
@@ -59,6 +60,7 @@ fn random_event_streams_never_panic_the_engine() {
                             at: now,
                             deadline_at: None,
                         },
+                        stored: index == 0,
                         workflow: flag.then(|| wf.clone()),
                     },
                     1 | 2 => Input::Event {
@@ -98,7 +100,11 @@ fn random_event_streams_never_panic_the_engine() {
                         job_id,
                         reason: "r".into(),
                     },
-                    6 => Input::Lost { job_id },
+                    6 => Input::NoTasks {
+                        job_ids: vec![job_id],
+                    },
+                    7 => Input::Save,
+                    8 => Input::Conflict { job_id },
                     _ => Input::Tick,
                 };
                 let _ = e.apply(input, now);

@@ -1,14 +1,34 @@
-//! The workflow logic as a pure state machine: `Engine::apply(input, now)`
+//! Every workflow rule, as a pure state machine: `Engine::apply(input, now)`
 //! changes the jobs it holds and returns the [`Action`]s an executor must
 //! carry out. No I/O, no clock, no tokio: everything it needs arrives in the
 //! input, so every interleaving of events can be tested in memory.
 //!
 //! Rules it keeps:
-//! - each subjob's outcome is counted once (the [`Pending`] bitmaps);
-//! - events for a step that is no longer running, or a job that ended, are ignored;
+//! - a job id starts once: a `JobRequested` for a job held, or stored, is
+//!   ignored;
+//! - each subjob's outcome is counted once (the [`Pending`] bitmaps), and an
+//!   outcome replayed after a crash is not counted twice (`applied_seq`);
+//! - events for a step that is no longer running, or a job that ended, are
+//!   ignored;
+//! - steps run in order; a fanout keeps at most `max_in_flight` subjobs
+//!   dispatched and unfinished; failures beyond the step's tolerance, a
+//!   step's deadline, a cancellation end the job;
+//! - lost subjobs: in-flight subjobs of a job whose tasks are all gone from
+//!   the work queue fail, but only at the second look in a row with no
+//!   progress in between ([`Input::NoTasks`]), since a cluster changing
+//!   leaders can show an empty queue for a moment;
+//! - crash safety: on [`Input::Save`] every changed job is checkpointed
+//!   (record, then chunks: [`Checkpoint`]) before the events that changed it
+//!   are acknowledged ([`Action::Ack`]), and a job that ended is unloaded
+//!   once its last checkpoint is out; a job another manager changed is
+//!   unloaded ([`Input::Conflict`]);
 //! - every action is idempotent when replayed (events and tasks carry
 //!   deterministic message ids), so the executor may re-apply events after a
 //!   crash and re-run what they produce.
+
+mod checkpoint;
+
+pub use checkpoint::{Checkpoint, Write};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -28,10 +48,13 @@ const MIN_REFILL: u64 = 256;
 /// What the engine is told.
 #[derive(Debug, Clone)]
 pub enum Input {
-    /// A job was requested; the executor looked up its workflow (None: unknown).
+    /// A job was requested. The event loop looked up whether a record of
+    /// this job id is stored already and, if not, its workflow (None:
+    /// unknown).
     Requested {
         seq: u64,
         event: JobRequested,
+        stored: bool,
         workflow: Option<Workflow>,
     },
     /// Any other event of the log, with its stream sequence.
@@ -42,10 +65,19 @@ pub enum Input {
     /// is gone from the log, a task is larger than the server accepts):
     /// the job fails with `reason` instead of blocking the manager.
     Abort { job_id: String, reason: String },
-    /// None of the job's dispatched, unfinished subjobs has a task left in
-    /// the work queue (someone purged it, or its failure report was lost):
-    /// they can never complete, so they fail.
-    Lost { job_id: String },
+    /// The lost-task check: of the jobs [`Engine::stalled`] named, these
+    /// have no task left in the work queue, and every outcome reported
+    /// before the queue was read has been applied. A job named at two
+    /// checks in a row, with no progress in between, has in-flight subjobs
+    /// that can never finish (their tasks were purged, or a failure report
+    /// was lost): they fail. An empty list clears the suspicions.
+    NoTasks { job_ids: Vec<String> },
+    /// Checkpoint every job changed since the last save, then acknowledge
+    /// the events applied so far.
+    Save,
+    /// Another manager changed this job's record (its lease moved while
+    /// this one still held the job): stop driving it here.
+    Conflict { job_id: String },
 }
 
 /// What the executor must do.
@@ -57,6 +89,11 @@ pub enum Action {
     Dispatch(Dispatch),
     /// Drop every queued task of the job.
     PurgeTasks { job_id: String },
+    /// Store a job: its writes in order, after every action before it.
+    Checkpoint(Checkpoint),
+    /// Acknowledge every event applied so far; every checkpoint before it
+    /// must be stored first.
+    Ack,
 }
 
 /// Subjobs to enqueue.
@@ -79,6 +116,9 @@ pub struct Engine {
     jobs: HashMap<String, Job>,
     dirty: BTreeSet<String>,
     ignored: BTreeMap<&'static str, u64>,
+    /// Jobs without tasks at the last lost-task check, with their
+    /// `updated_at` then.
+    suspects: HashMap<String, Millis>,
 }
 
 impl Engine {
@@ -92,10 +132,6 @@ impl Engine {
 
     pub fn job(&self, job_id: &str) -> Option<&Job> {
         self.jobs.get(job_id)
-    }
-
-    pub fn job_mut(&mut self, job_id: &str) -> Option<&mut Job> {
-        self.jobs.get_mut(job_id)
     }
 
     pub fn len(&self) -> usize {
@@ -116,15 +152,20 @@ impl Engine {
         self.jobs.insert(job.job_id.clone(), job);
     }
 
-    /// Removes a job (after it ended and was stored).
-    pub fn remove(&mut self, job_id: &str) -> Option<Job> {
-        self.dirty.remove(job_id);
-        self.jobs.remove(job_id)
+    /// Jobs whose in-flight subjobs have made no progress for `quiet` ms:
+    /// the ones the lost-task check looks at.
+    pub fn stalled(&self, now: Millis, quiet: Millis) -> Vec<String> {
+        self.jobs
+            .values()
+            .filter(|j| in_flight(j) > 0 && now.saturating_sub(j.updated_at) >= quiet)
+            .map(|j| j.job_id.clone())
+            .collect()
     }
 
-    /// Ids of jobs changed since the last call.
-    pub fn take_dirty(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.dirty).into_iter().collect()
+    fn unload(&mut self, job_id: &str) {
+        self.dirty.remove(job_id);
+        self.suspects.remove(job_id);
+        self.jobs.remove(job_id);
     }
 
     /// Applies one input at time `now`.
@@ -134,8 +175,14 @@ impl Engine {
             Input::Requested {
                 seq,
                 event,
+                stored,
                 workflow,
-            } => self.requested(seq, event, workflow, now, &mut out),
+            } => {
+                // A job id starts once, whatever is sent again.
+                if !stored && !self.jobs.contains_key(&event.job_id) {
+                    self.requested(seq, event, workflow, now, &mut out);
+                }
+            }
             Input::Event { seq, event } => self.event(seq, event, now, &mut out),
             Input::Abort { job_id, reason } => {
                 if let Some(job) = self.jobs.get_mut(&job_id) {
@@ -145,13 +192,9 @@ impl Engine {
                     }
                 }
             }
-            Input::Lost { job_id } => {
-                if let Some(job) = self.jobs.get_mut(&job_id) {
-                    if lost(job, now, &mut out) {
-                        self.dirty.insert(job_id);
-                    }
-                }
-            }
+            Input::NoTasks { job_ids } => self.no_tasks(job_ids, now, &mut out),
+            Input::Save => self.save(&mut out),
+            Input::Conflict { job_id } => self.unload(&job_id),
             Input::Tick => {
                 let ids: Vec<String> = self
                     .jobs
@@ -179,9 +222,6 @@ impl Engine {
         now: Millis,
         out: &mut Vec<Action>,
     ) {
-        if self.jobs.contains_key(&ev.job_id) {
-            return; // re-submission: nothing new starts
-        }
         let Some(workflow) = workflow else {
             out.push(Action::Publish(Event::JobRejected(JobRejected {
                 job_id: ev.job_id.clone(),
@@ -262,6 +302,53 @@ impl Engine {
             Ok(false) => {}
             Err(why) => self.ignore(&event, why),
         }
+    }
+
+    /// Two strikes: a job fails its in-flight subjobs only when it had no
+    /// tasks at the previous check too, and made no progress since.
+    fn no_tasks(&mut self, job_ids: Vec<String>, now: Millis, out: &mut Vec<Action>) {
+        let mut suspects = HashMap::new();
+        for id in job_ids {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            if self.suspects.get(&id) == Some(&job.updated_at) {
+                if lost(job, now, out) {
+                    self.dirty.insert(id);
+                }
+            } else {
+                suspects.insert(id, job.updated_at);
+            }
+        }
+        self.suspects = suspects;
+    }
+
+    /// Checkpoints every changed job, unloads the ended ones, then
+    /// acknowledges. A record that cannot be encoded (no job's can) keeps
+    /// its job changed and holds the acknowledgement back, so its events
+    /// are applied again rather than lost.
+    fn save(&mut self, out: &mut Vec<Action>) {
+        let mut unsaved = BTreeSet::new();
+        for id in std::mem::take(&mut self.dirty) {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            match Checkpoint::of(job) {
+                Ok(cp) => {
+                    if cp.ended {
+                        self.unload(&id);
+                    }
+                    out.push(Action::Checkpoint(cp));
+                }
+                Err(_) => {
+                    unsaved.insert(id);
+                }
+            }
+        }
+        if unsaved.is_empty() {
+            out.push(Action::Ack);
+        }
+        self.dirty = unsaved;
     }
 
     fn ignore(&mut self, event: &Event, why: Ignored) {

@@ -38,6 +38,7 @@ fn request(engine: &mut Engine, wf: Workflow) -> Vec<Action> {
                 at: 0,
                 deadline_at: None,
             },
+            stored: false,
             workflow: Some(wf),
         },
         10,
@@ -91,6 +92,8 @@ fn kinds(actions: &[Action]) -> Vec<String> {
             Action::Publish(e) => e.kind().token().to_string(),
             Action::Dispatch(d) => format!("dispatch {}:{}..{}", d.step_index, d.from, d.to),
             Action::PurgeTasks { .. } => "purge".into(),
+            Action::Checkpoint(cp) => format!("checkpoint {}", cp.job_id),
+            Action::Ack => "ack".into(),
         })
         .collect()
 }
@@ -244,17 +247,101 @@ fn lost_subjobs_fail_and_the_window_goes_on() {
     e.apply(done(0, 0, 1, json!([1, 2, 3, 4])), 20);
     e.apply(done(1, 0, 1, json!(null)), 21);
     assert_eq!(in_flight(e.job("j").unwrap()), 1);
-    let a = e.apply(Input::Lost { job_id: "j".into() }, 22);
+    assert_eq!(e.stalled(21 + 999, 1000), Vec::<String>::new());
+    assert_eq!(e.stalled(21 + 1000, 1000), ["j"]);
+    let gone = || Input::NoTasks {
+        job_ids: vec!["j".into()],
+    };
+    // Two strikes: the first look fails nothing.
+    assert!(e.apply(gone(), 22).is_empty());
+    let a = e.apply(gone(), 23);
     assert_eq!(kinds(&a), ["dispatch 1:2..4"]);
     let step = &e.job("j").unwrap().steps[1];
     assert_eq!((step.completed, step.failed), (1, 1));
     assert!(step.failures[0].error.contains("lost"));
-    let a = e.apply(Input::Lost { job_id: "j".into() }, 23);
+    // Progress between two looks, or a look that found tasks, starts over.
+    assert!(e.apply(gone(), 24).is_empty());
+    e.apply(done(1, 2, 1, json!(null)), 25);
+    assert!(
+        e.apply(gone(), 26).is_empty(),
+        "progress since the last look"
+    );
+    e.apply(Input::NoTasks { job_ids: vec![] }, 27);
+    assert!(e.apply(gone(), 28).is_empty(), "tasks were seen in between");
+    let a = e.apply(gone(), 29);
     assert_eq!(
         kinds(&a),
         ["step_completed", "step_started", "dispatch 2:0..1"]
     );
-    assert_eq!(e.job("j").unwrap().steps[1].failed, 3);
+    let step = &e.job("j").unwrap().steps[1];
+    assert_eq!((step.completed, step.failed), (2, 2));
+}
+
+#[test]
+fn save_writes_each_record_before_its_chunks_then_acks_and_unloads_ended_jobs() {
+    let mut e = Engine::new();
+    let first = kinds(&request(&mut e, workflow("")));
+    assert!(!first.contains(&"ack".to_string()), "only a save acks");
+    e.apply(done(0, 0, 1, json!([1, 2, 3])), 20);
+    e.apply(done(1, 1, 1, json!(null)), 21);
+    let a = e.apply(Input::Save, 22);
+    assert_eq!(kinds(&a), ["checkpoint j", "ack"]);
+    let Action::Checkpoint(cp) = &a[0] else {
+        unreachable!()
+    };
+    assert!(!cp.ended);
+    let Write::Record(record) = &cp.writes[0] else {
+        panic!("the record is written first: {:?}", cp.writes[0]);
+    };
+    let stored: Job = serde_json::from_slice(record).unwrap();
+    assert_eq!(stored.steps[1].completed, 1);
+    assert!(
+        matches!(
+            cp.writes[1..],
+            [Write::Chunk {
+                step_index: 1,
+                chunk: 0,
+                ..
+            }]
+        ),
+        "then the changed chunk: {:?}",
+        &cp.writes[1..]
+    );
+    assert_eq!(kinds(&e.apply(Input::Save, 23)), ["ack"], "nothing changed");
+
+    e.apply(done(1, 0, 1, json!(null)), 24);
+    e.apply(done(1, 2, 1, json!(null)), 25);
+    e.apply(done(2, 0, 1, json!("sum")), 26);
+    assert_eq!(e.job("j").unwrap().state, JobState::Completed);
+    let a = e.apply(Input::Save, 27);
+    assert_eq!(kinds(&a), ["checkpoint j", "ack"]);
+    let Action::Checkpoint(cp) = &a[0] else {
+        unreachable!()
+    };
+    assert!(cp.ended);
+    assert!(matches!(cp.writes[0], Write::Record(_)));
+    assert_eq!(
+        cp.writes[1..],
+        [Write::DeleteChunk {
+            step_index: 1,
+            chunk: 0
+        }]
+    );
+    assert!(
+        e.job("j").is_none(),
+        "unloaded once its last checkpoint is out"
+    );
+    assert!(e.apply(done(1, 0, 2, json!(null)), 28).is_empty());
+    assert_eq!(e.take_ignored().get("unknown_job"), Some(&1));
+}
+
+#[test]
+fn a_job_another_manager_wrote_is_unloaded() {
+    let mut e = Engine::new();
+    request(&mut e, workflow(""));
+    e.apply(Input::Conflict { job_id: "j".into() }, 20);
+    assert!(e.job("j").is_none());
+    assert_eq!(kinds(&e.apply(Input::Save, 21)), ["ack"]);
 }
 
 #[test]
@@ -340,6 +427,7 @@ fn unknown_workflow_and_resubmission() {
                 at: 0,
                 deadline_at: None,
             },
+            stored: false,
             workflow: None,
         },
         5,
@@ -351,6 +439,26 @@ fn unknown_workflow_and_resubmission() {
         request(&mut e, workflow("")).is_empty(),
         "same id again starts nothing"
     );
+    // A job stored already (ended, or held by a manager before a restart)
+    // does not start again either.
+    let mut fresh = Engine::new();
+    let a = fresh.apply(
+        Input::Requested {
+            seq: 1,
+            event: JobRequested {
+                job_id: "j".into(),
+                workflow: "invoices".into(),
+                customer: None,
+                input: json!(null),
+                at: 0,
+                deadline_at: None,
+            },
+            stored: true,
+            workflow: Some(workflow("")),
+        },
+        5,
+    );
+    assert!(a.is_empty() && fresh.is_empty());
 }
 
 #[test]

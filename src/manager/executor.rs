@@ -1,6 +1,9 @@
 //! Carries out the engine's actions on NATS: appends events, enqueues tasks,
-//! drops queued tasks. Publishes are pipelined (many acks awaited at once,
-//! a bounded number in flight) because per-subjob work is the hot path.
+//! drops queued tasks, writes checkpoints, acknowledges the events applied.
+//! Publishes are pipelined (many acks awaited at once, a bounded number in
+//! flight) because per-subjob work is the hot path; every publish is
+//! confirmed before a checkpoint is written or an ack sent, so a stored
+//! record never claims more than the streams hold.
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -9,14 +12,16 @@ use std::sync::Arc;
 use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::RawMessageErrorKind;
+use async_nats::jetstream::Message;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use serde_json::Value;
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::ManagerError;
-use crate::machine::{Action, Dispatch};
+use crate::machine::{Action, Checkpoint, Dispatch, Input, Write};
 use crate::nats::log::{self, LogError};
+use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
     encode_json, job_tasks_filter, task_msg_id, task_subject, Event, ResultRef, Source,
@@ -27,11 +32,17 @@ use crate::protocol::{
 const MAX_IN_FLIGHT: usize = 1024;
 /// Step inputs kept decoded (each is one logged event's payload).
 const SOURCE_CACHE: usize = 64;
+/// Jobs checkpointed at once, at most.
+const CHECKPOINTS_IN_FLIGHT: usize = 32;
 
 pub struct Executor {
     nats: Nats,
     sources: HashMap<u64, Arc<Value>>,
     acks: FuturesUnordered<<PublishAckFuture as IntoFuture>::IntoFuture>,
+    /// The stored revision of each job record held.
+    revisions: HashMap<String, u64>,
+    /// The last event applied and not yet acknowledged.
+    unacked: Option<Message>,
 }
 
 impl Executor {
@@ -40,19 +51,49 @@ impl Executor {
             nats,
             sources: HashMap::new(),
             acks: FuturesUnordered::new(),
+            revisions: HashMap::new(),
+            unacked: None,
         }
     }
 
+    /// Starts over from stored records: `revisions` of the jobs loaded.
+    pub fn reset(&mut self, revisions: HashMap<String, u64>) {
+        self.revisions = revisions;
+        self.unacked = None;
+    }
+
+    /// Notes the last event of a batch handed to the engine: the next
+    /// [`Action::Ack`] acknowledges it and everything before it.
+    pub fn applied(&mut self, last: Message) {
+        self.unacked = Some(last);
+    }
+
     /// Carries out `actions` in order; returns when every publish is
-    /// acknowledged, with the jobs that must fail because an action of
-    /// theirs cannot be carried out (job id, reason).
-    pub async fn run(
-        &mut self,
-        actions: Vec<Action>,
-    ) -> Result<Vec<(String, String)>, ManagerError> {
-        let mut aborts = Vec::new();
+    /// acknowledged, with what the engine must be told: jobs that must
+    /// fail because an action of theirs cannot be carried out
+    /// ([`Input::Abort`]) and jobs another manager wrote
+    /// ([`Input::Conflict`]).
+    pub async fn run(&mut self, actions: Vec<Action>) -> Result<Vec<Input>, ManagerError> {
+        let mut feedback = Vec::new();
+        let mut checkpoints = Vec::new();
         for action in actions {
+            if let Action::Checkpoint(cp) = action {
+                checkpoints.push(cp);
+                continue;
+            }
+            // Consecutive checkpoints are written together, before what follows.
+            self.checkpoint(std::mem::take(&mut checkpoints), &mut feedback)
+                .await?;
             match action {
+                Action::Checkpoint(_) => {}
+                Action::Ack => {
+                    self.flush().await?;
+                    if let Some(last) = self.unacked.take() {
+                        last.ack()
+                            .await
+                            .map_err(|e| ManagerError::Nats(format!("acking events: {e}")))?;
+                    }
+                }
                 Action::Publish(event) => self.publish_event(&event).await?,
                 Action::Dispatch(d) => {
                     let job_id = d.job_id.clone();
@@ -61,7 +102,7 @@ impl Executor {
                             job_id,
                             reason, "failing the job: its tasks cannot be enqueued"
                         );
-                        aborts.push((job_id, reason));
+                        feedback.push(Input::Abort { job_id, reason });
                     }
                 }
                 Action::PurgeTasks { job_id } => {
@@ -78,8 +119,52 @@ impl Executor {
                 }
             }
         }
+        self.checkpoint(checkpoints, &mut feedback).await?;
         self.flush().await?;
-        Ok(aborts)
+        Ok(feedback)
+    }
+
+    /// Writes checkpoints, several jobs at once, each job's writes in
+    /// order; a job whose record another manager changed is reported.
+    async fn checkpoint(
+        &mut self,
+        checkpoints: Vec<Checkpoint>,
+        feedback: &mut Vec<Input>,
+    ) -> Result<(), ManagerError> {
+        if checkpoints.is_empty() {
+            return Ok(());
+        }
+        // The records must not claim a task or event the streams lack.
+        self.flush().await?;
+        let nats = &self.nats;
+        let revisions = &self.revisions;
+        let written: Vec<(Checkpoint, Result<u64, StoreError>)> =
+            futures::stream::iter(checkpoints)
+                .map(|cp| async move {
+                    let revision = revisions.get(&cp.job_id).copied();
+                    let result = write(nats, &cp, revision).await;
+                    (cp, result)
+                })
+                .buffer_unordered(CHECKPOINTS_IN_FLIGHT)
+                .collect()
+                .await;
+        for (cp, result) in written {
+            match result {
+                Ok(_) if cp.ended => {
+                    self.revisions.remove(&cp.job_id);
+                }
+                Ok(revision) => {
+                    self.revisions.insert(cp.job_id, revision);
+                }
+                Err(e @ StoreError::Conflict { .. }) => {
+                    error!(job_id = %cp.job_id, error = %e, "unloading job");
+                    self.revisions.remove(&cp.job_id);
+                    feedback.push(Input::Conflict { job_id: cp.job_id });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     async fn publish_event(&mut self, event: &Event) -> Result<(), ManagerError> {
@@ -246,6 +331,28 @@ async fn fetch_result(nats: &Nats, r: &ResultRef) -> Result<Result<Value, String
         .await
         .map_err(|e| ManagerError::Nats(format!("reading result {}: {e}", r.name)))?;
     Ok(serde_json::from_slice(&bytes).map_err(|e| format!("result {} is not JSON: {e}", r.name)))
+}
+
+/// Makes one job's checkpoint writes in order; returns the record's new
+/// revision.
+async fn write(nats: &Nats, cp: &Checkpoint, revision: Option<u64>) -> Result<u64, StoreError> {
+    let mut stored = None;
+    for w in &cp.writes {
+        match w {
+            Write::Record(record) => {
+                stored = Some(store::put_record(nats, &cp.job_id, record.clone(), revision).await?);
+            }
+            Write::Chunk {
+                step_index,
+                chunk,
+                bits,
+            } => store::put_chunk(nats, &cp.job_id, *step_index, *chunk, bits.clone()).await?,
+            Write::DeleteChunk { step_index, chunk } => {
+                store::delete_chunk(nats, &cp.job_id, *step_index, *chunk).await?
+            }
+        }
+    }
+    Ok(stored.or(revision).unwrap_or_default())
 }
 
 fn publish_err(e: PublishError) -> ManagerError {

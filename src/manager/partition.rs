@@ -1,13 +1,13 @@
 //! One partition's event loop: reads the partition's durable consumer of
-//! the log, feeds its own [`Engine`], has the [`Executor`] carry out the
-//! actions, then checkpoints the changed jobs and acknowledges the events.
-//!
-//! Order of one batch, and why it is crash-safe:
-//! 1. apply the batch's events (memory only);
-//! 2. carry out the actions (publishes carry deterministic message ids);
-//! 3. every 100 ms (or 2,000 events): write changed job records, then their
-//!    bitmap chunks, then ack the last applied event (AckPolicy::All acks
-//!    everything before it).
+//! the log ([`Reader`]), gathers the facts the [`Engine`] needs (is a
+//! requested job stored already, its workflow; which stalled jobs have no
+//! task left), feeds it, and has the [`Executor`] carry out the actions.
+//! The rules, and their order, are the engine's:
+//! 1. a batch's events are applied in memory; what they call for is carried
+//!    out (publishes carry deterministic message ids);
+//! 2. every 100 ms (or 2,000 events) [`Input::Save`]: each changed job's
+//!    record, then its bitmap chunks, then the ack of the last applied event
+//!    (AckPolicy::All acks everything before it).
 //!
 //! A crash anywhere re-delivers the batch from the consumer's ack floor (the
 //! consumer is reset to it at start), the engine re-applies it onto the
@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{Executor, ManagerError, ManagerOptions};
-use crate::machine::{in_flight, Action, Engine, Input};
+use crate::machine::{Action, Engine, Input};
 use crate::metrics::Metrics;
 use crate::nats::log::{stream_seq, Batch, LogError, Reader};
-use crate::nats::store::{self, Checkpoint, StoreError};
+use crate::nats::store;
 use crate::nats::Nats;
 use crate::protocol::{
     job_tasks_filter, manager_consumer, now_ms, partition, partition_kind_filter, Event, EventKind,
@@ -43,12 +43,9 @@ pub(super) struct EventLoop {
     nats: Nats,
     options: ManagerOptions,
     engine: Engine,
-    revisions: HashMap<String, u64>,
     executor: Executor,
     /// Definitions seen, to create step consumers when one is new or changed.
     workflows: HashMap<String, Workflow>,
-    /// Jobs that looked lost at the last check, with their `updated_at` then.
-    suspects: HashMap<String, u64>,
 }
 
 impl EventLoop {
@@ -65,9 +62,7 @@ impl EventLoop {
             nats,
             options,
             engine: Engine::new(),
-            revisions: HashMap::new(),
             workflows: HashMap::new(),
-            suspects: HashMap::new(),
         }
     }
 
@@ -83,14 +78,16 @@ impl EventLoop {
         Ok(Reader::open(nats, &name, filters, batch, "manager").await?)
     }
 
+    /// Loads the partition's running jobs from their checkpoints.
     async fn reload(&mut self) -> Result<(), ManagerError> {
         self.engine = Engine::new();
-        self.revisions.clear();
         let p = self.partition;
+        let mut revisions = HashMap::new();
         for (job, rev) in store::load_active(&self.nats, |id| partition(id) == p).await? {
-            self.revisions.insert(job.job_id.clone(), rev);
+            revisions.insert(job.job_id.clone(), rev);
             self.engine.insert(job);
         }
+        self.executor.reset(revisions);
         if !self.engine.is_empty() {
             info!(
                 partition = p,
@@ -132,44 +129,40 @@ impl EventLoop {
         saver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stall = tokio::time::interval(self.options.stall_after / 2);
         stall.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The last applied event not yet acknowledged, and how many are behind it.
-        let mut unacked: Option<Message> = None;
+        // Events applied since the last save.
         let mut unsaved = 0usize;
         debug!(partition = self.partition, "partition loop running");
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => {
                     // Graceful: store what was applied so a restart replays nothing.
-                    self.save(&mut unacked).await?;
+                    self.save().await?;
                     return Ok(());
                 }
-                _ = ticker.tick() => {
-                    let actions = self.engine.apply(Input::Tick, now_ms());
-                    self.execute(actions).await?;
-                }
+                _ = ticker.tick() => self.feed(Input::Tick).await?,
                 _ = stall.tick() => {
-                    self.find_lost(&mut unacked).await?;
+                    self.find_lost().await?;
                     unsaved = 0;
                 }
                 _ = saver.tick() => {
-                    self.save(&mut unacked).await?;
+                    self.save().await?;
                     unsaved = 0;
                 }
                 batch = reader.next_batch() => {
-                    let Batch { messages: mut batch, hole } = batch?;
-                    unsaved += batch.len();
-                    self.apply(&batch).await?;
-                    if let Some(last) = batch.pop() {
-                        unacked = Some(last);
+                    let Batch { mut messages, hole } = batch?;
+                    unsaved += messages.len();
+                    self.apply(&messages).await?;
+                    if let Some(last) = messages.pop() {
+                        self.executor.applied(last);
                     }
                     if let Some(hole) = hole {
                         // Starting again from the ack floor delivers the
                         // missing event.
-                        self.save(&mut unacked).await?;
+                        self.save().await?;
                         return Err(LogError::Read(hole.to_string()).into());
                     }
                     if unsaved >= self.options.batch {
-                        self.save(&mut unacked).await?;
+                        self.save().await?;
                         unsaved = 0;
                     }
                 }
@@ -177,80 +170,48 @@ impl EventLoop {
         }
     }
 
-    /// Fails subjobs that can never finish: in flight, without progress for
-    /// `stall_after`, and with no task left in the work queue.
+    /// The lost-task check: looks at jobs whose in-flight subjobs made no
+    /// progress for `stall_after` and tells the engine which of them have
+    /// no task left in the work queue (it fails them at the second look).
     ///
     /// Outcomes are reported before their task is acknowledged, so once the
     /// queue holds no task of a job, every outcome of it is in the log. The
     /// queue is read first and the manager's consumer second: when the
     /// consumer then has nothing undelivered or unacknowledged, every
     /// outcome reported before the queue was read has been applied.
-    async fn find_lost(&mut self, unacked: &mut Option<Message>) -> Result<(), ManagerError> {
-        let now = now_ms();
+    async fn find_lost(&mut self) -> Result<(), ManagerError> {
         let quiet = self.options.stall_after.as_millis() as u64;
-        let candidates: Vec<String> = self
-            .engine
-            .jobs()
-            .filter(|j| in_flight(j) > 0 && now.saturating_sub(j.updated_at) >= quiet)
-            .map(|j| j.job_id.clone())
-            .collect();
-        if candidates.is_empty() {
-            self.suspects.clear();
-            return Ok(());
-        }
-        self.save(unacked).await?;
-        let mut empty = Vec::new();
-        for job_id in candidates {
-            if queued_tasks(&self.nats, &job_id).await? == 0 {
-                empty.push(job_id);
+        let stalled = self.engine.stalled(now_ms(), quiet);
+        let mut gone = Vec::new();
+        if !stalled.is_empty() {
+            self.save().await?;
+            for job_id in stalled {
+                if queued_tasks(&self.nats, &job_id).await? == 0 {
+                    gone.push(job_id);
+                }
             }
         }
-        if empty.is_empty() {
-            self.suspects.clear();
-            return Ok(());
-        }
-        let info = self
-            .nats
-            .events
-            .clone()
-            .consumer_info(manager_consumer(self.partition))
-            .await
-            .map_err(|e| ManagerError::Nats(format!("reading the manager consumer: {e}")))?;
-        if info.num_pending > 0 || info.num_ack_pending > 0 {
-            return Ok(()); // outcomes still on their way; look again next time
-        }
-        // Two strikes: a job is failed only when it looked lost at two
-        // checks in a row with no progress in between, so a moment of a
-        // cluster changing leaders (when the queue can read as empty) does
-        // not fail anything.
-        let mut actions = Vec::new();
-        let mut suspects = HashMap::new();
-        for job_id in empty {
-            let updated = self.engine.job(&job_id).map(|j| j.updated_at).unwrap_or(0);
-            if self.suspects.get(&job_id) == Some(&updated) {
-                warn!(
-                    job_id,
-                    "subjobs in flight have no task left in the work queue; failing them"
-                );
-                actions.extend(self.engine.apply(Input::Lost { job_id }, now));
-            } else {
-                suspects.insert(job_id, updated);
+        if !gone.is_empty() {
+            let info = self
+                .nats
+                .events
+                .clone()
+                .consumer_info(manager_consumer(self.partition))
+                .await
+                .map_err(|e| ManagerError::Nats(format!("reading the manager consumer: {e}")))?;
+            if info.num_pending > 0 || info.num_ack_pending > 0 {
+                return Ok(()); // outcomes still on their way; look again next time
             }
+            warn!(jobs = ?gone, "in-flight subjobs without a task in the work queue (they fail at the second look in a row)");
         }
-        self.suspects = suspects;
-        self.execute(actions).await
+        self.feed(Input::NoTasks { job_ids: gone }).await
     }
 
     /// Checkpoints changed jobs, then acknowledges every event applied so far.
-    async fn save(&mut self, unacked: &mut Option<Message>) -> Result<(), ManagerError> {
-        self.checkpoint().await?;
+    async fn save(&mut self) -> Result<(), ManagerError> {
+        self.feed(Input::Save).await?;
         if let Some(n) = self.running.get(self.partition as usize) {
             n.store(self.engine.len() as u64, Ordering::Relaxed);
-        }
-        if let Some(last) = unacked.take() {
-            last.ack()
-                .await
-                .map_err(|e| ManagerError::Nats(format!("acking events: {e}")))?;
         }
         Ok(())
     }
@@ -281,17 +242,18 @@ impl EventLoop {
                 continue;
             }
             let input = match event {
+                // The facts the engine needs to decide whether and how the
+                // job starts (a workflow it will not use is not fetched).
                 Event::JobRequested(req) => {
-                    if self.engine.contains(&req.job_id)
-                        || store::get(&self.nats, &req.job_id).await?.is_some()
-                    {
-                        debug!(job_id = %req.job_id, "job exists already; nothing new starts");
-                        continue;
-                    }
-                    let workflow = self.workflow(&req.workflow).await?;
+                    let stored = store::get(&self.nats, &req.job_id).await?.is_some();
+                    let workflow = match stored || self.engine.contains(&req.job_id) {
+                        true => None,
+                        false => self.workflow(&req.workflow).await?,
+                    };
                     Input::Requested {
                         seq,
                         event: req,
+                        stored,
                         workflow,
                     }
                 }
@@ -309,14 +271,22 @@ impl EventLoop {
         self.execute(actions).await
     }
 
-    /// Carries out actions; jobs whose actions cannot be carried out fail.
+    /// Applies one input and carries out what it calls for.
+    async fn feed(&mut self, input: Input) -> Result<(), ManagerError> {
+        let actions = self.engine.apply(input, now_ms());
+        self.execute(actions).await
+    }
+
+    /// Carries out actions, and tells the engine what came of them (jobs
+    /// whose actions cannot be carried out, records another manager wrote)
+    /// until nothing more comes.
     async fn execute(&mut self, actions: Vec<Action>) -> Result<(), ManagerError> {
         let mut actions = actions;
         while !actions.is_empty() {
-            let aborts = self.executor.run(actions).await?;
+            let feedback = self.executor.run(actions).await?;
             actions = Vec::new();
-            for (job_id, reason) in aborts {
-                actions.extend(self.engine.apply(Input::Abort { job_id, reason }, now_ms()));
+            for input in feedback {
+                actions.extend(self.engine.apply(input, now_ms()));
             }
         }
         Ok(())
@@ -333,43 +303,6 @@ impl EventLoop {
             self.workflows.insert(name.to_string(), wf.clone());
         }
         Ok(Some(wf))
-    }
-
-    /// Stores every job changed since the last checkpoint; unloads ended ones.
-    async fn checkpoint(&mut self) -> Result<(), ManagerError> {
-        let mut writes = Vec::new();
-        for id in self.engine.take_dirty() {
-            let Some(job) = self.engine.job_mut(&id) else {
-                continue;
-            };
-            writes.push(Checkpoint::of(job, self.revisions.get(&id).copied())?);
-        }
-        let nats = &self.nats;
-        let results: Vec<(String, Result<u64, StoreError>)> = futures::stream::iter(writes)
-            .map(|cp| async move { (cp.job_id.clone(), cp.write(nats).await) })
-            .buffer_unordered(32)
-            .collect()
-            .await;
-        for (id, result) in results {
-            match result {
-                Ok(rev) => {
-                    if self.engine.job(&id).is_some_and(|j| j.state.is_terminal()) {
-                        self.engine.remove(&id);
-                        self.revisions.remove(&id);
-                    } else {
-                        self.revisions.insert(id, rev);
-                    }
-                }
-                Err(e @ StoreError::Conflict { .. }) => {
-                    // Someone else owns this job now; stop driving it here.
-                    error!(job_id = %id, error = %e, "unloading job");
-                    self.engine.remove(&id);
-                    self.revisions.remove(&id);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
     }
 }
 

@@ -2,19 +2,19 @@
 //! pending-set chunks (`fanjet_pending`) and statistics records
 //! (`fanjet_stats`).
 //!
-//! A checkpoint writes a job's record first and its changed bitmap chunks
-//! second. After a crash the record may be ahead of the bitmaps, never
-//! behind, so on load the counts are taken from the bits ([`Job::recount`])
-//! and re-applied events count exactly the subjobs the bits miss.
+//! The manager writes a job's record first and its changed bitmap chunks
+//! second (see [`crate::machine::Checkpoint`]); on load the counts are
+//! taken from the bits ([`Job::recount`]).
 
 use async_nats::jetstream::kv;
+use bytes::Bytes;
 use futures::TryStreamExt;
 use thiserror::Error;
 
 use super::Nats;
 use crate::protocol::{
-    event_subject, validate_token, Event, EventKind, Job, JobState, JobStats, Pending, StepKind,
-    StepState, CHUNK_BITS,
+    chunk_key, event_subject, validate_token, Event, EventKind, Job, JobState, JobStats, Pending,
+    StepKind, StepState,
 };
 
 #[derive(Debug, Error)]
@@ -37,109 +37,70 @@ pub enum StoreError {
     },
 }
 
-/// KV key of one bitmap chunk.
-pub fn chunk_key(job_id: &str, step_index: usize, chunk: u64) -> String {
-    format!("{job_id}.{step_index}.{chunk}")
-}
-
-/// What one job's checkpoint writes, prepared without holding the engine.
-pub struct Checkpoint {
-    pub job_id: String,
-    pub record: bytes::Bytes,
-    pub revision: Option<u64>,
-    pub chunks: Vec<(String, Vec<u8>)>,
-    /// Chunk keys to delete (the job ended).
-    pub purge: Vec<String>,
-}
-
-impl Checkpoint {
-    /// Takes what changed in `job` since the last checkpoint.
-    pub fn of(job: &mut Job, revision: Option<u64>) -> Result<Self, StoreError> {
-        let record = serde_json::to_vec(&*job)
-            .map_err(|source| StoreError::Decode {
-                job_id: job.job_id.clone(),
-                source,
-            })?
-            .into();
-        let mut chunks = Vec::new();
-        let mut purge = Vec::new();
-        let ended = job.state.is_terminal();
-        for (i, step) in job.steps.iter_mut().enumerate() {
-            if step.kind != StepKind::Fanout {
-                continue;
-            }
-            if ended {
-                // From the total: steps before a restart have no bits loaded.
-                let chunks = step.total.div_ceil(CHUNK_BITS);
-                purge.extend((0..chunks).map(|c| chunk_key(&job.job_id, i, c)));
+/// Writes a job record: creates it (`revision` None) or updates the one
+/// at `revision`; returns the new revision. [`StoreError::Conflict`] when
+/// another manager wrote it since.
+pub async fn put_record(
+    nats: &Nats,
+    job_id: &str,
+    record: Bytes,
+    revision: Option<u64>,
+) -> Result<u64, StoreError> {
+    let conflict = || StoreError::Conflict {
+        job_id: job_id.to_string(),
+        expected: revision,
+    };
+    match revision {
+        None => nats.jobs.create(job_id, record).await.map_err(|e| {
+            if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                conflict()
             } else {
-                chunks.extend(
-                    step.pending
-                        .take_dirty()
-                        .into_iter()
-                        .map(|(c, b)| (chunk_key(&job.job_id, i, c), b)),
-                );
+                kv_error(job_id, "create", &e)
             }
-        }
-        Ok(Checkpoint {
-            job_id: job.job_id.clone(),
-            record,
-            revision,
-            chunks,
-            purge,
-        })
+        }),
+        Some(rev) => nats.jobs.update(job_id, record, rev).await.map_err(|e| {
+            if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                conflict()
+            } else {
+                kv_error(job_id, "update", &e)
+            }
+        }),
     }
+}
 
-    /// Writes it; returns the record's new revision.
-    pub async fn write(self, nats: &Nats) -> Result<u64, StoreError> {
-        let kv_err = |op, e: &dyn std::fmt::Display| StoreError::Kv {
-            job_id: self.job_id.clone(),
-            op,
-            message: e.to_string(),
-        };
-        let revision = match self.revision {
-            None => nats
-                .jobs
-                .create(&self.job_id, self.record.clone())
-                .await
-                .map_err(|e| {
-                    if e.kind() == kv::CreateErrorKind::AlreadyExists {
-                        StoreError::Conflict {
-                            job_id: self.job_id.clone(),
-                            expected: None,
-                        }
-                    } else {
-                        kv_err("create", &e)
-                    }
-                })?,
-            Some(rev) => nats
-                .jobs
-                .update(&self.job_id, self.record.clone(), rev)
-                .await
-                .map_err(|e| {
-                    if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
-                        StoreError::Conflict {
-                            job_id: self.job_id.clone(),
-                            expected: Some(rev),
-                        }
-                    } else {
-                        kv_err("update", &e)
-                    }
-                })?,
-        };
-        for (key, bytes) in &self.chunks {
-            nats.pending
-                .put(key, bytes.clone().into())
-                .await
-                .map_err(|e| kv_err("put chunk", &e))?;
-        }
-        for key in &self.purge {
-            nats.pending
-                .purge(key)
-                .await
-                .map_err(|e| kv_err("purge chunk", &e))?;
-        }
-        Ok(revision)
+/// Stores one chunk of a step's pending set.
+pub async fn put_chunk(
+    nats: &Nats,
+    job_id: &str,
+    step_index: usize,
+    chunk: u64,
+    bits: Vec<u8>,
+) -> Result<(), StoreError> {
+    nats.pending
+        .put(chunk_key(job_id, step_index, chunk), bits.into())
+        .await
+        .map(|_| ())
+        .map_err(|e| kv_error(job_id, "put chunk", &e))
+}
+
+/// Deletes one chunk of a step's pending set (with its history).
+pub async fn delete_chunk(
+    nats: &Nats,
+    job_id: &str,
+    step_index: usize,
+    chunk: u64,
+) -> Result<(), StoreError> {
+    nats.pending
+        .purge(chunk_key(job_id, step_index, chunk))
+        .await
+        .map_err(|e| kv_error(job_id, "purge chunk", &e))
+}
+
+fn kv_error(job_id: &str, op: &'static str, e: &dyn std::fmt::Display) -> StoreError {
+    StoreError::Kv {
+        job_id: job_id.to_string(),
+        op,
+        message: e.to_string(),
     }
 }
 

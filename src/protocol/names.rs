@@ -186,6 +186,11 @@ pub fn max_deliveries_advisories() -> String {
     format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.>")
 }
 
+/// KV key (in [`PENDING_BUCKET`]) of one chunk of a step's pending set.
+pub fn chunk_key(job_id: &str, step_index: usize, chunk: u64) -> String {
+    format!("{job_id}.{step_index}.{chunk}")
+}
+
 /// Message id of a task, for JetStream de-duplication of re-dispatches.
 pub fn task_msg_id(job_id: &str, step_index: usize, index: u64) -> String {
     format!("{job_id}:{step_index}:{index}")

@@ -1,0 +1,73 @@
+//! What storing one job means, in order: its record first, its pending
+//! chunks second. After a crash between the two, the record may be ahead
+//! of the bitmaps, never behind; on load the counts are taken from the
+//! bits ([`Job::recount`]) and re-applied events count exactly the subjobs
+//! the bits miss. The engine acknowledges events ([`super::Action::Ack`])
+//! only after the checkpoints of every job they changed.
+
+use bytes::Bytes;
+
+use crate::protocol::{Job, StepKind, CHUNK_BITS};
+
+/// One write of a checkpoint, in the order they must be made.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// The job record (`fanjet_jobs`), revision-checked: when another
+    /// manager changed it, the writes after it are not made.
+    Record(Bytes),
+    /// A changed chunk of a fanout step's pending set (`fanjet_pending`).
+    Chunk {
+        step_index: usize,
+        chunk: u64,
+        bits: Vec<u8>,
+    },
+    /// A chunk no longer needed (the job ended).
+    DeleteChunk { step_index: usize, chunk: u64 },
+}
+
+/// Everything one job's checkpoint writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub job_id: String,
+    /// The job has ended: the engine no longer holds it.
+    pub ended: bool,
+    /// The record first, then chunks.
+    pub writes: Vec<Write>,
+}
+
+impl Checkpoint {
+    /// Takes what changed in `job` since its last checkpoint (the record is
+    /// always written whole; only dirty chunks are). Fails only if the record
+    /// cannot be encoded, in which case nothing is taken.
+    pub(super) fn of(job: &mut Job) -> Result<Self, serde_json::Error> {
+        let record = serde_json::to_vec(&*job)?;
+        let ended = job.state.is_terminal();
+        let mut writes = vec![Write::Record(record.into())];
+        for (i, step) in job.steps.iter_mut().enumerate() {
+            if step.kind != StepKind::Fanout {
+                continue;
+            }
+            if ended {
+                // From the total: steps before a restart have no bits loaded.
+                let chunks = step.total.div_ceil(CHUNK_BITS);
+                writes.extend((0..chunks).map(|chunk| Write::DeleteChunk {
+                    step_index: i,
+                    chunk,
+                }));
+            } else {
+                writes.extend(step.pending.take_dirty().into_iter().map(|(chunk, bits)| {
+                    Write::Chunk {
+                        step_index: i,
+                        chunk,
+                        bits,
+                    }
+                }));
+            }
+        }
+        Ok(Checkpoint {
+            job_id: job.job_id.clone(),
+            ended,
+            writes,
+        })
+    }
+}
