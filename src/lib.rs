@@ -1,28 +1,32 @@
 //! fanjet: fan-out/fan-in workflow jobs on NATS JetStream.
 //!
 //! # Layout
-//! Imports run one way, down this list: a module uses only those above it
-//! (`nats` and `machine` do not use each other; `manager`, `worker` and
-//! `observe` do not use each other).
+//! Arrows run one way: a module uses only modules listed above it, never
+//! one below or beside it (`tests/layout.rs` checks the code).
 //! - [`protocol`]: the wire contract: subjects, streams, buckets, events,
-//!   tasks, submissions, workflow definitions, the records kept in buckets,
-//!   codecs and the JSON Schemas generated from them. Imports nothing else.
+//!   tasks, submissions, workflow definitions, the records kept in buckets
+//!   (job records with their pending bitmaps, statistics, heartbeats, the
+//!   detailed status), codecs and the JSON Schemas generated from them.
+//! - [`metrics`]: the one Prometheus registry; every metric name and help.
+//! - [`shutdown`]: signals to cancellation.
 //! - [`machine`]: every workflow rule, as a pure state machine: inputs in,
-//!   actions out. No I/O, no clock.
+//!   actions out. No I/O, no clock. Uses `protocol`.
 //! - [`nats`]: everything done with NATS itself: the connection and its
 //!   streams and buckets, the event log (append, read), records in KV,
-//!   leases, heartbeats, the embedded nats-server.
-//! - [`metrics`]: the one Prometheus registry; every metric name and help.
-//! - [`client`]: what any client does over NATS: submit, cancel, ask status.
-//! - [`manager`]: partition coordinator, event loops, executor, intake,
-//!   status service, max-deliveries advisories.
+//!   leases, heartbeats, the embedded nats-server. Uses `protocol`.
+//! - [`client`]: what any client does over NATS: submit, cancel, ask the
+//!   status service.
+//! - [`manager`]: the only writer of job state: partition coordinator, one
+//!   event loop per partition around the machine, executor, intake, status
+//!   service, max-deliveries advisories.
 //! - [`worker`]: the worker pool, the handler API and the `--exec` handler.
 //! - [`observe`]: what `fanjet serve` runs: statistics, notifications,
-//!   gauges, the process list, the HTTP API and web page.
-//! - [`shutdown`]: signals to cancellation.
+//!   gauges, the process list, the HTTP API and web page. Reads, never
+//!   drives a job; uses `client` for the API's submit and cancel.
 //!
-//! The `fanjet` binary (`src/main.rs`, `src/cli/`) parses the command line
-//! and calls these; it is the only place that uses `anyhow`.
+//! `manager`, `worker` and `observe` do not use each other. The `fanjet`
+//! binary (`src/main.rs`, `src/cli/`) parses the command line and calls
+//! these; it is the only place that uses `anyhow`.
 
 pub mod client;
 pub mod machine;

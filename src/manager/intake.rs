@@ -2,46 +2,26 @@
 //! NATS client, turning each into a JobRequested (or a JobRejected) on the
 //! log. Runs in a queue group, so any number of managers share the load.
 
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::ManagerError;
 use crate::nats::log::{self, Appended};
-use crate::nats::{store, Nats};
+use crate::nats::{service, store, Nats};
 use crate::protocol::{
-    decode, encode_json, new_job_id, now_ms, validate_customer, validate_token, Encoding, Event,
-    JobRejected, JobRequested, RejectCode, Submission, SubmitError, SubmitReply, INTAKE_QUEUE,
-    MAX_SUBMISSION_BYTES, SUBMIT_WILDCARD,
+    decode, new_job_id, now_ms, validate_customer, validate_token, Encoding, Event, JobRejected,
+    JobRequested, RejectCode, Submission, SubmitError, SubmitReply, MAX_SUBMISSION_BYTES,
+    SUBMIT_WILDCARD,
 };
 
+/// Answers submissions on `fanjet.submit.<workflow>[.<customer>]` until `cancel`.
 pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerError> {
-    let mut sub = nats
-        .client
-        .queue_subscribe(SUBMIT_WILDCARD, INTAKE_QUEUE.into())
-        .await
-        .map_err(|e| ManagerError::Nats(format!("subscribing to submissions: {e}")))?;
-    loop {
-        let msg = tokio::select! {
-            _ = cancel.cancelled() => break,
-            m = sub.next() => match m { Some(m) => m, None => break },
-        };
-        let reply = submit(&nats, &msg).await;
-        if let Some(to) = msg.reply.clone() {
-            let body = match encode_json(&reply) {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(error = %e, "could not encode a submission reply");
-                    continue;
-                }
-            };
-            if let Err(e) = nats.client.publish(to, body).await {
-                warn!(error = %e, "could not answer a submission");
-            }
-        }
-    }
-    let _ = sub.unsubscribe().await;
-    Ok(())
+    let nats = &nats;
+    service::serve(nats, SUBMIT_WILDCARD, &cancel, |msg| async move {
+        submit(nats, &msg).await
+    })
+    .await
+    .map_err(|e| ManagerError::Nats(format!("subscribing to submissions: {e}")))
 }
 
 fn rejected(job_id: Option<String>, code: RejectCode, message: String) -> SubmitReply {

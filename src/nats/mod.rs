@@ -3,7 +3,8 @@
 //! and buckets found or created); the connection flags ([`connect`]); the
 //! event log, appended to and read ([`log`]); job records, pending chunks
 //! and statistics records in KV ([`store`]); leases ([`leases`]);
-//! heartbeats ([`heartbeat`]); and a local nats-server ([`server`]).
+//! heartbeats ([`heartbeat`]); request/reply services in a queue group
+//! ([`service`]); and a local nats-server ([`server`]).
 //!
 //! [`Nats::ensure`] creates (or updates to the current settings) every
 //! stream, consumer and bucket; the manager, `fanjet serve` and `workflow
@@ -15,6 +16,7 @@ pub mod heartbeat;
 pub mod leases;
 pub mod log;
 pub mod server;
+pub mod service;
 pub mod store;
 
 use std::time::Duration;

@@ -163,6 +163,19 @@ pub async fn stats(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StoreE
     Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
+/// Writes a job's statistics record (the statistics consumer is its one writer).
+pub async fn put_stats(nats: &Nats, job_id: &str, stats: &JobStats) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(stats).map_err(|source| StoreError::Decode {
+        job_id: job_id.to_string(),
+        source,
+    })?;
+    nats.stats
+        .put(job_id, bytes.into())
+        .await
+        .map(|_| ())
+        .map_err(|e| kv_error(job_id, "put statistics", &e))
+}
+
 /// Reads a job record with the bitmap of its running step, ready to resume.
 pub async fn load(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreError> {
     let Some((mut job, rev)) = get(nats, job_id).await? else {

@@ -224,11 +224,7 @@ async fn save(
     dirty.dedup();
     for id in dirty.drain(..) {
         if let Some(s) = jobs.get(&id) {
-            let bytes = serde_json::to_vec(s).map_err(|e| StatsError::Nats(e.to_string()))?;
-            nats.stats
-                .put(&id, bytes.into())
-                .await
-                .map_err(|e| StatsError::Nats(e.to_string()))?;
+            store::put_stats(nats, &id, s).await?;
             if s.outcome.is_some() {
                 jobs.remove(&id);
             }
