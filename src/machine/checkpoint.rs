@@ -7,7 +7,11 @@
 
 use bytes::Bytes;
 
-use crate::protocol::{Job, StepKind, CHUNK_BITS};
+use serde_json::json;
+
+use crate::protocol::{
+    Job, Source, StepKind, StepState, CHUNK_BITS, MAX_FAILURES_PASSED_ON, MAX_RECORD_BYTES,
+};
 
 /// One write of a checkpoint, in the order they must be made.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,7 +44,11 @@ impl Checkpoint {
     /// always written whole; only dirty chunks are). Fails only if the record
     /// cannot be encoded, in which case nothing is taken.
     pub(super) fn of(job: &mut Job) -> Result<Self, serde_json::Error> {
-        let record = serde_json::to_vec(&*job)?;
+        let mut record = serde_json::to_vec(&*job)?;
+        if record.len() > MAX_RECORD_BYTES {
+            shed(job);
+            record = serde_json::to_vec(&*job)?;
+        }
         let ended = job.state.is_terminal();
         let mut writes = vec![Write::Record(record.into())];
         for (i, step) in job.steps.iter_mut().enumerate() {
@@ -69,5 +77,28 @@ impl Checkpoint {
             ended,
             writes,
         })
+    }
+}
+
+/// Makes a record that grew past [`MAX_RECORD_BYTES`] small again, keeping
+/// every count: a few failures per step instead of the full list, then
+/// none, and the output and finished steps' inline inputs replaced by a
+/// note. (Every text in a record is bounded, so only a workflow of many
+/// steps, each with many long failures, gets here.)
+fn shed(job: &mut Job) {
+    for step in &mut job.steps {
+        step.failures.truncate(MAX_FAILURES_PASSED_ON);
+    }
+    if serde_json::to_vec(&*job).map_or(true, |r| r.len() > MAX_RECORD_BYTES) {
+        let note = json!({"omitted": "the job record grew past its limit; see the event log"});
+        for step in &mut job.steps {
+            step.failures.clear();
+            if step.state != StepState::Running && matches!(step.source, Some(Source::Inline(_))) {
+                step.source = Some(Source::Inline(note.clone()));
+            }
+        }
+        if !job.output.is_null() {
+            job.output = note;
+        }
     }
 }

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::json;
 
-use super::{Engine, Input};
+use super::{Definition, Engine, Input};
 use crate::protocol::{
     CancelRequested, Event, JobRequested, JobState, SubjobCompleted, SubjobFailed, Workflow,
 };
@@ -61,7 +61,11 @@ fn random_event_streams_never_panic_the_engine() {
                             deadline_at: None,
                         },
                         stored: index == 0,
-                        workflow: flag.then(|| wf.clone()),
+                        workflow: match (flag, attempt) {
+                            (true, _) => Definition::Found(wf.clone()),
+                            (false, 0) => Definition::Invalid("bad".into()),
+                            (false, _) => Definition::Unknown,
+                        },
                     },
                     1 | 2 => Input::Event {
                         seq: now,

@@ -35,10 +35,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{json, Value};
 
 use crate::protocol::{
-    array_len, event_subject, CancelRequested, Event, EventKind, Failure, Job, JobCancelled,
-    JobCompleted, JobFailed, JobRejected, JobRequested, JobState, Mark, Millis, Pending,
-    RejectCode, Source, SourceField, Step, StepCompleted, StepKind, StepRun, StepStarted,
-    StepState, SubjobCompleted, SubjobFailed, Workflow, EVENTS_STREAM, MAX_FAILURES_KEPT,
+    array_len, bounded, event_subject, validate_token, CancelRequested, Event, EventKind, Failure,
+    Job, JobCancelled, JobCompleted, JobFailed, JobRejected, JobRequested, JobState, Mark, Millis,
+    Pending, RejectCode, Source, SourceField, Step, StepCompleted, StepKind, StepRun, StepStarted,
+    StepState, SubjobCompleted, SubjobFailed, Workflow, EVENTS_STREAM, INLINE_RESULT_MAX,
+    MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES,
 };
 
 /// Refill a step's in-flight window only when at least this many slots are
@@ -49,13 +50,12 @@ const MIN_REFILL: u64 = 256;
 #[derive(Debug, Clone)]
 pub enum Input {
     /// A job was requested. The event loop looked up whether a record of
-    /// this job id is stored already and, if not, its workflow (None:
-    /// unknown).
+    /// this job id is stored already and, if not, its workflow.
     Requested {
         seq: u64,
         event: JobRequested,
         stored: bool,
-        workflow: Option<Workflow>,
+        workflow: Definition,
     },
     /// Any other event of the log, with its stream sequence.
     Event { seq: u64, event: Event },
@@ -78,6 +78,16 @@ pub enum Input {
     /// Another manager changed this job's record (its lease moved while
     /// this one still held the job): stop driving it here.
     Conflict { job_id: String },
+}
+
+/// What the event loop found of a requested job's workflow.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Definition {
+    Found(Workflow),
+    /// No workflow by that name.
+    Unknown,
+    /// Stored, but not a valid definition (why): the job is rejected.
+    Invalid(String),
 }
 
 /// What the executor must do.
@@ -178,8 +188,10 @@ impl Engine {
                 stored,
                 workflow,
             } => {
+                if !valid_job_id(&event.job_id) {
+                    self.ignore(&Event::JobRequested(event), Ignored::InvalidJobId);
                 // A job id starts once, whatever is sent again.
-                if !stored && !self.jobs.contains_key(&event.job_id) {
+                } else if !stored && !self.jobs.contains_key(&event.job_id) {
                     self.requested(seq, event, workflow, now, &mut out);
                 }
             }
@@ -218,33 +230,57 @@ impl Engine {
         &mut self,
         seq: u64,
         ev: JobRequested,
-        workflow: Option<Workflow>,
+        workflow: Definition,
         now: Millis,
         out: &mut Vec<Action>,
     ) {
-        let Some(workflow) = workflow else {
-            out.push(Action::Publish(Event::JobRejected(JobRejected {
-                job_id: ev.job_id.clone(),
-                workflow: Some(ev.workflow.clone()),
-                customer: ev.customer.clone(),
-                code: RejectCode::UnknownWorkflow,
-                reason: format!(
+        let (code, reason) = match workflow {
+            Definition::Found(workflow) => return self.start(seq, ev, workflow, now, out),
+            Definition::Unknown => (
+                RejectCode::UnknownWorkflow,
+                format!(
                     "unknown workflow {:?}: apply it first with `fanjet workflow apply`",
                     ev.workflow
                 ),
-                at: now,
-            })));
-            let job = Job::rejected(
-                &ev.job_id,
-                Some(&ev.workflow),
-                ev.customer.clone(),
-                format!("unknown workflow {:?}", ev.workflow),
-                now,
-            );
-            self.dirty.insert(job.job_id.clone());
-            self.jobs.insert(job.job_id.clone(), job);
-            return;
+            ),
+            Definition::Invalid(why) => (
+                RejectCode::InvalidDefinition,
+                bounded(
+                    &format!(
+                        "the stored definition of workflow {:?} is invalid: {why}",
+                        ev.workflow
+                    ),
+                    MAX_REASON_BYTES,
+                ),
+            ),
         };
+        out.push(Action::Publish(Event::JobRejected(JobRejected {
+            job_id: ev.job_id.clone(),
+            workflow: Some(ev.workflow.clone()),
+            customer: ev.customer.clone(),
+            code,
+            reason: reason.clone(),
+            at: now,
+        })));
+        let job = Job::rejected(
+            &ev.job_id,
+            Some(&ev.workflow),
+            ev.customer.clone(),
+            reason,
+            now,
+        );
+        self.dirty.insert(job.job_id.clone());
+        self.jobs.insert(job.job_id.clone(), job);
+    }
+
+    fn start(
+        &mut self,
+        seq: u64,
+        ev: JobRequested,
+        workflow: Workflow,
+        now: Millis,
+        out: &mut Vec<Action>,
+    ) {
         let mut job = Job::new(&ev, workflow, seq, now);
         let len = ev.input.as_array().map(|a| a.len() as u64);
         start_step(
@@ -264,12 +300,14 @@ impl Engine {
 
     fn event(&mut self, seq: u64, event: Event, now: Millis, out: &mut Vec<Action>) {
         if let Event::JobRejected(r) = &event {
-            if !self.jobs.contains_key(&r.job_id) {
+            if !valid_job_id(&r.job_id) {
+                self.ignore(&event, Ignored::InvalidJobId);
+            } else if !self.jobs.contains_key(&r.job_id) {
                 let job = Job::rejected(
                     &r.job_id,
                     r.workflow.as_deref(),
                     r.customer.clone(),
-                    r.reason.clone(),
+                    bounded(&r.reason, MAX_REASON_BYTES),
                     r.at,
                 );
                 self.dirty.insert(job.job_id.clone());
@@ -376,6 +414,9 @@ pub enum Ignored {
     NotDispatched,
     /// The subjob's outcome was counted already.
     Duplicate,
+    /// The job id is no subject token (only a client that writes the log
+    /// directly can send one); no record could hold it.
+    InvalidJobId,
 }
 
 impl Ignored {
@@ -386,8 +427,15 @@ impl Ignored {
             Ignored::StepNotRunning => "step_not_running",
             Ignored::NotDispatched => "not_dispatched",
             Ignored::Duplicate => "duplicate",
+            Ignored::InvalidJobId => "invalid_job_id",
         }
     }
+}
+
+/// Whether a job may have this id: the intake lets no other through, and
+/// its record and pending chunks are keyed by it.
+pub fn valid_job_id(job_id: &str) -> bool {
+    validate_token("job id", job_id).is_ok()
 }
 
 /// Records a subjob's outcome once; the step it belongs to, or why not.
@@ -435,7 +483,7 @@ fn subjob_completed(
         step.output_seq = Some(seq);
         step.output_len = array_len(&e.result);
         if e.step_index + 1 == job.steps.len() {
-            job.output = e.result;
+            job.output = output(e.result, seq);
         }
     }
     job.updated_at = now;
@@ -460,7 +508,7 @@ fn subjob_failed(
             step.failures.push(Failure {
                 index: e.index,
                 attempt: e.attempt,
-                error: e.error,
+                error: bounded(&e.error, MAX_ERROR_BYTES),
             });
         }
     }
@@ -479,6 +527,22 @@ fn replayed(job: &mut Job, seq: u64) -> bool {
     }
     job.applied_seq = job.applied_seq.max(seq);
     false
+}
+
+/// A job's output: the last step's result, unless it is larger than a
+/// conforming worker sends inline (it would have stored it as a reference,
+/// [`INLINE_RESULT_MAX`]); then where to read it in the log.
+fn output(result: Value, seq: u64) -> Value {
+    let bytes = serde_json::to_vec(&result)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if bytes <= INLINE_RESULT_MAX {
+        return result;
+    }
+    json!({
+        "omitted": format!("the result is {bytes} bytes, more than a record keeps inline ({INLINE_RESULT_MAX}); it is in the log"),
+        "seq": seq,
+    })
 }
 
 /// After a subjob outcome: fail the job past the tolerance, finish the step
@@ -667,7 +731,7 @@ fn fanout_summary(job_id: &str, i: usize, step: &StepRun) -> Value {
         "completed": step.completed,
         "failed": step.failed,
         "retries": step.retries,
-        "failures": step.failures,
+        "failures": step.failures.iter().take(MAX_FAILURES_PASSED_ON).collect::<Vec<_>>(),
         "results": {
             "stream": EVENTS_STREAM,
             "subject": event_subject(job_id, EventKind::SubjobCompleted.token()),
@@ -677,6 +741,7 @@ fn fanout_summary(job_id: &str, i: usize, step: &StepRun) -> Value {
 }
 
 fn fail_job(job: &mut Job, reason: String, now: Millis, out: &mut Vec<Action>) {
+    let reason = bounded(&reason, MAX_REASON_BYTES);
     let i = job.current;
     if let Some(step) = job.steps.get_mut(i) {
         step.state = StepState::Failed;
@@ -712,8 +777,9 @@ fn cancel(job: &mut Job, e: CancelRequested, now: Millis, out: &mut Vec<Action>)
             step.finished_at = Some(now);
         }
     }
+    let reason = e.reason.map(|r| bounded(&r, MAX_REASON_BYTES));
     job.state = JobState::Cancelled;
-    job.error = e.reason.clone().or_else(|| Some("cancelled".into()));
+    job.error = reason.clone().or_else(|| Some("cancelled".into()));
     job.finished_at = Some(now);
     job.updated_at = now;
     out.push(Action::PurgeTasks {
@@ -722,7 +788,7 @@ fn cancel(job: &mut Job, e: CancelRequested, now: Millis, out: &mut Vec<Action>)
     out.push(Action::Publish(Event::JobCancelled(JobCancelled {
         job_id: job.job_id.clone(),
         workflow: job.workflow.clone(),
-        reason: e.reason,
+        reason,
         at: now,
     })));
     true

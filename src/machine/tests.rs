@@ -2,7 +2,7 @@
 //! interleavings with duplicates, reorderings and late events.
 
 use super::*;
-use crate::protocol::{CancelRequested, SubjobCompleted, SubjobFailed, Workflow};
+use crate::protocol::{CancelRequested, SubjobCompleted, SubjobFailed, Workflow, MAX_RECORD_BYTES};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -39,7 +39,7 @@ fn request(engine: &mut Engine, wf: Workflow) -> Vec<Action> {
                 deadline_at: None,
             },
             stored: false,
-            workflow: Some(wf),
+            workflow: Definition::Found(wf),
         },
         10,
     )
@@ -428,7 +428,7 @@ fn unknown_workflow_and_resubmission() {
                 deadline_at: None,
             },
             stored: false,
-            workflow: None,
+            workflow: Definition::Unknown,
         },
         5,
     );
@@ -454,7 +454,7 @@ fn unknown_workflow_and_resubmission() {
                 deadline_at: None,
             },
             stored: true,
-            workflow: Some(workflow("")),
+            workflow: Definition::Found(workflow("")),
         },
         5,
     );
@@ -556,6 +556,169 @@ enum Delivery {
         step: usize,
         index: u64,
     },
+}
+
+fn failed_with(step_index: usize, index: u64, error: String) -> Input {
+    Input::Event {
+        seq: next_seq(),
+        event: Event::SubjobFailed(SubjobFailed {
+            job_id: "j".into(),
+            step_index,
+            index,
+            attempt: 1,
+            error,
+        }),
+    }
+}
+
+fn requested(job_id: &str, workflow: Definition) -> Input {
+    Input::Requested {
+        seq: next_seq(),
+        event: JobRequested {
+            job_id: job_id.into(),
+            workflow: "invoices".into(),
+            customer: None,
+            input: json!(null),
+            at: 0,
+            deadline_at: None,
+        },
+        stored: false,
+        workflow,
+    }
+}
+
+#[test]
+fn an_invalid_stored_definition_rejects_the_job_with_its_reason() {
+    let mut e = Engine::new();
+    let a = e.apply(
+        requested(
+            "x",
+            Definition::Invalid("step name \"a.b\" has a dot".into()),
+        ),
+        5,
+    );
+    let [Action::Publish(Event::JobRejected(r))] = &a[..] else {
+        panic!("{a:?}");
+    };
+    assert_eq!(r.code, RejectCode::InvalidDefinition);
+    assert!(r.reason.contains("a.b"), "{}", r.reason);
+    let job = e.job("x").unwrap();
+    assert_eq!(job.state, JobState::Rejected);
+    assert_eq!(job.error.as_deref(), Some(r.reason.as_str()));
+}
+
+#[test]
+fn texts_a_job_keeps_or_sends_are_bounded() {
+    let mut e = Engine::new();
+    request(&mut e, workflow("tolerate_failures = \"100%\""));
+    e.apply(done(0, 0, 1, json!((0..150).collect::<Vec<u64>>())), 20);
+    let mut actions = Vec::new();
+    for i in 0..150 {
+        actions.extend(e.apply(failed_with(1, i, format!("{i}:{}", "x".repeat(20_000))), 21));
+    }
+    let send = &e.job("j").unwrap().steps[1];
+    assert_eq!(send.failed, 150, "the count is exact");
+    assert_eq!(send.failures.len(), MAX_FAILURES_KEPT);
+    assert!(send
+        .failures
+        .iter()
+        .all(|f| f.error.len() <= MAX_ERROR_BYTES));
+    assert!(send.failures[0].error.starts_with("0:xxx"));
+    // The summary handed to the next step lists a few failures only.
+    let summary = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Dispatch(d) if d.step_index == 2 => Some(d.source.clone()),
+            _ => None,
+        })
+        .expect("the last step starts");
+    let Source::Inline(summary) = summary else {
+        panic!("{summary:?}")
+    };
+    assert_eq!(summary["failed"], 150);
+    assert_eq!(
+        summary["failures"].as_array().unwrap().len(),
+        MAX_FAILURES_PASSED_ON
+    );
+    // An output larger than any conforming worker sends inline is a pointer.
+    let big = json!("y".repeat(INLINE_RESULT_MAX + 1));
+    e.apply(done(2, 0, 1, big), 22);
+    let job = e.job("j").unwrap();
+    assert_eq!(job.state, JobState::Completed);
+    assert!(job.output["omitted"]
+        .as_str()
+        .unwrap()
+        .contains("in the log"));
+    assert!(job.output["seq"].as_u64().is_some());
+
+    // A cancellation's reason, and an abort's, are cut too.
+    let mut e = Engine::new();
+    request(&mut e, workflow(""));
+    let a = e.apply(
+        Input::Event {
+            seq: next_seq(),
+            event: Event::CancelRequested(CancelRequested {
+                job_id: "j".into(),
+                reason: Some("r".repeat(100_000)),
+                at: 1,
+            }),
+        },
+        30,
+    );
+    let cancelled = a
+        .iter()
+        .find_map(|a| match a {
+            Action::Publish(Event::JobCancelled(c)) => c.reason.clone(),
+            _ => None,
+        })
+        .unwrap();
+    assert!(cancelled.len() <= MAX_REASON_BYTES);
+    assert!(e.job("j").unwrap().error.as_ref().unwrap().len() <= MAX_REASON_BYTES);
+    let mut e = Engine::new();
+    request(&mut e, workflow(""));
+    e.apply(
+        Input::Abort {
+            job_id: "j".into(),
+            reason: "z".repeat(100_000),
+        },
+        31,
+    );
+    assert!(e.job("j").unwrap().error.as_ref().unwrap().len() <= MAX_REASON_BYTES);
+}
+
+#[test]
+fn a_record_past_its_limit_sheds_lists_and_keeps_counts() {
+    // Six fanouts in a row, each with 100 long failures kept: 600 KB of
+    // failures alone, past the record's limit.
+    let mut toml = String::from("name = \"invoices\"\n");
+    for i in 0..6 {
+        toml += &format!(
+            "[[steps]]\nname = \"list{i}\"\nkind = \"task\"\n[[steps]]\nname = \"fan{i}\"\nkind = \"fanout\"\ntolerate_failures = \"100%\"\n"
+        );
+    }
+    let wf = Workflow::from_toml(&toml).unwrap();
+    let mut e = Engine::new();
+    request(&mut e, wf);
+    for i in 0..6 {
+        e.apply(done(2 * i, 0, 1, json!((0..100).collect::<Vec<u64>>())), 20);
+        for index in 0..100 {
+            e.apply(failed_with(2 * i + 1, index, "e".repeat(2000)), 21);
+        }
+    }
+    assert_eq!(e.job("j").unwrap().state, JobState::Completed);
+    let a = e.apply(Input::Save, 22);
+    let Some(Action::Checkpoint(cp)) = a.first() else {
+        panic!("{a:?}")
+    };
+    let Write::Record(record) = &cp.writes[0] else {
+        panic!("{:?}", cp.writes[0])
+    };
+    assert!(record.len() <= MAX_RECORD_BYTES, "{} bytes", record.len());
+    let stored: Job = serde_json::from_slice(record).unwrap();
+    for step in stored.steps.iter().filter(|s| s.kind == StepKind::Fanout) {
+        assert_eq!(step.failed, 100, "counts stay exact");
+        assert!(step.failures.len() <= MAX_FAILURES_PASSED_ON);
+    }
 }
 
 proptest! {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::Message;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -94,7 +93,18 @@ impl Executor {
                             .map_err(|e| ManagerError::Nats(format!("acking events: {e}")))?;
                     }
                 }
-                Action::Publish(event) => self.publish_event(&event).await?,
+                Action::Publish(event) => {
+                    if let Some(reason) = self.publish_event(&event).await? {
+                        warn!(
+                            job_id = event.job_id(),
+                            reason, "failing the job: an event of it cannot be logged"
+                        );
+                        feedback.push(Input::Abort {
+                            job_id: event.job_id().to_string(),
+                            reason,
+                        });
+                    }
+                }
                 Action::Dispatch(d) => {
                     let job_id = d.job_id.clone();
                     if let Some(reason) = self.dispatch(d).await? {
@@ -167,7 +177,10 @@ impl Executor {
         Ok(())
     }
 
-    async fn publish_event(&mut self, event: &Event) -> Result<(), ManagerError> {
+    /// Appends an event (pipelined); `Some(reason)` when it can never be
+    /// logged (too large: every text in it is bounded, so this is a bug, but
+    /// it must not stop the partition).
+    async fn publish_event(&mut self, event: &Event) -> Result<Option<String>, ManagerError> {
         let max = self.nats.max_payload();
         let payload = match (log::encode(event, max), event) {
             (Ok(payload), _) => payload,
@@ -182,10 +195,12 @@ impl Executor {
                 );
                 log::encode(&Event::JobCompleted(slim), max)?
             }
+            (Err(e @ LogError::TooLarge { .. }), _) => return Ok(Some(e.to_string())),
             (Err(e), _) => return Err(e.into()),
         };
         self.send(event.subject(), log::message(event, payload))
-            .await
+            .await?;
+        Ok(None)
     }
 
     async fn send(&mut self, subject: String, msg: PublishMessage) -> Result<(), ManagerError> {
@@ -272,20 +287,12 @@ impl Executor {
         if let Some(v) = self.sources.get(&seq) {
             return Ok(Ok(v.clone()));
         }
-        let msg = match self.nats.events.get_raw_message(seq).await {
-            Ok(m) => m,
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {
-                return Ok(Err(format!(
-                    "its input (event {seq}) is no longer in the log"
-                )));
-            }
-            Err(e) => {
-                return Err(ManagerError::Nats(format!(
-                    "reading step input at event {seq}: {e}"
-                )))
-            }
+        let Some(payload) = log::event_at(&self.nats, seq).await? else {
+            return Ok(Err(format!(
+                "its input (event {seq}) is no longer in the log"
+            )));
         };
-        let value = match (serde_json::from_slice::<Event>(&msg.payload), field) {
+        let value = match (serde_json::from_slice::<Event>(&payload), field) {
             (Ok(Event::JobRequested(r)), SourceField::Input) => r.input,
             (Ok(Event::SubjobCompleted(c)), SourceField::Result) => c.result,
             _ => return Ok(Err(format!("event {seq} does not hold a step input"))),

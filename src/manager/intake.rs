@@ -6,12 +6,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::ManagerError;
-use crate::nats::log::{self, Appended};
-use crate::nats::{service, store, Nats};
+use crate::nats::log::{self, Appended, LogError};
+use crate::nats::{service, store, Nats, SetupError};
 use crate::protocol::{
-    decode, new_job_id, now_ms, validate_customer, validate_token, Encoding, Event, JobRejected,
-    JobRequested, RejectCode, Submission, SubmitError, SubmitReply, MAX_SUBMISSION_BYTES,
-    SUBMIT_WILDCARD,
+    bounded, decode, new_job_id, now_ms, validate_customer, validate_token, Encoding, Event,
+    JobRejected, JobRequested, RejectCode, Submission, SubmitError, SubmitReply, MAX_REASON_BYTES,
+    MAX_SUBMISSION_BYTES, SUBMIT_WILDCARD,
 };
 
 /// Answers submissions on `fanjet.submit.<workflow>[.<customer>]` until `cancel`.
@@ -130,6 +130,11 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
             );
             return reject.send(nats, RejectCode::UnknownWorkflow, m).await;
         }
+        Err(e @ SetupError::BadDefinition { .. }) => {
+            return reject
+                .send(nats, RejectCode::InvalidDefinition, e.to_string())
+                .await
+        }
         Err(e) => return rejected(Some(job_id), RejectCode::Internal, e.to_string()),
     };
     let at = now_ms();
@@ -151,6 +156,10 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
                 error: None,
             }
         }
+        Err(LogError::TooLarge { bytes, max, .. }) => {
+            let m = format!("the job's request is {bytes} bytes; the server accepts {max}");
+            reject.send(nats, RejectCode::PayloadTooLarge, m).await
+        }
         Err(e) => rejected(
             Some(job_id),
             RejectCode::Internal,
@@ -170,6 +179,7 @@ impl Rejection {
     /// Logs a JobRejected (under the submitted id when it is valid, a fresh
     /// one otherwise) and builds the reply.
     async fn send(self, nats: &Nats, code: RejectCode, reason: String) -> SubmitReply {
+        let reason = bounded(&reason, MAX_REASON_BYTES);
         let job_id = self.job_id.clone().unwrap_or_else(new_job_id);
         warn!(job_id, ?code, reason, "submission rejected");
         let event = Event::JobRejected(JobRejected {

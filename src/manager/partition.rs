@@ -25,11 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{Executor, ManagerError, ManagerOptions};
-use crate::machine::{Action, Engine, Input};
+use crate::machine::{valid_job_id, Action, Definition, Engine, Input};
 use crate::metrics::Metrics;
 use crate::nats::log::{stream_seq, Batch, LogError, Reader};
 use crate::nats::store;
-use crate::nats::Nats;
+use crate::nats::{Nats, SetupError};
 use crate::protocol::{
     job_tasks_filter, manager_consumer, now_ms, partition, partition_kind_filter, Event, EventKind,
     Workflow,
@@ -245,10 +245,16 @@ impl EventLoop {
                 // The facts the engine needs to decide whether and how the
                 // job starts (a workflow it will not use is not fetched).
                 Event::JobRequested(req) => {
-                    let stored = store::get(&self.nats, &req.job_id).await?.is_some();
-                    let workflow = match stored || self.engine.contains(&req.job_id) {
-                        true => None,
-                        false => self.workflow(&req.workflow).await?,
+                    let (stored, workflow) = if !valid_job_id(&req.job_id) {
+                        // No record could hold it; the engine ignores it.
+                        (false, Definition::Unknown)
+                    } else {
+                        let stored = store::get(&self.nats, &req.job_id).await?.is_some();
+                        let workflow = match stored || self.engine.contains(&req.job_id) {
+                            true => Definition::Unknown,
+                            false => self.workflow(&req.workflow).await?,
+                        };
+                        (stored, workflow)
                     };
                     Input::Requested {
                         seq,
@@ -292,9 +298,16 @@ impl EventLoop {
         Ok(())
     }
 
-    async fn workflow(&mut self, name: &str) -> Result<Option<Workflow>, ManagerError> {
-        let Some(wf) = self.nats.workflow(name).await? else {
-            return Ok(None);
+    /// The requested workflow, checked as it is read; its step consumers
+    /// are created when it is new or changed.
+    async fn workflow(&mut self, name: &str) -> Result<Definition, ManagerError> {
+        let wf = match self.nats.workflow(name).await {
+            Ok(Some(wf)) => wf,
+            Ok(None) => return Ok(Definition::Unknown),
+            Err(SetupError::BadDefinition { message, .. }) => {
+                return Ok(Definition::Invalid(message))
+            }
+            Err(e) => return Err(e.into()),
         };
         if self.workflows.get(name) != Some(&wf) {
             for step in &wf.steps {
@@ -302,7 +315,7 @@ impl EventLoop {
             }
             self.workflows.insert(name.to_string(), wf.clone());
         }
-        Ok(Some(wf))
+        Ok(Definition::Found(wf))
     }
 }
 

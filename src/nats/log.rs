@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::{self, OrderedConfig};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, Info};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{ConsumerResetError, Stream};
+use async_nats::jetstream::stream::{ConsumerResetError, RawMessageErrorKind, Stream};
 use async_nats::jetstream::Message;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -124,6 +124,32 @@ pub async fn append_encoded(
         seq: ack.sequence,
         duplicate: ack.duplicate,
     })
+}
+
+/// Reads the payload of the event at log sequence `seq` (a step's input). `Ok(None)`: it
+/// is gone for good (older than the log's first event, or deleted); an
+/// error: it could not be read now, try again later. A "no message" answer
+/// alone is not trusted: while a cluster changes leaders a read can answer
+/// that for an event that is there, which would fail a job for nothing.
+pub async fn event_at(nats: &Nats, seq: u64) -> Result<Option<Bytes>, LogError> {
+    let err = |e: &dyn std::fmt::Display| LogError::Read(format!("event {seq}: {e}"));
+    let mut pause = Duration::from_millis(250);
+    for _ in 0..3 {
+        match nats.events.get_raw_message(seq).await {
+            Ok(m) => return Ok(Some(m.payload)),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(e) => return Err(err(&e)),
+        }
+    }
+    let state = nats.events.get_info().await.map_err(|e| err(&e))?.state;
+    if seq > state.last_sequence {
+        // What answered has not seen it yet: it is not gone.
+        return Err(err(&"not found, and the log's last event is older"));
+    }
+    Ok(None)
 }
 
 /// The log sequence of a delivered event (0 when the reply subject cannot

@@ -64,8 +64,19 @@ pub enum SetupError {
     Missing(String),
     #[error("could not open the results object store: {0}")]
     Results(String),
-    #[error("could not store workflow {name}: {message}")]
+    #[error("could not read or store workflow {name}: {message}")]
     Workflow { name: String, message: String },
+    /// The stored definition fails validation: reading it again will not help.
+    #[error("the stored definition of workflow {name:?} is invalid: {message}")]
+    BadDefinition { name: String, message: String },
+}
+
+impl SetupError {
+    /// True when trying again may succeed (NATS unavailable, a timeout);
+    /// false when the thing itself is wrong.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, SetupError::BadDefinition { .. })
+    }
 }
 
 /// Room kept for headers (message id and the like) under the server's max
@@ -242,13 +253,18 @@ impl Nats {
 
     /// Stores a workflow definition and creates its step consumers.
     pub async fn apply_workflow(&self, workflow: &Workflow) -> Result<(), SetupError> {
-        for step in &workflow.steps {
-            self.ensure_step_consumer(&workflow.name, step).await?;
-        }
         let bytes = serde_json::to_vec(workflow).map_err(|e| SetupError::Workflow {
             name: workflow.name.clone(),
             message: e.to_string(),
         })?;
+        // What readers will check, checked before anything is written.
+        Workflow::from_json(&bytes).map_err(|e| SetupError::BadDefinition {
+            name: workflow.name.clone(),
+            message: e.to_string(),
+        })?;
+        for step in &workflow.steps {
+            self.ensure_step_consumer(&workflow.name, step).await?;
+        }
         self.workflows
             .put(&workflow.name, bytes.into())
             .await
@@ -259,23 +275,33 @@ impl Nats {
         Ok(())
     }
 
-    /// Reads a stored workflow; `Ok(None)` when there is none by that name.
+    /// Reads a stored workflow and checks it; `Ok(None)` when there is none
+    /// by that name, [`SetupError::BadDefinition`] when what is stored is
+    /// not a valid definition of that name.
     pub async fn workflow(&self, name: &str) -> Result<Option<Workflow>, SetupError> {
-        let err = |message: String| SetupError::Workflow {
-            name: name.to_string(),
-            message,
-        };
-        match self
+        let bytes = self
             .workflows
             .get(name)
             .await
-            .map_err(|e| err(e.to_string()))?
-        {
-            None => Ok(None),
-            Some(bytes) => Workflow::from_json(&bytes)
-                .map(Some)
-                .map_err(|e| err(e.to_string())),
+            .map_err(|e| SetupError::Workflow {
+                name: name.to_string(),
+                message: e.to_string(),
+            })?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let bad = |message: String| SetupError::BadDefinition {
+            name: name.to_string(),
+            message,
+        };
+        let workflow = Workflow::from_json(&bytes).map_err(|e| bad(e.to_string()))?;
+        if workflow.name != name {
+            return Err(bad(format!(
+                "it is stored under {name:?} but names itself {:?}",
+                workflow.name
+            )));
         }
+        Ok(Some(workflow))
     }
 
     /// Every stored workflow, by name.
@@ -291,8 +317,11 @@ impl Nats {
         };
         let mut out = Vec::new();
         for k in keys {
-            if let Some(w) = self.workflow(&k).await? {
-                out.push(w);
+            match self.workflow(&k).await {
+                Ok(Some(w)) => out.push(w),
+                Ok(None) => {}
+                Err(e) if !e.is_transient() => tracing::warn!(error = %e, "skipping a workflow"),
+                Err(e) => return Err(e),
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));

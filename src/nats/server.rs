@@ -202,7 +202,7 @@ impl NatsServer {
         // Same limits as nats/dev.conf; the generated file keeps the paths right.
         let conf = store.join("nats-server.conf");
         let text = format!(
-            "listen: \"127.0.0.1:{port}\"\nmax_payload: 8MB\njetstream {{\n  store_dir: {store:?}\n}}\n",
+            "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: {store:?}\n}}\n",
             store = store.join("jetstream").display().to_string()
         );
         std::fs::write(&conf, text).map_err(|e| ServerError::Start {
@@ -359,7 +359,7 @@ impl NatsCluster {
             let store = temp.path().to_path_buf();
             let conf = store.join("server.conf");
             let text = format!(
-                "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\nmax_payload: 8MB\njetstream {{ store_dir: {:?} }}\ncluster {{\n  name: fanjet\n  listen: \"127.0.0.1:{route}\"\n  routes: [{}]\n}}\n",
+                "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\njetstream {{ store_dir: {:?} }}\ncluster {{\n  name: fanjet\n  listen: \"127.0.0.1:{route}\"\n  routes: [{}]\n}}\n",
                 store.join("jetstream").display().to_string(),
                 routes.join(", ")
             );

@@ -32,6 +32,9 @@ pub enum RejectCode {
     InvalidWorkflowName,
     InvalidCustomer,
     PayloadTooLarge,
+    // The workflow's stored definition fails validation (it was put in
+    // the bucket by other means than `fanjet workflow apply`).
+    InvalidDefinition,
     Internal,
 }
 

@@ -9,6 +9,39 @@ use super::{JobRequested, Millis, Pending, StepKind, Workflow};
 
 /// Failed subjobs kept with their error per step; the count is always exact.
 pub const MAX_FAILURES_KEPT: usize = 100;
+/// Longest error text of one failed subjob kept in a record or passed on,
+/// in bytes; a longer one keeps its start and says how much was cut.
+pub const MAX_ERROR_BYTES: usize = 1024;
+/// Longest reason (why a job failed, was cancelled or rejected) kept in a
+/// record or an event, in bytes.
+pub const MAX_REASON_BYTES: usize = 2048;
+/// Failed subjobs listed in the summary a fanout step hands to the next
+/// step (and, for a last step, in the job's output).
+pub const MAX_FAILURES_PASSED_ON: usize = 10;
+/// Largest encoded job record the manager writes. Far below the smallest
+/// `max_payload` fanjet supports (1 MB, the NATS default); a record that
+/// would be larger sheds its lists of failures and its output first.
+pub const MAX_RECORD_BYTES: usize = 512 * 1024;
+
+/// `text`, cut to at most `max` bytes: its start, and how much was cut.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let note = |cut: usize| format!("… [{cut} bytes cut]");
+    // The note's length depends on the number in it; the longest it can be.
+    let longest = note(text.len()).len();
+    let room = if max > longest { max - longest } else { max };
+    let mut end = room.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = text[..end].to_string();
+    if max > longest {
+        out.push_str(&note(text.len() - end));
+    }
+    out
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -252,5 +285,25 @@ impl Job {
                 step.failed = failed;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bounded;
+
+    #[test]
+    fn bounded_texts_keep_their_start_and_say_what_was_cut() {
+        assert_eq!(bounded("short", 10), "short");
+        let long = "é".repeat(5000); // 10,000 bytes, two per char
+        let cut = bounded(&long, 1024);
+        assert!(cut.len() <= 1024, "{} bytes", cut.len());
+        assert!(cut.starts_with("éé"));
+        let kept = cut.split('…').next().unwrap_or_default().len();
+        assert!(
+            cut.ends_with(&format!("[{} bytes cut]", 10_000 - kept)),
+            "{cut}"
+        );
+        assert_eq!(bounded(&long, 3), "é", "too little room for the note");
     }
 }

@@ -34,7 +34,10 @@ pub use event::{
     JobRequested, RejectCode, StepCompleted, StepStarted, SubjobCompleted, SubjobFailed,
 };
 pub use heartbeat::{Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL};
-pub use job::{Failure, Job, JobState, Source, SourceField, StepRun, StepState, MAX_FAILURES_KEPT};
+pub use job::{
+    bounded, Failure, Job, JobState, Source, SourceField, StepRun, StepState, MAX_ERROR_BYTES,
+    MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES, MAX_RECORD_BYTES,
+};
 pub use names::*;
 pub use pending::{Mark, Pending, CHUNK_BITS};
 pub use results::{

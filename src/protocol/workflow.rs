@@ -111,6 +111,16 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_MAX_SUBJOBS: u64 = 10_000_000;
 /// Default in-flight window per job and step.
 pub const DEFAULT_MAX_IN_FLIGHT: u64 = 5000;
+/// Most steps in one workflow.
+pub const MAX_STEPS: usize = 64;
+/// Largest stored definition (JSON), in bytes: a copy travels in every job
+/// record.
+pub const MAX_DEFINITION_BYTES: usize = 64 * 1024;
+/// Longest description and handler name, in bytes.
+const MAX_DESCRIPTION_BYTES: usize = 4096;
+const MAX_HANDLER_BYTES: usize = 256;
+/// Most backoff delays listed for one step.
+const MAX_BACKOFFS: usize = 32;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -151,6 +161,8 @@ pub enum WorkflowError {
     NoSteps(String),
     #[error("step name {0:?} appears more than once")]
     DuplicateStep(String),
+    #[error("workflow {name:?}: {message}")]
+    Workflow { name: String, message: String },
     #[error("step {step:?}: {field} {message}")]
     Field {
         step: String,
@@ -175,9 +187,82 @@ impl Workflow {
         Self::validate(file)
     }
 
-    /// Reads a definition stored as JSON (by `fanjet workflow apply`).
+    /// Reads a definition stored as JSON (by `fanjet workflow apply`, or by
+    /// anyone who may write the bucket) and checks it by the same rules.
     pub fn from_json(bytes: &[u8]) -> Result<Self, WorkflowError> {
-        Ok(serde_json::from_slice(bytes)?)
+        let workflow: Workflow = serde_json::from_slice(bytes)?;
+        if bytes.len() > MAX_DEFINITION_BYTES {
+            return Err(WorkflowError::Workflow {
+                name: workflow.name,
+                message: format!(
+                    "the definition is {} bytes, more than {MAX_DEFINITION_BYTES}",
+                    bytes.len()
+                ),
+            });
+        }
+        workflow.check()?;
+        Ok(workflow)
+    }
+
+    /// The rules every definition keeps, however it was written: names
+    /// that are subject tokens, at least one and at most [`MAX_STEPS`]
+    /// steps with distinct names, usable timeouts, attempts, windows and
+    /// tolerances, bounded texts.
+    pub fn check(&self) -> Result<(), WorkflowError> {
+        validate_token("workflow name", &self.name)?;
+        let whole = |message: String| WorkflowError::Workflow {
+            name: self.name.clone(),
+            message,
+        };
+        if self.steps.is_empty() {
+            return Err(WorkflowError::NoSteps(self.name.clone()));
+        }
+        if self.steps.len() > MAX_STEPS {
+            return Err(whole(format!(
+                "{} steps, more than {MAX_STEPS}",
+                self.steps.len()
+            )));
+        }
+        if self.description.len() > MAX_DESCRIPTION_BYTES {
+            return Err(whole(format!(
+                "the description is longer than {MAX_DESCRIPTION_BYTES} bytes"
+            )));
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            validate_token("step name", &s.name)?;
+            if self.steps[..i].iter().any(|p| p.name == s.name) {
+                return Err(WorkflowError::DuplicateStep(s.name.clone()));
+            }
+            let field = |field: &'static str, message: &str| WorkflowError::Field {
+                step: s.name.clone(),
+                field,
+                message: message.to_string(),
+            };
+            if s.timeout_ms < 1000 {
+                return Err(field("timeout", "must be at least 1s"));
+            }
+            if s.max_attempts == 0 {
+                return Err(field("max_attempts", "must be at least 1"));
+            }
+            if s.max_in_flight == 0 {
+                return Err(field("max_in_flight", "must be at least 1"));
+            }
+            if s.handler.trim().is_empty() {
+                return Err(field("handler", "is empty"));
+            }
+            if s.handler.len() > MAX_HANDLER_BYTES {
+                return Err(field("handler", "is longer than 256 bytes"));
+            }
+            if s.backoff_ms.len() > MAX_BACKOFFS {
+                return Err(field("backoff", "lists more than 32 delays"));
+            }
+            if let Tolerance::Percent(p) = s.tolerate {
+                if !(0.0..=100.0).contains(&p) {
+                    return Err(field("tolerate_failures", "must be between 0% and 100%"));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn step(&self, index: usize) -> Option<&Step> {
@@ -255,12 +340,14 @@ impl Workflow {
             .as_deref()
             .map(|d| duration_ms("(workflow)", "deadline", d))
             .transpose()?;
-        Ok(Workflow {
+        let workflow = Workflow {
             name: file.name,
             description: file.description,
             steps,
             deadline_ms,
-        })
+        };
+        workflow.check()?;
+        Ok(workflow)
     }
 }
 

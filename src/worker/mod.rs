@@ -31,8 +31,8 @@ use crate::nats::heartbeat::{beat, process_id};
 use crate::nats::log::{self, LogError};
 use crate::nats::{Nats, SetupError};
 use crate::protocol::{
-    Event, Heartbeat, ResultRef, SubjobCompleted, SubjobFailed, Task, INLINE_RESULT_MAX,
-    MAX_RESULT_BYTES, RESULTS_BUCKET,
+    bounded, Event, Heartbeat, ResultRef, SubjobCompleted, SubjobFailed, Task, INLINE_RESULT_MAX,
+    MAX_ERROR_BYTES, MAX_RESULT_BYTES, RESULTS_BUCKET,
 };
 
 /// Why a handler did not produce a result, and what should happen next.
@@ -492,6 +492,7 @@ async fn settle(
                 ),
                 TaskError::GiveUp { message } => message.clone(),
             };
+            let error = bounded(&error, MAX_ERROR_BYTES);
             (
                 Some(Event::SubjobFailed(SubjobFailed {
                     job_id: task.job_id.clone(),

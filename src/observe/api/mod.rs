@@ -422,6 +422,7 @@ async fn submit(
         let status = match err.code {
             RejectCode::UnknownWorkflow => StatusCode::NOT_FOUND,
             RejectCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RejectCode::InvalidDefinition => StatusCode::UNPROCESSABLE_ENTITY,
             RejectCode::Internal => StatusCode::BAD_GATEWAY,
             _ => StatusCode::BAD_REQUEST,
         };
