@@ -246,3 +246,65 @@ async fn a_job_id_no_bucket_can_hold_is_ignored_not_retried_forever() {
         .get();
     assert_eq!(ignored, 2, "each is counted, once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_input_is_gone_only_when_it_is_not_for_a_moment() {
+    use fanjet::nats::log::event_at;
+    let env = Env::start().await;
+    let event = |id: &str| {
+        Event::JobRequested(fanjet::protocol::JobRequested {
+            job_id: id.into(),
+            workflow: "w".into(),
+            customer: None,
+            input: json!([1, 2]),
+            at: 1,
+            deadline_at: None,
+        })
+    };
+    let first = fanjet::nats::log::append(&env.nats, &event("in-1"))
+        .await
+        .expect("append")
+        .seq;
+    assert!(event_at(&env.nats, first).await.expect("read").is_some());
+
+    // Asked for before it is there (as a read during a leader change can
+    // answer "no message" for an event that exists): found once it is.
+    let nats = env.nats.clone();
+    let late = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        fanjet::nats::log::append(&nats, &event("in-2"))
+            .await
+            .expect("append")
+            .seq
+    });
+    let found = event_at(&env.nats, first + 1).await.expect("read");
+    assert_eq!(late.await.expect("join"), first + 1);
+    assert!(
+        found.is_some(),
+        "a moment of \"no message\" is not \"gone\""
+    );
+
+    // Past the end of the log: not gone either, but not readable now.
+    let err = event_at(&env.nats, first + 100)
+        .await
+        .expect_err("not there yet");
+    assert!(err.is_transient(), "{err}");
+
+    // Deleted, or older than the log's first event: gone for good.
+    env.nats
+        .events
+        .delete_message(first + 1)
+        .await
+        .expect("delete");
+    assert!(event_at(&env.nats, first + 1)
+        .await
+        .expect("read")
+        .is_none());
+    env.nats
+        .events
+        .purge()
+        .sequence(first + 1)
+        .await
+        .expect("purge");
+    assert!(event_at(&env.nats, first).await.expect("read").is_none());
+}
