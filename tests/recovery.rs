@@ -13,6 +13,7 @@ use common::{seed_workflow, Env};
 use fanjet::protocol::JobState;
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 async fn wait_file(path: &Path, within: Duration) {
     let start = Instant::now();
@@ -308,6 +309,96 @@ async fn subjobs_whose_tasks_vanished_fail_instead_of_hanging() {
         job.error.as_deref().unwrap_or_default().contains("lost"),
         "{:?}",
         job.error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_neighbour_does_not_hide_a_jobs_lost_tasks() {
+    use fanjet::protocol::{manager_consumer, partition, Event, SubjobCompleted};
+    let env = Env::start().await;
+    env.apply(&ONE_FANOUT.replace("MAX", "3").replace("\"1\"", "\"0\""))
+        .await;
+    let options = fanjet::manager::ManagerOptions {
+        stall_after: Duration::from_secs(1),
+        tick: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let first = CancellationToken::new();
+    let manager = tokio::spawn(fanjet::manager::run(
+        env.nats.clone(),
+        options.clone(),
+        first.clone(),
+    ));
+    // Two jobs on one partition, no worker: their tasks wait in the queue.
+    let p = partition("lost-2");
+    let busy = (0..)
+        .map(|n| format!("busy-{n}"))
+        .find(|id| partition(id) == p)
+        .unwrap();
+    for id in ["lost-2", busy.as_str()] {
+        assert!(
+            env.submit("one", json!({"job_id": id, "input": [1, 2, 3]}))
+                .await
+                .ok
+        );
+        env.wait_for(id, Duration::from_secs(10), "tasks dispatched", |j| {
+            j.steps[0].dispatched == 3
+        })
+        .await;
+    }
+    first.cancel();
+    manager.await.unwrap().unwrap();
+    // While no manager runs, an operator drops one job's tasks and the
+    // other piles up a backlog of events, as a million-subjob job does.
+    env.nats
+        .tasks
+        .purge()
+        .filter(fanjet::protocol::job_tasks_filter("lost-2"))
+        .await
+        .unwrap();
+    let flood = 200_000;
+    let event = Event::SubjobCompleted(SubjobCompleted {
+        job_id: busy.clone(),
+        step_index: 0,
+        index: 0,
+        attempt: 1,
+        result: json!(null),
+        duration_ms: 1,
+    });
+    let body = fanjet::protocol::encode_json(&event).unwrap();
+    // Acks awaited a thousand at a time: the context holds back a publish
+    // while 4,096 wait.
+    for _ in 0..flood / 1000 {
+        let mut acks = Vec::with_capacity(1000);
+        for _ in 0..1000 {
+            let ack = env.nats.js.publish(event.subject(), body.clone()).await;
+            acks.push(ack.unwrap());
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+    // A manager starts on the backlog.
+    let second = CancellationToken::new();
+    let _stop = second.clone().drop_guard();
+    tokio::spawn(fanjet::manager::run(env.nats.clone(), options, second));
+    let started = Instant::now();
+    let job = env.wait_end("lost-2", Duration::from_secs(60)).await;
+    let took = started.elapsed();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.steps[0].failed, 3);
+    let info = env
+        .nats
+        .events
+        .clone()
+        .consumer_info(manager_consumer(p))
+        .await
+        .unwrap();
+    let backlog = info.num_pending + info.num_ack_pending as u64;
+    eprintln!("lost job failed {took:?} after the manager started; {backlog} events of its neighbour still waited");
+    assert!(
+        backlog > 0,
+        "the lost job ended only once its neighbour's events were all read ({took:?})"
     );
 }
 

@@ -105,7 +105,7 @@ fn random_event_streams_never_panic_the_engine() {
                         reason: "r".into(),
                     },
                     6 => Input::NoTasks {
-                        job_ids: vec![job_id],
+                        jobs: vec![(job_id, index)],
                     },
                     7 => Input::Save,
                     8 => Input::Conflict { job_id },

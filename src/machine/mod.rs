@@ -66,12 +66,16 @@ pub enum Input {
     /// the job fails with `reason` instead of blocking the manager.
     Abort { job_id: String, reason: String },
     /// The lost-task check: of the jobs [`Engine::stalled`] named, these
-    /// have no task left in the work queue, and every outcome reported
-    /// before the queue was read has been applied. A job named at two
-    /// checks in a row, with no progress in between, has in-flight subjobs
-    /// that can never finish (their tasks were purged, or a failure report
-    /// was lost): they fail. An empty list clears the suspicions.
-    NoTasks { job_ids: Vec<String> },
+    /// have no task left in the work queue, each with the log sequence of
+    /// its last outcome event, read after the queue (0: none). Outcomes are
+    /// logged before their task leaves the queue, so a job that has applied
+    /// up to that sequence has every outcome it will ever get. Such a job,
+    /// named at two checks in a row with no progress in between, has
+    /// in-flight subjobs that can never finish (their tasks were purged, or
+    /// a failure report was lost): they fail. Each job is judged on its own
+    /// events, so a busy neighbour hides nothing. An empty list clears the
+    /// suspicions.
+    NoTasks { jobs: Vec<(String, u64)> },
     /// Checkpoint every job changed since the last save, then acknowledge
     /// the events applied so far.
     Save,
@@ -204,7 +208,7 @@ impl Engine {
                     }
                 }
             }
-            Input::NoTasks { job_ids } => self.no_tasks(job_ids, now, &mut out),
+            Input::NoTasks { jobs } => self.no_tasks(jobs, now, &mut out),
             Input::Save => self.save(&mut out),
             Input::Conflict { job_id } => self.unload(&job_id),
             Input::Tick => {
@@ -344,12 +348,15 @@ impl Engine {
 
     /// Two strikes: a job fails its in-flight subjobs only when it had no
     /// tasks at the previous check too, and made no progress since.
-    fn no_tasks(&mut self, job_ids: Vec<String>, now: Millis, out: &mut Vec<Action>) {
+    fn no_tasks(&mut self, jobs: Vec<(String, u64)>, now: Millis, out: &mut Vec<Action>) {
         let mut suspects = HashMap::new();
-        for id in job_ids {
+        for (id, last_outcome) in jobs {
             let Some(job) = self.jobs.get_mut(&id) else {
                 continue;
             };
+            if last_outcome > job.applied_seq {
+                continue; // an outcome is still on its way to this loop
+            }
             if self.suspects.get(&id) == Some(&job.updated_at) {
                 if lost(job, now, out) {
                     self.dirty.insert(id);

@@ -250,7 +250,7 @@ fn lost_subjobs_fail_and_the_window_goes_on() {
     assert_eq!(e.stalled(21 + 999, 1000), Vec::<String>::new());
     assert_eq!(e.stalled(21 + 1000, 1000), ["j"]);
     let gone = || Input::NoTasks {
-        job_ids: vec!["j".into()],
+        jobs: vec![("j".into(), 0)],
     };
     // Two strikes: the first look fails nothing.
     assert!(e.apply(gone(), 22).is_empty());
@@ -266,8 +266,18 @@ fn lost_subjobs_fail_and_the_window_goes_on() {
         e.apply(gone(), 26).is_empty(),
         "progress since the last look"
     );
-    e.apply(Input::NoTasks { job_ids: vec![] }, 27);
+    e.apply(Input::NoTasks { jobs: vec![] }, 27);
     assert!(e.apply(gone(), 28).is_empty(), "tasks were seen in between");
+    let applied = e.job("j").unwrap().applied_seq;
+    let on_its_way = Input::NoTasks {
+        jobs: vec![("j".into(), applied + 1)],
+    };
+    assert!(e.apply(on_its_way.clone(), 28).is_empty());
+    assert!(
+        e.apply(on_its_way, 28).is_empty(),
+        "an outcome not yet applied: never lost"
+    );
+    assert!(e.apply(gone(), 28).is_empty(), "a first look again");
     let a = e.apply(gone(), 29);
     assert_eq!(
         kinds(&a),

@@ -27,12 +27,12 @@ use tracing::{debug, error, info, warn};
 use super::{Executor, ManagerError, ManagerOptions};
 use crate::machine::{valid_job_id, Action, Definition, Engine, Input};
 use crate::metrics::Metrics;
-use crate::nats::log::{stream_seq, Batch, LogError, Reader};
+use crate::nats::log::{self, stream_seq, Batch, LogError, Reader};
 use crate::nats::store;
 use crate::nats::{Nats, SetupError};
 use crate::protocol::{
-    job_tasks_filter, manager_consumer, now_ms, partition, partition_kind_filter, Event, EventKind,
-    Workflow,
+    event_subject, job_tasks_filter, manager_consumer, now_ms, partition, partition_kind_filter,
+    Event, EventKind, Workflow,
 };
 
 pub(super) struct EventLoop {
@@ -172,13 +172,13 @@ impl EventLoop {
 
     /// The lost-task check: looks at jobs whose in-flight subjobs made no
     /// progress for `stall_after` and tells the engine which of them have
-    /// no task left in the work queue (it fails them at the second look).
+    /// no task left in the work queue, with the log sequence of each one's
+    /// last outcome (it fails them at the second look, once it has applied
+    /// up to there).
     ///
     /// Outcomes are reported before their task is acknowledged, so once the
-    /// queue holds no task of a job, every outcome of it is in the log. The
-    /// queue is read first and the manager's consumer second: when the
-    /// consumer then has nothing undelivered or unacknowledged, every
-    /// outcome reported before the queue was read has been applied.
+    /// queue holds no task of a job, every outcome of it is in the log: the
+    /// queue is read first and the job's last outcome second.
     async fn find_lost(&mut self) -> Result<(), ManagerError> {
         let quiet = self.options.stall_after.as_millis() as u64;
         let stalled = self.engine.stalled(now_ms(), quiet);
@@ -187,24 +187,20 @@ impl EventLoop {
             self.save().await?;
             for job_id in stalled {
                 if queued_tasks(&self.nats, &job_id).await? == 0 {
-                    gone.push(job_id);
+                    let mut last = 0;
+                    for kind in [EventKind::SubjobCompleted, EventKind::SubjobFailed] {
+                        let subject = event_subject(&job_id, kind.token());
+                        last = last.max(log::last_seq(&self.nats, &subject).await?);
+                    }
+                    gone.push((job_id, last));
                 }
             }
         }
         if !gone.is_empty() {
-            let info = self
-                .nats
-                .events
-                .clone()
-                .consumer_info(manager_consumer(self.partition))
-                .await
-                .map_err(|e| ManagerError::Nats(format!("reading the manager consumer: {e}")))?;
-            if info.num_pending > 0 || info.num_ack_pending > 0 {
-                return Ok(()); // outcomes still on their way; look again next time
-            }
-            warn!(jobs = ?gone, "in-flight subjobs without a task in the work queue (they fail at the second look in a row)");
+            let ids: Vec<&str> = gone.iter().map(|(id, _)| id.as_str()).collect();
+            warn!(jobs = ?ids, "in-flight subjobs without a task in the work queue (they fail at the second look in a row)");
         }
-        self.feed(Input::NoTasks { job_ids: gone }).await
+        self.feed(Input::NoTasks { jobs: gone }).await
     }
 
     /// Checkpoints changed jobs, then acknowledges every event applied so far.

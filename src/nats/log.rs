@@ -26,7 +26,9 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::{self, OrderedConfig};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, Info};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{ConsumerResetError, RawMessageErrorKind, Stream};
+use async_nats::jetstream::stream::{
+    ConsumerResetError, LastRawMessageErrorKind, RawMessageErrorKind, Stream,
+};
 use async_nats::jetstream::Message;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -150,6 +152,15 @@ pub async fn event_at(nats: &Nats, seq: u64) -> Result<Option<Bytes>, LogError> 
         return Err(err(&"not found, and the log's last event is older"));
     }
     Ok(None)
+}
+
+/// The log sequence of the last event on `subject` (0: none).
+pub async fn last_seq(nats: &Nats, subject: &str) -> Result<u64, LogError> {
+    match nats.events.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => Ok(m.sequence),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(e) => Err(LogError::Read(format!("last event on {subject}: {e}"))),
+    }
 }
 
 /// The log sequence of a delivered event (0 when the reply subject cannot
