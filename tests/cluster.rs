@@ -1,7 +1,7 @@
 //! fanjet on a 3-node JetStream cluster with 3 replicas of everything and two
-//! managers splitting the partitions: a job
-//! keeps going and ends with exact counts when the event log's leader is
-//! killed mid-job.
+//! managers splitting the partitions: simultaneous submissions of one job id
+//! are all answered ok (one starts it), and a job keeps going and ends with
+//! exact counts when the event log's leader is killed mid-job.
 //! (Attempts are generous: while streams change leaders, outcomes cannot be
 //! reported and tasks come back; a subjob that ran out of attempts then
 //! would fail, rightly, and this test is about nothing being lost.)
@@ -82,6 +82,8 @@ async fn a_job_survives_losing_a_cluster_node() {
             });
     let wc = cancel.clone();
     let worker = tokio::spawn(async move { worker.run(wc).await });
+
+    duplicates_in_flight_are_duplicates(&admin).await;
 
     let reply = fanjet::client::submit(
         &admin,
@@ -185,4 +187,34 @@ async fn a_job_survives_losing_a_cluster_node() {
         let _ = m.await;
     }
     let _ = worker.await;
+}
+
+/// Submissions of one job id at the same moment to two intakes: on a
+/// replicated stream the second publish can meet the first still "in
+/// process"; every answer is ok, and exactly one started the job.
+async fn duplicates_in_flight_are_duplicates(admin: &Nats) {
+    for round in 0..5 {
+        let id = format!("same-{round}");
+        let requests = (0..40).map(|_| {
+            let (nats, id) = (admin.clone(), id.clone());
+            tokio::spawn(async move {
+                let sub = fanjet::protocol::Submission {
+                    job_id: Some(id),
+                    customer: None,
+                    input: json!([]),
+                };
+                fanjet::client::submit(&nats, "ha", &sub).await
+            })
+        });
+        let replies: Vec<_> = futures::future::join_all(requests)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().unwrap())
+            .collect();
+        for r in &replies {
+            assert!(r.ok && r.error.is_none(), "{id}: {r:?}");
+        }
+        let started = replies.iter().filter(|r| !r.duplicate).count();
+        assert_eq!(started, 1, "{id}: one submission started it");
+    }
 }

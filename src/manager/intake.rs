@@ -2,6 +2,8 @@
 //! NATS client, turning each into a JobRequested (or a JobRejected) on the
 //! log. Runs in a queue group, so any number of managers share the load.
 
+use std::time::Duration;
+
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -146,7 +148,7 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
         at,
         deadline_at: deadline_ms.map(|d| at + d),
     });
-    match log::append(nats, &event).await {
+    match append(nats, &event).await {
         Ok(Appended { duplicate, .. }) => {
             info!(job_id, duplicate, "job requested");
             SubmitReply {
@@ -165,6 +167,25 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
             RejectCode::Internal,
             format!("could not record the job: {e}"),
         ),
+    }
+}
+
+/// Appends a submission's event, trying again briefly after a transient
+/// failure. The message id makes that safe: a second publisher of the same
+/// job (another intake, the same request sent twice) whose publish met the
+/// first one still in process on a replicated stream, is answered
+/// `duplicate` once the first has landed.
+async fn append(nats: &Nats, event: &Event) -> Result<Appended, LogError> {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match log::append(nats, event).await {
+            Err(e) if e.is_transient() && pause < Duration::from_secs(2) => {
+                tracing::debug!(error = %e, "appending a submission; trying again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            result => return result,
+        }
     }
 }
 
