@@ -382,6 +382,50 @@ async fn bad_submissions_are_rejected_and_the_manager_keeps_going() {
         Some(RejectCode::MalformedPayload)
     );
 
+    // Every rejection of a valid job id is recorded under that id.
+    let pinned = |body: Value| {
+        let nats = env.nats.clone();
+        async move {
+            let m = nats
+                .client
+                .request("fanjet.submit.ok.acme", encode_json(&body).unwrap())
+                .await
+                .unwrap();
+            serde_json::from_slice::<fanjet::protocol::SubmitReply>(&m.payload).unwrap()
+        }
+    };
+    for (id, reply, code) in [
+        (
+            "rej-customer",
+            env.submit(
+                "ok",
+                json!({"job_id": "rej-customer", "customer": "a\u{7}b"}),
+            )
+            .await,
+            "invalid_customer",
+        ),
+        (
+            "rej-mismatch",
+            pinned(json!({"job_id": "rej-mismatch", "customer": "globex"})).await,
+            "invalid_customer",
+        ),
+        (
+            "rej-malformed",
+            env.submit("ok", json!({"job_id": "rej-malformed", "colour": "red"}))
+                .await,
+            "malformed_payload",
+        ),
+    ] {
+        assert!(!reply.ok, "{reply:?}");
+        assert_eq!(reply.job_id.as_deref(), Some(id), "{reply:?}");
+        let job = env.wait_end(id, Duration::from_secs(10)).await;
+        assert_eq!(job.state, JobState::Rejected);
+        assert_eq!(env.events(id).await[0]["code"], code);
+        // The id is used: sent again, correctly, it starts nothing.
+        let again = env.submit("ok", json!({"job_id": id})).await;
+        assert!(again.ok && again.duplicate, "{again:?}");
+    }
+
     // The rejection is on the log and in the status.
     let job = env.wait_end("u1", Duration::from_secs(10)).await;
     assert_eq!(job.state, JobState::Rejected);
@@ -411,6 +455,18 @@ async fn bad_submissions_are_rejected_and_the_manager_keeps_going() {
         env.wait_end("good-1", Duration::from_secs(20)).await.state,
         JobState::Completed
     );
+    // A bad submission naming a job that exists is refused under a fresh
+    // id: the existing job's history is left alone.
+    let late = env
+        .submit("ok", json!({"job_id": "good-1", "colour": "red"}))
+        .await;
+    assert!(!late.ok);
+    assert_ne!(late.job_id.as_deref(), Some("good-1"));
+    assert!(env
+        .events("good-1")
+        .await
+        .iter()
+        .all(|e| e["type"] != "JobRejected"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

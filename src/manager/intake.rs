@@ -46,6 +46,39 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
         customer: None,
         job_id: None,
     };
+    if msg.payload.len() > MAX_SUBMISSION_BYTES {
+        let m = format!(
+            "submission is {} bytes; the limit is {MAX_SUBMISSION_BYTES}",
+            msg.payload.len()
+        );
+        return reject.send(nats, RejectCode::PayloadTooLarge, m).await;
+    }
+    // The job id first, so that any rejection is recorded under it.
+    let encoding = Encoding::from_headers(msg.headers.as_ref());
+    let decoded: Result<Submission, String> = if msg.payload.iter().all(u8::is_ascii_whitespace) {
+        Ok(Submission::default())
+    } else {
+        decode(encoding, &msg.payload).map_err(|e| e.to_string())
+    };
+    let submitted_id = match &decoded {
+        Ok(sub) => sub.job_id.clone(),
+        // A submission that is no valid Submission may still name its job.
+        Err(_) => decode::<serde_json::Value>(encoding, &msg.payload)
+            .ok()
+            .and_then(|v| v.get("job_id")?.as_str().map(str::to_string)),
+    };
+    let job_id = match submitted_id {
+        Some(id) => match validate_token("job id", &id) {
+            Ok(()) => id,
+            Err(e) => {
+                return reject
+                    .send(nats, RejectCode::InvalidJobId, e.to_string())
+                    .await
+            }
+        },
+        None => new_job_id(),
+    };
+    reject.job_id = Some(job_id.clone());
     if tokens.len() > 2 {
         reject.workflow = None;
         let m = format!(
@@ -60,27 +93,10 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
             .send(nats, RejectCode::InvalidWorkflowName, e.to_string())
             .await;
     }
-    if msg.payload.len() > MAX_SUBMISSION_BYTES {
-        let m = format!(
-            "submission is {} bytes; the limit is {MAX_SUBMISSION_BYTES}",
-            msg.payload.len()
-        );
-        return reject.send(nats, RejectCode::PayloadTooLarge, m).await;
-    }
-    let encoding = Encoding::from_headers(msg.headers.as_ref());
-    let sub: Submission = if msg.payload.iter().all(u8::is_ascii_whitespace) {
-        Submission::default()
-    } else {
-        match decode(encoding, &msg.payload) {
-            Ok(s) => s,
-            Err(e) => {
-                return reject
-                    .send(nats, RejectCode::MalformedPayload, e.to_string())
-                    .await
-            }
-        }
+    let mut sub = match decoded {
+        Ok(sub) => sub,
+        Err(e) => return reject.send(nats, RejectCode::MalformedPayload, e).await,
     };
-    let mut sub = sub;
     if let Some(pinned) = &pinned_customer {
         if sub.customer.as_deref().is_some_and(|c| c != pinned) {
             let m = format!(
@@ -100,18 +116,6 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
         }
         reject.customer = Some(c.clone());
     }
-    let job_id = match sub.job_id {
-        Some(id) => match validate_token("job id", &id) {
-            Ok(()) => id,
-            Err(e) => {
-                return reject
-                    .send(nats, RejectCode::InvalidJobId, e.to_string())
-                    .await
-            }
-        },
-        None => new_job_id(),
-    };
-    reject.job_id = Some(job_id.clone());
     match store::get(nats, &job_id).await {
         Ok(Some(_)) => {
             return SubmitReply {
@@ -197,11 +201,16 @@ struct Rejection {
 }
 
 impl Rejection {
-    /// Logs a JobRejected (under the submitted id when it is valid, a fresh
-    /// one otherwise) and builds the reply.
+    /// Logs a JobRejected and builds the reply: under the submitted id when
+    /// it is valid and no job has it yet (a job's record, or its request in
+    /// the log), under a fresh id otherwise, so a rejection never touches
+    /// another job.
     async fn send(self, nats: &Nats, code: RejectCode, reason: String) -> SubmitReply {
         let reason = bounded(&reason, MAX_REASON_BYTES);
-        let job_id = self.job_id.clone().unwrap_or_else(new_job_id);
+        let job_id = match self.job_id {
+            Some(id) if matches!(store::status(nats, &id).await, Ok(None)) => id,
+            _ => new_job_id(),
+        };
         warn!(job_id, ?code, reason, "submission rejected");
         let event = Event::JobRejected(JobRejected {
             job_id: job_id.clone(),
