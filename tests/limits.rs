@@ -308,3 +308,35 @@ async fn a_step_input_is_gone_only_when_it_is_not_for_a_moment() {
         .expect("purge");
     assert!(event_at(&env.nats, first).await.expect("read").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_chunks_cannot_outlive_the_log_even_on_an_older_store() {
+    let server =
+        tokio::task::spawn_blocking(|| fanjet::nats::server::NatsServer::start(None, None))
+            .await
+            .unwrap()
+            .expect("this test needs a real nats-server");
+    let client = async_nats::connect(server.url()).await.unwrap();
+    // The bucket as earlier versions made it: kept forever.
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: fanjet::protocol::PENDING_BUCKET.into(),
+        history: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let nats = fanjet::nats::Nats::ensure(client).await.unwrap();
+    let events = nats.events.get_info().await.unwrap().config.max_age;
+    let pending = js
+        .get_stream(format!("KV_{}", fanjet::protocol::PENDING_BUCKET))
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap()
+        .config
+        .max_age;
+    assert!(events > Duration::ZERO);
+    assert_eq!(pending, events, "chunks expire with the log");
+}

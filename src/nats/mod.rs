@@ -219,7 +219,9 @@ impl Nats {
             .await?,
             workflows: bucket(WORKFLOWS_BUCKET, 5, Duration::ZERO).await?,
             jobs: bucket(JOBS_BUCKET, 1, RECORDS_MAX_AGE).await?,
-            pending: bucket(PENDING_BUCKET, 1, Duration::ZERO).await?,
+            // A job cannot outlive the log, so neither may its chunks: if
+            // deleting them when the job ended failed, they expire.
+            pending: bucket(PENDING_BUCKET, 1, EVENTS_MAX_AGE).await?,
             stats: bucket(STATS_BUCKET, 1, RECORDS_MAX_AGE).await?,
             results: results_bucket(&js, replicas).await?,
             client,
