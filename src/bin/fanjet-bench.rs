@@ -59,7 +59,15 @@ struct Args {
     /// Subjobs of scenario D.
     #[arg(long, default_value_t = 1_000_000)]
     d_subjobs: u64,
+    /// Every nats-server flushes each write to disk before acknowledging it
+    /// (`sync_interval: always`, as `nats/cluster/*.conf` set), to see what
+    /// that costs.
+    #[arg(long)]
+    sync_always: bool,
 }
+
+/// Set from `--sync-always` before any scenario starts a server.
+static SYNC_ALWAYS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Figures of one run of a scenario.
 type Figures = Vec<(&'static str, f64)>;
@@ -74,6 +82,7 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    SYNC_ALWAYS.store(args.sync_always, std::sync::atomic::Ordering::Relaxed);
     let want = |s: &str| args.only.iter().any(|o| o.eq_ignore_ascii_case(s));
     let mut results: Vec<(&'static str, Vec<Figures>)> = Vec::new();
     // The floor and A alternate, run by run, so each ratio compares two
@@ -169,7 +178,12 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
 }
 
 async fn start_server() -> Result<NatsServer> {
-    Ok(tokio::task::spawn_blocking(|| NatsServer::start(None, None)).await??)
+    let synced = SYNC_ALWAYS.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(tokio::task::spawn_blocking(move || match synced {
+        true => NatsServer::start_synced(None, None),
+        false => NatsServer::start(None, None),
+    })
+    .await??)
 }
 
 /// The raw JetStream floor; returns subjobs/s.

@@ -154,18 +154,35 @@ impl NatsServer {
         Self::start_with(store, port, &[])
     }
 
+    /// Like [`start`](Self::start), with `sync_interval: always`: every
+    /// write is flushed to disk before it is acknowledged (what
+    /// `nats/cluster/*.conf` set; `fanjet-bench --sync-always` measures the
+    /// cost).
+    pub fn start_synced(store: Option<PathBuf>, port: Option<u16>) -> Result<Self, ServerError> {
+        Self::start_inner(store, port, &[], true)
+    }
+
     /// Like [`start`](Self::start), with extra command-line arguments.
     pub fn start_with(
         store: Option<PathBuf>,
         port: Option<u16>,
         extra: &[&str],
     ) -> Result<Self, ServerError> {
+        Self::start_inner(store, port, extra, false)
+    }
+
+    fn start_inner(
+        store: Option<PathBuf>,
+        port: Option<u16>,
+        extra: &[&str],
+        sync_always: bool,
+    ) -> Result<Self, ServerError> {
         // A port picked here may be taken by someone else before the server
         // binds it: try another one.
         let mut tries = if port.is_some() { 1 } else { 3 };
         loop {
             tries -= 1;
-            match Self::start_once(store.clone(), port, extra) {
+            match Self::start_once(store.clone(), port, extra, sync_always) {
                 Err(e) if tries > 0 => {
                     tracing::debug!(error = %e, "nats-server did not start; trying another port")
                 }
@@ -178,6 +195,7 @@ impl NatsServer {
         store: Option<PathBuf>,
         port: Option<u16>,
         extra: &[&str],
+        sync_always: bool,
     ) -> Result<Self, ServerError> {
         let path = find()?;
         let (store, temp) = match store {
@@ -202,8 +220,13 @@ impl NatsServer {
         // Same limits as nats/dev.conf; the generated file keeps the paths right.
         let conf = store.join("nats-server.conf");
         let text = format!(
-            "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: {store:?}\n}}\n",
-            store = store.join("jetstream").display().to_string()
+            "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: {store:?}\n{sync}}}\n",
+            store = store.join("jetstream").display().to_string(),
+            sync = if sync_always {
+                "  sync_interval: always\n"
+            } else {
+                ""
+            }
         );
         std::fs::write(&conf, text).map_err(|e| ServerError::Start {
             path: path.clone(),
