@@ -259,3 +259,86 @@ async fn watch_exits_with_the_jobs_outcome() {
     let missing = run(&env, &["watch", "nope"]);
     assert!(!missing.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_started_before_their_server_wait_for_it() {
+    let port = fanjet::nats::server::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    // A manager and `fanjet serve` started first, as a supervisor may do
+    // while the server (or a cluster's leader) is not up yet.
+    let spawn = |args: &[&str]| {
+        fanjet_command(&url, args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("fanjet starts")
+    };
+    let mut manager = spawn(&["manager"]);
+    let api = fanjet::nats::server::free_port();
+    let mut serve = spawn(&["serve", "--listen", &format!("127.0.0.1:{api}")]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(manager.try_wait().unwrap().is_none(), "the manager waits");
+    assert!(serve.try_wait().unwrap().is_none(), "serve waits");
+
+    let server = tokio::task::spawn_blocking(move || {
+        fanjet::nats::server::NatsServer::start(None, Some(port))
+    })
+    .await
+    .unwrap()
+    .expect("this test needs a real nats-server");
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let nats = fanjet::nats::Nats::ensure(client).await.unwrap();
+    nats.apply_workflow(
+        &fanjet::protocol::Workflow::from_toml(
+            "name = \"late\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\n",
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let worker = fanjet::worker::Worker::new(nats.clone()).handler(
+        "late",
+        "send",
+        |c: fanjet::worker::TaskContext| async move { Ok(c.task.item) },
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    tokio::spawn(worker.run(stop));
+    // The manager came up once the server did: it answers and runs a job.
+    let sub = fanjet::protocol::Submission {
+        job_id: Some("late-1".into()),
+        customer: None,
+        input: json!([1, 2, 3]),
+    };
+    let reply = fanjet::client::submit(&nats, "late", &sub)
+        .await
+        .expect("a manager answers");
+    assert!(reply.ok, "{reply:?}");
+    let start = std::time::Instant::now();
+    loop {
+        let job = fanjet::nats::store::get(&nats, "late-1").await.unwrap();
+        if job.is_some_and(|(j, _)| j.state == fanjet::protocol::JobState::Completed) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the job did not complete"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // So did serve.
+    let health = reqwest::get(format!("http://127.0.0.1:{api}/healthz")).await;
+    assert!(
+        health.is_ok_and(|r| r.status().is_success()),
+        "serve answers"
+    );
+    for child in [&mut manager, &mut serve] {
+        let pid = child.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+        assert!(status.success(), "one SIGTERM stops it cleanly: {status:?}");
+    }
+}

@@ -12,7 +12,10 @@ pub mod progress;
 pub mod services;
 pub mod workflows;
 
+use std::time::Duration;
+
 use anyhow::Result;
+use tokio_util::sync::CancellationToken;
 
 use fanjet::nats::connect::ConnectArgs;
 use fanjet::nats::Nats;
@@ -34,4 +37,51 @@ pub async fn connect(connect: &ConnectArgs, name: &str) -> Result<Nats> {
 pub async fn connect_admin(connect: &ConnectArgs, name: &str) -> Result<Nats> {
     let client = connect.connect(name).await?;
     Ok(Nats::ensure(client).await?)
+}
+
+/// For a long-running process (manager, worker, serve): connects and sets
+/// up like [`connect`] (`admin`: [`connect_admin`]), but while NATS is not
+/// there yet or not ready (a server starting, a cluster electing a leader)
+/// it waits and tries again, saying so, instead of exiting. `None`: `stop`
+/// was cancelled (a signal) while waiting. Wrong addresses, credentials or
+/// TLS settings fail at once.
+pub async fn connect_waiting(
+    connect: &ConnectArgs,
+    name: &str,
+    admin: bool,
+    stop: &CancellationToken,
+) -> Result<Option<Nats>> {
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let attempt = async {
+            let client = connect.connect(name).await?;
+            let nats = match admin {
+                true => Nats::ensure(client).await?,
+                false => match Nats::bind(client.clone()).await {
+                    Ok(n) => n,
+                    Err(bind_err) => Nats::ensure(client).await.map_err(|_| bind_err)?,
+                },
+            };
+            anyhow::Ok(nats)
+        };
+        let error = tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            result = attempt => match result {
+                Ok(nats) => return Ok(Some(nats)),
+                Err(e) => e,
+            },
+        };
+        let permanent = error
+            .downcast_ref::<fanjet::nats::connect::ConnectError>()
+            .is_some_and(|e| !e.is_transient());
+        if permanent {
+            return Err(error);
+        }
+        tracing::warn!(error = %format!("{error:#}"), retry_in = ?pause, "waiting for NATS");
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
 }

@@ -69,9 +69,11 @@ pub struct ServeArgs {
 }
 
 pub async fn manager(connect: &ConnectArgs, args: ManagerArgs) -> Result<u8> {
-    let nats = super::connect_admin(connect, "fanjet-manager").await?;
     let root = CancellationToken::new();
     shutdown::on_signals(root.clone());
+    let Some(nats) = super::connect_waiting(connect, "fanjet-manager", true, &root).await? else {
+        return Ok(0);
+    };
     let mut side = JoinSet::new();
     if let Some(addr) = args.metrics {
         side.spawn(observe::api::serve_metrics(addr, root.clone()));
@@ -88,9 +90,14 @@ pub async fn manager(connect: &ConnectArgs, args: ManagerArgs) -> Result<u8> {
 }
 
 pub async fn worker(connect: &ConnectArgs, args: WorkerArgs) -> Result<u8> {
-    let nats = super::connect(connect, "fanjet-worker").await?;
+    if args.exec.is_none() && args.sleep.is_none() {
+        bail!("give --exec CMD or --sleep DURATION");
+    }
     let root = CancellationToken::new();
     shutdown::on_signals(root.clone());
+    let Some(nats) = super::connect_waiting(connect, "fanjet-worker", false, &root).await? else {
+        return Ok(0);
+    };
     let mut worker = Worker::new(nats)
         .concurrency(args.concurrency)
         .grace(args.grace);
@@ -108,9 +115,11 @@ pub async fn worker(connect: &ConnectArgs, args: WorkerArgs) -> Result<u8> {
 }
 
 pub async fn serve(connect: &ConnectArgs, args: ServeArgs) -> Result<u8> {
-    let nats = super::connect_admin(connect, "fanjet-serve").await?;
     let root = CancellationToken::new();
     shutdown::on_signals(root.clone());
+    let Some(nats) = super::connect_waiting(connect, "fanjet-serve", true, &root).await? else {
+        return Ok(0);
+    };
     let webhooks = Webhooks {
         urls: args.webhooks,
         attempts: args.webhook_attempts,

@@ -8,9 +8,28 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ConnectError {
     #[error("cannot connect to NATS at {url}: {message}")]
-    Connect { url: String, message: String },
+    Connect {
+        url: String,
+        message: String,
+        /// The server may be there later (refused, timed out, DNS); not
+        /// when the address, credentials or TLS setup are wrong.
+        transient: bool,
+    },
     #[error("cannot use credentials file {path}: {message}")]
     Creds { path: PathBuf, message: String },
+}
+
+impl ConnectError {
+    /// True when connecting again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Connect {
+                transient: true,
+                ..
+            }
+        )
+    }
 }
 
 /// NATS connection flags.
@@ -126,10 +145,18 @@ impl ConnectArgs {
             .map_err(|e: std::io::Error| ConnectError::Connect {
                 url: self.server.clone(),
                 message: e.to_string(),
+                transient: false,
             })?;
-        opts.connect(urls).await.map_err(|e| ConnectError::Connect {
-            url: self.server.clone(),
-            message: e.to_string(),
+        opts.connect(urls).await.map_err(|e| {
+            use async_nats::ConnectErrorKind as Kind;
+            ConnectError::Connect {
+                url: self.server.clone(),
+                message: e.to_string(),
+                transient: matches!(
+                    e.kind(),
+                    Kind::TimedOut | Kind::Io | Kind::Dns | Kind::MaxReconnects
+                ),
+            }
         })
     }
 }
