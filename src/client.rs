@@ -12,8 +12,8 @@ use crate::nats::log::{self, LogError};
 use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
-    customer_submit_subject, encode_json, now_ms, status_subject, submit_subject, validate_token,
-    CancelRequested, Event, Job, Submission, SubmitReply,
+    customer_submit_subject, encode_json, new_job_id, now_ms, status_subject, submit_subject,
+    validate_token, CancelRequested, Event, Job, RejectCode, Submission, SubmitReply,
 };
 
 #[derive(Debug, Error)]
@@ -34,13 +34,19 @@ pub enum ClientError {
     Nats(String),
 }
 
-/// Submits a job through the intake; waits up to 5 s for a manager to come up.
+/// Submits a job through the intake; waits up to 5 s for a manager to come
+/// up, and sends it again while the answer is `unavailable` (NATS busy
+/// for a moment: nothing was recorded), for up to 10 s. The job id is
+/// chosen here when the submission has none, so that sending again is
+/// idempotent.
 pub async fn submit(
     nats: &Nats,
     workflow: &str,
     sub: &Submission,
 ) -> Result<SubmitReply, ClientError> {
-    let body = encode_json(sub).map_err(|e| ClientError::Nats(e.to_string()))?;
+    let mut sub = sub.clone();
+    sub.job_id.get_or_insert_with(new_job_id);
+    let body = encode_json(&sub).map_err(|e| ClientError::Nats(e.to_string()))?;
     // A customer that is a subject token goes on the tenant-scoped subject,
     // which is what a submitter's permissions allow.
     let subject = match sub.customer.as_deref() {
@@ -49,15 +55,25 @@ pub async fn submit(
     };
     let start = Instant::now();
     let wait = Duration::from_secs(10);
+    let mut pause = Duration::from_millis(100);
     loop {
         let answer = tokio::time::timeout(wait, nats.client.request(subject.clone(), body.clone()))
             .await
             .map_err(|_| ClientError::Timeout(wait))?;
         match answer {
             Ok(msg) => {
-                return serde_json::from_slice(&msg.payload).map_err(|e| {
+                let reply: SubmitReply = serde_json::from_slice(&msg.payload).map_err(|e| {
                     ClientError::Nats(format!("unreadable answer from the manager: {e}"))
-                })
+                })?;
+                let busy = reply
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.code == RejectCode::Unavailable);
+                if !busy || start.elapsed() > wait {
+                    return Ok(reply);
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
             Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
                 if start.elapsed() > Duration::from_secs(5) {

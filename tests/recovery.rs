@@ -546,3 +546,54 @@ async fn nats_server_killed_and_restarted_mid_job_loses_nothing() {
         (2000, 2000, 0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_nats_cannot_take_for_a_moment_is_unavailable_not_internal() {
+    let mut env = Env::start().await;
+    env.one_fanout("brief", "", 4, Duration::from_millis(1))
+        .await;
+    env.manager();
+    assert!(
+        env.submit("brief", json!({"job_id": "warm-up", "input": [1]}))
+            .await
+            .ok
+    );
+    // The event log is gone for a moment, as while a cluster elects its
+    // leader: "no stream found for given subject".
+    env.nats
+        .js
+        .delete_stream(fanjet::protocol::EVENTS_STREAM)
+        .await
+        .unwrap();
+    let reply = env
+        .submit("brief", json!({"job_id": "brief-1", "input": [1, 2]}))
+        .await;
+    assert!(!reply.ok);
+    let error = reply.error.expect("an error");
+    assert_eq!(
+        error.code,
+        fanjet::protocol::RejectCode::Unavailable,
+        "{error:?}"
+    );
+    assert!(
+        fanjet::nats::store::get(&env.nats, "brief-1")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing was recorded under the id"
+    );
+    // Back, and the same submission goes through.
+    let client = async_nats::connect(env.url()).await.unwrap();
+    fanjet::nats::Nats::ensure(client).await.unwrap();
+    let sub = fanjet::protocol::Submission {
+        job_id: Some("brief-1".into()),
+        customer: None,
+        input: json!([1, 2]),
+    };
+    let reply = fanjet::client::submit(&env.nats, "brief", &sub)
+        .await
+        .unwrap();
+    assert!(reply.ok && !reply.duplicate, "{reply:?}");
+    let job = env.wait_end("brief-1", Duration::from_secs(30)).await;
+    assert_eq!(job.state, JobState::Completed);
+}

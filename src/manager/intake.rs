@@ -126,7 +126,7 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
             }
         }
         Ok(None) => {}
-        Err(e) => return rejected(Some(job_id), RejectCode::Internal, e.to_string()),
+        Err(e) => return rejected(Some(job_id), RejectCode::Unavailable, e.to_string()),
     }
     let deadline_ms = match nats.workflow(&workflow).await {
         Ok(Some(wf)) => wf.deadline_ms,
@@ -141,7 +141,7 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
                 .send(nats, RejectCode::InvalidDefinition, e.to_string())
                 .await
         }
-        Err(e) => return rejected(Some(job_id), RejectCode::Internal, e.to_string()),
+        Err(e) => return rejected(Some(job_id), RejectCode::Unavailable, e.to_string()),
     };
     let at = now_ms();
     let event = Event::JobRequested(JobRequested {
@@ -168,8 +168,8 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
         }
         Err(e) => rejected(
             Some(job_id),
-            RejectCode::Internal,
-            format!("could not record the job: {e}"),
+            RejectCode::Unavailable,
+            format!("could not record the job, try again: {e}"),
         ),
     }
 }

@@ -35,6 +35,9 @@ pub enum RejectCode {
     // The workflow's stored definition fails validation (it was put in
     // the bucket by other means than `fanjet workflow apply`).
     InvalidDefinition,
+    // NATS could not be read or written for a moment (a leader election, a
+    // node restarting): nothing was recorded; send the same submission again.
+    Unavailable,
     Internal,
 }
 

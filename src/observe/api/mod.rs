@@ -423,6 +423,7 @@ async fn submit(
             RejectCode::UnknownWorkflow => StatusCode::NOT_FOUND,
             RejectCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             RejectCode::InvalidDefinition => StatusCode::UNPROCESSABLE_ENTITY,
+            RejectCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             RejectCode::Internal => StatusCode::BAD_GATEWAY,
             _ => StatusCode::BAD_REQUEST,
         };
