@@ -426,22 +426,7 @@ fn cancel_stops_everything() {
 #[test]
 fn unknown_workflow_and_resubmission() {
     let mut e = Engine::new();
-    let a = e.apply(
-        Input::Requested {
-            seq: 1,
-            event: JobRequested {
-                job_id: "x".into(),
-                workflow: "nope".into(),
-                customer: None,
-                input: json!(null),
-                at: 0,
-                deadline_at: None,
-            },
-            stored: false,
-            workflow: Definition::Unknown,
-        },
-        5,
-    );
+    let a = e.apply(requested("x", false, Definition::Unknown), 5);
     assert_eq!(kinds(&a), ["rejected"]);
     assert_eq!(e.job("x").unwrap().state, JobState::Rejected);
     request(&mut e, workflow(""));
@@ -452,22 +437,7 @@ fn unknown_workflow_and_resubmission() {
     // A job stored already (ended, or held by a manager before a restart)
     // does not start again either.
     let mut fresh = Engine::new();
-    let a = fresh.apply(
-        Input::Requested {
-            seq: 1,
-            event: JobRequested {
-                job_id: "j".into(),
-                workflow: "invoices".into(),
-                customer: None,
-                input: json!(null),
-                at: 0,
-                deadline_at: None,
-            },
-            stored: true,
-            workflow: Definition::Found(workflow("")),
-        },
-        5,
-    );
+    let a = fresh.apply(requested("j", true, Definition::Found(workflow(""))), 5);
     assert!(a.is_empty() && fresh.is_empty());
 }
 
@@ -581,7 +551,7 @@ fn failed_with(step_index: usize, index: u64, error: String) -> Input {
     }
 }
 
-fn requested(job_id: &str, workflow: Definition) -> Input {
+fn requested(job_id: &str, stored: bool, workflow: Definition) -> Input {
     Input::Requested {
         seq: next_seq(),
         event: JobRequested {
@@ -592,7 +562,7 @@ fn requested(job_id: &str, workflow: Definition) -> Input {
             at: 0,
             deadline_at: None,
         },
-        stored: false,
+        stored,
         workflow,
     }
 }
@@ -603,6 +573,7 @@ fn an_invalid_stored_definition_rejects_the_job_with_its_reason() {
     let a = e.apply(
         requested(
             "x",
+            false,
             Definition::Invalid("step name \"a.b\" has a dot".into()),
         ),
         5,
