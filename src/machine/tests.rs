@@ -73,16 +73,7 @@ fn done(step_index: usize, index: u64, attempt: u32, result: Value) -> Input {
 }
 
 fn failed(step_index: usize, index: u64) -> Input {
-    Input::Event {
-        seq: next_seq(),
-        event: Event::SubjobFailed(SubjobFailed {
-            job_id: "j".into(),
-            step_index,
-            index,
-            attempt: 3,
-            error: format!("bad {index}"),
-        }),
-    }
+    failed_with(step_index, index, 3, format!("bad {index}"))
 }
 
 fn kinds(actions: &[Action]) -> Vec<String> {
@@ -538,14 +529,14 @@ enum Delivery {
     },
 }
 
-fn failed_with(step_index: usize, index: u64, error: String) -> Input {
+fn failed_with(step_index: usize, index: u64, attempt: u32, error: String) -> Input {
     Input::Event {
         seq: next_seq(),
         event: Event::SubjobFailed(SubjobFailed {
             job_id: "j".into(),
             step_index,
             index,
-            attempt: 1,
+            attempt,
             error,
         }),
     }
@@ -595,7 +586,10 @@ fn texts_a_job_keeps_or_sends_are_bounded() {
     e.apply(done(0, 0, 1, json!((0..150).collect::<Vec<u64>>())), 20);
     let mut actions = Vec::new();
     for i in 0..150 {
-        actions.extend(e.apply(failed_with(1, i, format!("{i}:{}", "x".repeat(20_000))), 21));
+        actions.extend(e.apply(
+            failed_with(1, i, 1, format!("{i}:{}", "x".repeat(20_000))),
+            21,
+        ));
     }
     let send = &e.job("j").unwrap().steps[1];
     assert_eq!(send.failed, 150, "the count is exact");
@@ -683,7 +677,7 @@ fn a_record_past_its_limit_sheds_lists_and_keeps_counts() {
     for i in 0..6 {
         e.apply(done(2 * i, 0, 1, json!((0..100).collect::<Vec<u64>>())), 20);
         for index in 0..100 {
-            e.apply(failed_with(2 * i + 1, index, "e".repeat(2000)), 21);
+            e.apply(failed_with(2 * i + 1, index, 1, "e".repeat(2000)), 21);
         }
     }
     assert_eq!(e.job("j").unwrap().state, JobState::Completed);
