@@ -2,8 +2,6 @@
 //! NATS client, turning each into a JobRequested (or a JobRejected) on the
 //! log. Runs in a queue group, so any number of managers share the load.
 
-use std::time::Duration;
-
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -174,23 +172,12 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
     }
 }
 
-/// Appends a submission's event, trying again briefly after a transient
-/// failure. The message id makes that safe: a second publisher of the same
-/// job (another intake, the same request sent twice) whose publish met the
-/// first one still in process on a replicated stream, is answered
-/// `duplicate` once the first has landed.
+/// Appends a submission's event ([`log::append_retrying`]: a publish that
+/// met the same job still in process, on a replicated stream, ends as a
+/// duplicate).
 async fn append(nats: &Nats, event: &Event) -> Result<Appended, LogError> {
-    let mut pause = Duration::from_millis(50);
-    loop {
-        match log::append(nats, event).await {
-            Err(e) if e.is_transient() && pause < Duration::from_secs(2) => {
-                tracing::debug!(error = %e, "appending a submission; trying again");
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-            }
-            result => return result,
-        }
-    }
+    let payload = log::encode(event, nats.max_payload())?;
+    log::append_retrying(nats, event, payload).await
 }
 
 /// What is known of a submission when it is refused.

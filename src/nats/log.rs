@@ -128,6 +128,30 @@ pub async fn append_encoded(
     })
 }
 
+/// Appends an event already [`encode`]d, trying again after transient
+/// failures for about three seconds (pauses doubling from 100 ms). The
+/// message id makes that safe: an event the log took already is answered
+/// as a duplicate, which is also how a publish that met the same event
+/// still in process on a replicated stream (another intake, a resent
+/// request) ends.
+pub async fn append_retrying(
+    nats: &Nats,
+    event: &Event,
+    payload: Bytes,
+) -> Result<Appended, LogError> {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match append_encoded(nats, event, payload.clone()).await {
+            Err(e) if e.is_transient() && pause <= Duration::from_millis(1600) => {
+                tracing::debug!(error = %e, job_id = event.job_id(), "appending an event; trying again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Reads the payload of the event at log sequence `seq` (a step's input). `Ok(None)`: it
 /// is gone for good (older than the log's first event, or deleted); an
 /// error: it could not be read now, try again later. A "no message" answer

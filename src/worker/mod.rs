@@ -530,7 +530,7 @@ async fn settle(
         }
     };
     if let Some((event, payload)) = event {
-        if let Err(e) = report(nats, &event, payload).await {
+        if let Err(e) = log::append_retrying(nats, &event, payload).await {
             // Not acked: the task comes back after its deadline and runs again.
             warn!(job_id = %task.job_id, index = task.index, error = %e, "could not report an outcome");
             return;
@@ -592,21 +592,6 @@ fn json_len(value: &Value) -> usize {
                 Ok(()) => c.0,
                 Err(_) => usize::MAX,
             }
-        }
-    }
-}
-
-/// Appends an outcome to the log, retrying briefly.
-async fn report(nats: &Nats, event: &Event, payload: bytes::Bytes) -> Result<(), LogError> {
-    let mut attempt = 0u32;
-    loop {
-        match log::append_encoded(nats, event, payload.clone()).await {
-            Ok(_) => return Ok(()),
-            Err(e) if e.is_transient() && attempt < 4 => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-            }
-            Err(e) => return Err(e),
         }
     }
 }
