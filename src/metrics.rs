@@ -10,7 +10,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub const JOBS_SUBMITTED: &str = "fanjet_jobs_submitted_total";
@@ -33,6 +34,7 @@ pub const MANAGER_LAG: &str = "fanjet_manager_lag_events";
 pub const EVENTS_OBSERVED: &str = "fanjet_events_observed_total";
 pub const MANAGER_IGNORED: &str = "fanjet_manager_events_ignored_total";
 pub const LOG_HOLES: &str = "fanjet_log_deliveries_missed_total";
+pub const MANAGER_FENCED: &str = "fanjet_manager_partitions_paused_total";
 pub const SLOTS_NEEDED: &str = "fanjet_step_slots_needed";
 pub const SECONDS_LEFT: &str = "fanjet_step_predicted_seconds_left";
 
@@ -70,6 +72,7 @@ pub struct Metrics {
     pub events_observed: IntCounterVec,
     pub manager_ignored: IntCounterVec,
     pub log_holes: IntCounterVec,
+    pub manager_fenced: IntCounter,
     pub slots_needed: IntGaugeVec,
     pub predicted_seconds_left: IntGaugeVec,
 }
@@ -141,6 +144,16 @@ impl Metrics {
                 "Deliveries of the event log that never reached a reader (manager or statistics), each followed by that reader starting again from its last acknowledged event. Seen when a connection drops or a cluster changes leaders.",
                 &["reader"],
             ),
+            manager_fenced: {
+                let c = IntCounter::new(
+                    MANAGER_FENCED,
+                    "Partition loops of this manager that stopped writing because their lease was not certainly held (lease renewals failing, a frozen process, another manager taking over); each dropped its state unsaved and loaded it again once the lease was held. Exported by the process that runs the manager.",
+                )
+                .unwrap_or_else(|e| panic!("metric {MANAGER_FENCED}: {e}"));
+                r.register(Box::new(c.clone()))
+                    .unwrap_or_else(|e| panic!("metric {MANAGER_FENCED}: {e}"));
+                c
+            },
             slots_needed: gauge(
                 &r,
                 SLOTS_NEEDED,

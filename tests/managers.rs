@@ -3,7 +3,8 @@
 //! SIGKILLed mid-jobs, the other takes its partitions over and every job
 //! ends with exact counts, each step started once; a manager stopped with
 //! SIGTERM hands its partitions over as it exits; one joining mid-jobs takes
-//! its share while they run, and no count is lost.
+//! its share while they run, and no count is lost; one frozen past its lease
+//! writes nothing once it wakes.
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::Env;
 use fanjet::protocol::JobState;
-use fanjet::protocol::{partition, LEASES_BUCKET, PARTITIONS};
+use fanjet::protocol::{partition, LEASES_BUCKET, LEASE_TTL, MANAGER_HEADER, PARTITIONS};
 use serde_json::json;
 
 async fn lease_bucket(env: &Env) -> async_nats::jetstream::kv::Store {
@@ -161,7 +162,7 @@ async fn managers_split_partitions_and_take_over_a_killed_one() {
         .expect("join")
         .expect("wait");
     assert!(status.success(), "manager exits cleanly: {status:?}");
-    // Leases live 10 s unrenewed: one still naming the third manager now
+    // Leases live 3 s unrenewed: one still naming the third manager now
     // would mean it was left to expire.
     let left = holders(&env).await;
     assert!(
@@ -305,4 +306,255 @@ async fn a_manager_joining_mid_jobs_takes_its_share_without_losing_counts() {
             "{id}"
         );
     }
+}
+
+/// Everything written for one job (its events, its record and its pending
+/// chunks) and for its partition's lease, each with the time it was stored
+/// and the manager that wrote it (named in a header; a lease by its value),
+/// recorded live: the buckets keep one revision per key.
+type Writes = std::sync::Arc<std::sync::Mutex<Vec<(i128, Option<String>, String)>>>;
+
+async fn record_writes(env: &Env, job_id: &str) -> Writes {
+    use async_nats::jetstream::consumer::pull::OrderedConfig;
+    use fanjet::protocol::{lease_key, EVENTS_STREAM, JOBS_BUCKET, PENDING_BUCKET};
+    use futures::StreamExt;
+    let writes = Writes::default();
+    let sources = [
+        (
+            EVENTS_STREAM.to_string(),
+            fanjet::protocol::job_events_filter(job_id),
+        ),
+        (
+            format!("KV_{JOBS_BUCKET}"),
+            format!("$KV.{JOBS_BUCKET}.{job_id}"),
+        ),
+        (
+            format!("KV_{PENDING_BUCKET}"),
+            format!("$KV.{PENDING_BUCKET}.{job_id}.>"),
+        ),
+        (
+            format!("KV_{LEASES_BUCKET}"),
+            format!("$KV.{LEASES_BUCKET}.{}", lease_key(partition(job_id))),
+        ),
+    ];
+    for (stream, filter) in sources {
+        let stream = env.nats.js.get_stream(&stream).await.expect("stream");
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: filter,
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        let mut messages = consumer.messages().await.expect("messages");
+        let writes = writes.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = messages.next().await {
+                let Ok(info) = m.info() else { continue };
+                let at = info.published.unix_timestamp_nanos();
+                let subject = m.subject.to_string();
+                let manager = if subject.starts_with(&format!("$KV.{LEASES_BUCKET}.")) {
+                    Some(String::from_utf8_lossy(&m.payload).into_owned())
+                } else {
+                    m.headers
+                        .as_ref()
+                        .and_then(|h| h.get(MANAGER_HEADER))
+                        .map(|v| v.to_string())
+                };
+                writes.lock().expect("lock").push((at, manager, subject));
+            }
+        });
+    }
+    writes
+}
+
+fn unix_nanos(t: std::time::SystemTime) -> i128 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as i128
+}
+
+/// Writes by `manager` to the job (not its lease) stored in `(from, to)`.
+fn written_between(writes: &Writes, manager: &str, from: i128, to: i128) -> Vec<String> {
+    writes
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(at, m, s)| {
+            m.as_deref() == Some(manager)
+                && *at > from
+                && *at < to
+                && !s.starts_with(&format!("$KV.{LEASES_BUCKET}."))
+        })
+        .map(|(_, _, s)| s.clone())
+        .collect()
+}
+
+/// When `manager` next took the job's partition lease after `after`.
+fn claimed_after(writes: &Writes, manager: &str, after: i128) -> Option<i128> {
+    writes
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(at, m, s)| {
+            *at > after
+                && m.as_deref() == Some(manager)
+                && s.starts_with(&format!("$KV.{LEASES_BUCKET}."))
+        })
+        .map(|(at, _, _)| *at)
+        .min()
+}
+
+/// A manager frozen (SIGSTOP) for three lease lives while its partition is
+/// busy, twice. Alone: when it wakes it writes nothing for the job until it
+/// has claimed the partition again, though its consumer holds outcomes it
+/// has not applied and its state is unsaved. With a second manager
+/// started meanwhile: the second takes the partition over, the first's
+/// stale pull takes no delivery from it, and the first, awake, writes
+/// nothing under the lease it lost. The job ends with exact counts, each
+/// step started once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_frozen_past_its_lease_writes_nothing_after_it() {
+    let mut env = Env::start().await;
+    env.one_fanout(
+        "frz",
+        "timeout = \"5s\"\nmax_in_flight = 200",
+        16,
+        Duration::from_millis(20),
+    )
+    .await;
+    let logs = tempfile::tempdir().expect("tempdir");
+    let (a_log, b_log) = (logs.path().join("a.log"), logs.path().join("b.log"));
+    let a = env.spawn_logged(&["manager"], &a_log);
+    let alone = wait_split(&env, 1, Duration::from_secs(20)).await;
+    let a_id = alone.keys().next().expect("one manager").clone();
+    // When the frozen manager rejoins, the other gives up its highest
+    // partitions: a job in the lower half stays with the new holder.
+    let job_id = (0..)
+        .map(|i| format!("frozen-{i}"))
+        .find(|id| partition(id) < PARTITIONS / 2)
+        .expect("an id");
+    let writes = record_writes(&env, &job_id).await;
+    let input: Vec<u32> = (0..8000).collect();
+    assert!(
+        env.submit("frz", json!({"job_id": job_id, "input": input}))
+            .await
+            .ok
+    );
+    let progress = |env: &Env| {
+        let (nats, id) = (env.nats.clone(), job_id.clone());
+        async move {
+            fanjet::nats::store::get(&nats, &id)
+                .await
+                .expect("status")
+                .map(|(j, _)| j.steps[0].completed)
+                .unwrap_or(0)
+        }
+    };
+    env.wait_for(&job_id, Duration::from_secs(60), "progress", |j| {
+        j.steps[0].completed >= 500
+    })
+    .await;
+
+    // 1. Alone: frozen while outcomes keep arriving, woken after its
+    // leases expired.
+    let stopped = std::time::SystemTime::now();
+    env.signal(a, "STOP");
+    tokio::time::sleep(LEASE_TTL * 3).await;
+    env.signal(a, "CONT");
+    let woke = Instant::now();
+    let lease_end = unix_nanos(stopped + LEASE_TTL);
+    let reclaimed = loop {
+        if let Some(at) = claimed_after(&writes, &a_id, lease_end) {
+            break at;
+        }
+        assert!(
+            woke.elapsed() < Duration::from_secs(30),
+            "the woken manager never claimed the partition again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stale = written_between(&writes, &a_id, lease_end, reclaimed);
+    assert!(
+        stale.is_empty(),
+        "written by {a_id} between its lease's end and its new claim: {stale:?}"
+    );
+
+    // 2. Frozen again; a second manager takes over meanwhile.
+    let before = progress(&env).await;
+    let stopped = std::time::SystemTime::now();
+    let frozen_at = Instant::now();
+    env.signal(a, "STOP");
+    env.spawn_logged(&["manager"], &b_log);
+    loop {
+        let holder = holders(&env).await.get(&partition(&job_id)).cloned();
+        if holder.as_ref().is_some_and(|h| *h != a_id) {
+            break;
+        }
+        assert!(
+            frozen_at.elapsed() < Duration::from_secs(30),
+            "the partition never moved: {holder:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let takeover = frozen_at.elapsed();
+    tokio::time::sleep((LEASE_TTL * 3).saturating_sub(frozen_at.elapsed())).await;
+    let before_wake = progress(&env).await;
+    eprintln!("progress: {before} at the second freeze, {before_wake} before waking");
+    assert!(
+        before_wake > before,
+        "the new holder made no progress while the first was frozen"
+    );
+    assert!(
+        before_wake < 8000,
+        "the job ended before the frozen manager woke"
+    );
+    env.signal(a, "CONT");
+
+    let job = env.wait_end(&job_id, Duration::from_secs(120)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(
+        (
+            job.steps[0].total,
+            job.steps[0].completed,
+            job.steps[0].failed
+        ),
+        (8000, 8000, 0)
+    );
+    let events = env.events(&job_id).await;
+    for kind in ["StepStarted", "StepCompleted", "JobCompleted"] {
+        let n = events.iter().filter(|e| e["type"] == kind).count();
+        assert_eq!(n, 1, "{kind} logged {n} times");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for kind in ["fanjet.ev.", "$KV.fanjet_jobs.", "$KV.fanjet_pending."] {
+        assert!(
+            writes
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|(_, m, s)| s.starts_with(kind) && m.as_deref() == Some(a_id.as_str())),
+            "no write under {kind} names the first manager"
+        );
+    }
+    let stale = written_between(&writes, &a_id, unix_nanos(stopped + LEASE_TTL), i128::MAX);
+    assert!(
+        stale.is_empty(),
+        "written by {a_id} after the lease it lost: {stale:?}"
+    );
+    let a_said = std::fs::read_to_string(&a_log).expect("log of the frozen manager");
+    assert!(
+        a_said.contains("taken over") || a_said.contains("partition paused"),
+        "the frozen manager never noticed it lost its leases:\n{a_said}"
+    );
+    let b_said = std::fs::read_to_string(&b_log).expect("log of the new holder");
+    for wrong in ["another manager changed", "went missing"] {
+        assert!(
+            !b_said.contains(wrong),
+            "the new holder saw {wrong:?}:\n{b_said}"
+        );
+    }
+    eprintln!(
+        "partition taken over {takeover:?} after the freeze; the job ended with exact counts"
+    );
 }

@@ -404,12 +404,24 @@ async fn a_busy_neighbour_does_not_hide_a_jobs_lost_tasks() {
 
 /// Takes up to `n` deliveries of `consumer` on the event log and drops them,
 /// as a connection that died mid-delivery would; returns how many it took.
+/// The readers' consumers deliver to one pinned client: this takes the pin
+/// for one pull, then lets it go.
 async fn steal_deliveries(env: &Env, consumer: &str, n: usize) -> usize {
     use futures::StreamExt;
     let client = async_nats::connect(env.url()).await.expect("connect");
+    let stream = env
+        .nats
+        .js
+        .get_stream(fanjet::protocol::EVENTS_STREAM)
+        .await
+        .expect("stream");
+    stream
+        .unpin_consumer(consumer, "reader")
+        .await
+        .expect("unpin");
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await.expect("subscribe");
-    let request = json!({"batch": n, "expires": 2_000_000_000u64});
+    let request = json!({"batch": n, "expires": 2_000_000_000u64, "group": "reader"});
     client
         .publish_with_reply(
             format!(
@@ -431,6 +443,10 @@ async fn steal_deliveries(env: &Env, consumer: &str, n: usize) -> usize {
             break;
         }
     }
+    stream
+        .unpin_consumer(consumer, "reader")
+        .await
+        .expect("unpin");
     taken
 }
 

@@ -108,7 +108,6 @@ fn random_event_streams_never_panic_the_engine() {
                         jobs: vec![(job_id, index)],
                     },
                     7 => Input::Save,
-                    8 => Input::Conflict { job_id },
                     _ => Input::Tick,
                 };
                 let _ = e.apply(input, now);

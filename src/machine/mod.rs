@@ -20,8 +20,7 @@
 //! - crash safety: on [`Input::Save`] every changed job is checkpointed
 //!   (record, then chunks: [`Checkpoint`]) before the events that changed it
 //!   are acknowledged ([`Action::Ack`]), and a job that ended is unloaded
-//!   once its last checkpoint is out; a job another manager changed is
-//!   unloaded ([`Input::Conflict`]);
+//!   once its last checkpoint is out;
 //! - every action is idempotent when replayed (events and tasks carry
 //!   deterministic message ids), so the executor may re-apply events after a
 //!   crash and re-run what they produce.
@@ -79,9 +78,6 @@ pub enum Input {
     /// Checkpoint every job changed since the last save, then acknowledge
     /// the events applied so far.
     Save,
-    /// Another manager changed this job's record (its lease moved while
-    /// this one still held the job): stop driving it here.
-    Conflict { job_id: String },
 }
 
 /// What the event loop found of a requested job's workflow.
@@ -210,7 +206,6 @@ impl Engine {
             }
             Input::NoTasks { jobs } => self.no_tasks(jobs, now, &mut out),
             Input::Save => self.save(&mut out),
-            Input::Conflict { job_id } => self.unload(&job_id),
             Input::Tick => {
                 let ids: Vec<String> = self
                     .jobs

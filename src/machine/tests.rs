@@ -337,15 +337,6 @@ fn save_writes_each_record_before_its_chunks_then_acks_and_unloads_ended_jobs() 
 }
 
 #[test]
-fn a_job_another_manager_wrote_is_unloaded() {
-    let mut e = Engine::new();
-    request(&mut e, workflow(""));
-    e.apply(Input::Conflict { job_id: "j".into() }, 20);
-    assert!(e.job("j").is_none());
-    assert_eq!(kinds(&e.apply(Input::Save, 21)), ["ack"]);
-}
-
-#[test]
 fn a_fanout_over_a_non_array_fails_clearly() {
     let mut e = Engine::new();
     request(&mut e, workflow(""));

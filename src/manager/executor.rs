@@ -4,6 +4,11 @@
 //! flight) because per-subjob work is the hot path; every publish is
 //! confirmed before a checkpoint is written or an ack sent, so a stored
 //! record never claims more than the streams hold.
+//!
+//! Every write, publish and ack first checks the partition lease's
+//! [`Fence`]: once the lease is not certainly held, nothing goes out
+//! ([`ManagerError::Fenced`]), and a record another manager wrote
+//! ([`ManagerError::Conflict`]) ends the session, whose state is stale.
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -15,16 +20,17 @@ use async_nats::jetstream::Message;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use serde_json::Value;
-use tracing::{error, warn};
+use tracing::warn;
 
 use super::ManagerError;
 use crate::machine::{Action, Checkpoint, Dispatch, Input, Write};
+use crate::nats::leases::Fence;
 use crate::nats::log::{self, LogError};
 use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
     encode_json, job_tasks_filter, task_msg_id, task_subject, Event, ResultRef, Source,
-    SourceField, StepKind, Task,
+    SourceField, StepKind, Task, MANAGER_HEADER,
 };
 
 /// Publishes awaiting their ack at once, at most.
@@ -34,8 +40,20 @@ const SOURCE_CACHE: usize = 64;
 /// Jobs checkpointed at once, at most.
 const CHECKPOINTS_IN_FLIGHT: usize = 32;
 
+/// Who writes, and under which lease.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    /// The manager's process id, in the [`MANAGER_HEADER`] of every event
+    /// and task it publishes: an audit of who wrote what, and when.
+    pub manager: String,
+    /// The partition lease's fence, checked before every write.
+    pub fence: Fence,
+}
+
 pub struct Executor {
     nats: Nats,
+    manager: String,
+    fence: Fence,
     sources: HashMap<u64, Arc<Value>>,
     acks: FuturesUnordered<<PublishAckFuture as IntoFuture>::IntoFuture>,
     /// The stored revision of each job record held.
@@ -45,9 +63,11 @@ pub struct Executor {
 }
 
 impl Executor {
-    pub fn new(nats: Nats) -> Self {
+    pub fn new(nats: Nats, writer: Writer) -> Self {
         Executor {
             nats,
+            manager: writer.manager,
+            fence: writer.fence,
             sources: HashMap::new(),
             acks: FuturesUnordered::new(),
             revisions: HashMap::new(),
@@ -70,8 +90,7 @@ impl Executor {
     /// Carries out `actions` in order; returns when every publish is
     /// acknowledged, with what the engine must be told: jobs that must
     /// fail because an action of theirs cannot be carried out
-    /// ([`Input::Abort`]) and jobs another manager wrote
-    /// ([`Input::Conflict`]).
+    /// ([`Input::Abort`]).
     pub async fn run(&mut self, actions: Vec<Action>) -> Result<Vec<Input>, ManagerError> {
         let mut feedback = Vec::new();
         let mut checkpoints = Vec::new();
@@ -81,12 +100,12 @@ impl Executor {
                 continue;
             }
             // Consecutive checkpoints are written together, before what follows.
-            self.checkpoint(std::mem::take(&mut checkpoints), &mut feedback)
-                .await?;
+            self.checkpoint(std::mem::take(&mut checkpoints)).await?;
             match action {
                 Action::Checkpoint(_) => {}
                 Action::Ack => {
                     self.flush().await?;
+                    self.fence.check()?;
                     if let Some(last) = self.unacked.take() {
                         last.ack()
                             .await
@@ -118,6 +137,7 @@ impl Executor {
                 Action::PurgeTasks { job_id } => {
                     // Everything enqueued before must be in the stream before it is purged.
                     self.flush().await?;
+                    self.fence.check()?;
                     self.nats
                         .tasks
                         .purge()
@@ -129,18 +149,14 @@ impl Executor {
                 }
             }
         }
-        self.checkpoint(checkpoints, &mut feedback).await?;
+        self.checkpoint(checkpoints).await?;
         self.flush().await?;
         Ok(feedback)
     }
 
     /// Writes checkpoints, several jobs at once, each job's writes in
-    /// order; a job whose record another manager changed is reported.
-    async fn checkpoint(
-        &mut self,
-        checkpoints: Vec<Checkpoint>,
-        feedback: &mut Vec<Input>,
-    ) -> Result<(), ManagerError> {
+    /// order; a record another manager changed ends the session.
+    async fn checkpoint(&mut self, checkpoints: Vec<Checkpoint>) -> Result<(), ManagerError> {
         if checkpoints.is_empty() {
             return Ok(());
         }
@@ -148,16 +164,18 @@ impl Executor {
         self.flush().await?;
         let nats = &self.nats;
         let revisions = &self.revisions;
-        let written: Vec<(Checkpoint, Result<u64, StoreError>)> =
+        let writer = (self.manager.as_str(), &self.fence);
+        let written: Vec<(Checkpoint, Result<u64, ManagerError>)> =
             futures::stream::iter(checkpoints)
                 .map(|cp| async move {
                     let revision = revisions.get(&cp.job_id).copied();
-                    let result = write(nats, &cp, revision).await;
+                    let result = write(nats, writer, &cp, revision).await;
                     (cp, result)
                 })
                 .buffer_unordered(CHECKPOINTS_IN_FLIGHT)
                 .collect()
                 .await;
+        let mut failed = None;
         for (cp, result) in written {
             match result {
                 Ok(_) if cp.ended => {
@@ -166,15 +184,18 @@ impl Executor {
                 Ok(revision) => {
                     self.revisions.insert(cp.job_id, revision);
                 }
-                Err(e @ StoreError::Conflict { .. }) => {
-                    error!(job_id = %cp.job_id, error = %e, "unloading job");
-                    self.revisions.remove(&cp.job_id);
-                    feedback.push(Input::Conflict { job_id: cp.job_id });
+                Err(e) => {
+                    // A conflict says the most; any error ends the session.
+                    if failed.is_none() || matches!(e, ManagerError::Conflict(_)) {
+                        failed = Some(e);
+                    }
                 }
-                Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Appends an event (pipelined); `Some(reason)` when it can never be
@@ -209,6 +230,8 @@ impl Executor {
                 ack.map_err(publish_err)?;
             }
         }
+        self.fence.check()?;
+        let msg = msg.header(MANAGER_HEADER, self.manager.as_str());
         let fut = self
             .nats
             .js
@@ -340,22 +363,36 @@ async fn fetch_result(nats: &Nats, r: &ResultRef) -> Result<Result<Value, String
     Ok(serde_json::from_slice(&bytes).map_err(|e| format!("result {} is not JSON: {e}", r.name)))
 }
 
-/// Makes one job's checkpoint writes in order; returns the record's new
-/// revision.
-async fn write(nats: &Nats, cp: &Checkpoint, revision: Option<u64>) -> Result<u64, StoreError> {
+/// Makes one job's checkpoint writes in order, each under the fence;
+/// returns the record's new revision.
+async fn write(
+    nats: &Nats,
+    (author, fence): (&str, &Fence),
+    cp: &Checkpoint,
+    revision: Option<u64>,
+) -> Result<u64, ManagerError> {
     let mut stored = None;
     for w in &cp.writes {
+        fence.check()?;
         match w {
             Write::Record(record) => {
-                stored = Some(store::put_record(nats, &cp.job_id, record.clone(), revision).await?);
+                let put =
+                    store::put_record(nats, author, &cp.job_id, record.clone(), revision).await;
+                stored = Some(put.map_err(|e| match e {
+                    e @ StoreError::Conflict { .. } => ManagerError::Conflict(e),
+                    e => e.into(),
+                })?);
             }
             Write::Chunk {
                 step_index,
                 chunk,
                 bits,
-            } => store::put_chunk(nats, &cp.job_id, *step_index, *chunk, bits.clone()).await?,
+            } => {
+                store::put_chunk(nats, author, &cp.job_id, *step_index, *chunk, bits.clone())
+                    .await?
+            }
             Write::DeleteChunk { step_index, chunk } => {
-                store::delete_chunk(nats, &cp.job_id, *step_index, *chunk).await?
+                store::delete_chunk(nats, author, &cp.job_id, *step_index, *chunk).await?
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The workflow manager, the only writer of job state. Its parts:
 //! - the coordinator (here): renews the partition leases every round (see
 //!   [`crate::nats::leases`]) and starts and stops one event loop per
-//!   partition held;
+//!   partition held, each fenced by its lease;
 //! - [`partition`]: one partition's event loop around the pure
 //!   [`crate::machine::Engine`], with checkpoints;
 //! - [`executor`]: carries out the engine's actions on NATS;
@@ -25,15 +25,17 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-pub use executor::Executor;
+pub use executor::{Executor, Writer};
 use partition::EventLoop;
 
 use crate::nats::heartbeat::{beat, process_id};
-use crate::nats::leases::{self, LeaseError, Partitions as PartitionLeases};
+use crate::nats::leases::{
+    self, Fence, LeaseError, Partitions as PartitionLeases, LEASE_ROUND, LEASE_VALID,
+};
 use crate::nats::log::LogError;
 use crate::nats::store::StoreError;
 use crate::nats::{Nats, SetupError};
-use crate::protocol::{Heartbeat, LEASE_TTL, MANAGER_CONSUMER, PARTITIONS};
+use crate::protocol::{Heartbeat, MANAGER_CONSUMER, PARTITIONS};
 
 #[derive(Debug, Error)]
 pub enum ManagerError {
@@ -47,6 +49,13 @@ pub enum ManagerError {
     Log(#[from] LogError),
     #[error("NATS: {0}")]
     Nats(String),
+    /// The partition's lease is not certainly held: nothing was written.
+    #[error(transparent)]
+    Fenced(#[from] leases::Fenced),
+    /// Another manager wrote a job record of this partition: this one's
+    /// state is stale, and is loaded again.
+    #[error(transparent)]
+    Conflict(StoreError),
 }
 
 /// Manager settings.
@@ -109,13 +118,14 @@ pub async fn run(
     });
     info!(manager = %id, "manager running; claiming partitions of the event log");
     let mut loops = Partitions {
+        id: id.clone(),
         nats: nats.clone(),
         options,
         running,
         cancel: cancel.clone(),
         loops: BTreeMap::new(),
     };
-    let mut round = tokio::time::interval(LEASE_TTL / 5);
+    let mut round = tokio::time::interval(LEASE_ROUND);
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -141,6 +151,8 @@ pub async fn run(
 
 /// The event loops of the partitions this manager holds.
 struct Partitions {
+    /// This manager's id, on everything it writes.
+    id: String,
     nats: Nats,
     options: ManagerOptions,
     running: Arc<Vec<AtomicU64>>,
@@ -149,16 +161,18 @@ struct Partitions {
 }
 
 impl Partitions {
-    /// One lease round: renew, stop what was lost, then move toward an
-    /// equal share (stop and release extras, claim and start free ones).
+    /// One lease round: renew, stop what was lost (its fence revoked, so
+    /// its loop writes nothing more), then move toward an equal share (stop
+    /// and release extras, claim and start free ones). A lease not renewed
+    /// this round is kept: its fence pauses its loop if renewals keep
+    /// failing, and a later renewal lets it go on.
     async fn round(&mut self, leases: &mut PartitionLeases, id: &str) {
-        let step = LEASE_TTL / 4;
-        self.revive();
-        let mut stop = tokio::time::timeout(step, leases.renew())
+        let step = LEASE_VALID / 2;
+        self.revive(leases);
+        let lost = tokio::time::timeout(step, leases.renew())
             .await
             .unwrap_or_default();
-        stop.extend(leases.expiring());
-        self.stop(&stop).await;
+        self.stop(&lost).await;
         let (members, free) = match tokio::time::timeout(step, leases.survey()).await {
             Ok(Ok(survey)) => survey,
             Ok(Err(e)) => return warn!(error = %e, "could not read the partition leases"),
@@ -177,7 +191,9 @@ impl Partitions {
             match leases.claim(p).await {
                 Ok(true) => {
                     claimed += 1;
-                    self.start(p);
+                    if let Some(fence) = leases.fence(p) {
+                        self.start(p, fence);
+                    }
                 }
                 Ok(false) => {}
                 Err(e) => {
@@ -191,12 +207,16 @@ impl Partitions {
         }
     }
 
-    fn start(&mut self, p: u32) {
+    fn start(&mut self, p: u32, fence: Fence) {
         let cancel = self.cancel.child_token();
         let event_loop = EventLoop::new(
             self.nats.clone(),
             self.options.clone(),
             p,
+            Writer {
+                manager: self.id.clone(),
+                fence,
+            },
             self.running.clone(),
         );
         let c = cancel.clone();
@@ -211,7 +231,7 @@ impl Partitions {
     /// Starts again a loop that ended without being asked to (a panic; an
     /// event loop otherwise retries its own errors), so a held partition
     /// is never left unread.
-    fn revive(&mut self) {
+    fn revive(&mut self, leases: &PartitionLeases) {
         let ended: Vec<u32> = self
             .loops
             .iter()
@@ -223,7 +243,9 @@ impl Partitions {
                 partition = p,
                 "partition loop ended unexpectedly; starting it again"
             );
-            self.start(p);
+            if let Some(fence) = leases.fence(p) {
+                self.start(p, fence);
+            }
         }
     }
 

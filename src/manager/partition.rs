@@ -24,9 +24,10 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{Executor, ManagerError, ManagerOptions};
+use super::{Executor, ManagerError, ManagerOptions, Writer};
 use crate::machine::{valid_job_id, Action, Definition, Engine, Input};
 use crate::metrics::Metrics;
+use crate::nats::leases::Fence;
 use crate::nats::log::{self, stream_seq, Batch, LogError, Reader};
 use crate::nats::store;
 use crate::nats::{Nats, SetupError};
@@ -38,6 +39,8 @@ use crate::protocol::{
 pub(super) struct EventLoop {
     /// The partition of the log this loop reads.
     partition: u32,
+    /// Its lease's fence: no write once the lease is not certainly held.
+    fence: Fence,
     /// Jobs held as running per partition, for the heartbeat.
     running: Arc<Vec<AtomicU64>>,
     nats: Nats,
@@ -53,12 +56,14 @@ impl EventLoop {
         nats: Nats,
         options: ManagerOptions,
         partition: u32,
+        writer: Writer,
         running: Arc<Vec<AtomicU64>>,
     ) -> Self {
         EventLoop {
             partition,
             running,
-            executor: Executor::new(nats.clone()),
+            fence: writer.fence.clone(),
+            executor: Executor::new(nats.clone(), writer),
             nats,
             options,
             engine: Engine::new(),
@@ -98,12 +103,31 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Runs sessions until cancelled. A session ends at an error; the next
+    /// one starts from the checkpoints. One that ended because the lease was
+    /// not certainly held wrote nothing after that, dropped its state
+    /// unsaved, and the next one waits until the lease is held again.
     pub(super) async fn run(mut self, cancel: CancellationToken) -> Result<(), ManagerError> {
         let mut backoff = Duration::from_millis(200);
         loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = self.fence.held() => {}
+            }
             let began = std::time::Instant::now();
             match self.session(&cancel).await {
                 Ok(()) => return Ok(()),
+                Err(ManagerError::Fenced(_)) => {
+                    self.engine = Engine::new();
+                    self.set_running();
+                    if !cancel.is_cancelled() {
+                        Metrics::get().manager_fenced.inc();
+                        warn!(
+                            partition = self.partition,
+                            "partition paused: its lease is not certainly held (renewals failing, or another manager took it); state dropped unsaved"
+                        );
+                    }
+                }
                 Err(e) => {
                     if began.elapsed() > Duration::from_secs(30) {
                         backoff = Duration::from_millis(200); // it had recovered
@@ -122,6 +146,9 @@ impl EventLoop {
     /// Loads state, resets the consumer and processes until cancelled or an error.
     async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ManagerError> {
         self.reload().await?;
+        // Opening the reader resets the shared consumer and takes its pin:
+        // only a holder may.
+        self.fence.check()?;
         let mut reader = Self::reader(&self.nats, self.partition, self.options.batch).await?;
         let mut ticker = tokio::time::interval(self.options.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -206,10 +233,14 @@ impl EventLoop {
     /// Checkpoints changed jobs, then acknowledges every event applied so far.
     async fn save(&mut self) -> Result<(), ManagerError> {
         self.feed(Input::Save).await?;
+        self.set_running();
+        Ok(())
+    }
+
+    fn set_running(&self) {
         if let Some(n) = self.running.get(self.partition as usize) {
             n.store(self.engine.len() as u64, Ordering::Relaxed);
         }
-        Ok(())
     }
 
     /// Applies a batch of events and carries out what they call for.

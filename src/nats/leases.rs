@@ -8,11 +8,24 @@
 //! And `fanjet serve` runs the statistics consumer in one process only
 //! ([`exclusive`]), since it builds records in memory between saves.
 //!
-//! Every round (a fifth of a lease's life) a holder renews its leases with a
+//! Every round ([`LEASE_ROUND`]) a holder renews its leases with a
 //! revision-checked update. Entries expire unrenewed after [`LEASE_TTL`], so
-//! a killed holder's leases are free again after at most that long. A lease
-//! that could not be renewed for half its life is treated as lost and its
-//! work stopped, well before the entry can expire and be claimed elsewhere.
+//! a killed holder's leases are free again after at most that long.
+//!
+//! # Fencing
+//! A holder may be frozen (a GC pause, SIGSTOP, a VM migration) past its
+//! lease and wake up unaware that another holder took over. So each lease
+//! carries a [`Fence`]: the instant until which the lease is certainly held,
+//! [`LEASE_VALID`] after the last successful renewal was *sent* (the entry
+//! cannot expire before [`LEASE_TTL`] after that, and the rest is a margin
+//! for writes already on their way). Whatever the lease guards checks the
+//! fence before every write, ack or publish, on the monotonic clock, and
+//! does nothing once it has passed. A renewal that fails (NATS unreachable,
+//! a leader election in the lease bucket) is not a lost lease: the work
+//! pauses when the fence passes and goes on when a renewal succeeds again.
+//! Only a renewal that finds the key held by someone else (or gone) loses
+//! the lease; a renewal refused for a stale revision first reads the key,
+//! since an earlier renewal whose reply was lost may have landed.
 //!
 //! Managers also renew a membership key, count the live managers and move
 //! toward an equal share, `ceil(partitions / managers)`: they give up extra
@@ -21,11 +34,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use futures::TryStreamExt;
 use thiserror::Error;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -34,6 +49,77 @@ use crate::protocol::{
     exclusive_key, lease_key, member_key, partition, LEASES_BUCKET, LEASE_KEY_PREFIX, LEASE_TTL,
     MEMBER_KEY_PREFIX, PARTITIONS,
 };
+
+/// How often holders renew their leases.
+pub const LEASE_ROUND: Duration = Duration::from_millis(500);
+/// How long after a successful renewal was sent its holder may still write:
+/// [`LEASE_TTL`] less a margin for writes already on their way.
+pub const LEASE_VALID: Duration = LEASE_TTL.saturating_sub(Duration::from_secs(1));
+
+/// Until when a lease is certainly held; see the module docs. Clones share
+/// it: the lease extends it, the work it guards checks it.
+#[derive(Debug, Clone)]
+pub struct Fence(Arc<watch::Sender<Option<Instant>>>);
+
+/// A write refused because the lease guarding it may have passed to
+/// another holder.
+#[derive(Debug, Clone, Copy, Error)]
+#[error("the lease guarding this work is not certainly held; writing nothing")]
+pub struct Fenced;
+
+impl Fence {
+    /// A fence that holds nothing until extended.
+    pub fn new() -> Self {
+        Fence(Arc::new(watch::Sender::new(None)))
+    }
+
+    /// A renewal (or claim) sent at `sent` succeeded.
+    fn extend(&self, sent: Instant) {
+        let until = sent + LEASE_VALID;
+        self.0.send_if_modified(|u| match u {
+            Some(u) if *u >= until => false,
+            _ => {
+                *u = Some(until);
+                true
+            }
+        });
+    }
+
+    /// The lease is lost: nothing may be written under it any more.
+    pub fn revoke(&self) {
+        self.0.send_replace(None);
+    }
+
+    /// Whether the lease is certainly held right now.
+    pub fn holds(&self) -> bool {
+        matches!(*self.0.borrow(), Some(until) if Instant::now() < until)
+    }
+
+    /// `Ok` when a write may go out now.
+    pub fn check(&self) -> Result<(), Fenced> {
+        if self.holds() {
+            Ok(())
+        } else {
+            Err(Fenced)
+        }
+    }
+
+    /// Waits until the lease is certainly held again (a renewal succeeded).
+    pub async fn held(&self) {
+        let mut changes = self.0.subscribe();
+        while !self.holds() {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+impl Default for Fence {
+    fn default() -> Self {
+        Fence::new()
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum LeaseError {
@@ -114,57 +200,92 @@ pub async fn holders(kv: &kv::Store) -> Result<(BTreeMap<u32, String>, Vec<Strin
 pub struct Lease {
     key: String,
     revision: u64,
-    renewed: Instant,
+    fence: Fence,
 }
 
 /// How a renewal went.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Renewal {
     Renewed,
-    /// Someone else holds the key now (it expired first).
+    /// Someone else holds the key now, or nobody (it expired first).
     TakenOver,
-    /// Not renewed this time (NATS unreachable, timed out); still held.
+    /// Not renewed this time (NATS unreachable, timed out); maybe still
+    /// held: the fence says until when for certain.
     Failed(String),
 }
 
 impl Lease {
     /// Takes `key` if nobody holds it.
     pub async fn claim(kv: &kv::Store, key: &str, me: &str) -> Result<Option<Lease>, LeaseError> {
+        let sent = Instant::now();
         match kv.create(key, me.to_string().into()).await {
-            Ok(revision) => Ok(Some(Lease {
-                key: key.to_string(),
-                revision,
-                renewed: Instant::now(),
-            })),
+            Ok(revision) => {
+                let fence = Fence::new();
+                fence.extend(sent);
+                Ok(Some(Lease {
+                    key: key.to_string(),
+                    revision,
+                    fence,
+                }))
+            }
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
             Err(e) => Err(LeaseError::Nats(e.to_string())),
         }
     }
 
-    /// Extends the lease by another [`LEASE_TTL`].
+    /// The lease's fence, for the work it guards.
+    pub fn fence(&self) -> Fence {
+        self.fence.clone()
+    }
+
+    /// Extends the lease by another [`LEASE_TTL`]. A refusal for a stale
+    /// revision is checked against the key itself: a renewal whose reply was
+    /// lost may have landed, and the key still names this holder.
     pub async fn renew(&mut self, kv: &kv::Store, me: &str) -> Renewal {
-        match kv
+        let sent = Instant::now();
+        let refused = match kv
             .update(&self.key, me.to_string().into(), self.revision)
             .await
         {
-            Ok(revision) => {
-                self.revision = revision;
-                self.renewed = Instant::now();
-                Renewal::Renewed
+            Ok(revision) => return self.renewed(revision, sent),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => e,
+            Err(e) => return Renewal::Failed(e.to_string()),
+        };
+        match kv.entry(&self.key).await {
+            Ok(Some(entry))
+                if entry.operation == Operation::Put && entry.value == me.as_bytes() =>
+            {
+                debug!(key = %self.key, "an earlier renewal had landed; renewing from it");
+                let sent = Instant::now();
+                match kv
+                    .update(&self.key, me.to_string().into(), entry.revision)
+                    .await
+                {
+                    Ok(revision) => self.renewed(revision, sent),
+                    Err(e) => {
+                        self.revision = entry.revision;
+                        Renewal::Failed(e.to_string())
+                    }
+                }
             }
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Renewal::TakenOver,
+            Ok(_) => {
+                debug!(key = %self.key, error = %refused, "the lease key is another holder's or gone");
+                self.fence.revoke();
+                Renewal::TakenOver
+            }
             Err(e) => Renewal::Failed(e.to_string()),
         }
     }
 
-    /// Not renewed for half its life: it may expire soon, so whatever it
-    /// guards must stop now.
-    pub fn expiring(&self) -> bool {
-        self.renewed.elapsed() >= LEASE_TTL / 2
+    fn renewed(&mut self, revision: u64, sent: Instant) -> Renewal {
+        self.revision = revision;
+        self.fence.extend(sent);
+        Renewal::Renewed
     }
 
     /// Gives the key up (its work must have stopped).
     pub async fn release(self, kv: &kv::Store) {
+        self.fence.revoke();
         if let Err(e) = kv
             .delete_expect_revision(&self.key, Some(self.revision))
             .await
@@ -207,19 +328,19 @@ where
     let inner = cancel.child_token();
     let work = work(inner.clone());
     tokio::pin!(work);
-    let mut round = tokio::time::interval(LEASE_TTL / 5);
+    let mut round = tokio::time::interval(LEASE_ROUND);
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             done = &mut work => break done.map_err(|e| LeaseError::Work(e.to_string())),
             _ = round.tick() => {
-                let renewal = tokio::time::timeout(LEASE_TTL / 4, lease.renew(&kv, me))
+                let renewal = tokio::time::timeout(LEASE_VALID / 2, lease.renew(&kv, me))
                     .await
                     .unwrap_or_else(|_| Renewal::Failed("timed out".into()));
                 if let Renewal::Failed(error) = &renewal {
                     warn!(part = name, error, "could not renew the lease");
                 }
-                if renewal == Renewal::TakenOver || lease.expiring() {
+                if renewal == Renewal::TakenOver || !lease.fence.holds() {
                     inner.cancel();
                     let _ = work.await;
                     break Err(LeaseError::Lost(name.to_string()));
@@ -293,8 +414,14 @@ impl Partitions {
         self.held.keys().copied().collect()
     }
 
+    /// The fence of a held partition's lease.
+    pub fn fence(&self, p: u32) -> Option<Fence> {
+        self.held.get(&p).map(Lease::fence)
+    }
+
     /// Renews the membership and every held lease. A lease someone else
-    /// holds now is dropped and returned.
+    /// holds now (or nobody) is dropped, its fence revoked, and returned.
+    /// A lease merely not renewed stays: its fence pauses its work.
     pub async fn renew(&mut self) -> Vec<u32> {
         if let Err(e) = self
             .kv
@@ -329,24 +456,6 @@ impl Partitions {
             self.held.remove(p);
         }
         lost
-    }
-
-    /// Drops and returns the leases not renewed for half their life.
-    pub fn expiring(&mut self) -> Vec<u32> {
-        let stale: Vec<u32> = self
-            .held
-            .iter()
-            .filter(|(_, lease)| lease.expiring())
-            .map(|(p, _)| *p)
-            .collect();
-        for p in &stale {
-            warn!(
-                partition = p,
-                "partition lease not renewed in time; stopping it"
-            );
-            self.held.remove(p);
-        }
-        stale
     }
 
     /// Live managers (this one included) and the partitions nobody holds.

@@ -20,11 +20,20 @@
 //! without a hole: at a hole, it hands out only what came before it, and
 //! its owner applies that, acknowledges it and opens the reader again from
 //! its ack floor, which delivers the lost message again.
+//!
+//! # One reader at a time
+//! A reader's consumer is shared by whoever holds its lease in turn. A
+//! holder frozen past its lease still has a pull request waiting at the
+//! server, which would go on taking deliveries meant for the next holder
+//! (they would come back only after the ack wait). So the consumer pins one
+//! client ([`PriorityPolicy::PinnedClient`]), and opening a reader unpins
+//! whoever held it: the stale request is refused from then on, and the new
+//! reader's pull takes the pin.
 
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::{self, OrderedConfig};
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, Info};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, Info, PriorityPolicy};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{
     ConsumerResetError, LastRawMessageErrorKind, RawMessageErrorKind, Stream,
@@ -214,11 +223,22 @@ pub struct Batch {
     pub hole: Option<Hole>,
 }
 
+/// The priority group every reader pulls in.
+const READER_GROUP: &str = "reader";
+/// A pinned reader that stops pulling this long loses the pin.
+const PIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Each pull request's life: a reader pulls again at least this often.
+/// Shorter than a lease's life less a renewal round, so the requests of a
+/// holder frozen past its lease have expired at the server when the next
+/// holder opens its reader: a request not yet pinned could otherwise take
+/// the pin the new reader just released.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
 impl Reader {
     /// Creates (or updates) the durable consumer `name` over `filters`,
     /// resets it to its ack floor, so everything not yet acknowledged is
-    /// delivered again in order, and starts pulling batches of at most
-    /// `batch` events.
+    /// delivered again in order, takes the pin from any earlier reader and
+    /// starts pulling batches of at most `batch` events.
     pub async fn open(
         nats: &Nats,
         name: &str,
@@ -234,7 +254,33 @@ impl Reader {
             ack_policy: AckPolicy::All,
             ack_wait: Duration::from_secs(60),
             max_ack_pending: 100_000,
+            priority_policy: PriorityPolicy::PinnedClient,
+            priority_groups: vec![READER_GROUP.to_string()],
+            priority_timeout: PIN_TIMEOUT,
             ..Default::default()
+        };
+        let consumer = match nats.events.consumer_info(name).await {
+            // Updated in place (its filters may change), from where it is.
+            Ok(old) if old.config.priority_policy == PriorityPolicy::PinnedClient => pull::Config {
+                deliver_policy: old.config.deliver_policy,
+                ..consumer
+            },
+            // An earlier version's consumer, not pinned: a priority policy
+            // cannot be changed, so it is replaced, starting where it had
+            // got to.
+            Ok(old) => {
+                nats.events
+                    .delete_consumer(name)
+                    .await
+                    .map_err(|e| err("replacing consumer", &e))?;
+                pull::Config {
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: old.ack_floor.stream_sequence + 1,
+                    },
+                    ..consumer
+                }
+            }
+            Err(_) => consumer,
         };
         let consumer = nats
             .events
@@ -244,10 +290,16 @@ impl Reader {
         let deliveries = Deliveries::reset(&nats.events, name)
             .await
             .map_err(|e| err("resetting consumer", &e))?;
+        nats.events
+            .unpin_consumer(name, READER_GROUP)
+            .await
+            .map_err(|e| err("taking the pin of", &e))?;
         let messages = consumer
             .stream()
+            .group(READER_GROUP)
             .max_messages_per_batch(batch)
-            .heartbeat(Duration::from_secs(5))
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_EXPIRES / 4)
             .messages()
             .await
             .map_err(|e| err("pulling from", &e))?;

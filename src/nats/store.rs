@@ -6,7 +6,9 @@
 //! second (see [`crate::machine::Checkpoint`]); on load the counts are
 //! taken from the bits ([`Job::recount`]).
 
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::kv;
+use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use thiserror::Error;
@@ -14,7 +16,7 @@ use thiserror::Error;
 use super::Nats;
 use crate::protocol::{
     chunk_key, event_subject, validate_token, Event, EventKind, Job, JobState, JobStats, Pending,
-    StepKind, StepState,
+    StepKind, StepState, JOBS_BUCKET, MANAGER_HEADER, PENDING_BUCKET,
 };
 
 #[derive(Debug, Error)]
@@ -37,11 +39,16 @@ pub enum StoreError {
     },
 }
 
+/// Who writes a job's state, named on every write ([`MANAGER_HEADER`]):
+/// an audit trail of which manager process wrote what.
+pub type Author<'a> = &'a str;
+
 /// Writes a job record: creates it (`revision` None) or updates the one
 /// at `revision`; returns the new revision. [`StoreError::Conflict`] when
 /// another manager wrote it since.
 pub async fn put_record(
     nats: &Nats,
+    author: Author<'_>,
     job_id: &str,
     record: Bytes,
     revision: Option<u64>,
@@ -50,34 +57,46 @@ pub async fn put_record(
         job_id: job_id.to_string(),
         expected: revision,
     };
-    match revision {
-        None => nats.jobs.create(job_id, record).await.map_err(|e| {
-            if e.kind() == kv::CreateErrorKind::AlreadyExists {
-                conflict()
-            } else {
-                kv_error(job_id, "create", &e)
-            }
-        }),
-        Some(rev) => nats.jobs.update(job_id, record, rev).await.map_err(|e| {
-            if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
-                conflict()
-            } else {
-                kv_error(job_id, "update", &e)
-            }
-        }),
+    let written = kv_write(
+        nats,
+        JOBS_BUCKET,
+        job_id,
+        record.clone(),
+        author,
+        Some(revision.unwrap_or(0)),
+        None,
+    )
+    .await;
+    match (written, revision) {
+        (Ok(revision), _) => Ok(revision),
+        (Err(e), Some(_)) if e.kind() == PublishErrorKind::WrongLastSequence => Err(conflict()),
+        // A key deleted before has a revision of its own: the KV API's
+        // create knows how to create over it (without the author).
+        (Err(e), None) if e.kind() == PublishErrorKind::WrongLastSequence => {
+            nats.jobs.create(job_id, record).await.map_err(|e| {
+                if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                    conflict()
+                } else {
+                    kv_error(job_id, "create", &e)
+                }
+            })
+        }
+        (Err(e), None) => Err(kv_error(job_id, "create", &e)),
+        (Err(e), Some(_)) => Err(kv_error(job_id, "update", &e)),
     }
 }
 
 /// Stores one chunk of a step's pending set.
 pub async fn put_chunk(
     nats: &Nats,
+    author: Author<'_>,
     job_id: &str,
     step_index: usize,
     chunk: u64,
     bits: Vec<u8>,
 ) -> Result<(), StoreError> {
-    nats.pending
-        .put(chunk_key(job_id, step_index, chunk), bits.into())
+    let key = chunk_key(job_id, step_index, chunk);
+    kv_write(nats, PENDING_BUCKET, &key, bits.into(), author, None, None)
         .await
         .map(|_| ())
         .map_err(|e| kv_error(job_id, "put chunk", &e))
@@ -86,14 +105,54 @@ pub async fn put_chunk(
 /// Deletes one chunk of a step's pending set (with its history).
 pub async fn delete_chunk(
     nats: &Nats,
+    author: Author<'_>,
     job_id: &str,
     step_index: usize,
     chunk: u64,
 ) -> Result<(), StoreError> {
-    nats.pending
-        .purge(chunk_key(job_id, step_index, chunk))
-        .await
-        .map_err(|e| kv_error(job_id, "purge chunk", &e))
+    let key = chunk_key(job_id, step_index, chunk);
+    let purge = [("KV-Operation", "PURGE"), ("Nats-Rollup", "sub")];
+    kv_write(
+        nats,
+        PENDING_BUCKET,
+        &key,
+        Bytes::new(),
+        author,
+        None,
+        Some(purge),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| kv_error(job_id, "purge chunk", &e))
+}
+
+/// One write to a KV bucket, as the KV API makes it (a publish to the
+/// key's subject, revision-checked when `expect` is set), with the author
+/// in a header, which the KV API has no way to add.
+async fn kv_write(
+    nats: &Nats,
+    bucket: &str,
+    key: &str,
+    value: Bytes,
+    author: Author<'_>,
+    expect: Option<u64>,
+    headers: Option<[(&'static str, &'static str); 2]>,
+) -> Result<u64, PublishError> {
+    let mut msg = PublishMessage::build()
+        .payload(value)
+        .header(MANAGER_HEADER, author);
+    for (name, value) in headers.into_iter().flatten() {
+        msg = msg.header(name, value);
+    }
+    if let Some(revision) = expect {
+        msg = msg.expected_last_subject_sequence(revision);
+    }
+    let ack = nats
+        .js
+        .send_publish(format!("$KV.{bucket}.{key}"), msg)
+        .await?
+        .await?;
+    Ok(ack.sequence)
 }
 
 fn kv_error(job_id: &str, op: &'static str, e: &dyn std::fmt::Display) -> StoreError {

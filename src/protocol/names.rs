@@ -33,7 +33,7 @@ pub const MANAGER_CONSUMER: &str = "fanjet-manager";
 /// Entries expire after [`LEASE_TTL`] unless renewed.
 pub const LEASES_BUCKET: &str = "fanjet_leases";
 /// How long a partition lease or a manager's membership lasts unrenewed.
-pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(3);
 /// Durable consumer of the advisories stream used by the workflow manager.
 pub const ADVISORY_CONSUMER: &str = "fanjet-advisories";
 /// Queue group of the submission intake (any number of managers).
@@ -76,6 +76,9 @@ pub fn partition_kind_filter(partition: u32, kind: &str) -> String {
     format!("fanjet.ev.{partition:02}.*.{kind}")
 }
 
+/// Header naming the manager process on every event and task a manager
+/// publishes (an audit: which process wrote what).
+pub const MANAGER_HEADER: &str = "Fanjet-Manager";
 /// Prefix of the partition leases' keys in [`LEASES_BUCKET`].
 pub const LEASE_KEY_PREFIX: &str = "partition.";
 /// Prefix of the managers' membership keys in [`LEASES_BUCKET`].

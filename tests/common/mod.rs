@@ -161,6 +161,29 @@ impl Env {
         self.children.len() - 1
     }
 
+    /// Starts `fanjet ARGS` with its log (warnings and errors) written to
+    /// `log`, for the test to read.
+    pub fn spawn_logged(&mut self, args: &[&str], log: &std::path::Path) -> usize {
+        let file = std::fs::File::create(log).expect("create log file");
+        let child = fanjet_command(&self.url(), args)
+            .env("FANJET_LOG", "info")
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("start fanjet");
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// Sends signal `sig` ("STOP", "CONT", "TERM") to a child started with
+    /// [`spawn`](Self::spawn).
+    pub fn signal(&self, i: usize, sig: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), self.children[i].id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig}");
+    }
+
     /// SIGKILLs a child started with [`spawn`](Self::spawn).
     pub fn kill(&mut self, i: usize) {
         let c = &mut self.children[i];
