@@ -2,7 +2,8 @@
 //! middle of a 1,000-subjob job, workers SIGKILLed mid-task (redelivery, and
 //! exhausted attempts via the server's advisory), a step deadline, and a
 //! worker's graceful SIGTERM, deliveries lost on the way to the log's readers,
-//! and the nats-server itself SIGKILLed and restarted mid-job.
+//! and the nats-server itself SIGKILLed and restarted mid-job; through all
+//! of which the statistics count what the job record counts.
 
 mod common;
 
@@ -612,4 +613,148 @@ async fn a_submission_nats_cannot_take_for_a_moment_is_unavailable_not_internal(
     assert!(reply.ok && !reply.duplicate, "{reply:?}");
     let job = env.wait_end("brief-1", Duration::from_secs(30)).await;
     assert_eq!(job.state, JobState::Completed);
+}
+
+/// Publishes an event as any client would (no message id: the stream keeps
+/// repeats).
+async fn publish(env: &Env, event: fanjet::protocol::Event) {
+    env.nats
+        .js
+        .publish(
+            event.subject(),
+            fanjet::protocol::encode_json(&event).expect("json"),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
+/// Every reader of the log counts what the job record counts. The
+/// statistics (their record and their Prometheus counters) count one
+/// outcome per subjob while its step runs, as the manager does (here both
+/// outcomes of one subjob and a repeat of another), and the manager's own
+/// decisions (a step deadline; lost tasks) are `SubjobsFailed` events in
+/// the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_count_what_the_job_record_counts() {
+    use fanjet::protocol::{Event, SubjobCompleted, SubjobFailed};
+    let mut env = Env::start().await;
+    let fanout = |name: &str, extra: &str| {
+        format!("name = \"{name}\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntolerate_failures = \"100%\"\n{extra}\n")
+    };
+    env.apply(&fanout("agree", "")).await;
+    env.apply(&fanout("agree_late", "deadline = \"2s\"")).await;
+    env.apply(&fanout("agree_lost", "")).await;
+    env.manager_with(fanjet::manager::ManagerOptions {
+        stall_after: Duration::from_secs(1),
+        ..Default::default()
+    });
+    env.serve(Default::default()).await;
+    // No worker runs: the outcomes are published by hand, the deadline
+    // passes, and the lost job's tasks are purged.
+    for (workflow, id, n) in [
+        ("agree", "ag-1", 4),
+        ("agree_late", "ag-2", 5),
+        ("agree_lost", "ag-3", 3),
+    ] {
+        let input: Vec<u32> = (0..n).collect();
+        assert!(
+            env.submit(workflow, json!({"job_id": id, "input": input}))
+                .await
+                .ok
+        );
+        env.wait_for(id, Duration::from_secs(10), "dispatched", |j| {
+            j.steps[0].dispatched == n as u64
+        })
+        .await;
+    }
+    let done = |index: u64| {
+        Event::SubjobCompleted(SubjobCompleted {
+            job_id: "ag-1".into(),
+            step_index: 0,
+            index,
+            attempt: 1,
+            result: json!(index),
+            duration_ms: 3,
+        })
+    };
+    publish(
+        &env,
+        Event::SubjobFailed(SubjobFailed {
+            job_id: "ag-1".into(),
+            step_index: 0,
+            index: 0,
+            attempt: 2,
+            error: "gave up".into(),
+        }),
+    )
+    .await;
+    for index in [0, 1, 1, 2, 3] {
+        publish(&env, done(index)).await;
+    }
+    env.nats
+        .tasks
+        .purge()
+        .filter(fanjet::protocol::job_tasks_filter("ag-3"))
+        .await
+        .expect("purge");
+
+    let metrics = fanjet::metrics::Metrics::get();
+    for (workflow, id, completed, failed, decision) in [
+        ("agree", "ag-1", 3, 1, None),
+        ("agree_late", "ag-2", 0, 5, Some("deadline")),
+        ("agree_lost", "ag-3", 0, 3, Some("lost")),
+    ] {
+        let job = env.wait_end(id, Duration::from_secs(30)).await;
+        let step = &job.steps[0];
+        assert_eq!((step.completed, step.failed), (completed, failed), "{id}");
+        let start = Instant::now();
+        let stats = loop {
+            let stats = fanjet::nats::store::stats(&env.nats, id)
+                .await
+                .expect("stats");
+            if let Some(s) = stats.filter(|s| s.outcome.is_some()) {
+                break s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{id}: statistics never saw the end"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let counted = &stats.steps[0];
+        assert_eq!(
+            (
+                counted.total,
+                counted.completed,
+                counted.failed,
+                counted.retries
+            ),
+            (step.total, step.completed, step.failed, step.retries),
+            "{id}: statistics differ from the record"
+        );
+        let labels = [workflow, "send"];
+        assert_eq!(
+            (
+                metrics.subjobs_completed.with_label_values(&labels).get(),
+                metrics.subjobs_failed.with_label_values(&labels).get()
+            ),
+            (completed, failed),
+            "{id}: the Prometheus counters count each subjob once"
+        );
+        let decisions: Vec<Value> = env
+            .events(id)
+            .await
+            .into_iter()
+            .filter(|e| e["type"] == "SubjobsFailed")
+            .collect();
+        match decision {
+            None => assert!(decisions.is_empty(), "{id}: {decisions:?}"),
+            Some(reason) => {
+                assert_eq!(decisions.len(), 1, "{id}: {decisions:?}");
+                assert_eq!(decisions[0]["reason"], reason, "{id}");
+            }
+        }
+    }
 }

@@ -175,6 +175,18 @@ async fn each_role_can_do_its_job_and_no_more() {
         refused_publish(&worker, fake_job.subject(), &fake_job).await,
         "a worker cannot publish JobCompleted"
     );
+    let fake_decision = Event::SubjobsFailed(fanjet::protocol::SubjobsFailed {
+        job_id: "sec-2".into(),
+        step_index: 0,
+        below: 1,
+        reason: fanjet::protocol::AbandonReason::Lost,
+        error: "forged".into(),
+        at: 0,
+    });
+    assert!(
+        refused_publish(&worker, fake_decision.subject(), &fake_decision).await,
+        "a worker cannot fail subjobs wholesale"
+    );
     let fake_step = Event::StepCompleted(StepCompleted {
         job_id: "sec-2".into(),
         workflow: "inv".into(),

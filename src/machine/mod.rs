@@ -17,6 +17,10 @@
 //!   the work queue fail, but only at the second look in a row with no
 //!   progress in between ([`Input::NoTasks`]), since a cluster changing
 //!   leaders can show an empty queue for a moment;
+//! - the manager's own decisions to fail subjobs (lost, step deadline) go
+//!   through the log like every outcome: it publishes a `SubjobsFailed` and
+//!   counts it when it reads it back, so any reader of the log counts what
+//!   the job record counts;
 //! - crash safety: on [`Input::Save`] every changed job is checkpointed
 //!   (record, then chunks: [`Checkpoint`]) before the events that changed it
 //!   are acknowledged ([`Action::Ack`]), and a job that ended is unloaded
@@ -34,11 +38,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{json, Value};
 
 use crate::protocol::{
-    array_len, bounded, event_subject, validate_token, CancelRequested, Event, EventKind, Failure,
-    Job, JobCancelled, JobCompleted, JobFailed, JobRejected, JobRequested, JobState, Mark, Millis,
-    Pending, RejectCode, Source, SourceField, Step, StepCompleted, StepKind, StepRun, StepStarted,
-    StepState, SubjobCompleted, SubjobFailed, Workflow, EVENTS_STREAM, INLINE_RESULT_MAX,
-    MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES,
+    array_len, bounded, event_subject, validate_token, AbandonReason, CancelRequested, Event,
+    EventKind, Failure, Job, JobCancelled, JobCompleted, JobFailed, JobRejected, JobRequested,
+    JobState, Mark, Millis, Pending, RejectCode, Source, SourceField, Step, StepCompleted,
+    StepKind, StepRun, StepStarted, StepState, SubjobCompleted, SubjobFailed, SubjobsFailed,
+    Workflow, EVENTS_STREAM, INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_FAILURES_KEPT,
+    MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES,
 };
 
 /// Refill a step's in-flight window only when at least this many slots are
@@ -326,6 +331,7 @@ impl Engine {
         let result = match &event {
             Event::SubjobCompleted(e) => subjob_completed(job, seq, e.clone(), now, out),
             Event::SubjobFailed(e) => subjob_failed(job, seq, e.clone(), now, out),
+            Event::SubjobsFailed(e) => subjobs_failed(job, seq, e, now, out),
             Event::CancelRequested(e) => Ok(cancel(job, e.clone(), now, out)),
             // The manager's own output, read back: already applied.
             _ => Ok(false),
@@ -353,9 +359,7 @@ impl Engine {
                 continue; // an outcome is still on its way to this loop
             }
             if self.suspects.get(&id) == Some(&job.updated_at) {
-                if lost(job, now, out) {
-                    self.dirty.insert(id);
-                }
+                lost(job, now, out);
             } else {
                 suspects.insert(id, job.updated_at);
             }
@@ -513,6 +517,53 @@ fn subjob_failed(
                 error: bounded(&e.error, MAX_ERROR_BYTES),
             });
         }
+    }
+    job.updated_at = now;
+    after_outcome(job, now, out);
+    Ok(true)
+}
+
+/// The manager's own decision, read back from the log: every subjob below
+/// `below` without an outcome fails (past a deadline, also those never
+/// dispatched, and the step's queued tasks are dropped).
+fn subjobs_failed(
+    job: &mut Job,
+    seq: u64,
+    e: &SubjobsFailed,
+    now: Millis,
+    out: &mut Vec<Action>,
+) -> Result<bool, Ignored> {
+    let replayed = replayed(job, seq);
+    let step = running_step(job, e.step_index).ok_or(Ignored::StepNotRunning)?;
+    let below = match e.reason {
+        AbandonReason::Deadline => step.total,
+        AbandonReason::Lost => e.below.min(step.dispatched),
+    };
+    let first = step.pending.next_open(0, below);
+    let mut n = 0;
+    if let Some(first) = first {
+        for i in first..below {
+            if step.pending.mark(i, true) == Mark::New {
+                n += 1;
+            }
+        }
+    }
+    let Some(index) = first.filter(|_| n > 0) else {
+        return Err(Ignored::Duplicate);
+    };
+    step.failed += n;
+    if !replayed && step.failures.len() < MAX_FAILURES_KEPT {
+        step.failures.push(Failure {
+            index,
+            attempt: 0,
+            error: bounded(&e.error, MAX_ERROR_BYTES),
+        });
+    }
+    if e.reason == AbandonReason::Deadline {
+        step.dispatched = step.total;
+        out.push(Action::PurgeTasks {
+            job_id: job.job_id.clone(),
+        });
     }
     job.updated_at = now;
     after_outcome(job, now, out);
@@ -806,31 +857,22 @@ pub fn in_flight(job: &Job) -> u64 {
     }
 }
 
-fn lost(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
-    if in_flight(job) == 0 {
-        return false;
+/// Decides that a job's in-flight subjobs are lost: publishes the decision,
+/// which counts once it is read back from the log.
+fn lost(job: &Job, now: Millis, out: &mut Vec<Action>) {
+    let n = in_flight(job);
+    if n == 0 {
+        return;
     }
-    let step = &mut job.steps[job.current];
-    let mut n = 0;
-    let mut first = None;
-    for i in 0..step.dispatched {
-        if step.pending.mark(i, true) == Mark::New {
-            n += 1;
-            first.get_or_insert(i);
-        }
-    }
-    let Some(index) = first else { return false };
-    step.failed += n;
-    if step.failures.len() < MAX_FAILURES_KEPT {
-        step.failures.push(Failure {
-            index,
-            attempt: 0,
-            error: format!("{n} subjobs lost: their tasks are no longer in the work queue and no outcome was reported"),
-        });
-    }
-    job.updated_at = now;
-    after_outcome(job, now, out);
-    true
+    let step = &job.steps[job.current];
+    out.push(Action::Publish(Event::SubjobsFailed(SubjobsFailed {
+        job_id: job.job_id.clone(),
+        step_index: job.current,
+        below: step.dispatched,
+        reason: AbandonReason::Lost,
+        error: format!("{n} subjobs lost: their tasks are no longer in the work queue and no outcome was reported"),
+        at: now,
+    })));
 }
 
 /// Deadline and window checks for one running job; true when it changed.
@@ -845,27 +887,20 @@ fn tick(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
     }
     if let (Some(deadline), Some(started)) = (def.deadline_ms, step.started_at) {
         if now >= started.saturating_add(deadline) {
-            let first_open = step.pending.next_open(0, step.total);
-            let n = step.pending.fail_rest();
-            if let (Some(index), true) = (first_open, n > 0) {
-                step.failed += n;
-                step.dispatched = step.total;
-                if step.failures.len() < MAX_FAILURES_KEPT {
-                    step.failures.push(Failure {
-                        index,
-                        attempt: 0,
-                        error: format!(
-                            "step deadline of {deadline} ms passed with {n} subjobs unfinished"
-                        ),
-                    });
-                }
-                out.push(Action::PurgeTasks {
-                    job_id: job.job_id.clone(),
-                });
-                job.updated_at = now;
-                after_outcome(job, now, out);
-                return true;
-            }
+            // Published at every tick until read back (the log drops the
+            // repeats: same message id); nothing more is dispatched.
+            let unfinished = step.total - (step.completed + step.failed).min(step.total);
+            out.push(Action::Publish(Event::SubjobsFailed(SubjobsFailed {
+                job_id: job.job_id.clone(),
+                step_index: i,
+                below: step.total,
+                reason: AbandonReason::Deadline,
+                error: format!(
+                    "step deadline of {deadline} ms passed with {unfinished} subjobs unfinished"
+                ),
+                at: now,
+            })));
+            return false;
         }
     }
     let before = out.len();

@@ -89,6 +89,24 @@ fn kinds(actions: &[Action]) -> Vec<String> {
         .collect()
 }
 
+/// The manager's own decisions published in `actions`, read back from the
+/// log, as the event loop does; what that calls for.
+fn read_back(e: &mut Engine, actions: &[Action], now: Millis) -> Vec<Action> {
+    let mut out = Vec::new();
+    for a in actions {
+        if let Action::Publish(ev @ Event::SubjobsFailed(_)) = a {
+            out.extend(e.apply(
+                Input::Event {
+                    seq: next_seq(),
+                    event: ev.clone(),
+                },
+                now,
+            ));
+        }
+    }
+    out
+}
+
 #[test]
 fn happy_path_runs_three_steps_and_counts_once() {
     let mut e = Engine::new();
@@ -246,10 +264,19 @@ fn lost_subjobs_fail_and_the_window_goes_on() {
     // Two strikes: the first look fails nothing.
     assert!(e.apply(gone(), 22).is_empty());
     let a = e.apply(gone(), 23);
-    assert_eq!(kinds(&a), ["dispatch 1:2..4"]);
+    assert_eq!(kinds(&a), ["subjobs_failed"], "a decision, published");
+    assert_eq!(in_flight(e.job("j").unwrap()), 1, "counted once read back");
+    // An outcome logged before the decision still counts; read back, the
+    // decision fails what is left.
+    let b = read_back(&mut e, &a, 23);
+    assert_eq!(kinds(&b), ["dispatch 1:2..4"]);
     let step = &e.job("j").unwrap().steps[1];
     assert_eq!((step.completed, step.failed), (1, 1));
     assert!(step.failures[0].error.contains("lost"));
+    assert!(
+        read_back(&mut e, &a, 23).is_empty(),
+        "a repeat of the decision fails nothing more"
+    );
     // Progress between two looks, or a look that found tasks, starts over.
     assert!(e.apply(gone(), 24).is_empty());
     e.apply(done(1, 2, 1, json!(null)), 25);
@@ -271,7 +298,7 @@ fn lost_subjobs_fail_and_the_window_goes_on() {
     assert!(e.apply(gone(), 28).is_empty(), "a first look again");
     let a = e.apply(gone(), 29);
     assert_eq!(
-        kinds(&a),
+        kinds(&read_back(&mut e, &a, 29)),
         ["step_completed", "step_started", "dispatch 2:0..1"]
     );
     let step = &e.job("j").unwrap().steps[1];
@@ -445,12 +472,21 @@ fn the_window_moves_through_a_large_fanout_and_the_deadline_fails_the_rest() {
     );
     assert!(e.apply(Input::Tick, 5000).is_empty());
     let a = e.apply(Input::Tick, 11_001);
+    assert_eq!(kinds(&a), ["subjobs_failed"]);
     assert_eq!(
-        kinds(&a),
+        kinds(&e.apply(Input::Tick, 11_501)),
+        ["subjobs_failed"],
+        "published again until read back; the log drops the repeat"
+    );
+    // An outcome logged before the decision still counts.
+    e.apply(done(1, 300, 1, json!(null)), 11_502);
+    assert_eq!(
+        kinds(&read_back(&mut e, &a, 11_503)),
         ["purge", "step_completed", "step_started", "dispatch 2:0..1"]
     );
     let step = &e.job("j").unwrap().steps[1];
-    assert_eq!((step.completed, step.failed), (256, 4744));
+    assert_eq!((step.completed, step.failed), (257, 4743));
+    assert!(step.failures[0].error.contains("deadline"));
 }
 
 #[test]

@@ -4,7 +4,13 @@
 //! the Prometheus counters.
 //!
 //! Each record remembers the last log sequence it applied, so replaying
-//! after a restart counts nothing twice.
+//! after a restart counts nothing twice. It counts subjob outcomes by the
+//! manager's rules, in the same log order: the first outcome of each subjob
+//! while its step runs (a bitmap per running step, in memory), the
+//! subjobs a `SubjobsFailed` fails, nothing after the step ended. A step's
+//! end (`StepCompleted`, with the manager's counts) settles its figures, so
+//! they equal the job record even when a restart of this consumer lost a
+//! running step's bitmap.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,15 +18,32 @@ use std::time::Duration;
 use async_nats::jetstream::Message;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::nats::log::{stream_seq, Batch, LogError, Reader};
 use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
-    capacity, Event, JobStats, Millis, StepStats, EVENTS_WILDCARD, STATS_CONSUMER,
+    capacity, AbandonReason, Event, JobStats, Mark, Millis, Pending, StepStats, EVENTS_WILDCARD,
+    STATS_CONSUMER,
 };
+
+impl StepStats {
+    /// Whether this is the first outcome of subjob `index` while the step
+    /// runs: the manager ignores the others (duplicates, late ones).
+    fn first_outcome(&mut self, index: u64, failed: bool) -> bool {
+        if self.finished_at.is_some() || (self.total > 0 && index >= self.total) {
+            return false;
+        }
+        if self.total == 0 {
+            return true; // the step's start was not seen: count as it comes
+        }
+        let total = self.total;
+        let seen = self.seen.get_or_insert_with(|| Pending::new(total));
+        seen.mark(index, failed) == Mark::New
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum StatsError {
@@ -63,19 +86,49 @@ impl JobStats {
                 s.total = e.total;
             }
             Event::StepCompleted(e) => {
+                let workflow = self.workflow.clone();
                 let s = self.step(e.step_index);
                 s.name = e.step.clone();
                 s.finished_at = Some(e.at);
+                s.seen = None;
+                let labels = [workflow.as_str(), e.step.as_str()];
+                // The manager's counts settle the step's.
+                if e.completed > s.completed {
+                    metrics
+                        .subjobs_completed
+                        .with_label_values(&labels)
+                        .inc_by(e.completed - s.completed);
+                }
+                if e.failed > s.failed {
+                    metrics
+                        .subjobs_failed
+                        .with_label_values(&labels)
+                        .inc_by(e.failed - s.failed);
+                }
+                if (s.completed, s.failed) != (e.completed, e.failed) {
+                    debug!(
+                        job_id = %e.job_id,
+                        step = e.step_index,
+                        counted = ?(s.completed, s.failed),
+                        manager = ?(e.completed, e.failed),
+                        "step figures settled from the manager's"
+                    );
+                }
+                (s.total, s.completed, s.failed, s.retries) =
+                    (e.total, e.completed, e.failed, e.retries);
                 let secs = e.at.saturating_sub(e.started_at) as f64 / 1000.0;
                 let outcome = if e.ok { "ok" } else { "failed" };
                 metrics
                     .step_duration
-                    .with_label_values(&[&self.workflow, &e.step, outcome])
+                    .with_label_values(&[&workflow, &e.step, outcome])
                     .observe(secs);
             }
             Event::SubjobCompleted(e) => {
                 let name = self.step_name(e.step_index);
                 let s = self.step(e.step_index);
+                if !s.first_outcome(e.index, false) {
+                    return true;
+                }
                 s.completed += 1;
                 s.record_attempt(e.attempt);
                 s.record_duration(e.duration_ms);
@@ -93,6 +146,9 @@ impl JobStats {
             Event::SubjobFailed(e) => {
                 let name = self.step_name(e.step_index);
                 let s = self.step(e.step_index);
+                if !s.first_outcome(e.index, true) {
+                    return true;
+                }
                 s.failed += 1;
                 s.record_attempt(e.attempt);
                 let labels = [self.workflow.as_str(), name.as_str()];
@@ -101,6 +157,23 @@ impl JobStats {
                     .subjob_retries
                     .with_label_values(&labels)
                     .inc_by(u64::from(e.attempt.saturating_sub(1)));
+            }
+            Event::SubjobsFailed(e) => {
+                let name = self.step_name(e.step_index);
+                let s = self.step(e.step_index);
+                let below = match e.reason {
+                    AbandonReason::Deadline => s.total,
+                    AbandonReason::Lost => e.below.min(s.total),
+                };
+                let mut n = 0;
+                for i in 0..below {
+                    if s.first_outcome(i, true) {
+                        n += 1;
+                    }
+                }
+                s.failed += n;
+                let labels = [self.workflow.as_str(), name.as_str()];
+                metrics.subjobs_failed.with_label_values(&labels).inc_by(n);
             }
             Event::JobCompleted(e) => self.finish("completed", e.at, metrics),
             Event::JobFailed(e) => self.finish("failed", e.at, metrics),
@@ -117,6 +190,9 @@ impl JobStats {
     }
 
     fn finish(&mut self, outcome: &str, at: Millis, metrics: &Metrics) {
+        for s in &mut self.steps {
+            s.seen = None;
+        }
         if self.outcome.is_some() {
             return;
         }
@@ -234,8 +310,10 @@ async fn save(
         m.ack().await.map_err(|e| StatsError::Nats(e.to_string()))?;
     }
     capacity_gauges(jobs.values(), crate::protocol::now_ms());
-    // Bound memory: jobs idle in the cache are reloaded from KV when needed.
-    if jobs.len() > 10_000 {
+    // Running jobs stay in memory (with their steps' bitmaps); ended ones
+    // left above. A bound in case the log holds jobs no manager will end:
+    // dropped records are reloaded from KV, without their bitmaps.
+    if jobs.len() > 100_000 {
         jobs.clear();
     }
     Ok(())

@@ -108,6 +108,42 @@ pub struct SubjobFailed {
     pub error: String,
 }
 
+/// Why the manager failed subjobs itself ([`SubjobsFailed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AbandonReason {
+    /// Their tasks are gone from the work queue and no outcome was reported.
+    Lost,
+    /// The step's deadline passed.
+    Deadline,
+}
+
+impl AbandonReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbandonReason::Lost => "lost",
+            AbandonReason::Deadline => "deadline",
+        }
+    }
+}
+
+/// The manager fails subjobs itself: every subjob of step `step_index`
+/// with an index below `below` that has no outcome yet when this event is
+/// applied fails (outcomes logged before it still count; after it, they are
+/// late). The manager publishes it and counts it only once it reads it back
+/// from the log, so the log says exactly what the job record counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SubjobsFailed {
+    pub job_id: String,
+    pub step_index: usize,
+    /// Subjobs `0 .. below` without an outcome fail.
+    pub below: u64,
+    pub reason: AbandonReason,
+    /// For people (bounded like every error text).
+    pub error: String,
+    pub at: Millis,
+}
+
 /// The last step completed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobCompleted {
@@ -157,6 +193,7 @@ pub enum Event {
     StepCompleted(StepCompleted),
     SubjobCompleted(SubjobCompleted),
     SubjobFailed(SubjobFailed),
+    SubjobsFailed(SubjobsFailed),
     JobCompleted(JobCompleted),
     JobFailed(JobFailed),
     CancelRequested(CancelRequested),
@@ -172,6 +209,7 @@ pub enum EventKind {
     StepCompleted,
     SubjobCompleted,
     SubjobFailed,
+    SubjobsFailed,
     JobCompleted,
     JobFailed,
     CancelRequested,
@@ -179,13 +217,14 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 10] = [
+    pub const ALL: [EventKind; 11] = [
         EventKind::JobRequested,
         EventKind::JobRejected,
         EventKind::StepStarted,
         EventKind::StepCompleted,
         EventKind::SubjobCompleted,
         EventKind::SubjobFailed,
+        EventKind::SubjobsFailed,
         EventKind::JobCompleted,
         EventKind::JobFailed,
         EventKind::CancelRequested,
@@ -201,6 +240,7 @@ impl EventKind {
             EventKind::StepCompleted => "step_completed",
             EventKind::SubjobCompleted => "subjob_completed",
             EventKind::SubjobFailed => "subjob_failed",
+            EventKind::SubjobsFailed => "subjobs_failed",
             EventKind::JobCompleted => "completed",
             EventKind::JobFailed => "failed",
             EventKind::CancelRequested => "cancel_requested",
@@ -216,6 +256,7 @@ impl EventKind {
                 | EventKind::JobRejected
                 | EventKind::SubjobCompleted
                 | EventKind::SubjobFailed
+                | EventKind::SubjobsFailed
                 | EventKind::CancelRequested
         )
     }
@@ -230,6 +271,7 @@ impl Event {
             Event::StepCompleted(_) => EventKind::StepCompleted,
             Event::SubjobCompleted(_) => EventKind::SubjobCompleted,
             Event::SubjobFailed(_) => EventKind::SubjobFailed,
+            Event::SubjobsFailed(_) => EventKind::SubjobsFailed,
             Event::JobCompleted(_) => EventKind::JobCompleted,
             Event::JobFailed(_) => EventKind::JobFailed,
             Event::CancelRequested(_) => EventKind::CancelRequested,
@@ -245,6 +287,7 @@ impl Event {
             Event::StepCompleted(e) => &e.job_id,
             Event::SubjobCompleted(e) => &e.job_id,
             Event::SubjobFailed(e) => &e.job_id,
+            Event::SubjobsFailed(e) => &e.job_id,
             Event::JobCompleted(e) => &e.job_id,
             Event::JobFailed(e) => &e.job_id,
             Event::CancelRequested(e) => &e.job_id,
@@ -268,6 +311,12 @@ impl Event {
             Event::StepCompleted(e) => format!("{job}:{kind}:{}", e.step_index),
             Event::SubjobCompleted(e) => format!("{job}:{kind}:{}:{}", e.step_index, e.index),
             Event::SubjobFailed(e) => format!("{job}:{kind}:{}:{}", e.step_index, e.index),
+            Event::SubjobsFailed(e) => format!(
+                "{job}:{kind}:{}:{}:{}",
+                e.step_index,
+                e.reason.as_str(),
+                e.below
+            ),
             Event::CancelRequested(e) => format!("{job}:{kind}:{}", e.at),
             _ => format!("{job}:{kind}"),
         }
@@ -333,6 +382,14 @@ mod tests {
                 index: 7,
                 attempt: 5,
                 error: "boom".into(),
+            }),
+            Event::SubjobsFailed(SubjobsFailed {
+                job_id: "j".into(),
+                step_index: 1,
+                below: 40,
+                reason: AbandonReason::Deadline,
+                error: "late".into(),
+                at: 4,
             }),
             Event::JobCompleted(JobCompleted {
                 job_id: "j".into(),

@@ -30,8 +30,9 @@ pub use codec::{
     decode, encode_cbor, encode_json, CodecError, Encoding, CBOR_CONTENT_TYPE, JSON_CONTENT_TYPE,
 };
 pub use event::{
-    CancelRequested, Event, EventKind, JobCancelled, JobCompleted, JobFailed, JobRejected,
-    JobRequested, RejectCode, StepCompleted, StepStarted, SubjobCompleted, SubjobFailed,
+    AbandonReason, CancelRequested, Event, EventKind, JobCancelled, JobCompleted, JobFailed,
+    JobRejected, JobRequested, RejectCode, StepCompleted, StepStarted, SubjobCompleted,
+    SubjobFailed, SubjobsFailed,
 };
 pub use heartbeat::{Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL};
 pub use job::{

@@ -69,6 +69,7 @@ mod tests {
             "StepCompleted",
             "SubjobCompleted",
             "SubjobFailed",
+            "SubjobsFailed",
             "JobCompleted",
             "JobFailed",
             "CancelRequested",

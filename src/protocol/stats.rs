@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Millis;
+use super::{Millis, Pending};
 
 /// Upper bounds (ms) of the duration buckets; the last bucket is open.
 pub const DURATION_BOUNDS_MS: [u64; 16] = [
@@ -29,6 +29,12 @@ pub struct StepStats {
     pub duration_buckets: Vec<u64>,
     pub duration_max_ms: u64,
     pub duration_sum_ms: u64,
+    /// Subjobs with an outcome counted, while the step runs: each subjob is
+    /// counted once, as the manager counts it. Kept in memory only (one
+    /// bit per subjob); the step's end sets the figures from the manager's.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub seen: Option<Pending>,
 }
 
 impl StepStats {
