@@ -758,3 +758,46 @@ async fn statistics_count_what_the_job_record_counts() {
         }
     }
 }
+
+/// A handler that hangs on its first attempt keeps its task alive (its
+/// worker extends the ack deadline while it runs); the step's
+/// `run_timeout` abandons the attempt, and the retry completes the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_hangs_is_retried_after_the_run_timeout() {
+    let mut env = Env::start().await;
+    env.apply(
+        r#"
+name = "hangs"
+[[steps]]
+name = "send"
+kind = "fanout"
+timeout = "2s"
+run_timeout = "1s"
+backoff = ["100ms"]
+"#,
+    )
+    .await;
+    env.manager();
+    env.worker(Worker::new(env.nats.clone()).concurrency(4).handler(
+        "hangs",
+        "send",
+        |c: TaskContext| async move {
+            if c.task.index == 1 && c.attempt == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok(json!(c.attempt))
+        },
+    ));
+    assert!(
+        env.submit("hangs", json!({"job_id": "h1", "input": [0, 1, 2]}))
+            .await
+            .ok
+    );
+    let job = env.wait_end("h1", Duration::from_secs(30)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(
+        (job.steps[0].completed, job.steps[0].retries),
+        (3, 1),
+        "the hung attempt was abandoned and retried once"
+    );
+}

@@ -17,10 +17,11 @@
 //!   the work queue fail, but only at the second look in a row with no
 //!   progress in between ([`Input::NoTasks`]), since a cluster changing
 //!   leaders can show an empty queue for a moment;
-//! - the manager's own decisions to fail subjobs (lost, step deadline) go
-//!   through the log like every outcome: it publishes a `SubjobsFailed` and
-//!   counts it when it reads it back, so any reader of the log counts what
-//!   the job record counts;
+//! - the manager's own decisions to fail subjobs (lost, step deadline) are
+//!   logged as a `SubjobsFailed` before they count, so any reader of the log
+//!   sees every failure the job record counts; it applies them at once (a
+//!   job's decision must not wait behind its partition's backlog), and
+//!   reading one back, or replaying it after a crash, counts nothing twice;
 //! - crash safety: on [`Input::Save`] every changed job is checkpointed
 //!   (record, then chunks: [`Checkpoint`]) before the events that changed it
 //!   are acknowledged ([`Action::Ack`]), and a job that ended is unloaded
@@ -359,7 +360,9 @@ impl Engine {
                 continue; // an outcome is still on its way to this loop
             }
             if self.suspects.get(&id) == Some(&job.updated_at) {
-                lost(job, now, out);
+                if lost(job, now, out) {
+                    self.dirty.insert(id);
+                }
             } else {
                 suspects.insert(id, job.updated_at);
             }
@@ -857,22 +860,34 @@ pub fn in_flight(job: &Job) -> u64 {
     }
 }
 
-/// Decides that a job's in-flight subjobs are lost: publishes the decision,
-/// which counts once it is read back from the log.
-fn lost(job: &Job, now: Millis, out: &mut Vec<Action>) {
+/// Decides that a job's in-flight subjobs are lost: they fail now, and the
+/// decision goes to the log (read back, it finds them failed already).
+fn lost(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
     let n = in_flight(job);
     if n == 0 {
-        return;
+        return false;
     }
-    let step = &job.steps[job.current];
-    out.push(Action::Publish(Event::SubjobsFailed(SubjobsFailed {
+    let decision = SubjobsFailed {
         job_id: job.job_id.clone(),
         step_index: job.current,
-        below: step.dispatched,
+        below: job.steps[job.current].dispatched,
         reason: AbandonReason::Lost,
         error: format!("{n} subjobs lost: their tasks are no longer in the work queue and no outcome was reported"),
         at: now,
-    })));
+    };
+    decide(job, decision, now, out)
+}
+
+/// The manager's own decision to fail subjobs: published first, so that
+/// every reader of the log sees it where it counts, then applied at once
+/// (reading it back changes nothing; after a crash, it applies it then).
+fn decide(job: &mut Job, decision: SubjobsFailed, now: Millis, out: &mut Vec<Action>) -> bool {
+    let event = Event::SubjobsFailed(decision);
+    out.push(Action::Publish(event.clone()));
+    let Event::SubjobsFailed(decision) = &event else {
+        return false;
+    };
+    subjobs_failed(job, 0, decision, now, out).is_ok()
 }
 
 /// Deadline and window checks for one running job; true when it changed.
@@ -887,10 +902,8 @@ fn tick(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
     }
     if let (Some(deadline), Some(started)) = (def.deadline_ms, step.started_at) {
         if now >= started.saturating_add(deadline) {
-            // Published at every tick until read back (the log drops the
-            // repeats: same message id); nothing more is dispatched.
             let unfinished = step.total - (step.completed + step.failed).min(step.total);
-            out.push(Action::Publish(Event::SubjobsFailed(SubjobsFailed {
+            let decision = SubjobsFailed {
                 job_id: job.job_id.clone(),
                 step_index: i,
                 below: step.total,
@@ -899,8 +912,8 @@ fn tick(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
                     "step deadline of {deadline} ms passed with {unfinished} subjobs unfinished"
                 ),
                 at: now,
-            })));
-            return false;
+            };
+            return decide(job, decision, now, out);
         }
     }
     let before = out.len();

@@ -276,6 +276,7 @@ impl Executor {
                 item,
                 input,
                 timeout_ms: d.step.timeout_ms,
+                run_timeout_ms: d.step.run_timeout_ms,
                 max_attempts: d.step.max_attempts,
                 backoff_ms: d.step.backoff_ms.clone(),
             };

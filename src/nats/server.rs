@@ -143,6 +143,9 @@ pub struct NatsServer {
     child: std::process::Child,
     port: u16,
     store: PathBuf,
+    /// How it was started, to start it again ([`NatsServer::restart`]).
+    conf: PathBuf,
+    extra: Vec<String>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -237,6 +240,8 @@ impl NatsServer {
             child,
             port,
             store,
+            conf,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             _temp: temp,
         };
         server.wait_ready(Duration::from_secs(15))?;
@@ -279,16 +284,14 @@ impl NatsServer {
         let copy = store.join("server.conf");
         std::fs::write(&copy, text).map_err(|e| start(e.to_string()))?;
         let port_arg = port.to_string();
-        let child = spawn(
-            &path,
-            &copy,
-            &store.join("nats-server.log"),
-            &["-a", "127.0.0.1", "-p", &port_arg],
-        )?;
+        let extra = ["-a", "127.0.0.1", "-p", &port_arg];
+        let child = spawn(&path, &copy, &store.join("nats-server.log"), &extra)?;
         let mut server = NatsServer {
             child,
             port,
             store,
+            conf: copy,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             _temp: Some(temp),
         };
         server.wait_ready(Duration::from_secs(15))?;
@@ -346,6 +349,26 @@ impl NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts it again (after [`kill`](Self::kill)) with the same
+    /// configuration, port and store, and waits until it accepts clients.
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.kill();
+        let path = find()?;
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = spawn(
+            &path,
+            &self.conf,
+            &self.store.join("nats-server.log"),
+            &extra,
+        )?;
+        self.wait_ready(Duration::from_secs(30))
+    }
 }
 
 impl Drop for NatsServer {
@@ -363,6 +386,17 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts `n` nodes and waits until each accepts clients.
     pub fn start(n: usize) -> Result<Self, ServerError> {
+        Self::start_inner(n, false)
+    }
+
+    /// Like [`start`](Self::start), each node with `sync_interval: always`
+    /// (as `nats/cluster/*.conf`): a write is on disk before it is
+    /// acknowledged, so a node killed loses nothing it acknowledged.
+    pub fn start_synced(n: usize) -> Result<Self, ServerError> {
+        Self::start_inner(n, true)
+    }
+
+    fn start_inner(n: usize, sync_always: bool) -> Result<Self, ServerError> {
         let path = find()?;
         let start_err = |message: String| ServerError::Start {
             path: path.clone(),
@@ -382,8 +416,13 @@ impl NatsCluster {
             let store = temp.path().to_path_buf();
             let conf = store.join("server.conf");
             let text = format!(
-                "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\njetstream {{ store_dir: {:?} }}\ncluster {{\n  name: fanjet\n  listen: \"127.0.0.1:{route}\"\n  routes: [{}]\n}}\n",
+                "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\njetstream {{\n  store_dir: {:?}\n{}}}\ncluster {{\n  name: fanjet\n  listen: \"127.0.0.1:{route}\"\n  routes: [{}]\n}}\n",
                 store.join("jetstream").display().to_string(),
+                if sync_always {
+                    "  sync_interval: always\n"
+                } else {
+                    ""
+                },
                 routes.join(", ")
             );
             std::fs::write(&conf, text).map_err(|e| start_err(e.to_string()))?;
@@ -392,6 +431,8 @@ impl NatsCluster {
                 child,
                 port: *client,
                 store,
+                conf,
+                extra: Vec::new(),
                 _temp: Some(temp),
             });
         }

@@ -128,10 +128,9 @@ impl AbandonReason {
 }
 
 /// The manager fails subjobs itself: every subjob of step `step_index`
-/// with an index below `below` that has no outcome yet when this event is
-/// applied fails (outcomes logged before it still count; after it, they are
-/// late). The manager publishes it and counts it only once it reads it back
-/// from the log, so the log says exactly what the job record counts.
+/// with an index below `below` that has no outcome yet at this point of the
+/// log fails (outcomes logged after it are late). The manager logs it
+/// before the failures count in the job record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SubjobsFailed {
     pub job_id: String,

@@ -28,6 +28,11 @@ pub struct Task {
     pub input: Value,
     /// Milliseconds of ack deadline per attempt (the step's timeout).
     pub timeout_ms: u64,
+    /// Longest one attempt may run, in milliseconds (the step's
+    /// `run_timeout`), if set: a worker fails the attempt past it as a
+    /// retryable error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_timeout_ms: Option<u64>,
     /// Attempts allowed in all.
     pub max_attempts: u32,
     /// Delay before each retry, in milliseconds (the last repeats).

@@ -73,6 +73,11 @@ pub struct Step {
     pub handler: String,
     /// Ack deadline of one attempt.
     pub timeout_ms: u64,
+    /// Longest one attempt may run, if set: past it the attempt fails and
+    /// is retried (a handler that hangs would otherwise keep its task
+    /// alive, extending the ack deadline for ever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_timeout_ms: Option<u64>,
     pub max_attempts: u32,
     /// Delay before each retry; the last value repeats.
     pub backoff_ms: Vec<u64>,
@@ -140,6 +145,7 @@ struct StepFile {
     kind: StepKind,
     handler: Option<String>,
     timeout: Option<String>,
+    run_timeout: Option<String>,
     max_attempts: Option<u32>,
     backoff: Option<Vec<String>>,
     tolerate_failures: Option<String>,
@@ -241,6 +247,9 @@ impl Workflow {
             if s.timeout_ms < 1000 {
                 return Err(field("timeout", "must be at least 1s"));
             }
+            if s.run_timeout_ms.is_some_and(|t| t < 1000) {
+                return Err(field("run_timeout", "must be at least 1s"));
+            }
             if s.max_attempts == 0 {
                 return Err(field("max_attempts", "must be at least 1"));
             }
@@ -293,6 +302,14 @@ impl Workflow {
             if timeout_ms < 1000 {
                 return Err(field("timeout", "must be at least 1s".into()));
             }
+            let run_timeout_ms = s
+                .run_timeout
+                .as_deref()
+                .map(|d| duration_ms(&s.name, "run_timeout", d))
+                .transpose()?;
+            if run_timeout_ms.is_some_and(|t| t < 1000) {
+                return Err(field("run_timeout", "must be at least 1s".into()));
+            }
             let max_attempts = s.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
             if max_attempts == 0 {
                 return Err(field("max_attempts", "must be at least 1".into()));
@@ -327,6 +344,7 @@ impl Workflow {
                 kind: s.kind,
                 handler,
                 timeout_ms,
+                run_timeout_ms,
                 max_attempts,
                 backoff_ms,
                 tolerate,

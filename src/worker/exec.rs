@@ -137,6 +137,7 @@ mod tests {
                 item: json!({"n": 4}),
                 input: json!(null),
                 timeout_ms: 1000,
+                run_timeout_ms: None,
                 max_attempts: 3,
                 backoff_ms: vec![],
             },

@@ -422,10 +422,24 @@ async fn process(
     let progress_every = Duration::from_millis((task.timeout_ms / 3).max(500));
     let mut ticker =
         tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
-    tokio::pin!(work);
+    // Past the step's run_timeout the attempt is dropped (an exec handler's
+    // process is killed with it) and retried.
+    let ran_out = async {
+        match task.run_timeout_ms {
+            Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(work, ran_out);
     let result = loop {
         tokio::select! {
             r = &mut work => break r,
+            _ = &mut ran_out => {
+                let ms = task.run_timeout_ms.unwrap_or_default();
+                break Ok(Err(TaskError::retry(format!(
+                    "the attempt ran past the step's run_timeout of {ms} ms"
+                ))));
+            }
             _ = ticker.tick() => {
                 if let Err(e) = msg.ack_with(AckKind::Progress).await {
                     debug!(error = %e, "in-progress ack");

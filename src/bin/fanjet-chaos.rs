@@ -1,0 +1,973 @@
+//! `just chaos`: a seeded chaos run that proves fanjet's guarantees from
+//! outside. A 3-node JetStream cluster (`sync_interval: always`, 3 replicas
+//! of everything), three `fanjet manager` processes, `fanjet serve`
+//! (statistics and notifications) and three worker processes (this binary
+//! in its hidden `worker` role), a stream of jobs from several customers
+//! (duplicates, cancels, tolerated and fatal failures with long error
+//! texts, handlers that hang, one bad definition), and a seeded schedule of
+//! faults, one at a time: SIGKILL and restart of a manager, a worker,
+//! `fanjet serve` or one NATS node (often the event log's leader), and
+//! SIGSTOP of a manager for three lease lives.
+//!
+//! The handlers write an independent ledger (append + fsync) of every
+//! subjob they ran to success. At the end every check below must hold, or
+//! the run exits non-zero:
+//! - every job is terminal (hung = 0), with the outcome its input calls for
+//!   (no false failure);
+//! - per fanout step of a completed job, completed == the distinct indices
+//!   in the ledger and completed + failed == total; no subjob lost;
+//! - statistics == job record, for every job;
+//! - each step started once in the log and was announced once.
+//!
+//! It prints one line of figures (faults by kind, re-executions, takeover
+//! times, the longest stall between two outcomes, time from the last fault
+//! to all terminal) and writes them with every violation to
+//! `<out>/result.json`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use fanjet::nats::connect::ConnectArgs;
+use fanjet::nats::server::NatsCluster;
+use fanjet::nats::Nats;
+use fanjet::protocol::{
+    lease_key, JobState, Submission, Workflow, EVENTS_STREAM, LEASE_TTL, PARTITIONS,
+    WORKFLOWS_BUCKET,
+};
+use fanjet::worker::{TaskContext, TaskError, Worker};
+
+#[derive(Parser)]
+#[command(about = "A seeded chaos run on a 3-node cluster; exits non-zero on any violation")]
+struct Args {
+    /// Seed of the job stream and the fault schedule.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// How long jobs are submitted and faults injected.
+    #[arg(long, default_value_t = 2.0)]
+    minutes: f64,
+    /// Longest wait, after the last fault, for every job to end.
+    #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// Where the logs, the ledgers and result.json go (emptied first).
+    #[arg(long, default_value = "target/chaos")]
+    out: PathBuf,
+    #[command(subcommand)]
+    role: Option<Role>,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// A worker process running the chaos handlers (started by the run).
+    #[command(hide = true)]
+    Worker {
+        /// The ledger this process appends to.
+        #[arg(long)]
+        ledger: PathBuf,
+    },
+}
+
+const MANAGERS: usize = 3;
+const WORKERS: usize = 3;
+const SLOTS: usize = 16;
+/// Fatal error texts are this long: a long traceback.
+const LONG_ERROR: usize = 20_000;
+
+fn workflow(name: &str, tolerate: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+[[steps]]
+name = "collect"
+kind = "task"
+timeout = "5s"
+max_attempts = 30
+backoff = ["100ms", "500ms"]
+[[steps]]
+name = "send"
+kind = "fanout"
+timeout = "5s"
+run_timeout = "2s"
+max_attempts = 30
+backoff = ["100ms", "500ms", "1s"]
+max_in_flight = 100
+tolerate_failures = "{tolerate}"
+[[steps]]
+name = "summarize"
+kind = "task"
+timeout = "5s"
+max_attempts = 30
+backoff = ["100ms", "500ms"]
+"#
+    )
+}
+
+/// What a job's input asks its handlers to do.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Plan {
+    n: u64,
+    /// Items `i` with `i % fail_every == 0` fail for good.
+    fail_every: Option<u64>,
+    /// Items `i` with `i % hang_every == 1` hang on their first attempt.
+    hang_every: Option<u64>,
+    /// Failures carry a 20 KB error text.
+    long: bool,
+}
+
+impl Plan {
+    fn fails(&self, i: u64) -> bool {
+        self.fail_every.is_some_and(|k| i % k == 0)
+    }
+    fn failing(&self) -> u64 {
+        (0..self.n).filter(|i| self.fails(*i)).count() as u64
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FANJET_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match args.role {
+        Some(Role::Worker { ledger }) => worker(ledger).await,
+        None => {
+            let code = run(&args).await?;
+            std::process::exit(code)
+        }
+    }
+}
+
+// ---------------------------------------------------------------- worker
+
+async fn worker(ledger: PathBuf) -> Result<()> {
+    let url = std::env::var("NATS_URL").context("NATS_URL")?;
+    let client = ConnectArgs::url(url).connect("chaos-worker").await?;
+    let nats = Nats::bind(client).await?;
+    let ledger = Arc::new(Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&ledger)
+            .with_context(|| format!("opening {}", ledger.display()))?,
+    ));
+    let mut w = Worker::new(nats).concurrency(SLOTS);
+    for wf in ["chaos", "chaos_tolerant"] {
+        w = w
+            .handler(wf, "collect", |c: TaskContext| async move {
+                let plan: Plan = serde_json::from_value(c.task.input.clone())
+                    .map_err(|e| TaskError::give_up(format!("bad plan: {e}")))?;
+                let items: Vec<Value> = (0..plan.n)
+                    .map(|i| {
+                        json!({
+                            "i": i,
+                            "fail": plan.fails(i),
+                            "hang": plan.hang_every.is_some_and(|k| i % k == 1),
+                            "long": plan.long,
+                        })
+                    })
+                    .collect();
+                Ok(Value::Array(items))
+            })
+            .handler(wf, "send", {
+                let ledger = ledger.clone();
+                move |c: TaskContext| {
+                    let ledger = ledger.clone();
+                    async move { send(c, ledger).await }
+                }
+            })
+            .handler(wf, "summarize", |c: TaskContext| async move {
+                Ok(json!({"completed": c.task.input["completed"], "failed": c.task.input["failed"]}))
+            });
+    }
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        c.cancel();
+    });
+    w.run(cancel).await?;
+    Ok(())
+}
+
+/// One subjob: hangs (first attempt of a hanging item), fails for good, or
+/// works a little, writes the ledger (on disk before the outcome is
+/// reported) and succeeds.
+async fn send(c: TaskContext, ledger: Arc<Mutex<std::fs::File>>) -> Result<Value, TaskError> {
+    let item = &c.task.item;
+    let i = item["i"].as_u64().unwrap_or(u64::MAX);
+    if item["hang"] == json!(true) && c.attempt == 1 {
+        std::future::pending::<()>().await;
+    }
+    if item["fail"] == json!(true) {
+        let mut message = format!("item {i} is refused");
+        if item["long"] == json!(true) {
+            message.push_str(&"\n  at a deep frame of a long traceback".repeat(LONG_ERROR / 36));
+        }
+        return Err(TaskError::give_up(message));
+    }
+    let ms = rand::rng().random_range(5..40);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let line = format!("{} {} {} {}\n", c.task.job_id, c.task.step, i, c.attempt);
+    let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut f = ledger
+            .lock()
+            .map_err(|_| std::io::Error::other("ledger lock poisoned"))?;
+        f.write_all(line.as_bytes())?;
+        f.sync_data()
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => Ok(json!(i)),
+        Ok(Err(e)) => Err(TaskError::retry(format!("ledger: {e}"))),
+        Err(e) => Err(TaskError::retry(format!("ledger: {e}"))),
+    }
+}
+
+// ---------------------------------------------------------------- run
+
+/// A process the run started, and the slot it fills (restarted in place).
+struct Proc {
+    name: String,
+    args: Vec<String>,
+    exe: PathBuf,
+    child: Child,
+    generation: usize,
+}
+
+struct Procs {
+    out: PathBuf,
+    url: String,
+    all: Vec<Proc>,
+}
+
+impl Procs {
+    fn start(&mut self, name: &str, exe: &Path, args: &[String]) -> Result<usize> {
+        let child = self.spawn(name, 0, exe, args)?;
+        self.all.push(Proc {
+            name: name.to_string(),
+            args: args.to_vec(),
+            exe: exe.to_path_buf(),
+            child,
+            generation: 0,
+        });
+        Ok(self.all.len() - 1)
+    }
+
+    fn spawn(&self, name: &str, generation: usize, exe: &Path, args: &[String]) -> Result<Child> {
+        let log = std::fs::File::create(self.out.join(format!("logs/{name}.{generation}.log")))?;
+        Command::new(exe)
+            .args(args)
+            .env("NATS_URL", &self.url)
+            .env("FANJET_REPLICAS", "3")
+            .env("FANJET_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))
+    }
+
+    fn pid(&self, i: usize) -> u32 {
+        self.all[i].child.id()
+    }
+
+    fn signal(&self, i: usize, sig: &str) {
+        let _ = Command::new("kill")
+            .args([format!("-{sig}"), self.pid(i).to_string()])
+            .status();
+    }
+
+    fn kill(&mut self, i: usize) {
+        let _ = self.all[i].child.kill();
+        let _ = self.all[i].child.wait();
+    }
+
+    fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i);
+        let p = &self.all[i];
+        let child = self.spawn(&p.name, p.generation + 1, &p.exe, &p.args)?;
+        let p = &mut self.all[i];
+        p.generation += 1;
+        p.child = child;
+        Ok(())
+    }
+
+    fn stop_all(&mut self) {
+        for i in 0..self.all.len() {
+            self.signal(i, "CONT");
+            self.signal(i, "TERM");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for p in &mut self.all {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = p.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+/// One job as submitted.
+#[derive(Debug, Clone)]
+struct Planned {
+    id: String,
+    workflow: String,
+    plan: Plan,
+    cancelled: bool,
+    /// The submission was never answered (a fault in the way).
+    unanswered: bool,
+}
+
+#[derive(Default)]
+struct Figures {
+    faults: BTreeMap<&'static str, u32>,
+    takeovers_ms: Vec<u64>,
+    last_fault: Option<Instant>,
+}
+
+async fn run(args: &Args) -> Result<i32> {
+    let _ = std::fs::remove_dir_all(&args.out);
+    std::fs::create_dir_all(args.out.join("logs"))?;
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .context("binary folder")?
+        .to_path_buf();
+    let fanjet = exe_dir.join("fanjet");
+    if !fanjet.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build --bins`",
+            fanjet.display()
+        );
+    }
+    let me = std::env::current_exe()?;
+    let started = Instant::now();
+    eprintln!(
+        "chaos: seed {}, {} min; starting a 3-node cluster",
+        args.seed, args.minutes
+    );
+    let mut cluster = tokio::task::spawn_blocking(|| NatsCluster::start_synced(3)).await??;
+    let url = cluster.urls();
+    let nats = ensure(&url).await?;
+    for (name, tolerate) in [("chaos", "0"), ("chaos_tolerant", "100%")] {
+        let wf = Workflow::from_toml(&workflow(name, tolerate))?;
+        nats.apply_workflow(&wf).await?;
+    }
+    // A definition put straight into the bucket: it passes the schema but
+    // a step named "a.b" cannot be a subject token.
+    let mut bad: Value = serde_json::to_value(Workflow::from_toml(&workflow("chaos_bad", "0"))?)?;
+    bad["steps"][1]["name"] = json!("a.b");
+    nats.js
+        .get_key_value(WORKFLOWS_BUCKET)
+        .await?
+        .put("chaos_bad", serde_json::to_vec(&bad)?.into())
+        .await?;
+
+    let mut procs = Procs {
+        out: args.out.clone(),
+        url: url.clone(),
+        all: Vec::new(),
+    };
+    let managers: Vec<usize> = (0..MANAGERS)
+        .map(|i| procs.start(&format!("manager-{i}"), &fanjet, &["manager".into()]))
+        .collect::<Result<_>>()?;
+    let serve_port = fanjet::nats::server::free_port();
+    let serve = procs.start(
+        "serve",
+        &fanjet,
+        &[
+            "serve".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{serve_port}"),
+        ],
+    )?;
+    let workers: Vec<usize> = (0..WORKERS)
+        .map(|i| {
+            let ledger = args.out.join(format!("ledger-{i}.txt"));
+            procs.start(
+                &format!("worker-{i}"),
+                &me,
+                &[
+                    "worker".into(),
+                    "--ledger".into(),
+                    ledger.display().to_string(),
+                ],
+            )
+        })
+        .collect::<Result<_>>()?;
+
+    // Announcements, heard on every node so that a node's loss misses none.
+    let notes: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let mut listeners = Vec::new();
+    for node in &cluster.nodes {
+        let client = ConnectArgs::url(node.url())
+            .connect("chaos-observer")
+            .await?;
+        let mut sub = client.subscribe("fanjet.notify.>").await?;
+        let notes = notes.clone();
+        listeners.push(tokio::spawn(async move {
+            let mut ids = BTreeSet::new();
+            while let Some(m) = sub.next().await {
+                let id = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Fanjet-Notification-Id"))
+                    .map(|v| v.to_string());
+                if let Some(id) = id.filter(|id| id.contains(":step_started:")) {
+                    // Each listener counts an id once; the union is kept.
+                    if ids.insert(id.clone()) {
+                        let mut n = notes.lock().expect("lock");
+                        n.entry(id).or_default();
+                    }
+                }
+            }
+            drop(client);
+        }));
+    }
+
+    let run_for = Duration::from_secs_f64(args.minutes * 60.0);
+    let planned: Arc<Mutex<Vec<Planned>>> = Arc::default();
+    let submitter = tokio::spawn(submit_jobs(
+        nats.clone(),
+        args.seed,
+        run_for,
+        planned.clone(),
+    ));
+    let mut figures = Figures::default();
+    faults(
+        args.seed,
+        run_for,
+        &mut cluster,
+        &mut procs,
+        &managers,
+        &workers,
+        serve,
+        &nats,
+        &mut figures,
+    )
+    .await?;
+    let planned_jobs = submitter.await??;
+    let jobs = { planned.lock().expect("lock").clone() };
+    let _ = planned_jobs;
+    let last_fault = figures.last_fault.unwrap_or(started);
+
+    // Drain: every job must end.
+    eprintln!("chaos: faults over; waiting for {} jobs to end", jobs.len());
+    let mut records = BTreeMap::new();
+    let deadline = Instant::now() + args.drain;
+    loop {
+        let mut open = 0;
+        for j in &jobs {
+            if records.contains_key(&j.id) {
+                continue;
+            }
+            match fanjet::nats::store::get(&nats, &j.id).await {
+                Ok(Some((job, _))) if job.state.is_terminal() => {
+                    records.insert(j.id.clone(), job);
+                }
+                Ok(None) if j.unanswered => {
+                    // Never recorded: the submission did not get through.
+                }
+                _ => open += 1,
+            }
+        }
+        if open == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let all_ended = last_fault.elapsed();
+    // Statistics trail the log a little.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let report = check(&nats, &args.out, &jobs, &records, &notes).await?;
+    let stall = longest_stall(&nats).await.unwrap_or_default();
+    procs.stop_all();
+    for l in listeners {
+        l.abort();
+    }
+
+    let mut takeovers = figures.takeovers_ms.clone();
+    takeovers.sort_unstable();
+    let p50 = takeovers.get(takeovers.len() / 2).copied();
+    let max = takeovers.last().copied();
+    let result = json!({
+        "seed": args.seed,
+        "minutes": args.minutes,
+        "jobs": jobs.len(),
+        "subjobs_run": report.ledger_lines,
+        "re_executions": report.ledger_lines.saturating_sub(report.distinct),
+        "faults": figures.faults,
+        "takeover_ms": {"p50": p50, "max": max, "all": takeovers},
+        "longest_stall_ms": stall,
+        "last_fault_to_all_terminal_ms": all_ended.as_millis() as u64,
+        "hung": report.hung,
+        "violations": report.violations,
+    });
+    std::fs::write(
+        args.out.join("result.json"),
+        serde_json::to_vec_pretty(&result)?,
+    )?;
+    let faults: Vec<String> = figures
+        .faults
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!(
+        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; longest stall {} ms; last fault to all terminal {:.1} s; hung {}; violations {}",
+        args.seed,
+        jobs.len(),
+        report.ledger_lines,
+        report.ledger_lines.saturating_sub(report.distinct),
+        faults.join(", "),
+        p50.map_or("-".into(), |v| v.to_string()),
+        max.map_or("-".into(), |v| v.to_string()),
+        stall,
+        all_ended.as_secs_f64(),
+        report.hung,
+        report.violations.len(),
+    );
+    for v in report.violations.iter().take(30) {
+        println!("  violation: {v}");
+    }
+    drop(cluster);
+    Ok(if report.violations.is_empty() && report.hung == 0 {
+        0
+    } else {
+        1
+    })
+}
+
+/// Connects and creates the streams and buckets, waiting for the cluster to
+/// elect its JetStream leader.
+async fn ensure(url: &str) -> Result<Nats> {
+    let start = Instant::now();
+    loop {
+        let client = ConnectArgs::url(url).connect("chaos").await?;
+        match Nats::ensure_replicated(client, 3).await {
+            Ok(n) => return Ok(n),
+            Err(e) if start.elapsed() < Duration::from_secs(60) => {
+                tracing::debug!(error = %e, "cluster not ready yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Submits the seeded stream of jobs for `run_for`; returns how many.
+async fn submit_jobs(
+    nats: Nats,
+    seed: u64,
+    run_for: Duration,
+    planned: Arc<Mutex<Vec<Planned>>>,
+) -> Result<usize> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let start = Instant::now();
+    let mut k = 0usize;
+    let mut cancels = tokio::task::JoinSet::new();
+    // The bad definition: rejected, recorded, and nothing else stops.
+    let bad = Planned {
+        id: format!("chaos-{seed}-bad"),
+        workflow: "chaos_bad".into(),
+        plan: Plan {
+            n: 3,
+            fail_every: None,
+            hang_every: None,
+            long: false,
+        },
+        cancelled: false,
+        unanswered: false,
+    };
+    let bad = submit_one(&nats, bad).await;
+    planned.lock().expect("lock").push(bad);
+    while start.elapsed() < run_for {
+        let wait = rng.random_range(400..1400);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        // Now and then the same id again: answered as a duplicate.
+        if k > 2 && rng.random_bool(0.1) {
+            let again = planned.lock().expect("lock")[rng.random_range(1..=k)].clone();
+            let _ = submit_one(&nats, again).await;
+            continue;
+        }
+        k += 1;
+        let fail_every = match rng.random_range(0..10) {
+            0..=5 => None,
+            6..=7 => Some(7),
+            _ => Some(31),
+        };
+        let plan = Plan {
+            n: rng.random_range(20..=300),
+            fail_every,
+            hang_every: rng.random_bool(0.3).then_some(53),
+            long: rng.random_bool(0.5),
+        };
+        let workflow = if rng.random_bool(0.6) {
+            "chaos_tolerant"
+        } else {
+            "chaos"
+        };
+        let cancelled = rng.random_bool(0.08);
+        let job = Planned {
+            id: format!("chaos-{seed}-{k}"),
+            workflow: workflow.into(),
+            plan,
+            cancelled,
+            unanswered: false,
+        };
+        let job = submit_one(&nats, job).await;
+        if cancelled && !job.unanswered {
+            let (n, id) = (nats.clone(), job.id.clone());
+            let after = Duration::from_millis(rng.random_range(200..3000));
+            cancels.spawn(async move {
+                tokio::time::sleep(after).await;
+                for _ in 0..20 {
+                    match fanjet::client::cancel(&n, &id, Some("chaos".into())).await {
+                        Ok(()) | Err(fanjet::client::ClientError::Ended { .. }) => return,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                }
+            });
+        }
+        planned.lock().expect("lock").push(job);
+    }
+    while cancels.join_next().await.is_some() {}
+    Ok(k)
+}
+
+/// Sends a submission until it is answered (the same id: idempotent).
+async fn submit_one(nats: &Nats, mut job: Planned) -> Planned {
+    let sub = Submission {
+        job_id: Some(job.id.clone()),
+        customer: Some(format!("c{}", job.id.len() % 4)),
+        input: serde_json::to_value(&job.plan).unwrap_or(Value::Null),
+    };
+    for _ in 0..10 {
+        match fanjet::client::submit(nats, &job.workflow, &sub).await {
+            Ok(reply) => {
+                if !reply.ok && job.workflow != "chaos_bad" {
+                    tracing::warn!(job_id = %job.id, ?reply, "submission refused");
+                }
+                job.unanswered = false;
+                return job;
+            }
+            Err(e) => {
+                tracing::info!(job_id = %job.id, error = %e, "submission not answered; again");
+                job.unanswered = true;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    job
+}
+
+/// The seeded schedule of faults, one at a time, for `run_for`.
+#[allow(clippy::too_many_arguments)]
+async fn faults(
+    seed: u64,
+    run_for: Duration,
+    cluster: &mut NatsCluster,
+    procs: &mut Procs,
+    managers: &[usize],
+    workers: &[usize],
+    serve: usize,
+    nats: &Nats,
+    figures: &mut Figures,
+) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    while start.elapsed() + Duration::from_secs(10) < run_for {
+        let kind = match rng.random_range(0..10) {
+            0..=2 => "kill_manager",
+            3..=4 => "freeze_manager",
+            5..=6 => "kill_nats",
+            7..=8 => "kill_worker",
+            _ => "kill_serve",
+        };
+        *figures.faults.entry(kind).or_default() += 1;
+        figures.last_fault = Some(Instant::now());
+        match kind {
+            "kill_manager" | "freeze_manager" => {
+                let i = managers[rng.random_range(0..managers.len())];
+                let victim = format!("manager-{}-", procs.pid(i));
+                let at = Instant::now();
+                let lease = if kind == "kill_manager" {
+                    procs.kill(i);
+                    None
+                } else {
+                    procs.signal(i, "STOP");
+                    Some(LEASE_TTL * 3)
+                };
+                let took = takeover(nats, &victim, Duration::from_secs(60)).await;
+                if let Some(took) = took {
+                    figures.takeovers_ms.push(took.as_millis() as u64);
+                }
+                match lease {
+                    None => procs.restart(i)?,
+                    Some(frozen) => {
+                        tokio::time::sleep(frozen.saturating_sub(at.elapsed())).await;
+                        procs.signal(i, "CONT");
+                    }
+                }
+            }
+            "kill_worker" => {
+                let i = workers[rng.random_range(0..workers.len())];
+                procs.kill(i);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                procs.restart(i)?;
+            }
+            "kill_serve" => {
+                procs.kill(serve);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                procs.restart(serve)?;
+            }
+            _ => {
+                let node = match rng.random_bool(0.5) {
+                    true => events_leader(nats).await.unwrap_or(0),
+                    false => rng.random_range(0..cluster.nodes.len()),
+                };
+                cluster.nodes[node].kill();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let n = &mut cluster.nodes[node];
+                tokio::task::block_in_place(|| n.restart())?;
+                // Let it catch up before the next fault.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        }
+        let gap = rng.random_range(3000..7000);
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+    }
+    Ok(())
+}
+
+/// The node leading the event log (`n0` → 0).
+async fn events_leader(nats: &Nats) -> Option<usize> {
+    let mut stream = nats.js.get_stream(EVENTS_STREAM).await.ok()?;
+    let info = stream.info().await.ok()?;
+    let leader = info.cluster.as_ref()?.leader.clone()?;
+    leader.strip_prefix('n')?.parse().ok()
+}
+
+/// How long until no partition is held by `victim` (an id prefix) and every
+/// partition is held again.
+async fn takeover(nats: &Nats, victim: &str, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let kv = nats
+        .js
+        .get_key_value(fanjet::protocol::LEASES_BUCKET)
+        .await
+        .ok()?;
+    while start.elapsed() < within {
+        let mut held = 0;
+        let mut by_victim = false;
+        for p in 0..PARTITIONS {
+            if let Ok(Some(v)) = kv.get(lease_key(p)).await {
+                held += 1;
+                by_victim |= String::from_utf8_lossy(&v).starts_with(victim);
+            }
+        }
+        if held == PARTITIONS && !by_victim {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+struct Report {
+    ledger_lines: u64,
+    distinct: u64,
+    hung: u64,
+    violations: Vec<String>,
+}
+
+async fn check(
+    nats: &Nats,
+    out: &Path,
+    jobs: &[Planned],
+    records: &BTreeMap<String, fanjet::protocol::Job>,
+    notes: &Arc<Mutex<HashMap<String, u32>>>,
+) -> Result<Report> {
+    // The ledgers: (job, step) → distinct indices run to success.
+    let mut ran: HashMap<(String, String), BTreeSet<u64>> = HashMap::new();
+    let mut lines = 0u64;
+    for entry in std::fs::read_dir(out)? {
+        let path = entry?.path();
+        if !path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("ledger-"))
+        {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            let parts: Vec<&str> = line.split(' ').collect();
+            if let [job, step, index, _attempt] = parts[..] {
+                if let Ok(i) = index.parse() {
+                    lines += 1;
+                    ran.entry((job.to_string(), step.to_string()))
+                        .or_default()
+                        .insert(i);
+                }
+            }
+        }
+    }
+    let distinct = ran.values().map(|s| s.len() as u64).sum();
+    let mut violations = Vec::new();
+    let mut hung = 0;
+    let notes = notes.lock().expect("lock").clone();
+    for j in jobs {
+        let Some(job) = records.get(&j.id) else {
+            if !j.unanswered {
+                hung += 1;
+                violations.push(format!("{}: not terminal", j.id));
+            }
+            continue;
+        };
+        // The outcome its input calls for.
+        let expected: &[JobState] = match (j.workflow.as_str(), j.cancelled) {
+            ("chaos_bad", _) => &[JobState::Rejected],
+            (_, true) => &[JobState::Cancelled, JobState::Completed, JobState::Failed],
+            ("chaos", _) if j.plan.failing() > 0 => &[JobState::Failed],
+            _ => &[JobState::Completed],
+        };
+        if !expected.contains(&job.state) {
+            violations.push(format!(
+                "{}: {} but expected {:?}: {:?}",
+                j.id,
+                job.state.as_str(),
+                expected,
+                job.error
+            ));
+        }
+        let events = fanjet::nats::log::history(nats, &j.id, 1, 100_000)
+            .await
+            .map_err(|e| anyhow::anyhow!("history of {}: {e}", j.id))?;
+        for (i, step) in job.steps.iter().enumerate() {
+            let started = events
+                .iter()
+                .filter(|e| e.event["type"] == "StepStarted" && e.event["step_index"] == i)
+                .count();
+            let ran_it = step.started_at.is_some();
+            if started != usize::from(ran_it) {
+                violations.push(format!("{}: step {i} started {started} times", j.id));
+            }
+            if ran_it {
+                let id = format!("{}:step_started:{i}", j.id);
+                if !notes.contains_key(&id) {
+                    violations.push(format!("{}: step {i} start never announced", j.id));
+                }
+            }
+            if step.completed + step.failed > step.total {
+                violations.push(format!(
+                    "{}: step {i} counts {} + {} of {}",
+                    j.id, step.completed, step.failed, step.total
+                ));
+            }
+        }
+        if events
+            .iter()
+            .any(|e| e.event["type"] == "SubjobsFailed" && e.event["reason"] == "lost")
+        {
+            violations.push(format!("{}: subjobs lost", j.id));
+        }
+        if job.state == JobState::Completed {
+            if let Some(send) = job.steps.get(1) {
+                let in_ledger = ran
+                    .get(&(j.id.clone(), "send".to_string()))
+                    .map_or(0, |s| s.len() as u64);
+                let want_failed = j.plan.failing();
+                if send.completed != in_ledger
+                    || send.failed != want_failed
+                    || send.completed + send.failed != send.total
+                {
+                    violations.push(format!(
+                        "{}: send counted {} completed, {} failed of {}; the ledger has {in_ledger}, {want_failed} should fail",
+                        j.id, send.completed, send.failed, send.total
+                    ));
+                }
+            }
+        }
+        // Statistics == record.
+        let stats = fanjet::nats::store::stats(nats, &j.id).await?;
+        let agree = stats.as_ref().is_some_and(|s| {
+            job.steps.iter().enumerate().all(|(i, st)| {
+                s.steps.get(i).map_or(st.started_at.is_none(), |ss| {
+                    (ss.completed, ss.failed) == (st.completed, st.failed)
+                })
+            })
+        });
+        if !agree {
+            let counted: Option<Vec<(u64, u64)>> =
+                stats.map(|s| s.steps.iter().map(|s| (s.completed, s.failed)).collect());
+            let recorded: Vec<(u64, u64)> =
+                job.steps.iter().map(|s| (s.completed, s.failed)).collect();
+            violations.push(format!(
+                "{}: statistics {counted:?} differ from the record {recorded:?}",
+                j.id
+            ));
+        }
+    }
+    Ok(Report {
+        ledger_lines: lines,
+        distinct,
+        hung,
+        violations,
+    })
+}
+
+/// The longest time between two subjob outcomes in the log while the run
+/// went on (from the first outcome to the last).
+async fn longest_stall(nats: &Nats) -> Result<u64> {
+    use async_nats::jetstream::consumer::pull::OrderedConfig;
+    let consumer = nats
+        .events
+        .create_consumer(OrderedConfig {
+            filter_subjects: vec![
+                "fanjet.ev.*.*.subjob_completed".into(),
+                "fanjet.ev.*.*.subjob_failed".into(),
+            ],
+            ..Default::default()
+        })
+        .await?;
+    let pending = consumer.cached_info().num_pending;
+    let mut messages = consumer.messages().await?;
+    let mut times = Vec::with_capacity(pending as usize);
+    while (times.len() as u64) < pending {
+        let Some(m) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .ok()
+            .flatten()
+        else {
+            break;
+        };
+        if let Ok(info) = m?.info() {
+            times.push(info.published.unix_timestamp_nanos());
+        }
+    }
+    times.sort_unstable();
+    Ok(times
+        .windows(2)
+        .map(|w| ((w[1] - w[0]) / 1_000_000) as u64)
+        .max()
+        .unwrap_or(0))
+}
