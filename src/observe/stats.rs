@@ -7,7 +7,8 @@
 //! after a restart counts nothing twice. It counts subjob outcomes by the
 //! manager's rules, in the same log order: the first outcome of each subjob
 //! while its step runs (a bitmap per running step, in memory), the
-//! subjobs a `SubjobsFailed` fails, nothing after the step ended. A step's
+//! subjobs a `SubjobsFailed` fails, nothing after the step ended or a
+//! cancellation was asked for. A step's
 //! end (`StepCompleted`, with the manager's counts) settles its figures, so
 //! they equal the job record even when a restart of this consumer lost a
 //! running step's bitmap.
@@ -66,6 +67,15 @@ impl JobStats {
             .events_observed
             .with_label_values(&[event.kind().token()])
             .inc();
+        let outcome = matches!(
+            event,
+            Event::SubjobCompleted(_) | Event::SubjobFailed(_) | Event::SubjobsFailed(_)
+        );
+        if outcome && (self.outcome.is_some() || self.cancel_requested_at.is_some()) {
+            // After the job's end, or a request to cancel it, the manager
+            // counts no outcome.
+            return true;
+        }
         match event {
             Event::JobRequested(e) => {
                 self.workflow = e.workflow.clone();
@@ -184,7 +194,9 @@ impl JobStats {
                 }
                 self.finish("rejected", e.at, metrics);
             }
-            Event::CancelRequested(_) => {}
+            Event::CancelRequested(e) => {
+                self.cancel_requested_at.get_or_insert(e.at);
+            }
         }
         true
     }
@@ -377,7 +389,109 @@ fn capacity_gauges<'a>(jobs: impl Iterator<Item = &'a JobStats>, now: Millis) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{JobRequested, StepStarted, SubjobCompleted};
+    use crate::protocol::{
+        CancelRequested, JobRequested, StepStarted, SubjobCompleted, SubjobFailed, SubjobsFailed,
+    };
+
+    fn done(index: u64) -> Event {
+        Event::SubjobCompleted(SubjobCompleted {
+            job_id: "j".into(),
+            step_index: 0,
+            index,
+            attempt: 1,
+            result: serde_json::Value::Null,
+            duration_ms: 1,
+        })
+    }
+
+    fn started(total: u64) -> Event {
+        Event::StepStarted(StepStarted {
+            job_id: "j".into(),
+            workflow: "w".into(),
+            step: "send".into(),
+            step_index: 0,
+            total,
+            at: 1,
+        })
+    }
+
+    #[test]
+    fn outcomes_count_once_per_subjob_as_the_manager_counts_them() {
+        let m = Metrics::get();
+        let mut s = JobStats::default();
+        let mut seq = 0;
+        let mut apply = |s: &mut JobStats, e: Event| {
+            seq += 1;
+            s.apply(seq, &e, m);
+        };
+        apply(&mut s, started(6));
+        let failed = Event::SubjobFailed(SubjobFailed {
+            job_id: "j".into(),
+            step_index: 0,
+            index: 0,
+            attempt: 1,
+            error: "no".into(),
+        });
+        for e in [failed, done(0), done(1), done(1), done(2), done(99)] {
+            apply(&mut s, e);
+        }
+        assert_eq!((s.steps[0].completed, s.steps[0].failed), (2, 1));
+        // The manager's decision fails what has no outcome below 4.
+        apply(
+            &mut s,
+            Event::SubjobsFailed(SubjobsFailed {
+                job_id: "j".into(),
+                step_index: 0,
+                below: 4,
+                reason: AbandonReason::Lost,
+                error: "lost".into(),
+                at: 2,
+            }),
+        );
+        assert_eq!((s.steps[0].completed, s.steps[0].failed), (2, 2));
+        // After a cancellation is asked for, nothing counts.
+        apply(
+            &mut s,
+            Event::CancelRequested(CancelRequested {
+                job_id: "j".into(),
+                reason: None,
+                at: 3,
+            }),
+        );
+        apply(&mut s, done(5));
+        assert_eq!((s.steps[0].completed, s.steps[0].failed), (2, 2));
+    }
+
+    #[test]
+    fn a_step_end_settles_its_figures_and_later_outcomes_are_late() {
+        let m = Metrics::get();
+        let mut s = JobStats::default();
+        s.apply(1, &started(3), m);
+        s.apply(2, &done(0), m);
+        // A restart lost the bitmap: the repeat is counted for now...
+        s.steps[0].seen = None;
+        s.steps[0].completed = 1;
+        s.apply(3, &done(0), m);
+        assert_eq!(s.steps[0].completed, 2);
+        // ...and the step's end settles it.
+        let end = Event::StepCompleted(crate::protocol::StepCompleted {
+            job_id: "j".into(),
+            workflow: "w".into(),
+            step: "send".into(),
+            step_index: 0,
+            ok: true,
+            total: 3,
+            completed: 1,
+            failed: 2,
+            retries: 0,
+            started_at: 1,
+            at: 5,
+        });
+        s.apply(4, &end, m);
+        assert_eq!((s.steps[0].completed, s.steps[0].failed), (1, 2));
+        s.apply(5, &done(1), m);
+        assert_eq!(s.steps[0].completed, 1, "late");
+    }
 
     #[test]
     fn percentiles_attempts_and_replays() {

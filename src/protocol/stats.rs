@@ -123,6 +123,10 @@ pub struct JobStats {
     /// When the job should have ended, if its workflow has a deadline.
     #[serde(default)]
     pub deadline_at: Option<Millis>,
+    /// When a cancellation was asked for: from then on the manager counts
+    /// no subjob outcome (the job is cancelled, or had ended already).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_at: Option<Millis>,
     pub steps: Vec<StepStats>,
     /// Last event-log sequence applied to this record.
     pub applied_seq: u64,
