@@ -44,3 +44,10 @@ bench *ARGS: nats-server
 # Format the code.
 fmt:
     cargo fmt --all
+
+# A seeded chaos run on a 3-node cluster (faults: managers, workers, serve and
+# NATS nodes killed, a manager frozen past its lease); non-zero on any
+# violation. Figures in target/chaos/result.json. E.g. `just chaos --seed 7 --minutes 2`.
+chaos *ARGS: nats-server
+    cargo build --quiet --bins
+    target/debug/fanjet-chaos {{ARGS}}

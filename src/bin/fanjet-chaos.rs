@@ -341,8 +341,17 @@ struct Planned {
 #[derive(Default)]
 struct Figures {
     faults: BTreeMap<&'static str, u32>,
+    /// Each fault: its kind and when it began (unix ns).
+    schedule: Vec<(&'static str, i128)>,
     takeovers_ms: Vec<u64>,
     last_fault: Option<Instant>,
+}
+
+fn unix_nanos() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or_default()
 }
 
 async fn run(args: &Args) -> Result<i32> {
@@ -500,7 +509,23 @@ async fn run(args: &Args) -> Result<i32> {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let report = check(&nats, &args.out, &jobs, &records, &notes).await?;
-    let stall = longest_stall(&nats).await.unwrap_or_default();
+    let outcomes = outcome_times(&nats).await.unwrap_or_default();
+    let stall = longest_gap(&outcomes, i128::MIN, i128::MAX);
+    // After each fault: the longest wait for an outcome within 20 s.
+    let per_fault: Vec<Value> = figures
+        .schedule
+        .iter()
+        .map(|(kind, at)| {
+            let to = at + 20_000_000_000;
+            json!({"kind": kind, "stall_ms": longest_gap(&outcomes, *at, to)})
+        })
+        .collect();
+    let mut worst: BTreeMap<&str, u64> = BTreeMap::new();
+    for (kind, at) in &figures.schedule {
+        let gap = longest_gap(&outcomes, *at, at + 20_000_000_000);
+        let w = worst.entry(kind).or_default();
+        *w = (*w).max(gap);
+    }
     procs.stop_all();
     for l in listeners {
         l.abort();
@@ -519,6 +544,8 @@ async fn run(args: &Args) -> Result<i32> {
         "faults": figures.faults,
         "takeover_ms": {"p50": p50, "max": max, "all": takeovers},
         "longest_stall_ms": stall,
+        "longest_stall_after_ms": worst,
+        "schedule": per_fault,
         "last_fault_to_all_terminal_ms": all_ended.as_millis() as u64,
         "hung": report.hung,
         "violations": report.violations,
@@ -532,8 +559,9 @@ async fn run(args: &Args) -> Result<i32> {
         .iter()
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
+    let worst: Vec<String> = worst.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!(
-        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; longest stall {} ms; last fault to all terminal {:.1} s; hung {}; violations {}",
+        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; longest stall {} ms (after {}); last fault to all terminal {:.1} s; hung {}; violations {}",
         args.seed,
         jobs.len(),
         report.ledger_lines,
@@ -542,6 +570,7 @@ async fn run(args: &Args) -> Result<i32> {
         p50.map_or("-".into(), |v| v.to_string()),
         max.map_or("-".into(), |v| v.to_string()),
         stall,
+        worst.join(", "),
         all_ended.as_secs_f64(),
         report.hung,
         report.violations.len(),
@@ -705,6 +734,7 @@ async fn faults(
             _ => "kill_serve",
         };
         *figures.faults.entry(kind).or_default() += 1;
+        figures.schedule.push((kind, unix_nanos()));
         figures.last_fault = Some(Instant::now());
         match kind {
             "kill_manager" | "freeze_manager" => {
@@ -935,9 +965,8 @@ async fn check(
     })
 }
 
-/// The longest time between two subjob outcomes in the log while the run
-/// went on (from the first outcome to the last).
-async fn longest_stall(nats: &Nats) -> Result<u64> {
+/// When each subjob outcome was stored in the log (unix ns), in order.
+async fn outcome_times(nats: &Nats) -> Result<Vec<i128>> {
     use async_nats::jetstream::consumer::pull::OrderedConfig;
     let consumer = nats
         .events
@@ -965,9 +994,19 @@ async fn longest_stall(nats: &Nats) -> Result<u64> {
         }
     }
     times.sort_unstable();
-    Ok(times
-        .windows(2)
-        .map(|w| ((w[1] - w[0]) / 1_000_000) as u64)
-        .max()
-        .unwrap_or(0))
+    Ok(times)
+}
+
+/// The longest time (ms) without an outcome in `[from, to]`, counting
+/// from `from` to the first outcome after it.
+fn longest_gap(times: &[i128], from: i128, to: i128) -> u64 {
+    let mut last = if from == i128::MIN { None } else { Some(from) };
+    let mut gap = 0i128;
+    for t in times.iter().copied().filter(|t| *t >= from && *t <= to) {
+        if let Some(l) = last {
+            gap = gap.max(t - l);
+        }
+        last = Some(t);
+    }
+    (gap / 1_000_000) as u64
 }
