@@ -6,8 +6,8 @@
 //! (duplicates, cancels, tolerated and fatal failures with long error
 //! texts, handlers that hang, one bad definition), and a seeded schedule of
 //! faults, one at a time: SIGKILL and restart of a manager, a worker,
-//! `fanjet serve` or one NATS node (often the event log's leader), and
-//! SIGSTOP of a manager for three lease lives.
+//! `fanjet serve` or one NATS node (often the event log's leader), SIGTERM
+//! and restart of a manager, and SIGSTOP of a manager for three lease lives.
 //!
 //! The handlers write an independent ledger (append + fsync) of every
 //! subjob they ran to success. At the end every check below must hold, or
@@ -298,6 +298,16 @@ impl Procs {
         let _ = self.all[i].child.wait();
     }
 
+    fn wait_exit(&mut self, i: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.all[i].child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn restart(&mut self, i: usize) -> Result<()> {
         self.kill(i);
         let p = &self.all[i];
@@ -343,7 +353,10 @@ struct Figures {
     faults: BTreeMap<&'static str, u32>,
     /// Each fault: its kind and when it began (unix ns).
     schedule: Vec<(&'static str, i128)>,
+    /// From a manager's SIGKILL or SIGSTOP until others hold its partitions.
     takeovers_ms: Vec<u64>,
+    /// The same after a SIGTERM.
+    handovers_ms: Vec<u64>,
     last_fault: Option<Instant>,
 }
 
@@ -543,6 +556,7 @@ async fn run(args: &Args) -> Result<i32> {
         "re_executions": report.ledger_lines.saturating_sub(report.distinct),
         "faults": figures.faults,
         "takeover_ms": {"p50": p50, "max": max, "all": takeovers},
+        "graceful_handover_ms": figures.handovers_ms,
         "longest_stall_ms": stall,
         "longest_stall_after_ms": worst,
         "schedule": per_fault,
@@ -561,7 +575,7 @@ async fn run(args: &Args) -> Result<i32> {
         .collect();
     let worst: Vec<String> = worst.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!(
-        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; longest stall {} ms (after {}); last fault to all terminal {:.1} s; hung {}; violations {}",
+        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; graceful handover max {} ms; longest stall {} ms (after {}); last fault to all terminal {:.1} s; hung {}; violations {}",
         args.seed,
         jobs.len(),
         report.ledger_lines,
@@ -569,6 +583,11 @@ async fn run(args: &Args) -> Result<i32> {
         faults.join(", "),
         p50.map_or("-".into(), |v| v.to_string()),
         max.map_or("-".into(), |v| v.to_string()),
+        figures
+            .handovers_ms
+            .iter()
+            .max()
+            .map_or("-".into(), |v| v.to_string()),
         stall,
         worst.join(", "),
         all_ended.as_secs_f64(),
@@ -726,11 +745,12 @@ async fn faults(
     let start = Instant::now();
     tokio::time::sleep(Duration::from_secs(8)).await;
     while start.elapsed() + Duration::from_secs(10) < run_for {
-        let kind = match rng.random_range(0..10) {
+        let kind = match rng.random_range(0..12) {
             0..=2 => "kill_manager",
             3..=4 => "freeze_manager",
             5..=6 => "kill_nats",
             7..=8 => "kill_worker",
+            9 => "stop_manager",
             _ => "kill_serve",
         };
         *figures.faults.entry(kind).or_default() += 1;
@@ -759,6 +779,17 @@ async fn faults(
                         procs.signal(i, "CONT");
                     }
                 }
+            }
+            "stop_manager" => {
+                // A graceful stop (SIGTERM) hands the partitions over at once.
+                let i = managers[rng.random_range(0..managers.len())];
+                let victim = format!("manager-{}-", procs.pid(i));
+                procs.signal(i, "TERM");
+                if let Some(took) = takeover(nats, &victim, Duration::from_secs(60)).await {
+                    figures.handovers_ms.push(took.as_millis() as u64);
+                }
+                procs.wait_exit(i, Duration::from_secs(15));
+                procs.restart(i)?;
             }
             "kill_worker" => {
                 let i = workers[rng.random_range(0..workers.len())];

@@ -172,7 +172,19 @@ impl Partitions {
         let lost = tokio::time::timeout(step, leases.renew())
             .await
             .unwrap_or_default();
-        self.stop(&lost).await;
+        let stopped: Vec<u32> = lost.iter().map(|(p, _)| *p).collect();
+        self.stop(&stopped).await;
+        // Leases that expired while the lease bucket could not be written
+        // (a leader election) are claimed again at once, so that a store
+        // outage does not reshuffle every partition between managers. The
+        // loop starts afresh from the checkpoints.
+        for (p, _) in lost.iter().filter(|(_, gone)| *gone) {
+            if let Ok(true) = leases.claim(*p).await {
+                if let Some(fence) = leases.fence(*p) {
+                    self.start(*p, fence);
+                }
+            }
+        }
         let (members, free) = match tokio::time::timeout(step, leases.survey()).await {
             Ok(Ok(survey)) => survey,
             Ok(Err(e)) => return warn!(error = %e, "could not read the partition leases"),

@@ -73,14 +73,23 @@ impl EventLoop {
 
     /// The partition's reader: its durable consumer over the event kinds
     /// that drive the manager, reset to its ack floor.
-    async fn reader(nats: &Nats, partition: u32, batch: usize) -> Result<Reader, ManagerError> {
+    async fn reader(
+        nats: &Nats,
+        partition: u32,
+        batch: usize,
+        fence: &Fence,
+    ) -> Result<Reader, ManagerError> {
         let filters = EventKind::ALL
             .iter()
             .filter(|k| k.drives_manager())
             .map(|k| partition_kind_filter(partition, k.token()))
             .collect();
         let name = manager_consumer(partition);
-        Ok(Reader::open(nats, &name, filters, batch, "manager").await?)
+        match Reader::open(nats, &name, filters, batch, "manager", Some(fence)).await {
+            Ok(r) => Ok(r),
+            Err(LogError::Fenced(f)) => Err(f.into()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Loads the partition's running jobs from their checkpoints.
@@ -147,9 +156,9 @@ impl EventLoop {
     async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ManagerError> {
         self.reload().await?;
         // Opening the reader resets the shared consumer and takes its pin:
-        // only a holder may.
-        self.fence.check()?;
-        let mut reader = Self::reader(&self.nats, self.partition, self.options.batch).await?;
+        // only a holder may (checked before each of those).
+        let mut reader =
+            Self::reader(&self.nats, self.partition, self.options.batch, &self.fence).await?;
         let mut ticker = tokio::time::interval(self.options.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut saver = tokio::time::interval(self.options.checkpoint_every);

@@ -207,8 +207,11 @@ pub struct Lease {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Renewal {
     Renewed,
-    /// Someone else holds the key now, or nobody (it expired first).
+    /// Someone else holds the key now.
     TakenOver,
+    /// Nobody holds it: it expired first (renewals failed for its whole
+    /// life, e.g. while the lease bucket elected a leader).
+    Gone,
     /// Not renewed this time (NATS unreachable, timed out); maybe still
     /// held: the fence says until when for certain.
     Failed(String),
@@ -268,10 +271,13 @@ impl Lease {
                     }
                 }
             }
-            Ok(_) => {
+            Ok(entry) => {
                 debug!(key = %self.key, error = %refused, "the lease key is another holder's or gone");
                 self.fence.revoke();
-                Renewal::TakenOver
+                match entry {
+                    Some(e) if e.operation == Operation::Put => Renewal::TakenOver,
+                    _ => Renewal::Gone,
+                }
             }
             Err(e) => Renewal::Failed(e.to_string()),
         }
@@ -340,7 +346,7 @@ where
                 if let Renewal::Failed(error) = &renewal {
                     warn!(part = name, error, "could not renew the lease");
                 }
-                if renewal == Renewal::TakenOver || !lease.fence.holds() {
+                if matches!(renewal, Renewal::TakenOver | Renewal::Gone) || !lease.fence.holds() {
                     inner.cancel();
                     let _ = work.await;
                     break Err(LeaseError::Lost(name.to_string()));
@@ -420,9 +426,10 @@ impl Partitions {
     }
 
     /// Renews the membership and every held lease. A lease someone else
-    /// holds now (or nobody) is dropped, its fence revoked, and returned.
-    /// A lease merely not renewed stays: its fence pauses its work.
-    pub async fn renew(&mut self) -> Vec<u32> {
+    /// holds now (or nobody) is dropped, its fence revoked, and returned,
+    /// with whether nobody holds it. A lease merely not renewed stays: its
+    /// fence pauses its work.
+    pub async fn renew(&mut self) -> Vec<(u32, bool)> {
         if let Err(e) = self
             .kv
             .put(member_key(&self.me), self.me.clone().into())
@@ -442,7 +449,14 @@ impl Partitions {
             match renewal {
                 Renewal::TakenOver => {
                     warn!(partition = p, "partition lease taken over; stopping it");
-                    lost.push(p);
+                    lost.push((p, false));
+                }
+                Renewal::Gone => {
+                    warn!(
+                        partition = p,
+                        "partition lease expired unrenewed; stopping it and claiming it again"
+                    );
+                    lost.push((p, true));
                 }
                 Renewal::Failed(error) => failed.push((p, error)),
                 Renewal::Renewed => {}
@@ -452,7 +466,7 @@ impl Partitions {
             let partitions: Vec<u32> = failed.iter().map(|(p, _)| *p).collect();
             warn!(?partitions, error, "could not renew partition leases");
         }
-        for p in &lost {
+        for (p, _) in &lost {
             self.held.remove(p);
         }
         lost

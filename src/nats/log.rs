@@ -45,6 +45,7 @@ use serde::Serialize;
 use serde_json::Value;
 use thiserror::Error;
 
+use super::leases::{Fence, Fenced};
 use super::Nats;
 use crate::metrics::Metrics;
 use crate::protocol::{encode_json, job_events_filter, Event};
@@ -70,12 +71,18 @@ pub enum LogError {
     /// Reading failed (a node down, a timeout, a consumer gone).
     #[error("reading the event log: {0}")]
     Read(String),
+    /// The lease the reader stands for is not certainly held.
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
 }
 
 impl LogError {
     /// True when the same call may succeed later; false when it never will.
     pub fn is_transient(&self) -> bool {
-        matches!(self, LogError::Append(_) | LogError::Read(_))
+        matches!(
+            self,
+            LogError::Append(_) | LogError::Read(_) | LogError::Fenced(_)
+        )
     }
 }
 
@@ -238,14 +245,21 @@ impl Reader {
     /// Creates (or updates) the durable consumer `name` over `filters`,
     /// resets it to its ack floor, so everything not yet acknowledged is
     /// delivered again in order, takes the pin from any earlier reader and
-    /// starts pulling batches of at most `batch` events.
+    /// starts pulling batches of at most `batch` events. With a `fence`,
+    /// each of those changes to the shared consumer is made only while the
+    /// lease it stands for is certainly held (checked right before each).
     pub async fn open(
         nats: &Nats,
         name: &str,
         filters: Vec<String>,
         batch: usize,
         who: &'static str,
+        fence: Option<&Fence>,
     ) -> Result<Self, LogError> {
+        let fenced = || match fence.map(Fence::check) {
+            Some(Err(e)) => Err(LogError::Fenced(e)),
+            _ => Ok(()),
+        };
         let err =
             |what: &str, e: &dyn std::fmt::Display| LogError::Read(format!("{what} {name}: {e}"));
         let consumer: pull::Config = pull::Config {
@@ -269,6 +283,7 @@ impl Reader {
             // cannot be changed, so it is replaced, starting where it had
             // got to.
             Ok(old) => {
+                fenced()?;
                 nats.events
                     .delete_consumer(name)
                     .await
@@ -282,14 +297,17 @@ impl Reader {
             }
             Err(_) => consumer,
         };
+        fenced()?;
         let consumer = nats
             .events
             .create_consumer(consumer)
             .await
             .map_err(|e| err("creating consumer", &e))?;
+        fenced()?;
         let deliveries = Deliveries::reset(&nats.events, name)
             .await
             .map_err(|e| err("resetting consumer", &e))?;
+        fenced()?;
         nats.events
             .unpin_consumer(name, READER_GROUP)
             .await

@@ -231,6 +231,7 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
         vec![EVENTS_WILDCARD.into()],
         2000,
         "statistics",
+        None,
     )
     .await?;
     let metrics = Metrics::get();
