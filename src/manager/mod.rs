@@ -91,7 +91,21 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), ManagerError> {
     let id = process_id("manager");
-    let mut leases = PartitionLeases::open(&nats, id.clone()).await?;
+    // The lease bucket may be electing a leader (a node restarting): wait.
+    let mut pause = Duration::from_millis(250);
+    let mut leases = loop {
+        match PartitionLeases::open(&nats, id.clone()).await {
+            Ok(l) => break l,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?pause, "waiting for the lease bucket");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
     // Retired: the single consumer of versions that did not split the log.
     if nats.events.delete_consumer(MANAGER_CONSUMER).await.is_ok() {
         info!("removed the unpartitioned manager consumer of an earlier version");

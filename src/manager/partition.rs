@@ -146,7 +146,9 @@ impl EventLoop {
                         _ = cancel.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    // Short: most failures are a leader election (4-9 s),
+                    // and a longer wait would outlast it.
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         }
