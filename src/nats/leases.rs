@@ -290,13 +290,29 @@ impl Lease {
     }
 
     /// Gives the key up (its work must have stopped).
-    pub async fn release(self, kv: &kv::Store) {
+    /// A refusal for a stale revision is checked against the key, as in
+    /// [`renew`](Self::renew): a renewal whose reply was lost may have
+    /// landed, and the key still names this holder.
+    pub async fn release(self, kv: &kv::Store, me: &str) {
         self.fence.revoke();
-        if let Err(e) = kv
+        let Err(e) = kv
             .delete_expect_revision(&self.key, Some(self.revision))
             .await
-        {
-            debug!(key = %self.key, error = %e, "releasing a lease; it will expire instead");
+        else {
+            return;
+        };
+        let released = match kv.entry(&self.key).await {
+            Ok(Some(entry))
+                if entry.operation == Operation::Put && entry.value == me.as_bytes() =>
+            {
+                kv.delete_expect_revision(&self.key, Some(entry.revision))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            _ => Err(e.to_string()),
+        };
+        if let Err(error) = released {
+            debug!(key = %self.key, error, "releasing a lease; it will expire instead");
         }
     }
 }
@@ -354,7 +370,7 @@ where
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), lease.release(&kv)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), lease.release(&kv, me)).await;
     result
 }
 
@@ -498,18 +514,18 @@ impl Partitions {
     /// Gives a partition up (its loop must have stopped).
     pub async fn release(&mut self, p: u32) {
         if let Some(lease) = self.held.remove(&p) {
-            lease.release(&self.kv).await;
+            lease.release(&self.kv, &self.me).await;
         }
     }
 
     /// Gives every partition up and leaves (graceful shutdown), so other
     /// managers take over at once instead of after the leases expire.
     pub async fn leave(&mut self, within: Duration) {
+        let (kv, me) = (&self.kv, self.me.as_str());
+        let held = std::mem::take(&mut self.held);
         let leave = async {
-            for p in self.held() {
-                self.release(p).await;
-            }
-            let _ = self.kv.delete(member_key(&self.me)).await;
+            futures::future::join_all(held.into_values().map(|l| l.release(kv, me))).await;
+            let _ = kv.delete(member_key(me)).await;
         };
         let _ = tokio::time::timeout(within, leave).await;
     }
