@@ -25,7 +25,11 @@
 //! pauses when the fence passes and goes on when a renewal succeeds again.
 //! Only a renewal that finds the key held by someone else (or gone) loses
 //! the lease; a renewal refused for a stale revision first reads the key,
-//! since an earlier renewal whose reply was lost may have landed.
+//! since an earlier renewal whose reply was lost may have landed. (A
+//! manager claims a gone key again at once: its state is reloaded, but the
+//! partition stays where it was.) The fence cannot cover a process frozen
+//! between its check and the write reaching the server; the margin bounds
+//! that in practice, and job records are revision-checked besides.
 //!
 //! Managers also renew a membership key, count the live managers and move
 //! toward an equal share, `ceil(partitions / managers)`: they give up extra
@@ -534,6 +538,34 @@ impl Partitions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_fence_holds_from_a_renewal_until_its_validity_ends_or_it_is_revoked() {
+        let fence = Fence::new();
+        assert!(fence.check().is_err(), "holds nothing before a claim");
+        fence.extend(Instant::now());
+        assert!(fence.holds());
+        // A renewal sent longer ago than the validity holds nothing.
+        let old = Fence::new();
+        old.extend(Instant::now() - LEASE_VALID - Duration::from_millis(1));
+        assert!(!old.holds());
+        // An older renewal's reply arriving late does not shorten it.
+        let until = *fence.0.borrow();
+        fence.extend(Instant::now() - Duration::from_secs(1));
+        assert_eq!(*fence.0.borrow(), until);
+        fence.revoke();
+        assert!(fence.check().is_err());
+        // Waiting for it: over when a renewal succeeds.
+        let waiting = fence.clone();
+        let held = tokio::spawn(async move { waiting.held().await });
+        tokio::task::yield_now().await;
+        assert!(!held.is_finished());
+        fence.extend(Instant::now());
+        tokio::time::timeout(Duration::from_secs(1), held)
+            .await
+            .expect("held once renewed")
+            .expect("join");
+    }
 
     #[test]
     fn one_manager_takes_everything() {
