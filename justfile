@@ -45,9 +45,10 @@ bench *ARGS: nats-server
 fmt:
     cargo fmt --all
 
-# A seeded chaos run on a 3-node cluster (faults: managers, workers, serve and
-# NATS nodes killed, a manager frozen past its lease); non-zero on any
-# violation. Figures in target/chaos/result.json. E.g. `just chaos --seed 7 --minutes 2`.
+# Kills and freezes managers, workers, serve and NATS nodes of a 3-node
+# cluster while jobs run, then checks every job (docs/RELIABILITY.md);
+# figures in target/chaos/result.json, exit 1 on any violation.
+# Seeded chaos run, e.g. `just chaos --seed 7 --minutes 2` (see --help).
 chaos *ARGS: nats-server
     cargo build --quiet --bins
     target/debug/fanjet-chaos {{ARGS}}

@@ -60,7 +60,8 @@ struct Args {
     /// Longest wait, after the last fault, for every job to end.
     #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
     drain: Duration,
-    /// Where the logs, the ledgers and result.json go (emptied first).
+    /// Where the logs, the ledgers and result.json go (an earlier run's are
+    /// removed first; a folder holding anything else is refused).
     #[arg(long, default_value = "target/chaos")]
     out: PathBuf,
     #[command(subcommand)]
@@ -368,7 +369,7 @@ fn unix_nanos() -> i128 {
 }
 
 async fn run(args: &Args) -> Result<i32> {
-    let _ = std::fs::remove_dir_all(&args.out);
+    clear_output(&args.out)?;
     std::fs::create_dir_all(args.out.join("logs"))?;
     let exe_dir = std::env::current_exe()?
         .parent()
@@ -603,6 +604,40 @@ async fn run(args: &Args) -> Result<i32> {
     } else {
         1
     })
+}
+
+/// Empties the output folder of an earlier run; refuses a folder holding
+/// anything else (a mistyped `--out .` must not delete a checkout).
+fn clear_output(out: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    let mut ours = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let from_a_run = name == "logs"
+            || name == "result.json"
+            || (name.starts_with("ledger-") && name.ends_with(".txt"));
+        if !from_a_run {
+            bail!(
+                "{} holds {name}, which no chaos run wrote: choose an empty or new --out folder",
+                out.display()
+            );
+        }
+        ours.push(path);
+    }
+    for path in ours {
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
 
 /// Connects and creates the streams and buckets, waiting for the cluster to
