@@ -801,3 +801,71 @@ backoff = ["100ms"]
         "the hung attempt was abandoned and retried once"
     );
 }
+
+/// A reader's consumer made by an earlier version (no priority group) is
+/// taken over as it stands: reading goes on after its ack floor, and the
+/// consumer pins one client from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_takes_over_a_consumer_an_earlier_version_made() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, PriorityPolicy};
+    use futures::StreamExt;
+    let env = Env::start().await;
+    let subject = "fanjet.ev.00.upgrade.cancel_requested";
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        let ack = env
+            .nats
+            .js
+            .publish(subject, format!("{{\"n\": {i}}}").into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        seqs.push(ack.sequence);
+    }
+    let old = env
+        .nats
+        .events
+        .create_consumer(pull::Config {
+            durable_name: Some("upgrade-test".into()),
+            filter_subjects: vec![subject.into()],
+            ack_policy: AckPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("an earlier version's consumer");
+    let mut batch = old.fetch().max_messages(3).messages().await.expect("fetch");
+    let mut last = None;
+    while let Some(m) = batch.next().await {
+        last = Some(m.expect("message"));
+    }
+    last.expect("three delivered")
+        .double_ack()
+        .await
+        .expect("ack");
+
+    let mut reader = fanjet::nats::log::Reader::open(
+        &env.nats,
+        "upgrade-test",
+        vec![subject.into()],
+        10,
+        "manager",
+        None,
+    )
+    .await
+    .expect("opened over the old consumer");
+    let first = reader.next_batch().await.expect("batch").messages;
+    assert_eq!(
+        fanjet::nats::log::stream_seq(&first[0]),
+        seqs[3],
+        "goes on after the ack floor"
+    );
+    let info = env
+        .nats
+        .events
+        .clone()
+        .consumer_info("upgrade-test")
+        .await
+        .expect("info");
+    assert_eq!(info.config.priority_policy, PriorityPolicy::PinnedClient);
+}

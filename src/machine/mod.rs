@@ -882,12 +882,8 @@ fn lost(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
 /// every reader of the log sees it where it counts, then applied at once
 /// (reading it back changes nothing; after a crash, it applies it then).
 fn decide(job: &mut Job, decision: SubjobsFailed, now: Millis, out: &mut Vec<Action>) -> bool {
-    let event = Event::SubjobsFailed(decision);
-    out.push(Action::Publish(event.clone()));
-    let Event::SubjobsFailed(decision) = &event else {
-        return false;
-    };
-    subjobs_failed(job, 0, decision, now, out).is_ok()
+    out.push(Action::Publish(Event::SubjobsFailed(decision.clone())));
+    subjobs_failed(job, 0, &decision, now, out).is_ok()
 }
 
 /// Deadline and window checks for one running job; true when it changed.
@@ -902,7 +898,7 @@ fn tick(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
     }
     if let (Some(deadline), Some(started)) = (def.deadline_ms, step.started_at) {
         if now >= started.saturating_add(deadline) {
-            let unfinished = step.total - (step.completed + step.failed).min(step.total);
+            let unfinished = step.total.saturating_sub(step.completed + step.failed);
             let decision = SubjobsFailed {
                 job_id: job.job_id.clone(),
                 step_index: i,

@@ -52,8 +52,7 @@ pub struct Writer {
 
 pub struct Executor {
     nats: Nats,
-    manager: String,
-    fence: Fence,
+    writer: Writer,
     sources: HashMap<u64, Arc<Value>>,
     acks: FuturesUnordered<<PublishAckFuture as IntoFuture>::IntoFuture>,
     /// The stored revision of each job record held.
@@ -66,8 +65,7 @@ impl Executor {
     pub fn new(nats: Nats, writer: Writer) -> Self {
         Executor {
             nats,
-            manager: writer.manager,
-            fence: writer.fence,
+            writer,
             sources: HashMap::new(),
             acks: FuturesUnordered::new(),
             revisions: HashMap::new(),
@@ -105,7 +103,7 @@ impl Executor {
                 Action::Checkpoint(_) => {}
                 Action::Ack => {
                     self.flush().await?;
-                    self.fence.check()?;
+                    self.writer.fence.check()?;
                     if let Some(last) = self.unacked.take() {
                         last.ack()
                             .await
@@ -137,7 +135,7 @@ impl Executor {
                 Action::PurgeTasks { job_id } => {
                     // Everything enqueued before must be in the stream before it is purged.
                     self.flush().await?;
-                    self.fence.check()?;
+                    self.writer.fence.check()?;
                     self.nats
                         .tasks
                         .purge()
@@ -164,7 +162,7 @@ impl Executor {
         self.flush().await?;
         let nats = &self.nats;
         let revisions = &self.revisions;
-        let writer = (self.manager.as_str(), &self.fence);
+        let writer = &self.writer;
         let written: Vec<(Checkpoint, Result<u64, ManagerError>)> =
             futures::stream::iter(checkpoints)
                 .map(|cp| async move {
@@ -230,8 +228,8 @@ impl Executor {
                 ack.map_err(publish_err)?;
             }
         }
-        self.fence.check()?;
-        let msg = msg.header(MANAGER_HEADER, self.manager.as_str());
+        self.writer.fence.check()?;
+        let msg = msg.header(MANAGER_HEADER, self.writer.manager.as_str());
         let fut = self
             .nats
             .js
@@ -368,13 +366,14 @@ async fn fetch_result(nats: &Nats, r: &ResultRef) -> Result<Result<Value, String
 /// returns the record's new revision.
 async fn write(
     nats: &Nats,
-    (author, fence): (&str, &Fence),
+    writer: &Writer,
     cp: &Checkpoint,
     revision: Option<u64>,
 ) -> Result<u64, ManagerError> {
     let mut stored = None;
+    let author = writer.manager.as_str();
     for w in &cp.writes {
-        fence.check()?;
+        writer.fence.check()?;
         match w {
             Write::Record(record) => {
                 let put =

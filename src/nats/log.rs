@@ -273,30 +273,8 @@ impl Reader {
             priority_timeout: PIN_TIMEOUT,
             ..Default::default()
         };
-        let consumer = match nats.events.consumer_info(name).await {
-            // Updated in place (its filters may change), from where it is.
-            Ok(old) if old.config.priority_policy == PriorityPolicy::PinnedClient => pull::Config {
-                deliver_policy: old.config.deliver_policy,
-                ..consumer
-            },
-            // An earlier version's consumer, not pinned: a priority policy
-            // cannot be changed, so it is replaced, starting where it had
-            // got to.
-            Ok(old) => {
-                fenced()?;
-                nats.events
-                    .delete_consumer(name)
-                    .await
-                    .map_err(|e| err("replacing consumer", &e))?;
-                pull::Config {
-                    deliver_policy: DeliverPolicy::ByStartSequence {
-                        start_sequence: old.ack_floor.stream_sequence + 1,
-                    },
-                    ..consumer
-                }
-            }
-            Err(_) => consumer,
-        };
+        // An existing consumer, pinned or made by an earlier version that
+        // did not pin, is updated in place from where it is.
         fenced()?;
         let consumer = nats
             .events

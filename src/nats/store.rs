@@ -39,16 +39,13 @@ pub enum StoreError {
     },
 }
 
-/// Who writes a job's state, named on every write ([`MANAGER_HEADER`]):
-/// an audit trail of which manager process wrote what.
-pub type Author<'a> = &'a str;
-
 /// Writes a job record: creates it (`revision` None) or updates the one
-/// at `revision`; returns the new revision. [`StoreError::Conflict`] when
+/// at `revision`; returns the new revision. Every write of this module
+/// names its `author` (the manager) in [`MANAGER_HEADER`]. [`StoreError::Conflict`] when
 /// another manager wrote it since.
 pub async fn put_record(
     nats: &Nats,
-    author: Author<'_>,
+    author: &str,
     job_id: &str,
     record: Bytes,
     revision: Option<u64>,
@@ -64,7 +61,7 @@ pub async fn put_record(
         record.clone(),
         author,
         Some(revision.unwrap_or(0)),
-        None,
+        &[],
     )
     .await;
     match (written, revision) {
@@ -89,14 +86,14 @@ pub async fn put_record(
 /// Stores one chunk of a step's pending set.
 pub async fn put_chunk(
     nats: &Nats,
-    author: Author<'_>,
+    author: &str,
     job_id: &str,
     step_index: usize,
     chunk: u64,
     bits: Vec<u8>,
 ) -> Result<(), StoreError> {
     let key = chunk_key(job_id, step_index, chunk);
-    kv_write(nats, PENDING_BUCKET, &key, bits.into(), author, None, None)
+    kv_write(nats, PENDING_BUCKET, &key, bits.into(), author, None, &[])
         .await
         .map(|_| ())
         .map_err(|e| kv_error(job_id, "put chunk", &e))
@@ -105,7 +102,7 @@ pub async fn put_chunk(
 /// Deletes one chunk of a step's pending set (with its history).
 pub async fn delete_chunk(
     nats: &Nats,
-    author: Author<'_>,
+    author: &str,
     job_id: &str,
     step_index: usize,
     chunk: u64,
@@ -119,7 +116,7 @@ pub async fn delete_chunk(
         Bytes::new(),
         author,
         None,
-        Some(purge),
+        &purge,
     )
     .await
     .map(|_| ())
@@ -134,15 +131,15 @@ async fn kv_write(
     bucket: &str,
     key: &str,
     value: Bytes,
-    author: Author<'_>,
+    author: &str,
     expect: Option<u64>,
-    headers: Option<[(&'static str, &'static str); 2]>,
+    headers: &[(&'static str, &'static str)],
 ) -> Result<u64, PublishError> {
     let mut msg = PublishMessage::build()
         .payload(value)
         .header(MANAGER_HEADER, author);
-    for (name, value) in headers.into_iter().flatten() {
-        msg = msg.header(name, value);
+    for (name, value) in headers {
+        msg = msg.header(*name, *value);
     }
     if let Some(revision) = expect {
         msg = msg.expected_last_subject_sequence(revision);
