@@ -60,6 +60,7 @@ async fn garbage_and_forged_events_are_ignored_counted_and_harmless() {
         attempt: 1,
         result: json!(null),
         duration_ms: 0,
+        token: env.token("victim", 1, 0),
     });
     js.publish(
         event_subject("other", "subjob_completed"),
@@ -77,6 +78,7 @@ async fn garbage_and_forged_events_are_ignored_counted_and_harmless() {
         attempt: 1,
         result: json!(null),
         duration_ms: 0,
+        token: env.token("ghost", 0, 0),
     });
     js.publish(ghost.subject(), encode_json(&ghost).unwrap())
         .await
@@ -105,6 +107,7 @@ async fn garbage_and_forged_events_are_ignored_counted_and_harmless() {
             attempt: 1,
             result: json!(null),
             duration_ms: 0,
+            token: env.token("real", 0, index),
         });
         js.publish(e.subject(), encode_json(&e).unwrap())
             .await

@@ -221,6 +221,7 @@ async fn duplicate_and_late_completions_count_once() {
             attempt: 1,
             result: json!("dup"),
             duration_ms: 0,
+            token: ctx.task.token.clone(),
         });
         let nats = nats.clone();
         tokio::spawn(async move {
@@ -256,6 +257,7 @@ async fn duplicate_and_late_completions_count_once() {
         attempt: 9,
         result: json!(null),
         duration_ms: 0,
+        token: env.token("d1", 1, 3),
     });
     env.nats
         .js

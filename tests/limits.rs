@@ -107,6 +107,7 @@ async fn long_error_texts_from_any_worker_never_stop_a_partition() {
                 index: task.index,
                 attempt: 1,
                 error: traceback.clone(),
+                token: task.token.clone(),
             });
             env.nats
                 .js

@@ -365,6 +365,7 @@ async fn a_busy_neighbour_does_not_hide_a_jobs_lost_tasks() {
         attempt: 1,
         result: json!(null),
         duration_ms: 1,
+        token: env.token(&busy, 0, 0),
     });
     let body = fanjet::protocol::encode_json(&event).unwrap();
     // Acks awaited a thousand at a time: the context holds back a publish
@@ -677,6 +678,7 @@ async fn statistics_count_what_the_job_record_counts() {
             attempt: 1,
             result: json!(index),
             duration_ms: 3,
+            token: env.token("ag-1", 0, index),
         })
     };
     publish(
@@ -687,6 +689,7 @@ async fn statistics_count_what_the_job_record_counts() {
             index: 0,
             attempt: 2,
             error: "gave up".into(),
+            token: env.token("ag-1", 0, 0),
         }),
     )
     .await;

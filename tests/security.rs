@@ -16,16 +16,25 @@ use fanjet::protocol::JobState;
 use fanjet::protocol::Workflow;
 use fanjet::protocol::{
     customer_submit_subject, encode_json, event_subject, Event, JobCompleted, StepCompleted,
-    Submission,
+    SubjobCompleted, SubjobFailed, Submission,
 };
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+/// The inbox prefix `nats/secure/server.conf` gives each user.
+fn inbox_of(user: &str) -> String {
+    match user {
+        "submitter" => "_INBOX_acme".into(),
+        other => format!("_INBOX_{other}"),
+    }
+}
+
 async fn connect(server: &NatsServer, user: &str) -> async_nats::Client {
     let mut args = ConnectArgs::url(server.url());
     args.user = Some(user.into());
     args.password = Some(format!("{user}-secret"));
+    args.inbox_prefix = Some(inbox_of(user));
     args.connect(&format!("test-{user}"))
         .await
         .unwrap_or_else(|e| panic!("{user} connects: {e}"))
@@ -308,5 +317,534 @@ async fn each_role_can_do_its_job_and_no_more() {
 
     cancel.cancel();
     let _ = m.await;
+    let _ = w.await;
+}
+
+/// A secure server with the manager running and workflows `inv` (one
+/// fanout step `send`) and `squares` (from `examples/`) applied.
+struct Secure {
+    server: NatsServer,
+    admin: Nats,
+    cancel: CancellationToken,
+    manager: tokio::task::JoinHandle<Result<(), manager::ManagerError>>,
+    stats: tokio::task::JoinHandle<Result<(), fanjet::observe::stats::StatsError>>,
+}
+
+impl Secure {
+    async fn start() -> Secure {
+        let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("nats/secure/server.conf");
+        let server = tokio::task::spawn_blocking(move || NatsServer::start_config(&conf))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("this test needs a real nats-server: {e}"));
+        let admin = Nats::ensure(connect(&server, "manager").await)
+            .await
+            .expect("manager creates streams and buckets");
+        admin
+            .apply_workflow(
+                &Workflow::from_toml(
+                    "name = \"inv\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"5s\"\n",
+                )
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        let squares = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/squares.toml"),
+        )
+        .unwrap();
+        admin
+            .apply_workflow(&Workflow::from_toml(&squares).unwrap())
+            .await
+            .unwrap();
+        let cancel = CancellationToken::new();
+        let manager = tokio::spawn(manager::run(
+            admin.clone(),
+            ManagerOptions::default(),
+            cancel.clone(),
+        ));
+        let stats = tokio::spawn(fanjet::observe::stats::run(admin.clone(), cancel.clone()));
+        Secure {
+            server,
+            admin,
+            cancel,
+            manager,
+            stats,
+        }
+    }
+
+    async fn bind(&self, user: &str) -> Nats {
+        Nats::bind(connect(&self.server, user).await)
+            .await
+            .unwrap_or_else(|e| panic!("{user} binds: {e}"))
+    }
+
+    async fn wait(
+        &self,
+        job_id: &str,
+        what: &str,
+        done: impl Fn(&fanjet::protocol::Job) -> bool,
+    ) -> fanjet::protocol::Job {
+        for _ in 0..200 {
+            if let Some((job, _)) = fanjet::nats::store::get(&self.admin, job_id).await.unwrap() {
+                if done(&job) {
+                    return job;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {job_id}: {what} did not happen within 20 s");
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.manager.await;
+        let _ = self.stats.await;
+    }
+}
+
+/// A request this user may not make: the server drops it, so no answer
+/// comes (a permissions violation is reported to the client only).
+async fn refused_request(nats: &Nats, subject: &str, body: &str) -> bool {
+    let answer = tokio::time::timeout(
+        Duration::from_secs(1),
+        nats.client
+            .request(subject.to_string(), body.to_string().into()),
+    )
+    .await;
+    !matches!(answer, Ok(Ok(_)))
+}
+
+fn bad_tokens_dropped() -> u64 {
+    fanjet::metrics::Metrics::get()
+        .manager_ignored
+        .with_label_values(&["bad_token"])
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_decides_only_the_tasks_it_was_given() {
+    let env = Secure::start().await;
+    let bob = env.bind("bob").await;
+    let sub = Submission {
+        job_id: Some("bob-parked".into()),
+        customer: Some("bob".into()),
+        input: json!([1, 2, 3]),
+    };
+    assert!(client::submit(&bob, "inv", &sub).await.unwrap().ok);
+    // No worker serves `inv` yet: the job waits with its tasks queued.
+    env.wait("bob-parked", "dispatch", |j| j.steps[0].dispatched == 3)
+        .await;
+
+    // A worker of `squares` forges outcomes for bob's job: JetStream stores
+    // them (the subject is allowed), and every reader drops them.
+    let attacker = env.bind("worker_squares").await;
+    let before = bad_tokens_dropped();
+    let mut forged = Vec::new();
+    for index in 0..3 {
+        forged.push(Event::SubjobCompleted(SubjobCompleted {
+            job_id: "bob-parked".into(),
+            step_index: 0,
+            index,
+            attempt: 1,
+            result: json!("forged"),
+            duration_ms: 0,
+            token: String::new(),
+        }));
+        forged.push(Event::SubjobFailed(SubjobFailed {
+            job_id: "bob-parked".into(),
+            step_index: 0,
+            index,
+            attempt: 1,
+            error: "forged".into(),
+            token: "AAAAAAAAAAAAAAAAAAAAAA".into(),
+        }));
+    }
+    for e in &forged {
+        attacker
+            .js
+            .publish(e.subject(), encode_json(e).unwrap())
+            .await
+            .unwrap()
+            .await
+            .expect("a worker may publish outcomes");
+    }
+    for _ in 0..100 {
+        if bad_tokens_dropped() >= before + forged.len() as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        bad_tokens_dropped() - before,
+        forged.len() as u64,
+        "the manager read and dropped every forged outcome"
+    );
+    let (job, _) = fanjet::nats::store::get(&env.admin, "bob-parked")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, JobState::Running);
+    assert_eq!((job.steps[0].completed, job.steps[0].failed), (0, 0));
+
+    // It cannot take `inv` tasks (and their tokens) either.
+    assert!(
+        refused_request(
+            &attacker,
+            "$JS.API.CONSUMER.MSG.NEXT.FANJET_TASKS.fanjet_inv_send",
+            "{\"batch\": 1, \"expires\": 500000000}"
+        )
+        .await,
+        "a squares worker pulls inv tasks"
+    );
+
+    // Its own work goes through, acks and all.
+    let w = Worker::new(attacker.clone())
+        .concurrency(4)
+        .handler("squares", "square", |c: TaskContext| async move {
+            let x = c.task.item.as_i64().unwrap_or(0);
+            Ok(json!(x * x))
+        })
+        .handler("squares", "report", |_c: TaskContext| async move {
+            Ok(json!("done"))
+        });
+    let wc = env.cancel.clone();
+    let w = tokio::spawn(async move { w.run(wc).await });
+    let acme = env.bind("submitter").await;
+    let sub = Submission {
+        job_id: Some("acme-squares".into()),
+        customer: Some("acme".into()),
+        input: json!([1, 2, 3]),
+    };
+    assert!(client::submit(&acme, "squares", &sub).await.unwrap().ok);
+    let done = env
+        .wait("acme-squares", "completion", |j| j.state.is_terminal())
+        .await;
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.error);
+
+    // A real worker of `inv` finishes bob's job with real results.
+    let real = env.bind("worker").await;
+    let w2 = Worker::new(real)
+        .concurrency(4)
+        .handler("inv", "send", |c: TaskContext| async move {
+            Ok(json!({"sent": c.task.item}))
+        });
+    let wc = env.cancel.clone();
+    let w2 = tokio::spawn(async move { w2.run(wc).await });
+    let job = env
+        .wait("bob-parked", "completion", |j| j.state.is_terminal())
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!((job.steps[0].completed, job.steps[0].failed), (3, 0));
+    let mut counted = None;
+    for _ in 0..50 {
+        counted = fanjet::nats::store::stats(&env.admin, "bob-parked")
+            .await
+            .unwrap()
+            .map(|s| (s.steps[0].completed, s.steps[0].failed));
+        if counted == Some((3, 0)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(counted, Some((3, 0)), "statistics ignore forgeries");
+    let results: Vec<_> = fanjet::nats::log::history(&env.admin, "bob-parked", 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event["type"] == "SubjobCompleted" && e.event["result"] != json!("forged"))
+        .collect();
+    assert_eq!(results.len(), 3, "the real outcomes are in the log");
+    env.stop().await;
+    let _ = w.await;
+    let _ = w2.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_role_reads_another_ones_replies() {
+    let env = Secure::start().await;
+    // acme listens wherever replies could go: everyone's default inbox
+    // prefix, bob's, and the manager's (where its pulls deliver events).
+    let acme = connect(&env.server, "submitter").await;
+    let mut spies = Vec::new();
+    for subject in ["_INBOX.>", "_INBOX_bob.>", "_INBOX_manager.>", ">"] {
+        spies.push(acme.subscribe(subject).await.unwrap());
+    }
+    let worker = connect(&env.server, "worker").await;
+    let mut worker_spy = worker.subscribe("_INBOX_worker_squares.>").await.unwrap();
+    acme.flush().await.unwrap();
+    worker.flush().await.unwrap();
+
+    let bob = env.bind("bob").await;
+    let sub = Submission {
+        job_id: Some("bob-private".into()),
+        customer: Some("bob".into()),
+        input: json!([1, 2]),
+    };
+    let reply = client::submit(&bob, "squares", &sub).await.unwrap();
+    assert!(reply.ok, "{reply:?}");
+    let squares = env.bind("worker_squares").await;
+    let w = Worker::new(squares)
+        .concurrency(2)
+        .handler("squares", "square", |c: TaskContext| async move {
+            Ok(c.task.item)
+        })
+        .handler("squares", "report", |_c: TaskContext| async move {
+            Ok(json!(null))
+        });
+    let wc = env.cancel.clone();
+    let w = tokio::spawn(async move { w.run(wc).await });
+    let job = env
+        .wait("bob-private", "completion", |j| j.state.is_terminal())
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let seen = client::status_as(&bob, "bob", "bob-private").await.unwrap();
+    assert!(seen.is_some(), "bob reads his status through his own inbox");
+
+    for mut spy in spies {
+        let got = tokio::time::timeout(
+            Duration::from_millis(300),
+            futures::StreamExt::next(&mut spy),
+        )
+        .await;
+        assert!(
+            !matches!(got, Ok(Some(_))),
+            "acme received {:?}",
+            got.ok().flatten().map(|m| m.subject)
+        );
+    }
+    let got = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures::StreamExt::next(&mut worker_spy),
+    )
+    .await;
+    assert!(
+        !matches!(got, Ok(Some(_))),
+        "one worker user saw another's task deliveries"
+    );
+    env.stop().await;
+    let _ = w.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_viewer_changes_no_consumer_and_pulls_none() {
+    let env = Secure::start().await;
+    // The manager has made its consumers.
+    let stream = env.admin.events.clone();
+    for _ in 0..100 {
+        if stream.consumer_info("fanjet-manager-07").await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = stream
+        .consumer_info("fanjet-manager-07")
+        .await
+        .unwrap()
+        .config;
+    let viewer = env.bind("viewer").await;
+    let hijack = json!({
+        "stream_name": "FANJET_EVENTS",
+        "config": {"durable_name": "fanjet-manager-07", "filter_subject": "nothing.matches", "ack_policy": "all"},
+        "action": ""
+    })
+    .to_string();
+    for (subject, body) in [
+        (
+            "$JS.API.CONSUMER.CREATE.FANJET_EVENTS.fanjet-manager-07.nothing.matches",
+            hijack.as_str(),
+        ),
+        (
+            "$JS.API.CONSUMER.CREATE.FANJET_EVENTS.fanjet-manager-07",
+            hijack.as_str(),
+        ),
+        ("$JS.API.CONSUMER.CREATE.FANJET_EVENTS", hijack.as_str()),
+        (
+            "$JS.API.CONSUMER.DURABLE.CREATE.FANJET_EVENTS.fanjet-manager-07",
+            hijack.as_str(),
+        ),
+        (
+            "$JS.API.CONSUMER.DELETE.FANJET_EVENTS.fanjet-manager-09",
+            "",
+        ),
+        ("$JS.API.CONSUMER.DELETE.FANJET_EVENTS.fanjet-notify", ""),
+        ("$JS.API.CONSUMER.DELETE.FANJET_EVENTS.fanjet-stats", ""),
+        (
+            "$JS.API.CONSUMER.MSG.NEXT.FANJET_EVENTS.fanjet-manager-12",
+            "{\"batch\": 1}",
+        ),
+        (
+            "$JS.API.CONSUMER.UNPIN.FANJET_EVENTS.fanjet-manager-12",
+            "{\"group\": \"reader\"}",
+        ),
+        (
+            "$JS.API.CONSUMER.PAUSE.FANJET_EVENTS.fanjet-manager-12",
+            "{}",
+        ),
+        ("$JS.API.STREAM.PURGE.FANJET_EVENTS", ""),
+    ] {
+        assert!(
+            refused_request(&viewer, subject, body).await,
+            "the viewer was answered on {subject}"
+        );
+    }
+    let after = stream
+        .consumer_info("fanjet-manager-07")
+        .await
+        .unwrap()
+        .config;
+    assert_eq!(after.filter_subjects, before.filter_subjects);
+    assert_eq!(after.filter_subject, before.filter_subject);
+    for name in ["fanjet-manager-09", "fanjet-stats"] {
+        assert!(stream.consumer_info(name).await.is_ok(), "{name} is gone");
+    }
+    // What the viewer is for still works: a job's history and the job list.
+    let acme = env.bind("submitter").await;
+    let sub = Submission {
+        job_id: Some("acme-seen".into()),
+        customer: Some("acme".into()),
+        input: json!([1]),
+    };
+    assert!(client::submit(&acme, "inv", &sub).await.unwrap().ok);
+    env.wait("acme-seen", "dispatch", |j| j.steps[0].dispatched == 1)
+        .await;
+    let history = fanjet::nats::log::history(&viewer, "acme-seen", 0, 100)
+        .await
+        .expect("viewer reads history");
+    assert!(
+        history.iter().any(|e| e.event["type"] == "StepStarted"),
+        "{history:?}"
+    );
+    let listed = fanjet::nats::store::list(&viewer, &Default::default())
+        .await
+        .expect("viewer lists jobs");
+    assert!(listed.iter().any(|j| j.job_id == "acme-seen"));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cannot_purge_or_replace_a_stored_result() {
+    let mut env = Secure::start().await;
+    let big = |tag: &str| json!({"tag": tag, "pad": "x".repeat(300_000)});
+    let worker = env.bind("worker").await;
+    let acme = env.bind("submitter").await;
+    // Two steps: a task whose large result is the next step's input.
+    env.admin
+        .apply_workflow(
+            &Workflow::from_toml(
+                "name = \"big\"\n[[steps]]\nname = \"make\"\nkind = \"task\"\ntimeout = \"5s\"\n[[steps]]\nname = \"use\"\nkind = \"task\"\ntimeout = \"5s\"\n",
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let sub = Submission {
+        job_id: Some("acme-big".into()),
+        customer: Some("acme".into()),
+        input: json!(null),
+    };
+    assert!(client::submit(&acme, "big", &sub).await.unwrap().ok);
+    env.wait("acme-big", "dispatch", |j| j.steps[0].dispatched == 1)
+        .await;
+    // The manager stops before the worker reports, so the result sits in
+    // the store until it comes back.
+    env.cancel.cancel();
+    let _ = (&mut env.manager).await;
+    let again = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let real = big("real");
+    let w = Worker::new(worker.clone()).concurrency(1).handler(
+        "big",
+        "make",
+        move |_c: TaskContext| {
+            let real = real.clone();
+            async move { Ok(real) }
+        },
+    );
+    let ws = stop.clone();
+    let w = tokio::spawn(async move { w.run(ws).await });
+    let mut reference = None;
+    for _ in 0..100 {
+        let log = fanjet::nats::log::history(&env.admin, "acme-big", 0, 100)
+            .await
+            .unwrap();
+        reference = log
+            .iter()
+            .find(|e| e.event["type"] == "SubjobCompleted")
+            .and_then(|e| fanjet::protocol::ResultRef::from_value(&e.event["result"]));
+        if reference.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    let _ = w.await;
+    let reference = reference.expect("the large result was stored and reported");
+    assert!(reference.digest.is_some(), "{reference:?}");
+
+    // A worker may not purge the store, nor read another's result back.
+    assert!(refused_request(&worker, "$JS.API.STREAM.PURGE.OBJ_fanjet_results", "").await);
+    assert!(
+        refused_request(
+            &worker,
+            "$JS.API.STREAM.MSG.GET.OBJ_fanjet_results",
+            "{\"seq\": 1}"
+        )
+        .await
+    );
+    assert!(
+        refused_request(
+            &worker,
+            "$JS.API.CONSUMER.CREATE.OBJ_fanjet_results",
+            "{\"stream_name\": \"OBJ_fanjet_results\", \"config\": {}}"
+        )
+        .await
+    );
+    // Knowing the name (here, from the log), it writes another value under
+    // it; the purge that would follow is refused, the new value is there.
+    let forged = serde_json::to_vec(&big("forged")).unwrap();
+    let _ = worker
+        .results
+        .put(reference.name.as_str(), &mut forged.as_slice())
+        .await;
+    let now = env.admin.results.info(&reference.name).await.unwrap();
+    assert_ne!(
+        now.digest, reference.digest,
+        "the attack replaced the object"
+    );
+
+    // The manager comes back, reads the step's input and notices.
+    let manager = tokio::spawn(manager::run(
+        env.admin.clone(),
+        ManagerOptions::default(),
+        again.clone(),
+    ));
+    let used = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = used.clone();
+    let w = Worker::new(worker)
+        .concurrency(1)
+        .handler("big", "use", move |c: TaskContext| {
+            let seen = seen.clone();
+            async move {
+                *seen.lock().unwrap() = Some(c.task.input["tag"].clone());
+                Ok(json!(null))
+            }
+        });
+    let wc = again.clone();
+    let w = tokio::spawn(async move { w.run(wc).await });
+    let job = env
+        .wait("acme-big", "its end", |j| j.state.is_terminal())
+        .await;
+    assert_eq!(
+        job.state,
+        JobState::Failed,
+        "the forged input was used: {:?}",
+        used.lock().unwrap()
+    );
+    let error = job.error.clone().unwrap_or_default();
+    assert!(error.contains("replaced"), "{error}");
+    assert_eq!(*used.lock().unwrap(), None);
+    again.cancel();
+    let _ = manager.await;
     let _ = w.await;
 }

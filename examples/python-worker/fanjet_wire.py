@@ -27,7 +27,8 @@ def subjob_completed(task: dict, attempt: int, result, duration_ms: int):
     """(subject, headers, payload) of a SubjobCompleted event."""
     job, i, idx = task["job_id"], task["step_index"], task["index"]
     event = {"type": "SubjobCompleted", "job_id": job, "step_index": i, "index": idx,
-             "attempt": attempt, "result": result, "duration_ms": duration_ms}
+             "attempt": attempt, "result": result, "duration_ms": duration_ms,
+             "token": task.get("token", "")}
     headers = {"Nats-Msg-Id": f"{job}:subjob_completed:{i}:{idx}"}
     return event_subject(job, "subjob_completed"), headers, json.dumps(event).encode()
 
@@ -36,7 +37,7 @@ def subjob_failed(task: dict, attempt: int, error: str):
     """(subject, headers, payload) of a SubjobFailed event."""
     job, i, idx = task["job_id"], task["step_index"], task["index"]
     event = {"type": "SubjobFailed", "job_id": job, "step_index": i, "index": idx,
-             "attempt": attempt, "error": error}
+             "attempt": attempt, "error": error, "token": task.get("token", "")}
     headers = {"Nats-Msg-Id": f"{job}:subjob_failed:{i}:{idx}"}
     return event_subject(job, "subjob_failed"), headers, json.dumps(event).encode()
 

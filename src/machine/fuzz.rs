@@ -80,6 +80,7 @@ fn random_event_streams_never_panic_the_engine() {
                                 json!({"x": 1})
                             },
                             duration_ms: 1,
+                            token: String::new(),
                         }),
                     },
                     3 => Input::Event {
@@ -90,6 +91,7 @@ fn random_event_streams_never_panic_the_engine() {
                             index,
                             attempt,
                             error: "e".into(),
+                            token: String::new(),
                         }),
                     },
                     4 => Input::Event {

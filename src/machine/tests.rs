@@ -68,6 +68,7 @@ fn done(step_index: usize, index: u64, attempt: u32, result: Value) -> Input {
             attempt,
             result,
             duration_ms: 1,
+            token: String::new(),
         }),
     }
 }
@@ -582,6 +583,7 @@ fn failed_with(step_index: usize, index: u64, attempt: u32, error: String) -> In
             index,
             attempt,
             error,
+            token: String::new(),
         }),
     }
 }

@@ -254,6 +254,9 @@ impl Executor {
             Err(reason) => return Ok(Some(format!("step {:?}: {reason}", d.step.name))),
         };
         let max = self.nats.max_payload();
+        let key = self.nats.task_key.clone().ok_or_else(|| {
+            ManagerError::Nats("this connection did not read the task token key".into())
+        })?;
         for index in d.from..d.to {
             let (item, input) = match d.step.kind {
                 StepKind::Fanout => (
@@ -277,6 +280,7 @@ impl Executor {
                 run_timeout_ms: d.step.run_timeout_ms,
                 max_attempts: d.step.max_attempts,
                 backoff_ms: d.step.backoff_ms.clone(),
+                token: key.token(&d.job_id, d.step_index, index),
             };
             let payload = encode_json(&task).map_err(|e| ManagerError::Nats(e.to_string()))?;
             if payload.len() > max {
@@ -354,11 +358,27 @@ async fn fetch_result(nats: &Nats, r: &ResultRef) -> Result<Result<Value, String
             )))
         }
     };
+    // The object must be the one the worker reported; the store checks
+    // while reading that the content matches the object's digest.
+    if r.digest.is_some() && object.info.digest != r.digest {
+        return Ok(Err(format!(
+            "its input (result {}) was replaced in the object store after it was reported (digest {:?}, expected {:?})",
+            r.name, object.info.digest, r.digest
+        )));
+    }
     let mut bytes = Vec::with_capacity(r.size as usize);
-    object
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| ManagerError::Nats(format!("reading result {}: {e}", r.name)))?;
+    if let Err(e) = object.read_to_end(&mut bytes).await {
+        return match e.kind() {
+            std::io::ErrorKind::InvalidData => Ok(Err(format!(
+                "its input (result {}) does not match its digest: {e}",
+                r.name
+            ))),
+            _ => Err(ManagerError::Nats(format!(
+                "reading result {}: {e}",
+                r.name
+            ))),
+        };
+    }
     Ok(serde_json::from_slice(&bytes).map_err(|e| format!("result {} is not JSON: {e}", r.name)))
 }
 

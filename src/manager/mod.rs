@@ -93,11 +93,21 @@ pub async fn run(
     let id = process_id("manager");
     // The lease bucket may be electing a leader (a node restarting): wait.
     let mut pause = Duration::from_millis(250);
+    let mut nats = nats;
     let mut leases = loop {
-        match PartitionLeases::open(&nats, id.clone()).await {
+        let opened = match nats.clone().with_task_key().await {
+            Ok(keyed) => {
+                nats = keyed;
+                PartitionLeases::open(&nats, id.clone())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match opened {
             Ok(l) => break l,
             Err(e) => {
-                warn!(error = %e, retry_in = ?pause, "waiting for the lease bucket");
+                warn!(error = %e, retry_in = ?pause, "waiting for the lease and key buckets");
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(pause) => {}

@@ -33,7 +33,7 @@ use crate::nats::store;
 use crate::nats::{Nats, SetupError};
 use crate::protocol::{
     event_subject, job_tasks_filter, manager_consumer, now_ms, partition, partition_kind_filter,
-    Event, EventKind, Workflow,
+    Event, EventKind, TaskKey, Workflow,
 };
 
 pub(super) struct EventLoop {
@@ -49,6 +49,8 @@ pub(super) struct EventLoop {
     executor: Executor,
     /// Definitions seen, to create step consumers when one is new or changed.
     workflows: HashMap<String, Workflow>,
+    /// Checks the tokens of outcomes.
+    key: TaskKey,
 }
 
 impl EventLoop {
@@ -60,6 +62,8 @@ impl EventLoop {
         running: Arc<Vec<AtomicU64>>,
     ) -> Self {
         EventLoop {
+            // `run` refuses to start without it.
+            key: nats.task_key.clone().unwrap_or_else(TaskKey::generate),
             partition,
             running,
             fence: writer.fence.clone(),
@@ -271,12 +275,20 @@ impl EventLoop {
                     continue;
                 }
             };
-            if !subject_matches(&msg.subject, &event) {
+            if !event.is_stored_on(&msg.subject) {
                 Metrics::get()
                     .manager_ignored
                     .with_label_values(&["subject_mismatch"])
                     .inc();
                 warn!(subject = %msg.subject, seq, "dropping an event whose subject does not match its body");
+                continue;
+            }
+            if !self.key.admits(&event) {
+                Metrics::get()
+                    .manager_ignored
+                    .with_label_values(&["bad_token"])
+                    .inc();
+                warn!(subject = %msg.subject, seq, "dropping an outcome without its task's token (a forgery, or a worker older than protocol 2)");
                 continue;
             }
             let input = match event {
@@ -371,42 +383,4 @@ async fn queued_tasks(nats: &Nats, job_id: &str) -> Result<u64, ManagerError> {
             .1 as u64;
     }
     Ok(n)
-}
-
-/// Whether an event's subject ends in `.<partition>.<job_id>.<kind>` of
-/// its body, without building the string (this runs for every event). An
-/// outcome a client sent to the wrong partition would reach a loop that does
-/// not hold its job: it is counted here rather than passing unnoticed.
-fn subject_matches(subject: &str, event: &Event) -> bool {
-    let mut tokens = subject.rsplit('.');
-    tokens.next() == Some(event.kind().token())
-        && tokens.next() == Some(event.job_id())
-        && tokens.next().and_then(|p| p.parse::<u32>().ok()) == Some(partition(event.job_id()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::{event_subject, CancelRequested};
-
-    #[test]
-    fn subjects_must_match_kind_job_and_partition() {
-        let ev = Event::CancelRequested(CancelRequested {
-            job_id: "job-1".into(),
-            reason: None,
-            at: 1,
-        });
-        assert!(subject_matches(
-            &event_subject("job-1", "cancel_requested"),
-            &ev
-        ));
-        assert!(!subject_matches("fanjet.ev.06.job-2.cancel_requested", &ev));
-        assert!(!subject_matches("fanjet.ev.06.job-1.job_completed", &ev));
-        assert!(
-            !subject_matches("fanjet.ev.07.job-1.cancel_requested", &ev),
-            "job-1 is partition 06"
-        );
-        assert!(!subject_matches("fanjet.ev.xx.job-1.cancel_requested", &ev));
-        assert!(!subject_matches("job-1.cancel_requested", &ev));
-    }
 }

@@ -68,6 +68,11 @@ pub struct ConnectArgs {
     /// Client key (PEM) for mutual TLS (with --tls-cert).
     #[arg(long, env = "NATS_KEY", global = true, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Subject prefix of this connection's reply inboxes (default
+    /// `_INBOX`). Give each NATS user its own (e.g. `_INBOX_acme`) and
+    /// allow it only that one, so no user can read another's replies.
+    #[arg(long, env = "NATS_INBOX_PREFIX", global = true)]
+    pub inbox_prefix: Option<String>,
 }
 
 impl ConnectArgs {
@@ -83,11 +88,28 @@ impl ConnectArgs {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            inbox_prefix: None,
         }
     }
 
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, ConnectError> {
         let mut opts = async_nats::ConnectOptions::new().name(name);
+        if let Some(prefix) = &self.inbox_prefix {
+            let valid = !prefix.is_empty()
+                && prefix
+                    .split('.')
+                    .all(|t| !t.is_empty() && !t.contains(['*', '>', ' ', '\t']));
+            if !valid {
+                return Err(ConnectError::Connect {
+                    url: self.server.clone(),
+                    message: format!(
+                        "--inbox-prefix {prefix:?} is not a subject without wildcards"
+                    ),
+                    transient: false,
+                });
+            }
+            opts = opts.custom_inbox_prefix(prefix);
+        }
         if let Some(path) = &self.creds {
             opts = opts
                 .credentials_file(path)

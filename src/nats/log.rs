@@ -32,8 +32,8 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::pull::{self, OrderedConfig};
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, Info, PriorityPolicy};
+use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::consumer::{AckPolicy, Info, PriorityPolicy};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{
     ConsumerResetError, LastRawMessageErrorKind, RawMessageErrorKind, Stream,
@@ -345,7 +345,14 @@ pub struct LoggedEvent {
     pub event: Value,
 }
 
-/// A job's events from the log in order, from sequence `from_seq`, at most `limit`.
+/// Events asked for in one batched direct get.
+const HISTORY_BATCH: usize = 500;
+
+/// A job's events from the log in order, from sequence `from_seq`, at most
+/// `limit`. Read with batched direct gets (`$JS.API.DIRECT.GET.FANJET_EVENTS`
+/// with `next_by_subj`), so a reader needs no consumer on the log: the
+/// viewer role may read history without any right to create, change or
+/// pull the consumers the manager depends on.
 pub async fn history(
     nats: &Nats,
     job_id: &str,
@@ -353,38 +360,61 @@ pub async fn history(
     limit: usize,
 ) -> Result<Vec<LoggedEvent>, LogError> {
     let err = |e: &dyn std::fmt::Display| LogError::Read(e.to_string());
-    let deliver_policy = if from_seq > 1 {
-        DeliverPolicy::ByStartSequence {
-            start_sequence: from_seq,
-        }
-    } else {
-        DeliverPolicy::All
-    };
-    let consumer = nats
-        .events
-        .create_consumer(OrderedConfig {
-            filter_subject: job_events_filter(job_id),
-            deliver_policy,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err(&e))?;
+    let filter = job_events_filter(job_id);
+    let api = format!(
+        "$JS.API.DIRECT.GET.{}",
+        nats.events.cached_info().config.name
+    );
     let mut out = Vec::new();
-    let mut msgs = consumer.messages().await.map_err(|e| err(&e))?;
+    let mut next = from_seq.max(1);
     while out.len() < limit {
-        let Ok(Some(next)) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
-        else {
-            break;
-        };
-        let m = next.map_err(|e| err(&e))?;
-        let info = m.info().map_err(|e| err(&e))?;
-        let (seq, pending) = (info.stream_sequence, info.pending);
-        out.push(LoggedEvent {
-            seq,
-            subject: m.subject.to_string(),
-            event: serde_json::from_slice(&m.payload).unwrap_or(Value::Null),
-        });
-        if pending == 0 {
+        let want = (limit - out.len()).min(HISTORY_BATCH);
+        let inbox = nats.client.new_inbox();
+        let mut replies = nats
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| err(&e))?;
+        let body = serde_json::json!({"seq": next, "next_by_subj": filter, "batch": want});
+        nats.client
+            .publish_with_reply(api.clone(), inbox, body.to_string().into())
+            .await
+            .map_err(|e| err(&e))?;
+        let mut got = 0;
+        loop {
+            let reply = tokio::time::timeout(Duration::from_secs(5), replies.next())
+                .await
+                .map_err(|_| err(&"no answer to a direct get within 5 s"))?
+                .ok_or_else(|| err(&"the reply subscription closed"))?;
+            match reply.status.map(u16::from) {
+                // 204: end of the batch; 404: nothing (more) matches.
+                Some(204) => break,
+                Some(404) => return Ok(out),
+                Some(code) => {
+                    let why = reply.description.unwrap_or_default();
+                    return Err(err(&format!("direct get answered {code} {why}")));
+                }
+                None => {}
+            }
+            let header = |name: &str| {
+                reply
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_string())
+            };
+            let seq = header("Nats-Sequence")
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| err(&"a direct get reply without Nats-Sequence"))?;
+            out.push(LoggedEvent {
+                seq,
+                subject: header("Nats-Subject").unwrap_or_default(),
+                event: serde_json::from_slice(&reply.payload).unwrap_or(Value::Null),
+            });
+            next = seq + 1;
+            got += 1;
+        }
+        if got < want {
             break;
         }
     }
@@ -476,6 +506,7 @@ mod tests {
             attempt: 1,
             result: serde_json::json!("x".repeat(2000)),
             duration_ms: 3,
+            token: String::new(),
         });
         let bytes = encode(&done, 4096).expect("fits");
         assert_eq!(bytes, encode_json(&done).unwrap());

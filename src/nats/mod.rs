@@ -29,6 +29,7 @@ use crate::protocol::{
     EVENTS_STREAM, EVENTS_WILDCARD, JOBS_BUCKET, LEASES_BUCKET, LEASE_TTL, PENDING_BUCKET,
     RESULTS_BUCKET, STATS_BUCKET, TASKS_STREAM, TASKS_WILDCARD, WORKFLOWS_BUCKET,
 };
+use crate::protocol::{TaskKey, KEYS_BUCKET, TASK_KEY};
 
 /// How long the event log keeps events (and so how long a job may run).
 pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -62,6 +63,8 @@ pub enum SetupError {
     },
     #[error("fanjet's streams and buckets are not there or not readable ({0}): start `fanjet manager` (or `fanjet dev`) first, or check this user's permissions")]
     Missing(String),
+    #[error("could not read or create the task token key in bucket {KEYS_BUCKET}: {0}")]
+    Key(String),
     #[error("could not open the results object store: {0}")]
     Results(String),
     #[error("could not read or store workflow {name}: {message}")]
@@ -97,6 +100,9 @@ pub struct Nats {
     pub stats: kv::Store,
     /// Results too large to travel inline in their event.
     pub results: object_store::ObjectStore,
+    /// The key of task tokens: managers (and `fanjet serve`) only, read by
+    /// [`ensure`](Self::ensure); `None` for restricted roles.
+    pub task_key: Option<TaskKey>,
 }
 
 impl Nats {
@@ -136,9 +142,25 @@ impl Nats {
                 .get_object_store(RESULTS_BUCKET)
                 .await
                 .map_err(|e| missing(RESULTS_BUCKET, &e))?,
+            task_key: None,
             client,
             js,
         })
+    }
+
+    /// This handle with the task token key read (or made, by the first
+    /// manager): for a connection that was [`bind`](Self::bind)-ed and
+    /// runs a manager or the statistics consumer (the manager role).
+    pub async fn with_task_key(mut self) -> Result<Self, SetupError> {
+        if self.task_key.is_none() {
+            let keys = self
+                .js
+                .get_key_value(KEYS_BUCKET)
+                .await
+                .map_err(|e| SetupError::Key(e.to_string()))?;
+            self.task_key = Some(task_key(&keys).await?);
+        }
+        Ok(self)
     }
 
     /// Creates or updates the streams and buckets, and returns handles.
@@ -165,6 +187,9 @@ impl Nats {
                 storage: stream::StorageType::File,
                 num_replicas: replicas,
                 duplicate_window: DUPLICATE_WINDOW,
+                // Readers without consumer rights (the viewer role) read a
+                // job's history with direct gets.
+                allow_direct: name == EVENTS_STREAM,
                 ..Default::default()
             };
             async move {
@@ -195,6 +220,8 @@ impl Nats {
         use stream::RetentionPolicy::{Limits, WorkQueue};
         // Managers split the log's partitions through leases that expire.
         bucket(LEASES_BUCKET, 1, LEASE_TTL).await?;
+        let keys = bucket(KEYS_BUCKET, 1, Duration::ZERO).await?;
+        let task_key = task_key(&keys).await?;
         Ok(Nats {
             events: stream(
                 EVENTS_STREAM,
@@ -224,6 +251,7 @@ impl Nats {
             pending: bucket(PENDING_BUCKET, 1, EVENTS_MAX_AGE).await?,
             stats: bucket(STATS_BUCKET, 1, RECORDS_MAX_AGE).await?,
             results: results_bucket(&js, replicas).await?,
+            task_key: Some(task_key),
             client,
             js,
         })
@@ -329,6 +357,29 @@ impl Nats {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
+}
+
+/// The task token key: the stored one, or a new one stored by whichever
+/// manager comes first.
+async fn task_key(keys: &kv::Store) -> Result<TaskKey, SetupError> {
+    let err = |e: &dyn std::fmt::Display| SetupError::Key(e.to_string());
+    for _ in 0..2 {
+        if let Some(bytes) = keys.get(TASK_KEY).await.map_err(|e| err(&e))? {
+            return TaskKey::from_bytes(&bytes)
+                .ok_or_else(|| err(&format!("the stored key is {} bytes, not 32", bytes.len())));
+        }
+        let fresh = TaskKey::generate();
+        match keys
+            .create(TASK_KEY, bytes::Bytes::copy_from_slice(fresh.as_bytes()))
+            .await
+        {
+            Ok(_) => return Ok(fresh),
+            // Another manager stored one first: read it.
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(err(&e)),
+        }
+    }
+    Err(err(&"the key was created and is not readable"))
 }
 
 /// The object store of large results, created on first use.

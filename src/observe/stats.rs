@@ -225,6 +225,13 @@ impl JobStats {
 
 /// Runs the statistics consumer until `cancel`.
 pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError> {
+    let nats = nats
+        .with_task_key()
+        .await
+        .map_err(|e| StatsError::Nats(e.to_string()))?;
+    let Some(key) = nats.task_key.clone() else {
+        return Err(StatsError::Nats("the task token key was not read".into()));
+    };
     let mut reader = Reader::open(
         &nats,
         STATS_CONSUMER,
@@ -254,6 +261,11 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
                         warn!(subject = %msg.subject, "statistics: skipping an unreadable event");
                         continue;
                     };
+                    // What the manager drops is not counted either.
+                    if !event.is_stored_on(&msg.subject) || !key.admits(&event) {
+                        debug!(subject = %msg.subject, "statistics: skipping a misplaced event or an outcome without its token");
+                        continue;
+                    }
                     let id = event.job_id().to_string();
                     if !jobs.contains_key(&id) {
                         let loaded = match store::stats(&nats, &id).await? {
@@ -402,6 +414,7 @@ mod tests {
             attempt: 1,
             result: serde_json::Value::Null,
             duration_ms: 1,
+            token: String::new(),
         })
     }
 
@@ -432,6 +445,7 @@ mod tests {
             index: 0,
             attempt: 1,
             error: "no".into(),
+            token: String::new(),
         });
         for e in [failed, done(0), done(1), done(1), done(2), done(99)] {
             apply(&mut s, e);
@@ -530,6 +544,7 @@ mod tests {
                 attempt: if i < 10 { 2 } else { 1 },
                 result: serde_json::Value::Null,
                 duration_ms: i + 1,
+                token: String::new(),
             });
             assert!(s.apply(3 + i, &ev, m));
         }
@@ -549,6 +564,7 @@ mod tests {
             attempt: 1,
             result: serde_json::Value::Null,
             duration_ms: 5,
+            token: String::new(),
         });
         assert!(!s.apply(50, &ev, m));
         assert_eq!(s, before);

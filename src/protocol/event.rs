@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{event_subject, Millis};
+use super::{event_subject, partition, Millis};
 
 /// A job was submitted and accepted by the intake.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -95,6 +95,9 @@ pub struct SubjobCompleted {
     pub result: Value,
     #[serde(default)]
     pub duration_ms: u64,
+    /// The task's `token`: an outcome without the right one is ignored.
+    #[serde(default)]
+    pub token: String,
 }
 
 /// One subjob gave up: its attempts are exhausted, its handler said so, or
@@ -106,6 +109,9 @@ pub struct SubjobFailed {
     pub index: u64,
     pub attempt: u32,
     pub error: String,
+    /// The task's `token`: an outcome without the right one is ignored.
+    #[serde(default)]
+    pub token: String,
 }
 
 /// Why the manager failed subjobs itself ([`SubjobsFailed`]).
@@ -294,6 +300,25 @@ impl Event {
         }
     }
 
+    /// For a subjob outcome reported by a worker: the subjob (job, step,
+    /// index) and the token it carries.
+    pub fn outcome_token(&self) -> Option<(&str, usize, u64, &str)> {
+        match self {
+            Event::SubjobCompleted(e) => Some((&e.job_id, e.step_index, e.index, &e.token)),
+            Event::SubjobFailed(e) => Some((&e.job_id, e.step_index, e.index, &e.token)),
+            _ => None,
+        }
+    }
+
+    /// Whether `subject` is the one this event belongs on (readers drop an
+    /// event published on another job's or kind's subject).
+    pub fn is_stored_on(&self, subject: &str) -> bool {
+        let mut tokens = subject.rsplit('.');
+        tokens.next() == Some(self.kind().token())
+            && tokens.next() == Some(self.job_id())
+            && tokens.next().and_then(|p| p.parse::<u32>().ok()) == Some(partition(self.job_id()))
+    }
+
     /// The subject this event is stored on.
     pub fn subject(&self) -> String {
         event_subject(self.job_id(), self.kind().token())
@@ -374,6 +399,7 @@ mod tests {
                 attempt: 2,
                 result: json!({"ok": true}),
                 duration_ms: 12,
+                token: String::new(),
             }),
             Event::SubjobFailed(SubjobFailed {
                 job_id: "j".into(),
@@ -381,6 +407,7 @@ mod tests {
                 index: 7,
                 attempt: 5,
                 error: "boom".into(),
+                token: String::new(),
             }),
             Event::SubjobsFailed(SubjobsFailed {
                 job_id: "j".into(),
@@ -435,5 +462,23 @@ mod tests {
         let v: Value = serde_json::from_slice(&encode_json(e).unwrap()).unwrap();
         assert_eq!(v["type"], "JobRequested");
         assert_eq!(v["job_id"], "j");
+    }
+
+    #[test]
+    fn subjects_must_match_kind_job_and_partition() {
+        let ev = Event::CancelRequested(super::CancelRequested {
+            job_id: "job-1".into(),
+            reason: None,
+            at: 1,
+        });
+        assert!(ev.is_stored_on(&event_subject("job-1", "cancel_requested")));
+        assert!(!ev.is_stored_on("fanjet.ev.06.job-2.cancel_requested"));
+        assert!(!ev.is_stored_on("fanjet.ev.06.job-1.job_completed"));
+        assert!(
+            !ev.is_stored_on("fanjet.ev.07.job-1.cancel_requested"),
+            "job-1 is partition 06"
+        );
+        assert!(!ev.is_stored_on("fanjet.ev.xx.job-1.cancel_requested"));
+        assert!(!ev.is_stored_on("job-1.cancel_requested"));
     }
 }

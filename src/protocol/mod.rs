@@ -24,6 +24,7 @@ mod stats;
 mod status;
 mod submit;
 mod task;
+mod token;
 mod workflow;
 
 pub use codec::{
@@ -48,6 +49,7 @@ pub use stats::{JobStats, StepStats, DURATION_BOUNDS_MS, MAX_ATTEMPT_BUCKET};
 pub use status::{capacity, detailed, Capacity};
 pub use submit::{Submission, SubmitError, SubmitReply};
 pub use task::Task;
+pub use token::{TaskKey, KEYS_BUCKET, TASK_KEY};
 pub use workflow::{Step, StepKind, Tolerance, Workflow, WorkflowError};
 
 /// Milliseconds since the Unix epoch: the one time format on the wire.

@@ -1,8 +1,13 @@
 //! Large results. A result whose JSON is larger than [`INLINE_RESULT_MAX`]
 //! is stored in the JetStream object store bucket [`RESULTS_BUCKET`] and
 //! the event carries a reference instead:
-//! `{"$fanjet_result": {"bucket": …, "name": …, "size": …, "array_len": …}}`.
+//! `{"$fanjet_result": {"bucket": …, "name": …, "size": …, "digest": …, "array_len": …}}`.
 //! Readers of a result (the manager, for a step's input) follow it.
+//!
+//! Names are random, so a worker cannot aim at another's object, and the
+//! reference carries the object's digest, so a replaced object is noticed
+//! when read: the value that counts is the one the token-holding worker
+//! reported.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -20,19 +25,24 @@ pub const RESULT_REF_KEY: &str = "$fanjet_result";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ResultRef {
     pub bucket: String,
-    /// Object name: `<job_id>/<step_index>/<index>`.
+    /// Object name: `r/<ULID>`, new for every result stored.
     pub name: String,
     /// Bytes of JSON.
     pub size: u64,
+    /// The object's digest as the object store reports it
+    /// (`SHA-256=<base64url>`); a reader refuses an object that differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     /// When the result is an array: its length (a fanout step's subjob count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array_len: Option<u64>,
 }
 
 impl ResultRef {
-    /// The object name of a subjob's result.
-    pub fn name_for(job_id: &str, step_index: usize, index: u64) -> String {
-        format!("{job_id}/{step_index}/{index}")
+    /// A fresh object name: random, so it says nothing of the job and no
+    /// one can guess it, and never written twice (nothing to purge).
+    pub fn new_name() -> String {
+        format!("r/{}", ulid::Ulid::new())
     }
 
     /// The value an event carries in place of the result.
@@ -66,8 +76,9 @@ mod tests {
     fn references_round_trip_and_carry_the_length() {
         let r = ResultRef {
             bucket: RESULTS_BUCKET.into(),
-            name: ResultRef::name_for("j", 0, 0),
+            name: ResultRef::new_name(),
             size: 10,
+            digest: Some("SHA-256=abc".into()),
             array_len: Some(3),
         };
         let v = r.to_value();

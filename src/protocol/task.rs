@@ -38,6 +38,10 @@ pub struct Task {
     /// Delay before each retry, in milliseconds (the last repeats).
     #[serde(default)]
     pub backoff_ms: Vec<u64>,
+    /// The subjob's token: copy it into the outcome event, which counts
+    /// only with it (protocol version 2).
+    #[serde(default)]
+    pub token: String,
 }
 
 impl Task {

@@ -140,6 +140,7 @@ mod tests {
                 run_timeout_ms: None,
                 max_attempts: 3,
                 backoff_ms: vec![],
+                token: String::new(),
             },
             attempt: 2,
         }

@@ -478,7 +478,7 @@ async fn settle(
     max_payload: usize,
 ) {
     let result = match result {
-        Ok(value) => offload(nats, task, value).await,
+        Ok(value) => offload(nats, value).await,
         Err(e) => Err(e),
     };
     let (event, ack) = match result {
@@ -490,6 +490,7 @@ async fn settle(
                 attempt,
                 result,
                 duration_ms: took.as_millis() as u64,
+                token: task.token.clone(),
             })),
             AckKind::Ack,
         ),
@@ -514,6 +515,7 @@ async fn settle(
                     index: task.index,
                     attempt,
                     error,
+                    token: task.token.clone(),
                 })),
                 AckKind::Term,
             )
@@ -532,6 +534,7 @@ async fn settle(
                 index: done.index,
                 attempt,
                 error,
+                token: done.token,
             });
             match log::encode(&failed, max_payload) {
                 Ok(bytes) => (Some((failed, bytes)), AckKind::Term),
@@ -557,7 +560,7 @@ async fn settle(
 
 /// Moves a large result to the object store and returns the reference to
 /// send instead; a result beyond [`MAX_RESULT_BYTES`] fails the subjob.
-async fn offload(nats: &Nats, task: &Task, value: Value) -> Result<Value, TaskError> {
+async fn offload(nats: &Nats, value: Value) -> Result<Value, TaskError> {
     // Per-subjob path: most results are small, so measure without building
     // the encoding (it is built once, with the event).
     if json_len(&value) <= INLINE_RESULT_MAX {
@@ -571,16 +574,19 @@ async fn offload(nats: &Nats, task: &Task, value: Value) -> Result<Value, TaskEr
             bytes.len()
         )));
     }
-    let reference = ResultRef {
-        bucket: RESULTS_BUCKET.into(),
-        name: ResultRef::name_for(&task.job_id, task.step_index, task.index),
-        size: bytes.len() as u64,
-        array_len: value.as_array().map(|a| a.len() as u64),
-    };
-    nats.results
-        .put(reference.name.as_str(), &mut bytes.as_slice())
+    let name = ResultRef::new_name();
+    let stored = nats
+        .results
+        .put(name.as_str(), &mut bytes.as_slice())
         .await
         .map_err(|e| TaskError::retry(format!("storing a large result: {e}")))?;
+    let reference = ResultRef {
+        bucket: RESULTS_BUCKET.into(),
+        name,
+        size: bytes.len() as u64,
+        digest: stored.digest,
+        array_len: value.as_array().map(|a| a.len() as u64),
+    };
     Ok(reference.to_value())
 }
 

@@ -192,6 +192,16 @@ impl Env {
     }
 
     /// Sends a submission request like any NATS client would.
+    /// The token of a subjob, as its task carries it: what a test that
+    /// reports outcomes itself must copy in.
+    pub fn token(&self, job_id: &str, step_index: usize, index: u64) -> String {
+        self.nats
+            .task_key
+            .as_ref()
+            .expect("the test's connection reads the task token key")
+            .token(job_id, step_index, index)
+    }
+
     pub async fn submit(&self, workflow: &str, body: Value) -> SubmitReply {
         submit_bytes(
             &self.nats,

@@ -1,0 +1,127 @@
+//! Task tokens: who may report a subjob's outcome.
+//!
+//! Outcome events travel on subjects that name only the job, so no NATS
+//! permission can tie a worker to the tasks it was given. Instead every
+//! task a manager enqueues carries a token, a MAC of the subjob it stands
+//! for (job, step, index) under a key that only managers read
+//! ([`KEYS_BUCKET`]); a worker copies it into the outcome, and managers and
+//! the statistics consumer count an outcome only if its token is the
+//! subjob's. A worker therefore decides only subjobs whose task it holds,
+//! and with permissions that let it pull only its steps' consumers, only
+//! subjobs of its steps. Tokens are deterministic, so every attempt of a
+//! subjob (and a re-dispatched task) carries the same one.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use super::event::Event;
+
+/// KV bucket of secrets only the manager role may read.
+pub const KEYS_BUCKET: &str = "fanjet_keys";
+/// Key (in [`KEYS_BUCKET`]) of the task token key.
+pub const TASK_KEY: &str = "task-token";
+/// Bytes of MAC a token carries (128 bits; 22 characters of base64url).
+const TOKEN_BYTES: usize = 16;
+/// Domain separation: a token of this scheme is never valid in another.
+const CONTEXT: &[u8] = b"fanjet task token v1\0";
+
+/// The secret tokens are made with. Its `Debug` does not show it.
+#[derive(Clone)]
+pub struct TaskKey([u8; 32]);
+
+impl std::fmt::Debug for TaskKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TaskKey(..)")
+    }
+}
+
+impl TaskKey {
+    /// A fresh random key.
+    pub fn generate() -> TaskKey {
+        TaskKey(rand::random())
+    }
+
+    /// The key stored as `bytes`, if they are one.
+    pub fn from_bytes(bytes: &[u8]) -> Option<TaskKey> {
+        bytes.try_into().ok().map(TaskKey)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn mac(&self, job_id: &str, step_index: usize, index: u64) -> Hmac<Sha256> {
+        // A 32-byte key is always accepted.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(CONTEXT);
+        mac.update(&(job_id.len() as u64).to_be_bytes());
+        mac.update(job_id.as_bytes());
+        mac.update(&(step_index as u64).to_be_bytes());
+        mac.update(&index.to_be_bytes());
+        mac
+    }
+
+    /// The token of subjob `index` of step `step_index` of `job_id`.
+    pub fn token(&self, job_id: &str, step_index: usize, index: u64) -> String {
+        let tag = self.mac(job_id, step_index, index).finalize().into_bytes();
+        URL_SAFE_NO_PAD.encode(&tag[..TOKEN_BYTES])
+    }
+
+    /// Whether `token` is that subjob's (compared in constant time).
+    pub fn verify(&self, job_id: &str, step_index: usize, index: u64, token: &str) -> bool {
+        let Ok(tag) = URL_SAFE_NO_PAD.decode(token) else {
+            return false;
+        };
+        tag.len() == TOKEN_BYTES
+            && self
+                .mac(job_id, step_index, index)
+                .verify_truncated_left(&tag)
+                .is_ok()
+    }
+
+    /// Whether `event` may count: any event but an outcome, and an outcome
+    /// carrying its subjob's token.
+    pub fn admits(&self, event: &Event) -> bool {
+        match event.outcome_token() {
+            None => true,
+            Some((job, step, index, token)) => self.verify(job, step, index, token),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_valid_for_its_subjob_only() {
+        let key = TaskKey::generate();
+        let t = key.token("job-1", 1, 7);
+        assert_eq!(t.len(), 22);
+        assert_eq!(t, key.token("job-1", 1, 7), "deterministic");
+        assert!(key.verify("job-1", 1, 7, &t));
+        for (job, step, index) in [("job-2", 1, 7), ("job-1", 0, 7), ("job-1", 1, 8)] {
+            assert!(!key.verify(job, step, index, &t), "{job} {step} {index}");
+        }
+        // Lengths are framed: moving bytes between the id and the numbers fails.
+        assert_ne!(key.token("a", 1, 0), key.token("a\u{1}", 0, 0));
+        let other = TaskKey::generate();
+        assert!(!other.verify("job-1", 1, 7, &t), "another key");
+        for bad in [
+            "",
+            "x",
+            &t[..21],
+            &format!("{t}A"),
+            "!!!!!!!!!!!!!!!!!!!!!!",
+        ] {
+            assert!(!key.verify("job-1", 1, 7, bad), "{bad:?}");
+        }
+        assert_eq!(format!("{key:?}"), "TaskKey(..)");
+        let again = TaskKey::from_bytes(key.as_bytes()).unwrap();
+        assert!(again.verify("job-1", 1, 7, &t));
+        assert!(TaskKey::from_bytes(b"short").is_none());
+    }
+}
