@@ -44,15 +44,29 @@ pub async fn submit(
     workflow: &str,
     sub: &Submission,
 ) -> Result<SubmitReply, ClientError> {
+    send(nats, submit_subject(workflow), sub).await
+}
+
+/// Submits as `customer`, on its tenant subject
+/// `fanjet.submit.<workflow>.<customer>` (what a submitter pinned to one
+/// customer may use): the job's id is `sub.job_id` in the customer's
+/// namespace ([`crate::protocol::tenant_job_id`]); the reply says which. Otherwise as
+/// [`submit`].
+pub async fn submit_as(
+    nats: &Nats,
+    workflow: &str,
+    customer: &str,
+    sub: &Submission,
+) -> Result<SubmitReply, ClientError> {
+    validate_token("customer", customer)
+        .map_err(|e| ClientError::Nats(format!("{e}: it cannot be a subject token")))?;
+    send(nats, customer_submit_subject(workflow, customer), sub).await
+}
+
+async fn send(nats: &Nats, subject: String, sub: &Submission) -> Result<SubmitReply, ClientError> {
     let mut sub = sub.clone();
     sub.job_id.get_or_insert_with(new_job_id);
     let body = encode_json(&sub).map_err(|e| ClientError::Nats(e.to_string()))?;
-    // A customer that is a subject token goes on the tenant-scoped subject,
-    // which is what a submitter's permissions allow.
-    let subject = match sub.customer.as_deref() {
-        Some(c) if validate_token("customer", c).is_ok() => customer_submit_subject(workflow, c),
-        _ => submit_subject(workflow),
-    };
     let start = Instant::now();
     let wait = Duration::from_secs(10);
     let mut pause = Duration::from_millis(100);

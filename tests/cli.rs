@@ -81,8 +81,11 @@ async fn the_cli_runs_a_job_end_to_end() {
     let job: Value =
         serde_json::from_str(&stdout(&out)).expect("submit --wait --json prints the job");
     assert_eq!(job["state"], "completed");
+    // Submitted as acme, on its tenant subject: the id is in acme's namespace.
+    let id = fanjet::protocol::tenant_job_id("acme", "sq-1");
+    assert_eq!(job["job_id"], json!(id));
 
-    let status = run(&env, &["status", "sq-1", "--json"]);
+    let status = run(&env, &["status", &id, "--json"]);
     assert!(status.status.success());
     let s: Value = serde_json::from_str(&stdout(&status)).unwrap();
     for key in ["job_id", "workflow", "customer", "state", "steps"] {
@@ -94,7 +97,7 @@ async fn the_cli_runs_a_job_end_to_end() {
             s["workflow"].as_str(),
             s["customer"].as_str()
         ),
-        (Some("sq-1"), Some("squares"), Some("acme"))
+        (Some(id.as_str()), Some("squares"), Some("acme"))
     );
     let step = &s["steps"][0];
     for key in [
@@ -117,7 +120,7 @@ async fn the_cli_runs_a_job_end_to_end() {
     // The report step got the fanout's summary; its stdout (its index squared, 0) is the output.
     assert_eq!(s["output"], json!(0));
 
-    let human = run(&env, &["status", "sq-1"]);
+    let human = run(&env, &["status", &id]);
     assert!(
         stdout(&human).contains("state completed"),
         "{}",

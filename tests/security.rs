@@ -15,8 +15,8 @@ use fanjet::nats::Nats;
 use fanjet::protocol::JobState;
 use fanjet::protocol::Workflow;
 use fanjet::protocol::{
-    customer_submit_subject, encode_json, event_subject, Event, JobCompleted, StepCompleted,
-    SubjobCompleted, SubjobFailed, Submission,
+    customer_submit_subject, encode_json, event_subject, tenant_job_id, Event, JobCompleted,
+    StepCompleted, SubjobCompleted, SubjobFailed, Submission,
 };
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::json;
@@ -110,7 +110,8 @@ async fn each_role_can_do_its_job_and_no_more() {
         customer: Some("acme".into()),
         input: json!([1, 2, 3, 4, 5]),
     };
-    let reply = client::submit(&submitter, "inv", &sub)
+    let sec1 = tenant_job_id("acme", "sec-1");
+    let reply = client::submit_as(&submitter, "inv", "acme", &sub)
         .await
         .expect("submitter submits");
     assert!(reply.ok, "{reply:?}");
@@ -146,7 +147,7 @@ async fn each_role_can_do_its_job_and_no_more() {
     );
     let peek = tokio::time::timeout(
         Duration::from_secs(1),
-        client::status_as(&submitter, "globex", "sec-1"),
+        client::status_as(&submitter, "globex", &sec1),
     )
     .await;
     assert!(
@@ -154,7 +155,7 @@ async fn each_role_can_do_its_job_and_no_more() {
         "no status of another customer's job"
     );
     let forged = Event::JobCompleted(JobCompleted {
-        job_id: "sec-1".into(),
+        job_id: sec1.clone(),
         workflow: "inv".into(),
         output: json!(null),
         at: 0,
@@ -165,7 +166,7 @@ async fn each_role_can_do_its_job_and_no_more() {
     );
     let kv = tokio::time::timeout(
         Duration::from_secs(1),
-        fanjet::nats::store::get(&submitter, "sec-1"),
+        fanjet::nats::store::get(&submitter, &sec1),
     )
     .await;
     assert!(
@@ -220,7 +221,7 @@ async fn each_role_can_do_its_job_and_no_more() {
     );
     let kv = tokio::time::timeout(
         Duration::from_secs(1),
-        fanjet::nats::store::get(&worker, "sec-1"),
+        fanjet::nats::store::get(&worker, &sec1),
     )
     .await;
     assert!(
@@ -229,7 +230,7 @@ async fn each_role_can_do_its_job_and_no_more() {
     );
     let read = tokio::time::timeout(
         Duration::from_secs(1),
-        fanjet::nats::log::history(&worker, "sec-1", 0, 10),
+        fanjet::nats::log::history(&worker, &sec1, 0, 10),
     )
     .await;
     assert!(
@@ -241,12 +242,12 @@ async fn each_role_can_do_its_job_and_no_more() {
     let viewer = Nats::bind(connect(&server, "viewer").await)
         .await
         .expect("viewer binds");
-    let (seen, _) = fanjet::nats::store::get(&viewer, "sec-1")
+    let (seen, _) = fanjet::nats::store::get(&viewer, &sec1)
         .await
         .expect("viewer reads the jobs bucket")
         .expect("the job");
     assert_eq!(seen.state, JobState::Completed);
-    let history = fanjet::nats::log::history(&viewer, "sec-1", 0, 100)
+    let history = fanjet::nats::log::history(&viewer, &sec1, 0, 100)
         .await
         .expect("viewer reads the job's events");
     assert!(history.iter().any(|e| e.event["type"] == "JobCompleted"));
@@ -259,14 +260,14 @@ async fn each_role_can_do_its_job_and_no_more() {
     .await;
     assert!(!matches!(submit, Ok(Ok(_))), "a viewer cannot submit");
     let cancel_ev = Event::CancelRequested(fanjet::protocol::CancelRequested {
-        job_id: "sec-1".into(),
+        job_id: sec1.clone(),
         reason: None,
         at: 1,
     });
     assert!(
         refused_publish(
             &viewer,
-            event_subject("sec-1", "cancel_requested"),
+            event_subject(&sec1, "cancel_requested"),
             &cancel_ev
         )
         .await,
@@ -305,7 +306,7 @@ async fn each_role_can_do_its_job_and_no_more() {
         .await
         .unwrap();
     assert!(log.is_empty(), "forged events were stored: {log:?}");
-    let log = fanjet::nats::log::history(&admin, "sec-1", 0, 1000)
+    let log = fanjet::nats::log::history(&admin, &sec1, 0, 1000)
         .await
         .unwrap();
     assert_eq!(
@@ -426,14 +427,20 @@ fn bad_tokens_dropped() -> u64 {
 async fn a_worker_decides_only_the_tasks_it_was_given() {
     let env = Secure::start().await;
     let bob = env.bind("bob").await;
+    let bob_parked = tenant_job_id("bob", "bob-parked");
     let sub = Submission {
         job_id: Some("bob-parked".into()),
         customer: Some("bob".into()),
         input: json!([1, 2, 3]),
     };
-    assert!(client::submit(&bob, "inv", &sub).await.unwrap().ok);
+    assert!(
+        client::submit_as(&bob, "inv", "bob", &sub)
+            .await
+            .unwrap()
+            .ok
+    );
     // No worker serves `inv` yet: the job waits with its tasks queued.
-    env.wait("bob-parked", "dispatch", |j| j.steps[0].dispatched == 3)
+    env.wait(&bob_parked, "dispatch", |j| j.steps[0].dispatched == 3)
         .await;
 
     // A worker of `squares` forges outcomes for bob's job: JetStream stores
@@ -443,7 +450,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
     let mut forged = Vec::new();
     for index in 0..3 {
         forged.push(Event::SubjobCompleted(SubjobCompleted {
-            job_id: "bob-parked".into(),
+            job_id: bob_parked.clone(),
             step_index: 0,
             index,
             attempt: 1,
@@ -452,7 +459,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
             token: String::new(),
         }));
         forged.push(Event::SubjobFailed(SubjobFailed {
-            job_id: "bob-parked".into(),
+            job_id: bob_parked.clone(),
             step_index: 0,
             index,
             attempt: 1,
@@ -480,7 +487,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
         forged.len() as u64,
         "the manager read and dropped every forged outcome"
     );
-    let (job, _) = fanjet::nats::store::get(&env.admin, "bob-parked")
+    let (job, _) = fanjet::nats::store::get(&env.admin, &bob_parked)
         .await
         .unwrap()
         .unwrap();
@@ -511,14 +518,20 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
     let wc = env.cancel.clone();
     let w = tokio::spawn(async move { w.run(wc).await });
     let acme = env.bind("submitter").await;
+    let acme_squares = tenant_job_id("acme", "acme-squares");
     let sub = Submission {
         job_id: Some("acme-squares".into()),
         customer: Some("acme".into()),
         input: json!([1, 2, 3]),
     };
-    assert!(client::submit(&acme, "squares", &sub).await.unwrap().ok);
+    assert!(
+        client::submit_as(&acme, "squares", "acme", &sub)
+            .await
+            .unwrap()
+            .ok
+    );
     let done = env
-        .wait("acme-squares", "completion", |j| j.state.is_terminal())
+        .wait(&acme_squares, "completion", |j| j.state.is_terminal())
         .await;
     assert_eq!(done.state, JobState::Completed, "{:?}", done.error);
 
@@ -532,13 +545,13 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
     let wc = env.cancel.clone();
     let w2 = tokio::spawn(async move { w2.run(wc).await });
     let job = env
-        .wait("bob-parked", "completion", |j| j.state.is_terminal())
+        .wait(&bob_parked, "completion", |j| j.state.is_terminal())
         .await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!((job.steps[0].completed, job.steps[0].failed), (3, 0));
     let mut counted = None;
     for _ in 0..50 {
-        counted = fanjet::nats::store::stats(&env.admin, "bob-parked")
+        counted = fanjet::nats::store::stats(&env.admin, &bob_parked)
             .await
             .unwrap()
             .map(|s| (s.steps[0].completed, s.steps[0].failed));
@@ -548,7 +561,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(counted, Some((3, 0)), "statistics ignore forgeries");
-    let results: Vec<_> = fanjet::nats::log::history(&env.admin, "bob-parked", 0, 1000)
+    let results: Vec<_> = fanjet::nats::log::history(&env.admin, &bob_parked, 0, 1000)
         .await
         .unwrap()
         .into_iter()
@@ -576,12 +589,15 @@ async fn no_role_reads_another_ones_replies() {
     worker.flush().await.unwrap();
 
     let bob = env.bind("bob").await;
+    let bob_private = tenant_job_id("bob", "bob-private");
     let sub = Submission {
         job_id: Some("bob-private".into()),
         customer: Some("bob".into()),
         input: json!([1, 2]),
     };
-    let reply = client::submit(&bob, "squares", &sub).await.unwrap();
+    let reply = client::submit_as(&bob, "squares", "bob", &sub)
+        .await
+        .unwrap();
     assert!(reply.ok, "{reply:?}");
     let squares = env.bind("worker_squares").await;
     let w = Worker::new(squares)
@@ -595,10 +611,10 @@ async fn no_role_reads_another_ones_replies() {
     let wc = env.cancel.clone();
     let w = tokio::spawn(async move { w.run(wc).await });
     let job = env
-        .wait("bob-private", "completion", |j| j.state.is_terminal())
+        .wait(&bob_private, "completion", |j| j.state.is_terminal())
         .await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
-    let seen = client::status_as(&bob, "bob", "bob-private").await.unwrap();
+    let seen = client::status_as(&bob, "bob", &bob_private).await.unwrap();
     assert!(seen.is_some(), "bob reads his status through his own inbox");
 
     for mut spy in spies {
@@ -700,15 +716,21 @@ async fn the_viewer_changes_no_consumer_and_pulls_none() {
     }
     // What the viewer is for still works: a job's history and the job list.
     let acme = env.bind("submitter").await;
+    let acme_seen = tenant_job_id("acme", "acme-seen");
     let sub = Submission {
         job_id: Some("acme-seen".into()),
         customer: Some("acme".into()),
         input: json!([1]),
     };
-    assert!(client::submit(&acme, "inv", &sub).await.unwrap().ok);
-    env.wait("acme-seen", "dispatch", |j| j.steps[0].dispatched == 1)
+    assert!(
+        client::submit_as(&acme, "inv", "acme", &sub)
+            .await
+            .unwrap()
+            .ok
+    );
+    env.wait(&acme_seen, "dispatch", |j| j.steps[0].dispatched == 1)
         .await;
-    let history = fanjet::nats::log::history(&viewer, "acme-seen", 0, 100)
+    let history = fanjet::nats::log::history(&viewer, &acme_seen, 0, 100)
         .await
         .expect("viewer reads history");
     assert!(
@@ -718,7 +740,7 @@ async fn the_viewer_changes_no_consumer_and_pulls_none() {
     let listed = fanjet::nats::store::list(&viewer, &Default::default())
         .await
         .expect("viewer lists jobs");
-    assert!(listed.iter().any(|j| j.job_id == "acme-seen"));
+    assert!(listed.iter().any(|j| j.job_id == acme_seen));
     env.stop().await;
 }
 
@@ -738,13 +760,19 @@ async fn a_worker_cannot_purge_or_replace_a_stored_result() {
         )
         .await
         .unwrap();
+    let acme_big = tenant_job_id("acme", "acme-big");
     let sub = Submission {
         job_id: Some("acme-big".into()),
         customer: Some("acme".into()),
         input: json!(null),
     };
-    assert!(client::submit(&acme, "big", &sub).await.unwrap().ok);
-    env.wait("acme-big", "dispatch", |j| j.steps[0].dispatched == 1)
+    assert!(
+        client::submit_as(&acme, "big", "acme", &sub)
+            .await
+            .unwrap()
+            .ok
+    );
+    env.wait(&acme_big, "dispatch", |j| j.steps[0].dispatched == 1)
         .await;
     // The manager stops before the worker reports, so the result sits in
     // the store until it comes back.
@@ -765,7 +793,7 @@ async fn a_worker_cannot_purge_or_replace_a_stored_result() {
     let w = tokio::spawn(async move { w.run(ws).await });
     let mut reference = None;
     for _ in 0..100 {
-        let log = fanjet::nats::log::history(&env.admin, "acme-big", 0, 100)
+        let log = fanjet::nats::log::history(&env.admin, &acme_big, 0, 100)
             .await
             .unwrap();
         reference = log
@@ -833,7 +861,7 @@ async fn a_worker_cannot_purge_or_replace_a_stored_result() {
     let wc = again.clone();
     let w = tokio::spawn(async move { w.run(wc).await });
     let job = env
-        .wait("acme-big", "its end", |j| j.state.is_terminal())
+        .wait(&acme_big, "its end", |j| j.state.is_terminal())
         .await;
     assert_eq!(
         job.state,
@@ -847,4 +875,68 @@ async fn a_worker_cannot_purge_or_replace_a_stored_result() {
     again.cancel();
     let _ = manager.await;
     let _ = w.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_ids_are_unique_per_customer_and_reveal_nothing() {
+    let env = Secure::start().await;
+    let acme = env.bind("submitter").await;
+    let bob = env.bind("bob").await;
+    let sub = |id: &str| Submission {
+        job_id: Some(id.into()),
+        customer: None,
+        input: json!([1]),
+    };
+    // acme takes the id bob is about to use.
+    let squat = client::submit_as(&acme, "inv", "acme", &sub("bob-next"))
+        .await
+        .unwrap();
+    assert!(squat.ok && !squat.duplicate, "{squat:?}");
+    let mine = client::submit_as(&bob, "inv", "bob", &sub("bob-next"))
+        .await
+        .unwrap();
+    assert!(mine.ok && !mine.duplicate, "bob's job is his own: {mine:?}");
+    assert_ne!(mine.job_id, squat.job_id);
+    let bobs = mine.job_id.clone().unwrap();
+    let seen = client::status_as(&bob, "bob", "bob-next").await.unwrap();
+    assert_eq!(
+        seen.map(|j| (j.job_id, j.customer)),
+        Some((bobs.clone(), Some("bob".to_string())))
+    );
+    // acme cannot reach bob's job, even by its full id.
+    assert!(client::status_as(&acme, "acme", &bobs)
+        .await
+        .unwrap()
+        .is_none());
+    // The same submission again is bob's duplicate, answered as such.
+    let again = client::submit_as(&bob, "inv", "bob", &sub("bob-next"))
+        .await
+        .unwrap();
+    assert!(again.ok && again.duplicate, "{again:?}");
+    // A rejection is recorded in the submitter's namespace only.
+    let bad = acme
+        .client
+        .request(
+            "fanjet.submit.inv.acme",
+            "{\"job_id\": \"bob-later\", \"bogus\": 1}".into(),
+        )
+        .await
+        .unwrap();
+    let bad: fanjet::protocol::SubmitReply = serde_json::from_slice(&bad.payload).unwrap();
+    assert!(!bad.ok);
+    assert_eq!(bad.job_id, Some(tenant_job_id("acme", "bob-later")));
+    let later = client::submit_as(&bob, "inv", "bob", &sub("bob-later"))
+        .await
+        .unwrap();
+    assert!(later.ok && !later.duplicate, "{later:?}");
+    // Ids leave room for the customer's tag.
+    let long = "x".repeat(fanjet::protocol::MAX_TENANT_JOB_ID_LEN + 1);
+    let refused = client::submit_as(&bob, "inv", "bob", &sub(&long))
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.error.map(|e| e.code),
+        Some(fanjet::protocol::RejectCode::InvalidJobId)
+    );
+    env.stop().await;
 }

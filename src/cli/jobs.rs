@@ -18,9 +18,17 @@ pub struct SubmitArgs {
     /// Job id (idempotent: the same id never starts twice). Generated when absent.
     #[arg(long)]
     job_id: Option<String>,
-    /// Customer (tenant) key.
+    /// Submit as this customer, on its tenant subject
+    /// `fanjet.submit.<workflow>.<customer>` (what a submitter pinned to one
+    /// customer may use). The job id lives in the customer's namespace: the
+    /// id printed starts with the customer's tag.
     #[arg(long)]
     customer: Option<String>,
+    /// With --customer: send the customer in the body of a submission on
+    /// `fanjet.submit.<workflow>` instead (trusted users; the id is used as
+    /// given).
+    #[arg(long, requires = "customer")]
+    global: bool,
     /// Input as JSON, or @FILE to read it from a file.
     #[arg(long)]
     input: Option<String>,
@@ -98,13 +106,16 @@ pub async fn submit(connect: &ConnectArgs, args: SubmitArgs) -> Result<u8> {
     let as_customer = args
         .customer
         .clone()
-        .filter(|c| validate_token("customer", c).is_ok());
+        .filter(|c| !args.global && validate_token("customer", c).is_ok());
     let sub = Submission {
         job_id: args.job_id,
         customer: args.customer,
         input,
     };
-    let reply = client::submit(&nats, &args.workflow, &sub).await?;
+    let reply = match &as_customer {
+        Some(customer) => client::submit_as(&nats, &args.workflow, customer, &sub).await?,
+        None => client::submit(&nats, &args.workflow, &sub).await?,
+    };
     let id = reply.job_id.clone().unwrap_or_default();
     if !reply.ok {
         let err = reply

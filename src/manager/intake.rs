@@ -9,9 +9,9 @@ use super::ManagerError;
 use crate::nats::log::{self, Appended, LogError};
 use crate::nats::{service, store, Nats, SetupError};
 use crate::protocol::{
-    bounded, decode, new_job_id, now_ms, validate_customer, validate_token, Encoding, Event,
-    JobRejected, JobRequested, RejectCode, Submission, SubmitError, SubmitReply, MAX_REASON_BYTES,
-    MAX_SUBMISSION_BYTES, SUBMIT_WILDCARD,
+    bounded, decode, new_job_id, now_ms, tenant_job_id, validate_customer, validate_token,
+    Encoding, Event, JobRejected, JobRequested, RejectCode, Submission, SubmitError, SubmitReply,
+    MAX_REASON_BYTES, MAX_SUBMISSION_BYTES, MAX_TENANT_JOB_ID_LEN, MAX_TOKEN_LEN, SUBMIT_WILDCARD,
 };
 
 /// Answers submissions on `fanjet.submit.<workflow>[.<customer>]` until `cancel`.
@@ -75,6 +75,20 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
             }
         },
         None => new_job_id(),
+    };
+    // On a tenant subject, ids live in the customer's own namespace.
+    let job_id = match &pinned_customer {
+        None => job_id,
+        Some(customer) => {
+            let scoped = tenant_job_id(customer, &job_id);
+            if scoped.len() > MAX_TOKEN_LEN {
+                let m = format!(
+                    "job id {job_id:?} is longer than {MAX_TENANT_JOB_ID_LEN} characters (on fanjet.submit.<workflow>.<customer>, the customer's tag is put before it)"
+                );
+                return reject.send(nats, RejectCode::InvalidJobId, m).await;
+            }
+            scoped
+        }
     };
     reject.job_id = Some(job_id.clone());
     if tokens.len() > 2 {

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ManagerError;
 use crate::nats::{service, store, Nats};
-use crate::protocol::{detailed, now_ms, STATUS_WILDCARD};
+use crate::protocol::{detailed, now_ms, tenant_job_id, STATUS_WILDCARD};
 
 /// Answers `fanjet.status.<customer>.<job_id>` with the job's detailed
 /// status, when the job is that customer's; `{"error": …}` otherwise.
@@ -20,17 +20,20 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerErr
 
 async fn answer(nats: &Nats, msg: async_nats::Message) -> Value {
     let mut tokens = msg.subject.as_str().split('.').skip(2);
-    let (customer, job_id) = (
+    let (customer, asked) = (
         tokens.next().unwrap_or_default(),
         tokens.next().unwrap_or_default(),
     );
-    match store::status(nats, job_id).await {
+    // The customer's jobs are under its tag (see the intake); the id may
+    // be given with it or without.
+    let job_id = tenant_job_id(customer, asked);
+    match store::status(nats, &job_id).await {
         Ok(Some(job)) if job.customer.as_deref() == Some(customer) => {
-            let stats = store::stats(nats, job_id).await.ok().flatten();
+            let stats = store::stats(nats, &job_id).await.ok().flatten();
             detailed(&job, stats.as_ref(), now_ms())
         }
         Ok(_) => {
-            json!({"error": {"code": "not_found", "message": format!("no job {job_id:?} for customer {customer:?}")}})
+            json!({"error": {"code": "not_found", "message": format!("no job {asked:?} for customer {customer:?}")}})
         }
         Err(e) => json!({"error": {"code": "internal", "message": e.to_string()}}),
     }

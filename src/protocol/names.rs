@@ -112,6 +112,35 @@ pub fn customer_submit_subject(workflow: &str, customer: &str) -> String {
     format!("fanjet.submit.{workflow}.{customer}")
 }
 
+/// Characters of a customer's tag (hex of SHA-256 of the customer key).
+const CUSTOMER_TAG_LEN: usize = 12;
+
+/// Longest job id a submission on a tenant subject may name: room is left
+/// for the customer's tag ([`tenant_job_id`]).
+pub const MAX_TENANT_JOB_ID_LEN: usize = MAX_TOKEN_LEN - CUSTOMER_TAG_LEN - 1;
+
+/// The customer's tag: the first 12 hex digits of the SHA-256 of its key.
+pub fn customer_tag(customer: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(customer.as_bytes());
+    let mut tag: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    tag.truncate(CUSTOMER_TAG_LEN);
+    tag
+}
+
+/// The id of a job submitted on a tenant subject as `job_id`: the
+/// customer's tag, `_`, then `job_id`. Job ids are unique per customer
+/// there: two customers naming the same id get two jobs, and no customer
+/// learns whether another's id exists. An id that already carries the
+/// customer's tag is kept as it is (the status service accepts both).
+pub fn tenant_job_id(customer: &str, job_id: &str) -> String {
+    let tag = customer_tag(customer);
+    match job_id.strip_prefix(tag.as_str()) {
+        Some(rest) if rest.starts_with('_') => job_id.to_string(),
+        _ => format!("{tag}_{job_id}"),
+    }
+}
+
 /// Request subject of the status service: answers with the job's detailed
 /// status when the job belongs to `customer` (which a permission can pin).
 pub fn status_subject(customer: &str, job_id: &str) -> String {
@@ -271,6 +300,24 @@ mod tests {
         for good in ["inv-2026_11", "A", &new_job_id()] {
             validate_token("job id", good).unwrap();
         }
+    }
+
+    #[test]
+    fn tenant_ids_are_unique_per_customer() {
+        // Fixed vector (also in docs/PROTOCOL.md) for other implementations.
+        assert_eq!(customer_tag("acme"), "822b33ad87c1");
+        let a = tenant_job_id("acme", "next");
+        assert_eq!(a, "822b33ad87c1_next");
+        assert_ne!(a, tenant_job_id("bob", "next"));
+        assert_eq!(
+            tenant_job_id("acme", &a),
+            a,
+            "scoping twice changes nothing"
+        );
+        // Customers whose keys run into each other's ids do not collide.
+        assert_ne!(tenant_job_id("a", "b-c"), tenant_job_id("a-b", "c"));
+        let longest = "x".repeat(MAX_TENANT_JOB_ID_LEN);
+        validate_token("job id", &tenant_job_id("acme", &longest)).unwrap();
     }
 
     #[test]
