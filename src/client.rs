@@ -30,8 +30,53 @@ pub enum ClientError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error("the server does not let this user publish to {subject} ({message}){hint}")]
+    Refused {
+        subject: String,
+        message: String,
+        hint: &'static str,
+    },
     #[error("NATS: {0}")]
     Nats(String),
+}
+
+/// A request, answered, timed out after `wait`, or refused by the server
+/// (a permission violation names the subject; said at once, not as a
+/// time-out).
+async fn request(
+    nats: &Nats,
+    subject: &str,
+    body: bytes::Bytes,
+    wait: Duration,
+) -> Result<Result<async_nats::Message, async_nats::RequestError>, ClientError> {
+    let mut refusals = crate::nats::connect::refusals();
+    let refused = async {
+        loop {
+            match refusals.recv().await {
+                Ok(text) if text.contains(&format!("\"{subject}\"")) => return text,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    std::future::pending::<()>().await
+                }
+            }
+        }
+    };
+    tokio::select! {
+        answer = tokio::time::timeout(wait, nats.client.request(subject.to_string(), body)) => {
+            answer.map_err(|_| ClientError::Timeout(wait))
+        }
+        message = refused => Err(ClientError::Refused {
+            subject: subject.to_string(),
+            message,
+            hint: if subject.starts_with("fanjet.submit.") {
+                "; a user pinned to one customer submits as it: --customer <customer>"
+            } else if subject.starts_with("fanjet.status.") {
+                "; a user pinned to one customer asks as it: --customer <customer>"
+            } else {
+                ""
+            },
+        }),
+    }
 }
 
 /// Submits a job through the intake; waits up to 5 s for a manager to come
@@ -71,9 +116,7 @@ async fn send(nats: &Nats, subject: String, sub: &Submission) -> Result<SubmitRe
     let wait = Duration::from_secs(10);
     let mut pause = Duration::from_millis(100);
     loop {
-        let answer = tokio::time::timeout(wait, nats.client.request(subject.clone(), body.clone()))
-            .await
-            .map_err(|_| ClientError::Timeout(wait))?;
+        let answer = request(nats, &subject, body.clone(), wait).await?;
         match answer {
             Ok(msg) => {
                 let reply: SubmitReply = serde_json::from_slice(&msg.payload).map_err(|e| {
@@ -129,17 +172,13 @@ pub async fn status_as(
     customer: &str,
     job_id: &str,
 ) -> Result<Option<Job>, ClientError> {
-    let msg = tokio::time::timeout(
-        Duration::from_secs(10),
-        nats.client
-            .request(status_subject(customer, job_id), "".into()),
-    )
-    .await
-    .map_err(|_| ClientError::Timeout(Duration::from_secs(10)))?
-    .map_err(|e| match e.kind() {
-        async_nats::RequestErrorKind::NoResponders => ClientError::NoManager,
-        _ => ClientError::Nats(e.to_string()),
-    })?;
+    let subject = status_subject(customer, job_id);
+    let msg = request(nats, &subject, "".into(), Duration::from_secs(10))
+        .await?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => ClientError::NoManager,
+            _ => ClientError::Nats(e.to_string()),
+        })?;
     let v: Value =
         serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Nats(e.to_string()))?;
     if v.get("error").is_some() {

@@ -67,6 +67,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.prints_and_exits() {
+        end_quietly_on_a_closed_pipe();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FANJET_LOG")
@@ -87,6 +90,33 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+impl Command {
+    /// A command that prints its answer and exits (as opposed to the
+    /// services and the commands that follow a job).
+    fn prints_and_exits(&self) -> bool {
+        matches!(
+            self,
+            Command::Submit(_)
+                | Command::Status(_)
+                | Command::Jobs(_)
+                | Command::Cancel(_)
+                | Command::Processes(_)
+                | Command::Workflow(_)
+        )
+    }
+}
+
+/// `fanjet jobs | head`: when the reader goes away, end as Unix tools do
+/// (killed by SIGPIPE, silently) rather than with a panic from `println!`.
+/// The Rust runtime ignores SIGPIPE, which suits the long-running services.
+fn end_quietly_on_a_closed_pipe() {
+    // SAFETY: restoring a signal's default disposition at startup, before
+    // any thread exists; no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -120,6 +120,22 @@ async fn the_cli_runs_a_job_end_to_end() {
     // The report step got the fanout's summary; its stdout (its index squared, 0) is the output.
     assert_eq!(s["output"], json!(0));
 
+    // A reader that goes away (`fanjet status X | head -0`) ends the
+    // command quietly, as with any Unix tool: no panic.
+    let mut piped = fanjet_command(&env.url(), &["status", &id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run fanjet");
+    drop(piped.stdout.take());
+    let closed = piped.wait_with_output().expect("fanjet ends");
+    assert!(
+        !stderr(&closed).contains("panicked") && closed.status.code() != Some(101),
+        "{:?}: {}",
+        closed.status,
+        stderr(&closed)
+    );
+
     let human = run(&env, &["status", &id]);
     assert!(
         stdout(&human).contains("state completed"),

@@ -132,6 +132,17 @@ async fn each_role_can_do_its_job_and_no_more() {
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!(job.steps[0].completed, 5);
 
+    // Submitting without naming its customer is refused by the server, and
+    // the client says so at once instead of waiting for an answer.
+    let global = client::submit(&submitter, "inv", &sub).await;
+    match global {
+        Err(client::ClientError::Refused { subject, hint, .. }) => {
+            assert_eq!(subject, "fanjet.submit.inv");
+            assert!(hint.contains("--customer"), "{hint}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
     // A submitter cannot act for another customer, read others' status, or forge events.
     let other = tokio::time::timeout(
         Duration::from_secs(1),

@@ -1,6 +1,9 @@
 //! How every command connects to NATS: one set of flags and env vars.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use tokio::sync::broadcast;
 
 use clap::Args;
 use thiserror::Error;
@@ -30,6 +33,20 @@ impl ConnectError {
             }
         )
     }
+}
+
+/// Permission violations the server reported to this process's
+/// connections, for a command to say why a request went unanswered
+/// instead of timing out.
+fn refusals_sender() -> &'static broadcast::Sender<String> {
+    static SENDER: OnceLock<broadcast::Sender<String>> = OnceLock::new();
+    SENDER.get_or_init(|| broadcast::channel(64).0)
+}
+
+/// Permission violations reported from now on (the server's text, which
+/// names the subject).
+pub fn refusals() -> broadcast::Receiver<String> {
+    refusals_sender().subscribe()
 }
 
 /// NATS connection flags.
@@ -93,7 +110,19 @@ impl ConnectArgs {
     }
 
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, ConnectError> {
-        let mut opts = async_nats::ConnectOptions::new().name(name);
+        let mut opts =
+            async_nats::ConnectOptions::new()
+                .name(name)
+                .event_callback(|event| async move {
+                    if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) =
+                        event
+                    {
+                        if text.to_lowercase().contains("permissions violation") {
+                            tracing::debug!(error = %text, "the server refused an operation");
+                            let _ = refusals_sender().send(text);
+                        }
+                    }
+                });
         if let Some(prefix) = &self.inbox_prefix {
             let valid = !prefix.is_empty()
                 && prefix

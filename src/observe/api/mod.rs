@@ -76,9 +76,10 @@ impl From<ClientError> for ApiError {
             ClientError::NoSuchJob(_) => StatusCode::NOT_FOUND,
             ClientError::Ended { .. } => StatusCode::CONFLICT,
             ClientError::NoManager | ClientError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ClientError::Store(_) | ClientError::Log(_) | ClientError::Nats(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ClientError::Store(_)
+            | ClientError::Log(_)
+            | ClientError::Nats(_)
+            | ClientError::Refused { .. } => StatusCode::BAD_GATEWAY,
         };
         let code = match &e {
             ClientError::NoSuchJob(_) => "not_found",
