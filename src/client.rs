@@ -12,8 +12,9 @@ use crate::nats::log::{self, LogError};
 use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
-    customer_submit_subject, encode_json, new_job_id, now_ms, status_subject, submit_subject,
-    validate_token, CancelRequested, Event, Job, RejectCode, Submission, SubmitReply,
+    cancel_subject, customer_submit_subject, encode_json, new_job_id, now_ms, status_subject,
+    submit_subject, validate_token, CancelRequested, Event, Job, RejectCode, Submission,
+    SubmitReply,
 };
 
 #[derive(Debug, Error)]
@@ -163,6 +164,42 @@ pub async fn cancel(nats: &Nats, job_id: &str, reason: Option<String>) -> Result
     });
     log::append(nats, &event).await?;
     Ok(())
+}
+
+/// Asks for a job's cancellation through the cancel service, as `customer`
+/// (for users whose permissions allow only `fanjet.cancel.<customer>.>`).
+/// Returns the job's full id.
+pub async fn cancel_as(
+    nats: &Nats,
+    customer: &str,
+    job_id: &str,
+    reason: Option<String>,
+) -> Result<String, ClientError> {
+    let subject = cancel_subject(customer, job_id);
+    let body = serde_json::json!({ "reason": reason }).to_string();
+    let msg = request(nats, &subject, body.into(), Duration::from_secs(10))
+        .await?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => ClientError::NoManager,
+            _ => ClientError::Nats(e.to_string()),
+        })?;
+    let v: Value =
+        serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Nats(e.to_string()))?;
+    if v["ok"] == Value::Bool(true) {
+        return Ok(v["job_id"].as_str().unwrap_or(job_id).to_string());
+    }
+    let message = v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    Err(match v["error"]["code"].as_str() {
+        Some("not_found") => ClientError::NoSuchJob(job_id.to_string()),
+        Some("job_ended") => ClientError::Ended {
+            job_id: job_id.to_string(),
+            state: message,
+        },
+        _ => ClientError::Nats(message),
+    })
 }
 
 /// A job's detailed status through the status service, as a customer sees

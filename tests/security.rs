@@ -919,6 +919,32 @@ async fn job_ids_are_unique_per_customer_and_reveal_nothing() {
         .await
         .unwrap()
         .is_none());
+    // Each cancels its own jobs only.
+    match client::cancel_as(&acme, "acme", &bobs, None).await {
+        Err(client::ClientError::NoSuchJob(_)) => {}
+        other => panic!("acme cancelled bob's job: {other:?}"),
+    }
+    match client::cancel_as(&acme, "bob", "bob-next", None).await {
+        Err(client::ClientError::Refused { .. }) => {}
+        other => panic!("acme asked as bob: {other:?}"),
+    }
+    let acmes = squat.job_id.clone().unwrap();
+    assert_eq!(
+        client::cancel_as(&acme, "acme", "bob-next", Some("changed my mind".into()))
+            .await
+            .unwrap(),
+        acmes
+    );
+    let ended = env
+        .wait(&acmes, "cancellation", |j| j.state.is_terminal())
+        .await;
+    assert_eq!(ended.state, JobState::Cancelled);
+    let (still, _) = fanjet::nats::store::get(&env.admin, &bobs)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(still.state, JobState::Running, "bob's job goes on");
+
     // The same submission again is bob's duplicate, answered as such.
     let again = client::submit_as(&bob, "inv", "bob", &sub("bob-next"))
         .await

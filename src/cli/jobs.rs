@@ -71,6 +71,10 @@ pub struct CancelArgs {
     job_id: String,
     #[arg(long)]
     reason: Option<String>,
+    /// Ask the cancel service as this customer (for users pinned to one
+    /// customer, who may cancel only its jobs).
+    #[arg(long)]
+    customer: Option<String>,
 }
 
 // `fanjet watch`
@@ -205,8 +209,14 @@ pub async fn list(connect: &ConnectArgs, args: JobsArgs) -> Result<u8> {
 
 pub async fn cancel(connect: &ConnectArgs, args: CancelArgs) -> Result<u8> {
     let nats = super::connect(connect, "fanjet-cli").await?;
-    client::cancel(&nats, &args.job_id, args.reason).await?;
-    eprintln!("cancel requested for {}", args.job_id);
+    let id = match &args.customer {
+        Some(customer) => client::cancel_as(&nats, customer, &args.job_id, args.reason).await?,
+        None => {
+            client::cancel(&nats, &args.job_id, args.reason).await?;
+            args.job_id
+        }
+    };
+    eprintln!("cancel requested for {id}");
     Ok(0)
 }
 

@@ -10,6 +10,7 @@
 //! - [`advisories`]: fails subjobs whose last attempt timed out.
 
 mod advisories;
+mod cancel;
 mod executor;
 mod intake;
 mod partition;
@@ -123,6 +124,7 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     tasks.spawn(intake::run(nats.clone(), cancel.clone()));
     tasks.spawn(status::run(nats.clone(), cancel.clone()));
+    tasks.spawn(cancel::run(nats.clone(), cancel.clone()));
     tasks.spawn(advisories::run(nats.clone(), cancel.clone()));
     let running: Arc<Vec<AtomicU64>> =
         Arc::new((0..PARTITIONS).map(|_| AtomicU64::new(0)).collect());

@@ -147,6 +147,15 @@ pub fn status_subject(customer: &str, job_id: &str) -> String {
     format!("fanjet.status.{customer}.{job_id}")
 }
 
+/// Request subject of the cancel service: asks for the job's cancellation
+/// when the job belongs to `customer` (which a permission can pin).
+pub fn cancel_subject(customer: &str, job_id: &str) -> String {
+    format!("fanjet.cancel.{customer}.{job_id}")
+}
+
+/// What the cancel service listens on.
+pub const CANCEL_WILDCARD: &str = "fanjet.cancel.*.*";
+
 /// What the status service listens on.
 pub const STATUS_WILDCARD: &str = "fanjet.status.*.*";
 
