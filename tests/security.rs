@@ -83,7 +83,8 @@ async fn each_role_can_do_its_job_and_no_more() {
     // The worker role binds and works.
     let worker = Nats::bind(connect(&server, "worker").await)
         .await
-        .expect("worker binds");
+        .expect("worker binds")
+        .with_user(Some("worker"));
     let create = tokio::time::timeout(
         Duration::from_secs(2),
         Nats::ensure(connect(&server, "worker").await),
@@ -286,6 +287,24 @@ async fn each_role_can_do_its_job_and_no_more() {
     );
 
     // ... and sees who runs what, without being able to take a partition.
+    // Meanwhile a worker tries to speak for another user in heartbeats: the
+    // subject names the sender and its permission pins it; and on its own
+    // name, a subject whose id is not the payload's is dropped.
+    let forger = worker.client.clone();
+    let forging = tokio::spawn(async move {
+        let fake = json!({"role": "worker", "id": "worker-fake", "slots": 9999, "busy": 0});
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for subject in [
+                "fanjet.heartbeat.worker.worker_squares.worker-fake",
+                "fanjet.heartbeat.worker.worker-fake",
+                "fanjet.heartbeat.worker.worker.other-id",
+            ] {
+                let _ = forger.publish(subject, fake.to_string().into()).await;
+            }
+            let _ = forger.flush().await;
+        }
+    });
     let shown = fanjet::observe::processes::processes(
         &viewer,
         fanjet::nats::heartbeat::listen(&viewer, Duration::from_secs(7))
@@ -296,6 +315,18 @@ async fn each_role_can_do_its_job_and_no_more() {
     assert_eq!(shown.leases_error, None);
     assert_eq!(shown.managers.len(), 1, "{shown:?}");
     assert_eq!(shown.managers[0].partitions.len(), 16);
+    assert!(
+        shown
+            .workers
+            .iter()
+            .any(|w| w.user.as_deref() == Some("worker") && w.slots == 4),
+        "the worker's heartbeat, attributed to its user: {shown:?}"
+    );
+    forging.await.unwrap();
+    assert!(
+        !shown.workers.iter().any(|w| w.slots == 9999),
+        "a forged heartbeat was shown: {shown:?}"
+    );
     assert!(shown.managers[0].seen_ms_ago.is_some(), "{shown:?}");
     let leases = viewer
         .js

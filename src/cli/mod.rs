@@ -24,10 +24,12 @@ use fanjet::nats::Nats;
 /// they are missing and this user may (a fresh server).
 pub async fn connect(connect: &ConnectArgs, name: &str) -> Result<Nats> {
     let client = connect.connect(name).await?;
+    let user = connect.user.as_deref();
     match Nats::bind(client.clone()).await {
-        Ok(n) => Ok(n),
+        Ok(n) => Ok(n.with_user(user)),
         Err(bind_err) => Nats::ensure(client)
             .await
+            .map(|n| n.with_user(user))
             .map_err(|_| anyhow::Error::from(bind_err)),
     }
 }
@@ -36,7 +38,9 @@ pub async fn connect(connect: &ConnectArgs, name: &str) -> Result<Nats> {
 /// workflow apply).
 pub async fn connect_admin(connect: &ConnectArgs, name: &str) -> Result<Nats> {
     let client = connect.connect(name).await?;
-    Ok(Nats::ensure(client).await?)
+    Ok(Nats::ensure(client)
+        .await?
+        .with_user(connect.user.as_deref()))
 }
 
 /// For a long-running process (manager, worker, serve): connects and sets
@@ -67,7 +71,7 @@ pub async fn connect_waiting(
         let error = tokio::select! {
             _ = stop.cancelled() => return Ok(None),
             result = attempt => match result {
-                Ok(nats) => return Ok(Some(nats)),
+                Ok(nats) => return Ok(Some(nats.with_user(connect.user.as_deref()))),
                 Err(e) => e,
             },
         };

@@ -70,8 +70,9 @@ fn table(p: &Processes) -> String {
     let mut out = format!("managers ({})\n", p.managers.len());
     for m in &p.managers {
         out += &format!(
-            "  {:<32} partitions {:<16} ({:>2})  jobs {:>5}  {}\n",
+            "  {:<32} {:<12} partitions {:<16} ({:>2})  jobs {:>5}  {}\n",
             m.id,
+            m.user.as_deref().unwrap_or("-"),
             ranges(&m.partitions),
             m.partitions.len(),
             m.jobs.map(|j| j.to_string()).unwrap_or_else(|| "-".into()),
@@ -81,8 +82,9 @@ fn table(p: &Processes) -> String {
     out += &format!("workers ({})\n", p.workers.len());
     for w in &p.workers {
         out += &format!(
-            "  {:<32} slots {:>4}  busy {:>4}  {}\n",
+            "  {:<32} {:<12} slots {:>4}  busy {:>4}  {}\n",
             w.id,
+            w.user.as_deref().unwrap_or("-"),
             w.slots,
             w.busy,
             ago(Some(w.seen_ms_ago))

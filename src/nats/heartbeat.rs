@@ -11,7 +11,8 @@ use tracing::debug;
 
 use super::Nats;
 use crate::protocol::{
-    heartbeat_subject, Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL, HEARTBEAT_WILDCARD,
+    heartbeat_sender, heartbeat_subject, Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL,
+    HEARTBEAT_WILDCARD,
 };
 
 /// A unique id for this process's heartbeats.
@@ -30,10 +31,18 @@ pub fn process_id(role: &str) -> String {
 /// The last heartbeat of each process, by id, and when it came.
 pub type Heard = HashMap<String, (Instant, Heartbeat)>;
 
-/// Keeps a heartbeat message (anything unreadable is ignored).
+/// Keeps a heartbeat message, marked with the user its subject names;
+/// anything unreadable, or whose subject does not name its role and id, is
+/// ignored.
 pub fn record(seen: &mut Heard, msg: &async_nats::Message) {
-    if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
-        seen.insert(hb.id.clone(), (Instant::now(), hb));
+    let Some((role, user, id)) = heartbeat_sender(msg.subject.as_str()) else {
+        return;
+    };
+    if let Ok(mut hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
+        if hb.role == role && hb.id == id {
+            hb.user = Some(user.to_string());
+            seen.insert(hb.id.clone(), (Instant::now(), hb));
+        }
     }
 }
 
@@ -78,7 +87,8 @@ pub async fn beat(
             _ = every.tick() => {
                 let hb = make();
                 if let Ok(body) = serde_json::to_vec(&hb) {
-                    if let Err(e) = nats.client.publish(heartbeat_subject(&hb.role, &hb.id), body.into()).await {
+                    let subject = heartbeat_subject(&hb.role, &nats.user, &hb.id);
+                    if let Err(e) = nats.client.publish(subject, body.into()).await {
                         debug!(error = %e, "heartbeat");
                     }
                 }

@@ -103,6 +103,9 @@ pub struct Nats {
     /// The key of task tokens: managers (and `fanjet serve`) only, read by
     /// [`ensure`](Self::ensure); `None` for restricted roles.
     pub task_key: Option<TaskKey>,
+    /// The NATS user this connection authenticated as (`_` when unknown):
+    /// heartbeats go out under it ([`with_user`](Self::with_user)).
+    pub user: String,
 }
 
 impl Nats {
@@ -143,9 +146,18 @@ impl Nats {
                 .await
                 .map_err(|e| missing(RESULTS_BUCKET, &e))?,
             task_key: None,
+            user: "_".into(),
             client,
             js,
         })
+    }
+
+    /// This handle, saying it is `user`'s (the name heartbeats carry).
+    pub fn with_user(mut self, user: Option<&str>) -> Self {
+        self.user = user
+            .map(crate::protocol::subject_token)
+            .unwrap_or_else(|| "_".into());
+        self
     }
 
     /// This handle with the task token key read (or made, by the first
@@ -252,6 +264,7 @@ impl Nats {
             stats: bucket(STATS_BUCKET, 1, RECORDS_MAX_AGE).await?,
             results: results_bucket(&js, replicas).await?,
             task_key: Some(task_key),
+            user: "_".into(),
             client,
             js,
         })

@@ -1,7 +1,7 @@
 //! The gauges no event carries, built from heartbeats and consumer info.
 //!
 //! Managers and workers publish a small heartbeat every few seconds on
-//! `fanjet.heartbeat.<role>.<id>` ([`crate::nats::heartbeat`]); `fanjet
+//! `fanjet.heartbeat.<role>.<user>.<id>` ([`crate::nats::heartbeat`]); `fanjet
 //! serve` listens, reads the task and manager consumers' state, and sets
 //! the gauges, so one scrape target covers every process.
 

@@ -14,6 +14,9 @@ use crate::protocol::{Heartbeat, PARTITIONS};
 #[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct ManagerView {
     pub id: String,
+    /// The NATS user its heartbeats come from (none heard yet: absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// Partitions of the event log it reads (from the lease bucket).
     pub partitions: Vec<u32>,
     /// Jobs it holds as running (from its heartbeat; none heard yet: null).
@@ -26,6 +29,9 @@ pub struct ManagerView {
 #[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct WorkerView {
     pub id: String,
+    /// The NATS user its heartbeats come from (from their subject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     pub slots: u64,
     pub busy: u64,
     pub seen_ms_ago: u64,
@@ -57,6 +63,7 @@ pub async fn processes(nats: &Nats, beats: Vec<(Duration, Heartbeat)>) -> Proces
                     hb.id.clone(),
                     ManagerView {
                         id: hb.id,
+                        user: hb.user,
                         partitions: Vec::new(),
                         jobs: Some(hb.jobs),
                         seen_ms_ago: Some(ms(ago)),
@@ -65,6 +72,7 @@ pub async fn processes(nats: &Nats, beats: Vec<(Duration, Heartbeat)>) -> Proces
             }
             "worker" => workers.push(WorkerView {
                 id: hb.id,
+                user: hb.user,
                 slots: hb.slots,
                 busy: hb.busy,
                 seen_ms_ago: ms(ago),
@@ -78,6 +86,7 @@ pub async fn processes(nats: &Nats, beats: Vec<(Duration, Heartbeat)>) -> Proces
     };
     // A manager in the lease bucket whose heartbeat was not heard (yet).
     let unheard = |id: &str| ManagerView {
+        user: None,
         id: id.to_string(),
         partitions: Vec::new(),
         jobs: None,

@@ -1,6 +1,8 @@
 //! The heartbeat every manager and worker publishes on
-//! `fanjet.heartbeat.<role>.<id>`: how `fanjet serve` and `fanjet processes`
-//! know who is alive and how busy.
+//! `fanjet.heartbeat.<role>.<user>.<id>`: how `fanjet serve` and `fanjet
+//! processes` know who is alive and how busy, and which NATS user says so
+//! (a permission on `fanjet.heartbeat.<role>.<user>.>` makes the `user`
+//! token the sender's, so a heartbeat cannot speak for someone else).
 
 use std::time::Duration;
 
@@ -27,4 +29,8 @@ pub struct Heartbeat {
     pub jobs: u64,
     #[serde(default)]
     pub partitions: u64,
+    /// The NATS user it came from: set by readers from the subject (what a
+    /// permission can enforce), never taken from the payload.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }

@@ -187,9 +187,35 @@ pub fn notify_subject(workflow: &str, job_id: &str, kind: &str) -> String {
     format!("fanjet.notify.{workflow}.{job_id}.{kind}")
 }
 
-/// Subject of a heartbeat: `fanjet.heartbeat.<role>.<id>`.
-pub fn heartbeat_subject(role: &str, id: &str) -> String {
-    format!("fanjet.heartbeat.{role}.{id}")
+/// Subject of a heartbeat: `fanjet.heartbeat.<role>.<user>.<id>`, where
+/// `user` is the sender's NATS user name ([`subject_token`]).
+pub fn heartbeat_subject(role: &str, user: &str, id: &str) -> String {
+    format!("fanjet.heartbeat.{role}.{}.{id}", subject_token(user))
+}
+
+/// The sender's (role, user, id) from a heartbeat subject; `None` for any
+/// other shape.
+pub fn heartbeat_sender(subject: &str) -> Option<(&str, &str, &str)> {
+    let mut t = subject.strip_prefix("fanjet.heartbeat.")?.split('.');
+    let sender = (t.next()?, t.next()?, t.next()?);
+    t.next().is_none().then_some(sender)
+}
+
+/// `value` as one subject token: characters other than letters, digits,
+/// `-` and `_` become `_`; empty becomes `_`.
+pub fn subject_token(value: &str) -> String {
+    if value.is_empty() {
+        return "_".into();
+    }
+    value
+        .chars()
+        .map(
+            |c| match c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                true => c,
+                false => '_',
+            },
+        )
+        .collect()
 }
 
 /// Every heartbeat.
