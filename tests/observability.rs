@@ -453,7 +453,10 @@ async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
     let options = fanjet::observe::ServeOptions {
         listen,
         webhooks: Webhooks::default(),
-        token: Some("s3cret".into()),
+        tokens: fanjet::observe::api::ApiTokens {
+            admin: Some("s3cret".into()),
+            read: Some("look".into()),
+        },
         metrics_listen: Some(metrics),
     };
     let (base, _stop) = env.serve_with(options).await;
@@ -516,16 +519,55 @@ async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
         401
     );
     let sse = http
-        .get(format!("{base}/api/jobs/t-1/stream?access_token=s3cret"))
+        .get(format!("{base}/api/jobs/t-1/stream?access_token=look"))
         .send()
         .await
         .unwrap();
     assert_eq!(
         sse.status().as_u16(),
         200,
-        "EventSource cannot send headers: the token may come as a query parameter"
+        "EventSource cannot send headers: the event stream takes the token as a query parameter"
     );
     drop(sse);
+    // Anywhere else a token in the URL is refused: it would land in logs.
+    assert_eq!(
+        status(
+            http.get(format!("{base}/api/jobs?access_token=s3cret"))
+                .send()
+                .await
+                .unwrap()
+        ),
+        401
+    );
+    // The read token reads, and changes nothing.
+    assert_eq!(
+        status(
+            http.get(format!("{base}/api/jobs/t-1"))
+                .bearer_auth("look")
+                .send()
+                .await
+                .unwrap()
+        ),
+        200
+    );
+    let r = http
+        .post(format!("{base}/api/jobs"))
+        .bearer_auth("look")
+        .json(&json!({"workflow": "tok", "job_id": "t-2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(
+        status(
+            http.post(format!("{base}/api/jobs/t-1/cancel"))
+                .bearer_auth("look")
+                .send()
+                .await
+                .unwrap()
+        ),
+        403
+    );
     let m = http
         .get(format!("http://{metrics}/metrics"))
         .send()
@@ -543,7 +585,7 @@ async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
     let refused = fanjet::observe::api::serve(
         env.nats.clone(),
         open,
-        None,
+        Default::default(),
         tokio_util::sync::CancellationToken::new(),
     )
     .await;

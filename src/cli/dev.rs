@@ -108,7 +108,7 @@ pub async fn run(o: DevArgs) -> Result<u8> {
         let options = ServeOptions {
             listen,
             webhooks: Webhooks::default(),
-            token: None,
+            tokens: Default::default(),
             metrics_listen: None,
         };
         tasks.spawn(async move {

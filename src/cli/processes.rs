@@ -70,7 +70,7 @@ fn table(p: &Processes) -> String {
     let mut out = format!("managers ({})\n", p.managers.len());
     for m in &p.managers {
         out += &format!(
-            "  {:<32} {:<12} partitions {:<16} ({:>2})  jobs {:>5}  {}\n",
+            "  {:<32} {:<16} partitions {:<16} ({:>2})  jobs {:>5}  {}\n",
             m.id,
             m.user.as_deref().unwrap_or("-"),
             ranges(&m.partitions),
@@ -82,7 +82,7 @@ fn table(p: &Processes) -> String {
     out += &format!("workers ({})\n", p.workers.len());
     for w in &p.workers {
         out += &format!(
-            "  {:<32} {:<12} slots {:>4}  busy {:>4}  {}\n",
+            "  {:<32} {:<16} slots {:>4}  busy {:>4}  {}\n",
             w.id,
             w.user.as_deref().unwrap_or("-"),
             w.slots,

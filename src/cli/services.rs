@@ -60,9 +60,20 @@ pub struct ServeArgs {
     /// Tries per notification and webhook (delays double from 1 s).
     #[arg(long, default_value_t = 6)]
     webhook_attempts: u32,
-    /// Bearer token every API call must carry. Required to listen on a non-loopback address.
+    /// Bearer token every API call must carry (the admin token: it may
+    /// also submit and cancel). Required to listen on a non-loopback
+    /// address. (`--token` is NATS's, as for every command.)
     #[arg(long, env = "FANJET_API_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    api_token: Option<String>,
+    /// A second bearer token that may only read (GET routes: status,
+    /// events, the page's data), e.g. for dashboards and support staff.
+    #[arg(
+        long,
+        env = "FANJET_API_READ_TOKEN",
+        hide_env_values = true,
+        requires = "api_token"
+    )]
+    api_read_token: Option<String>,
     /// Also serve /metrics, without the token, on this address (for Prometheus).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -132,7 +143,10 @@ pub async fn serve(connect: &ConnectArgs, args: ServeArgs) -> Result<u8> {
     let options = ServeOptions {
         listen: args.listen,
         webhooks,
-        token: args.token,
+        tokens: fanjet::observe::api::ApiTokens {
+            admin: args.api_token,
+            read: args.api_read_token,
+        },
         metrics_listen: args.metrics_listen,
     };
     observe::serve(nats, options, root).await?;

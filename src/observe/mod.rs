@@ -30,8 +30,8 @@ use notify::Webhooks;
 pub struct ServeOptions {
     pub listen: SocketAddr,
     pub webhooks: Webhooks,
-    /// Bearer token the API requires (none: open, loopback only).
-    pub token: Option<String>,
+    /// Bearer tokens the API requires (none: open, loopback only).
+    pub tokens: api::ApiTokens,
     /// A separate, unauthenticated listener for `/metrics` (for Prometheus).
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -72,7 +72,7 @@ pub async fn serve(
             }
         });
     }
-    let served = api::serve(nats, options.listen, options.token.clone(), cancel.clone()).await;
+    let served = api::serve(nats, options.listen, options.tokens.clone(), cancel.clone()).await;
     cancel.cancel();
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r {

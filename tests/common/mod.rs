@@ -122,7 +122,7 @@ impl Env {
         self.serve_with(fanjet::observe::ServeOptions {
             listen,
             webhooks,
-            token: None,
+            tokens: Default::default(),
             metrics_listen: None,
         })
         .await

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -36,7 +36,9 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("refusing to serve on {0} without a token: set --token (FANJET_API_TOKEN) or listen on loopback behind a proxy")]
+    #[error("a read-only API token needs an admin token beside it (--api-token)")]
+    ReadTokenAlone,
+    #[error("refusing to serve on {0} without a token: set --api-token (FANJET_API_TOKEN) or listen on loopback behind a proxy")]
     Exposed(SocketAddr),
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
@@ -105,8 +107,27 @@ impl From<log::LogError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Bearer tokens of the HTTP API. With neither, the API is open (and
+/// served on loopback only).
+#[derive(Clone, Default)]
+pub struct ApiTokens {
+    /// Every route, including those that change something (submit, cancel).
+    pub admin: Option<String>,
+    /// Reading only: `GET` routes. Needs an admin token beside it.
+    pub read: Option<String>,
+}
+
+impl std::fmt::Debug for ApiTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiTokens")
+            .field("admin", &self.admin.as_ref().map(|_| ".."))
+            .field("read", &self.read.as_ref().map(|_| ".."))
+            .finish()
+    }
+}
+
 /// The router, with every route of `docs/openapi.json`.
-pub fn router(nats: Nats, token: Option<String>) -> Router {
+pub fn router(nats: Nats, tokens: ApiTokens) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/api/jobs", get(list_jobs).post(submit))
@@ -127,72 +148,93 @@ pub fn router(nats: Nats, token: Option<String>) -> Router {
             )
         })
         .layer(axum::middleware::from_fn_with_state(
-            token.map(std::sync::Arc::new),
+            std::sync::Arc::new(tokens),
             require_token,
         ))
         .with_state(nats)
 }
 
-/// With a token configured, every route but the page shell, `/healthz`
-/// and `/readyz` needs `Authorization: Bearer <token>` (or, where a browser
-/// cannot set headers, as for Server-Sent Events, `?access_token=<token>`).
+/// With tokens configured, every route but the page shell, `/healthz` and
+/// `/readyz` needs `Authorization: Bearer <token>`: the admin token, or for
+/// a `GET` the read token too. Only the event stream, which a browser's
+/// `EventSource` opens without headers, also takes `?access_token=<token>`:
+/// anywhere else a token in the URL would land in proxy logs and browser
+/// history.
 async fn require_token(
-    State(token): State<Option<std::sync::Arc<String>>>,
+    State(tokens): State<std::sync::Arc<ApiTokens>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Some(token) = token else {
+    let Some(admin) = tokens.admin.as_deref() else {
         return next.run(req).await;
     };
-    let path = req.uri().path();
-    if matches!(path, "/" | "/healthz" | "/readyz") {
+    let path = req.uri().path().to_string();
+    if matches!(path.as_str(), "/" | "/healthz" | "/readyz") {
         return next.run(req).await;
     }
+    let reading = matches!(*req.method(), Method::GET | Method::HEAD);
+    let stream = reading && path.starts_with("/api/jobs/") && path.ends_with("/stream");
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
-    let query = req
+    let in_query = req
         .uri()
         .query()
         .unwrap_or("")
         .split('&')
         .find_map(|kv| kv.strip_prefix("access_token="))
         .map(str::to_string);
-    let given = bearer.or(query).unwrap_or_default();
-    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        next.run(req).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid bearer token is required (Authorization: Bearer …)",
-        )
-        .into_response()
+    let given = match (bearer, in_query) {
+        (Some(b), _) => b,
+        (None, Some(q)) if stream => q,
+        _ => String::new(),
+    };
+    let is = |t: &str| constant_time_eq(given.as_bytes(), t.as_bytes());
+    if is(admin) || (reading && tokens.read.as_deref().is_some_and(is)) {
+        return next.run(req).await;
     }
+    if !reading && tokens.read.as_deref().is_some_and(is) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "read_only",
+            "this token may only read; submitting and cancelling need the admin token",
+        )
+        .into_response();
+    }
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "a valid bearer token is required (Authorization: Bearer …)",
+    )
+    .into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Serves until `cancel`. Refuses a non-loopback address without a token.
+/// Serves until `cancel`. Refuses a non-loopback address without an
+/// admin token, and a read token without an admin token.
 pub async fn serve(
     nats: Nats,
     addr: SocketAddr,
-    token: Option<String>,
+    tokens: ApiTokens,
     cancel: CancellationToken,
 ) -> Result<(), ServeError> {
-    if !addr.ip().is_loopback() && token.is_none() {
+    if !addr.ip().is_loopback() && tokens.admin.is_none() {
         return Err(ServeError::Exposed(addr));
+    }
+    if tokens.read.is_some() && tokens.admin.is_none() {
+        return Err(ServeError::ReadTokenAlone);
     }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
-    tracing::info!(%addr, auth = token.is_some(), "HTTP API and web page listening");
-    axum::serve(listener, router(nats, token))
+    tracing::info!(%addr, auth = tokens.admin.is_some(), read_token = tokens.read.is_some(), "HTTP API and web page listening");
+    axum::serve(listener, router(nats, tokens))
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
         .map_err(ServeError::Serve)
