@@ -6,10 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{seed_workflow, Env};
+use common::{seed_workflow, submit_bytes, Env};
+use fanjet::manager::ManagerOptions;
 use fanjet::metrics::Metrics;
-use fanjet::protocol::JobState;
 use fanjet::protocol::{encode_json, event_subject, Event, ResultRef, SubjobCompleted};
+use fanjet::protocol::{JobState, RejectCode};
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::{json, Value};
 
@@ -359,4 +360,78 @@ async fn large_results_go_to_the_object_store_and_limits_hold() {
         "{:?}",
         capped.error
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_customer_is_rate_limited_and_its_rejections_bounded() {
+    use std::num::NonZeroU32;
+    let mut env = Env::start().await;
+    env.apply(&seed_workflow("flood", "")).await;
+    let n = |v| NonZeroU32::new(v).unwrap();
+    env.manager_with(ManagerOptions {
+        intake: fanjet::manager::intake::IntakeLimits {
+            submissions_per_s: n(1),
+            submission_burst: n(5),
+            rejections_recorded_per_min: n(1),
+            rejection_burst: n(3),
+        },
+        ..ManagerOptions::default()
+    });
+    // Twelve malformed submissions as `spam`: answered, three recorded.
+    for i in 0..12 {
+        let reply = submit_bytes(
+            &env.nats,
+            "flood.spam",
+            format!("{{\"job_id\": \"junk-{i}\", \"bogus\": true}}").into_bytes(),
+        )
+        .await;
+        assert_eq!(
+            reply.error.map(|e| e.code),
+            Some(RejectCode::MalformedPayload),
+            "junk-{i}"
+        );
+    }
+    // The intake logs a rejection before it answers: the log is exact now.
+    let mut logged = 0;
+    for i in 0..12 {
+        let id = fanjet::protocol::tenant_job_id("spam", &format!("junk-{i}"));
+        logged += env
+            .events(&id)
+            .await
+            .iter()
+            .filter(|e| e["type"] == "JobRejected")
+            .count();
+    }
+    assert_eq!(logged, 3, "rejections recorded past the budget");
+    // Ten submissions at once from one customer: the burst goes through,
+    // the rest are refused with nothing recorded; another customer is not
+    // held back.
+    let mut limited = Vec::new();
+    for i in 0..10 {
+        let body =
+            json!({"job_id": format!("many-{i}"), "customer": "busy", "input": {"count": 1}});
+        let reply = env.submit("flood", body).await;
+        match reply.error.map(|e| e.code) {
+            None => assert!(reply.ok),
+            Some(RejectCode::RateLimited) => limited.push(format!("many-{i}")),
+            other => panic!("many-{i}: {other:?}"),
+        }
+    }
+    assert!(limited.len() >= 4, "only {} limited", limited.len());
+    for id in &limited {
+        assert!(
+            fanjet::nats::store::status(&env.nats, id)
+                .await
+                .unwrap()
+                .is_none(),
+            "{id} was recorded"
+        );
+    }
+    let other = env
+        .submit(
+            "flood",
+            json!({"job_id": "calm-1", "customer": "calm", "input": {"count": 1}}),
+        )
+        .await;
+    assert!(other.ok, "{other:?}");
 }

@@ -2,6 +2,7 @@
 //! `fanjet serve`. Each runs until SIGTERM or Ctrl-C and drains first.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -22,6 +23,21 @@ pub struct ManagerArgs {
     /// Also serve this process's Prometheus metrics (events ignored, by reason) at ADDR/metrics.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Submissions accepted per second per customer (per manager process);
+    /// beyond it they are answered `rate_limited` and nothing is recorded.
+    #[arg(long, default_value = "200")]
+    submit_rate: NonZeroU32,
+    /// Submissions a customer may send at once above --submit-rate.
+    #[arg(long, default_value = "2000")]
+    submit_burst: NonZeroU32,
+    /// Rejected submissions recorded per minute per customer (each is a
+    /// JobRejected and a record kept 30 days); past it they are answered
+    /// but not recorded.
+    #[arg(long, default_value = "60")]
+    rejections_per_min: NonZeroU32,
+    /// Rejections recorded at once above --rejections-per-min.
+    #[arg(long, default_value = "50")]
+    rejection_burst: NonZeroU32,
 }
 
 // `fanjet worker`
@@ -89,7 +105,16 @@ pub async fn manager(connect: &ConnectArgs, args: ManagerArgs) -> Result<u8> {
     if let Some(addr) = args.metrics {
         side.spawn(observe::api::serve_metrics(addr, root.clone()));
     }
-    let result = manager::run(nats, ManagerOptions::default(), root.clone()).await;
+    let options = ManagerOptions {
+        intake: manager::intake::IntakeLimits {
+            submissions_per_s: args.submit_rate,
+            submission_burst: args.submit_burst,
+            rejections_recorded_per_min: args.rejections_per_min,
+            rejection_burst: args.rejection_burst,
+        },
+        ..ManagerOptions::default()
+    };
+    let result = manager::run(nats, options, root.clone()).await;
     root.cancel();
     while let Some(r) = side.join_next().await {
         if let Ok(Err(e)) = r {

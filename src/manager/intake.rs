@@ -1,7 +1,15 @@
 //! Submission intake: answers requests on `fanjet.submit.<workflow>` from any
 //! NATS client, turning each into a JobRequested (or a JobRejected) on the
 //! log. Runs in a queue group, so any number of managers share the load.
+//!
+//! Each customer's submissions are rate limited ([`IntakeLimits`]), and so
+//! are the rejections it gets recorded: past its budget a rejection is
+//! still answered but leaves no record, so one client sending garbage
+//! cannot fill the store for 30 days.
 
+use std::num::NonZeroU32;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -14,11 +22,73 @@ use crate::protocol::{
     MAX_REASON_BYTES, MAX_SUBMISSION_BYTES, MAX_TENANT_JOB_ID_LEN, MAX_TOKEN_LEN, SUBMIT_WILDCARD,
 };
 
+/// Per-customer limits of one intake. Each manager process keeps its own
+/// count, so with N managers a customer may reach N times these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntakeLimits {
+    /// Submissions accepted per second per customer, sustained…
+    pub submissions_per_s: NonZeroU32,
+    /// …and how many may come at once above that.
+    pub submission_burst: NonZeroU32,
+    /// Rejections recorded per minute per customer (a `JobRejected` and a
+    /// record kept 30 days); past it they are answered, not recorded…
+    pub rejections_recorded_per_min: NonZeroU32,
+    /// …and how many may be recorded at once above that.
+    pub rejection_burst: NonZeroU32,
+}
+
+impl Default for IntakeLimits {
+    fn default() -> Self {
+        let n = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
+        IntakeLimits {
+            submissions_per_s: n(200),
+            submission_burst: n(2000),
+            rejections_recorded_per_min: n(60),
+            rejection_burst: n(50),
+        }
+    }
+}
+
+/// The counters of [`IntakeLimits`], by customer (`-` for submissions that
+/// name none).
+struct Limiters {
+    submissions: DefaultKeyedRateLimiter<String>,
+    rejections: DefaultKeyedRateLimiter<String>,
+}
+
+impl Limiters {
+    fn new(limits: IntakeLimits) -> Self {
+        Limiters {
+            submissions: RateLimiter::keyed(
+                Quota::per_second(limits.submissions_per_s).allow_burst(limits.submission_burst),
+            ),
+            rejections: RateLimiter::keyed(
+                Quota::per_minute(limits.rejections_recorded_per_min)
+                    .allow_burst(limits.rejection_burst),
+            ),
+        }
+    }
+
+    /// Forgets customers whose budget is full again, now and then.
+    fn tidy(&self) {
+        if self.submissions.len() + self.rejections.len() > 10_000 {
+            self.submissions.retain_recent();
+            self.rejections.retain_recent();
+        }
+    }
+}
+
 /// Answers submissions on `fanjet.submit.<workflow>[.<customer>]` until `cancel`.
-pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerError> {
+pub async fn run(
+    nats: Nats,
+    limits: IntakeLimits,
+    cancel: CancellationToken,
+) -> Result<(), ManagerError> {
     let nats = &nats;
+    let limiters = &Limiters::new(limits);
     service::serve(nats, SUBMIT_WILDCARD, &cancel, |msg| async move {
-        submit(nats, &msg).await
+        limiters.tidy();
+        submit(nats, &msg, limiters).await
     })
     .await
     .map_err(|e| ManagerError::Nats(format!("subscribing to submissions: {e}")))
@@ -34,7 +104,7 @@ fn rejected(job_id: Option<String>, code: RejectCode, message: String) -> Submit
 }
 
 /// Handles one submission; every failure becomes a rejection, never a panic.
-async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
+async fn submit(nats: &Nats, msg: &async_nats::Message, limiters: &Limiters) -> SubmitReply {
     // fanjet.submit.<workflow> or fanjet.submit.<workflow>.<customer>
     let tokens: Vec<&str> = msg.subject.as_str().split('.').skip(2).collect();
     let workflow = tokens.first().copied().unwrap_or_default().to_string();
@@ -43,6 +113,8 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
         workflow: Some(workflow.clone()),
         customer: None,
         job_id: None,
+        limiters,
+        budget: pinned_customer.clone(),
     };
     if msg.payload.len() > MAX_SUBMISSION_BYTES {
         let m = format!(
@@ -109,6 +181,25 @@ async fn submit(nats: &Nats, msg: &async_nats::Message) -> SubmitReply {
         Ok(sub) => sub,
         Err(e) => return reject.send(nats, RejectCode::MalformedPayload, e).await,
     };
+    let who = pinned_customer.clone().or_else(|| sub.customer.clone());
+    reject.budget = who.clone();
+    if let Err(not_until) = limiters
+        .submissions
+        .check_key(&who.unwrap_or_else(|| "-".into()))
+    {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        // Nothing is recorded: the same submission may be sent again.
+        return rejected(
+            Some(job_id),
+            RejectCode::RateLimited,
+            format!(
+                "too many submissions from this customer; send it again in {} ms",
+                wait.as_millis().max(1)
+            ),
+        );
+    }
     if let Some(pinned) = &pinned_customer {
         if sub.customer.as_deref().is_some_and(|c| c != pinned) {
             let m = format!(
@@ -195,19 +286,38 @@ async fn append(nats: &Nats, event: &Event) -> Result<Appended, LogError> {
 }
 
 /// What is known of a submission when it is refused.
-struct Rejection {
+struct Rejection<'a> {
     workflow: Option<String>,
     customer: Option<String>,
     job_id: Option<String>,
+    limiters: &'a Limiters,
+    /// Whose budget of recorded rejections this one counts against.
+    budget: Option<String>,
 }
 
-impl Rejection {
+impl Rejection<'_> {
     /// Logs a JobRejected and builds the reply: under the submitted id when
     /// it is valid and no job has it yet (a job's record, or its request in
     /// the log), under a fresh id otherwise, so a rejection never touches
     /// another job.
     async fn send(self, nats: &Nats, code: RejectCode, reason: String) -> SubmitReply {
         let reason = bounded(&reason, MAX_REASON_BYTES);
+        let budget = self.budget.clone().unwrap_or_else(|| "-".into());
+        if self.limiters.rejections.check_key(&budget).is_err() {
+            // Answered, not recorded: the store keeps no more of these.
+            warn!(
+                ?code,
+                customer = budget,
+                "submission rejected (not recorded: too many rejections)"
+            );
+            return rejected(
+                self.job_id,
+                code,
+                format!(
+                    "{reason} (not recorded: too many rejected submissions from this customer)"
+                ),
+            );
+        }
         let job_id = match self.job_id {
             Some(id) if matches!(store::status(nats, &id).await, Ok(None)) => id,
             _ => new_job_id(),

@@ -12,7 +12,7 @@
 mod advisories;
 mod cancel;
 mod executor;
-mod intake;
+pub mod intake;
 mod partition;
 mod status;
 
@@ -71,6 +71,8 @@ pub struct ManagerOptions {
     /// A job whose in-flight subjobs show no progress this long is checked
     /// for lost tasks.
     pub stall_after: Duration,
+    /// Per-customer submission limits of the intake.
+    pub intake: intake::IntakeLimits,
 }
 
 impl Default for ManagerOptions {
@@ -80,6 +82,7 @@ impl Default for ManagerOptions {
             batch: 2000,
             checkpoint_every: Duration::from_millis(100),
             stall_after: Duration::from_secs(30),
+            intake: intake::IntakeLimits::default(),
         }
     }
 }
@@ -122,7 +125,7 @@ pub async fn run(
         info!("removed the unpartitioned manager consumer of an earlier version");
     }
     let mut tasks = JoinSet::new();
-    tasks.spawn(intake::run(nats.clone(), cancel.clone()));
+    tasks.spawn(intake::run(nats.clone(), options.intake, cancel.clone()));
     tasks.spawn(status::run(nats.clone(), cancel.clone()));
     tasks.spawn(cancel::run(nats.clone(), cancel.clone()));
     tasks.spawn(advisories::run(nats.clone(), cancel.clone()));

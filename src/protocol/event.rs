@@ -38,6 +38,9 @@ pub enum RejectCode {
     // NATS could not be read or written for a moment (a leader election, a
     // node restarting): nothing was recorded; send the same submission again.
     Unavailable,
+    // Too many submissions from this customer: nothing was recorded; send
+    // the same submission again after the time the message says.
+    RateLimited,
     Internal,
 }
 

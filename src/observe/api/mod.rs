@@ -467,6 +467,7 @@ async fn submit(
             RejectCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             RejectCode::InvalidDefinition => StatusCode::UNPROCESSABLE_ENTITY,
             RejectCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            RejectCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             RejectCode::Internal => StatusCode::BAD_GATEWAY,
             _ => StatusCode::BAD_REQUEST,
         };
