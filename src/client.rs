@@ -45,7 +45,7 @@ pub enum ClientError {
 /// (a permission violation names the subject; said at once, not as a
 /// time-out).
 async fn request(
-    nats: &Nats,
+    nats: &async_nats::Client,
     subject: &str,
     body: bytes::Bytes,
     wait: Duration,
@@ -63,7 +63,7 @@ async fn request(
         }
     };
     tokio::select! {
-        answer = tokio::time::timeout(wait, nats.client.request(subject.to_string(), body)) => {
+        answer = tokio::time::timeout(wait, nats.request(subject.to_string(), body)) => {
             answer.map_err(|_| ClientError::Timeout(wait))
         }
         message = refused => Err(ClientError::Refused {
@@ -86,7 +86,7 @@ async fn request(
 /// chosen here when the submission has none, so that sending again is
 /// idempotent.
 pub async fn submit(
-    nats: &Nats,
+    nats: &async_nats::Client,
     workflow: &str,
     sub: &Submission,
 ) -> Result<SubmitReply, ClientError> {
@@ -99,7 +99,7 @@ pub async fn submit(
 /// namespace ([`crate::protocol::tenant_job_id`]); the reply says which. Otherwise as
 /// [`submit`].
 pub async fn submit_as(
-    nats: &Nats,
+    nats: &async_nats::Client,
     workflow: &str,
     customer: &str,
     sub: &Submission,
@@ -109,7 +109,11 @@ pub async fn submit_as(
     send(nats, customer_submit_subject(workflow, customer), sub).await
 }
 
-async fn send(nats: &Nats, subject: String, sub: &Submission) -> Result<SubmitReply, ClientError> {
+async fn send(
+    nats: &async_nats::Client,
+    subject: String,
+    sub: &Submission,
+) -> Result<SubmitReply, ClientError> {
     let mut sub = sub.clone();
     sub.job_id.get_or_insert_with(new_job_id);
     let body = encode_json(&sub).map_err(|e| ClientError::Nats(e.to_string()))?;
@@ -170,7 +174,7 @@ pub async fn cancel(nats: &Nats, job_id: &str, reason: Option<String>) -> Result
 /// (for users whose permissions allow only `fanjet.cancel.<customer>.>`).
 /// Returns the job's full id.
 pub async fn cancel_as(
-    nats: &Nats,
+    nats: &async_nats::Client,
     customer: &str,
     job_id: &str,
     reason: Option<String>,
@@ -205,7 +209,7 @@ pub async fn cancel_as(
 /// A job's detailed status through the status service, as a customer sees
 /// it (for users whose permissions allow only `fanjet.status.<customer>.>`).
 pub async fn status_as(
-    nats: &Nats,
+    nats: &async_nats::Client,
     customer: &str,
     job_id: &str,
 ) -> Result<Option<Job>, ClientError> {

@@ -328,7 +328,7 @@ async fn services_started_before_their_server_wait_for_it() {
         customer: None,
         input: json!([1, 2, 3]),
     };
-    let reply = fanjet::client::submit(&nats, "late", &sub)
+    let reply = fanjet::client::submit(&nats.client, "late", &sub)
         .await
         .expect("a manager answers");
     assert!(reply.ok, "{reply:?}");

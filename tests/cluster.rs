@@ -86,7 +86,7 @@ async fn a_job_survives_losing_a_cluster_node() {
     duplicates_in_flight_are_duplicates(&admin).await;
 
     let reply = fanjet::client::submit(
-        &admin,
+        &admin.client,
         "ha",
         &fanjet::protocol::Submission {
             job_id: Some("ha-1".into()),
@@ -203,7 +203,7 @@ async fn duplicates_in_flight_are_duplicates(admin: &Nats) {
                     customer: None,
                     input: json!([]),
                 };
-                fanjet::client::submit(&nats, "ha", &sub).await
+                fanjet::client::submit(&nats.client, "ha", &sub).await
             })
         });
         let replies: Vec<_> = futures::future::join_all(requests)

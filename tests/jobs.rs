@@ -396,6 +396,8 @@ async fn bad_submissions_are_rejected_and_the_manager_keeps_going() {
             serde_json::from_slice::<fanjet::protocol::SubmitReply>(&m.payload).unwrap()
         }
     };
+    // (On the tenant subject, under the id in acme's namespace.)
+    let scoped = fanjet::protocol::tenant_job_id("acme", "rej-mismatch");
     for (id, reply, code) in [
         (
             "rej-customer",
@@ -407,7 +409,7 @@ async fn bad_submissions_are_rejected_and_the_manager_keeps_going() {
             "invalid_customer",
         ),
         (
-            "rej-mismatch",
+            scoped.as_str(),
             pinned(json!({"job_id": "rej-mismatch", "customer": "globex"})).await,
             "invalid_customer",
         ),
@@ -424,7 +426,10 @@ async fn bad_submissions_are_rejected_and_the_manager_keeps_going() {
         assert_eq!(job.state, JobState::Rejected);
         assert_eq!(env.events(id).await[0]["code"], code);
         // The id is used: sent again, correctly, it starts nothing.
-        let again = env.submit("ok", json!({"job_id": id})).await;
+        let again = match id == scoped {
+            true => pinned(json!({"job_id": "rej-mismatch"})).await,
+            false => env.submit("ok", json!({"job_id": id})).await,
+        };
         assert!(again.ok && again.duplicate, "{again:?}");
     }
 

@@ -608,7 +608,7 @@ async fn a_submission_nats_cannot_take_for_a_moment_is_unavailable_not_internal(
         customer: None,
         input: json!([1, 2]),
     };
-    let reply = fanjet::client::submit(&env.nats, "brief", &sub)
+    let reply = fanjet::client::submit(&env.nats.client, "brief", &sub)
         .await
         .unwrap();
     assert!(reply.ok && !reply.duplicate, "{reply:?}");

@@ -41,8 +41,9 @@ async fn connect(server: &NatsServer, user: &str) -> async_nats::Client {
 }
 
 /// A JetStream publish this user may not make: no ack, nothing stored.
-async fn refused_publish(nats: &Nats, subject: String, event: &Event) -> bool {
-    let sent = nats.js.publish(subject, encode_json(event).unwrap()).await;
+async fn refused_publish(nats: &async_nats::Client, subject: String, event: &Event) -> bool {
+    let js = async_nats::jetstream::new(nats.clone());
+    let sent = js.publish(subject, encode_json(event).unwrap()).await;
     match sent {
         Err(_) => true,
         Ok(ack) => tokio::time::timeout(Duration::from_secs(1), ack.into_future())
@@ -103,9 +104,30 @@ async fn each_role_can_do_its_job_and_no_more() {
     let w = tokio::spawn(async move { w.run(wc).await });
 
     // The submitter submits for its customer and follows the job through the status service.
-    let submitter = Nats::bind(connect(&server, "submitter").await)
-        .await
-        .expect("submitter binds");
+    // A customer binds nothing: it has no right on any stream or bucket.
+    let submitter = connect(&server, "submitter").await;
+    let bound = tokio::time::timeout(Duration::from_secs(3), Nats::bind(submitter.clone())).await;
+    assert!(
+        !matches!(bound, Ok(Ok(_))),
+        "a submitter found fanjet's streams"
+    );
+    // Nor can it list job ids: STREAM.INFO with a subjects filter is refused.
+    for stream in [
+        "KV_fanjet_jobs",
+        "FANJET_EVENTS",
+        "FANJET_TASKS",
+        "OBJ_fanjet_results",
+    ] {
+        assert!(
+            refused_request(
+                &submitter,
+                &format!("$JS.API.STREAM.INFO.{stream}"),
+                "{\"subjects_filter\": \">\"}"
+            )
+            .await,
+            "a submitter listed the subjects of {stream}"
+        );
+    }
     let sub = Submission {
         job_id: Some("sec-1".into()),
         customer: Some("acme".into()),
@@ -147,7 +169,7 @@ async fn each_role_can_do_its_job_and_no_more() {
     // A submitter cannot act for another customer, read others' status, or forge events.
     let other = tokio::time::timeout(
         Duration::from_secs(1),
-        submitter.client.request(
+        submitter.request(
             customer_submit_subject("inv", "globex"),
             encode_json(&json!({})).unwrap(),
         ),
@@ -176,13 +198,13 @@ async fn each_role_can_do_its_job_and_no_more() {
         refused_publish(&submitter, forged.subject(), &forged).await,
         "a submitter cannot write to the log"
     );
-    let kv = tokio::time::timeout(
-        Duration::from_secs(1),
-        fanjet::nats::store::get(&submitter, &sec1),
-    )
-    .await;
     assert!(
-        !matches!(kv, Ok(Ok(Some(_)))),
+        refused_request(
+            &submitter,
+            &format!("$JS.API.DIRECT.GET.KV_fanjet_jobs.$KV.fanjet_jobs.{sec1}"),
+            ""
+        )
+        .await,
         "a submitter cannot read the jobs bucket"
     );
 
@@ -194,7 +216,7 @@ async fn each_role_can_do_its_job_and_no_more() {
         at: 0,
     });
     assert!(
-        refused_publish(&worker, fake_job.subject(), &fake_job).await,
+        refused_publish(&worker.client, fake_job.subject(), &fake_job).await,
         "a worker cannot publish JobCompleted"
     );
     let fake_decision = Event::SubjobsFailed(fanjet::protocol::SubjobsFailed {
@@ -206,7 +228,7 @@ async fn each_role_can_do_its_job_and_no_more() {
         at: 0,
     });
     assert!(
-        refused_publish(&worker, fake_decision.subject(), &fake_decision).await,
+        refused_publish(&worker.client, fake_decision.subject(), &fake_decision).await,
         "a worker cannot fail subjobs wholesale"
     );
     let fake_step = Event::StepCompleted(StepCompleted {
@@ -223,7 +245,7 @@ async fn each_role_can_do_its_job_and_no_more() {
         at: 0,
     });
     assert!(
-        refused_publish(&worker, fake_step.subject(), &fake_step).await,
+        refused_publish(&worker.client, fake_step.subject(), &fake_step).await,
         "a worker cannot publish StepCompleted"
     );
     let raw = tokio::time::timeout(Duration::from_secs(1), worker.events.get_raw_message(1)).await;
@@ -278,7 +300,7 @@ async fn each_role_can_do_its_job_and_no_more() {
     });
     assert!(
         refused_publish(
-            &viewer,
+            &viewer.client,
             event_subject(&sec1, "cancel_requested"),
             &cancel_ev
         )
@@ -416,6 +438,10 @@ impl Secure {
         }
     }
 
+    async fn client(&self, user: &str) -> async_nats::Client {
+        connect(&self.server, user).await
+    }
+
     async fn bind(&self, user: &str) -> Nats {
         Nats::bind(connect(&self.server, user).await)
             .await
@@ -448,11 +474,10 @@ impl Secure {
 
 /// A request this user may not make: the server drops it, so no answer
 /// comes (a permissions violation is reported to the client only).
-async fn refused_request(nats: &Nats, subject: &str, body: &str) -> bool {
+async fn refused_request(nats: &async_nats::Client, subject: &str, body: &str) -> bool {
     let answer = tokio::time::timeout(
         Duration::from_secs(1),
-        nats.client
-            .request(subject.to_string(), body.to_string().into()),
+        nats.request(subject.to_string(), body.to_string().into()),
     )
     .await;
     !matches!(answer, Ok(Ok(_)))
@@ -468,7 +493,7 @@ fn bad_tokens_dropped() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_decides_only_the_tasks_it_was_given() {
     let env = Secure::start().await;
-    let bob = env.bind("bob").await;
+    let bob = env.client("bob").await;
     let bob_parked = tenant_job_id("bob", "bob-parked");
     let sub = Submission {
         job_id: Some("bob-parked".into()),
@@ -539,7 +564,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
     // It cannot take `inv` tasks (and their tokens) either.
     assert!(
         refused_request(
-            &attacker,
+            &attacker.client,
             "$JS.API.CONSUMER.MSG.NEXT.FANJET_TASKS.fanjet_inv_send",
             "{\"batch\": 1, \"expires\": 500000000}"
         )
@@ -559,7 +584,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
         });
     let wc = env.cancel.clone();
     let w = tokio::spawn(async move { w.run(wc).await });
-    let acme = env.bind("submitter").await;
+    let acme = env.client("submitter").await;
     let acme_squares = tenant_job_id("acme", "acme-squares");
     let sub = Submission {
         job_id: Some("acme-squares".into()),
@@ -630,7 +655,7 @@ async fn no_role_reads_another_ones_replies() {
     acme.flush().await.unwrap();
     worker.flush().await.unwrap();
 
-    let bob = env.bind("bob").await;
+    let bob = env.client("bob").await;
     let bob_private = tenant_job_id("bob", "bob-private");
     let sub = Submission {
         job_id: Some("bob-private".into()),
@@ -742,7 +767,7 @@ async fn the_viewer_changes_no_consumer_and_pulls_none() {
         ("$JS.API.STREAM.PURGE.FANJET_EVENTS", ""),
     ] {
         assert!(
-            refused_request(&viewer, subject, body).await,
+            refused_request(&viewer.client, subject, body).await,
             "the viewer was answered on {subject}"
         );
     }
@@ -757,7 +782,7 @@ async fn the_viewer_changes_no_consumer_and_pulls_none() {
         assert!(stream.consumer_info(name).await.is_ok(), "{name} is gone");
     }
     // What the viewer is for still works: a job's history and the job list.
-    let acme = env.bind("submitter").await;
+    let acme = env.client("submitter").await;
     let acme_seen = tenant_job_id("acme", "acme-seen");
     let sub = Submission {
         job_id: Some("acme-seen".into()),
@@ -791,7 +816,7 @@ async fn a_worker_cannot_purge_or_replace_a_stored_result() {
     let mut env = Secure::start().await;
     let big = |tag: &str| json!({"tag": tag, "pad": "x".repeat(300_000)});
     let worker = env.bind("worker").await;
-    let acme = env.bind("submitter").await;
+    let acme = env.client("submitter").await;
     // Two steps: a task whose large result is the next step's input.
     env.admin
         .apply_workflow(
@@ -853,10 +878,17 @@ async fn a_worker_cannot_purge_or_replace_a_stored_result() {
     assert!(reference.digest.is_some(), "{reference:?}");
 
     // A worker may not purge the store, nor read another's result back.
-    assert!(refused_request(&worker, "$JS.API.STREAM.PURGE.OBJ_fanjet_results", "").await);
     assert!(
         refused_request(
-            &worker,
+            &worker.client,
+            "$JS.API.STREAM.PURGE.OBJ_fanjet_results",
+            ""
+        )
+        .await
+    );
+    assert!(
+        refused_request(
+            &worker.client,
             "$JS.API.STREAM.MSG.GET.OBJ_fanjet_results",
             "{\"seq\": 1}"
         )
@@ -864,7 +896,7 @@ async fn a_worker_cannot_purge_or_replace_a_stored_result() {
     );
     assert!(
         refused_request(
-            &worker,
+            &worker.client,
             "$JS.API.CONSUMER.CREATE.OBJ_fanjet_results",
             "{\"stream_name\": \"OBJ_fanjet_results\", \"config\": {}}"
         )
@@ -922,8 +954,8 @@ async fn a_worker_cannot_purge_or_replace_a_stored_result() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_ids_are_unique_per_customer_and_reveal_nothing() {
     let env = Secure::start().await;
-    let acme = env.bind("submitter").await;
-    let bob = env.bind("bob").await;
+    let acme = env.client("submitter").await;
+    let bob = env.client("bob").await;
     let sub = |id: &str| Submission {
         job_id: Some(id.into()),
         customer: None,
@@ -983,7 +1015,6 @@ async fn job_ids_are_unique_per_customer_and_reveal_nothing() {
     assert!(again.ok && again.duplicate, "{again:?}");
     // A rejection is recorded in the submitter's namespace only.
     let bad = acme
-        .client
         .request(
             "fanjet.submit.inv.acme",
             "{\"job_id\": \"bob-later\", \"bogus\": 1}".into(),

@@ -484,7 +484,7 @@ impl Cluster {
     }
 
     async fn submit(&self, workflow: &str, sub: &Submission) -> Result<String> {
-        let reply = fanjet::client::submit(&self.nats, workflow, sub).await?;
+        let reply = fanjet::client::submit(&self.nats.client, workflow, sub).await?;
         anyhow::ensure!(reply.ok, "rejected: {reply:?}");
         reply.job_id.context("no job id")
     }

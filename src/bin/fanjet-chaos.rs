@@ -745,7 +745,7 @@ async fn submit_one(nats: &Nats, mut job: Planned) -> Planned {
         input: serde_json::to_value(&job.plan).unwrap_or(Value::Null),
     };
     for _ in 0..10 {
-        match fanjet::client::submit(nats, &job.workflow, &sub).await {
+        match fanjet::client::submit(&nats.client, &job.workflow, &sub).await {
             Ok(reply) => {
                 if !reply.ok && job.workflow != "chaos_bad" {
                     tracing::warn!(job_id = %job.id, ?reply, "submission refused");

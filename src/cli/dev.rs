@@ -156,7 +156,7 @@ async fn demo_job(
         customer: Some("acme".into()),
         input: serde_json::json!({"customer": "acme", "count": invoices}),
     };
-    let reply = client::submit(nats, "invoices", &sub).await?;
+    let reply = client::submit(&nats.client, "invoices", &sub).await?;
     let id = reply
         .job_id
         .ok_or_else(|| anyhow!("submission refused: {:?}", reply.error))?;
@@ -166,7 +166,7 @@ async fn demo_job(
     );
     eprintln!("watch it at http://{listen}/#job={id}");
     let job = tokio::select! {
-        j = progress::follow(nats, &id, true, None, None) => j?,
+        j = progress::follow(progress::Source::Store(nats), &id, true, None) => j?,
         _ = root.cancelled() => None,
     };
     let Some(job) = job else { return Ok(0) };

@@ -94,7 +94,6 @@ fn parse_state(name: &str) -> Result<JobState, String> {
 }
 
 pub async fn submit(connect: &ConnectArgs, args: SubmitArgs) -> Result<u8> {
-    let nats = super::connect(connect, "fanjet-cli").await?;
     let input = match args.input {
         None => serde_json::Value::Null,
         Some(s) => {
@@ -116,9 +115,19 @@ pub async fn submit(connect: &ConnectArgs, args: SubmitArgs) -> Result<u8> {
         customer: args.customer,
         input,
     };
-    let reply = match &as_customer {
-        Some(customer) => client::submit_as(&nats, &args.workflow, customer, &sub).await?,
-        None => client::submit(&nats, &args.workflow, &sub).await?,
+    // As a customer, nothing but the intake and the status service is
+    // needed: no stream or bucket is bound (a submitter may see none).
+    let (reply, nats) = match &as_customer {
+        Some(customer) => {
+            let nats = connect.connect("fanjet-cli").await?;
+            let reply = client::submit_as(&nats, &args.workflow, customer, &sub).await?;
+            (reply, Connection::Customer(nats))
+        }
+        None => {
+            let nats = super::connect(connect, "fanjet-cli").await?;
+            let reply = client::submit(&nats.client, &args.workflow, &sub).await?;
+            (reply, Connection::Full(Box::new(nats)))
+        }
     };
     let id = reply.job_id.clone().unwrap_or_default();
     if !reply.ok {
@@ -139,15 +148,41 @@ pub async fn submit(connect: &ConnectArgs, args: SubmitArgs) -> Result<u8> {
     if !args.wait {
         return Ok(0);
     }
-    follow_to_end(&nats, &id, args.json, as_customer.as_deref()).await
+    let source = nats.source(as_customer.as_deref());
+    follow_to_end(source, &id, args.json).await
+}
+
+/// A connection for a command that may act as a customer.
+enum Connection {
+    /// Streams and buckets bound (users who may read them).
+    Full(Box<Nats>),
+    /// Only the connection: as a customer, through the manager's services.
+    Customer(async_nats::Client),
+}
+
+impl Connection {
+    async fn open(connect: &ConnectArgs, customer: Option<&str>) -> Result<Connection> {
+        Ok(match customer {
+            Some(_) => Connection::Customer(connect.connect("fanjet-cli").await?),
+            None => Connection::Full(Box::new(super::connect(connect, "fanjet-cli").await?)),
+        })
+    }
+
+    fn source<'a>(&'a self, customer: Option<&'a str>) -> progress::Source<'a> {
+        match (self, customer) {
+            (Connection::Full(n), None) => progress::Source::Store(n),
+            (Connection::Full(n), Some(c)) => progress::Source::Customer(&n.client, c),
+            (Connection::Customer(n), c) => progress::Source::Customer(n, c.unwrap_or("-")),
+        }
+    }
 }
 
 pub async fn status(connect: &ConnectArgs, args: StatusArgs) -> Result<u8> {
-    let nats = super::connect(connect, "fanjet-cli").await?;
-    let job = lookup(&nats, &args.job_id, args.customer.as_deref()).await?;
-    let stats = match args.customer {
-        Some(_) => None,
-        None => store::stats(&nats, &args.job_id).await.ok().flatten(),
+    let conn = Connection::open(connect, args.customer.as_deref()).await?;
+    let job = lookup(conn.source(args.customer.as_deref()), &args.job_id).await?;
+    let stats = match &conn {
+        Connection::Full(nats) => store::stats(nats, &args.job_id).await.ok().flatten(),
+        Connection::Customer(_) => None,
     };
     let now = now_ms();
     let view = detailed(&job, stats.as_ref(), now);
@@ -208,10 +243,13 @@ pub async fn list(connect: &ConnectArgs, args: JobsArgs) -> Result<u8> {
 }
 
 pub async fn cancel(connect: &ConnectArgs, args: CancelArgs) -> Result<u8> {
-    let nats = super::connect(connect, "fanjet-cli").await?;
     let id = match &args.customer {
-        Some(customer) => client::cancel_as(&nats, customer, &args.job_id, args.reason).await?,
+        Some(customer) => {
+            let nats = connect.connect("fanjet-cli").await?;
+            client::cancel_as(&nats, customer, &args.job_id, args.reason).await?
+        }
         None => {
+            let nats = super::connect(connect, "fanjet-cli").await?;
             client::cancel(&nats, &args.job_id, args.reason).await?;
             args.job_id
         }
@@ -221,20 +259,16 @@ pub async fn cancel(connect: &ConnectArgs, args: CancelArgs) -> Result<u8> {
 }
 
 pub async fn watch(connect: &ConnectArgs, args: WatchArgs) -> Result<u8> {
-    let nats = super::connect(connect, "fanjet-cli").await?;
-    lookup(&nats, &args.job_id, args.customer.as_deref()).await?;
-    follow_to_end(&nats, &args.job_id, false, args.customer.as_deref()).await
+    let conn = Connection::open(connect, args.customer.as_deref()).await?;
+    let source = conn.source(args.customer.as_deref());
+    lookup(source, &args.job_id).await?;
+    follow_to_end(source, &args.job_id, false).await
 }
 
 /// Follows a job to its end (bars unless `json`), prints it, and returns
 /// its outcome as the exit code.
-pub async fn follow_to_end(
-    nats: &Nats,
-    job_id: &str,
-    json: bool,
-    customer: Option<&str>,
-) -> Result<u8> {
-    let job = progress::follow(nats, job_id, !json, None, customer)
+pub async fn follow_to_end(source: progress::Source<'_>, job_id: &str, json: bool) -> Result<u8> {
+    let job = progress::follow(source, job_id, !json, None)
         .await?
         .ok_or_else(|| anyhow!("job {job_id} vanished"))?;
     if json {
@@ -245,11 +279,10 @@ pub async fn follow_to_end(
     Ok(progress::exit_code(job.state) as u8)
 }
 
-/// A job's status from the jobs bucket, or as `customer` through the status service.
-async fn lookup(nats: &Nats, job_id: &str, customer: Option<&str>) -> Result<Job> {
-    let job = match customer {
-        Some(c) => client::status_as(nats, c, job_id).await?,
-        None => store::status(nats, job_id).await?,
-    };
-    job.ok_or_else(|| anyhow!("no job {job_id:?}"))
+/// A job's status, or an error naming it.
+async fn lookup(source: progress::Source<'_>, job_id: &str) -> Result<Job> {
+    source
+        .status(job_id)
+        .await?
+        .ok_or_else(|| anyhow!("no job {job_id:?}"))
 }

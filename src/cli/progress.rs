@@ -10,15 +10,31 @@ use fanjet::client::{self, ClientError};
 use fanjet::nats::{store, Nats};
 use fanjet::protocol::{partition, Job, JobState, JobStats, StepState};
 
+/// Where a job's status is read.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// The jobs bucket (users who may read it).
+    Store(&'a Nats),
+    /// The status service, as a customer (what a submitter may do: it
+    /// needs no right on any stream or bucket).
+    Customer(&'a async_nats::Client, &'a str),
+}
+
+impl Source<'_> {
+    pub async fn status(self, job_id: &str) -> Result<Option<Job>, ClientError> {
+        match self {
+            Source::Customer(nats, c) => client::status_as(nats, c, job_id).await,
+            Source::Store(nats) => Ok(store::status(nats, job_id).await?),
+        }
+    }
+}
+
 /// Polls the job's status until it ends; draws bars when `bars` is set.
-/// With `as_customer`, reads through the status service as that customer
-/// (what a submitter may do) instead of the jobs bucket.
 pub async fn follow(
-    nats: &Nats,
+    source: Source<'_>,
     job_id: &str,
     bars: bool,
     timeout: Option<Duration>,
-    as_customer: Option<&str>,
 ) -> Result<Option<Job>, ClientError> {
     let multi = MultiProgress::with_draw_target(if bars {
         ProgressDrawTarget::stderr()
@@ -36,10 +52,7 @@ pub async fn follow(
     let plain = bars && !std::io::stderr().is_terminal();
     let mut last_line = std::time::Instant::now();
     loop {
-        let current = match as_customer {
-            Some(c) => client::status_as(nats, c, job_id).await?,
-            None => store::get(nats, job_id).await?.map(|(j, _)| j),
-        };
+        let current = source.status(job_id).await?;
         if let Some(job) = current {
             if plain && (last_line.elapsed() >= Duration::from_secs(2) || job.state.is_terminal()) {
                 last_line = std::time::Instant::now();

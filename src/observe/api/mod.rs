@@ -460,7 +460,7 @@ async fn submit(
         customer: body.customer,
         input: body.input,
     };
-    let reply = client::submit(&nats, &body.workflow, &sub).await?;
+    let reply = client::submit(&nats.client, &body.workflow, &sub).await?;
     if let Some(err) = &reply.error {
         let status = match err.code {
             RejectCode::UnknownWorkflow => StatusCode::NOT_FOUND,
