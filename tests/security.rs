@@ -11,7 +11,7 @@ use fanjet::client;
 use fanjet::manager::{self, ManagerOptions};
 use fanjet::nats::connect::ConnectArgs;
 use fanjet::nats::server::NatsServer;
-use fanjet::nats::Nats;
+use fanjet::nats::{Nats, WorkerNats};
 use fanjet::protocol::JobState;
 use fanjet::protocol::Workflow;
 use fanjet::protocol::{
@@ -82,10 +82,27 @@ async fn each_role_can_do_its_job_and_no_more() {
     ));
 
     // The worker role binds and works.
-    let worker = Nats::bind(connect(&server, "worker").await)
+    let worker = WorkerNats::bind(connect(&server, "worker").await)
         .await
         .expect("worker binds")
         .with_user(Some("worker"));
+    // It cannot list job ids: no stream info beyond the workflows bucket.
+    for stream in [
+        "KV_fanjet_jobs",
+        "FANJET_EVENTS",
+        "FANJET_TASKS",
+        "OBJ_fanjet_results",
+    ] {
+        assert!(
+            refused_request(
+                &worker.client,
+                &format!("$JS.API.STREAM.INFO.{stream}"),
+                "{\"subjects_filter\": \">\"}"
+            )
+            .await,
+            "a worker listed the subjects of {stream}"
+        );
+    }
     let create = tokio::time::timeout(
         Duration::from_secs(2),
         Nats::ensure(connect(&server, "worker").await),
@@ -248,29 +265,33 @@ async fn each_role_can_do_its_job_and_no_more() {
         refused_publish(&worker.client, fake_step.subject(), &fake_step).await,
         "a worker cannot publish StepCompleted"
     );
-    let raw = tokio::time::timeout(Duration::from_secs(1), worker.events.get_raw_message(1)).await;
-    assert!(
-        !matches!(raw, Ok(Ok(_))),
-        "a worker cannot read the event log"
-    );
-    let kv = tokio::time::timeout(
-        Duration::from_secs(1),
-        fanjet::nats::store::get(&worker, &sec1),
-    )
-    .await;
-    assert!(
-        !matches!(kv, Ok(Ok(Some(_)))),
-        "a worker cannot read job status"
-    );
-    let read = tokio::time::timeout(
-        Duration::from_secs(1),
-        fanjet::nats::log::history(&worker, &sec1, 0, 10),
-    )
-    .await;
-    assert!(
-        !matches!(read, Ok(Ok(ref v)) if !v.is_empty()),
-        "a worker cannot follow the log"
-    );
+    for (subject, body, what) in [
+        (
+            "$JS.API.STREAM.MSG.GET.FANJET_EVENTS".to_string(),
+            "{\"seq\": 1}",
+            "read the event log",
+        ),
+        (
+            "$JS.API.DIRECT.GET.FANJET_EVENTS".to_string(),
+            "{\"seq\": 1, \"next_by_subj\": \"fanjet.ev.>\"}",
+            "read the event log",
+        ),
+        (
+            format!("$JS.API.DIRECT.GET.KV_fanjet_jobs.$KV.fanjet_jobs.{sec1}"),
+            "",
+            "read job status",
+        ),
+        (
+            "$JS.API.CONSUMER.CREATE.FANJET_EVENTS".to_string(),
+            "{\"stream_name\": \"FANJET_EVENTS\", \"config\": {}}",
+            "follow the log",
+        ),
+    ] {
+        assert!(
+            refused_request(&worker.client, &subject, body).await,
+            "a worker could {what}"
+        );
+    }
 
     // The viewer reads status and history, and changes nothing.
     let viewer = Nats::bind(connect(&server, "viewer").await)
@@ -442,6 +463,13 @@ impl Secure {
         connect(&self.server, user).await
     }
 
+    async fn worker(&self, user: &str) -> WorkerNats {
+        WorkerNats::bind(connect(&self.server, user).await)
+            .await
+            .unwrap_or_else(|e| panic!("{user} binds: {e}"))
+            .with_user(Some(user))
+    }
+
     async fn bind(&self, user: &str) -> Nats {
         Nats::bind(connect(&self.server, user).await)
             .await
@@ -512,7 +540,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
 
     // A worker of `squares` forges outcomes for bob's job: JetStream stores
     // them (the subject is allowed), and every reader drops them.
-    let attacker = env.bind("worker_squares").await;
+    let attacker = env.worker("worker_squares").await;
     let before = bad_tokens_dropped();
     let mut forged = Vec::new();
     for index in 0..3 {
@@ -603,7 +631,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
     assert_eq!(done.state, JobState::Completed, "{:?}", done.error);
 
     // A real worker of `inv` finishes bob's job with real results.
-    let real = env.bind("worker").await;
+    let real = env.worker("worker").await;
     let w2 = Worker::new(real)
         .concurrency(4)
         .handler("inv", "send", |c: TaskContext| async move {
@@ -666,7 +694,7 @@ async fn no_role_reads_another_ones_replies() {
         .await
         .unwrap();
     assert!(reply.ok, "{reply:?}");
-    let squares = env.bind("worker_squares").await;
+    let squares = env.worker("worker_squares").await;
     let w = Worker::new(squares)
         .concurrency(2)
         .handler("squares", "square", |c: TaskContext| async move {
@@ -815,7 +843,7 @@ async fn the_viewer_changes_no_consumer_and_pulls_none() {
 async fn a_worker_cannot_purge_or_replace_a_stored_result() {
     let mut env = Secure::start().await;
     let big = |tag: &str| json!({"tag": tag, "pad": "x".repeat(300_000)});
-    let worker = env.bind("worker").await;
+    let worker = env.worker("worker").await;
     let acme = env.client("submitter").await;
     // Two steps: a task whose large result is the next step's input.
     env.admin
@@ -902,13 +930,17 @@ async fn a_worker_cannot_purge_or_replace_a_stored_result() {
         )
         .await
     );
-    // Knowing the name (here, from the log), it writes another value under
-    // it; the purge that would follow is refused, the new value is there.
+    // Knowing the name (here, from the log: a worker cannot list them), it
+    // writes another value under it.
     let forged = serde_json::to_vec(&big("forged")).unwrap();
-    let _ = worker
-        .results
-        .put(reference.name.as_str(), &mut forged.as_slice())
-        .await;
+    fanjet::nats::objects::put(
+        &worker.js,
+        fanjet::protocol::RESULTS_BUCKET,
+        &reference.name,
+        &forged,
+    )
+    .await
+    .expect("a worker may write results");
     let now = env.admin.results.info(&reference.name).await.unwrap();
     assert_ne!(
         now.digest, reference.digest,

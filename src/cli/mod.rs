@@ -18,7 +18,7 @@ use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 
 use fanjet::nats::connect::ConnectArgs;
-use fanjet::nats::Nats;
+use fanjet::nats::{Nats, WorkerNats};
 
 /// Connects and binds to fanjet's streams and buckets; creates them when
 /// they are missing and this user may (a fresh server).
@@ -55,23 +55,62 @@ pub async fn connect_waiting(
     admin: bool,
     stop: &CancellationToken,
 ) -> Result<Option<Nats>> {
+    let user = connect.user.as_deref();
+    waiting(connect, name, stop, |client| async move {
+        Ok(match admin {
+            true => Nats::ensure(client).await?,
+            false => match Nats::bind(client.clone()).await {
+                Ok(n) => n,
+                Err(bind_err) => Nats::ensure(client).await.map_err(|_| bind_err)?,
+            },
+        }
+        .with_user(user))
+    })
+    .await
+}
+
+/// Like [`connect_waiting`], for a worker: binds only what a worker uses
+/// ([`WorkerNats`]), so a worker user needs no right to see fanjet's
+/// streams; on a fresh server where this user may, it creates them first.
+pub async fn connect_worker(
+    connect: &ConnectArgs,
+    stop: &CancellationToken,
+) -> Result<Option<WorkerNats>> {
+    let user = connect.user.as_deref();
+    waiting(connect, "fanjet-worker", stop, |client| async move {
+        let bound = match WorkerNats::bind(client.clone()).await {
+            Ok(n) => n,
+            Err(bind_err) => Nats::ensure(client)
+                .await
+                .map(WorkerNats::from)
+                .map_err(|_| bind_err)?,
+        };
+        Ok(bound.with_user(user))
+    })
+    .await
+}
+
+/// Connects and runs `setup` until it succeeds, a permanent error, or `stop`.
+async fn waiting<T, F, Fut>(
+    connect: &ConnectArgs,
+    name: &str,
+    stop: &CancellationToken,
+    setup: F,
+) -> Result<Option<T>>
+where
+    F: Fn(async_nats::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     let mut pause = Duration::from_millis(250);
     loop {
         let attempt = async {
             let client = connect.connect(name).await?;
-            let nats = match admin {
-                true => Nats::ensure(client).await?,
-                false => match Nats::bind(client.clone()).await {
-                    Ok(n) => n,
-                    Err(bind_err) => Nats::ensure(client).await.map_err(|_| bind_err)?,
-                },
-            };
-            anyhow::Ok(nats)
+            setup(client).await
         };
         let error = tokio::select! {
             _ = stop.cancelled() => return Ok(None),
             result = attempt => match result {
-                Ok(nats) => return Ok(Some(nats.with_user(connect.user.as_deref()))),
+                Ok(ready) => return Ok(Some(ready)),
                 Err(e) => e,
             },
         };

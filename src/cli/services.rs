@@ -131,7 +131,7 @@ pub async fn worker(connect: &ConnectArgs, args: WorkerArgs) -> Result<u8> {
     }
     let root = CancellationToken::new();
     shutdown::on_signals(root.clone());
-    let Some(nats) = super::connect_waiting(connect, "fanjet-worker", false, &root).await? else {
+    let Some(nats) = super::connect_worker(connect, &root).await? else {
         return Ok(0);
     };
     let mut worker = Worker::new(nats)

@@ -282,7 +282,7 @@ async fn submit(nats: &Nats, msg: &async_nats::Message, limiters: &Limiters) -> 
 /// duplicate).
 async fn append(nats: &Nats, event: &Event) -> Result<Appended, LogError> {
     let payload = log::encode(event, nats.max_payload())?;
-    log::append_retrying(nats, event, payload).await
+    log::append_retrying(&nats.js, event, payload).await
 }
 
 /// What is known of a submission when it is refused.

@@ -135,12 +135,14 @@ pub async fn run(
     let (beat_cancel, beat_nats) = (cancel.clone(), nats.clone());
     let (beat_running, beat_owned, beat_id) = (running.clone(), owned.clone(), id.clone());
     tasks.spawn(async move {
-        beat(beat_nats, beat_cancel, move || Heartbeat {
-            role: "manager".into(),
-            id: beat_id.clone(),
-            jobs: beat_running.iter().map(|n| n.load(Ordering::Relaxed)).sum(),
-            partitions: beat_owned.load(Ordering::Relaxed),
-            ..Default::default()
+        beat(beat_nats.client, beat_nats.user, beat_cancel, move || {
+            Heartbeat {
+                role: "manager".into(),
+                id: beat_id.clone(),
+                jobs: beat_running.iter().map(|n| n.load(Ordering::Relaxed)).sum(),
+                partitions: beat_owned.load(Ordering::Relaxed),
+                ..Default::default()
+            }
         })
         .await;
         Ok(())

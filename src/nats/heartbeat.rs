@@ -74,9 +74,11 @@ pub async fn listen(
     Ok(ages(&seen))
 }
 
-/// Publishes `make()` every [`HEARTBEAT_EVERY`] until `cancel`.
+/// Publishes `make()` every [`HEARTBEAT_EVERY`] until `cancel`, as NATS
+/// user `user` (the subject's user token).
 pub async fn beat(
-    nats: Nats,
+    client: async_nats::Client,
+    user: String,
     cancel: CancellationToken,
     mut make: impl FnMut() -> Heartbeat + Send,
 ) {
@@ -87,8 +89,8 @@ pub async fn beat(
             _ = every.tick() => {
                 let hb = make();
                 if let Ok(body) = serde_json::to_vec(&hb) {
-                    let subject = heartbeat_subject(&hb.role, &nats.user, &hb.id);
-                    if let Err(e) = nats.client.publish(subject, body.into()).await {
+                    let subject = heartbeat_subject(&hb.role, &user, &hb.id);
+                    if let Err(e) = client.publish(subject, body.into()).await {
                         debug!(error = %e, "heartbeat");
                     }
                 }

@@ -38,7 +38,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{
     ConsumerResetError, LastRawMessageErrorKind, RawMessageErrorKind, Stream,
 };
-use async_nats::jetstream::Message;
+use async_nats::jetstream::{Context, Message};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use serde::Serialize;
@@ -121,18 +121,17 @@ pub fn message(event: &Event, payload: Bytes) -> PublishMessage {
 /// Appends one event and waits until the log has it.
 pub async fn append(nats: &Nats, event: &Event) -> Result<Appended, LogError> {
     let payload = encode(event, nats.max_payload())?;
-    append_encoded(nats, event, payload).await
+    append_encoded(&nats.js, event, payload).await
 }
 
 /// Appends an event already [`encode`]d.
 pub async fn append_encoded(
-    nats: &Nats,
+    js: &Context,
     event: &Event,
     payload: Bytes,
 ) -> Result<Appended, LogError> {
     let err = |e: &dyn std::fmt::Display| LogError::Append(e.to_string());
-    let ack = nats
-        .js
+    let ack = js
         .send_publish(event.subject(), message(event, payload))
         .await
         .map_err(|e| err(&e))?
@@ -151,13 +150,13 @@ pub async fn append_encoded(
 /// still in process on a replicated stream (another intake, a resent
 /// request) ends.
 pub async fn append_retrying(
-    nats: &Nats,
+    js: &Context,
     event: &Event,
     payload: Bytes,
 ) -> Result<Appended, LogError> {
     let mut pause = Duration::from_millis(100);
     loop {
-        match append_encoded(nats, event, payload.clone()).await {
+        match append_encoded(js, event, payload.clone()).await {
             Err(e) if e.is_transient() && pause <= Duration::from_millis(1600) => {
                 tracing::debug!(error = %e, job_id = event.job_id(), "appending an event; trying again");
                 tokio::time::sleep(pause).await;

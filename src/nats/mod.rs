@@ -15,6 +15,7 @@ pub mod connect;
 pub mod heartbeat;
 pub mod leases;
 pub mod log;
+pub mod objects;
 pub mod server;
 pub mod service;
 pub mod store;
@@ -112,10 +113,7 @@ impl Nats {
     /// The largest payload a message of fanjet's may carry: the server's
     /// max payload, less room for headers.
     pub fn max_payload(&self) -> usize {
-        match self.client.server_info().max_payload {
-            0 => usize::MAX,
-            max => max.saturating_sub(HEADER_ROOM),
-        }
+        max_payload(&self.client)
     }
 
     /// Handles to the streams and buckets a manager created, creating
@@ -278,18 +276,8 @@ impl Nats {
         step: &Step,
     ) -> Result<consumer::PullConsumer, SetupError> {
         let name = step_consumer(workflow, &step.name);
-        let config = consumer::pull::Config {
-            durable_name: Some(name.clone()),
-            filter_subject: step_tasks_filter(workflow, &step.name),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_millis(step.timeout_ms),
-            max_deliver: i64::from(step.max_attempts),
-            max_ack_pending: 100_000,
-            max_waiting: 4096,
-            ..Default::default()
-        };
         self.tasks
-            .create_consumer(config)
+            .create_consumer(step_consumer_config(workflow, step))
             .await
             .map_err(|source| SetupError::Consumer { name, source })
     }
@@ -322,29 +310,7 @@ impl Nats {
     /// by that name, [`SetupError::BadDefinition`] when what is stored is
     /// not a valid definition of that name.
     pub async fn workflow(&self, name: &str) -> Result<Option<Workflow>, SetupError> {
-        let bytes = self
-            .workflows
-            .get(name)
-            .await
-            .map_err(|e| SetupError::Workflow {
-                name: name.to_string(),
-                message: e.to_string(),
-            })?;
-        let Some(bytes) = bytes else {
-            return Ok(None);
-        };
-        let bad = |message: String| SetupError::BadDefinition {
-            name: name.to_string(),
-            message,
-        };
-        let workflow = Workflow::from_json(&bytes).map_err(|e| bad(e.to_string()))?;
-        if workflow.name != name {
-            return Err(bad(format!(
-                "it is stored under {name:?} but names itself {:?}",
-                workflow.name
-            )));
-        }
-        Ok(Some(workflow))
+        read_workflow(&self.workflows, name).await
     }
 
     /// Every stored workflow, by name.
@@ -369,6 +335,144 @@ impl Nats {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+}
+
+/// The pull consumer workers of one step share: AckWait = the step's
+/// timeout, MaxDeliver = its attempts.
+fn step_consumer_config(workflow: &str, step: &Step) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(step_consumer(workflow, &step.name)),
+        filter_subject: step_tasks_filter(workflow, &step.name),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_millis(step.timeout_ms),
+        max_deliver: i64::from(step.max_attempts),
+        max_ack_pending: 100_000,
+        max_waiting: 4096,
+        ..Default::default()
+    }
+}
+
+/// Reads a stored workflow and checks it; `Ok(None)` when there is none by
+/// that name, [`SetupError::BadDefinition`] when what is stored is not a
+/// valid definition of that name.
+async fn read_workflow(workflows: &kv::Store, name: &str) -> Result<Option<Workflow>, SetupError> {
+    let bytes = workflows
+        .get(name)
+        .await
+        .map_err(|e| SetupError::Workflow {
+            name: name.to_string(),
+            message: e.to_string(),
+        })?;
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    let bad = |message: String| SetupError::BadDefinition {
+        name: name.to_string(),
+        message,
+    };
+    let workflow = Workflow::from_json(&bytes).map_err(|e| bad(e.to_string()))?;
+    if workflow.name != name {
+        return Err(bad(format!(
+            "it is stored under {name:?} but names itself {:?}",
+            workflow.name
+        )));
+    }
+    Ok(Some(workflow))
+}
+
+/// The largest payload a message may carry on `client`'s server, less room
+/// for headers.
+fn max_payload(client: &async_nats::Client) -> usize {
+    match client.server_info().max_payload {
+        0 => usize::MAX,
+        max => max.saturating_sub(HEADER_ROOM),
+    }
+}
+
+/// What a worker uses of NATS, and no more: its connection, the workflow
+/// definitions, and its steps' consumers, found by name. Binding it needs
+/// stream info on the workflows bucket only: none on the work queue, the
+/// log or the result store, whose subjects (listed by a stream info
+/// request) would name every customer's jobs.
+#[derive(Clone)]
+pub struct WorkerNats {
+    pub client: async_nats::Client,
+    pub js: Context,
+    pub workflows: kv::Store,
+    /// The NATS user heartbeats go out under (`_` when unknown).
+    pub user: String,
+}
+
+impl From<Nats> for WorkerNats {
+    fn from(n: Nats) -> Self {
+        WorkerNats {
+            client: n.client,
+            js: n.js,
+            workflows: n.workflows,
+            user: n.user,
+        }
+    }
+}
+
+impl WorkerNats {
+    /// Binds the workflows bucket, creating nothing.
+    pub async fn bind(client: async_nats::Client) -> Result<Self, SetupError> {
+        let js = context(client.clone());
+        let workflows = js
+            .get_key_value(WORKFLOWS_BUCKET)
+            .await
+            .map_err(|e| SetupError::Missing(format!("{WORKFLOWS_BUCKET}: {e}")))?;
+        Ok(WorkerNats {
+            client,
+            js,
+            workflows,
+            user: "_".into(),
+        })
+    }
+
+    /// This handle, saying it is `user`'s (the name heartbeats carry).
+    pub fn with_user(mut self, user: Option<&str>) -> Self {
+        self.user = user
+            .map(crate::protocol::subject_token)
+            .unwrap_or_else(|| "_".into());
+        self
+    }
+
+    /// See [`Nats::max_payload`].
+    pub fn max_payload(&self) -> usize {
+        max_payload(&self.client)
+    }
+
+    /// See [`Nats::workflow`].
+    pub async fn workflow(&self, name: &str) -> Result<Option<Workflow>, SetupError> {
+        read_workflow(&self.workflows, name).await
+    }
+
+    /// The existing consumer of a step (consumer info only).
+    pub async fn step_consumer(
+        &self,
+        workflow: &str,
+        step: &str,
+    ) -> Result<consumer::PullConsumer, String> {
+        self.js
+            .get_consumer_from_stream(step_consumer(workflow, step), TASKS_STREAM)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Creates the step's consumer (for a user allowed to: a worker that
+    /// runs with the manager role, as in `fanjet dev`).
+    pub async fn ensure_step_consumer(
+        &self,
+        workflow: &str,
+        step: &Step,
+    ) -> Result<consumer::PullConsumer, SetupError> {
+        let name = step_consumer(workflow, &step.name);
+        self.js
+            .create_consumer_on_stream(step_consumer_config(workflow, step), TASKS_STREAM)
+            .await
+            .map_err(|e| SetupError::Missing(format!("consumer {name}: {e}")))
     }
 }
 

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::nats::heartbeat::{beat, process_id};
 use crate::nats::log::{self, LogError};
-use crate::nats::{Nats, SetupError};
+use crate::nats::{objects, SetupError, WorkerNats};
 use crate::protocol::{
     bounded, Event, Heartbeat, ResultRef, SubjobCompleted, SubjobFailed, Task, INLINE_RESULT_MAX,
     MAX_ERROR_BYTES, MAX_RESULT_BYTES, RESULTS_BUCKET,
@@ -93,16 +93,18 @@ pub enum WorkerError {
 
 /// Builds and runs a worker pool.
 pub struct Worker {
-    nats: Nats,
+    nats: WorkerNats,
     concurrency: usize,
     grace: Duration,
     handlers: Vec<(String, String, Handler)>,
 }
 
 impl Worker {
-    pub fn new(nats: Nats) -> Self {
+    /// A worker on `nats`: a [`WorkerNats`] (what a worker user may bind),
+    /// or a full [`Nats`](crate::nats::Nats) handle.
+    pub fn new(nats: impl Into<WorkerNats>) -> Self {
         Worker {
-            nats,
+            nats: nats.into(),
             concurrency: 16,
             grace: Duration::from_secs(30),
             handlers: Vec::new(),
@@ -159,7 +161,7 @@ impl Worker {
             let nats = self.nats.clone();
             let c = cancel.clone();
             loops.spawn(async move {
-                beat(nats, c, move || Heartbeat {
+                beat(nats.client, nats.user, c, move || Heartbeat {
                     role: "worker".into(),
                     id: id.clone(),
                     slots: total,
@@ -229,16 +231,12 @@ impl Worker {
 
 /// Finds the step's consumer, creating it from the stored workflow; waits
 /// (saying so) until the workflow has been applied.
-async fn bind(nats: &Nats, workflow: &str, step: &str) -> Result<PullConsumer, WorkerError> {
+async fn bind(nats: &WorkerNats, workflow: &str, step: &str) -> Result<PullConsumer, WorkerError> {
     let mut said = false;
     loop {
         // The consumer exists once the workflow was applied; binding to it
         // needs no right to create anything.
-        if let Ok(c) = nats
-            .tasks
-            .get_consumer(&crate::protocol::step_consumer(workflow, step))
-            .await
-        {
+        if let Ok(c) = nats.step_consumer(workflow, step).await {
             return Ok(c);
         }
         if let Some(wf) = nats.workflow(workflow).await? {
@@ -268,9 +266,9 @@ async fn bind(nats: &Nats, workflow: &str, step: &str) -> Result<PullConsumer, W
 }
 
 struct PullLoop {
-    /// Shared by the loop's tasks: cloning [`Nats`] copies every stream's
-    /// and bucket's configuration, too much to do per task.
-    nats: Arc<Nats>,
+    /// Shared by the loop's tasks: cloning the handle copies the workflow
+    /// bucket's configuration, too much to do per task.
+    nats: Arc<WorkerNats>,
     consumer: PullConsumer,
     handler: Handler,
     slots: Arc<Semaphore>,
@@ -393,10 +391,10 @@ impl PullLoop {
 }
 
 /// Runs one task and settles its message. `max_payload` is
-/// [`Nats::max_payload`], read by the pull loop (reading it clones the
+/// [`WorkerNats::max_payload`], read by the pull loop (reading it clones the
 /// server's whole INFO).
 async fn process(
-    nats: &Nats,
+    nats: &WorkerNats,
     msg: async_nats::jetstream::Message,
     handler: Handler,
     max_payload: usize,
@@ -469,7 +467,7 @@ async fn process(
 
 /// Maps a handler outcome to the log and to JetStream's ack, NAK or TERM.
 async fn settle(
-    nats: &Nats,
+    nats: &WorkerNats,
     msg: &async_nats::jetstream::Message,
     task: &Task,
     attempt: u32,
@@ -547,7 +545,7 @@ async fn settle(
         }
     };
     if let Some((event, payload)) = event {
-        if let Err(e) = log::append_retrying(nats, &event, payload).await {
+        if let Err(e) = log::append_retrying(&nats.js, &event, payload).await {
             // Not acked: the task comes back after its deadline and runs again.
             warn!(job_id = %task.job_id, index = task.index, error = %e, "could not report an outcome");
             return;
@@ -560,7 +558,7 @@ async fn settle(
 
 /// Moves a large result to the object store and returns the reference to
 /// send instead; a result beyond [`MAX_RESULT_BYTES`] fails the subjob.
-async fn offload(nats: &Nats, value: Value) -> Result<Value, TaskError> {
+async fn offload(nats: &WorkerNats, value: Value) -> Result<Value, TaskError> {
     // Per-subjob path: most results are small, so measure without building
     // the encoding (it is built once, with the event).
     if json_len(&value) <= INLINE_RESULT_MAX {
@@ -575,16 +573,14 @@ async fn offload(nats: &Nats, value: Value) -> Result<Value, TaskError> {
         )));
     }
     let name = ResultRef::new_name();
-    let stored = nats
-        .results
-        .put(name.as_str(), &mut bytes.as_slice())
+    let digest = objects::put(&nats.js, RESULTS_BUCKET, &name, &bytes)
         .await
         .map_err(|e| TaskError::retry(format!("storing a large result: {e}")))?;
     let reference = ResultRef {
         bucket: RESULTS_BUCKET.into(),
         name,
         size: bytes.len() as u64,
-        digest: stored.digest,
+        digest: Some(digest),
         array_len: value.as_array().map(|a| a.len() as u64),
     };
     Ok(reference.to_value())
