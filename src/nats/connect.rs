@@ -64,13 +64,13 @@ pub struct ConnectArgs {
     /// NATS credentials file (JWT + NKey seed).
     #[arg(long, env = "NATS_CREDS", global = true)]
     pub creds: Option<PathBuf>,
-    /// User name (with --password).
+    /// NATS user name (with --password).
     #[arg(long, env = "NATS_USER", global = true)]
     pub user: Option<String>,
     /// Password (with --user).
     #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
     pub password: Option<String>,
-    /// Authentication token.
+    /// NATS authentication token (the HTTP API's is `fanjet serve --api-token`).
     #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
     /// File holding an NKey seed (SU...) to authenticate with.
