@@ -24,7 +24,8 @@ use fanjet::nats::{Nats, WorkerNats};
 /// they are missing and this user may (a fresh server).
 pub async fn connect(connect: &ConnectArgs, name: &str) -> Result<Nats> {
     let client = connect.connect(name).await?;
-    let user = connect.user.as_deref();
+    let identity = connect.identity();
+    let user = identity.as_deref();
     match Nats::bind(client.clone()).await {
         Ok(n) => Ok(n.with_user(user)),
         Err(bind_err) => Nats::ensure(client)
@@ -40,7 +41,7 @@ pub async fn connect_admin(connect: &ConnectArgs, name: &str) -> Result<Nats> {
     let client = connect.connect(name).await?;
     Ok(Nats::ensure(client)
         .await?
-        .with_user(connect.user.as_deref()))
+        .with_user(connect.identity().as_deref()))
 }
 
 /// For a long-running process (manager, worker, serve): connects and sets
@@ -55,7 +56,8 @@ pub async fn connect_waiting(
     admin: bool,
     stop: &CancellationToken,
 ) -> Result<Option<Nats>> {
-    let user = connect.user.as_deref();
+    let identity = connect.identity();
+    let user = identity.as_deref();
     waiting(connect, name, stop, |client| async move {
         Ok(match admin {
             true => Nats::ensure(client).await?,
@@ -76,7 +78,8 @@ pub async fn connect_worker(
     connect: &ConnectArgs,
     stop: &CancellationToken,
 ) -> Result<Option<WorkerNats>> {
-    let user = connect.user.as_deref();
+    let identity = connect.identity();
+    let user = identity.as_deref();
     waiting(connect, "fanjet-worker", stop, |client| async move {
         let bound = match WorkerNats::bind(client.clone()).await {
             Ok(n) => n,

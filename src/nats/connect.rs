@@ -49,6 +49,22 @@ pub fn refusals() -> broadcast::Receiver<String> {
     refusals_sender().subscribe()
 }
 
+/// The `name` claim of the user JWT in a credentials file.
+fn jwt_name(creds: &str) -> Option<String> {
+    use base64::Engine;
+    let jwt = creds
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| !l.contains("BEGIN NATS USER JWT"))
+        .nth(1)?;
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("name")?.as_str().map(str::to_string)
+}
+
 /// NATS connection flags.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
@@ -107,6 +123,23 @@ impl ConnectArgs {
             tls_key: None,
             inbox_prefix: None,
         }
+    }
+
+    /// The name this process authenticates as, for the heartbeats' user
+    /// token: the `--user`, else the name in the `--creds` file's JWT, else
+    /// the public key of the `--nkey` seed; `None` without any.
+    pub fn identity(&self) -> Option<String> {
+        if let Some(user) = &self.user {
+            return Some(user.clone());
+        }
+        if let Some(path) = &self.creds {
+            return std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| jwt_name(&text));
+        }
+        let seed = std::fs::read_to_string(self.nkey.as_ref()?).ok()?;
+        let seed = seed.lines().map(str::trim).find(|l| l.starts_with("SU"))?;
+        nkeys::KeyPair::from_seed(seed).ok().map(|k| k.public_key())
     }
 
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, ConnectError> {
@@ -209,5 +242,41 @@ impl ConnectArgs {
                 ),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    #[test]
+    fn the_identity_comes_from_the_user_the_creds_or_the_nkey() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = ConnectArgs::url("nats://127.0.0.1:4222");
+        assert_eq!(args.identity(), None);
+
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"name": "worker-eu", "sub": "UABC"}"#);
+        let creds = dir.path().join("w.creds");
+        std::fs::write(
+            &creds,
+            format!(
+                "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.{claims}.sig\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\nSUAXXX\n------END USER NKEY SEED------\n"
+            ),
+        )
+        .unwrap();
+        args.creds = Some(creds);
+        assert_eq!(args.identity().as_deref(), Some("worker-eu"));
+
+        let key = nkeys::KeyPair::new_user();
+        let seed = dir.path().join("w.nk");
+        std::fs::write(&seed, key.seed().unwrap()).unwrap();
+        args.creds = None;
+        args.nkey = Some(seed);
+        assert_eq!(args.identity(), Some(key.public_key()));
+
+        args.user = Some("worker".into());
+        assert_eq!(args.identity().as_deref(), Some("worker"), "--user first");
     }
 }
