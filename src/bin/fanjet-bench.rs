@@ -17,6 +17,11 @@
 //!   own process and its peak RSS is reported.
 //! - E, latency: 200 small jobs one after another: submission to first
 //!   subjob running, and last subjob done to JobCompleted.
+//! - G, fair share: one `fanjet manager` and one `fanjet worker --sleep
+//!   50ms --concurrency 100` process, as users run them; a job of 100
+//!   subjobs alone, then one second after another customer's job of
+//!   20,000. Half the slots would be its fair share, so fair is twice its
+//!   time alone: `behind_over_fair_share` says how many times that it took.
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -49,8 +54,8 @@ struct Args {
     /// Runs of each scenario; the median is reported with min-max.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Scenarios to run (floor, A, B, C, D, E, F).
-    #[arg(long, value_delimiter = ',', default_value = "floor,A,B,C,D,E,F")]
+    /// Scenarios to run (floor, A, B, C, D, E, F, G).
+    #[arg(long, value_delimiter = ',', default_value = "floor,A,B,C,D,E,F,G")]
     only: Vec<String>,
     /// The floor also sets `Nats-Msg-Id` on every publish, as fanjet does,
     /// to see what the streams' de-duplication costs.
@@ -113,6 +118,7 @@ async fn main() -> Result<()> {
         ("D", want("D")),
         ("E", want("E")),
         ("F", want("F")),
+        ("G", want("G")),
     ];
     for (name, on) in plan {
         if !on {
@@ -125,6 +131,7 @@ async fn main() -> Result<()> {
                 "C" => many_jobs_run(args.concurrency).await?,
                 "D" => scale_run(args.d_subjobs, args.concurrency).await?,
                 "E" => latency_run(args.concurrency).await?,
+                "G" => fair_run().await?,
                 _ => managers_run(args.concurrency).await?,
             };
             let shown: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
@@ -643,6 +650,66 @@ async fn many_jobs_run(concurrency: usize) -> Result<Figures> {
     let figures = many_jobs(&mut c, concurrency).await;
     c.stop().await;
     figures
+}
+
+/// G: a small job alone, then behind another customer's big one.
+async fn fair_run() -> Result<Figures> {
+    let mut c = Cluster::start(true).await?;
+    let figures = async {
+        c.nats
+            .apply_workflow(&Workflow::from_toml(
+                "name = \"fair\"\n[[steps]]\nname = \"work\"\nkind = \"fanout\"\n",
+            )?)
+            .await?;
+        c.spawn(&[
+            "worker",
+            "--workflow",
+            "fair",
+            "--step",
+            "work",
+            "--sleep",
+            "50ms",
+            "--concurrency",
+            "100",
+        ])?;
+        let job = |id: &str, customer: &str, n: usize| Submission {
+            job_id: Some(id.into()),
+            customer: Some(customer.into()),
+            input: Value::Array(vec![Value::Null; n]),
+        };
+        // The worker process is up once a first job went through.
+        small_job(&c, "warm-up").await?;
+        let mut alone = Vec::new();
+        for i in 0..3 {
+            alone.push(small_job(&c, &format!("small-alone-{i}")).await?);
+        }
+        let (alone, _, _) = stats(&alone);
+        c.submit("fair", &job("big", "big", 20_000)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let behind = small_job(&c, "small-behind").await?;
+        Ok(vec![
+            ("small_alone_s", alone),
+            ("small_behind_big_s", behind),
+            ("behind_over_fair_share", behind / (2.0 * alone)),
+        ])
+    }
+    .await;
+    c.stop().await;
+    figures
+}
+
+/// Runs a job of 100 subjobs of customer `small` on workflow `fair`; its
+/// duration from the record's own times (submission to end), in seconds.
+async fn small_job(c: &Cluster, id: &str) -> Result<f64> {
+    let sub = Submission {
+        job_id: Some(id.into()),
+        customer: Some("small".into()),
+        input: Value::Array(vec![Value::Null; 100]),
+    };
+    c.submit("fair", &sub).await?;
+    let j = c.wait_end(id, Duration::from_secs(120)).await?;
+    let end = j.finished_at.context("an ended job has an end")?;
+    Ok(end.saturating_sub(j.created_at) as f64 / 1000.0)
 }
 
 /// F: C's load with one manager process, then with two splitting the
