@@ -82,7 +82,8 @@ async fn request(
 
 /// Submits a job through the intake; waits up to 5 s for a manager to come
 /// up, and sends it again while the answer is `unavailable` (NATS busy
-/// for a moment: nothing was recorded), for up to 10 s. The job id is
+/// for a moment) or `rate_limited` (nothing was recorded either way), for
+/// up to 10 s. The job id is
 /// chosen here when the submission has none, so that sending again is
 /// idempotent.
 pub async fn submit(
@@ -127,10 +128,9 @@ async fn send(
                 let reply: SubmitReply = serde_json::from_slice(&msg.payload).map_err(|e| {
                     ClientError::Nats(format!("unreadable answer from the manager: {e}"))
                 })?;
-                let busy = reply
-                    .error
-                    .as_ref()
-                    .is_some_and(|e| e.code == RejectCode::Unavailable);
+                let busy = reply.error.as_ref().is_some_and(|e| {
+                    matches!(e.code, RejectCode::Unavailable | RejectCode::RateLimited)
+                });
                 if !busy || start.elapsed() > wait {
                     return Ok(reply);
                 }

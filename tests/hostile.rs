@@ -434,4 +434,17 @@ async fn a_flooding_customer_is_rate_limited_and_its_rejections_bounded() {
         )
         .await;
     assert!(other.ok, "{other:?}");
+    // fanjet's own client waits for the budget and sends it again.
+    let patient = fanjet::client::submit(
+        &env.nats.client,
+        "flood",
+        &fanjet::protocol::Submission {
+            job_id: Some("many-patient".into()),
+            customer: Some("busy".into()),
+            input: json!({"count": 1}),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(patient.ok, "{patient:?}");
 }
