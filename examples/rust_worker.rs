@@ -54,7 +54,9 @@ async fn main() -> anyhow::Result<()> {
         });
 
     let cancel = CancellationToken::new();
-    fanjet::shutdown::on_signals(cancel.clone());
+    // SIGTERM: stop pulling, let running tasks finish for 30 s (the worker's
+    // default grace), exit at the latest 5 s after.
+    fanjet::shutdown::on_signals(cancel.clone(), std::time::Duration::from_secs(35));
     worker.run(cancel).await?;
     Ok(())
 }

@@ -361,3 +361,84 @@ async fn services_started_before_their_server_wait_for_it() {
         assert!(status.success(), "one SIGTERM stops it cleanly: {status:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sigterm_stops_services_whose_server_is_gone() {
+    let mut server =
+        tokio::task::spawn_blocking(|| fanjet::nats::server::NatsServer::start(None, None))
+            .await
+            .unwrap()
+            .expect("this test needs a real nats-server");
+    let url = server.url();
+    let spawn = |args: &[&str]| {
+        fanjet_command(&url, args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("fanjet starts")
+    };
+    let api = fanjet::nats::server::free_port();
+    let mut children = vec![
+        ("manager", spawn(&["manager", "--grace", "1s"])),
+        (
+            "serve",
+            spawn(&[
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{api}"),
+                "--grace",
+                "1s",
+            ]),
+        ),
+        (
+            "worker",
+            spawn(&[
+                "worker",
+                "--workflow",
+                "w",
+                "--step",
+                "s",
+                "--sleep",
+                "10ms",
+                "--grace",
+                "1s",
+            ]),
+        ),
+    ];
+    let up = std::time::Instant::now();
+    while !reqwest::get(format!("http://127.0.0.1:{api}/readyz"))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            up.elapsed() < Duration::from_secs(30),
+            "serve did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // NATS goes away; each process gets one SIGTERM.
+    server.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (_, child) in &children {
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+    // Stopping may wait on NATS; the grace period (1 s, a worker's plus 5 s
+    // to report) bounds it, where serve used to take some 18 s.
+    let asked = std::time::Instant::now();
+    for (name, child) in &mut children {
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if asked.elapsed() > Duration::from_secs(12) {
+                let _ = child.kill();
+                panic!("{name} still runs 12 s after one SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -79,7 +79,7 @@ pub async fn run(o: DevArgs) -> Result<u8> {
     leases::clear(&nats).await?;
     nats.apply_workflow(&Workflow::from_toml(demo::INVOICES_TOML)?)
         .await?;
-    shutdown::on_signals(root.clone());
+    shutdown::on_signals(root.clone(), std::time::Duration::from_secs(40));
     let mut tasks = JoinSet::new();
     {
         let (n, c) = (nats.clone(), root.clone());

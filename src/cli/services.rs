@@ -38,6 +38,10 @@ pub struct ManagerArgs {
     /// Rejections recorded at once above --rejections-per-min.
     #[arg(long, default_value = "50")]
     rejection_burst: NonZeroU32,
+    /// After SIGTERM, how long stopping may take (last checkpoints, handing
+    /// partitions over) before the process exits anyway.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: Duration,
 }
 
 // `fanjet worker`
@@ -59,7 +63,8 @@ pub struct WorkerArgs {
     /// Most tasks running at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// How long in-flight tasks may finish after SIGTERM.
+    /// How long in-flight tasks may finish after SIGTERM (the process exits
+    /// at the latest 5 s later, when their outcomes cannot be reported).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     grace: Duration,
 }
@@ -93,11 +98,18 @@ pub struct ServeArgs {
     /// Also serve /metrics, without the token, on this address (for Prometheus).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// After SIGTERM, how long stopping may take (saving statistics) before
+    /// the process exits anyway.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: Duration,
 }
+
+/// Beyond a worker's grace period, time to report what finished in it.
+const WORKER_REPORT_MARGIN: Duration = Duration::from_secs(5);
 
 pub async fn manager(connect: &ConnectArgs, args: ManagerArgs) -> Result<u8> {
     let root = CancellationToken::new();
-    shutdown::on_signals(root.clone());
+    shutdown::on_signals(root.clone(), args.grace);
     let Some(nats) = super::connect_waiting(connect, "fanjet-manager", true, &root).await? else {
         return Ok(0);
     };
@@ -130,7 +142,7 @@ pub async fn worker(connect: &ConnectArgs, args: WorkerArgs) -> Result<u8> {
         bail!("give --exec CMD or --sleep DURATION");
     }
     let root = CancellationToken::new();
-    shutdown::on_signals(root.clone());
+    shutdown::on_signals(root.clone(), args.grace + WORKER_REPORT_MARGIN);
     let Some(nats) = super::connect_worker(connect, &root).await? else {
         return Ok(0);
     };
@@ -152,7 +164,7 @@ pub async fn worker(connect: &ConnectArgs, args: WorkerArgs) -> Result<u8> {
 
 pub async fn serve(connect: &ConnectArgs, args: ServeArgs) -> Result<u8> {
     let root = CancellationToken::new();
-    shutdown::on_signals(root.clone());
+    shutdown::on_signals(root.clone(), args.grace);
     let Some(nats) = super::connect_waiting(connect, "fanjet-serve", true, &root).await? else {
         return Ok(0);
     };
