@@ -170,6 +170,21 @@ pub async fn cancel(nats: &Nats, job_id: &str, reason: Option<String>) -> Result
     Ok(())
 }
 
+/// A request to one of the manager's customer services, and its JSON answer.
+async fn ask(
+    nats: &async_nats::Client,
+    subject: &str,
+    body: bytes::Bytes,
+) -> Result<Value, ClientError> {
+    let msg = request(nats, subject, body, Duration::from_secs(10))
+        .await?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => ClientError::NoManager,
+            _ => ClientError::Nats(e.to_string()),
+        })?;
+    serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Nats(e.to_string()))
+}
+
 /// Asks for a job's cancellation through the cancel service, as `customer`
 /// (for users whose permissions allow only `fanjet.cancel.<customer>.>`).
 /// Returns the job's full id.
@@ -179,16 +194,8 @@ pub async fn cancel_as(
     job_id: &str,
     reason: Option<String>,
 ) -> Result<String, ClientError> {
-    let subject = cancel_subject(customer, job_id);
     let body = serde_json::json!({ "reason": reason }).to_string();
-    let msg = request(nats, &subject, body.into(), Duration::from_secs(10))
-        .await?
-        .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => ClientError::NoManager,
-            _ => ClientError::Nats(e.to_string()),
-        })?;
-    let v: Value =
-        serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Nats(e.to_string()))?;
+    let v = ask(nats, &cancel_subject(customer, job_id), body.into()).await?;
     if v["ok"] == Value::Bool(true) {
         return Ok(v["job_id"].as_str().unwrap_or(job_id).to_string());
     }
@@ -213,15 +220,7 @@ pub async fn status_as(
     customer: &str,
     job_id: &str,
 ) -> Result<Option<Job>, ClientError> {
-    let subject = status_subject(customer, job_id);
-    let msg = request(nats, &subject, "".into(), Duration::from_secs(10))
-        .await?
-        .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => ClientError::NoManager,
-            _ => ClientError::Nats(e.to_string()),
-        })?;
-    let v: Value =
-        serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Nats(e.to_string()))?;
+    let v = ask(nats, &status_subject(customer, job_id), "".into()).await?;
     if v.get("error").is_some() {
         return Ok(None);
     }

@@ -443,6 +443,11 @@ async fn step_and_job_notifications_reach_nats_and_webhooks_once() {
     );
 }
 
+/// The HTTP status a request is answered with.
+async fn code(request: reqwest::RequestBuilder) -> u16 {
+    request.send().await.unwrap().status().as_u16()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
     let mut env = Env::start().await;
@@ -461,41 +466,19 @@ async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
     };
     let (base, _stop) = env.serve_with(options).await;
     let http = reqwest::Client::new();
-    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(code(http.get(format!("{base}/api/jobs"))).await, 401);
     assert_eq!(
-        status(http.get(format!("{base}/api/jobs")).send().await.unwrap()),
+        code(http.get(format!("{base}/api/jobs")).bearer_auth("wrong")).await,
         401
     );
     assert_eq!(
-        status(
-            http.get(format!("{base}/api/jobs"))
-                .bearer_auth("wrong")
-                .send()
-                .await
-                .unwrap()
-        ),
-        401
-    );
-    assert_eq!(
-        status(
-            http.get(format!("{base}/api/jobs"))
-                .bearer_auth("s3cret")
-                .send()
-                .await
-                .unwrap()
-        ),
+        code(http.get(format!("{base}/api/jobs")).bearer_auth("s3cret")).await,
         200
     );
+    assert_eq!(code(http.get(format!("{base}/metrics"))).await, 401);
+    assert_eq!(code(http.get(format!("{base}/healthz"))).await, 200);
     assert_eq!(
-        status(http.get(format!("{base}/metrics")).send().await.unwrap()),
-        401
-    );
-    assert_eq!(
-        status(http.get(format!("{base}/healthz")).send().await.unwrap()),
-        200
-    );
-    assert_eq!(
-        status(http.get(format!("{base}/")).send().await.unwrap()),
+        code(http.get(format!("{base}/"))).await,
         200,
         "the page shell loads, then asks for the token"
     );
@@ -510,12 +493,7 @@ async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
     env.wait_for("t-1", Duration::from_secs(10), "recorded", |_| true)
         .await;
     assert_eq!(
-        status(
-            http.get(format!("{base}/api/jobs/t-1/stream"))
-                .send()
-                .await
-                .unwrap()
-        ),
+        code(http.get(format!("{base}/api/jobs/t-1/stream"))).await,
         401
     );
     let sse = http
@@ -531,41 +509,25 @@ async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
     drop(sse);
     // Anywhere else a token in the URL is refused: it would land in logs.
     assert_eq!(
-        status(
-            http.get(format!("{base}/api/jobs?access_token=s3cret"))
-                .send()
-                .await
-                .unwrap()
-        ),
+        code(http.get(format!("{base}/api/jobs?access_token=s3cret"))).await,
         401
     );
     // The read token reads, and changes nothing.
     assert_eq!(
-        status(
-            http.get(format!("{base}/api/jobs/t-1"))
-                .bearer_auth("look")
-                .send()
-                .await
-                .unwrap()
-        ),
+        code(http.get(format!("{base}/api/jobs/t-1")).bearer_auth("look")).await,
         200
     );
-    let r = http
+    let submit = http
         .post(format!("{base}/api/jobs"))
         .bearer_auth("look")
-        .json(&json!({"workflow": "tok", "job_id": "t-2"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 403);
+        .json(&json!({"workflow": "tok", "job_id": "t-2"}));
+    assert_eq!(code(submit).await, 403);
     assert_eq!(
-        status(
+        code(
             http.post(format!("{base}/api/jobs/t-1/cancel"))
                 .bearer_auth("look")
-                .send()
-                .await
-                .unwrap()
-        ),
+        )
+        .await,
         403
     );
     let m = http

@@ -55,34 +55,12 @@ async fn refused_publish(nats: &async_nats::Client, subject: String, event: &Eve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_role_can_do_its_job_and_no_more() {
-    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("nats/secure/server.conf");
-    let server = tokio::task::spawn_blocking(move || NatsServer::start_config(&conf))
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("this test needs a real nats-server: {e}"));
-
     // The manager role sets everything up and runs the manager.
-    let admin = Nats::ensure(connect(&server, "manager").await)
-        .await
-        .expect("manager creates streams and buckets");
-    admin
-        .apply_workflow(
-            &Workflow::from_toml(
-                "name = \"inv\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"5s\"\n",
-            )
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    let cancel = CancellationToken::new();
-    let m = tokio::spawn(manager::run(
-        admin.clone(),
-        ManagerOptions::default(),
-        cancel.clone(),
-    ));
+    let env = Secure::start().await;
+    let (server, admin, cancel) = (&env.server, &env.admin, env.cancel.clone());
 
     // The worker role binds and works.
-    let worker = WorkerNats::bind(connect(&server, "worker").await)
+    let worker = WorkerNats::bind(connect(server, "worker").await)
         .await
         .expect("worker binds")
         .with_user(Some("worker"));
@@ -105,7 +83,7 @@ async fn each_role_can_do_its_job_and_no_more() {
     }
     let create = tokio::time::timeout(
         Duration::from_secs(2),
-        Nats::ensure(connect(&server, "worker").await),
+        Nats::ensure(connect(server, "worker").await),
     )
     .await;
     assert!(
@@ -122,7 +100,7 @@ async fn each_role_can_do_its_job_and_no_more() {
 
     // The submitter submits for its customer and follows the job through the status service.
     // A customer binds nothing: it has no right on any stream or bucket.
-    let submitter = connect(&server, "submitter").await;
+    let submitter = connect(server, "submitter").await;
     let bound = tokio::time::timeout(Duration::from_secs(3), Nats::bind(submitter.clone())).await;
     assert!(
         !matches!(bound, Ok(Ok(_))),
@@ -294,9 +272,7 @@ async fn each_role_can_do_its_job_and_no_more() {
     }
 
     // The viewer reads status and history, and changes nothing.
-    let viewer = Nats::bind(connect(&server, "viewer").await)
-        .await
-        .expect("viewer binds");
+    let viewer = env.bind("viewer").await;
     let (seen, _) = fanjet::nats::store::get(&viewer, &sec1)
         .await
         .expect("viewer reads the jobs bucket")
@@ -387,11 +363,11 @@ async fn each_role_can_do_its_job_and_no_more() {
     );
 
     // Nothing forged reached the log.
-    let log = fanjet::nats::log::history(&admin, "sec-2", 0, 100)
+    let log = fanjet::nats::log::history(admin, "sec-2", 0, 100)
         .await
         .unwrap();
     assert!(log.is_empty(), "forged events were stored: {log:?}");
-    let log = fanjet::nats::log::history(&admin, &sec1, 0, 1000)
+    let log = fanjet::nats::log::history(admin, &sec1, 0, 1000)
         .await
         .unwrap();
     assert_eq!(
@@ -401,13 +377,13 @@ async fn each_role_can_do_its_job_and_no_more() {
         1
     );
 
-    cancel.cancel();
-    let _ = m.await;
+    env.stop().await;
     let _ = w.await;
 }
 
-/// A secure server with the manager running and workflows `inv` (one
-/// fanout step `send`) and `squares` (from `examples/`) applied.
+/// A secure server with the manager and the statistics consumer running
+/// and workflows `inv` (one fanout step `send`) and `squares` (from
+/// `examples/`) applied.
 struct Secure {
     server: NatsServer,
     admin: Nats,

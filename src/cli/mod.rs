@@ -44,29 +44,21 @@ pub async fn connect_admin(connect: &ConnectArgs, name: &str) -> Result<Nats> {
         .with_user(connect.identity().as_deref()))
 }
 
-/// For a long-running process (manager, worker, serve): connects and sets
-/// up like [`connect`] (`admin`: [`connect_admin`]), but while NATS is not
-/// there yet or not ready (a server starting, a cluster electing a leader)
-/// it waits and tries again, saying so, instead of exiting. `None`: `stop`
-/// was cancelled (a signal) while waiting. Wrong addresses, credentials or
-/// TLS settings fail at once.
+/// For a long-running process that creates what it needs (manager,
+/// serve): connects and sets up like [`connect_admin`], but while NATS is
+/// not there yet or not ready (a server starting, a cluster electing a
+/// leader) it waits and tries again, saying so, instead of exiting.
+/// `None`: `stop` was cancelled (a signal) while waiting. Wrong addresses,
+/// credentials or TLS settings fail at once.
 pub async fn connect_waiting(
     connect: &ConnectArgs,
     name: &str,
-    admin: bool,
     stop: &CancellationToken,
 ) -> Result<Option<Nats>> {
     let identity = connect.identity();
     let user = identity.as_deref();
     waiting(connect, name, stop, |client| async move {
-        Ok(match admin {
-            true => Nats::ensure(client).await?,
-            false => match Nats::bind(client.clone()).await {
-                Ok(n) => n,
-                Err(bind_err) => Nats::ensure(client).await.map_err(|_| bind_err)?,
-            },
-        }
-        .with_user(user))
+        Ok(Nats::ensure(client).await?.with_user(user))
     })
     .await
 }

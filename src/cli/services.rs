@@ -110,7 +110,7 @@ const WORKER_REPORT_MARGIN: Duration = Duration::from_secs(5);
 pub async fn manager(connect: &ConnectArgs, args: ManagerArgs) -> Result<u8> {
     let root = CancellationToken::new();
     shutdown::on_signals(root.clone(), args.grace);
-    let Some(nats) = super::connect_waiting(connect, "fanjet-manager", true, &root).await? else {
+    let Some(nats) = super::connect_waiting(connect, "fanjet-manager", &root).await? else {
         return Ok(0);
     };
     let mut side = JoinSet::new();
@@ -165,7 +165,7 @@ pub async fn worker(connect: &ConnectArgs, args: WorkerArgs) -> Result<u8> {
 pub async fn serve(connect: &ConnectArgs, args: ServeArgs) -> Result<u8> {
     let root = CancellationToken::new();
     shutdown::on_signals(root.clone(), args.grace);
-    let Some(nats) = super::connect_waiting(connect, "fanjet-serve", true, &root).await? else {
+    let Some(nats) = super::connect_waiting(connect, "fanjet-serve", &root).await? else {
         return Ok(0);
     };
     let webhooks = Webhooks {

@@ -6,11 +6,10 @@
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::status::{customers_job, Refusal};
 use super::ManagerError;
-use crate::nats::{log, service, store, Nats};
-use crate::protocol::{
-    bounded, now_ms, tenant_job_id, CancelRequested, Event, CANCEL_WILDCARD, MAX_REASON_BYTES,
-};
+use crate::nats::{log, service, Nats};
+use crate::protocol::{bounded, now_ms, CancelRequested, Event, CANCEL_WILDCARD, MAX_REASON_BYTES};
 
 /// Answers cancel requests until `cancel`.
 pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerError> {
@@ -24,12 +23,6 @@ fn error(code: &str, message: String) -> Value {
 }
 
 async fn answer(nats: &Nats, msg: async_nats::Message) -> Value {
-    let mut tokens = msg.subject.as_str().split('.').skip(2);
-    let (customer, asked) = (
-        tokens.next().unwrap_or_default(),
-        tokens.next().unwrap_or_default(),
-    );
-    let job_id = tenant_job_id(customer, asked);
     // The body may give a reason: `{"reason": "…"}`.
     let reason = serde_json::from_slice::<Value>(&msg.payload)
         .ok()
@@ -38,16 +31,12 @@ async fn answer(nats: &Nats, msg: async_nats::Message) -> Value {
                 .as_str()
                 .map(|r| bounded(r, MAX_REASON_BYTES))
         });
-    let job = match store::status(nats, &job_id).await {
-        Ok(Some(job)) if job.customer.as_deref() == Some(customer) => job,
-        Ok(_) => {
-            return error(
-                "not_found",
-                format!("no job {asked:?} for customer {customer:?}"),
-            )
-        }
-        Err(e) => return error("unavailable", e.to_string()),
+    let job = match customers_job(nats, msg.subject.as_str()).await {
+        Ok(job) => job,
+        Err(Refusal::NotFound(message)) => return error("not_found", message),
+        Err(Refusal::Store(e)) => return error("unavailable", e.to_string()),
     };
+    let job_id = job.job_id.clone();
     if job.state.is_terminal() {
         return error(
             "job_ended",

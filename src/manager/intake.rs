@@ -9,6 +9,7 @@
 
 use std::num::NonZeroU32;
 
+use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -187,9 +188,7 @@ async fn submit(nats: &Nats, msg: &async_nats::Message, limiters: &Limiters) -> 
         .submissions
         .check_key(&who.unwrap_or_else(|| "-".into()))
     {
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(
-            &governor::clock::DefaultClock::default(),
-        ));
+        let wait = not_until.wait_time_from(limiters.submissions.clock().now());
         // Nothing is recorded: the same submission may be sent again.
         return rejected(
             Some(job_id),

@@ -7,8 +7,9 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::ManagerError;
-use crate::nats::{service, store, Nats};
-use crate::protocol::{detailed, now_ms, tenant_job_id, STATUS_WILDCARD};
+use crate::nats::store::{self, StoreError};
+use crate::nats::{service, Nats};
+use crate::protocol::{detailed, now_ms, tenant_job_id, Job, STATUS_WILDCARD};
 
 /// Answers `fanjet.status.<customer>.<job_id>` with the job's detailed
 /// status, when the job is that customer's; `{"error": …}` otherwise.
@@ -19,22 +20,40 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerErr
 }
 
 async fn answer(nats: &Nats, msg: async_nats::Message) -> Value {
-    let mut tokens = msg.subject.as_str().split('.').skip(2);
+    match customers_job(nats, msg.subject.as_str()).await {
+        Ok(job) => {
+            let stats = store::stats(nats, &job.job_id).await.ok().flatten();
+            detailed(&job, stats.as_ref(), now_ms())
+        }
+        Err(Refusal::NotFound(message)) => {
+            json!({"error": {"code": "not_found", "message": message}})
+        }
+        Err(Refusal::Store(e)) => json!({"error": {"code": "internal", "message": e.to_string()}}),
+    }
+}
+
+/// Why a customer service request names no job it may act on.
+pub(super) enum Refusal {
+    /// No such job, or not that customer's (the two look the same).
+    NotFound(String),
+    /// The jobs bucket could not be read.
+    Store(StoreError),
+}
+
+/// The job a customer service request (`fanjet.<service>.<customer>.<job_id>`)
+/// names, when it is that customer's. Its jobs are under its tag (see the
+/// intake); the id may be given with it or without.
+pub(super) async fn customers_job(nats: &Nats, subject: &str) -> Result<Job, Refusal> {
+    let mut tokens = subject.split('.').skip(2);
     let (customer, asked) = (
         tokens.next().unwrap_or_default(),
         tokens.next().unwrap_or_default(),
     );
-    // The customer's jobs are under its tag (see the intake); the id may
-    // be given with it or without.
-    let job_id = tenant_job_id(customer, asked);
-    match store::status(nats, &job_id).await {
-        Ok(Some(job)) if job.customer.as_deref() == Some(customer) => {
-            let stats = store::stats(nats, &job_id).await.ok().flatten();
-            detailed(&job, stats.as_ref(), now_ms())
-        }
-        Ok(_) => {
-            json!({"error": {"code": "not_found", "message": format!("no job {asked:?} for customer {customer:?}")}})
-        }
-        Err(e) => json!({"error": {"code": "internal", "message": e.to_string()}}),
+    match store::status(nats, &tenant_job_id(customer, asked)).await {
+        Ok(Some(job)) if job.customer.as_deref() == Some(customer) => Ok(job),
+        Ok(_) => Err(Refusal::NotFound(format!(
+            "no job {asked:?} for customer {customer:?}"
+        ))),
+        Err(e) => Err(Refusal::Store(e)),
     }
 }

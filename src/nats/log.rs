@@ -48,7 +48,7 @@ use thiserror::Error;
 use super::leases::{Fence, Fenced};
 use super::Nats;
 use crate::metrics::Metrics;
-use crate::protocol::{encode_json, job_events_filter, Event};
+use crate::protocol::{encode_json, job_events_filter, Event, EVENTS_STREAM};
 
 /// What can go wrong with the log, and whether trying again can help
 /// ([`LogError::is_transient`]).
@@ -360,10 +360,7 @@ pub async fn history(
 ) -> Result<Vec<LoggedEvent>, LogError> {
     let err = |e: &dyn std::fmt::Display| LogError::Read(e.to_string());
     let filter = job_events_filter(job_id);
-    let api = format!(
-        "$JS.API.DIRECT.GET.{}",
-        nats.events.cached_info().config.name
-    );
+    let api = format!("$JS.API.DIRECT.GET.{EVENTS_STREAM}");
     let mut out = Vec::new();
     let mut next = from_seq.max(1);
     while out.len() < limit {

@@ -152,9 +152,7 @@ impl Nats {
 
     /// This handle, saying it is `user`'s (the name heartbeats carry).
     pub fn with_user(mut self, user: Option<&str>) -> Self {
-        self.user = user
-            .map(crate::protocol::subject_token)
-            .unwrap_or_else(|| "_".into());
+        self.user = user_token(user);
         self
     }
 
@@ -275,11 +273,7 @@ impl Nats {
         workflow: &str,
         step: &Step,
     ) -> Result<consumer::PullConsumer, SetupError> {
-        let name = step_consumer(workflow, &step.name);
-        self.tasks
-            .create_consumer(step_consumer_config(workflow, step))
-            .await
-            .map_err(|source| SetupError::Consumer { name, source })
+        create_step_consumer(&self.js, workflow, step).await
     }
 
     /// Stores a workflow definition and creates its step consumers.
@@ -338,11 +332,16 @@ impl Nats {
     }
 }
 
-/// The pull consumer workers of one step share: AckWait = the step's
-/// timeout, MaxDeliver = its attempts.
-fn step_consumer_config(workflow: &str, step: &Step) -> consumer::pull::Config {
-    consumer::pull::Config {
-        durable_name: Some(step_consumer(workflow, &step.name)),
+/// Creates or updates the pull consumer workers of one step share:
+/// AckWait = the step's timeout, MaxDeliver = its attempts.
+async fn create_step_consumer(
+    js: &Context,
+    workflow: &str,
+    step: &Step,
+) -> Result<consumer::PullConsumer, SetupError> {
+    let name = step_consumer(workflow, &step.name);
+    let config = consumer::pull::Config {
+        durable_name: Some(name.clone()),
         filter_subject: step_tasks_filter(workflow, &step.name),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_millis(step.timeout_ms),
@@ -350,7 +349,10 @@ fn step_consumer_config(workflow: &str, step: &Step) -> consumer::pull::Config {
         max_ack_pending: 100_000,
         max_waiting: 4096,
         ..Default::default()
-    }
+    };
+    js.create_consumer_on_stream(config, TASKS_STREAM)
+        .await
+        .map_err(|source| SetupError::Consumer { name, source })
 }
 
 /// Reads a stored workflow and checks it; `Ok(None)` when there is none by
@@ -379,6 +381,12 @@ async fn read_workflow(workflows: &kv::Store, name: &str) -> Result<Option<Workf
         )));
     }
     Ok(Some(workflow))
+}
+
+/// The user token of heartbeats: `user` as a subject token, `_` for none.
+fn user_token(user: Option<&str>) -> String {
+    user.map(crate::protocol::subject_token)
+        .unwrap_or_else(|| "_".into())
 }
 
 /// The largest payload a message may carry on `client`'s server, less room
@@ -433,9 +441,7 @@ impl WorkerNats {
 
     /// This handle, saying it is `user`'s (the name heartbeats carry).
     pub fn with_user(mut self, user: Option<&str>) -> Self {
-        self.user = user
-            .map(crate::protocol::subject_token)
-            .unwrap_or_else(|| "_".into());
+        self.user = user_token(user);
         self
     }
 
@@ -468,11 +474,7 @@ impl WorkerNats {
         workflow: &str,
         step: &Step,
     ) -> Result<consumer::PullConsumer, SetupError> {
-        let name = step_consumer(workflow, &step.name);
-        self.js
-            .create_consumer_on_stream(step_consumer_config(workflow, step), TASKS_STREAM)
-            .await
-            .map_err(|e| SetupError::Missing(format!("consumer {name}: {e}")))
+        create_step_consumer(&self.js, workflow, step).await
     }
 }
 

@@ -29,7 +29,12 @@ const CONTEXT: &[u8] = b"fanjet task token v1\0";
 
 /// The secret tokens are made with. Its `Debug` does not show it.
 #[derive(Clone)]
-pub struct TaskKey([u8; 32]);
+pub struct TaskKey {
+    bytes: [u8; 32],
+    /// The MAC keyed and fed the context once: each token starts from a
+    /// copy of it (one is made per task dispatched and per outcome read).
+    keyed: Hmac<Sha256>,
+}
 
 impl std::fmt::Debug for TaskKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -40,23 +45,28 @@ impl std::fmt::Debug for TaskKey {
 impl TaskKey {
     /// A fresh random key.
     pub fn generate() -> TaskKey {
-        TaskKey(rand::random())
+        TaskKey::new(rand::random())
     }
 
     /// The key stored as `bytes`, if they are one.
     pub fn from_bytes(bytes: &[u8]) -> Option<TaskKey> {
-        bytes.try_into().ok().map(TaskKey)
+        bytes.try_into().ok().map(TaskKey::new)
+    }
+
+    fn new(bytes: [u8; 32]) -> TaskKey {
+        // A 32-byte key is always accepted.
+        let mut keyed = <Hmac<Sha256> as Mac>::new_from_slice(&bytes)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        keyed.update(CONTEXT);
+        TaskKey { bytes, keyed }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.bytes
     }
 
     fn mac(&self, job_id: &str, step_index: usize, index: u64) -> Hmac<Sha256> {
-        // A 32-byte key is always accepted.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(CONTEXT);
+        let mut mac = self.keyed.clone();
         mac.update(&(job_id.len() as u64).to_be_bytes());
         mac.update(job_id.as_bytes());
         mac.update(&(step_index as u64).to_be_bytes());
