@@ -32,7 +32,10 @@ enum Command {
     /// Run several for capacity and availability: they split the event log's
     /// 16 partitions evenly through leases in the `fanjet_leases` bucket. A
     /// manager that stops gracefully hands its partitions over at once; one
-    /// that dies loses them after 10 s, when the others take them over.
+    /// that dies loses them after about 3.5 s, when the others take them over.
+    ///
+    /// Fanouts share each step's worker slots fairly: between priorities,
+    /// then customers (weights and caps: `fanjet tenants`), then jobs.
     Manager(cli::services::ManagerArgs),
     /// Runs a worker pool that executes a shell command per task.
     ///
@@ -63,6 +66,9 @@ enum Command {
     /// Manages workflow definitions.
     #[command(subcommand)]
     Workflow(cli::workflows::WorkflowCommand),
+    /// Customers' settings for the fair share of workers: weight and concurrency cap.
+    #[command(subcommand)]
+    Tenants(cli::tenants::TenantsCommand),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +111,7 @@ impl Command {
                 | Command::Cancel(_)
                 | Command::Processes(_)
                 | Command::Workflow(_)
+                | Command::Tenants(_)
         )
     }
 }
@@ -135,5 +142,6 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Watch(args) => cli::jobs::watch(c, args).await,
         Command::Processes(args) => cli::processes::run(c, args).await,
         Command::Workflow(cmd) => cli::workflows::run(c, cmd).await,
+        Command::Tenants(cmd) => cli::tenants::run(c, cmd).await,
     }
 }

@@ -327,6 +327,7 @@ async fn services_started_before_their_server_wait_for_it() {
         job_id: Some("late-1".into()),
         customer: None,
         input: json!([1, 2, 3]),
+        priority: None,
     };
     let reply = fanjet::client::submit(&nats.client, "late", &sub)
         .await

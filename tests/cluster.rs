@@ -92,6 +92,7 @@ async fn a_job_survives_losing_a_cluster_node() {
             job_id: Some("ha-1".into()),
             customer: None,
             input: json!((0..600).collect::<Vec<_>>()),
+            priority: None,
         },
     )
     .await
@@ -202,6 +203,7 @@ async fn duplicates_in_flight_are_duplicates(admin: &Nats) {
                     job_id: Some(id),
                     customer: None,
                     input: json!([]),
+                    priority: None,
                 };
                 fanjet::client::submit(&nats.client, "ha", &sub).await
             })

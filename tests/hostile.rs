@@ -442,6 +442,7 @@ async fn a_flooding_customer_is_rate_limited_and_its_rejections_bounded() {
             job_id: Some("many-patient".into()),
             customer: Some("busy".into()),
             input: json!({"count": 1}),
+            priority: None,
         },
     )
     .await

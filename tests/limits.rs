@@ -202,6 +202,7 @@ async fn a_stored_definition_that_fails_validation_is_refused_where_it_is_read()
         input: json!(null),
         at: fanjet::protocol::now_ms(),
         deadline_at: None,
+        priority: None,
     });
     fanjet::nats::log::append(&env.nats, &event)
         .await
@@ -233,6 +234,7 @@ async fn a_job_id_no_bucket_can_hold_is_ignored_not_retried_forever() {
             input: json!([1]),
             at: fanjet::protocol::now_ms(),
             deadline_at: None,
+            priority: None,
         });
         fanjet::nats::log::append(&env.nats, &event)
             .await
@@ -260,6 +262,7 @@ async fn a_step_input_is_gone_only_when_it_is_not_for_a_moment() {
             input: json!([1, 2]),
             at: 1,
             deadline_at: None,
+            priority: None,
         })
     };
     let first = fanjet::nats::log::append(&env.nats, &event("in-1"))

@@ -607,6 +607,7 @@ async fn a_submission_nats_cannot_take_for_a_moment_is_unavailable_not_internal(
         job_id: Some("brief-1".into()),
         customer: None,
         input: json!([1, 2]),
+        priority: None,
     };
     let reply = fanjet::client::submit(&env.nats.client, "brief", &sub)
         .await

@@ -127,6 +127,7 @@ async fn each_role_can_do_its_job_and_no_more() {
         job_id: Some("sec-1".into()),
         customer: Some("acme".into()),
         input: json!([1, 2, 3, 4, 5]),
+        priority: None,
     };
     let sec1 = tenant_job_id("acme", "sec-1");
     let reply = client::submit_as(&submitter, "inv", "acme", &sub)
@@ -503,6 +504,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
         job_id: Some("bob-parked".into()),
         customer: Some("bob".into()),
         input: json!([1, 2, 3]),
+        priority: None,
     };
     assert!(
         client::submit_as(&bob, "inv", "bob", &sub)
@@ -594,6 +596,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
         job_id: Some("acme-squares".into()),
         customer: Some("acme".into()),
         input: json!([1, 2, 3]),
+        priority: None,
     };
     assert!(
         client::submit_as(&acme, "squares", "acme", &sub)
@@ -665,6 +668,7 @@ async fn no_role_reads_another_ones_replies() {
         job_id: Some("bob-private".into()),
         customer: Some("bob".into()),
         input: json!([1, 2]),
+        priority: None,
     };
     let reply = client::submit_as(&bob, "squares", "bob", &sub)
         .await
@@ -792,6 +796,7 @@ async fn the_viewer_changes_no_consumer_and_pulls_none() {
         job_id: Some("acme-seen".into()),
         customer: Some("acme".into()),
         input: json!([1]),
+        priority: None,
     };
     assert!(
         client::submit_as(&acme, "inv", "acme", &sub)
@@ -836,6 +841,7 @@ async fn a_worker_cannot_purge_or_replace_a_stored_result() {
         job_id: Some("acme-big".into()),
         customer: Some("acme".into()),
         input: json!(null),
+        priority: None,
     };
     assert!(
         client::submit_as(&acme, "big", "acme", &sub)
@@ -968,6 +974,7 @@ async fn job_ids_are_unique_per_customer_and_reveal_nothing() {
         job_id: Some(id.into()),
         customer: None,
         input: json!([1]),
+        priority: None,
     };
     // acme takes the id bob is about to use.
     let squat = client::submit_as(&acme, "inv", "acme", &sub("bob-next"))

@@ -99,12 +99,20 @@ async fn main() -> Result<()> {
             eprintln!("floor run {run}: subjobs_per_s={floor:.3}");
             floor_runs.push(vec![("subjobs_per_s", floor)]);
             if want("A") {
-                let x = fanjet_run(args.subjobs, args.concurrency).await?;
+                let x = fanjet_run(args.subjobs, args.concurrency, true).await?;
+                // The same with the fair share off: what it costs.
+                let y = fanjet_run(args.subjobs, args.concurrency, false).await?;
                 eprintln!(
-                    "A run {run}: subjobs_per_s={x:.3} ratio_to_floor={:.3}",
-                    x / floor
+                    "A run {run}: subjobs_per_s={x:.3} ratio_to_floor={:.3} fair_share_off_subjobs_per_s={y:.3} fair_over_off={:.3}",
+                    x / floor,
+                    x / y
                 );
-                a_runs.push(vec![("subjobs_per_s", x), ("ratio_to_floor", x / floor)]);
+                a_runs.push(vec![
+                    ("subjobs_per_s", x),
+                    ("ratio_to_floor", x / floor),
+                    ("fair_share_off_subjobs_per_s", y),
+                    ("fair_over_off", x / y),
+                ]);
             }
         }
         results.push(("floor", floor_runs));
@@ -346,7 +354,7 @@ kind = "task"
 "#;
 
 /// One fanjet job of `n` no-op subjobs; returns subjobs/s, submit to JobCompleted.
-async fn fanjet_run(n: u64, concurrency: usize) -> Result<f64> {
+async fn fanjet_run(n: u64, concurrency: usize, fair: bool) -> Result<f64> {
     let server = start_server().await?;
     let client = async_nats::connect(server.url()).await?;
     let nats = Nats::ensure(client).await?;
@@ -357,7 +365,11 @@ async fn fanjet_run(n: u64, concurrency: usize) -> Result<f64> {
     {
         let (nats, c) = (nats.clone(), cancel.clone());
         tasks.spawn(async move {
-            manager::run(nats, ManagerOptions::default(), c)
+            let options = ManagerOptions {
+                queue_ahead: ManagerOptions::default().queue_ahead.filter(|_| fair),
+                ..ManagerOptions::default()
+            };
+            manager::run(nats, options, c)
                 .await
                 .map_err(anyhow::Error::from)
         });
@@ -383,6 +395,7 @@ async fn fanjet_run(n: u64, concurrency: usize) -> Result<f64> {
         job_id: Some("bench-1".into()),
         customer: None,
         input: Value::Null,
+        priority: None,
     })?;
     let start = Instant::now();
     let reply = loop {
@@ -623,6 +636,7 @@ async fn seed_run() -> Result<Figures> {
                 job_id: None,
                 customer: None,
                 input: Value::Null,
+                priority: None,
             },
         )
         .await?;
@@ -676,6 +690,7 @@ async fn fair_run() -> Result<Figures> {
             job_id: Some(id.into()),
             customer: Some(customer.into()),
             input: Value::Array(vec![Value::Null; n]),
+            priority: None,
         };
         // The worker process is up once a first job went through.
         small_job(&c, "warm-up").await?;
@@ -687,10 +702,60 @@ async fn fair_run() -> Result<Figures> {
         c.submit("fair", &job("big", "big", 20_000)).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let behind = small_job(&c, "small-behind").await?;
+        fanjet::client::cancel(&c.nats, "big", None).await?;
+        // The harder case: customer `whale` runs two jobs of 50,000; nine
+        // customers each submit a job of 100 at a random moment within 8 s.
+        // A small job's fair share is the slots split between whale and
+        // the small jobs running as it starts: with k sharing, k times its
+        // time alone.
+        c.submit("fair", &job("whale-1", "whale", 50_000)).await?;
+        c.submit("fair", &job("whale-2", "whale", 50_000)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let smalls = (1..=9).map(|i| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let at = Duration::from_millis(seed % 8000);
+            let c = &c;
+            async move {
+                tokio::time::sleep(at).await;
+                let id = format!("small-{i}");
+                let sub = Submission {
+                    job_id: Some(id.clone()),
+                    customer: Some(format!("c{i}")),
+                    input: Value::Array(vec![Value::Null; 100]),
+                    priority: None,
+                };
+                c.submit("fair", &sub).await?;
+                let j = c.wait_end(&id, Duration::from_secs(120)).await?;
+                let end = j.finished_at.context("an ended job has an end")?;
+                anyhow::Ok((j.created_at, end))
+            }
+        });
+        let runs = futures::future::try_join_all(smalls).await?;
+        // Its fair share: the slots split between whale and every small
+        // job running when it started (itself included).
+        let ratios: Vec<f64> = runs
+            .iter()
+            .map(|&(start, end)| {
+                let sharing = 1 + runs
+                    .iter()
+                    .filter(|(s, e)| *s <= start && start < *e)
+                    .count();
+                (end - start) as f64 / 1000.0 / (sharing as f64 * alone)
+            })
+            .collect();
+        for id in ["whale-1", "whale-2"] {
+            fanjet::client::cancel(&c.nats, id, None).await?;
+        }
+        let (median, _, worst) = stats(&ratios);
         Ok(vec![
             ("small_alone_s", alone),
             ("small_behind_big_s", behind),
             ("behind_over_fair_share", behind / (2.0 * alone)),
+            ("ten_customers_median_over_fair_share", median),
+            ("ten_customers_worst_over_fair_share", worst),
         ])
     }
     .await;
@@ -705,6 +770,7 @@ async fn small_job(c: &Cluster, id: &str) -> Result<f64> {
         job_id: Some(id.into()),
         customer: Some("small".into()),
         input: Value::Array(vec![Value::Null; 100]),
+        priority: None,
     };
     c.submit("fair", &sub).await?;
     let j = c.wait_end(id, Duration::from_secs(120)).await?;
@@ -758,6 +824,7 @@ async fn many_jobs(c: &mut Cluster, concurrency: usize) -> Result<Figures> {
         job_id: Some(format!("many-{i}")),
         customer: Some(format!("c{}", i % 10)),
         input: input.clone(),
+        priority: None,
     });
     let ids: Vec<String> = futures::future::try_join_all(subs.map(|s| {
         let c = &c;
@@ -818,6 +885,7 @@ async fn scale_run(n: u64, concurrency: usize) -> Result<Figures> {
                 job_id: None,
                 customer: None,
                 input: Value::Null,
+                priority: None,
             },
         )
         .await?;
@@ -878,6 +946,7 @@ async fn latency_run(concurrency: usize) -> Result<Figures> {
                 job_id: Some(id.clone()),
                 customer: None,
                 input: json!([1, 2, 3]),
+                priority: None,
             },
         )
         .await?;

@@ -743,6 +743,7 @@ async fn submit_one(nats: &Nats, mut job: Planned) -> Planned {
         job_id: Some(job.id.clone()),
         customer: Some(format!("c{}", job.id.len() % 4)),
         input: serde_json::to_value(&job.plan).unwrap_or(Value::Null),
+        priority: None,
     };
     for _ in 0..10 {
         match fanjet::client::submit(&nats.client, &job.workflow, &sub).await {

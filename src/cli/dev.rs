@@ -155,6 +155,7 @@ async fn demo_job(
         job_id: None,
         customer: Some("acme".into()),
         input: serde_json::json!({"customer": "acme", "count": invoices}),
+        priority: None,
     };
     let reply = client::submit(&nats.client, "invoices", &sub).await?;
     let id = reply

@@ -32,6 +32,11 @@ pub struct SubmitArgs {
     /// Input as JSON, or @FILE to read it from a file.
     #[arg(long)]
     input: Option<String>,
+    /// Priority from 1 (lowest) to 9 (highest), default 5: among jobs
+    /// waiting for the same workers, a higher one starts first. A job that
+    /// waits a minute without a slot rises one level per minute.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=9))]
+    priority: Option<u8>,
     /// Follow the job with progress bars and exit with its outcome (0 completed, 1 failed, 2 cancelled).
     #[arg(long)]
     wait: bool,
@@ -114,6 +119,7 @@ pub async fn submit(connect: &ConnectArgs, args: SubmitArgs) -> Result<u8> {
         job_id: args.job_id,
         customer: args.customer,
         input,
+        priority: args.priority,
     };
     // As a customer, nothing but the intake and the status service is
     // needed: no stream or bucket is bound (a submitter may see none).

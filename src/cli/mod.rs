@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod processes;
 pub mod progress;
 pub mod services;
+pub mod tenants;
 pub mod workflows;
 
 use std::time::Duration;

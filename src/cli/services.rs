@@ -42,6 +42,17 @@ pub struct ManagerArgs {
     /// partitions over) before the process exits anyway.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
+    /// Fair share: each fanout keeps dispatched its share of its step's
+    /// worker slots (split between customers, then their jobs, by
+    /// priority; counted from worker heartbeats) plus this much work ahead,
+    /// so a job submitted later waits at most about this long behind
+    /// others. Larger: more throughput for no-op subjobs; smaller: fairer.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    queue_ahead: Duration,
+    /// Turn the fair share off: each job dispatches up to its step's
+    /// `max_in_flight`, first come first served.
+    #[arg(long, conflicts_with = "queue_ahead")]
+    no_fair_share: bool,
 }
 
 // `fanjet worker`
@@ -124,6 +135,7 @@ pub async fn manager(connect: &ConnectArgs, args: ManagerArgs) -> Result<u8> {
             rejections_recorded_per_min: args.rejections_per_min,
             rejection_burst: args.rejection_burst,
         },
+        queue_ahead: (!args.no_fair_share).then_some(args.queue_ahead),
         ..ManagerOptions::default()
     };
     let result = manager::run(nats, options, root.clone()).await;

@@ -59,6 +59,7 @@ fn random_event_streams_never_panic_the_engine() {
                             input: json!(null),
                             at: now,
                             deadline_at: None,
+                            priority: None,
                         },
                         stored: index == 0,
                         workflow: match (flag, attempt) {

@@ -31,8 +31,10 @@
 //!   crash and re-run what they produce.
 
 mod checkpoint;
+mod share;
 
 pub use checkpoint::{Checkpoint, Write};
+pub use share::{allocate, effective_priority, waterfill, Grant, Limits, ShareView, StepView};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -40,10 +42,10 @@ use serde_json::{json, Value};
 
 use crate::protocol::{
     array_len, bounded, event_subject, validate_token, AbandonReason, CancelRequested, Event,
-    EventKind, Failure, Job, JobCancelled, JobCompleted, JobFailed, JobRejected, JobRequested,
-    JobState, Mark, Millis, Pending, RejectCode, Source, SourceField, Step, StepCompleted,
-    StepKind, StepRun, StepStarted, StepState, SubjobCompleted, SubjobFailed, SubjobsFailed,
-    Workflow, EVENTS_STREAM, INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_FAILURES_KEPT,
+    EventKind, Failure, Job, JobCancelled, JobCompleted, JobDemand, JobFailed, JobRejected,
+    JobRequested, JobState, Mark, Millis, Pending, RejectCode, Share, Source, SourceField, Step,
+    StepCompleted, StepKind, StepRun, StepStarted, StepState, SubjobCompleted, SubjobFailed,
+    SubjobsFailed, Workflow, EVENTS_STREAM, INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_FAILURES_KEPT,
     MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES,
 };
 
@@ -84,6 +86,10 @@ pub enum Input {
     /// Checkpoint every job changed since the last save, then acknowledge
     /// the events applied so far.
     Save,
+    /// What the other partitions' jobs want of each step and the slots of
+    /// the workers serving it: the engine shares the slots out again
+    /// (a paced engine only, [`Engine::paced`]).
+    Shares(ShareView),
 }
 
 /// What the event loop found of a requested job's workflow.
@@ -135,11 +141,39 @@ pub struct Engine {
     /// Jobs without tasks at the last lost-task check, with their
     /// `updated_at` then.
     suspects: HashMap<String, Millis>,
+    /// Set when fanouts are paced by the fair share: the milliseconds of
+    /// work a job keeps queued beyond its slots.
+    pacing: Option<u64>,
+    /// The last [`Input::Shares`].
+    view: ShareView,
+    /// This engine's demands by step, as of the last [`Input::Shares`].
+    own: BTreeMap<String, Vec<JobDemand>>,
+    /// Since when each job wanted slots and held none.
+    waiting: HashMap<String, Millis>,
 }
 
 impl Engine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An engine whose fanouts dispatch by the fair share of their step's
+    /// workers ([`Input::Shares`]) rather than up to `max_in_flight`: each
+    /// job keeps its slots' worth of subjobs dispatched, plus what it
+    /// finishes in `ahead_ms`, so the work queue holds little more than
+    /// can start soon. A fanout step waits for its share before it
+    /// dispatches anything.
+    pub fn paced(ahead_ms: u64) -> Self {
+        Engine {
+            pacing: Some(ahead_ms),
+            ..Self::default()
+        }
+    }
+
+    /// What this engine's running fanouts want, by step
+    /// (`<workflow>.<step>`), as of the last [`Input::Shares`].
+    pub fn demands(&self) -> &BTreeMap<String, Vec<JobDemand>> {
+        &self.own
     }
 
     pub fn contains(&self, job_id: &str) -> bool {
@@ -164,7 +198,8 @@ impl Engine {
     }
 
     /// Adds a job loaded from storage (after a restart).
-    pub fn insert(&mut self, job: Job) {
+    pub fn insert(&mut self, mut job: Job) {
+        job.pacing = self.pacing;
         self.jobs.insert(job.job_id.clone(), job);
     }
 
@@ -181,6 +216,7 @@ impl Engine {
     fn unload(&mut self, job_id: &str) {
         self.dirty.remove(job_id);
         self.suspects.remove(job_id);
+        self.waiting.remove(job_id);
         self.jobs.remove(job_id);
     }
 
@@ -212,6 +248,10 @@ impl Engine {
             }
             Input::NoTasks { jobs } => self.no_tasks(jobs, now, &mut out),
             Input::Save => self.save(&mut out),
+            Input::Shares(view) => {
+                self.view = view;
+                self.share_out(now, &mut out);
+            }
             Input::Tick => {
                 let ids: Vec<String> = self
                     .jobs
@@ -228,7 +268,165 @@ impl Engine {
                 }
             }
         }
+        if self.pacing.is_some() {
+            self.first_shares(now, &mut out);
+        }
         out
+    }
+
+    /// A paced fanout that just started gets its share at once (from the
+    /// last view), so it need not wait for the next [`Input::Shares`].
+    fn first_shares(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let started: Vec<(String, usize)> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Publish(Event::StepStarted(s)) => Some((s.job_id.clone(), s.step_index)),
+                _ => None,
+            })
+            .collect();
+        for (job_id, i) in started {
+            let Some(job) = self.jobs.get(&job_id) else {
+                continue;
+            };
+            let Some(demand) = demand(job, now) else {
+                continue;
+            };
+            if job.current != i || job.steps[i].pace.slots.is_some() {
+                continue;
+            }
+            let key = step_key(job);
+            let mut claims: Vec<JobDemand> = self
+                .own
+                .get(&key)
+                .map(|v| v.iter().filter(|d| d.job_id != job_id).cloned().collect())
+                .unwrap_or_default();
+            claims.push(demand);
+            self.own.insert(key.clone(), claims.clone());
+            let grants = self.grants(&key, &claims, now);
+            // Under a cap, the others' limits were set together at the last
+            // share-out: a newcomer waits for the next one (a tick).
+            let grant = grants.get(&job_id).map(|g| match g.limit {
+                Some(_) => Grant {
+                    limit: Some(0),
+                    ..*g
+                },
+                None => *g,
+            });
+            self.grant(&job_id, &key, grant, now, out);
+        }
+    }
+
+    /// Shares every step this engine's jobs run on, and refills them.
+    fn share_out(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let mut own: BTreeMap<String, Vec<JobDemand>> = BTreeMap::new();
+        for job in self.jobs.values() {
+            if let Some(mut d) = demand(job, now) {
+                if d.want > 0 && d.holds == 0 {
+                    d.waiting_since = Some(*self.waiting.entry(d.job_id.clone()).or_insert(now));
+                } else {
+                    self.waiting.remove(&d.job_id);
+                }
+                own.entry(step_key(job)).or_default().push(d);
+            }
+        }
+        self.own = own;
+        let steps: Vec<(String, Vec<JobDemand>)> = self
+            .own
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (key, mine) in steps {
+            let grants = self.grants(&key, &mine, now);
+            for d in &mine {
+                self.grant(&d.job_id, &key, grants.get(&d.job_id).copied(), now, out);
+            }
+        }
+    }
+
+    /// The grants of a step: its own claims `mine` beside the others'.
+    fn grants(&self, key: &str, mine: &[JobDemand], now: Millis) -> HashMap<String, Grant> {
+        let view = self.view.steps.get(key);
+        let mut claims: Vec<JobDemand> = mine.to_vec();
+        if let Some(v) = view {
+            claims.extend(
+                v.others
+                    .iter()
+                    .filter(|d| !self.jobs.contains_key(&d.job_id))
+                    .cloned(),
+            );
+        }
+        // A customer's cap covers all its steps: what it holds elsewhere.
+        let mut elsewhere: HashMap<String, u64> = HashMap::new();
+        let mut count = |d: &JobDemand| {
+            if let Some(c) = &d.customer {
+                *elsewhere.entry(c.clone()).or_default() += d.holds;
+            }
+        };
+        for (k, ds) in &self.own {
+            if k != key {
+                ds.iter().for_each(&mut count);
+            }
+        }
+        for (k, v) in &self.view.steps {
+            if k != key {
+                v.others.iter().for_each(&mut count);
+            }
+        }
+        let step_cap = mine.first().and_then(|d| {
+            let job = self.jobs.get(&d.job_id)?;
+            job.definition.steps.get(job.current)?.max_concurrency
+        });
+        let limits = Limits {
+            // Unknown (no worker heartbeat names the step): nothing is held
+            // back but the caps.
+            capacity: view.and_then(|v| v.capacity).unwrap_or(u64::MAX / 4),
+            step_cap,
+            tenants: &self.view.tenants,
+            held_elsewhere: &elsewhere,
+        };
+        allocate(&claims, limits, now)
+    }
+
+    /// Applies one job's grant: its slots, the share its record shows, and
+    /// what it may dispatch now.
+    fn grant(
+        &mut self,
+        job_id: &str,
+        key: &str,
+        grant: Option<Grant>,
+        now: Millis,
+        out: &mut Vec<Action>,
+    ) {
+        let capacity = self.view.steps.get(key).and_then(|v| v.capacity);
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        let i = job.current;
+        let Some(grant) = grant else {
+            return;
+        };
+        let share = capacity.map(|capacity| Share {
+            slots: grant.slots,
+            capacity,
+            waiting: grant.waiting,
+        });
+        let step = &mut job.steps[i];
+        if grant.slots > 0 && step.pace.slots.unwrap_or(0) == 0 {
+            // Its pace while it had no slot says nothing: measure afresh.
+            step.pace.rate = None;
+            step.pace.measured_at = 0;
+        }
+        step.pace.slots = Some(grant.slots);
+        step.pace.limit = grant.limit;
+        meter(step, now);
+        let mut changed = step.share != share;
+        step.share = share;
+        let before = out.len();
+        refill(job, out);
+        changed |= out.len() > before;
+        if changed {
+            self.dirty.insert(job_id.to_string());
+        }
     }
 
     fn requested(
@@ -287,6 +485,7 @@ impl Engine {
         out: &mut Vec<Action>,
     ) {
         let mut job = Job::new(&ev, workflow, seq, now);
+        job.pacing = self.pacing;
         let len = ev.input.as_array().map(|a| a.len() as u64);
         start_step(
             &mut job,
@@ -485,6 +684,8 @@ fn subjob_completed(
     let replayed = replayed(job, seq);
     let step = mark_outcome(job, e.step_index, e.index, false)?;
     step.completed += 1;
+    let took = e.duration_ms as f64;
+    step.pace.mean_ms = Some(step.pace.mean_ms.map_or(took, |m| 0.9 * m + 0.1 * took));
     if !replayed {
         step.retries += u64::from(e.attempt.saturating_sub(1));
     }
@@ -619,8 +820,101 @@ fn after_outcome(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
     } else if step.completed + step.failed == step.total {
         finish_step(job, now, out);
     } else {
+        meter(&mut job.steps[i], now);
         refill(job, out);
     }
+}
+
+/// Most subjobs a running step may have dispatched and unfinished: its
+/// `max_in_flight`; for a paced fanout, its slots plus what it finishes in
+/// the pacing's milliseconds (its slots again until it has been
+/// measured; see below); under a cap, its slots and never above
+/// its limit; nothing before it has a share.
+fn window(pacing: Option<u64>, def: &Step, step: &StepRun) -> u64 {
+    let (Some(ahead_ms), StepKind::Fanout) = (pacing, def.kind) else {
+        return def.max_in_flight;
+    };
+    let Some(slots) = step.pace.slots else {
+        return 0;
+    };
+    if slots == 0 {
+        return 0;
+    }
+    // What it finishes in `ahead_ms`: at its measured rate, and at most
+    // what its slots finish at its subjobs' mean duration (a burst of
+    // outcomes read at once measures a rate no worker keeps up).
+    let ahead_ms = ahead_ms as f64;
+    let by_rate = step.pace.rate.map(|r| r * ahead_ms / 1000.0);
+    let by_slots = step
+        .pace
+        .mean_ms
+        .map(|m| slots as f64 * ahead_ms / m.max(1.0));
+    let ahead = match (step.pace.limit, by_rate, by_slots) {
+        // Under a cap, queued tasks count against it: none ahead.
+        (Some(_), _, _) => 0,
+        (None, None, None) => slots,
+        (None, Some(a), Some(b)) => a.min(b).ceil() as u64,
+        (None, Some(a), None) | (None, None, Some(a)) => a.ceil() as u64,
+    }
+    .max(1);
+    slots
+        .saturating_add(ahead)
+        .min(step.pace.limit.unwrap_or(u64::MAX))
+        .min(def.max_in_flight)
+}
+
+/// Measures how fast a step finishes its subjobs (for the pacing).
+fn meter(step: &mut StepRun, now: Millis) {
+    let done = step.completed + step.failed;
+    let pace = &mut step.pace;
+    if pace.measured_at == 0 || done < pace.measured_done {
+        pace.measured_at = now;
+        pace.measured_done = done;
+        return;
+    }
+    let dt = now.saturating_sub(pace.measured_at);
+    if dt < 100 {
+        return;
+    }
+    let now_rate = (done - pace.measured_done) as f64 * 1000.0 / dt as f64;
+    pace.rate = Some(match pace.rate {
+        None => now_rate,
+        Some(r) => (r + now_rate) / 2.0,
+    });
+    pace.measured_at = now;
+    pace.measured_done = done;
+}
+
+/// A running fanout's claim on its step's slots.
+fn demand(job: &Job, now: Millis) -> Option<JobDemand> {
+    let def = job.definition.steps.get(job.current)?;
+    let step = job.steps.get(job.current)?;
+    if job.state != JobState::Running
+        || step.state != StepState::Running
+        || def.kind != StepKind::Fanout
+    {
+        return None;
+    }
+    let unfinished = step.total.saturating_sub(step.completed + step.failed);
+    Some(JobDemand {
+        job_id: job.job_id.clone(),
+        customer: job.customer.clone(),
+        priority: job.priority,
+        want: unfinished.min(def.max_in_flight),
+        holds: in_flight(job),
+        since: step.started_at.unwrap_or(now),
+        waiting_since: None,
+    })
+}
+
+/// The step a job runs now, as the shares name it.
+fn step_key(job: &Job) -> String {
+    let step = job
+        .steps
+        .get(job.current)
+        .map(|s| s.name.as_str())
+        .unwrap_or("");
+    format!("{}.{}", job.workflow, step)
 }
 
 /// Enqueues the next slice of the running fanout if its window has room.
@@ -632,9 +926,15 @@ fn refill(job: &mut Job, out: &mut Vec<Action>) {
         return;
     }
     let in_flight = step.dispatched - (step.completed + step.failed).min(step.dispatched);
-    let room = def.max_in_flight.saturating_sub(in_flight);
+    let window = window(job.pacing, def, step);
+    let room = window.saturating_sub(in_flight);
     let rest = step.total - step.dispatched;
-    if room == 0 || (room < MIN_REFILL.min(def.max_in_flight) && room < rest) {
+    // Paced windows are small: a quarter of one is a batch.
+    let batch = match job.pacing {
+        Some(_) => (window / 4).clamp(1, MIN_REFILL),
+        None => MIN_REFILL.min(def.max_in_flight),
+    };
+    if room == 0 || (room < batch && room < rest) {
         return;
     }
     let from = step.dispatched;

@@ -2,7 +2,9 @@
 //! interleavings with duplicates, reorderings and late events.
 
 use super::*;
-use crate::protocol::{CancelRequested, SubjobCompleted, SubjobFailed, Workflow, MAX_RECORD_BYTES};
+use crate::protocol::{
+    CancelRequested, SubjobCompleted, SubjobFailed, Workflow, AGING_MS, MAX_RECORD_BYTES,
+};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -37,6 +39,7 @@ fn request(engine: &mut Engine, wf: Workflow) -> Vec<Action> {
                 input: json!({"n": 1}),
                 at: 0,
                 deadline_at: None,
+                priority: None,
             },
             stored: false,
             workflow: Definition::Found(wf),
@@ -598,6 +601,7 @@ fn requested(job_id: &str, stored: bool, workflow: Definition) -> Input {
             input: json!(null),
             at: 0,
             deadline_at: None,
+            priority: None,
         },
         stored,
         workflow,
@@ -825,4 +829,253 @@ fn to_input(d: &Delivery, n: u64) -> Input {
         } => done(step, index, attempt, json!(null)),
         Delivery::Fail { step, index } => failed(step, index),
     }
+}
+
+// --- Fair share: a paced engine dispatches by its share of the slots ---
+
+fn fair_workflow(extra: &str) -> Workflow {
+    Workflow::from_toml(&format!(
+        "name = \"fair\"\n[[steps]]\nname = \"work\"\nkind = \"fanout\"\n{extra}\n"
+    ))
+    .unwrap()
+}
+
+fn submit_fair(
+    e: &mut Engine,
+    id: &str,
+    customer: &str,
+    priority: Option<u8>,
+    n: usize,
+    now: Millis,
+) -> Vec<Action> {
+    e.apply(
+        Input::Requested {
+            seq: next_seq(),
+            event: JobRequested {
+                job_id: id.into(),
+                workflow: "fair".into(),
+                customer: Some(customer.into()),
+                input: Value::Array(vec![Value::Null; n]),
+                at: now,
+                deadline_at: None,
+                priority,
+            },
+            stored: false,
+            workflow: Definition::Found(fair_workflow("")),
+        },
+        now,
+    )
+}
+
+fn view(capacity: Option<u64>, others: Vec<JobDemand>) -> Input {
+    let mut v = ShareView::default();
+    v.steps
+        .insert("fair.work".into(), StepView { capacity, others });
+    Input::Shares(v)
+}
+
+/// Subjobs dispatched by these actions, per job.
+fn dispatched(actions: &[Action]) -> BTreeMap<String, u64> {
+    let mut n = BTreeMap::new();
+    for a in actions {
+        if let Action::Dispatch(d) = a {
+            *n.entry(d.job_id.clone()).or_default() += d.to - d.from;
+        }
+    }
+    n
+}
+
+fn finish(e: &mut Engine, id: &str, index: u64, now: Millis) -> Vec<Action> {
+    e.apply(
+        Input::Event {
+            seq: next_seq(),
+            event: Event::SubjobCompleted(SubjobCompleted {
+                job_id: id.into(),
+                step_index: 0,
+                index,
+                attempt: 1,
+                result: Value::Null,
+                duration_ms: 50,
+                token: String::new(),
+            }),
+        },
+        now,
+    )
+}
+
+#[test]
+fn a_paced_fanout_dispatches_its_share_not_its_whole_window() {
+    let mut e = Engine::paced(50);
+    e.apply(view(Some(100), vec![]), 1);
+    let a = submit_fair(&mut e, "big", "big", None, 20_000, 10);
+    // Its slots, and as much again until its pace is measured.
+    assert_eq!(dispatched(&a)["big"], 200);
+    let share = e.job("big").unwrap().steps[0].share.clone().unwrap();
+    assert_eq!(
+        (share.slots, share.capacity, share.waiting),
+        (100, 100, None)
+    );
+    // A small job of another customer starts with half the slots at once.
+    let a = submit_fair(&mut e, "small", "small", None, 100, 20);
+    assert_eq!(dispatched(&a)["small"], 100, "50 slots and 50 ahead");
+    assert_eq!(
+        e.job("small").unwrap().steps[0]
+            .share
+            .as_ref()
+            .unwrap()
+            .slots,
+        50
+    );
+    // The big one, over its new share, refills nothing as subjobs finish,
+    // once the engine has shared out again.
+    e.apply(view(Some(100), vec![]), 30);
+    assert_eq!(
+        e.job("big").unwrap().steps[0].share.as_ref().unwrap().slots,
+        50
+    );
+    let mut refilled = 0;
+    for i in 0..100 {
+        refilled += dispatched(&finish(&mut e, "big", i, 40))
+            .get("big")
+            .copied()
+            .unwrap_or(0);
+    }
+    assert_eq!(
+        refilled, 0,
+        "100 of 200 in flight finished: at its window of 100 or more"
+    );
+    for i in 100..150 {
+        refilled += dispatched(&finish(&mut e, "big", i, 40))
+            .get("big")
+            .copied()
+            .unwrap_or(0);
+    }
+    assert!(
+        refilled > 0 && refilled <= 50,
+        "refilled {refilled} back up to its window"
+    );
+}
+
+#[test]
+fn without_a_known_capacity_a_paced_fanout_dispatches_its_max_in_flight() {
+    let mut e = Engine::paced(50);
+    let a = submit_fair(&mut e, "big", "big", None, 20_000, 10);
+    assert_eq!(dispatched(&a)["big"], 5000);
+    assert_eq!(e.job("big").unwrap().steps[0].share, None);
+}
+
+#[test]
+fn other_partitions_jobs_take_their_share_and_priorities_go_first() {
+    let mut e = Engine::paced(50);
+    let other = JobDemand {
+        job_id: "elsewhere".into(),
+        customer: Some("c2".into()),
+        priority: 9,
+        want: 5000,
+        holds: 100,
+        since: 0,
+        waiting_since: None,
+    };
+    e.apply(view(Some(100), vec![other.clone()]), 1);
+    let a = submit_fair(&mut e, "low", "c1", Some(5), 1000, 10);
+    assert_eq!(
+        dispatched(&a).get("low"),
+        None,
+        "a priority-9 job elsewhere takes every slot"
+    );
+    let share = e.job("low").unwrap().steps[0].share.clone().unwrap();
+    assert_eq!(
+        share.waiting,
+        Some(crate::protocol::WaitReason::LowerPriority)
+    );
+    // Waiting, it ages one level a minute: at level 9 after four, it shares.
+    e.apply(view(Some(100), vec![other.clone()]), 10);
+    e.apply(view(Some(100), vec![other.clone()]), 10 + 3 * AGING_MS);
+    assert_eq!(
+        e.job("low").unwrap().steps[0].share.as_ref().unwrap().slots,
+        0
+    );
+    let a = e.apply(view(Some(100), vec![other]), 10 + 4 * AGING_MS);
+    assert_eq!(
+        e.job("low").unwrap().steps[0].share.as_ref().unwrap().slots,
+        50
+    );
+    assert_eq!(dispatched(&a)["low"], 100);
+}
+
+#[test]
+fn a_capped_customer_never_holds_more_than_its_cap() {
+    let mut e = Engine::paced(50);
+    let mut v = ShareView::default();
+    v.steps.insert(
+        "fair.work".into(),
+        StepView {
+            capacity: Some(100),
+            others: vec![],
+        },
+    );
+    v.tenants.insert(
+        "acme".into(),
+        crate::protocol::Tenant {
+            max_concurrency: Some(7),
+            ..crate::protocol::Tenant::new("acme")
+        },
+    );
+    let held =
+        |e: &Engine| in_flight(e.job("a1").unwrap()) + e.job("a2").map(in_flight).unwrap_or(0);
+    e.apply(Input::Shares(v.clone()), 1);
+    let a = submit_fair(&mut e, "a1", "acme", None, 1000, 10);
+    assert_eq!(
+        dispatched(&a).get("a1"),
+        None,
+        "under a cap, it waits for the next share-out"
+    );
+    let a = e.apply(Input::Shares(v.clone()), 11);
+    assert_eq!(
+        dispatched(&a)["a1"],
+        7,
+        "its cap, though 100 slots are free"
+    );
+    assert_eq!(
+        e.job("a1").unwrap().steps[0]
+            .share
+            .as_ref()
+            .unwrap()
+            .waiting,
+        Some(crate::protocol::WaitReason::CustomerCap)
+    );
+    submit_fair(&mut e, "a2", "acme", None, 1000, 12);
+    let (mut done1, mut done2) = (0, 0);
+    for t in 0..200u64 {
+        e.apply(Input::Shares(v.clone()), 13 + t * 10);
+        assert!(held(&e) <= 7, "at round {t}: {} held", held(&e));
+        // Each round, one subjob of each finishes.
+        if in_flight(e.job("a1").unwrap()) > 0 {
+            finish(&mut e, "a1", done1, 14 + t * 10);
+            done1 += 1;
+        }
+        if in_flight(e.job("a2").unwrap()) > 0 {
+            e.apply(
+                Input::Event {
+                    seq: next_seq(),
+                    event: Event::SubjobCompleted(SubjobCompleted {
+                        job_id: "a2".into(),
+                        step_index: 0,
+                        index: done2,
+                        attempt: 1,
+                        result: Value::Null,
+                        duration_ms: 1,
+                        token: String::new(),
+                    }),
+                },
+                15 + t * 10,
+            );
+            done2 += 1;
+        }
+        assert!(held(&e) <= 7, "at round {t}: {} held", held(&e));
+    }
+    assert!(
+        done2 > 50 && done1 > 50,
+        "both progress: {done1} and {done2}"
+    );
 }

@@ -20,7 +20,8 @@ use crate::nats::{service, store, Nats, SetupError};
 use crate::protocol::{
     bounded, decode, new_job_id, now_ms, tenant_job_id, validate_customer, validate_token,
     Encoding, Event, JobRejected, JobRequested, RejectCode, Submission, SubmitError, SubmitReply,
-    MAX_REASON_BYTES, MAX_SUBMISSION_BYTES, MAX_TENANT_JOB_ID_LEN, MAX_TOKEN_LEN, SUBMIT_WILDCARD,
+    DEFAULT_PRIORITY, MAX_PRIORITY, MAX_REASON_BYTES, MAX_SUBMISSION_BYTES, MAX_TENANT_JOB_ID_LEN,
+    MAX_TOKEN_LEN, MIN_PRIORITY, SUBMIT_WILDCARD,
 };
 
 /// Per-customer limits of one intake. Each manager process keeps its own
@@ -218,6 +219,12 @@ async fn submit(nats: &Nats, msg: &async_nats::Message, limiters: &Limiters) -> 
         }
         reject.customer = Some(c.clone());
     }
+    if let Some(p) = sub.priority {
+        if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&p) {
+            let m = format!("priority {p} is out of range: from {MIN_PRIORITY} (lowest) to {MAX_PRIORITY} (highest), default {DEFAULT_PRIORITY}");
+            return reject.send(nats, RejectCode::InvalidPriority, m).await;
+        }
+    }
     match store::get(nats, &job_id).await {
         Ok(Some(_)) => {
             return SubmitReply {
@@ -251,6 +258,7 @@ async fn submit(nats: &Nats, msg: &async_nats::Message, limiters: &Limiters) -> 
         workflow,
         customer: sub.customer,
         input: sub.input,
+        priority: sub.priority,
         at,
         deadline_at: deadline_ms.map(|d| at + d),
     });

@@ -14,6 +14,7 @@ mod cancel;
 mod executor;
 pub mod intake;
 mod partition;
+mod shares;
 mod status;
 
 use std::collections::BTreeMap;
@@ -73,6 +74,11 @@ pub struct ManagerOptions {
     pub stall_after: Duration,
     /// Per-customer submission limits of the intake.
     pub intake: intake::IntakeLimits,
+    /// Fair share: fanouts dispatch their share of the step's worker slots
+    /// plus this much work ahead (so the work queue holds little more than
+    /// can start soon). `None`: each job dispatches up to its
+    /// `max_in_flight`, first come first served.
+    pub queue_ahead: Option<Duration>,
 }
 
 impl Default for ManagerOptions {
@@ -83,6 +89,7 @@ impl Default for ManagerOptions {
             checkpoint_every: Duration::from_millis(100),
             stall_after: Duration::from_secs(30),
             intake: intake::IntakeLimits::default(),
+            queue_ahead: Some(Duration::from_millis(50)),
         }
     }
 }
@@ -129,6 +136,10 @@ pub async fn run(
     tasks.spawn(status::run(nats.clone(), cancel.clone()));
     tasks.spawn(cancel::run(nats.clone(), cancel.clone()));
     tasks.spawn(advisories::run(nats.clone(), cancel.clone()));
+    let board = shares::Board::default();
+    if options.queue_ahead.is_some() {
+        tasks.spawn(board.clone().run(nats.clone(), cancel.clone()));
+    }
     let running: Arc<Vec<AtomicU64>> =
         Arc::new((0..PARTITIONS).map(|_| AtomicU64::new(0)).collect());
     let owned = Arc::new(AtomicU64::new(0));
@@ -153,6 +164,7 @@ pub async fn run(
         nats: nats.clone(),
         options,
         running,
+        board,
         cancel: cancel.clone(),
         loops: BTreeMap::new(),
     };
@@ -187,6 +199,7 @@ struct Partitions {
     nats: Nats,
     options: ManagerOptions,
     running: Arc<Vec<AtomicU64>>,
+    board: shares::Board,
     cancel: CancellationToken,
     loops: BTreeMap<u32, (CancellationToken, tokio::task::JoinHandle<()>)>,
 }
@@ -261,6 +274,7 @@ impl Partitions {
                 fence,
             },
             self.running.clone(),
+            self.board.clone(),
         );
         let c = cancel.clone();
         let handle = tokio::spawn(async move {

@@ -24,6 +24,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::shares::{Board, Published};
 use super::{Executor, ManagerError, ManagerOptions, Writer};
 use crate::machine::{valid_job_id, Action, Definition, Engine, Input};
 use crate::metrics::Metrics;
@@ -51,6 +52,9 @@ pub(super) struct EventLoop {
     workflows: HashMap<String, Workflow>,
     /// Checks the tokens of outcomes.
     key: TaskKey,
+    /// The fair share's view, and what this partition last told it.
+    board: Board,
+    published: Published,
 }
 
 impl EventLoop {
@@ -60,6 +64,7 @@ impl EventLoop {
         partition: u32,
         writer: Writer,
         running: Arc<Vec<AtomicU64>>,
+        board: Board,
     ) -> Self {
         EventLoop {
             // `run` refuses to start without it.
@@ -68,10 +73,12 @@ impl EventLoop {
             running,
             fence: writer.fence.clone(),
             executor: Executor::new(nats.clone(), writer),
+            engine: engine(&options),
             nats,
             options,
-            engine: Engine::new(),
             workflows: HashMap::new(),
+            board,
+            published: Published::default(),
         }
     }
 
@@ -98,7 +105,7 @@ impl EventLoop {
 
     /// Loads the partition's running jobs from their checkpoints.
     async fn reload(&mut self) -> Result<(), ManagerError> {
-        self.engine = Engine::new();
+        self.engine = engine(&self.options);
         let p = self.partition;
         let mut revisions = HashMap::new();
         for (job, rev) in store::load_active(&self.nats, |id| partition(id) == p).await? {
@@ -131,7 +138,7 @@ impl EventLoop {
             match self.session(&cancel).await {
                 Ok(()) => return Ok(()),
                 Err(ManagerError::Fenced(_)) => {
-                    self.engine = Engine::new();
+                    self.engine = engine(&self.options);
                     self.set_running();
                     if !cancel.is_cancelled() {
                         Metrics::get().manager_fenced.inc();
@@ -181,7 +188,10 @@ impl EventLoop {
                     self.save().await?;
                     return Ok(());
                 }
-                _ = ticker.tick() => self.feed(Input::Tick).await?,
+                _ = ticker.tick() => {
+                    self.share().await?;
+                    self.feed(Input::Tick).await?;
+                }
                 _ = stall.tick() => {
                     self.find_lost().await?;
                     unsaved = 0;
@@ -243,6 +253,30 @@ impl EventLoop {
             warn!(jobs = ?ids, "in-flight subjobs without a task in the work queue (they fail at the second look in a row)");
         }
         self.feed(Input::NoTasks { jobs: gone }).await
+    }
+
+    /// The fair share: tells the engine what the others want and the
+    /// workers' slots (it shares them out and refills), then publishes what
+    /// this partition's jobs want. A demand that cannot be written is
+    /// written at the next tick; the others go on with the last one.
+    async fn share(&mut self) -> Result<(), ManagerError> {
+        if self.options.queue_ahead.is_none() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let view = self.board.view(self.partition, now);
+        debug!(partition = self.partition, steps = ?view.steps.iter().map(|(k, v)| (k, v.capacity, v.others.len())).collect::<Vec<_>>(), "fair share");
+        self.feed(Input::Shares(view)).await?;
+        if self.fence.holds() {
+            let written = self
+                .published
+                .write(&self.nats, self.partition, self.engine.demands(), now)
+                .await;
+            if let Err(e) = written {
+                warn!(partition = self.partition, error = %e, "could not publish this partition's demands");
+            }
+        }
+        Ok(())
     }
 
     /// Checkpoints changed jobs, then acknowledges every event applied so far.
@@ -366,6 +400,14 @@ impl EventLoop {
             self.workflows.insert(name.to_string(), wf.clone());
         }
         Ok(Definition::Found(wf))
+    }
+}
+
+/// A fresh engine, paced when the fair share is on.
+fn engine(options: &ManagerOptions) -> Engine {
+    match options.queue_ahead {
+        Some(ahead) => Engine::paced(ahead.as_millis() as u64),
+        None => Engine::new(),
     }
 }
 

@@ -12,7 +12,7 @@ use tracing::debug;
 use super::Nats;
 use crate::protocol::{
     heartbeat_sender, heartbeat_subject, Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL,
-    HEARTBEAT_WILDCARD,
+    HEARTBEAT_WILDCARD, ROLL_CALL,
 };
 
 /// A unique id for this process's heartbeats.
@@ -83,18 +83,43 @@ pub async fn beat(
     mut make: impl FnMut() -> Heartbeat + Send,
 ) {
     let mut every = tokio::time::interval(HEARTBEAT_EVERY);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = every.tick() => {
-                let hb = make();
-                if let Ok(body) = serde_json::to_vec(&hb) {
-                    let subject = heartbeat_subject(&hb.role, &user, &hb.id);
-                    if let Err(e) = client.publish(subject, body.into()).await {
-                        debug!(error = %e, "heartbeat");
-                    }
+    let send = |hb: Heartbeat| {
+        let client = client.clone();
+        let subject = heartbeat_subject(&hb.role, &user, &hb.id);
+        async move {
+            if let Ok(body) = serde_json::to_vec(&hb) {
+                if let Err(e) = client.publish(subject, body.into()).await {
+                    debug!(error = %e, "heartbeat");
                 }
             }
+        }
+    };
+    // Answering roll calls is a courtesy: a user without the right to
+    // listen beats on its period only.
+    let mut calls = match client.subscribe(ROLL_CALL).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            debug!(error = %e, "not answering roll calls");
+            None
+        }
+    };
+    loop {
+        let call = async {
+            match calls.as_mut() {
+                Some(c) => c.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some(_) = call => send(make()).await,
+            _ = cancel.cancelled() => {
+                // A last one with no slots: managers stop counting them
+                // now rather than when the heartbeat expires.
+                let hb = Heartbeat { slots: 0, steps: Vec::new(), ..make() };
+                let _ = tokio::time::timeout(Duration::from_millis(500), send(hb)).await;
+                return;
+            }
+            _ = every.tick() => send(make()).await,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod objects;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tenants;
 
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ use crate::protocol::{
     EVENTS_STREAM, EVENTS_WILDCARD, JOBS_BUCKET, LEASES_BUCKET, LEASE_TTL, PENDING_BUCKET,
     RESULTS_BUCKET, STATS_BUCKET, TASKS_STREAM, TASKS_WILDCARD, WORKFLOWS_BUCKET,
 };
-use crate::protocol::{TaskKey, KEYS_BUCKET, TASK_KEY};
+use crate::protocol::{TaskKey, KEYS_BUCKET, SHARES_BUCKET, TASK_KEY, TENANTS_BUCKET};
 
 /// How long the event log keeps events (and so how long a job may run).
 pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -229,6 +230,11 @@ impl Nats {
         // Managers split the log's partitions through leases that expire.
         bucket(LEASES_BUCKET, 1, LEASE_TTL).await?;
         let keys = bucket(KEYS_BUCKET, 1, Duration::ZERO).await?;
+        // The fair share: what each partition wants of each step (rewritten
+        // every few seconds; a key nobody rewrites goes), and the
+        // customers' settings.
+        bucket(SHARES_BUCKET, 1, Duration::from_secs(600)).await?;
+        bucket(TENANTS_BUCKET, 5, Duration::ZERO).await?;
         let task_key = task_key(&keys).await?;
         Ok(Nats {
             events: stream(

@@ -520,7 +520,8 @@ mod tests {
                 customer: None,
                 input: serde_json::Value::Null,
                 at: 0,
-                deadline_at: None
+                deadline_at: None,
+                priority: None,
             }),
             m
         ));

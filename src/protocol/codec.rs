@@ -76,6 +76,7 @@ mod tests {
             job_id: Some("j1".into()),
             customer: Some("acme".into()),
             input: serde_json::json!({"n": 3, "list": [1, "two", null]}),
+            priority: None,
         };
         let cbor = encode_cbor(&s).unwrap();
         let json = encode_json(&s).unwrap();

@@ -16,6 +16,10 @@ pub struct JobRequested {
     pub customer: Option<String>,
     #[serde(default)]
     pub input: Value,
+    /// Its priority (1 to 9), when the submission set one (default 5).
+    #[schemars(range(min = 1, max = 9))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
     pub at: Millis,
     /// When the job should have ended (its workflow's deadline), if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -31,6 +35,8 @@ pub enum RejectCode {
     InvalidJobId,
     InvalidWorkflowName,
     InvalidCustomer,
+    // `priority` is not a whole number from 1 to 9.
+    InvalidPriority,
     PayloadTooLarge,
     // The workflow's stored definition fails validation (it was put in
     // the bucket by other means than `fanjet workflow apply`).
@@ -365,6 +371,7 @@ mod tests {
                 input: json!([1, 2]),
                 at: 1,
                 deadline_at: None,
+                priority: None,
             }),
             Event::JobRejected(JobRejected {
                 job_id: "j".into(),

@@ -24,6 +24,10 @@ pub struct Heartbeat {
     pub slots: u64,
     #[serde(default)]
     pub busy: u64,
+    /// Worker: the steps its slots serve, as `<workflow>.<step>` (managers
+    /// count the slots of each step from these to share them fairly).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<String>,
     /// Manager: jobs held as running, partitions owned.
     #[serde(default)]
     pub jobs: u64,

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{JobRequested, Millis, Pending, StepKind, Workflow};
+use super::{JobRequested, Millis, Pace, Pending, Share, StepKind, Workflow, DEFAULT_PRIORITY};
 
 /// Failed subjobs kept with their error per step; the count is always exact.
 pub const MAX_FAILURES_KEPT: usize = 100;
@@ -166,6 +166,13 @@ pub struct StepRun {
     /// Stored apart, chunk by chunk.
     #[serde(skip)]
     pub pending: Pending,
+    /// A running fanout's share of its workers' slots, when they are shared
+    /// out (see PROTOCOL.md, "Fair share").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<Share>,
+    /// In memory only.
+    #[serde(skip)]
+    pub pace: Pace,
 }
 
 /// One job.
@@ -174,6 +181,11 @@ pub struct Job {
     pub job_id: String,
     pub workflow: String,
     pub customer: Option<String>,
+    /// Among jobs competing for a step's slots, a higher one starts first
+    /// (1 to 9, default 5).
+    #[schemars(range(min = 1, max = 9))]
+    #[serde(default = "default_priority")]
+    pub priority: u8,
     pub state: JobState,
     pub current: usize,
     pub steps: Vec<StepRun>,
@@ -200,6 +212,14 @@ pub struct Job {
     /// change a running job.
     #[serde(default)]
     pub definition: Workflow,
+    /// Set by a manager that shares slots fairly: how many milliseconds of
+    /// work a job keeps queued beyond its share. In memory only.
+    #[serde(skip)]
+    pub pacing: Option<u64>,
+}
+
+fn default_priority() -> u8 {
+    DEFAULT_PRIORITY
 }
 
 impl Job {
@@ -223,12 +243,15 @@ impl Job {
                 output_seq: None,
                 output_len: None,
                 pending: Pending::default(),
+                share: None,
+                pace: Pace::default(),
             })
             .collect();
         Job {
             job_id: ev.job_id.clone(),
             workflow: ev.workflow.clone(),
             customer: ev.customer.clone(),
+            priority: ev.priority.unwrap_or(DEFAULT_PRIORITY),
             state: JobState::Running,
             current: 0,
             steps,
@@ -243,6 +266,7 @@ impl Job {
                 .deadline_at
                 .or_else(|| definition.deadline_ms.map(|d| ev.at + d)),
             definition,
+            pacing: None,
         }
     }
 
@@ -257,6 +281,7 @@ impl Job {
             job_id: job_id.to_string(),
             workflow: workflow.unwrap_or_default().to_string(),
             customer,
+            priority: DEFAULT_PRIORITY,
             state: JobState::Rejected,
             current: 0,
             steps: Vec::new(),
@@ -272,6 +297,7 @@ impl Job {
                 name: workflow.unwrap_or_default().to_string(),
                 ..Workflow::default()
             },
+            pacing: None,
         }
     }
 

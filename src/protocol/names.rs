@@ -220,6 +220,11 @@ pub fn subject_token(value: &str) -> String {
 
 /// Every heartbeat.
 pub const HEARTBEAT_WILDCARD: &str = "fanjet.heartbeat.>";
+/// Every worker's heartbeat (managers count the slots of each step from them).
+pub const WORKER_HEARTBEATS: &str = "fanjet.heartbeat.worker.>";
+/// A message here asks every process to send its heartbeat now (a manager
+/// that starts need not wait a heartbeat period to count the slots).
+pub const ROLL_CALL: &str = "fanjet.rollcall";
 
 /// Header carrying a notification's stable id (the event's message id), for
 /// receivers to drop the rare duplicate.

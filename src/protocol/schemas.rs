@@ -6,7 +6,9 @@
 use schemars::schema_for;
 use serde_json::Value;
 
-use super::{Event, Heartbeat, Job, JobStats, Submission, SubmitReply, Task, Workflow};
+use super::{
+    Demand, Event, Heartbeat, Job, JobStats, Submission, SubmitReply, Task, Tenant, Workflow,
+};
 
 /// (file name in `docs/schemas/`, schema) for every payload.
 pub fn all() -> Vec<(&'static str, Value)> {
@@ -20,6 +22,8 @@ pub fn all() -> Vec<(&'static str, Value)> {
         ("job-stats.json", v(schema_for!(JobStats))),
         ("heartbeat.json", v(schema_for!(Heartbeat))),
         ("workflow.json", v(schema_for!(Workflow))),
+        ("demand.json", v(schema_for!(Demand))),
+        ("tenant.json", v(schema_for!(Tenant))),
     ]
 }
 

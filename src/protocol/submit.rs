@@ -20,6 +20,11 @@ pub struct Submission {
     /// Input of the first step (for a first fanout step: a JSON array of items).
     #[serde(default)]
     pub input: Value,
+    /// Among jobs competing for a step's workers, a higher priority starts
+    /// first: 1 (lowest) to 9 (highest), default 5.
+    #[schemars(range(min = 1, max = 9))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
 }
 
 /// The reply to a submission request.

@@ -89,6 +89,10 @@ pub struct Step {
     /// Most subjobs a fanout step may split into; a larger input fails the job.
     #[serde(default = "default_max_subjobs")]
     pub max_subjobs: u64,
+    /// Most subjobs of this step running (dispatched and unfinished) at
+    /// once, over all jobs: a cap for a downstream system's sake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u64>,
 }
 
 fn default_max_subjobs() -> u64 {
@@ -152,6 +156,7 @@ struct StepFile {
     deadline: Option<String>,
     max_in_flight: Option<u64>,
     max_subjobs: Option<u64>,
+    max_concurrency: Option<u64>,
 }
 
 /// What is wrong with a workflow definition.
@@ -256,6 +261,9 @@ impl Workflow {
             if s.max_in_flight == 0 {
                 return Err(field("max_in_flight", "must be at least 1"));
             }
+            if s.max_concurrency == Some(0) {
+                return Err(field("max_concurrency", "must be at least 1"));
+            }
             if s.handler.trim().is_empty() {
                 return Err(field("handler", "is empty"));
             }
@@ -351,6 +359,7 @@ impl Workflow {
                 deadline_ms,
                 max_in_flight,
                 max_subjobs,
+                max_concurrency: s.max_concurrency,
             });
         }
         let deadline_ms = file

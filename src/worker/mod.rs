@@ -160,12 +160,18 @@ impl Worker {
             );
             let nats = self.nats.clone();
             let c = cancel.clone();
+            let steps: Vec<String> = self
+                .handlers
+                .iter()
+                .map(|(w, s, _)| format!("{w}.{s}"))
+                .collect();
             loops.spawn(async move {
                 beat(nats.client, nats.user, c, move || Heartbeat {
                     role: "worker".into(),
                     id: id.clone(),
                     slots: total,
                     busy: busy.load(Ordering::Relaxed),
+                    steps: steps.clone(),
                     ..Default::default()
                 })
                 .await;

@@ -440,6 +440,8 @@ struct SubmitBody {
     customer: Option<String>,
     #[serde(default)]
     input: Value,
+    #[serde(default)]
+    priority: Option<u8>,
 }
 
 async fn submit(
@@ -459,6 +461,7 @@ async fn submit(
         job_id: body.job_id,
         customer: body.customer,
         input: body.input,
+        priority: body.priority,
     };
     let reply = client::submit(&nats.client, &body.workflow, &sub).await?;
     if let Some(err) = &reply.error {

@@ -1,0 +1,251 @@
+//! The fair share as one manager process sees it ([`Board`]): what every
+//! partition wants of each step (watched in the shares bucket), the slots
+//! of the live workers serving each step (their heartbeats), and the
+//! customers' settings (watched in the tenants bucket). Each partition loop
+//! takes a [`ShareView`] from it at every tick and publishes its own
+//! demands ([`Published`]); the sharing itself is the engine's
+//! (`machine/share.rs`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::ManagerError;
+use crate::machine::{ShareView, StepView};
+use crate::nats::heartbeat::{ages, record, Heard};
+use crate::nats::Nats;
+use crate::protocol::{
+    parse_share_key, share_key, Demand, JobDemand, Millis, Tenant, DEMAND_TTL_MS, ROLL_CALL,
+    SHARES_BUCKET, TENANTS_BUCKET, WORKER_HEARTBEATS,
+};
+
+/// A partition writes a changed demand at most this often...
+const WRITE_EVERY: Duration = Duration::from_millis(250);
+/// ...and an unchanged one this often (readers drop one older than
+/// [`DEMAND_TTL_MS`]).
+const REFRESH_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Default)]
+pub struct Board {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Every partition's demand by step: (step, partition) → demand.
+    demands: HashMap<(String, u32), Demand>,
+    workers: Heard,
+    tenants: HashMap<String, Tenant>,
+}
+
+impl Board {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding it leaves plain data behind: go on with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What `partition` needs to know of everyone else at `now`.
+    pub fn view(&self, partition: u32, now: Millis) -> ShareView {
+        let st = self.state();
+        let mut steps: HashMap<String, StepView> = HashMap::new();
+        for (_, hb) in ages(&st.workers) {
+            if hb.slots == 0 {
+                continue;
+            }
+            for step in &hb.steps {
+                let v = steps.entry(step.clone()).or_default();
+                v.capacity = Some(v.capacity.unwrap_or(0) + hb.slots);
+            }
+        }
+        for ((step, p), demand) in &st.demands {
+            if *p == partition || now.saturating_sub(demand.at) > DEMAND_TTL_MS {
+                continue;
+            }
+            let v = steps.entry(step.clone()).or_default();
+            v.others.extend(demand.jobs.iter().cloned());
+        }
+        ShareView {
+            steps,
+            tenants: st.tenants.clone(),
+        }
+    }
+
+    /// Keeps the board up to date until `cancel`; watches that fail (a
+    /// leader election, a reconnect) start again.
+    pub async fn run(self, nats: Nats, cancel: CancellationToken) -> Result<(), ManagerError> {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = self.watch(&nats) => {
+                    if let Err(e) = r {
+                        warn!(error = %e, "fair-share view interrupted; watching again");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn watch(&self, nats: &Nats) -> Result<(), String> {
+        let bucket = |name: &'static str| async move {
+            nats.js
+                .get_key_value(name)
+                .await
+                .map_err(|e| format!("{name}: {e}"))
+        };
+        let (shares, tenants) = (bucket(SHARES_BUCKET).await?, bucket(TENANTS_BUCKET).await?);
+        let mut beats = nats
+            .client
+            .subscribe(WORKER_HEARTBEATS)
+            .await
+            .map_err(|e| format!("worker heartbeats: {e}"))?;
+        // Workers answer at once rather than at their next heartbeat.
+        if let Err(e) = nats.client.publish(ROLL_CALL, Default::default()).await {
+            debug!(error = %e, "roll call");
+        }
+        let mut demands = shares
+            .watch_with_history(">")
+            .await
+            .map_err(|e| format!("{SHARES_BUCKET}: {e}"))?;
+        let mut settings = tenants
+            .watch_with_history(">")
+            .await
+            .map_err(|e| format!("{TENANTS_BUCKET}: {e}"))?;
+        let mut prune = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                entry = demands.next() => match entry {
+                    Some(Ok(e)) => self.demand(e),
+                    Some(Err(e)) => return Err(format!("{SHARES_BUCKET}: {e}")),
+                    None => return Err(format!("{SHARES_BUCKET}: the watch ended")),
+                },
+                entry = settings.next() => match entry {
+                    Some(Ok(e)) => self.tenant(e),
+                    Some(Err(e)) => return Err(format!("{TENANTS_BUCKET}: {e}")),
+                    None => return Err(format!("{TENANTS_BUCKET}: the watch ended")),
+                },
+                msg = beats.next() => match msg {
+                    Some(msg) => record(&mut self.state().workers, &msg),
+                    None => return Err("worker heartbeats: the subscription ended".into()),
+                },
+                _ = prune.tick() => {
+                    let live = ages(&self.state().workers).into_iter().map(|(_, hb)| hb.id).collect::<Vec<_>>();
+                    self.state().workers.retain(|id, _| live.contains(id));
+                }
+            }
+        }
+    }
+
+    fn demand(&self, entry: kv::Entry) {
+        let Some(key) = parse_share_key(&entry.key) else {
+            return;
+        };
+        let mut st = self.state();
+        match entry.operation {
+            kv::Operation::Put => match serde_json::from_slice::<Demand>(&entry.value) {
+                Ok(d) => {
+                    st.demands.insert(key, d);
+                }
+                Err(e) => debug!(key = %entry.key, error = %e, "unreadable demand"),
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                st.demands.remove(&key);
+            }
+        }
+    }
+
+    fn tenant(&self, entry: kv::Entry) {
+        let mut st = self.state();
+        let put = matches!(entry.operation, kv::Operation::Put);
+        match serde_json::from_slice::<Tenant>(&entry.value) {
+            Ok(t) if put => {
+                st.tenants.insert(t.customer.clone(), t);
+            }
+            _ => {
+                // A deleted key names no customer: find it by its key.
+                st.tenants
+                    .retain(|c, _| crate::protocol::tenant_key(c) != entry.key);
+            }
+        }
+    }
+}
+
+/// What one partition last wrote, per step, so it writes only changes.
+#[derive(Default)]
+pub struct Published {
+    last: HashMap<String, (Vec<JobDemand>, Instant)>,
+}
+
+impl Published {
+    /// Writes this partition's demands that changed (or are due to be
+    /// rewritten), and an empty one for each step it no longer runs on.
+    pub async fn write(
+        &mut self,
+        nats: &Nats,
+        partition: u32,
+        demands: &BTreeMap<String, Vec<JobDemand>>,
+        now: Millis,
+    ) -> Result<(), ManagerError> {
+        let gone: Vec<String> = self
+            .last
+            .keys()
+            .filter(|k| !demands.contains_key(*k))
+            .cloned()
+            .collect();
+        let empty = Vec::new();
+        let changes: Vec<(&str, &Vec<JobDemand>)> = demands
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .chain(gone.iter().map(|k| (k.as_str(), &empty)))
+            .collect();
+        let mut bucket = None;
+        for (step, jobs) in changes {
+            let due = match self.last.get(step) {
+                None => true,
+                Some((prev, at)) => {
+                    (prev != jobs && at.elapsed() >= WRITE_EVERY) || at.elapsed() >= REFRESH_EVERY
+                }
+            };
+            if !due {
+                continue;
+            }
+            let Some((workflow, name)) = step.split_once('.') else {
+                continue;
+            };
+            let store = match &bucket {
+                Some(b) => b,
+                None => bucket.insert(
+                    nats.js
+                        .get_key_value(SHARES_BUCKET)
+                        .await
+                        .map_err(|e| ManagerError::Nats(format!("{SHARES_BUCKET}: {e}")))?,
+                ),
+            };
+            let demand = Demand {
+                at: now,
+                jobs: jobs.clone(),
+            };
+            let body = serde_json::to_vec(&demand)
+                .map_err(|e| ManagerError::Nats(format!("encoding a demand: {e}")))?;
+            store
+                .put(share_key(workflow, name, partition), body.into())
+                .await
+                .map_err(|e| ManagerError::Nats(format!("writing a demand: {e}")))?;
+            if jobs.is_empty() {
+                self.last.remove(step);
+            } else {
+                self.last
+                    .insert(step.to_string(), (jobs.clone(), Instant::now()));
+            }
+        }
+        Ok(())
+    }
+}

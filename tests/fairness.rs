@@ -1,0 +1,285 @@
+//! The fair share against a real nats-server: a small job runs beside a
+//! big one instead of behind it, caps hold (a ledger of running handlers
+//! per customer), priorities start in order.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::Env;
+use fanjet::nats::tenants;
+use fanjet::protocol::{partition, Tenant, WaitReason};
+use fanjet::worker::{TaskContext, Worker};
+use serde_json::{json, Value};
+
+/// Handlers running now and at most, per customer, and the order subjobs
+/// started in (job id per start).
+#[derive(Default)]
+struct Ledger {
+    running: HashMap<String, u64>,
+    most: HashMap<String, u64>,
+    starts: Vec<String>,
+    /// Subjobs of the workflow's step running at once, at most.
+    step_most: u64,
+    step_running: u64,
+}
+
+fn customer_of(job_id: &str) -> String {
+    job_id.split('-').next().unwrap_or_default().to_string()
+}
+
+/// A worker of `slots` slots on `workflow.work` whose handler keeps the
+/// ledger and sleeps `each`.
+fn ledger_worker(
+    env: &Env,
+    workflow: &str,
+    slots: usize,
+    each: Duration,
+    ledger: Arc<Mutex<Ledger>>,
+) -> Worker {
+    Worker::new(env.nats.clone()).concurrency(slots).handler(
+        workflow,
+        "work",
+        move |c: TaskContext| {
+            let ledger = ledger.clone();
+            async move {
+                let who = customer_of(&c.task.job_id);
+                {
+                    let mut l = ledger.lock().unwrap();
+                    let n = l.running.entry(who.clone()).or_default();
+                    *n += 1;
+                    let n = *n;
+                    let most = l.most.entry(who.clone()).or_default();
+                    *most = (*most).max(n);
+                    l.starts.push(c.task.job_id.clone());
+                    l.step_running += 1;
+                    l.step_most = l.step_most.max(l.step_running);
+                }
+                tokio::time::sleep(each).await;
+                let mut l = ledger.lock().unwrap();
+                *l.running.entry(who).or_default() -= 1;
+                l.step_running -= 1;
+                Ok(Value::Null)
+            }
+        },
+    )
+}
+
+fn items(n: usize) -> Value {
+    Value::Array(vec![Value::Null; n])
+}
+
+async fn fair_workflow(env: &Env, name: &str, extra: &str) {
+    env.apply(&format!(
+        "name = \"{name}\"\n[[steps]]\nname = \"work\"\nkind = \"fanout\"\n{extra}\n"
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_job_starts_beside_a_big_one_not_behind_it() {
+    let mut env = Env::start().await;
+    fair_workflow(&env, "fair", "").await;
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    env.worker(ledger_worker(
+        &env,
+        "fair",
+        20,
+        Duration::from_millis(20),
+        ledger.clone(),
+    ));
+    env.manager();
+    let reply = env
+        .submit(
+            "fair",
+            json!({"job_id": "big-1", "customer": "big", "input": items(2000)}),
+        )
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    env.wait_for("big-1", Duration::from_secs(30), "100 subjobs done", |j| {
+        j.steps[0].completed >= 100
+    })
+    .await;
+    let reply = env
+        .submit(
+            "fair",
+            json!({"job_id": "small-1", "customer": "small", "input": items(40)}),
+        )
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    let small = env.wait_end("small-1", Duration::from_secs(60)).await;
+    assert_eq!(small.steps[0].completed, 40);
+    // Where the small job's first subjob started among all starts: first
+    // come first served, it would follow all 2,000 of the big job's
+    // (each kept up to 5,000 queued); fairly, it follows about the ones
+    // running and queued ahead when it came (20 slots and 50 ms of work).
+    let l = ledger.lock().unwrap();
+    let first = l
+        .starts
+        .iter()
+        .position(|j| j == "small-1")
+        .expect("small started");
+    let big_before = l.starts[..first].iter().filter(|j| *j == "big-1").count();
+    assert!(
+        big_before < 1000,
+        "{big_before} of the big job's subjobs started before the small one's first"
+    );
+    drop(l);
+    // While both run, each holds half of the 20 slots.
+    let big = env.wait_end("big-1", Duration::from_secs(120)).await;
+    assert_eq!(big.steps[0].completed, 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_shows_the_share_and_why_a_job_waits() {
+    let mut env = Env::start().await;
+    fair_workflow(&env, "fair", "").await;
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    env.worker(ledger_worker(
+        &env,
+        "fair",
+        10,
+        Duration::from_millis(30),
+        ledger.clone(),
+    ));
+    env.manager();
+    env.submit(
+        "fair",
+        json!({"job_id": "hi-1", "customer": "hi", "priority": 9, "input": items(600)}),
+    )
+    .await;
+    env.wait_for("hi-1", Duration::from_secs(30), "a share", |j| {
+        j.steps[0].share.is_some()
+    })
+    .await;
+    let reply = env
+        .submit(
+            "fair",
+            json!({"job_id": "lo-1", "customer": "lo", "priority": 2, "input": items(20)}),
+        )
+        .await;
+    assert!(reply.ok);
+    let lo = env
+        .wait_for(
+            "lo-1",
+            Duration::from_secs(30),
+            "waiting for a lower priority",
+            |j| {
+                j.steps
+                    .first()
+                    .and_then(|s| s.share.as_ref())
+                    .is_some_and(|s| s.waiting == Some(WaitReason::LowerPriority))
+            },
+        )
+        .await;
+    assert_eq!(lo.steps[0].share.as_ref().unwrap().slots, 0);
+    assert_eq!(lo.steps[0].share.as_ref().unwrap().capacity, 10);
+    let hi = env.wait_end("hi-1", Duration::from_secs(60)).await;
+    let lo = env.wait_end("lo-1", Duration::from_secs(60)).await;
+    assert_eq!((hi.steps[0].completed, lo.steps[0].completed), (600, 20));
+    // The lower priority started after the higher one's subjobs had all
+    // started (it aged one level at most: a minute had not passed).
+    let l = ledger.lock().unwrap();
+    let first_lo = l
+        .starts
+        .iter()
+        .position(|j| j == "lo-1")
+        .expect("lo started");
+    let hi_after = l.starts[first_lo..].iter().filter(|j| *j == "hi-1").count();
+    assert_eq!(
+        hi_after, 0,
+        "the higher priority's subjobs all started first"
+    );
+    let refused = env
+        .submit(
+            "fair",
+            json!({"customer": "x", "priority": 10, "input": items(1)}),
+        )
+        .await;
+    assert_eq!(
+        refused.error.map(|e| e.code),
+        Some(fanjet::protocol::RejectCode::InvalidPriority)
+    );
+}
+
+/// Job ids of `customer` that land on one partition (so one engine holds
+/// them and its cap is exact).
+fn same_partition_ids(customer: &str, n: usize) -> Vec<String> {
+    let p = partition(&format!("{customer}-0"));
+    (0..10_000)
+        .map(|i| format!("{customer}-{i}"))
+        .filter(|id| partition(id) == p)
+        .take(n)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_of_customers_and_steps_are_never_exceeded() {
+    let mut env = Env::start().await;
+    fair_workflow(&env, "fair", "").await;
+    fair_workflow(&env, "narrow", "max_concurrency = 4").await;
+    tenants::put(
+        &env.nats.js,
+        &Tenant {
+            max_concurrency: Some(3),
+            ..Tenant::new("acme")
+        },
+    )
+    .await
+    .unwrap();
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let narrow = Arc::new(Mutex::new(Ledger::default()));
+    env.worker(ledger_worker(
+        &env,
+        "fair",
+        20,
+        Duration::from_millis(15),
+        ledger.clone(),
+    ));
+    env.worker(ledger_worker(
+        &env,
+        "narrow",
+        20,
+        Duration::from_millis(15),
+        narrow.clone(),
+    ));
+    env.manager();
+    let acme = same_partition_ids("acme", 2);
+    for id in &acme {
+        env.submit(
+            "fair",
+            json!({"job_id": id, "customer": "acme", "input": items(60)}),
+        )
+        .await;
+    }
+    env.submit(
+        "fair",
+        json!({"job_id": "other-1", "customer": "other", "input": items(200)}),
+    )
+    .await;
+    for i in 0..3 {
+        env.submit(
+            "narrow",
+            json!({"job_id": format!("n{i}-1"), "customer": format!("n{i}"), "input": items(30)}),
+        )
+        .await;
+    }
+    for id in acme
+        .iter()
+        .map(String::as_str)
+        .chain(["other-1", "n0-1", "n1-1", "n2-1"])
+    {
+        let job = env.wait_end(id, Duration::from_secs(120)).await;
+        assert_eq!(job.steps[0].completed, job.steps[0].total, "{id}");
+    }
+    let l = ledger.lock().unwrap();
+    assert_eq!(l.most["acme"], 3, "acme's cap is 3 (and it was reached)");
+    assert!(l.most["other"] > 3, "other has no cap: {}", l.most["other"]);
+    assert_eq!(
+        narrow.lock().unwrap().step_most,
+        4,
+        "the step's cap is 4 (and it was reached)"
+    );
+}
