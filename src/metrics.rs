@@ -28,6 +28,10 @@ pub const TASKS_IN_FLIGHT: &str = "fanjet_tasks_in_flight";
 pub const TASKS_REDELIVERED: &str = "fanjet_tasks_redelivered";
 pub const WORKER_SLOTS: &str = "fanjet_worker_slots";
 pub const WORKERS: &str = "fanjet_workers";
+pub const CUSTOMER_SUBJOBS: &str = "fanjet_customer_subjobs";
+/// Customers with a series of their own in [`CUSTOMER_SUBJOBS`], the
+/// busiest; the rest are summed under `customer="_other"`.
+pub const CUSTOMER_SERIES: usize = 50;
 pub const MANAGERS: &str = "fanjet_managers";
 pub const MANAGER_PARTITIONS: &str = "fanjet_manager_partitions_owned";
 pub const MANAGER_LAG: &str = "fanjet_manager_lag_events";
@@ -66,6 +70,7 @@ pub struct Metrics {
     pub tasks_redelivered: IntGaugeVec,
     pub worker_slots: IntGaugeVec,
     pub workers: IntGaugeVec,
+    pub customer_subjobs: IntGaugeVec,
     pub managers: IntGaugeVec,
     pub manager_partitions: IntGaugeVec,
     pub manager_lag: IntGaugeVec,
@@ -128,6 +133,7 @@ impl Metrics {
             tasks_redelivered: gauge(&r, TASKS_REDELIVERED, "Tasks currently being delivered again (a worker timed out or asked for a retry), by workflow and step.", &["workflow", "step"]),
             worker_slots: gauge(&r, WORKER_SLOTS, "Worker slots by state (busy, free), over all live workers.", &["state"]),
             workers: gauge(&r, WORKERS, "Live worker processes (heartbeat within 15 s).", &[]),
+            customer_subjobs: gauge(&r, CUSTOMER_SUBJOBS, "Subjobs of running fanouts by customer and state (running: dispatched and unfinished; queued: waiting for their share), for the 50 busiest customers; the rest under customer=\"_other\".", &["customer", "state"]),
             managers: gauge(&r, MANAGERS, "Live manager processes (heartbeat within 15 s).", &[]),
             manager_partitions: gauge(&r, MANAGER_PARTITIONS, "Event-log partitions each live manager owns.", &["manager"]),
             manager_lag: gauge(&r, MANAGER_LAG, "Events in the log not yet processed by the manager (delivered or not).", &[]),

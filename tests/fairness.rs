@@ -115,19 +115,16 @@ async fn a_small_job_starts_beside_a_big_one_not_behind_it() {
     // come first served, it would follow all 2,000 of the big job's
     // (each kept up to 5,000 queued); fairly, it follows about the ones
     // running and queued ahead when it came (20 slots and 50 ms of work).
-    let l = ledger.lock().unwrap();
-    let first = l
-        .starts
+    let starts = ledger.lock().unwrap().starts.clone();
+    let first = starts
         .iter()
         .position(|j| j == "small-1")
         .expect("small started");
-    let big_before = l.starts[..first].iter().filter(|j| *j == "big-1").count();
+    let big_before = starts[..first].iter().filter(|j| *j == "big-1").count();
     assert!(
         big_before < 1000,
         "{big_before} of the big job's subjobs started before the small one's first"
     );
-    drop(l);
-    // While both run, each holds half of the 20 slots.
     let big = env.wait_end("big-1", Duration::from_secs(120)).await;
     assert_eq!(big.steps[0].completed, 2000);
 }
@@ -154,6 +151,8 @@ async fn a_status_shows_the_share_and_why_a_job_waits() {
         j.steps[0].share.is_some()
     })
     .await;
+    // Its demand reaches the other partitions at their next ticks.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let reply = env
         .submit(
             "fair",
@@ -181,13 +180,9 @@ async fn a_status_shows_the_share_and_why_a_job_waits() {
     assert_eq!((hi.steps[0].completed, lo.steps[0].completed), (600, 20));
     // The lower priority started after the higher one's subjobs had all
     // started (it aged one level at most: a minute had not passed).
-    let l = ledger.lock().unwrap();
-    let first_lo = l
-        .starts
-        .iter()
-        .position(|j| j == "lo-1")
-        .expect("lo started");
-    let hi_after = l.starts[first_lo..].iter().filter(|j| *j == "hi-1").count();
+    let starts = ledger.lock().unwrap().starts.clone();
+    let first_lo = starts.iter().position(|j| j == "lo-1").expect("lo started");
+    let hi_after = starts[first_lo..].iter().filter(|j| *j == "hi-1").count();
     assert_eq!(
         hi_after, 0,
         "the higher priority's subjobs all started first"
@@ -204,19 +199,8 @@ async fn a_status_shows_the_share_and_why_a_job_waits() {
     );
 }
 
-/// Job ids of `customer` that land on one partition (so one engine holds
-/// them and its cap is exact).
-fn same_partition_ids(customer: &str, n: usize) -> Vec<String> {
-    let p = partition(&format!("{customer}-0"));
-    (0..10_000)
-        .map(|i| format!("{customer}-{i}"))
-        .filter(|id| partition(id) == p)
-        .take(n)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn caps_of_customers_and_steps_are_never_exceeded() {
+async fn caps_of_customers_and_steps_are_never_exceeded_across_managers() {
     let mut env = Env::start().await;
     fair_workflow(&env, "fair", "").await;
     fair_workflow(&env, "narrow", "max_concurrency = 4").await;
@@ -245,8 +229,12 @@ async fn caps_of_customers_and_steps_are_never_exceeded() {
         Duration::from_millis(15),
         narrow.clone(),
     ));
+    // Two managers: the jobs' partitions are split between them.
     env.manager();
-    let acme = same_partition_ids("acme", 2);
+    env.manager();
+    let acme: Vec<String> = (1..=4).map(|i| format!("acme-{i}")).collect();
+    let partitions: std::collections::BTreeSet<u32> = acme.iter().map(|id| partition(id)).collect();
+    assert!(partitions.len() > 1, "acme's jobs span partitions");
     for id in &acme {
         env.submit(
             "fair",
@@ -282,4 +270,178 @@ async fn caps_of_customers_and_steps_are_never_exceeded() {
         4,
         "the step's cap is 4 (and it was reached)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_task_leaks_no_room_under_a_cap() {
+    let mut env = Env::start().await;
+    fair_workflow(&env, "capped", "timeout = \"1s\"\nmax_attempts = 5").await;
+    tenants::put(
+        &env.nats.js,
+        &Tenant {
+            max_concurrency: Some(2),
+            ..Tenant::new("acme")
+        },
+    )
+    .await
+    .unwrap();
+    env.manager();
+    let worker = env.spawn(&[
+        "worker",
+        "--workflow",
+        "capped",
+        "--step",
+        "work",
+        "--sleep",
+        "3s",
+        "--concurrency",
+        "4",
+    ]);
+    env.submit(
+        "capped",
+        json!({"job_id": "acme-1", "customer": "acme", "input": items(6)}),
+    )
+    .await;
+    env.wait_for(
+        "acme-1",
+        Duration::from_secs(30),
+        "two subjobs dispatched",
+        |j| j.steps[0].dispatched >= 2,
+    )
+    .await;
+    // Its two tasks are running there when it dies: they come back after
+    // their ack deadline, to the next worker, within the same room.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.kill(worker);
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    env.worker(ledger_worker(
+        &env,
+        "capped",
+        10,
+        Duration::from_millis(50),
+        ledger.clone(),
+    ));
+    let job = env.wait_end("acme-1", Duration::from_secs(60)).await;
+    assert_eq!((job.steps[0].completed, job.steps[0].failed), (6, 0));
+    assert!(ledger.lock().unwrap().most["acme"] <= 2);
+    // The room is given back: the reservations under acme's cap come to
+    // nothing once no job of acme runs, and a next job gets the full cap.
+    let shares = env
+        .nats
+        .js
+        .get_key_value(fanjet::protocol::SHARES_BUCKET)
+        .await
+        .unwrap();
+    let key = fanjet::protocol::customer_cap_key("acme");
+    let start = std::time::Instant::now();
+    loop {
+        let r: fanjet::protocol::Reservations = match shares.get(&key).await.unwrap() {
+            Some(b) => serde_json::from_slice(&b).unwrap(),
+            None => Default::default(),
+        };
+        if r.partitions.values().sum::<u64>() == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still reserved: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.submit(
+        "capped",
+        json!({"job_id": "acme-2", "customer": "acme", "input": items(20)}),
+    )
+    .await;
+    env.wait_end("acme-2", Duration::from_secs(60)).await;
+    assert_eq!(ledger.lock().unwrap().most["acme"], 2);
+}
+
+fn cli(env: &Env, args: &[&str]) -> (bool, String) {
+    let out = common::fanjet_command(&env.url(), args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run fanjet");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_set_from_the_cli_and_usage_is_shown_per_customer() {
+    let mut env = Env::start().await;
+    fair_workflow(&env, "fair", "").await;
+    let (ok, out) = cli(
+        &env,
+        &[
+            "tenants",
+            "set",
+            "acme",
+            "--weight",
+            "3",
+            "--max-concurrency",
+            "5",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("acme: weight 3, max concurrency 5"), "{out}");
+    let (ok, out) = cli(&env, &["tenants", "set", "acme", "--no-max-concurrency"]);
+    assert!(ok && out.contains("acme: weight 3, no cap"), "{out}");
+    let (ok, out) = cli(&env, &["tenants", "set", "acme"]);
+    assert!(!ok && out.contains("nothing to set"), "{out}");
+    let (ok, out) = cli(&env, &["tenants", "list", "--json"]);
+    assert!(ok, "{out}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["customer"], "acme");
+    assert_eq!(list[0]["weight"], 3);
+
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    env.worker(ledger_worker(
+        &env,
+        "fair",
+        4,
+        Duration::from_millis(100),
+        ledger,
+    ));
+    env.manager();
+    env.submit(
+        "fair",
+        json!({"job_id": "acme-1", "customer": "acme", "input": items(400)}),
+    )
+    .await;
+    env.submit(
+        "fair",
+        json!({"job_id": "bob-1", "customer": "bob", "input": items(400)}),
+    )
+    .await;
+    // Each holds its share (3 : 1 by weight) and the rest waits.
+    let start = std::time::Instant::now();
+    let usage = loop {
+        let (ok, out) = cli(&env, &["jobs", "--by-customer", "--json"]);
+        assert!(ok, "{out}");
+        let usage: Vec<fanjet::protocol::CustomerUsage> = serde_json::from_str(&out).unwrap();
+        if usage.len() == 2 && usage.iter().all(|u| u.jobs == 1 && u.running > 0) {
+            break usage;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{usage:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let acme = usage.iter().find(|u| u.customer == "acme").unwrap();
+    let bob = usage.iter().find(|u| u.customer == "bob").unwrap();
+    assert_eq!((acme.weight, bob.weight), (3, 1));
+    assert!(acme.queued > 300 && bob.queued > 300, "{usage:?}");
+    let acme_job = env
+        .wait_for(
+            "acme-1",
+            Duration::from_secs(20),
+            "its weighted share",
+            |j| j.steps[0].share.as_ref().is_some_and(|s| s.slots == 3),
+        )
+        .await;
+    assert_eq!(acme_job.steps[0].share.as_ref().unwrap().capacity, 4);
+    let (ok, out) = cli(&env, &["status", "acme-1"]);
+    assert!(ok && out.contains("share: 3 of 4 slots"), "{out}");
+    let (ok, out) = cli(&env, &["jobs", "--by-customer"]);
+    assert!(ok && out.contains("acme") && out.contains("bob"), "{out}");
 }

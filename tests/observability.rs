@@ -291,6 +291,7 @@ async fn cancel_over_http_and_the_openapi_document_matches_the_routes() {
         ("/api/jobs/{id}/stream", "get"),
         ("/api/jobs/{id}/cancel", "post"),
         ("/api/processes", "get"),
+        ("/api/customers", "get"),
         ("/api/openapi.json", "get"),
         ("/healthz", "get"),
         ("/readyz", "get"),

@@ -362,6 +362,33 @@ async fn each_role_can_do_its_job_and_no_more() {
         !matches!(grab, Ok(Ok(_))),
         "a viewer cannot take a partition"
     );
+    // It reads the customers' settings and their use of the workers, and
+    // changes none of them.
+    fanjet::nats::tenants::put(
+        &admin.js,
+        &fanjet::protocol::Tenant {
+            max_concurrency: Some(9),
+            ..fanjet::protocol::Tenant::new("acme")
+        },
+    )
+    .await
+    .unwrap();
+    let settings = fanjet::nats::tenants::list(&viewer.js)
+        .await
+        .expect("viewer reads the customers' settings");
+    assert_eq!(settings[0].max_concurrency, Some(9));
+    fanjet::nats::tenants::usage(&viewer.js)
+        .await
+        .expect("viewer reads the customers' use");
+    let raise = tokio::time::timeout(
+        Duration::from_secs(1),
+        fanjet::nats::tenants::put(&viewer.js, &fanjet::protocol::Tenant::new("acme")),
+    )
+    .await;
+    assert!(
+        !matches!(raise, Ok(Ok(_))),
+        "a viewer cannot change a customer's cap"
+    );
 
     // Nothing forged reached the log.
     let log = fanjet::nats::log::history(admin, "sec-2", 0, 100)

@@ -220,6 +220,14 @@ async fn the_page_follows_a_running_job_live_in_chromium() {
         procs.as_str().unwrap_or("").contains("partitions 0-15"),
         "the page shows the manager and its partitions: {procs}"
     );
+    let customers = driver
+        .js("const e = document.querySelector('#customers'); return e ? e.textContent : null;")
+        .await;
+    let customers = customers.as_str().unwrap_or("");
+    assert!(
+        customers.contains("no fanout running") || customers.contains("running"),
+        "the page shows the customers' use of the workers: {customers}"
+    );
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots/web-page.png");
     driver.screenshot(&shot).await;
 

@@ -66,6 +66,10 @@ pub struct JobsArgs {
     /// Only jobs in this state (requested, running, completed, failed, cancelled, rejected).
     #[arg(long, value_parser = parse_state)]
     state: Option<JobState>,
+    /// Instead of jobs: each customer's running fanouts and their subjobs
+    /// dispatched (running) and waiting for their share (queued), now.
+    #[arg(long, conflicts_with_all = ["customer", "workflow", "state"])]
+    by_customer: bool,
     #[arg(long)]
     json: bool,
 }
@@ -209,6 +213,28 @@ pub async fn status(connect: &ConnectArgs, args: StatusArgs) -> Result<u8> {
 
 pub async fn list(connect: &ConnectArgs, args: JobsArgs) -> Result<u8> {
     let nats = super::connect(connect, "fanjet-cli").await?;
+    if args.by_customer {
+        let usage = fanjet::nats::tenants::usage(&nats.js).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&usage)?);
+            return Ok(0);
+        }
+        println!(
+            "{:<24} {:>6} {:>10} {:>10} {:>7} {:>8}",
+            "customer", "jobs", "running", "queued", "weight", "cap"
+        );
+        for u in usage {
+            let cap = u
+                .max_concurrency
+                .map(|c| c.to_string())
+                .unwrap_or("-".into());
+            println!(
+                "{:<24} {:>6} {:>10} {:>10} {:>7} {:>8}",
+                u.customer, u.jobs, u.running, u.queued, u.weight, cap
+            );
+        }
+        return Ok(0);
+    }
     let filter = JobFilter {
         customer: args.customer,
         workflow: args.workflow,

@@ -8,7 +8,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use fanjet::client::{self, ClientError};
 use fanjet::nats::{store, Nats};
-use fanjet::protocol::{partition, Job, JobState, JobStats, StepState};
+use fanjet::protocol::{partition, Job, JobState, JobStats, StepState, WaitReason};
 
 /// Where a job's status is read.
 #[derive(Clone, Copy)]
@@ -170,6 +170,20 @@ pub fn render(job: &Job) -> String {
                 "    {:.1}% done\n",
                 100.0 * (s.completed + s.failed) as f64 / s.total as f64
             ));
+            if let Some(share) = &s.share {
+                let held = s.dispatched.saturating_sub(s.completed + s.failed);
+                let why = match share.waiting {
+                    Some(WaitReason::NoCapacity) => ", waiting: every slot is shared out",
+                    Some(WaitReason::LowerPriority) => ", waiting: higher priorities first",
+                    Some(WaitReason::CustomerCap) => ", waiting: its customer's cap is reached",
+                    Some(WaitReason::StepCap) => ", waiting: the step's cap is reached",
+                    None => "",
+                };
+                out.push_str(&format!(
+                    "    share: {} of {} slots (holds {held}){why}\n",
+                    share.slots, share.capacity
+                ));
+            }
         }
     }
     if job.state == JobState::Completed && !job.output.is_null() {

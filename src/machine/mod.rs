@@ -41,12 +41,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{json, Value};
 
 use crate::protocol::{
-    array_len, bounded, event_subject, validate_token, AbandonReason, CancelRequested, Event,
-    EventKind, Failure, Job, JobCancelled, JobCompleted, JobDemand, JobFailed, JobRejected,
-    JobRequested, JobState, Mark, Millis, Pending, RejectCode, Share, Source, SourceField, Step,
-    StepCompleted, StepKind, StepRun, StepStarted, StepState, SubjobCompleted, SubjobFailed,
-    SubjobsFailed, Workflow, EVENTS_STREAM, INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_FAILURES_KEPT,
-    MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES,
+    array_len, bounded, customer_cap_key, event_subject, step_cap_key, validate_token,
+    AbandonReason, CancelRequested, Event, EventKind, Failure, Job, JobCancelled, JobCompleted,
+    JobDemand, JobFailed, JobRejected, JobRequested, JobState, Mark, Millis, Pending, RejectCode,
+    Share, Source, SourceField, Step, StepCompleted, StepKind, StepRun, StepStarted, StepState,
+    SubjobCompleted, SubjobFailed, SubjobsFailed, Workflow, EVENTS_STREAM, INLINE_RESULT_MAX,
+    MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES,
 };
 
 /// Refill a step's in-flight window only when at least this many slots are
@@ -150,6 +150,9 @@ pub struct Engine {
     own: BTreeMap<String, Vec<JobDemand>>,
     /// Since when each job wanted slots and held none.
     waiting: HashMap<String, Millis>,
+    /// Per cap key: the cap, and the room this engine's jobs under it want
+    /// reserved, as of the last [`Input::Shares`] (none before the first).
+    wanted: Option<BTreeMap<String, (u64, u64)>>,
 }
 
 impl Engine {
@@ -174,6 +177,17 @@ impl Engine {
     /// (`<workflow>.<step>`), as of the last [`Input::Shares`].
     pub fn demands(&self) -> &BTreeMap<String, Vec<JobDemand>> {
         &self.own
+    }
+
+    /// Per cap key ([`customer_cap_key`], [`step_cap_key`]): the cap and
+    /// the room this engine's jobs under it want reserved (their slots, and
+    /// at least what they hold), as of the last [`Input::Shares`]. The
+    /// event loop reserves it and says what it got in the next
+    /// [`ShareView::reserved`]; jobs under a cap never hold more together
+    /// than their partition reserved. `None` until this engine has shared
+    /// out once (what its loaded jobs hold is not known before).
+    pub fn reservations(&self) -> Option<&BTreeMap<String, (u64, u64)>> {
+        self.wanted.as_ref()
     }
 
     pub fn contains(&self, job_id: &str) -> bool {
@@ -303,14 +317,15 @@ impl Engine {
             claims.push(demand);
             self.own.insert(key.clone(), claims.clone());
             let grants = self.grants(&key, &claims, now);
-            // Under a cap, the others' limits were set together at the last
-            // share-out: a newcomer waits for the next one (a tick).
-            let grant = grants.get(&job_id).map(|g| match g.limit {
-                Some(_) => Grant {
-                    limit: Some(0),
-                    ..*g
-                },
-                None => *g,
+            // Under a cap, the room is handed out at share-outs, from what
+            // the partition reserved: a newcomer waits for the next one.
+            let capped = self
+                .jobs
+                .get(&job_id)
+                .is_some_and(|j| !self.caps_of(j).is_empty());
+            let grant = grants.get(&job_id).map(|g| Grant {
+                limit: capped.then_some(0),
+                ..*g
             });
             self.grant(&job_id, &key, grant, now, out);
         }
@@ -335,12 +350,81 @@ impl Engine {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let mut all = Vec::new();
         for (key, mine) in steps {
             let grants = self.grants(&key, &mine, now);
-            for d in &mine {
-                self.grant(&d.job_id, &key, grants.get(&d.job_id).copied(), now, out);
+            for d in mine {
+                if let Some(g) = grants.get(&d.job_id) {
+                    all.push((d, key.clone(), *g));
+                }
             }
         }
+        let limits = self.limits(&all);
+        for (d, key, mut g) in all {
+            g.limit = limits.get(&d.job_id).copied();
+            self.grant(&d.job_id, &key, Some(g), now, out);
+        }
+    }
+
+    /// The caps a job is under: its customer's and its step's, by key.
+    fn caps_of(&self, job: &Job) -> Vec<(String, u64)> {
+        let mut caps = Vec::new();
+        if let Some(c) = &job.customer {
+            if let Some(cap) = self.view.tenants.get(c).and_then(|t| t.max_concurrency) {
+                caps.push((customer_cap_key(c), cap));
+            }
+        }
+        if let Some(cap) = job
+            .definition
+            .steps
+            .get(job.current)
+            .and_then(|s| s.max_concurrency)
+        {
+            let step = job
+                .steps
+                .get(job.current)
+                .map(|s| s.name.as_str())
+                .unwrap_or("");
+            caps.push((step_cap_key(&job.workflow, step), cap));
+        }
+        caps
+    }
+
+    /// Each capped job's limit: under each of its caps, the room this
+    /// partition reserved less what its jobs under the cap hold is shared
+    /// among those below their slots; a job's limit is what it holds plus
+    /// its part, the lowest over its caps. Also what to reserve next.
+    fn limits(&mut self, all: &[(JobDemand, String, Grant)]) -> HashMap<String, u64> {
+        // Cap key → the cap and the jobs under it.
+        type Under<'a> = (u64, Vec<(&'a JobDemand, &'a Grant)>);
+        let mut under: BTreeMap<String, Under> = BTreeMap::new();
+        for (d, _, g) in all {
+            let Some(job) = self.jobs.get(&d.job_id) else {
+                continue;
+            };
+            for (key, cap) in self.caps_of(job) {
+                under.entry(key).or_insert((cap, Vec::new())).1.push((d, g));
+            }
+        }
+        let mut limits: HashMap<String, u64> = HashMap::new();
+        let wanted = self.wanted.insert(BTreeMap::new());
+        for (key, (cap, jobs)) in under {
+            let held: u64 = jobs.iter().map(|(d, _)| d.holds).sum();
+            let reserved = self.view.reserved.get(&key).copied().unwrap_or(0);
+            let asks: Vec<(u64, u64)> = jobs
+                .iter()
+                .map(|(d, g)| (1, g.slots.saturating_sub(d.holds)))
+                .collect();
+            let parts = waterfill(reserved.saturating_sub(held), &asks);
+            for ((d, _), part) in jobs.iter().zip(parts) {
+                let limit = d.holds + part;
+                let l = limits.entry(d.job_id.clone()).or_insert(limit);
+                *l = (*l).min(limit);
+            }
+            let want: u64 = jobs.iter().map(|(d, g)| g.slots.max(d.holds)).sum();
+            wanted.insert(key, (cap, want));
+        }
+        limits
     }
 
     /// The grants of a step: its own claims `mine` beside the others'.
@@ -902,6 +986,7 @@ fn demand(job: &Job, now: Millis) -> Option<JobDemand> {
         priority: job.priority,
         want: unfinished.min(def.max_in_flight),
         holds: in_flight(job),
+        unfinished,
         since: step.started_at.unwrap_or(now),
         waiting_since: None,
     })

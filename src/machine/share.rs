@@ -36,11 +36,13 @@ pub struct StepView {
 }
 
 /// What a partition knows of everyone else, by step (`<workflow>.<step>`),
-/// and the customers' settings by customer.
+/// the customers' settings by customer, and the room it has reserved under
+/// each cap (by cap key; none: nothing).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ShareView {
     pub steps: HashMap<String, StepView>,
     pub tenants: HashMap<String, Tenant>,
+    pub reserved: HashMap<String, u64>,
 }
 
 /// One job's slots, and why it gets fewer than it wants.
@@ -49,8 +51,8 @@ pub struct Grant {
     pub slots: u64,
     pub waiting: Option<WaitReason>,
     /// Under a cap (its customer's or its step's): the most it may hold,
-    /// whatever its slots, so that everyone under the cap together never
-    /// holds more than the cap. Never below what it holds already.
+    /// whatever its slots (set by the engine from its partition's
+    /// reservations). Never below what it holds already.
     pub limit: Option<u64>,
 }
 
@@ -146,54 +148,7 @@ pub fn allocate(jobs: &[JobDemand], limits: Limits<'_>, now: Millis) -> HashMap<
         }
         higher_took |= shares.iter().any(|s| *s > 0);
     }
-    set_limits(jobs, limits, &mut grants);
     grants
-}
-
-/// The hard ceilings under caps: the room a cap leaves (the cap, less
-/// what everyone under it holds) is shared among its jobs that hold less
-/// than their slots; a job's limit is what it holds plus its part. So the
-/// jobs under a cap together never exceed it, however long their holds
-/// take to come down to their slots.
-fn set_limits(jobs: &[JobDemand], limits: Limits<'_>, grants: &mut HashMap<String, Grant>) {
-    let mut order: Vec<&JobDemand> = jobs.iter().collect();
-    order.sort_by(|a, b| (a.since, &a.job_id).cmp(&(b.since, &b.job_id)));
-    let ceiling = |under: Vec<&JobDemand>, cap: u64, grants: &mut HashMap<String, Grant>| {
-        let held: u64 = under.iter().map(|j| j.holds).sum();
-        let room = cap.saturating_sub(held);
-        let asks: Vec<(u64, u64)> = under
-            .iter()
-            .map(|j| {
-                let g = &grants[&j.job_id];
-                let upto = g.limit.unwrap_or(u64::MAX).min(g.slots);
-                (1, upto.saturating_sub(j.holds))
-            })
-            .collect();
-        for (j, part) in under.iter().zip(waterfill(room, &asks)) {
-            if let Some(g) = grants.get_mut(&j.job_id) {
-                let limit = j.holds + part;
-                g.limit = Some(g.limit.map_or(limit, |l| l.min(limit)));
-            }
-        }
-    };
-    let mut customers: Vec<&str> = order.iter().filter_map(|j| j.customer.as_deref()).collect();
-    customers.dedup();
-    customers.sort();
-    customers.dedup();
-    for c in customers {
-        if let Some(cap) = limits.tenants.get(c).and_then(|t| t.max_concurrency) {
-            let cap = cap.saturating_sub(limits.held_elsewhere.get(c).copied().unwrap_or(0));
-            let under = order
-                .iter()
-                .copied()
-                .filter(|j| j.customer.as_deref() == Some(c))
-                .collect();
-            ceiling(under, cap, grants);
-        }
-    }
-    if let Some(cap) = limits.step_cap {
-        ceiling(order, cap, grants);
-    }
 }
 
 fn weight(tenants: &HashMap<String, Tenant>, customer: &str) -> u64 {
@@ -258,6 +213,7 @@ mod tests {
             priority,
             want,
             holds: 0,
+            unfinished: want,
             since,
             waiting_since: None,
         }

@@ -973,6 +973,7 @@ fn other_partitions_jobs_take_their_share_and_priorities_go_first() {
         priority: 9,
         want: 5000,
         holds: 100,
+        unfinished: 9000,
         since: 0,
         waiting_since: None,
     };
@@ -1023,14 +1024,32 @@ fn a_capped_customer_never_holds_more_than_its_cap() {
     );
     let held =
         |e: &Engine| in_flight(e.job("a1").unwrap()) + e.job("a2").map(in_flight).unwrap_or(0);
-    e.apply(Input::Shares(v.clone()), 1);
+    // What the event loop does: reserve what the engine wants, within the
+    // cap (one partition: all of it).
+    let share_out = |e: &mut Engine, v: &ShareView, now: Millis| {
+        let mut v = v.clone();
+        v.reserved = e
+            .reservations()
+            .into_iter()
+            .flatten()
+            .map(|(k, (cap, want))| (k.clone(), (*want).min(*cap)))
+            .collect();
+        e.apply(Input::Shares(v), now)
+    };
+    share_out(&mut e, &v, 1);
     let a = submit_fair(&mut e, "a1", "acme", None, 1000, 10);
     assert_eq!(
         dispatched(&a).get("a1"),
         None,
         "under a cap, it waits for the next share-out"
     );
-    let a = e.apply(Input::Shares(v.clone()), 11);
+    let a = share_out(&mut e, &v, 11);
+    assert_eq!(dispatched(&a).get("a1"), None, "nothing reserved yet");
+    assert_eq!(
+        e.reservations().unwrap()["cap.customer.822b33ad87c1"],
+        (7, 7)
+    );
+    let a = share_out(&mut e, &v, 12);
     assert_eq!(
         dispatched(&a)["a1"],
         7,
@@ -1047,7 +1066,7 @@ fn a_capped_customer_never_holds_more_than_its_cap() {
     submit_fair(&mut e, "a2", "acme", None, 1000, 12);
     let (mut done1, mut done2) = (0, 0);
     for t in 0..200u64 {
-        e.apply(Input::Shares(v.clone()), 13 + t * 10);
+        share_out(&mut e, &v, 13 + t * 10);
         assert!(held(&e) <= 7, "at round {t}: {} held", held(&e));
         // Each round, one subjob of each finishes.
         if in_flight(e.job("a1").unwrap()) > 0 {

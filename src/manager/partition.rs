@@ -24,7 +24,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::shares::{Board, Published};
+use super::shares::{Board, Published, Reserved};
 use super::{Executor, ManagerError, ManagerOptions, Writer};
 use crate::machine::{valid_job_id, Action, Definition, Engine, Input};
 use crate::metrics::Metrics;
@@ -55,6 +55,8 @@ pub(super) struct EventLoop {
     /// The fair share's view, and what this partition last told it.
     board: Board,
     published: Published,
+    /// Its reservations under caps.
+    reserved: Reserved,
 }
 
 impl EventLoop {
@@ -79,6 +81,7 @@ impl EventLoop {
             workflows: HashMap::new(),
             board,
             published: Published::default(),
+            reserved: Reserved::default(),
         }
     }
 
@@ -264,8 +267,18 @@ impl EventLoop {
             return Ok(());
         }
         let now = now_ms();
-        let view = self.board.view(self.partition, now);
-        debug!(partition = self.partition, steps = ?view.steps.iter().map(|(k, v)| (k, v.capacity, v.others.len())).collect::<Vec<_>>(), "fair share");
+        if let (true, Some(wanted)) = (self.fence.holds(), self.engine.reservations()) {
+            let wanted = wanted.clone();
+            if let Err(e) = self
+                .reserved
+                .sync(&self.nats, self.partition, &wanted)
+                .await
+            {
+                warn!(partition = self.partition, error = %e, "could not change reservations under caps");
+            }
+        }
+        let mut view = self.board.view(self.partition, now);
+        view.reserved = self.reserved.held();
         self.feed(Input::Shares(view)).await?;
         if self.fence.holds() {
             let written = self

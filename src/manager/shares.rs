@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -20,8 +20,8 @@ use crate::machine::{ShareView, StepView};
 use crate::nats::heartbeat::{ages, record, Heard};
 use crate::nats::Nats;
 use crate::protocol::{
-    parse_share_key, share_key, Demand, JobDemand, Millis, Tenant, DEMAND_TTL_MS, ROLL_CALL,
-    SHARES_BUCKET, TENANTS_BUCKET, WORKER_HEARTBEATS,
+    parse_share_key, share_key, Demand, JobDemand, Millis, Reservations, Tenant, DEMAND_TTL_MS,
+    ROLL_CALL, SHARES_BUCKET, TENANTS_BUCKET, WORKER_HEARTBEATS,
 };
 
 /// A partition writes a changed demand at most this often...
@@ -72,6 +72,7 @@ impl Board {
         ShareView {
             steps,
             tenants: st.tenants.clone(),
+            reserved: HashMap::new(),
         }
     }
 
@@ -248,4 +249,162 @@ impl Published {
         }
         Ok(())
     }
+}
+
+/// The room one partition has reserved under each cap (see
+/// [`Reservations`]), kept in step with what its engine wants.
+#[derive(Default)]
+pub struct Reserved {
+    held: HashMap<String, u64>,
+    /// Whether the bucket was read for this partition's reservations (a
+    /// manager taking a partition over gives back what it does not need).
+    found: bool,
+}
+
+impl Reserved {
+    /// What was reserved, by cap key (as of the last [`sync`](Self::sync)).
+    pub fn held(&self) -> HashMap<String, u64> {
+        self.held.clone()
+    }
+
+    /// Moves this partition's reservation under each cap toward what its
+    /// jobs want (`wanted`: cap key → (cap, want)): lowering always
+    /// succeeds, raising takes what the cap leaves beside the other
+    /// partitions' reservations, each change a revision-checked update.
+    /// A cap no job wants any more is given back. On an error the last
+    /// reservation is kept (it is still counted in the bucket).
+    pub async fn sync(
+        &mut self,
+        nats: &Nats,
+        partition: u32,
+        wanted: &BTreeMap<String, (u64, u64)>,
+    ) -> Result<(), ManagerError> {
+        let mut keys: Vec<(String, u64, u64)> = wanted
+            .iter()
+            .map(|(k, (cap, want))| (k.clone(), *cap, *want))
+            .collect();
+        for k in self.held.keys() {
+            if !wanted.contains_key(k) {
+                keys.push((k.clone(), 0, 0));
+            }
+        }
+        if self.found && keys.is_empty() {
+            return Ok(());
+        }
+        let store = nats
+            .js
+            .get_key_value(SHARES_BUCKET)
+            .await
+            .map_err(|e| ManagerError::Nats(format!("{SHARES_BUCKET}: {e}")))?;
+        if !self.found {
+            for (key, n) in reservations_of(&store, partition).await? {
+                if !wanted.contains_key(&key) {
+                    keys.push((key.clone(), 0, 0));
+                }
+                self.held.insert(key, n);
+            }
+            self.found = true;
+        }
+        for (key, cap, want) in keys {
+            match reserve(&store, &key, partition, cap, want).await {
+                Ok(0) => {
+                    self.held.remove(&key);
+                }
+                Ok(n) => {
+                    self.held.insert(key, n);
+                }
+                Err(e) => {
+                    warn!(key, error = %e, "could not change a reservation under a cap; keeping the last one")
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What `partition` has reserved under every cap, as the bucket says.
+async fn reservations_of(
+    store: &kv::Store,
+    partition: u32,
+) -> Result<Vec<(String, u64)>, ManagerError> {
+    let fail = |e: &dyn std::fmt::Display| ManagerError::Nats(format!("{SHARES_BUCKET}: {e}"));
+    let mut keys = store.keys().await.map_err(|e| fail(&e))?;
+    let mut caps = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(|e| fail(&e))?;
+        if key.starts_with("cap.") {
+            caps.push(key);
+        }
+    }
+    let mut out = Vec::new();
+    for key in caps {
+        if let Some(bytes) = store.get(&key).await.map_err(|e| fail(&e))? {
+            let r: Reservations = serde_json::from_slice(&bytes).unwrap_or_default();
+            if let Some(n) = r.partitions.get(&partition) {
+                out.push((key, *n));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One revision-checked change of `partition`'s reservation under `key`;
+/// what it holds after.
+async fn reserve(
+    store: &kv::Store,
+    key: &str,
+    partition: u32,
+    cap: u64,
+    want: u64,
+) -> Result<u64, String> {
+    for _ in 0..5 {
+        let entry = store.entry(key).await.map_err(|e| e.to_string())?;
+        let (mut r, revision) = match &entry {
+            Some(e) if matches!(e.operation, kv::Operation::Put) => (
+                serde_json::from_slice::<Reservations>(&e.value).unwrap_or_default(),
+                Some(e.revision),
+            ),
+            _ => (Reservations::default(), None),
+        };
+        let mine = r.partitions.get(&partition).copied().unwrap_or(0);
+        let others: u64 = r
+            .partitions
+            .iter()
+            .filter(|(p, _)| **p != partition)
+            .map(|(_, n)| *n)
+            .sum();
+        let new = if want <= mine {
+            want
+        } else {
+            want.min(cap.saturating_sub(others)).max(mine)
+        };
+        if new == mine {
+            return Ok(mine);
+        }
+        if new == 0 {
+            r.partitions.remove(&partition);
+        } else {
+            r.partitions.insert(partition, new);
+        }
+        let body: bytes::Bytes = serde_json::to_vec(&r).map_err(|e| e.to_string())?.into();
+        let written = match revision {
+            Some(rev) => store.update(key, body, rev).await.map(|_| ()).map_err(|e| {
+                (
+                    e.kind() == UpdateErrorKind::WrongLastRevision,
+                    e.to_string(),
+                )
+            }),
+            None => store
+                .create(key, body)
+                .await
+                .map(|_| ())
+                .map_err(|e| (e.kind() == CreateErrorKind::AlreadyExists, e.to_string())),
+        };
+        match written {
+            Ok(()) => return Ok(new),
+            Err((true, _)) => continue, // another partition changed it: read again
+            Err((false, e)) => return Err(e),
+        }
+    }
+    Err("the key kept changing under five attempts".into())
 }

@@ -6,7 +6,12 @@ use async_nats::jetstream::{kv, Context};
 use futures::StreamExt;
 use thiserror::Error;
 
-use crate::protocol::{tenant_key, Tenant, TENANTS_BUCKET};
+use std::collections::BTreeMap;
+
+use crate::protocol::{
+    now_ms, parse_share_key, tenant_key, CustomerUsage, Demand, Tenant, DEMAND_TTL_MS,
+    SHARES_BUCKET, TENANTS_BUCKET,
+};
 
 #[derive(Debug, Error)]
 pub enum TenantsError {
@@ -80,4 +85,68 @@ pub async fn remove(js: &Context, customer: &str) -> Result<(), TenantsError> {
         .delete(tenant_key(customer))
         .await
         .map_err(|e| TenantsError::Nats(e.to_string()))
+}
+
+/// Every customer's use of the workers now (its running fanouts, their
+/// subjobs dispatched and not yet), from the partitions' demands, with its
+/// settings; the busiest first.
+pub async fn usage(js: &Context) -> Result<Vec<CustomerUsage>, TenantsError> {
+    let shares = js
+        .get_key_value(SHARES_BUCKET)
+        .await
+        .map_err(|e| TenantsError::Nats(format!("{SHARES_BUCKET}: {e}")))?;
+    let mut keys = shares
+        .keys()
+        .await
+        .map_err(|e| TenantsError::Nats(e.to_string()))?;
+    let mut demand_keys = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(|e| TenantsError::Nats(e.to_string()))?;
+        if parse_share_key(&key).is_some() {
+            demand_keys.push(key);
+        }
+    }
+    let now = now_ms();
+    let mut by: BTreeMap<String, CustomerUsage> = BTreeMap::new();
+    for key in demand_keys {
+        let Some(bytes) = shares
+            .get(&key)
+            .await
+            .map_err(|e| TenantsError::Nats(e.to_string()))?
+        else {
+            continue;
+        };
+        let Ok(demand) = serde_json::from_slice::<Demand>(&bytes) else {
+            continue;
+        };
+        if now.saturating_sub(demand.at) > DEMAND_TTL_MS {
+            continue;
+        }
+        for j in demand.jobs {
+            let c = j.customer.unwrap_or_else(|| "-".into());
+            let u = by.entry(c.clone()).or_insert_with(|| CustomerUsage {
+                customer: c,
+                weight: 1,
+                ..CustomerUsage::default()
+            });
+            u.jobs += 1;
+            u.running += j.holds;
+            u.queued += j.unfinished.saturating_sub(j.holds);
+        }
+    }
+    for t in list(js).await? {
+        let u = by
+            .entry(t.customer.clone())
+            .or_insert_with(|| CustomerUsage {
+                customer: t.customer.clone(),
+                ..CustomerUsage::default()
+            });
+        u.weight = t.weight;
+        u.max_concurrency = t.max_concurrency;
+    }
+    let mut out: Vec<CustomerUsage> = by.into_values().collect();
+    out.sort_by(|a, b| {
+        (b.running + b.queued, &a.customer).cmp(&(a.running + a.queued, &b.customer))
+    });
+    Ok(out)
 }

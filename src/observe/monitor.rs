@@ -11,8 +11,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, CUSTOMER_SERIES};
 use crate::nats::heartbeat::{ages, record, Heard};
+use crate::nats::tenants;
 use crate::nats::Nats;
 use crate::protocol::{manager_consumer, Heartbeat, HEARTBEAT_TTL, HEARTBEAT_WILDCARD, PARTITIONS};
 
@@ -66,8 +67,41 @@ pub async fn collect(
                 }
                 m.managers.with_label_values::<&str>(&[]).set(managers);
                 consumers(&nats, m).await;
+                customers(&nats, m).await;
             }
         }
+    }
+}
+
+/// Running and queued subjobs per customer, the busiest
+/// [`CUSTOMER_SERIES`] by name and the rest as `_other` (a bounded number
+/// of series whatever the number of customers).
+async fn customers(nats: &Nats, m: &Metrics) {
+    let Ok(usage) = tenants::usage(&nats.js).await else {
+        return;
+    };
+    m.customer_subjobs.reset();
+    let (mut running, mut queued) = (0, 0);
+    for (i, u) in usage.iter().enumerate() {
+        if i < CUSTOMER_SERIES && u.customer != "_other" {
+            m.customer_subjobs
+                .with_label_values(&[&u.customer, "running"])
+                .set(u.running as i64);
+            m.customer_subjobs
+                .with_label_values(&[&u.customer, "queued"])
+                .set(u.queued as i64);
+        } else {
+            running += u.running;
+            queued += u.queued;
+        }
+    }
+    if usage.len() > CUSTOMER_SERIES {
+        m.customer_subjobs
+            .with_label_values(&["_other", "running"])
+            .set(running as i64);
+        m.customer_subjobs
+            .with_label_values(&["_other", "queued"])
+            .set(queued as i64);
     }
 }
 

@@ -47,9 +47,9 @@ pub use results::{
     array_len, ResultRef, INLINE_RESULT_MAX, MAX_RESULT_BYTES, RESULTS_BUCKET, RESULT_REF_KEY,
 };
 pub use share::{
-    parse_share_key, share_key, tenant_key, Demand, JobDemand, Pace, Share, Tenant, WaitReason,
-    AGING_MS, DEFAULT_PRIORITY, DEMAND_TTL_MS, MAX_PRIORITY, MIN_PRIORITY, SHARES_BUCKET,
-    TENANTS_BUCKET,
+    customer_cap_key, parse_share_key, share_key, step_cap_key, tenant_key, CustomerUsage, Demand,
+    JobDemand, Pace, Reservations, Share, Tenant, WaitReason, AGING_MS, DEFAULT_PRIORITY,
+    DEMAND_TTL_MS, MAX_PRIORITY, MIN_PRIORITY, SHARES_BUCKET, TENANTS_BUCKET,
 };
 pub use stats::{JobStats, StepStats, DURATION_BOUNDS_MS, MAX_ATTEMPT_BUCKET};
 pub use status::{capacity, detailed, Capacity};

@@ -7,7 +7,8 @@ use schemars::schema_for;
 use serde_json::Value;
 
 use super::{
-    Demand, Event, Heartbeat, Job, JobStats, Submission, SubmitReply, Task, Tenant, Workflow,
+    Demand, Event, Heartbeat, Job, JobStats, Reservations, Submission, SubmitReply, Task, Tenant,
+    Workflow,
 };
 
 /// (file name in `docs/schemas/`, schema) for every payload.
@@ -24,6 +25,7 @@ pub fn all() -> Vec<(&'static str, Value)> {
         ("workflow.json", v(schema_for!(Workflow))),
         ("demand.json", v(schema_for!(Demand))),
         ("tenant.json", v(schema_for!(Tenant))),
+        ("reservations.json", v(schema_for!(Reservations))),
     ]
 }
 

@@ -35,16 +35,36 @@ pub const DEMAND_TTL_MS: u64 = 30_000;
 /// [`SHARES_BUCKET`]. Workflow and step names are tokens, so the key is a
 /// valid KV key.
 pub fn share_key(workflow: &str, step: &str, partition: u32) -> String {
-    format!("{workflow}.{step}.{partition:02}")
+    format!("demand.{workflow}.{step}.{partition:02}")
 }
 
 /// The step (`<workflow>.<step>`) and partition a [`share_key`] names.
 pub fn parse_share_key(key: &str) -> Option<(String, u32)> {
-    let (step, partition) = key.rsplit_once('.')?;
+    let (step, partition) = key.strip_prefix("demand.")?.rsplit_once('.')?;
     if !step.contains('.') {
         return None;
     }
     Some((step.to_string(), partition.parse().ok()?))
+}
+
+/// Key, in [`SHARES_BUCKET`], of the reservations under a customer's cap.
+pub fn customer_cap_key(customer: &str) -> String {
+    format!("cap.customer.{}", customer_tag(customer))
+}
+
+/// Key, in [`SHARES_BUCKET`], of the reservations under a step's cap.
+pub fn step_cap_key(workflow: &str, step: &str) -> String {
+    format!("cap.step.{workflow}.{step}")
+}
+
+/// The room each partition has reserved under one cap: its jobs under the
+/// cap together hold (dispatched and unfinished) at most its reservation,
+/// and the reservations together never exceed the cap (each change is a
+/// revision-checked update).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Reservations {
+    /// Partition → subjobs reserved.
+    pub partitions: std::collections::BTreeMap<u32, u64>,
 }
 
 /// Key of a customer's settings in [`TENANTS_BUCKET`]: its tag, since a
@@ -74,6 +94,9 @@ pub struct JobDemand {
     pub want: u64,
     /// Subjobs it has dispatched and not finished.
     pub holds: u64,
+    /// Subjobs of its step not finished (dispatched or not).
+    #[serde(default)]
+    pub unfinished: u64,
     /// When its step started (older first among equals).
     pub since: Millis,
     /// Since when it wants slots and holds none, if so (for aging).
@@ -108,6 +131,23 @@ impl Tenant {
             max_concurrency: None,
         }
     }
+}
+
+/// One customer's use of the workers now, from the partitions' demands:
+/// what `fanjet jobs --by-customer` and `GET /api/customers` show.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CustomerUsage {
+    /// `-` for jobs without a customer.
+    pub customer: String,
+    /// Its fanouts running now.
+    pub jobs: u64,
+    /// Their subjobs dispatched and unfinished (queued or running on a worker).
+    pub running: u64,
+    /// Their subjobs not dispatched yet (waiting for their share).
+    pub queued: u64,
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u64>,
 }
 
 /// A running fanout step's share of its workers, as the job record shows it.
@@ -160,9 +200,11 @@ mod tests {
     #[test]
     fn share_keys_name_their_step_and_partition() {
         let k = share_key("invoices", "send", 7);
-        assert_eq!(k, "invoices.send.07");
+        assert_eq!(k, "demand.invoices.send.07");
         assert_eq!(parse_share_key(&k), Some(("invoices.send".into(), 7)));
-        assert_eq!(parse_share_key("send.07"), None);
-        assert_eq!(parse_share_key("a.b.x"), None);
+        assert_eq!(parse_share_key("demand.send.07"), None);
+        assert_eq!(parse_share_key("demand.a.b.x"), None);
+        assert_eq!(parse_share_key(&step_cap_key("cap", "customer")), None);
+        assert_eq!(customer_cap_key("acme"), "cap.customer.822b33ad87c1");
     }
 }

@@ -136,6 +136,7 @@ pub fn router(nats: Nats, tokens: ApiTokens) -> Router {
         .route("/api/jobs/{id}/stream", get(stream))
         .route("/api/jobs/{id}/cancel", post(cancel))
         .route("/api/processes", get(processes))
+        .route("/api/customers", get(customers))
         .route("/api/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -283,6 +284,15 @@ async fn readyz(State(nats): State<Nats>) -> Response {
 /// Live managers with their partitions, and workers with their slots.
 async fn processes(State(nats): State<Nats>) -> Json<processes::Processes> {
     Json(processes::processes(&nats, monitor::live()).await)
+}
+
+async fn customers(
+    State(nats): State<Nats>,
+) -> ApiResult<Json<Vec<crate::protocol::CustomerUsage>>> {
+    crate::nats::tenants::usage(&nats.js)
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "nats_error", e.to_string()))
 }
 
 async fn metrics() -> Response {
