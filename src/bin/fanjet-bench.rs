@@ -706,7 +706,7 @@ async fn fair_run() -> Result<Figures> {
         // The harder case: customer `whale` runs two jobs of 50,000; nine
         // customers each submit a job of 100 at a random moment within 8 s.
         // A small job's fair share is the slots split between whale and
-        // the small jobs running as it starts: with k sharing, k times its
+        // the small jobs running beside it: with k sharing, k times its
         // time alone.
         c.submit("fair", &job("whale-1", "whale", 50_000)).await?;
         c.submit("fair", &job("whale-2", "whale", 50_000)).await?;
@@ -734,18 +734,31 @@ async fn fair_run() -> Result<Figures> {
             }
         });
         let runs = futures::future::try_join_all(smalls).await?;
-        // Its fair share: the slots split between whale and every small
-        // job running when it started (itself included).
+        // Its fair share: the slots split between whale and the most small
+        // jobs running at once during its run (itself included).
+        let running_at = |t: u64| runs.iter().filter(|(s, e)| *s <= t && t < *e).count();
         let ratios: Vec<f64> = runs
             .iter()
             .map(|&(start, end)| {
                 let sharing = 1 + runs
                     .iter()
-                    .filter(|(s, e)| *s <= start && start < *e)
-                    .count();
+                    .map(|(s, _)| *s)
+                    .filter(|s| start <= *s && *s < end)
+                    .map(running_at)
+                    .max()
+                    .unwrap_or(1);
                 (end - start) as f64 / 1000.0 / (sharing as f64 * alone)
             })
             .collect();
+        let shown: Vec<String> = runs
+            .iter()
+            .zip(&ratios)
+            .map(|((s, e), r)| format!("{}ms:{r:.2}", e - s))
+            .collect();
+        eprintln!(
+            "G ten customers, each small job's duration and ratio: {}",
+            shown.join(" ")
+        );
         for id in ["whale-1", "whale-2"] {
             fanjet::client::cancel(&c.nats, id, None).await?;
         }
