@@ -78,19 +78,19 @@ async fn fair_workflow(env: &Env, name: &str, extra: &str) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_job_starts_beside_a_big_one_not_behind_it() {
+/// Workflow `fair`, a ledger worker of `slots` slots, a manager.
+async fn one_worker_and_manager(slots: usize, each: Duration) -> (Env, Arc<Mutex<Ledger>>) {
     let mut env = Env::start().await;
     fair_workflow(&env, "fair", "").await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    env.worker(ledger_worker(
-        &env,
-        "fair",
-        20,
-        Duration::from_millis(20),
-        ledger.clone(),
-    ));
+    env.worker(ledger_worker(&env, "fair", slots, each, ledger.clone()));
     env.manager();
+    (env, ledger)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_job_starts_beside_a_big_one_not_behind_it() {
+    let (env, ledger) = one_worker_and_manager(20, Duration::from_millis(20)).await;
     let reply = env
         .submit(
             "fair",
@@ -131,17 +131,7 @@ async fn a_small_job_starts_beside_a_big_one_not_behind_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_shows_the_share_and_why_a_job_waits() {
-    let mut env = Env::start().await;
-    fair_workflow(&env, "fair", "").await;
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    env.worker(ledger_worker(
-        &env,
-        "fair",
-        10,
-        Duration::from_millis(30),
-        ledger.clone(),
-    ));
-    env.manager();
+    let (env, ledger) = one_worker_and_manager(10, Duration::from_millis(30)).await;
     env.submit(
         "fair",
         json!({"job_id": "hi-1", "customer": "hi", "priority": 9, "input": items(600)}),
@@ -444,4 +434,33 @@ async fn tenants_are_set_from_the_cli_and_usage_is_shown_per_customer() {
     assert!(ok && out.contains("share: 3 of 4 slots"), "{out}");
     let (ok, out) = cli(&env, &["jobs", "--by-customer"]);
     assert!(ok && out.contains("acme") && out.contains("bob"), "{out}");
+    // The API and Prometheus show the same.
+    let (base, _stop) = env.serve(Default::default()).await;
+    let api: Vec<fanjet::protocol::CustomerUsage> = reqwest::get(format!("{base}/api/customers"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        api.iter().any(|u| u.customer == "acme" && u.weight == 3),
+        "{api:?}"
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("fanjet_customer_subjobs{customer=\"acme\",state=\"queued\"}") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no per-customer gauge:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

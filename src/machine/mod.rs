@@ -13,6 +13,10 @@
 //! - steps run in order; a fanout keeps at most `max_in_flight` subjobs
 //!   dispatched and unfinished; failures beyond the step's tolerance, a
 //!   step's deadline, a cancellation end the job;
+//! - a paced engine ([`Engine::paced`]) shares each step's worker slots
+//!   (`share.rs`: priorities, then customers, then jobs) and a fanout keeps
+//!   dispatched only its share plus a few milliseconds of work, never more
+//!   than its partition reserved under a cap ([`Input::Shares`]);
 //! - lost subjobs: in-flight subjobs of a job whose tasks are all gone from
 //!   the work queue fail, but only at the second look in a row with no
 //!   progress in between ([`Input::NoTasks`]), since a cluster changing

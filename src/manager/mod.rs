@@ -7,7 +7,9 @@
 //! - [`executor`]: carries out the engine's actions on NATS;
 //! - [`intake`]: turns submissions into `JobRequested` events;
 //! - [`status`]: the status service customers ask;
-//! - [`advisories`]: fails subjobs whose last attempt timed out.
+//! - [`advisories`]: fails subjobs whose last attempt timed out;
+//! - [`shares`]: the fair share's view (demands, heartbeats, customers'
+//!   settings) and voice (this manager's demands and reservations).
 
 mod advisories;
 mod cancel;
