@@ -10,9 +10,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::json;
 
-use super::{Definition, Engine, Input};
+use super::{Definition, Engine, Input, ShareView, StepView};
 use crate::protocol::{
-    CancelRequested, Event, JobRequested, JobState, SubjobCompleted, SubjobFailed, Workflow,
+    CancelRequested, Event, JobDemand, JobRequested, JobState, SubjobCompleted, SubjobFailed,
+    Tenant, Workflow,
 };
 
 /// Random, mostly nonsensical inputs for the engine: unknown jobs, huge
@@ -28,6 +29,38 @@ fn engine_input() -> impl Strategy<Value = (u8, u8, usize, u64, u32, bool)> {
     )
 }
 
+/// Shares as another partition might report them: any capacity (or none),
+/// other jobs, a cap and its reservation.
+fn random_view(n: u64, k: u32, capped: bool) -> ShareView {
+    let mut v = ShareView::default();
+    let others = (0..k)
+        .map(|i| JobDemand {
+            job_id: format!("other{i}"),
+            customer: Some(format!("c{}", i % 2)),
+            priority: (n % 9 + 1) as u8,
+            want: n % 50,
+            holds: n % 7,
+            unfinished: n % 60,
+            since: u64::from(i),
+            waiting_since: (n % 3 == 0).then_some(0),
+        })
+        .collect();
+    let capacity = (n % 4 != 0).then_some(n % 20);
+    v.steps.insert("w.b".into(), StepView { capacity, others });
+    if capped {
+        v.tenants.insert(
+            "c0".into(),
+            Tenant {
+                max_concurrency: Some(n % 5),
+                ..Tenant::new("c0")
+            },
+        );
+        v.reserved
+            .insert(crate::protocol::customer_cap_key("c0"), n % 6);
+    }
+    v
+}
+
 #[test]
 fn random_event_streams_never_panic_the_engine() {
     let wf = Workflow::from_toml(
@@ -40,11 +73,16 @@ fn random_event_streams_never_panic_the_engine() {
         failure_persistence: None,
         ..Config::default()
     });
-    let streams = prop::collection::vec(engine_input(), 1..120);
+    // Half the streams go to a paced engine, fed random shares.
+    let streams = (any::<bool>(), prop::collection::vec(engine_input(), 1..120));
     runner
-        .run(&streams, |inputs| {
+        .run(&streams, |(paced, inputs)| {
             tried.fetch_add(1, Ordering::Relaxed);
-            let mut e = Engine::new();
+            let mut e = if paced {
+                Engine::paced(50)
+            } else {
+                Engine::new()
+            };
             let mut now = 1;
             for (what, job, step, index, attempt, flag) in inputs {
                 now += 7;
@@ -55,7 +93,7 @@ fn random_event_streams_never_panic_the_engine() {
                         event: JobRequested {
                             job_id,
                             workflow: "w".into(),
-                            customer: None,
+                            customer: (job % 2 == 0).then(|| "c0".into()),
                             input: json!(null),
                             at: now,
                             deadline_at: None,
@@ -111,6 +149,7 @@ fn random_event_streams_never_panic_the_engine() {
                         jobs: vec![(job_id, index)],
                     },
                     7 => Input::Save,
+                    8 => Input::Shares(random_view(index, attempt, flag)),
                     _ => Input::Tick,
                 };
                 let _ = e.apply(input, now);

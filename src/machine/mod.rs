@@ -150,6 +150,9 @@ pub struct Engine {
     pacing: Option<u64>,
     /// The last [`Input::Shares`].
     view: ShareView,
+    /// Whether one came: until then a paced engine knows no capacity and
+    /// no cap, and dispatches no fanout.
+    shared: bool,
     /// This engine's demands by step, as of the last [`Input::Shares`].
     own: BTreeMap<String, Vec<JobDemand>>,
     /// Since when each job wanted slots and held none.
@@ -268,6 +271,7 @@ impl Engine {
             Input::Save => self.save(&mut out),
             Input::Shares(view) => {
                 self.view = view;
+                self.shared = true;
                 self.share_out(now, &mut out);
             }
             Input::Tick => {
@@ -302,6 +306,9 @@ impl Engine {
                 _ => None,
             })
             .collect();
+        if !self.shared {
+            return;
+        }
         for (job_id, i) in started {
             let Some(job) = self.jobs.get(&job_id) else {
                 continue;

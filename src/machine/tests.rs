@@ -751,16 +751,29 @@ proptest! {
 
     /// Workers answer in any order, repeat themselves, fail some subjobs for
     /// good, and keep answering after steps ended. Whatever happens, every
-    /// job ends, each subjob is counted once, and counts add up.
+    /// job ends, each subjob is counted once, and counts add up; paced by
+    /// the fair share (any capacity, a customer cap or none) too, where the
+    /// job never holds more than its cap.
     #[test]
     fn any_interleaving_ends_with_exact_counts(
         n in 0u64..60,
         window in 1u64..20,
         tolerate in 0u64..5,
         choices in proptest::collection::vec((0usize..1000, 0u8..10), 1..800),
+        paced in any::<bool>(),
+        capacity in proptest::option::of(1u64..30),
+        cap in proptest::option::of(1u64..6),
     ) {
         let wf = workflow(&format!("max_in_flight = {window}\ntolerate_failures = \"{tolerate}\""));
-        let mut e = Engine::new();
+        let mut e = if paced { Engine::paced(50) } else { Engine::new() };
+        let mut view = ShareView::default();
+        view.steps.insert("invoices.send".into(), StepView { capacity, others: vec![] });
+        if let Some(cap) = cap {
+            view.tenants.insert(
+                "acme".into(),
+                crate::protocol::Tenant { max_concurrency: Some(cap), ..crate::protocol::Tenant::new("acme") },
+            );
+        }
         let mut queue: Vec<Delivery> = Vec::new();
         let mut sent: Vec<Delivery> = Vec::new();
         let mut now = 10;
@@ -777,7 +790,8 @@ proptest! {
         let mut choices = choices.into_iter();
         while e.job("j").map(|j| !j.state.is_terminal()).unwrap_or(false) {
             now += 1;
-            let (pick, roll) = choices.next().unwrap_or((0, 9));
+            // Past the choices: deliveries, and shares every other step.
+            let (pick, roll) = choices.next().unwrap_or((0, if now % 2 == 0 { 0 } else { 9 }));
             let input = if !queue.is_empty() && roll >= 2 {
                 let d = queue.remove(pick % queue.len());
                 let d = match d {
@@ -794,11 +808,27 @@ proptest! {
             } else if !sent.is_empty() && roll == 1 {
                 // a duplicate or a late answer
                 to_input(&sent[pick % sent.len()].clone(), n)
+            } else if paced && roll == 0 {
+                // what the event loop does: reserve what it wants (alone
+                // under the cap: all of it) and share out
+                let mut v = view.clone();
+                v.reserved = e
+                    .reservations()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, (cap, want))| (k.clone(), (*want).min(*cap)))
+                    .collect();
+                Input::Shares(v)
             } else {
                 Input::Tick
             };
             let actions = e.apply(input, now);
             push(actions, &mut queue);
+            if let (true, Some(cap), Some(job)) = (paced, cap, e.job("j")) {
+                if job.steps[1].state == StepState::Running {
+                    prop_assert!(in_flight(job) <= cap, "{} in flight under a cap of {cap}", in_flight(job));
+                }
+            }
             prop_assert!(now < 100_000, "job did not end");
         }
         let job = e.job("j").unwrap();
@@ -960,6 +990,12 @@ fn a_paced_fanout_dispatches_its_share_not_its_whole_window() {
 fn without_a_known_capacity_a_paced_fanout_dispatches_its_max_in_flight() {
     let mut e = Engine::paced(50);
     let a = submit_fair(&mut e, "big", "big", None, 20_000, 10);
+    assert_eq!(
+        dispatched(&a).get("big"),
+        None,
+        "nothing before a first view"
+    );
+    let a = e.apply(view(None, vec![]), 11);
     assert_eq!(dispatched(&a)["big"], 5000);
     assert_eq!(e.job("big").unwrap().steps[0].share, None);
 }

@@ -175,6 +175,9 @@ impl EventLoop {
         // only a holder may (checked before each of those).
         let mut reader =
             Self::reader(&self.nats, self.partition, self.options.batch, &self.fence).await?;
+        // The fair share's view first: a paced engine dispatches no fanout
+        // before it.
+        self.share().await?;
         let mut ticker = tokio::time::interval(self.options.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut saver = tokio::time::interval(self.options.checkpoint_every);
