@@ -277,6 +277,8 @@ pub enum TokenError {
     TooLong { what: &'static str, max: usize },
     #[error("{what} {value:?} may only contain letters, digits, '-' and '_' (it becomes a NATS subject token)")]
     BadChar { what: &'static str, value: String },
+    #[error("{what} {value:?} holds a control character (any other printable text is allowed)")]
+    ControlChar { what: &'static str, value: String },
 }
 
 /// Checks a job id, workflow or step name: 1 to 64 of `[A-Za-z0-9_-]`, so it
@@ -314,7 +316,7 @@ pub fn validate_customer(value: &str) -> Result<(), TokenError> {
         });
     }
     if value.chars().any(char::is_control) {
-        return Err(TokenError::BadChar {
+        return Err(TokenError::ControlChar {
             what: "customer",
             value: value.escape_debug().to_string(),
         });
@@ -340,6 +342,16 @@ mod tests {
         for good in ["inv-2026_11", "A", &new_job_id()] {
             validate_token("job id", good).unwrap();
         }
+    }
+
+    #[test]
+    fn a_customer_may_be_any_printable_text_and_its_error_says_so() {
+        for good in ["acme", "Acme Inc.", "a.b*c>", "é 東京"] {
+            validate_customer(good).unwrap();
+        }
+        let e = validate_customer("a\nb").unwrap_err().to_string();
+        assert!(e.contains("control character"), "{e}");
+        assert!(!e.contains("only contain letters"), "{e}");
     }
 
     #[test]
