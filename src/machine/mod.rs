@@ -49,8 +49,9 @@ use crate::protocol::{
     AbandonReason, CancelRequested, Event, EventKind, Failure, Job, JobCancelled, JobCompleted,
     JobDemand, JobFailed, JobRejected, JobRequested, JobState, Mark, Millis, Pending, RejectCode,
     Share, Source, SourceField, Step, StepCompleted, StepKind, StepRun, StepStarted, StepState,
-    SubjobCompleted, SubjobFailed, SubjobsFailed, Workflow, EVENTS_STREAM, INLINE_RESULT_MAX,
-    MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES,
+    SubjobCompleted, SubjobFailed, SubjobsFailed, UpdateRequested, Workflow, EVENTS_STREAM,
+    INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON,
+    MAX_REASON_BYTES,
 };
 
 /// Refill a step's in-flight window only when at least this many slots are
@@ -628,6 +629,7 @@ impl Engine {
             Event::SubjobFailed(e) => subjob_failed(job, seq, e.clone(), now, out),
             Event::SubjobsFailed(e) => subjobs_failed(job, seq, e, now, out),
             Event::CancelRequested(e) => Ok(cancel(job, e.clone(), now, out)),
+            Event::UpdateRequested(e) => Ok(update(job, e, now, out)),
             // The manager's own output, read back: already applied.
             _ => Ok(false),
         };
@@ -991,11 +993,16 @@ fn demand(job: &Job, now: Millis) -> Option<JobDemand> {
         return None;
     }
     let unfinished = step.total.saturating_sub(step.completed + step.failed);
+    // A paused job wants nothing more.
+    let want = match job.paused_at {
+        Some(_) => 0,
+        None => unfinished.min(def.max_in_flight),
+    };
     Some(JobDemand {
         job_id: job.job_id.clone(),
         customer: job.customer.clone(),
         priority: job.priority,
-        want: unfinished.min(def.max_in_flight),
+        want,
         holds: in_flight(job),
         unfinished,
         since: step.started_at.unwrap_or(now),
@@ -1018,7 +1025,8 @@ fn refill(job: &mut Job, out: &mut Vec<Action>) {
     let i = job.current;
     let def = &job.definition.steps[i];
     let step = &mut job.steps[i];
-    if step.state != StepState::Running || step.dispatched >= step.total {
+    if step.state != StepState::Running || step.dispatched >= step.total || job.paused_at.is_some()
+    {
         return;
     }
     let in_flight = step.dispatched - (step.completed + step.failed).min(step.dispatched);
@@ -1243,6 +1251,45 @@ fn cancel(job: &mut Job, e: CancelRequested, now: Millis, out: &mut Vec<Action>)
         reason,
         at: now,
     })));
+    true
+}
+
+/// A change to a running job: pause or resume its dispatching, its window,
+/// its tolerance (for its running step and the ones after). A tolerance
+/// lowered below the failures counted fails the job now; a resumed job
+/// dispatches at once. Read back again (a replay), it changes nothing more.
+fn update(job: &mut Job, e: &UpdateRequested, now: Millis, out: &mut Vec<Action>) -> bool {
+    let before = (job.paused_at, job.definition.clone());
+    match e.paused {
+        Some(true) if job.paused_at.is_none() => job.paused_at = Some(e.at),
+        Some(false) => job.paused_at = None,
+        _ => {}
+    }
+    let from = job.current;
+    for step in job.definition.steps.iter_mut().skip(from) {
+        if let Some(n) = e.max_in_flight.filter(|n| *n >= 1) {
+            step.max_in_flight = n;
+        }
+        if let Some(t) = e.tolerate.filter(|t| t.is_valid()) {
+            step.tolerate = t;
+        }
+    }
+    if job.paused_at == before.0 && job.definition == before.1 {
+        return false;
+    }
+    job.updated_at = now;
+    let i = job.current;
+    let (failed, total) = (job.steps[i].failed, job.steps[i].total);
+    let allowed = job.definition.steps[i].tolerate.allowed(total);
+    if job.steps[i].state == StepState::Running && failed > allowed {
+        let reason = format!(
+            "step {:?}: {failed} of {total} subjobs failed, more than now tolerated ({allowed})",
+            job.steps[i].name
+        );
+        fail_job(job, reason, now, out);
+    } else {
+        refill(job, out);
+    }
     true
 }
 

@@ -197,6 +197,8 @@ impl JobStats {
             Event::CancelRequested(e) => {
                 self.cancel_requested_at.get_or_insert(e.at);
             }
+            // Pausing or changing a job's window or tolerance counts nothing.
+            Event::UpdateRequested(_) => {}
         }
         true
     }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{event_subject, partition, Millis};
+use super::{event_subject, partition, Millis, Tolerance};
 
 /// A job was submitted and accepted by the intake.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -187,6 +187,27 @@ pub struct CancelRequested {
     pub at: Millis,
 }
 
+/// Someone asked to change a running job: pause or resume its dispatching,
+/// its in-flight window, its tolerated failures. Absent fields change
+/// nothing; the changes apply to its running step and the steps after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct UpdateRequested {
+    pub job_id: String,
+    /// `true`: dispatch nothing more (running subjobs finish); `false`: go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+    /// Most subjobs of the job dispatched and unfinished at once (1 or more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_in_flight: Option<u64>,
+    /// Failed subjobs a step tolerates from now on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerate: Option<Tolerance>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: Millis,
+}
+
 /// The job was cancelled; its queued tasks were dropped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobCancelled {
@@ -212,6 +233,7 @@ pub enum Event {
     JobFailed(JobFailed),
     CancelRequested(CancelRequested),
     JobCancelled(JobCancelled),
+    UpdateRequested(UpdateRequested),
 }
 
 /// The kind of an event, as the last subject token.
@@ -228,10 +250,11 @@ pub enum EventKind {
     JobFailed,
     CancelRequested,
     JobCancelled,
+    UpdateRequested,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::JobRequested,
         EventKind::JobRejected,
         EventKind::StepStarted,
@@ -243,6 +266,7 @@ impl EventKind {
         EventKind::JobFailed,
         EventKind::CancelRequested,
         EventKind::JobCancelled,
+        EventKind::UpdateRequested,
     ];
 
     /// The subject token of this kind.
@@ -259,6 +283,7 @@ impl EventKind {
             EventKind::JobFailed => "failed",
             EventKind::CancelRequested => "cancel_requested",
             EventKind::JobCancelled => "cancelled",
+            EventKind::UpdateRequested => "update_requested",
         }
     }
 
@@ -272,6 +297,7 @@ impl EventKind {
                 | EventKind::SubjobFailed
                 | EventKind::SubjobsFailed
                 | EventKind::CancelRequested
+                | EventKind::UpdateRequested
         )
     }
 }
@@ -290,6 +316,7 @@ impl Event {
             Event::JobFailed(_) => EventKind::JobFailed,
             Event::CancelRequested(_) => EventKind::CancelRequested,
             Event::JobCancelled(_) => EventKind::JobCancelled,
+            Event::UpdateRequested(_) => EventKind::UpdateRequested,
         }
     }
 
@@ -306,6 +333,7 @@ impl Event {
             Event::JobFailed(e) => &e.job_id,
             Event::CancelRequested(e) => &e.job_id,
             Event::JobCancelled(e) => &e.job_id,
+            Event::UpdateRequested(e) => &e.job_id,
         }
     }
 
@@ -351,6 +379,7 @@ impl Event {
                 e.below
             ),
             Event::CancelRequested(e) => format!("{job}:{kind}:{}", e.at),
+            Event::UpdateRequested(e) => format!("{job}:{kind}:{}", e.at),
             _ => format!("{job}:{kind}"),
         }
     }

@@ -208,6 +208,9 @@ pub struct Job {
     /// When the job should have ended, if its workflow has a deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_at: Option<Millis>,
+    /// Since when it is paused (dispatches nothing more), if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<Millis>,
     /// The workflow as it was when the job started; later edits do not
     /// change a running job.
     #[serde(default)]
@@ -265,6 +268,7 @@ impl Job {
             deadline_at: ev
                 .deadline_at
                 .or_else(|| definition.deadline_ms.map(|d| ev.at + d)),
+            paused_at: None,
             definition,
             pacing: None,
         }
@@ -293,6 +297,7 @@ impl Job {
             requested_seq: 0,
             applied_seq: 0,
             deadline_at: None,
+            paused_at: None,
             definition: Workflow {
                 name: workflow.unwrap_or_default().to_string(),
                 ..Workflow::default()

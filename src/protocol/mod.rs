@@ -34,7 +34,7 @@ pub use codec::{
 pub use event::{
     AbandonReason, CancelRequested, Event, EventKind, JobCancelled, JobCompleted, JobFailed,
     JobRejected, JobRequested, RejectCode, StepCompleted, StepStarted, SubjobCompleted,
-    SubjobFailed, SubjobsFailed,
+    SubjobFailed, SubjobsFailed, UpdateRequested,
 };
 pub use heartbeat::{Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL};
 pub use job::{

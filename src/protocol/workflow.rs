@@ -38,6 +38,14 @@ pub enum Tolerance {
 }
 
 impl Tolerance {
+    /// A count, or a share from 0% to 100%.
+    pub fn is_valid(self) -> bool {
+        match self {
+            Tolerance::Count(_) => true,
+            Tolerance::Percent(p) => (0.0..=100.0).contains(&p),
+        }
+    }
+
     /// The largest number of failures allowed among `total` subjobs.
     pub fn allowed(self, total: u64) -> u64 {
         match self {
