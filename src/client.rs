@@ -14,7 +14,7 @@ use crate::nats::Nats;
 use crate::protocol::{
     cancel_subject, customer_submit_subject, encode_json, new_job_id, now_ms, status_subject,
     submit_subject, validate_token, CancelRequested, Event, Job, RejectCode, Submission,
-    SubmitReply,
+    SubmitReply, Tolerance, UpdateRequested,
 };
 
 #[derive(Debug, Error)]
@@ -150,8 +150,45 @@ async fn send(
 
 /// Asks the manager to cancel a running job.
 pub async fn cancel(nats: &Nats, job_id: &str, reason: Option<String>) -> Result<(), ClientError> {
-    // A job just accepted (not yet checkpointed) can be cancelled too: the
-    // request follows its JobRequested in the log.
+    not_ended(nats, job_id).await?;
+    let event = Event::CancelRequested(CancelRequested {
+        job_id: job_id.to_string(),
+        reason,
+        at: now_ms(),
+    });
+    log::append(nats, &event).await?;
+    Ok(())
+}
+
+/// What to change of a running job (see [`UpdateRequested`]).
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    pub paused: Option<bool>,
+    pub max_in_flight: Option<u64>,
+    pub tolerate: Option<Tolerance>,
+    pub reason: Option<String>,
+}
+
+/// Asks the manager to change a running job: pause or resume it, its
+/// in-flight window, its tolerated failures. The request is logged; the
+/// manager applies it when it reads it (within a tick).
+pub async fn update(nats: &Nats, job_id: &str, change: Change) -> Result<(), ClientError> {
+    not_ended(nats, job_id).await?;
+    let event = Event::UpdateRequested(UpdateRequested {
+        job_id: job_id.to_string(),
+        paused: change.paused,
+        max_in_flight: change.max_in_flight,
+        tolerate: change.tolerate,
+        reason: change.reason,
+        at: now_ms(),
+    });
+    log::append(nats, &event).await?;
+    Ok(())
+}
+
+/// The job exists and has not ended. A job just accepted (not yet
+/// checkpointed) counts: a request follows its JobRequested in the log.
+async fn not_ended(nats: &Nats, job_id: &str) -> Result<(), ClientError> {
     let job = store::status(nats, job_id)
         .await?
         .ok_or_else(|| ClientError::NoSuchJob(job_id.to_string()))?;
@@ -161,12 +198,6 @@ pub async fn cancel(nats: &Nats, job_id: &str, reason: Option<String>) -> Result
             state: job.state.as_str().to_string(),
         });
     }
-    let event = Event::CancelRequested(CancelRequested {
-        job_id: job_id.to_string(),
-        reason,
-        at: now_ms(),
-    });
-    log::append(nats, &event).await?;
     Ok(())
 }
 

@@ -55,6 +55,14 @@ enum Command {
     Jobs(cli::jobs::JobsArgs),
     /// Cancels a job: nothing new is dispatched, queued tasks are dropped.
     Cancel(cli::jobs::CancelArgs),
+    /// Pauses a job: nothing new is dispatched (not even its next step's
+    /// task); subjobs already dispatched finish. Its deadlines keep running.
+    Pause(cli::jobs::PauseArgs),
+    /// Resumes a paused job: it dispatches again at once.
+    Resume(cli::jobs::PauseArgs),
+    /// Changes a running job's in-flight window or tolerated failures (from
+    /// its running step on); recorded in its log.
+    Update(cli::jobs::UpdateArgs),
     /// Follows a job with live progress bars; exits with its outcome (0 completed, 1 failed, 2 cancelled or rejected).
     Watch(cli::jobs::WatchArgs),
     /// Lists live managers (with the event-log partitions each reads) and
@@ -109,6 +117,9 @@ impl Command {
                 | Command::Status(_)
                 | Command::Jobs(_)
                 | Command::Cancel(_)
+                | Command::Pause(_)
+                | Command::Resume(_)
+                | Command::Update(_)
                 | Command::Processes(_)
                 | Command::Workflow(_)
                 | Command::Tenants(_)
@@ -139,6 +150,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Status(args) => cli::jobs::status(c, args).await,
         Command::Jobs(args) => cli::jobs::list(c, args).await,
         Command::Cancel(args) => cli::jobs::cancel(c, args).await,
+        Command::Pause(args) => cli::jobs::pause(c, args, true).await,
+        Command::Resume(args) => cli::jobs::pause(c, args, false).await,
+        Command::Update(args) => cli::jobs::update(c, args).await,
         Command::Watch(args) => cli::jobs::watch(c, args).await,
         Command::Processes(args) => cli::processes::run(c, args).await,
         Command::Workflow(cmd) => cli::workflows::run(c, cmd).await,

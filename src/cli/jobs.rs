@@ -7,7 +7,9 @@ use fanjet::client;
 use fanjet::nats::connect::ConnectArgs;
 use fanjet::nats::store::{self, JobFilter};
 use fanjet::nats::Nats;
-use fanjet::protocol::{detailed, now_ms, validate_token, Job, JobState, StepState, Submission};
+use fanjet::protocol::{
+    detailed, now_ms, validate_token, Job, JobState, StepState, Submission, Tolerance,
+};
 
 use super::progress;
 
@@ -84,6 +86,35 @@ pub struct CancelArgs {
     /// customer, who may cancel only its jobs).
     #[arg(long)]
     customer: Option<String>,
+}
+
+// `fanjet pause`, `fanjet resume`
+#[derive(Args)]
+pub struct PauseArgs {
+    job_id: String,
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+// `fanjet update`
+#[derive(Args)]
+pub struct UpdateArgs {
+    job_id: String,
+    /// Most subjobs of the job dispatched and unfinished at once, from now
+    /// on (its running step and the ones after).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_in_flight: Option<u64>,
+    /// Failed subjobs its steps tolerate from now on: a count ("10") or a
+    /// share ("5%"). Lower than the failures its running step counted
+    /// already, the job fails at once.
+    #[arg(long, value_parser = parse_tolerance)]
+    tolerate_failures: Option<Tolerance>,
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+fn parse_tolerance(text: &str) -> Result<Tolerance, String> {
+    Tolerance::parse(text)
 }
 
 // `fanjet watch`
@@ -265,7 +296,7 @@ pub async fn list(connect: &ConnectArgs, args: JobsArgs) -> Result<u8> {
                 j.job_id,
                 j.workflow,
                 j.customer.as_deref().unwrap_or("-"),
-                j.state.as_str(),
+                progress::shown_state(j),
                 started,
                 j.steps.len()
             );
@@ -287,6 +318,36 @@ pub async fn cancel(connect: &ConnectArgs, args: CancelArgs) -> Result<u8> {
         }
     };
     eprintln!("cancel requested for {id}");
+    Ok(0)
+}
+
+/// `fanjet pause` (`paused`) and `fanjet resume`.
+pub async fn pause(connect: &ConnectArgs, args: PauseArgs, paused: bool) -> Result<u8> {
+    let nats = super::connect(connect, "fanjet-cli").await?;
+    let change = client::Change {
+        paused: Some(paused),
+        reason: args.reason,
+        ..Default::default()
+    };
+    client::update(&nats, &args.job_id, change).await?;
+    let what = if paused { "pause" } else { "resume" };
+    eprintln!("{what} requested for {}", args.job_id);
+    Ok(0)
+}
+
+pub async fn update(connect: &ConnectArgs, args: UpdateArgs) -> Result<u8> {
+    if args.max_in_flight.is_none() && args.tolerate_failures.is_none() {
+        bail!("nothing to change: give --max-in-flight or --tolerate-failures");
+    }
+    let nats = super::connect(connect, "fanjet-cli").await?;
+    let change = client::Change {
+        max_in_flight: args.max_in_flight,
+        tolerate: args.tolerate_failures,
+        reason: args.reason,
+        ..Default::default()
+    };
+    client::update(&nats, &args.job_id, change).await?;
+    eprintln!("change requested for {}", args.job_id);
     Ok(0)
 }
 

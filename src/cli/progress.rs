@@ -129,7 +129,7 @@ pub fn render(job: &Job) -> String {
     ));
     out.push_str(&format!(
         "state {}  duration {}\n",
-        job.state.as_str(),
+        shown_state(job),
         secs(Some(job.created_at), job.finished_at)
     ));
     if let Some(e) = &job.error {
@@ -190,6 +190,15 @@ pub fn render(job: &Job) -> String {
         out.push_str(&format!("output {}\n", job.output));
     }
     out
+}
+
+/// A job's state as people read it: a running job that dispatches nothing
+/// more is `paused`.
+pub fn shown_state(job: &Job) -> &'static str {
+    match (job.state, job.paused_at) {
+        (JobState::Running, Some(_)) => "paused",
+        (state, _) => state.as_str(),
+    }
 }
 
 /// Per-step statistics: subjob durations and attempts.

@@ -13,14 +13,14 @@ use serde_json::json;
 use super::{Definition, Engine, Input, ShareView, StepView};
 use crate::protocol::{
     CancelRequested, Event, JobDemand, JobRequested, JobState, SubjobCompleted, SubjobFailed,
-    Tenant, Workflow,
+    Tenant, Tolerance, UpdateRequested, Workflow,
 };
 
 /// Random, mostly nonsensical inputs for the engine: unknown jobs, huge
 /// indices, wrong steps, duplicates, ticks, aborts.
 fn engine_input() -> impl Strategy<Value = (u8, u8, usize, u64, u32, bool)> {
     (
-        0u8..10,
+        0u8..11,
         0u8..3,
         0usize..4,
         prop_oneof![0u64..12, Just(u64::MAX), any::<u64>()],
@@ -150,6 +150,17 @@ fn random_event_streams_never_panic_the_engine() {
                     },
                     7 => Input::Save,
                     8 => Input::Shares(random_view(index, attempt, flag)),
+                    9 => Input::Event {
+                        seq: now,
+                        event: Event::UpdateRequested(UpdateRequested {
+                            job_id,
+                            paused: (attempt % 3 != 0).then_some(flag),
+                            max_in_flight: (attempt % 2 == 0).then_some(index % 6),
+                            tolerate: (attempt % 4 == 1).then_some(Tolerance::Count(index % 3)),
+                            reason: None,
+                            at: now,
+                        }),
+                    },
                     _ => Input::Tick,
                 };
                 let _ = e.apply(input, now);

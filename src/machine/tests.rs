@@ -1134,3 +1134,100 @@ fn a_capped_customer_never_holds_more_than_its_cap() {
         "both progress: {done1} and {done2}"
     );
 }
+
+// --- Changing a running job: pause, resume, window, tolerance ---
+
+fn update_input(job: &str, at: Millis, f: impl FnOnce(&mut UpdateRequested)) -> Input {
+    let mut e = UpdateRequested {
+        job_id: job.into(),
+        paused: None,
+        max_in_flight: None,
+        tolerate: None,
+        reason: None,
+        at,
+    };
+    f(&mut e);
+    Input::Event {
+        seq: next_seq(),
+        event: Event::UpdateRequested(e),
+    }
+}
+
+#[test]
+fn a_paused_job_dispatches_nothing_until_resumed() {
+    let mut e = Engine::new();
+    request(&mut e, workflow("max_in_flight = 2"));
+    e.apply(update_input("j", 15, |u| u.paused = Some(true)), 15);
+    assert_eq!(e.job("j").unwrap().paused_at, Some(15));
+    // Its running task finishes; the fanout starts but dispatches nothing.
+    let a = e.apply(done(0, 0, 1, json!([1, 2, 3, 4, 5])), 20);
+    assert_eq!(
+        kinds(&a),
+        ["step_completed", "step_started"],
+        "no dispatch while paused"
+    );
+    let a = e.apply(Input::Tick, 30);
+    assert!(kinds(&a).is_empty(), "{:?}", kinds(&a));
+    // Resumed, it dispatches its window at once.
+    let a = e.apply(update_input("j", 40, |u| u.paused = Some(false)), 40);
+    assert_eq!(kinds(&a), ["dispatch 1:0..2"]);
+    assert_eq!(e.job("j").unwrap().paused_at, None);
+    // Paused again: the two in flight finish, nothing more goes out.
+    e.apply(update_input("j", 50, |u| u.paused = Some(true)), 50);
+    assert!(kinds(&e.apply(done(1, 0, 1, json!(null)), 51)).is_empty());
+    assert!(kinds(&e.apply(done(1, 1, 1, json!(null)), 52)).is_empty());
+    assert_eq!(in_flight(e.job("j").unwrap()), 0);
+    // A repeated request changes nothing.
+    assert!(e
+        .apply(update_input("j", 50, |u| u.paused = Some(true)), 53)
+        .is_empty());
+}
+
+#[test]
+fn a_running_jobs_window_and_tolerance_change() {
+    let mut e = Engine::new();
+    request(
+        &mut e,
+        workflow("max_in_flight = 2\ntolerate_failures = \"3\""),
+    );
+    e.apply(done(0, 0, 1, json!([1, 2, 3, 4, 5, 6, 7, 8])), 20);
+    // A wider window: the next refill fills it.
+    let a = e.apply(update_input("j", 21, |u| u.max_in_flight = Some(5)), 21);
+    assert!(kinds(&a).is_empty(), "{:?}", kinds(&a));
+    assert_eq!(e.job("j").unwrap().definition.steps[1].max_in_flight, 5);
+    assert_eq!(
+        e.job("j").unwrap().definition.steps[0].max_in_flight,
+        5000,
+        "steps before stay"
+    );
+    e.apply(done(1, 0, 1, json!(null)), 22);
+    let a = e.apply(done(1, 1, 1, json!(null)), 22);
+    assert_eq!(kinds(&a), ["dispatch 1:2..7"]);
+    // Two failures, tolerated (3)...
+    e.apply(failed(1, 2), 23);
+    e.apply(failed(1, 3), 23);
+    assert_eq!(e.job("j").unwrap().state, JobState::Running);
+    // ...until the tolerance comes down to 1: the job fails at once.
+    let a = e.apply(
+        update_input("j", 24, |u| {
+            u.tolerate = Some(crate::protocol::Tolerance::Count(1))
+        }),
+        24,
+    );
+    assert!(kinds(&a).contains(&"failed".to_string()), "{:?}", kinds(&a));
+    let job = e.job("j").unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert!(job
+        .error
+        .as_deref()
+        .unwrap_or("")
+        .contains("more than now tolerated (1)"));
+    // A window of 0 is refused (it would stall the job).
+    let mut e = Engine::new();
+    request(&mut e, workflow("max_in_flight = 2"));
+    e.apply(done(0, 0, 1, json!([1, 2, 3])), 20);
+    assert!(e
+        .apply(update_input("j", 21, |u| u.max_in_flight = Some(0)), 21)
+        .is_empty());
+    assert_eq!(e.job("j").unwrap().definition.steps[1].max_in_flight, 2);
+}

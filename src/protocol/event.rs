@@ -479,6 +479,14 @@ mod tests {
                 reason: Some("r".into()),
                 at: 5,
             }),
+            Event::UpdateRequested(UpdateRequested {
+                job_id: "j".into(),
+                paused: Some(true),
+                max_in_flight: Some(7),
+                tolerate: Some(Tolerance::Percent(2.5)),
+                reason: None,
+                at: 6,
+            }),
         ]
     }
 

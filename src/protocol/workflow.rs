@@ -54,7 +54,8 @@ impl Tolerance {
         }
     }
 
-    fn parse(s: &str) -> Result<Self, String> {
+    /// "10" (a count) or "5%" (a share of the step's subjobs).
+    pub fn parse(s: &str) -> Result<Self, String> {
         let t = s.trim();
         if let Some(p) = t.strip_suffix('%') {
             let v: f64 = p

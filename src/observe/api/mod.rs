@@ -135,6 +135,9 @@ pub fn router(nats: Nats, tokens: ApiTokens) -> Router {
         .route("/api/jobs/{id}/events", get(events))
         .route("/api/jobs/{id}/stream", get(stream))
         .route("/api/jobs/{id}/cancel", post(cancel))
+        .route("/api/jobs/{id}/pause", post(pause))
+        .route("/api/jobs/{id}/resume", post(resume))
+        .route("/api/jobs/{id}/update", post(update))
         .route("/api/processes", get(processes))
         .route("/api/customers", get(customers))
         .route("/api/openapi.json", get(openapi))
@@ -334,6 +337,7 @@ fn summary(job: &Job) -> Value {
         "done": step.map(|s| s.completed + s.failed),
         "total": step.map(|s| s.total),
         "error": job.error,
+        "paused_at": job.paused_at,
     })
 }
 
@@ -515,4 +519,78 @@ async fn cancel(
         Json(json!({"job_id": id, "cancel": "requested"})),
     )
         .into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    #[serde(default)]
+    max_in_flight: Option<u64>,
+    /// "10" or "5%".
+    #[serde(default)]
+    tolerate_failures: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn change(nats: &Nats, id: &str, change: client::Change, what: &str) -> ApiResult<Response> {
+    client::update(nats, id, change).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": id, what: "requested"})),
+    )
+        .into_response())
+}
+
+async fn pause(
+    State(nats): State<Nats>,
+    Path(id): Path<String>,
+    body: Option<Json<CancelBody>>,
+) -> ApiResult<Response> {
+    let reason = body.and_then(|Json(b)| b.reason);
+    let c = client::Change {
+        paused: Some(true),
+        reason,
+        ..Default::default()
+    };
+    change(&nats, &id, c, "pause").await
+}
+
+async fn resume(State(nats): State<Nats>, Path(id): Path<String>) -> ApiResult<Response> {
+    let c = client::Change {
+        paused: Some(false),
+        ..Default::default()
+    };
+    change(&nats, &id, c, "resume").await
+}
+
+async fn update(
+    State(nats): State<Nats>,
+    Path(id): Path<String>,
+    body: Result<Json<UpdateBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(b) = body
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_payload", e.body_text()))?;
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_change", m);
+    if b.max_in_flight == Some(0) {
+        return Err(bad("max_in_flight must be at least 1".into()));
+    }
+    let tolerate = b
+        .tolerate_failures
+        .as_deref()
+        .map(crate::protocol::Tolerance::parse)
+        .transpose()
+        .map_err(bad)?;
+    if b.max_in_flight.is_none() && tolerate.is_none() {
+        return Err(bad(
+            "nothing to change: give max_in_flight or tolerate_failures".into(),
+        ));
+    }
+    let c = client::Change {
+        max_in_flight: b.max_in_flight,
+        tolerate,
+        reason: b.reason,
+        ..Default::default()
+    };
+    change(&nats, &id, c, "update").await
 }
