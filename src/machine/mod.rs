@@ -13,6 +13,9 @@
 //! - steps run in order; a fanout keeps at most `max_in_flight` subjobs
 //!   dispatched and unfinished; failures beyond the step's tolerance, a
 //!   step's deadline, a cancellation end the job;
+//! - a paused job dispatches nothing (not even its next step's task) until
+//!   resumed; a change of window or tolerance applies from the running step
+//!   on, and a tolerance below the failures counted fails the job;
 //! - a paced engine ([`Engine::paced`]) shares each step's worker slots
 //!   (`share.rs`: priorities, then customers, then jobs) and a fanout keeps
 //!   dispatched only its share plus a few milliseconds of work, never more
