@@ -63,6 +63,10 @@ enum Command {
     /// Changes a running job's in-flight window or tolerated failures (from
     /// its running step on); recorded in its log.
     Update(cli::jobs::UpdateArgs),
+    /// Prints a step's results: each subjob's result (or last error) once,
+    /// as JSON lines `{"index", "ok", "attempt", "result" | "error"}` in log
+    /// order, read in bounded memory (a million results too).
+    Results(cli::jobs::ResultsArgs),
     /// Follows a job with live progress bars; exits with its outcome (0 completed, 1 failed, 2 cancelled or rejected).
     Watch(cli::jobs::WatchArgs),
     /// Lists live managers (with the event-log partitions each reads) and
@@ -120,6 +124,7 @@ impl Command {
                 | Command::Pause(_)
                 | Command::Resume(_)
                 | Command::Update(_)
+                | Command::Results(_)
                 | Command::Processes(_)
                 | Command::Workflow(_)
                 | Command::Tenants(_)
@@ -153,6 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Pause(args) => cli::jobs::pause(c, args, true).await,
         Command::Resume(args) => cli::jobs::pause(c, args, false).await,
         Command::Update(args) => cli::jobs::update(c, args).await,
+        Command::Results(args) => cli::jobs::results(c, args).await,
         Command::Watch(args) => cli::jobs::watch(c, args).await,
         Command::Processes(args) => cli::processes::run(c, args).await,
         Command::Workflow(cmd) => cli::workflows::run(c, cmd).await,

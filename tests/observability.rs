@@ -293,6 +293,7 @@ async fn cancel_over_http_and_the_openapi_document_matches_the_routes() {
         ("/api/jobs/{id}/pause", "post"),
         ("/api/jobs/{id}/resume", "post"),
         ("/api/jobs/{id}/update", "post"),
+        ("/api/jobs/{id}/steps/{step}/results", "get"),
         ("/api/processes", "get"),
         ("/api/customers", "get"),
         ("/api/openapi.json", "get"),
@@ -311,7 +312,10 @@ async fn cancel_over_http_and_the_openapi_document_matches_the_routes() {
             paths.get(path).and_then(|p| p.get(method)).is_some(),
             "{method} {path} is not in docs/openapi.json"
         );
-        let url = format!("{base}{}", path.replace("{id}", "c-1"));
+        let url = format!(
+            "{base}{}",
+            path.replace("{id}", "c-1").replace("{step}", "0")
+        );
         let status = match method {
             "get" if path.ends_with("/stream") => {
                 reqwest::get(&url).await.unwrap().status().as_u16()

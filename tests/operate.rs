@@ -160,3 +160,62 @@ async fn a_running_jobs_window_and_tolerance_are_changed_from_the_cli() {
         "{kinds:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steps_results_are_read_once_each_from_the_cli_and_the_api() {
+    let (mut env, _) = setup().await;
+    let mut items: Vec<Value> = (0..60).map(|i| json!(i)).collect();
+    items[7] = json!("bad");
+    items[42] = json!("bad");
+    assert!(
+        env.submit("op", json!({"job_id": "r-1", "input": items}))
+            .await
+            .ok
+    );
+    let job = env.wait_end("r-1", Duration::from_secs(60)).await;
+    assert_eq!((job.steps[0].completed, job.steps[0].failed), (58, 2));
+
+    let (ok, out) = cli(&env, &["results", "r-1"]);
+    assert!(ok, "{out}");
+    let lines: Vec<Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut indices: Vec<u64> = lines.iter().map(|l| l["index"].as_u64().unwrap()).collect();
+    indices.sort();
+    assert_eq!(indices, (0..60).collect::<Vec<u64>>(), "each subjob once");
+    let failed: Vec<&Value> = lines.iter().filter(|l| l["ok"] == json!(false)).collect();
+    assert_eq!(failed.len(), 2);
+    assert_eq!(failed[0]["error"], "bad item");
+    let (ok, out) = cli(&env, &["results", "r-1", "--step", "work", "--failed"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with('{')).count(),
+        2,
+        "{out}"
+    );
+    let (ok, out) = cli(&env, &["results", "r-1", "--step", "nope"]);
+    assert!(!ok && out.contains("no step"), "{out}");
+
+    let (base, _stop) = env.serve(Default::default()).await;
+    let body = reqwest::get(format!("{base}/api/jobs/r-1/steps/0/results"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body.lines().count(), 60, "{body}");
+    let body = reqwest::get(format!("{base}/api/jobs/r-1/steps/0/results?failed=true"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body.lines().count(), 2, "{body}");
+    let status = reqwest::get(format!("{base}/api/jobs/r-1/steps/5/results"))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 404);
+}

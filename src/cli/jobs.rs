@@ -1,5 +1,7 @@
 //! The job commands: `fanjet submit`, `status`, `jobs`, `cancel`, `watch`.
 
+use std::io::Write;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 
@@ -115,6 +117,18 @@ pub struct UpdateArgs {
 
 fn parse_tolerance(text: &str) -> Result<Tolerance, String> {
     Tolerance::parse(text)
+}
+
+// `fanjet results`
+#[derive(Args)]
+pub struct ResultsArgs {
+    job_id: String,
+    /// The step (name or index); default: the last fanout step that started.
+    #[arg(long)]
+    step: Option<String>,
+    /// Only the subjobs that failed, with their last error.
+    #[arg(long)]
+    failed: bool,
 }
 
 // `fanjet watch`
@@ -348,6 +362,54 @@ pub async fn update(connect: &ConnectArgs, args: UpdateArgs) -> Result<u8> {
     };
     client::update(&nats, &args.job_id, change).await?;
     eprintln!("change requested for {}", args.job_id);
+    Ok(0)
+}
+
+/// Prints each subjob's result (or last error) of a step once, as JSON
+/// lines, in the order the log has them.
+pub async fn results(connect: &ConnectArgs, args: ResultsArgs) -> Result<u8> {
+    let nats = super::connect(connect, "fanjet-cli").await?;
+    let job = store::status(&nats, &args.job_id)
+        .await?
+        .ok_or_else(|| anyhow!("no job {:?}", args.job_id))?;
+    let step = match &args.step {
+        Some(s) => job
+            .steps
+            .iter()
+            .position(|st| st.name == *s)
+            .or_else(|| s.parse().ok().filter(|i: &usize| *i < job.steps.len()))
+            .ok_or_else(|| anyhow!("job {} has no step {s:?}", job.job_id))?,
+        None => job
+            .steps
+            .iter()
+            .rposition(|st| {
+                st.kind == fanjet::protocol::StepKind::Fanout && st.state != StepState::Pending
+            })
+            .ok_or_else(|| {
+                anyhow!(
+                    "job {} has no fanout step that started; give --step",
+                    job.job_id
+                )
+            })?,
+    };
+    // With the task key (managers' users), forged outcomes are dropped.
+    let key = nats
+        .clone()
+        .with_task_key()
+        .await
+        .ok()
+        .and_then(|n| n.task_key);
+    if key.is_none() {
+        eprintln!("note: this user cannot read the task key; outcomes are not checked against their tasks' tokens");
+    }
+    let mut reader = fanjet::nats::log::ResultsReader::new(&nats, &job.job_id, step, key);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    while let Some(page) = reader.next_page().await? {
+        for c in page.iter().filter(|c| !args.failed || c.is_failed()) {
+            writeln!(out, "{}", c.to_json())?;
+        }
+    }
+    out.flush()?;
     Ok(0)
 }
 

@@ -48,7 +48,9 @@ use thiserror::Error;
 use super::leases::{Fence, Fenced};
 use super::Nats;
 use crate::metrics::Metrics;
-use crate::protocol::{encode_json, job_events_filter, Event, EVENTS_STREAM};
+use crate::protocol::{
+    encode_json, job_events_filter, Counted, Event, StepResults, TaskKey, EVENTS_STREAM,
+};
 
 /// What can go wrong with the log, and whether trying again can help
 /// ([`LogError::is_transient`]).
@@ -485,6 +487,61 @@ impl Deliveries {
             self.next = got + 1;
         }
         None
+    }
+}
+
+/// Events asked for per page when reading a step's results.
+const RESULTS_PAGE: usize = 2000;
+
+/// Reads one step's counted outcomes from the log, in log order, each
+/// subjob once ([`StepResults`]), a page at a time. Memory: one page of
+/// events and two bits per subjob. With a key (managers, `fanjet serve`),
+/// forged outcomes are dropped; without, they cannot be told apart.
+pub struct ResultsReader {
+    nats: Nats,
+    job_id: String,
+    reader: StepResults,
+    from: u64,
+    done: bool,
+}
+
+impl ResultsReader {
+    pub fn new(nats: &Nats, job_id: &str, step_index: usize, key: Option<TaskKey>) -> Self {
+        ResultsReader {
+            nats: nats.clone(),
+            job_id: job_id.to_string(),
+            reader: StepResults::new(step_index, key),
+            from: 1,
+            done: false,
+        }
+    }
+
+    /// The outcomes that count in the next page of the job's events (maybe
+    /// none); `None` once the step or the log has no more.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<Counted>>, LogError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = history(&self.nats, &self.job_id, self.from, RESULTS_PAGE).await?;
+        let Some(last) = page.last() else {
+            self.done = true;
+            return Ok(None);
+        };
+        self.from = last.seq + 1;
+        let mut out = Vec::new();
+        for logged in page {
+            let Ok(event) = serde_json::from_value::<Event>(logged.event) else {
+                continue;
+            };
+            if event.is_stored_on(&logged.subject) {
+                self.reader.apply(logged.seq, &event, &mut out);
+            }
+            if self.reader.ended() {
+                self.done = true;
+                break;
+            }
+        }
+        Ok(Some(out))
     }
 }
 

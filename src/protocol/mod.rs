@@ -17,6 +17,7 @@ mod fuzz;
 mod heartbeat;
 mod job;
 mod names;
+mod outcomes;
 mod pending;
 mod results;
 pub mod schemas;
@@ -42,6 +43,7 @@ pub use job::{
     MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES, MAX_RECORD_BYTES,
 };
 pub use names::*;
+pub use outcomes::{Counted, StepResults};
 pub use pending::{Mark, Pending, CHUNK_BITS};
 pub use results::{
     array_len, ResultRef, INLINE_RESULT_MAX, MAX_RESULT_BYTES, RESULTS_BUCKET, RESULT_REF_KEY,

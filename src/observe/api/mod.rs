@@ -138,6 +138,7 @@ pub fn router(nats: Nats, tokens: ApiTokens) -> Router {
         .route("/api/jobs/{id}/pause", post(pause))
         .route("/api/jobs/{id}/resume", post(resume))
         .route("/api/jobs/{id}/update", post(update))
+        .route("/api/jobs/{id}/steps/{step}/results", get(results))
         .route("/api/processes", get(processes))
         .route("/api/customers", get(customers))
         .route("/api/openapi.json", get(openapi))
@@ -593,4 +594,49 @@ async fn update(
         ..Default::default()
     };
     change(&nats, &id, c, "update").await
+}
+
+#[derive(Debug, Deserialize)]
+struct ResultsQuery {
+    #[serde(default)]
+    failed: bool,
+}
+
+/// A step's results as JSON lines, streamed page by page from the log (a
+/// million results in bounded memory); outcomes are checked against their
+/// tasks' tokens with the key `fanjet serve` holds.
+async fn results(
+    State(nats): State<Nats>,
+    Path((id, step)): Path<(String, usize)>,
+    Query(q): Query<ResultsQuery>,
+) -> ApiResult<Response> {
+    let job = store::status(&nats, &id)
+        .await?
+        .ok_or_else(|| ApiError::from(ClientError::NoSuchJob(id.clone())))?;
+    if step >= job.steps.len() {
+        let m = format!("job {id} has {} steps (from 0)", job.steps.len());
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no_such_step", m));
+    }
+    let reader = log::ResultsReader::new(&nats, &id, step, nats.task_key.clone());
+    let lines = futures::stream::unfold(Some(reader), move |reader| async move {
+        let mut reader = reader?;
+        match reader.next_page().await {
+            Ok(Some(page)) => {
+                let mut text = String::new();
+                for c in page.iter().filter(|c| !q.failed || c.is_failed()) {
+                    text.push_str(&c.to_json().to_string());
+                    text.push('\n');
+                }
+                Some((Ok::<_, Infallible>(text), Some(reader)))
+            }
+            Ok(None) => None,
+            // The body has begun: the error is its last line.
+            Err(e) => Some((Ok(format!("{}\n", json!({"error": e.to_string()}))), None)),
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
 }
