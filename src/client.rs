@@ -13,8 +13,8 @@ use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
     cancel_subject, customer_submit_subject, encode_json, new_job_id, now_ms, status_subject,
-    submit_subject, validate_token, CancelRequested, Event, Job, RejectCode, Submission,
-    SubmitReply, Tolerance, UpdateRequested,
+    submit_subject, update_subject, validate_token, CancelRequested, Event, Job, RejectCode,
+    Submission, SubmitReply, Tolerance, UpdateRequested,
 };
 
 #[derive(Debug, Error)]
@@ -227,6 +227,42 @@ pub async fn cancel_as(
 ) -> Result<String, ClientError> {
     let body = serde_json::json!({ "reason": reason }).to_string();
     let v = ask(nats, &cancel_subject(customer, job_id), body.into()).await?;
+    answered(v, job_id)
+}
+
+/// Asks for a change of a job (pause, resume, window, tolerance) through
+/// the update service, as `customer` (for users whose permissions allow
+/// only `fanjet.update.<customer>.>`). Returns the job's full id.
+pub async fn update_as(
+    nats: &async_nats::Client,
+    customer: &str,
+    job_id: &str,
+    change: Change,
+) -> Result<String, ClientError> {
+    let mut body = serde_json::Map::new();
+    if let Some(p) = change.paused {
+        body.insert("paused".into(), p.into());
+    }
+    if let Some(n) = change.max_in_flight {
+        body.insert("max_in_flight".into(), n.into());
+    }
+    if let Some(t) = change.tolerate {
+        let text = match t {
+            Tolerance::Count(n) => n.to_string(),
+            Tolerance::Percent(p) => format!("{p}%"),
+        };
+        body.insert("tolerate_failures".into(), text.into());
+    }
+    if let Some(r) = change.reason {
+        body.insert("reason".into(), r.into());
+    }
+    let body = Value::Object(body).to_string();
+    let v = ask(nats, &update_subject(customer, job_id), body.into()).await?;
+    answered(v, job_id)
+}
+
+/// The cancel or update service's answer: the job's full id, or why not.
+fn answered(v: Value, job_id: &str) -> Result<String, ClientError> {
     if v["ok"] == Value::Bool(true) {
         return Ok(v["job_id"].as_str().unwrap_or(job_id).to_string());
     }

@@ -1033,7 +1033,30 @@ async fn job_ids_are_unique_per_customer_and_reveal_nothing() {
         Err(client::ClientError::Refused { .. }) => {}
         other => panic!("acme asked as bob: {other:?}"),
     }
+    // And pauses (or changes) its own jobs only.
+    let pause = || client::Change {
+        paused: Some(true),
+        ..Default::default()
+    };
+    match client::update_as(&acme, "acme", &bobs, pause()).await {
+        Err(client::ClientError::NoSuchJob(_)) => {}
+        other => panic!("acme paused bob's job: {other:?}"),
+    }
+    match client::update_as(&acme, "bob", "bob-next", pause()).await {
+        Err(client::ClientError::Refused { .. }) => {}
+        other => panic!("acme asked as bob: {other:?}"),
+    }
     let acmes = squat.job_id.clone().unwrap();
+    assert_eq!(
+        client::update_as(&acme, "acme", "bob-next", pause())
+            .await
+            .unwrap(),
+        acmes
+    );
+    env.wait(&acmes, "its pause", |j| {
+        j.paused_at.is_some() || j.state.is_terminal()
+    })
+    .await;
     assert_eq!(
         client::cancel_as(&acme, "acme", "bob-next", Some("changed my mind".into()))
             .await

@@ -96,6 +96,10 @@ pub struct PauseArgs {
     job_id: String,
     #[arg(long)]
     reason: Option<String>,
+    /// Ask the update service as this customer (for users pinned to one
+    /// customer, who may change only its jobs).
+    #[arg(long)]
+    customer: Option<String>,
 }
 
 // `fanjet update`
@@ -113,6 +117,10 @@ pub struct UpdateArgs {
     tolerate_failures: Option<Tolerance>,
     #[arg(long)]
     reason: Option<String>,
+    /// Ask the update service as this customer (for users pinned to one
+    /// customer, who may change only its jobs).
+    #[arg(long)]
+    customer: Option<String>,
 }
 
 fn parse_tolerance(text: &str) -> Result<Tolerance, String> {
@@ -337,31 +345,50 @@ pub async fn cancel(connect: &ConnectArgs, args: CancelArgs) -> Result<u8> {
 
 /// `fanjet pause` (`paused`) and `fanjet resume`.
 pub async fn pause(connect: &ConnectArgs, args: PauseArgs, paused: bool) -> Result<u8> {
-    let nats = super::connect(connect, "fanjet-cli").await?;
     let change = client::Change {
         paused: Some(paused),
         reason: args.reason,
         ..Default::default()
     };
-    client::update(&nats, &args.job_id, change).await?;
+    let id = change_job(connect, &args.job_id, args.customer.as_deref(), change).await?;
     let what = if paused { "pause" } else { "resume" };
-    eprintln!("{what} requested for {}", args.job_id);
+    eprintln!("{what} requested for {id}");
     Ok(0)
+}
+
+/// Asks for a change: as a customer through the update service, else on
+/// the log. The job's full id.
+async fn change_job(
+    connect: &ConnectArgs,
+    job_id: &str,
+    customer: Option<&str>,
+    change: client::Change,
+) -> Result<String> {
+    Ok(match customer {
+        Some(customer) => {
+            let nats = connect.connect("fanjet-cli").await?;
+            client::update_as(&nats, customer, job_id, change).await?
+        }
+        None => {
+            let nats = super::connect(connect, "fanjet-cli").await?;
+            client::update(&nats, job_id, change).await?;
+            job_id.to_string()
+        }
+    })
 }
 
 pub async fn update(connect: &ConnectArgs, args: UpdateArgs) -> Result<u8> {
     if args.max_in_flight.is_none() && args.tolerate_failures.is_none() {
         bail!("nothing to change: give --max-in-flight or --tolerate-failures");
     }
-    let nats = super::connect(connect, "fanjet-cli").await?;
     let change = client::Change {
         max_in_flight: args.max_in_flight,
         tolerate: args.tolerate_failures,
         reason: args.reason,
         ..Default::default()
     };
-    client::update(&nats, &args.job_id, change).await?;
-    eprintln!("change requested for {}", args.job_id);
+    let id = change_job(connect, &args.job_id, args.customer.as_deref(), change).await?;
+    eprintln!("change requested for {id}");
     Ok(0)
 }
 

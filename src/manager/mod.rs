@@ -18,6 +18,7 @@ pub mod intake;
 mod partition;
 mod shares;
 mod status;
+mod update;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -137,6 +138,7 @@ pub async fn run(
     tasks.spawn(intake::run(nats.clone(), options.intake, cancel.clone()));
     tasks.spawn(status::run(nats.clone(), cancel.clone()));
     tasks.spawn(cancel::run(nats.clone(), cancel.clone()));
+    tasks.spawn(update::run(nats.clone(), cancel.clone()));
     tasks.spawn(advisories::run(nats.clone(), cancel.clone()));
     let board = shares::Board::default();
     if options.queue_ahead.is_some() {

@@ -156,6 +156,15 @@ pub fn cancel_subject(customer: &str, job_id: &str) -> String {
 /// What the cancel service listens on.
 pub const CANCEL_WILDCARD: &str = "fanjet.cancel.*.*";
 
+/// Subject of the update service (pause, resume, window, tolerance) for one
+/// customer's job.
+pub fn update_subject(customer: &str, job_id: &str) -> String {
+    format!("fanjet.update.{customer}.{job_id}")
+}
+
+/// What the update service listens on.
+pub const UPDATE_WILDCARD: &str = "fanjet.update.*.*";
+
 /// What the status service listens on.
 pub const STATUS_WILDCARD: &str = "fanjet.status.*.*";
 
