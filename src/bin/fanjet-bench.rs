@@ -762,6 +762,15 @@ async fn fair_run() -> Result<Figures> {
         for id in ["whale-1", "whale-2"] {
             fanjet::client::cancel(&c.nats, id, None).await?;
         }
+        // The first case again with two manager processes splitting the
+        // partitions (the big and the small job's partitions apart or not,
+        // the shares are the same).
+        c.spawn(&["manager"])?;
+        c.wait_partitions(2).await?;
+        c.submit("fair", &job("big-2", "big", 20_000)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let behind_two = small_job(&c, "small-behind-2").await?;
+        fanjet::client::cancel(&c.nats, "big-2", None).await?;
         let (median, _, worst) = stats(&ratios);
         Ok(vec![
             ("small_alone_s", alone),
@@ -769,6 +778,7 @@ async fn fair_run() -> Result<Figures> {
             ("behind_over_fair_share", behind / (2.0 * alone)),
             ("ten_customers_median_over_fair_share", median),
             ("ten_customers_worst_over_fair_share", worst),
+            ("two_managers_behind_over_fair_share", behind_two / (2.0 * alone)),
         ])
     }
     .await;
