@@ -778,7 +778,10 @@ async fn fair_run() -> Result<Figures> {
             ("behind_over_fair_share", behind / (2.0 * alone)),
             ("ten_customers_median_over_fair_share", median),
             ("ten_customers_worst_over_fair_share", worst),
-            ("two_managers_behind_over_fair_share", behind_two / (2.0 * alone)),
+            (
+                "two_managers_behind_over_fair_share",
+                behind_two / (2.0 * alone),
+            ),
         ])
     }
     .await;
