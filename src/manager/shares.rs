@@ -183,6 +183,25 @@ impl Board {
 #[derive(Default)]
 pub struct Published {
     last: HashMap<String, (Vec<JobDemand>, Instant)>,
+    bucket: Option<kv::Store>,
+}
+
+/// The shares bucket's handle, looked up once.
+async fn shares_bucket<'a>(
+    nats: &Nats,
+    cached: &'a mut Option<kv::Store>,
+) -> Result<&'a kv::Store, ManagerError> {
+    if cached.is_none() {
+        let store = nats
+            .js
+            .get_key_value(SHARES_BUCKET)
+            .await
+            .map_err(|e| ManagerError::Nats(format!("{SHARES_BUCKET}: {e}")))?;
+        *cached = Some(store);
+    }
+    cached
+        .as_ref()
+        .ok_or_else(|| ManagerError::Nats(format!("{SHARES_BUCKET}: no handle")))
 }
 
 impl Published {
@@ -207,7 +226,6 @@ impl Published {
             .map(|(k, v)| (k.as_str(), v))
             .chain(gone.iter().map(|k| (k.as_str(), &empty)))
             .collect();
-        let mut bucket = None;
         for (step, jobs) in changes {
             let due = match self.last.get(step) {
                 None => true,
@@ -221,15 +239,7 @@ impl Published {
             let Some((workflow, name)) = step.split_once('.') else {
                 continue;
             };
-            let store = match &bucket {
-                Some(b) => b,
-                None => bucket.insert(
-                    nats.js
-                        .get_key_value(SHARES_BUCKET)
-                        .await
-                        .map_err(|e| ManagerError::Nats(format!("{SHARES_BUCKET}: {e}")))?,
-                ),
-            };
+            let store = shares_bucket(nats, &mut self.bucket).await?;
             let demand = Demand {
                 at: now,
                 jobs: jobs.clone(),
@@ -259,6 +269,7 @@ pub struct Reserved {
     /// Whether the bucket was read for this partition's reservations (a
     /// manager taking a partition over gives back what it does not need).
     found: bool,
+    bucket: Option<kv::Store>,
 }
 
 impl Reserved {
@@ -291,11 +302,7 @@ impl Reserved {
         if self.found && keys.is_empty() {
             return Ok(());
         }
-        let store = nats
-            .js
-            .get_key_value(SHARES_BUCKET)
-            .await
-            .map_err(|e| ManagerError::Nats(format!("{SHARES_BUCKET}: {e}")))?;
+        let store = shares_bucket(nats, &mut self.bucket).await?.clone();
         if !self.found {
             for (key, n) in reservations_of(&store, partition).await? {
                 if !wanted.contains_key(&key) {
