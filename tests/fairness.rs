@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Env;
+use common::{cli, Env};
 use fanjet::nats::tenants;
 use fanjet::protocol::{partition, Tenant, WaitReason};
 use fanjet::worker::{TaskContext, Worker};
@@ -347,17 +347,6 @@ async fn a_worker_killed_mid_task_leaks_no_room_under_a_cap() {
     .await;
     env.wait_end("acme-2", Duration::from_secs(60)).await;
     assert_eq!(ledger.lock().unwrap().most["acme"], 2);
-}
-
-fn cli(env: &Env, args: &[&str]) -> (bool, String) {
-    let out = common::fanjet_command(&env.url(), args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .expect("run fanjet");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,21 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{fanjet_command, Env};
+use common::{cli, Env};
 use fanjet::protocol::JobState;
 use fanjet::worker::{TaskContext, TaskError, Worker};
 use serde_json::{json, Value};
-
-fn cli(env: &Env, args: &[&str]) -> (bool, String) {
-    let out = fanjet_command(&env.url(), args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .expect("run fanjet");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
 
 /// Workflow `op` (one fanout), a worker of 4 slots whose handler takes
 /// 50 ms, fails the items that are `"bad"` for good, and counts starts.

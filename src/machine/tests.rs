@@ -811,14 +811,7 @@ proptest! {
             } else if paced && roll == 0 {
                 // what the event loop does: reserve what it wants (alone
                 // under the cap: all of it) and share out
-                let mut v = view.clone();
-                v.reserved = e
-                    .reservations()
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, (cap, want))| (k.clone(), (*want).min(*cap)))
-                    .collect();
-                Input::Shares(v)
+                reserving(&e, &view)
             } else {
                 Input::Tick
             };
@@ -843,6 +836,19 @@ proptest! {
         let (c, f) = fan.pending.counts();
         prop_assert_eq!((c, f), (fan.completed, fan.failed));
     }
+}
+
+/// What the event loop feeds a paced engine alone under its caps: `view`,
+/// with all the engine wants reserved (within each cap).
+fn reserving(e: &Engine, view: &ShareView) -> Input {
+    let mut v = view.clone();
+    v.reserved = e
+        .reservations()
+        .into_iter()
+        .flatten()
+        .map(|(k, (cap, want))| (k.clone(), (*want).min(*cap)))
+        .collect();
+    Input::Shares(v)
 }
 
 fn to_input(d: &Delivery, n: u64) -> Input {
@@ -1063,14 +1069,8 @@ fn a_capped_customer_never_holds_more_than_its_cap() {
     // What the event loop does: reserve what the engine wants, within the
     // cap (one partition: all of it).
     let share_out = |e: &mut Engine, v: &ShareView, now: Millis| {
-        let mut v = v.clone();
-        v.reserved = e
-            .reservations()
-            .into_iter()
-            .flatten()
-            .map(|(k, (cap, want))| (k.clone(), (*want).min(*cap)))
-            .collect();
-        e.apply(Input::Shares(v), now)
+        let input = reserving(e, v);
+        e.apply(input, now)
     };
     share_out(&mut e, &v, 1);
     let a = submit_fair(&mut e, "a1", "acme", None, 1000, 10);

@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::ManagerError;
 use crate::nats::store::{self, StoreError};
-use crate::nats::{service, Nats};
-use crate::protocol::{detailed, now_ms, tenant_job_id, Job, STATUS_WILDCARD};
+use crate::nats::{log, service, Nats};
+use crate::protocol::{detailed, now_ms, tenant_job_id, Event, Job, STATUS_WILDCARD};
 
 /// Answers `fanjet.status.<customer>.<job_id>` with the job's detailed
 /// status, when the job is that customer's; `{"error": …}` otherwise.
@@ -55,5 +55,36 @@ pub(super) async fn customers_job(nats: &Nats, subject: &str) -> Result<Job, Ref
             "no job {asked:?} for customer {customer:?}"
         ))),
         Err(e) => Err(Refusal::Store(e)),
+    }
+}
+
+/// An error answer of a customer service.
+pub(super) fn error(code: &str, message: String) -> Value {
+    json!({"ok": false, "error": {"code": code, "message": message}})
+}
+
+/// What the cancel and update services do once a request is understood:
+/// for a job of the subject's customer that has not ended, log the event
+/// `make` builds from its full id; answer `{"ok": true, "job_id"}` or why not.
+pub(super) async fn request_for_customer(
+    nats: &Nats,
+    subject: &str,
+    make: impl FnOnce(String) -> Event,
+) -> Value {
+    let job = match customers_job(nats, subject).await {
+        Ok(job) => job,
+        Err(Refusal::NotFound(message)) => return error("not_found", message),
+        Err(Refusal::Store(e)) => return error("unavailable", e.to_string()),
+    };
+    let job_id = job.job_id.clone();
+    if job.state.is_terminal() {
+        return error(
+            "job_ended",
+            format!("job {job_id} has already ended ({})", job.state.as_str()),
+        );
+    }
+    match log::append(nats, &make(job_id.clone())).await {
+        Ok(_) => json!({"ok": true, "job_id": job_id}),
+        Err(e) => error("unavailable", e.to_string()),
     }
 }

@@ -363,3 +363,16 @@ timeout = "5s"
 "#
     )
 }
+
+/// Runs `fanjet ARGS` against `env` as a user would: whether it succeeded,
+/// and its stdout then stderr.
+pub fn cli(env: &Env, args: &[&str]) -> (bool, String) {
+    let out = fanjet_command(&env.url(), args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run fanjet");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}

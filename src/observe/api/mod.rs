@@ -522,18 +522,6 @@ async fn cancel(
         .into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UpdateBody {
-    #[serde(default)]
-    max_in_flight: Option<u64>,
-    /// "10" or "5%".
-    #[serde(default)]
-    tolerate_failures: Option<String>,
-    #[serde(default)]
-    reason: Option<String>,
-}
-
 async fn change(nats: &Nats, id: &str, change: client::Change, what: &str) -> ApiResult<Response> {
     client::update(nats, id, change).await?;
     Ok((
@@ -568,31 +556,17 @@ async fn resume(State(nats): State<Nats>, Path(id): Path<String>) -> ApiResult<R
 async fn update(
     State(nats): State<Nats>,
     Path(id): Path<String>,
-    body: Result<Json<UpdateBody>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<client::ChangeRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
     let Json(b) = body
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_payload", e.body_text()))?;
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_change", m);
-    if b.max_in_flight == Some(0) {
-        return Err(bad("max_in_flight must be at least 1".into()));
-    }
-    let tolerate = b
-        .tolerate_failures
-        .as_deref()
-        .map(crate::protocol::Tolerance::parse)
-        .transpose()
-        .map_err(bad)?;
-    if b.max_in_flight.is_none() && tolerate.is_none() {
+    if b.paused.is_some() {
         return Err(bad(
-            "nothing to change: give max_in_flight or tolerate_failures".into(),
+            "pause and resume have their own routes: POST …/pause, …/resume".into(),
         ));
     }
-    let c = client::Change {
-        max_in_flight: b.max_in_flight,
-        tolerate,
-        reason: b.reason,
-        ..Default::default()
-    };
+    let c = b.into_change(None).map_err(bad)?;
     change(&nats, &id, c, "update").await
 }
 
