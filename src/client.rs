@@ -169,48 +169,6 @@ pub struct Change {
     pub reason: Option<String>,
 }
 
-/// A request to change a job as it travels to the update service and the
-/// HTTP API: `{"paused"?, "max_in_flight"?, "tolerate_failures"?: "10" |
-/// "5%", "reason"?}`.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChangeRequest {
-    #[serde(default)]
-    pub paused: Option<bool>,
-    #[serde(default)]
-    pub max_in_flight: Option<u64>,
-    #[serde(default)]
-    pub tolerate_failures: Option<String>,
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-impl ChangeRequest {
-    /// The change it asks for (`paused` overrides the body's), or why it
-    /// is not one: a window of 0, a tolerance that does not parse, nothing
-    /// to change.
-    pub fn into_change(self, paused: Option<bool>) -> Result<Change, String> {
-        if self.max_in_flight == Some(0) {
-            return Err("max_in_flight must be at least 1".into());
-        }
-        let tolerate = self
-            .tolerate_failures
-            .as_deref()
-            .map(Tolerance::parse)
-            .transpose()?;
-        let paused = paused.or(self.paused);
-        if paused.is_none() && self.max_in_flight.is_none() && tolerate.is_none() {
-            return Err("nothing to change".into());
-        }
-        Ok(Change {
-            paused,
-            max_in_flight: self.max_in_flight,
-            tolerate,
-            reason: self.reason,
-        })
-    }
-}
-
 /// Asks the manager to change a running job: pause or resume it, its
 /// in-flight window, its tolerated failures. The request is logged; the
 /// manager applies it when it reads it (within a tick).

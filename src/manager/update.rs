@@ -9,9 +9,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::status::{error, request_for_customer};
 use super::ManagerError;
-use crate::client::ChangeRequest;
 use crate::nats::{service, Nats};
-use crate::protocol::{bounded, now_ms, Event, UpdateRequested, MAX_REASON_BYTES, UPDATE_WILDCARD};
+use crate::protocol::{
+    bounded, now_ms, ChangeRequest, Event, UpdateRequested, MAX_REASON_BYTES, UPDATE_WILDCARD,
+};
 
 /// Answers update requests until `cancel`.
 pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerError> {
@@ -21,22 +22,20 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerErr
 }
 
 async fn answer(nats: &Nats, msg: async_nats::Message) -> Value {
-    let change = match serde_json::from_slice::<ChangeRequest>(&msg.payload) {
-        Ok(body) => body.into_change(None),
+    let update = match serde_json::from_slice::<ChangeRequest>(&msg.payload) {
+        // The job id is the full one, known once the job is found.
+        Ok(body) => body.into_update(String::new(), now_ms()),
         Err(e) => return error("malformed_payload", e.to_string()),
     };
-    let change = match change {
-        Ok(c) => c,
+    let update = match update {
+        Ok(u) => u,
         Err(m) => return error("invalid_change", m),
     };
     request_for_customer(nats, msg.subject.as_str(), |job_id| {
         Event::UpdateRequested(UpdateRequested {
             job_id,
-            paused: change.paused,
-            max_in_flight: change.max_in_flight,
-            tolerate: change.tolerate,
-            reason: change.reason.map(|r| bounded(&r, MAX_REASON_BYTES)),
-            at: now_ms(),
+            reason: update.reason.map(|r| bounded(&r, MAX_REASON_BYTES)),
+            ..update
         })
     })
     .await

@@ -208,6 +208,48 @@ pub struct UpdateRequested {
     pub at: Millis,
 }
 
+/// A request to change a job as it travels to the update service and the
+/// HTTP API: `{"paused"?, "max_in_flight"?, "tolerate_failures"?: "10" |
+/// "5%", "reason"?}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeRequest {
+    #[serde(default)]
+    pub paused: Option<bool>,
+    #[serde(default)]
+    pub max_in_flight: Option<u64>,
+    #[serde(default)]
+    pub tolerate_failures: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl ChangeRequest {
+    /// The event it asks for, or why it is not one: a window of 0, a
+    /// tolerance that does not parse, nothing to change.
+    pub fn into_update(self, job_id: String, at: Millis) -> Result<UpdateRequested, String> {
+        if self.max_in_flight == Some(0) {
+            return Err("max_in_flight must be at least 1".into());
+        }
+        let tolerate = self
+            .tolerate_failures
+            .as_deref()
+            .map(Tolerance::parse)
+            .transpose()?;
+        if self.paused.is_none() && self.max_in_flight.is_none() && tolerate.is_none() {
+            return Err("nothing to change".into());
+        }
+        Ok(UpdateRequested {
+            job_id,
+            paused: self.paused,
+            max_in_flight: self.max_in_flight,
+            tolerate,
+            reason: self.reason,
+            at,
+        })
+    }
+}
+
 /// The job was cancelled; its queued tasks were dropped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobCancelled {

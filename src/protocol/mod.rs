@@ -33,8 +33,8 @@ pub use codec::{
     decode, encode_cbor, encode_json, CodecError, Encoding, CBOR_CONTENT_TYPE, JSON_CONTENT_TYPE,
 };
 pub use event::{
-    AbandonReason, CancelRequested, Event, EventKind, JobCancelled, JobCompleted, JobFailed,
-    JobRejected, JobRequested, RejectCode, StepCompleted, StepStarted, SubjobCompleted,
+    AbandonReason, CancelRequested, ChangeRequest, Event, EventKind, JobCancelled, JobCompleted,
+    JobFailed, JobRejected, JobRequested, RejectCode, StepCompleted, StepStarted, SubjobCompleted,
     SubjobFailed, SubjobsFailed, UpdateRequested,
 };
 pub use heartbeat::{Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL};

@@ -556,7 +556,7 @@ async fn resume(State(nats): State<Nats>, Path(id): Path<String>) -> ApiResult<R
 async fn update(
     State(nats): State<Nats>,
     Path(id): Path<String>,
-    body: Result<Json<client::ChangeRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<crate::protocol::ChangeRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
     let Json(b) = body
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_payload", e.body_text()))?;
@@ -566,7 +566,13 @@ async fn update(
             "pause and resume have their own routes: POST …/pause, …/resume".into(),
         ));
     }
-    let c = b.into_change(None).map_err(bad)?;
+    let u = b.into_update(id.clone(), now_ms()).map_err(bad)?;
+    let c = client::Change {
+        max_in_flight: u.max_in_flight,
+        tolerate: u.tolerate,
+        reason: u.reason,
+        ..Default::default()
+    };
     change(&nats, &id, c, "update").await
 }
 
