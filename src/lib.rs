@@ -9,6 +9,7 @@
 //!   detailed status), codecs and the JSON Schemas generated from them.
 //! - [`metrics`]: the one Prometheus registry; every metric name and help.
 //! - [`shutdown`]: signals to cancellation.
+//! - [`logging`]: the log lines on stderr (colour only on a terminal).
 //! - [`machine`]: every workflow rule, as a pure state machine: inputs in,
 //!   actions out. No I/O, no clock. Uses `protocol`.
 //! - [`nats`]: everything done with NATS itself: the connection and its
@@ -29,6 +30,7 @@
 //! these; it is the only place that uses `anyhow`.
 
 pub mod client;
+pub mod logging;
 pub mod machine;
 pub mod manager;
 pub mod metrics;

@@ -88,13 +88,7 @@ fn main() -> ExitCode {
     if cli.command.prints_and_exits() {
         end_quietly_on_a_closed_pipe();
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FANJET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    fanjet::logging::init("info,async_nats=warn");
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

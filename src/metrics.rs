@@ -182,6 +182,20 @@ impl Metrics {
         M.get_or_init(Metrics::new)
     }
 
+    /// Creates the counters of a step at zero once it is known, so a
+    /// healthy system shows "0 failed" rather than no data. Job outcomes of
+    /// its workflow too.
+    pub fn known_step(&self, workflow: &str, step: &str) {
+        let labels = [workflow, step];
+        self.subjobs_completed.with_label_values(&labels);
+        self.subjobs_failed.with_label_values(&labels);
+        self.subjob_retries.with_label_values(&labels);
+        self.jobs_submitted.with_label_values(&[workflow]);
+        for outcome in ["completed", "failed", "cancelled", "rejected"] {
+            self.jobs_finished.with_label_values(&[workflow, outcome]);
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -195,6 +209,22 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_known_step_has_its_counters_at_zero() {
+        let m = Metrics::new();
+        m.known_step("wf", "send");
+        let text = m.render();
+        for series in [
+            "fanjet_subjobs_failed_total{step=\"send\",workflow=\"wf\"} 0",
+            "fanjet_subjobs_completed_total{step=\"send\",workflow=\"wf\"} 0",
+            "fanjet_subjob_retries_total{step=\"send\",workflow=\"wf\"} 0",
+            "fanjet_jobs_submitted_total{workflow=\"wf\"} 0",
+            "fanjet_jobs_finished_total{outcome=\"failed\",workflow=\"wf\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} in:\n{text}");
+        }
+    }
 
     #[test]
     fn every_metric_is_registered_with_help() {

@@ -443,3 +443,33 @@ async fn one_sigterm_stops_services_whose_server_is_gone() {
         }
     }
 }
+
+#[test]
+fn log_lines_are_plain_text_when_stderr_is_not_a_terminal() {
+    use std::io::Read;
+    // Nothing listens on this port: the manager logs that it waits.
+    let url = format!("nats://127.0.0.1:{}", fanjet::nats::server::free_port());
+    let mut manager = fanjet_command(&url, &["manager"])
+        .env_remove("NO_COLOR")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fanjet starts");
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = manager.kill();
+    let _ = manager.wait();
+    let mut log = String::new();
+    manager
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut log)
+        .expect("readable log");
+    assert!(
+        log.contains("waiting for NATS"),
+        "the manager logged: {log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "no colour codes in a piped log: {log:?}"
+    );
+}

@@ -10,6 +10,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("protocol", &[]),
     ("metrics", &[]),
     ("shutdown", &[]),
+    ("logging", &[]),
     ("machine", &["protocol"]),
     ("nats", &["protocol", "metrics"]),
     ("client", &["protocol", "nats"]),

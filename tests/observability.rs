@@ -236,6 +236,9 @@ async fn the_api_shows_status_statistics_events_and_live_progress() {
         "fanjet_subjobs_completed_total{step=\"send\",workflow=\"inv\"} 199",
         "fanjet_subjobs_failed_total{step=\"send\",workflow=\"inv\"} 1",
         "fanjet_jobs_finished_total{outcome=\"completed\",workflow=\"inv\"} 1",
+        // Known steps and outcomes are there at zero, not missing.
+        "fanjet_subjobs_failed_total{step=\"collect\",workflow=\"inv\"} 0",
+        "fanjet_jobs_finished_total{outcome=\"failed\",workflow=\"inv\"} 0",
     ] {
         assert!(metrics.contains(needle), "/metrics lacks {needle}");
     }

@@ -79,13 +79,7 @@ type Figures = Vec<(&'static str, f64)>;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FANJET_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    fanjet::logging::init("warn");
     let args = Args::parse();
     SYNC_ALWAYS.store(args.sync_always, std::sync::atomic::Ordering::Relaxed);
     let want = |s: &str| args.only.iter().any(|o| o.eq_ignore_ascii_case(s));

@@ -138,13 +138,7 @@ impl Plan {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FANJET_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    fanjet::logging::init("warn");
     match args.role {
         Some(Role::Worker { ledger }) => worker(ledger).await,
         None => {

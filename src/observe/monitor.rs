@@ -95,7 +95,9 @@ async fn customers(nats: &Nats, m: &Metrics) {
             queued += u.queued;
         }
     }
-    if usage.len() > CUSTOMER_SERIES {
+    // Always there (0 when every customer has a series of its own), so the
+    // dashboard's panel has data on an idle system.
+    {
         m.customer_subjobs
             .with_label_values(&["_other", "running"])
             .set(running as i64);
@@ -117,6 +119,7 @@ async fn consumers(nats: &Nats, m: &Metrics) {
             continue;
         }
         let labels = [parts[2], parts[3]];
+        m.known_step(parts[2], parts[3]);
         m.task_backlog
             .with_label_values(&labels)
             .set(info.num_pending as i64);
