@@ -55,6 +55,7 @@ async fn garbage_and_forged_events_are_ignored_counted_and_harmless() {
     }
     // A well-formed event whose body names another job than its subject.
     let forged = Event::SubjobCompleted(SubjobCompleted {
+        run: 0,
         job_id: "victim".into(),
         step_index: 1,
         index: 0,
@@ -73,6 +74,7 @@ async fn garbage_and_forged_events_are_ignored_counted_and_harmless() {
     .unwrap();
     // Completions for a job that does not exist.
     let ghost = Event::SubjobCompleted(SubjobCompleted {
+        run: 0,
         job_id: "ghost".into(),
         step_index: 0,
         index: 0,
@@ -102,6 +104,7 @@ async fn garbage_and_forged_events_are_ignored_counted_and_harmless() {
     .await;
     for index in [50, 10_000, u64::MAX] {
         let e = Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
             job_id: "real".into(),
             step_index: 0,
             index,

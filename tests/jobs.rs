@@ -215,6 +215,7 @@ async fn duplicate_and_late_completions_count_once() {
     let nats = env.nats.clone();
     let worker = seed_worker(&env, "dup", move |ctx| {
         let ev = Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
             job_id: ctx.task.job_id.clone(),
             step_index: ctx.task.step_index,
             index: ctx.task.index,
@@ -251,6 +252,7 @@ async fn duplicate_and_late_completions_count_once() {
 
     // A late completion after the job ended changes nothing.
     let late = Event::SubjobCompleted(SubjobCompleted {
+        run: 0,
         job_id: "d1".into(),
         step_index: 1,
         index: 3,

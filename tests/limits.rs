@@ -102,6 +102,7 @@ async fn long_error_texts_from_any_worker_never_stop_a_partition() {
         while let Some(Ok(msg)) = batch.next().await {
             let task: Task = serde_json::from_slice(&msg.payload).expect("task");
             let event = Event::SubjobFailed(SubjobFailed {
+                run: 0,
                 job_id: task.job_id.clone(),
                 step_index: task.step_index,
                 index: task.index,

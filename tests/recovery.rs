@@ -359,6 +359,7 @@ async fn a_busy_neighbour_does_not_hide_a_jobs_lost_tasks() {
         .unwrap();
     let flood = 200_000;
     let event = Event::SubjobCompleted(SubjobCompleted {
+        run: 0,
         job_id: busy.clone(),
         step_index: 0,
         index: 0,
@@ -673,6 +674,7 @@ async fn statistics_count_what_the_job_record_counts() {
     }
     let done = |index: u64| {
         Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
             job_id: "ag-1".into(),
             step_index: 0,
             index,
@@ -685,6 +687,7 @@ async fn statistics_count_what_the_job_record_counts() {
     publish(
         &env,
         Event::SubjobFailed(SubjobFailed {
+            run: 0,
             job_id: "ag-1".into(),
             step_index: 0,
             index: 0,

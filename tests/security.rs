@@ -185,6 +185,7 @@ async fn each_role_can_do_its_job_and_no_more() {
         "no status of another customer's job"
     );
     let forged = Event::JobCompleted(JobCompleted {
+        run: 0,
         job_id: sec1.clone(),
         workflow: "inv".into(),
         output: json!(null),
@@ -206,6 +207,7 @@ async fn each_role_can_do_its_job_and_no_more() {
 
     // A worker cannot write a job's or a step's completion, nor read the log or the jobs.
     let fake_job = Event::JobCompleted(JobCompleted {
+        run: 0,
         job_id: "sec-2".into(),
         workflow: "inv".into(),
         output: json!(null),
@@ -216,6 +218,7 @@ async fn each_role_can_do_its_job_and_no_more() {
         "a worker cannot publish JobCompleted"
     );
     let fake_decision = Event::SubjobsFailed(fanjet::protocol::SubjobsFailed {
+        run: 0,
         job_id: "sec-2".into(),
         step_index: 0,
         below: 1,
@@ -228,6 +231,7 @@ async fn each_role_can_do_its_job_and_no_more() {
         "a worker cannot fail subjobs wholesale"
     );
     let fake_step = Event::StepCompleted(StepCompleted {
+        run: 0,
         job_id: "sec-2".into(),
         workflow: "inv".into(),
         step: "send".into(),
@@ -550,6 +554,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
     let mut forged = Vec::new();
     for index in 0..3 {
         forged.push(Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
             job_id: bob_parked.clone(),
             step_index: 0,
             index,
@@ -559,6 +564,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
             token: String::new(),
         }));
         forged.push(Event::SubjobFailed(SubjobFailed {
+            run: 0,
             job_id: bob_parked.clone(),
             step_index: 0,
             index,

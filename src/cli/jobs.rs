@@ -429,7 +429,7 @@ pub async fn results(connect: &ConnectArgs, args: ResultsArgs) -> Result<u8> {
     if key.is_none() {
         eprintln!("note: this user cannot read the task key; outcomes are not checked against their tasks' tokens");
     }
-    let mut reader = fanjet::nats::log::ResultsReader::new(&nats, &job.job_id, step, key);
+    let mut reader = fanjet::nats::log::ResultsReader::new(&nats, &job, step, key);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     while let Some(page) = reader.next_page().await? {
         for c in page.iter().filter(|c| !args.failed || c.is_failed()) {

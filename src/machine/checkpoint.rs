@@ -1,5 +1,6 @@
 //! What storing one job means, in order: its record first, its pending
-//! chunks second. After a crash between the two, the record may be ahead
+//! chunks second. A job that ended keeps the chunks of its steps with
+//! subjobs that did not complete, for a redrive; the others are deleted. After a crash between the two, the record may be ahead
 //! of the bitmaps, never behind; on load the counts are taken from the
 //! bits ([`Job::recount`]) and re-applied events count exactly the subjobs
 //! the bits miss. The engine acknowledges events ([`super::Action::Ack`])
@@ -55,14 +56,24 @@ impl Checkpoint {
             if step.kind != StepKind::Fanout {
                 continue;
             }
-            if ended {
-                // From the total: steps before a restart have no bits loaded.
+            // A step that runs again from scratch: its earlier run's bits go
+            // first (its own come after).
+            let discard = std::mem::take(&mut step.discard_chunks);
+            writes.extend((0..discard).map(|chunk| Write::DeleteChunk {
+                step_index: i,
+                chunk,
+            }));
+            if ended && step.completed >= step.total {
+                // Nothing of it can be redriven. From the total: steps
+                // before a restart have no bits loaded.
                 let chunks = step.total.div_ceil(CHUNK_BITS);
                 writes.extend((0..chunks).map(|chunk| Write::DeleteChunk {
                     step_index: i,
                     chunk,
                 }));
             } else {
+                // Running, or ended with subjobs that did not complete: a
+                // redrive reads which did (the chunks expire with the log).
                 writes.extend(step.pending.take_dirty().into_iter().map(|(chunk, bits)| {
                     Write::Chunk {
                         step_index: i,

@@ -109,6 +109,7 @@ fn random_event_streams_never_panic_the_engine() {
                     1 | 2 => Input::Event {
                         seq: now,
                         event: Event::SubjobCompleted(SubjobCompleted {
+                            run: 0,
                             job_id,
                             step_index: step,
                             index,
@@ -125,6 +126,7 @@ fn random_event_streams_never_panic_the_engine() {
                     3 => Input::Event {
                         seq: now,
                         event: Event::SubjobFailed(SubjobFailed {
+                            run: 0,
                             job_id,
                             step_index: step,
                             index,

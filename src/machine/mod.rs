@@ -13,6 +13,12 @@
 //! - steps run in order; a fanout keeps at most `max_in_flight` subjobs
 //!   dispatched and unfinished; failures beyond the step's tolerance, a
 //!   step's deadline, a cancellation end the job;
+//! - a redrive ([`Input::Redrive`]) runs a failed job (or one that
+//!   completed with failed subjobs) again as a new run: only the subjobs of
+//!   the chosen step that did not complete, then the steps after it; the
+//!   events, tasks and tokens of a run carry its number, so nothing of an
+//!   earlier run (a late outcome, a replay) counts in a later one, and the
+//!   figures of the run before stay in the record;
 //! - a paused job dispatches nothing (not even its next step's task) until
 //!   resumed; a change of window or tolerance applies from the running step
 //!   on, and a tolerance below the failures counted fails the job;
@@ -50,11 +56,11 @@ use serde_json::{json, Value};
 use crate::protocol::{
     array_len, bounded, customer_cap_key, event_subject, step_cap_key, validate_token,
     AbandonReason, CancelRequested, Event, EventKind, Failure, Job, JobCancelled, JobCompleted,
-    JobDemand, JobFailed, JobRejected, JobRequested, JobState, Mark, Millis, Pending, RejectCode,
-    Share, Source, SourceField, Step, StepCompleted, StepKind, StepRun, StepStarted, StepState,
-    SubjobCompleted, SubjobFailed, SubjobsFailed, UpdateRequested, Workflow, EVENTS_STREAM,
-    INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON,
-    MAX_REASON_BYTES,
+    JobDemand, JobFailed, JobRedriven, JobRejected, JobRequested, JobState, Mark, Millis, Pace,
+    Pending, Redrive, RedriveRequested, RejectCode, RunFigures, Share, Source, SourceField, Step,
+    StepCompleted, StepKind, StepRun, StepStarted, StepState, SubjobCompleted, SubjobFailed,
+    SubjobsFailed, UpdateRequested, Workflow, EVENTS_STREAM, INLINE_RESULT_MAX, MAX_ERROR_BYTES,
+    MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES,
 };
 
 /// Refill a step's in-flight window only when at least this many slots are
@@ -74,6 +80,15 @@ pub enum Input {
     },
     /// Any other event of the log, with its stream sequence.
     Event { seq: u64, event: Event },
+    /// Someone asked to redrive a job. For a job the engine does not hold,
+    /// the event loop read its record (`None`: there is none) with the
+    /// pending bitmap of the step it would run again (empty when that
+    /// bitmap is no longer stored).
+    Redrive {
+        seq: u64,
+        event: RedriveRequested,
+        stored: Option<Box<Job>>,
+    },
     /// Time passed: check deadlines and refill in-flight windows.
     Tick,
     /// The executor could not carry out an action for this job (its input
@@ -136,6 +151,11 @@ pub struct Dispatch {
     pub total: u64,
     pub from: u64,
     pub to: u64,
+    /// The subjobs of `from..to` to enqueue, when not all of them (a
+    /// redriven fanout skips those that completed in an earlier run).
+    pub indices: Option<Vec<u64>>,
+    /// The job's run, which its tasks and their tokens carry.
+    pub run: u32,
     /// Where the step's input (task) or items (fanout) are.
     pub source: Source,
 }
@@ -263,6 +283,9 @@ impl Engine {
                 }
             }
             Input::Event { seq, event } => self.event(seq, event, now, &mut out),
+            Input::Redrive { seq, event, stored } => {
+                self.redrive(seq, event, stored, now, &mut out)
+            }
             Input::Abort { job_id, reason } => {
                 if let Some(job) = self.jobs.get_mut(&job_id) {
                     if !job.state.is_terminal() {
@@ -601,6 +624,49 @@ impl Engine {
         self.jobs.insert(job.job_id.clone(), job);
     }
 
+    /// A redrive: starts the job's next run, or, read again after a crash
+    /// (the job is held and this request started its run), makes its
+    /// stored bitmap forget the run before's failures again.
+    fn redrive(
+        &mut self,
+        seq: u64,
+        e: RedriveRequested,
+        stored: Option<Box<Job>>,
+        now: Millis,
+        out: &mut Vec<Action>,
+    ) {
+        let ignored = Event::RedriveRequested(e.clone());
+        if let Some(job) = self.jobs.get_mut(&e.job_id) {
+            match job.redrives.last() {
+                Some(r) if r.seq == seq => {
+                    let (i, before) = (r.step_index, r.steps.clone());
+                    replay_redrive(job, i, &before);
+                    self.dirty.insert(e.job_id.clone());
+                }
+                _ => self.ignore(&ignored, Ignored::NotRedrivable),
+            }
+            return;
+        }
+        let Some(mut job) = stored.map(|j| *j) else {
+            self.ignore(&ignored, Ignored::UnknownJob);
+            return;
+        };
+        let Ok(i) = job.redrive_step(e.step.as_deref()) else {
+            self.ignore(&ignored, Ignored::NotRedrivable);
+            return;
+        };
+        let step = &job.steps[i];
+        if step.kind == StepKind::Fanout && step.pending.len() != step.total {
+            // Which of its subjobs completed is no longer stored.
+            self.ignore(&ignored, Ignored::NotRedrivable);
+            return;
+        }
+        job.pacing = self.pacing;
+        start_run(&mut job, i, seq, e, now, out);
+        self.dirty.insert(job.job_id.clone());
+        self.jobs.insert(job.job_id.clone(), job);
+    }
+
     fn event(&mut self, seq: u64, event: Event, now: Millis, out: &mut Vec<Action>) {
         if let Event::JobRejected(r) = &event {
             if !valid_job_id(&r.job_id) {
@@ -725,6 +791,11 @@ pub enum Ignored {
     /// The job id is no subject token (only a client that writes the log
     /// directly can send one); no record could hold it.
     InvalidJobId,
+    /// An outcome or decision of another run of the job (a late one).
+    OtherRun,
+    /// A redrive of a job that cannot be redriven (running, cancelled,
+    /// nothing failed, its bitmap gone: [`Job::redrive_step`]).
+    NotRedrivable,
 }
 
 impl Ignored {
@@ -736,6 +807,8 @@ impl Ignored {
             Ignored::NotDispatched => "not_dispatched",
             Ignored::Duplicate => "duplicate",
             Ignored::InvalidJobId => "invalid_job_id",
+            Ignored::OtherRun => "other_run",
+            Ignored::NotRedrivable => "not_redrivable",
         }
     }
 }
@@ -751,8 +824,12 @@ fn mark_outcome(
     job: &mut Job,
     step_index: usize,
     index: u64,
+    run: u32,
     failed: bool,
 ) -> Result<&mut StepRun, Ignored> {
+    if run != job.run {
+        return Err(Ignored::OtherRun);
+    }
     let step = running_step(job, step_index).ok_or(Ignored::StepNotRunning)?;
     if index >= step.dispatched {
         return Err(Ignored::NotDispatched);
@@ -782,7 +859,7 @@ fn subjob_completed(
     out: &mut Vec<Action>,
 ) -> Result<bool, Ignored> {
     let replayed = replayed(job, seq);
-    let step = mark_outcome(job, e.step_index, e.index, false)?;
+    let step = mark_outcome(job, e.step_index, e.index, e.run, false)?;
     step.completed += 1;
     let took = e.duration_ms as f64;
     step.pace.mean_ms = Some(step.pace.mean_ms.map_or(took, |m| 0.9 * m + 0.1 * took));
@@ -809,7 +886,7 @@ fn subjob_failed(
     out: &mut Vec<Action>,
 ) -> Result<bool, Ignored> {
     let replayed = replayed(job, seq);
-    let step = mark_outcome(job, e.step_index, e.index, true)?;
+    let step = mark_outcome(job, e.step_index, e.index, e.run, true)?;
     step.failed += 1;
     // A replay is in the stored record's counts already; only its bit was lost.
     if !replayed {
@@ -837,6 +914,9 @@ fn subjobs_failed(
     now: Millis,
     out: &mut Vec<Action>,
 ) -> Result<bool, Ignored> {
+    if e.run != job.run {
+        return Err(Ignored::OtherRun);
+    }
     let replayed = replayed(job, seq);
     let step = running_step(job, e.step_index).ok_or(Ignored::StepNotRunning)?;
     let below = match e.reason {
@@ -865,6 +945,7 @@ fn subjobs_failed(
     }
     if e.reason == AbandonReason::Deadline {
         step.dispatched = step.total;
+        step.carried = 0;
         out.push(Action::PurgeTasks {
             job_id: job.job_id.clone(),
         });
@@ -1032,10 +1113,14 @@ fn refill(job: &mut Job, out: &mut Vec<Action>) {
     {
         return;
     }
-    let in_flight = step.dispatched - (step.completed + step.failed).min(step.dispatched);
+    let in_flight = step_in_flight(step);
     let window = window(job.pacing, def, step);
     let room = window.saturating_sub(in_flight);
-    let rest = step.total - step.dispatched;
+    // Subjobs still to dispatch (a redriven step skips those it carries).
+    let rest = (step.total - step.dispatched).saturating_sub(step.carried);
+    if rest == 0 {
+        return;
+    }
     // Paced windows are small: a quarter of one is a batch.
     let batch = match job.pacing {
         Some(_) => (window / 4).clamp(1, MIN_REFILL),
@@ -1045,7 +1130,24 @@ fn refill(job: &mut Job, out: &mut Vec<Action>) {
         return;
     }
     let from = step.dispatched;
-    let to = from + room.min(rest);
+    let n = room.min(rest);
+    let (to, indices) = match step.carried {
+        0 => (from + n, None),
+        _ => {
+            // Past the subjobs that completed in an earlier run.
+            let mut indices = Vec::with_capacity(n as usize);
+            let mut at = from;
+            while (indices.len() as u64) < n && at < step.total {
+                if step.pending.is_done(at) {
+                    step.carried = step.carried.saturating_sub(1);
+                } else {
+                    indices.push(at);
+                }
+                at += 1;
+            }
+            (at, Some(indices))
+        }
+    };
     step.dispatched = to;
     let Some(source) = step.source.clone() else {
         return;
@@ -1058,6 +1160,8 @@ fn refill(job: &mut Job, out: &mut Vec<Action>) {
         total: step.total,
         from,
         to,
+        indices,
+        run: job.run,
         source,
     }));
 }
@@ -1110,6 +1214,7 @@ fn start_step(
         step: def.name.clone(),
         step_index: i,
         total,
+        run: job.run,
         at: now,
     })));
     if total == 0 {
@@ -1127,6 +1232,7 @@ fn finish_step(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
     out.push(Action::Publish(Event::StepCompleted(step_completed_event(
         &job.job_id,
         &job.workflow,
+        job.run,
         i,
         step,
         true,
@@ -1158,6 +1264,7 @@ fn finish_step(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
         job_id: job.job_id.clone(),
         workflow: job.workflow.clone(),
         output: job.output.clone(),
+        run: job.run,
         at: now,
     })));
 }
@@ -1165,6 +1272,7 @@ fn finish_step(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
 fn step_completed_event(
     job_id: &str,
     workflow: &str,
+    run: u32,
     i: usize,
     step: &StepRun,
     ok: bool,
@@ -1181,6 +1289,7 @@ fn step_completed_event(
         failed: step.failed,
         retries: step.retries,
         started_at: step.started_at.unwrap_or(now),
+        run,
         at: now,
     }
 }
@@ -1203,6 +1312,158 @@ fn fanout_summary(job_id: &str, i: usize, step: &StepRun) -> Value {
     })
 }
 
+/// Starts the job's next run from step `i` (chosen by
+/// [`Job::redrive_step`]; a fanout's bitmap is loaded): the run before's
+/// figures go to `redrives`, the step forgets its failures and runs again
+/// for the subjobs that did not complete, the steps after it start over.
+fn start_run(
+    job: &mut Job,
+    i: usize,
+    seq: u64,
+    e: RedriveRequested,
+    now: Millis,
+    out: &mut Vec<Action>,
+) {
+    let figures = job.steps[i..]
+        .iter()
+        .map(|s| RunFigures {
+            state: s.state,
+            total: s.total,
+            completed: s.completed,
+            failed: s.failed,
+            retries: s.retries,
+        })
+        .collect::<Vec<_>>();
+    let reason = e.reason.map(|r| bounded(&r, MAX_REASON_BYTES));
+    let state_before = job.state;
+    job.run += 1;
+    job.state = JobState::Running;
+    job.current = i;
+    job.finished_at = None;
+    job.output = Value::Null;
+    job.paused_at = None;
+    job.updated_at = now;
+    // A fresh deadline: the old one has passed or nearly.
+    job.deadline_at = job.definition.deadline_ms.map(|d| now.saturating_add(d));
+    for k in i + 1..job.steps.len() {
+        let s = &mut job.steps[k];
+        let discard = match s.kind {
+            StepKind::Fanout => Job::chunks_of(s.total),
+            StepKind::Task => 0,
+        };
+        *s = fresh_step(s.name.clone(), s.kind);
+        s.discard_chunks = discard;
+    }
+    let step = &mut job.steps[i];
+    match step.kind {
+        StepKind::Fanout => {
+            step.pending.forget_failed();
+            let (completed, _) = step.pending.counts();
+            step.completed = completed;
+            step.carried = completed;
+        }
+        StepKind::Task => {
+            step.pending = Pending::new(1);
+            step.completed = 0;
+            step.carried = 0;
+            step.output_seq = None;
+            step.output_len = None;
+        }
+    }
+    let subjobs = step.total - step.completed;
+    step.failed = 0;
+    step.dispatched = 0;
+    step.failures.clear();
+    step.state = StepState::Running;
+    step.started_at = Some(now);
+    step.finished_at = None;
+    step.share = None;
+    step.pace = Pace::default();
+    let error = job.error.take();
+    job.redrives.push(Redrive {
+        run: job.run,
+        step_index: i,
+        subjobs,
+        at: now,
+        seq,
+        reason: reason.clone(),
+        state: state_before,
+        error,
+        steps: figures,
+    });
+    out.push(Action::Publish(Event::JobRedriven(JobRedriven {
+        job_id: job.job_id.clone(),
+        workflow: job.workflow.clone(),
+        run: job.run,
+        step: step.name.clone(),
+        step_index: i,
+        subjobs,
+        reason,
+        at: now,
+    })));
+    out.push(Action::Publish(Event::StepStarted(StepStarted {
+        job_id: job.job_id.clone(),
+        workflow: job.workflow.clone(),
+        step: step.name.clone(),
+        step_index: i,
+        total: step.total,
+        run: job.run,
+        at: now,
+    })));
+    if subjobs == 0 {
+        finish_step(job, now, out);
+    } else {
+        refill(job, out);
+    }
+}
+
+/// A redrive read again after a crash: the record had its run, but the
+/// bitmap may still hold the run before's failures (the record is stored
+/// first), and the chunks of the steps after it may still be there.
+fn replay_redrive(job: &mut Job, i: usize, before: &[RunFigures]) {
+    let current = job.current == i && job.state == JobState::Running;
+    if let Some(step) = job.steps.get_mut(i).filter(|_| current) {
+        if step.kind == StepKind::Fanout && step.state == StepState::Running {
+            step.pending.forget_failed();
+            let (completed, failed) = step.pending.counts();
+            step.completed = completed;
+            step.failed = failed;
+        }
+    }
+    for (k, fig) in before.iter().enumerate().skip(1) {
+        if let Some(s) = job.steps.get_mut(i + k) {
+            if s.state == StepState::Pending && s.kind == StepKind::Fanout {
+                s.discard_chunks = Job::chunks_of(fig.total);
+            }
+        }
+    }
+}
+
+/// A step as it is before it starts.
+fn fresh_step(name: String, kind: StepKind) -> StepRun {
+    StepRun {
+        name,
+        kind,
+        state: StepState::Pending,
+        total: 0,
+        completed: 0,
+        failed: 0,
+        retries: 0,
+        dispatched: 0,
+        started_at: None,
+        finished_at: None,
+        failures: Vec::new(),
+        source: None,
+        output_seq: None,
+        output_len: None,
+        pending: Pending::default(),
+        carried: 0,
+        discard_chunks: 0,
+        share: None,
+        pace: Pace::default(),
+    }
+}
+
 fn fail_job(job: &mut Job, reason: String, now: Millis, out: &mut Vec<Action>) {
     let reason = bounded(&reason, MAX_REASON_BYTES);
     let i = job.current;
@@ -1212,6 +1473,7 @@ fn fail_job(job: &mut Job, reason: String, now: Millis, out: &mut Vec<Action>) {
         out.push(Action::Publish(Event::StepCompleted(step_completed_event(
             &job.job_id,
             &job.workflow,
+            job.run,
             i,
             step,
             false,
@@ -1229,6 +1491,7 @@ fn fail_job(job: &mut Job, reason: String, now: Millis, out: &mut Vec<Action>) {
         job_id: job.job_id.clone(),
         workflow: job.workflow.clone(),
         error: reason,
+        run: job.run,
         at: now,
     })));
 }
@@ -1300,10 +1563,17 @@ fn update(job: &mut Job, e: &UpdateRequested, now: Millis, out: &mut Vec<Action>
 pub fn in_flight(job: &Job) -> u64 {
     match job.steps.get(job.current) {
         Some(s) if job.state == JobState::Running && s.state == StepState::Running => {
-            s.dispatched.saturating_sub(s.completed + s.failed)
+            step_in_flight(s)
         }
         _ => 0,
     }
+}
+
+/// Subjobs of a step dispatched and unfinished: below its dispatch cursor,
+/// those without an outcome (what it carries lies past the cursor).
+fn step_in_flight(s: &StepRun) -> u64 {
+    let finished_below = (s.completed + s.failed).saturating_sub(s.carried);
+    s.dispatched.saturating_sub(finished_below)
 }
 
 /// Decides that a job's in-flight subjobs are lost: they fail now, and the
@@ -1317,6 +1587,7 @@ fn lost(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
         job_id: job.job_id.clone(),
         step_index: job.current,
         below: job.steps[job.current].dispatched,
+        run: job.run,
         reason: AbandonReason::Lost,
         error: format!("{n} subjobs lost: their tasks are no longer in the work queue and no outcome was reported"),
         at: now,
@@ -1349,6 +1620,7 @@ fn tick(job: &mut Job, now: Millis, out: &mut Vec<Action>) -> bool {
                 job_id: job.job_id.clone(),
                 step_index: i,
                 below: step.total,
+                run: job.run,
                 reason: AbandonReason::Deadline,
                 error: format!(
                     "step deadline of {deadline} ms passed with {unfinished} subjobs unfinished"

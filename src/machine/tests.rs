@@ -65,6 +65,7 @@ fn done(step_index: usize, index: u64, attempt: u32, result: Value) -> Input {
     Input::Event {
         seq: next_seq(),
         event: Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
             job_id: "j".into(),
             step_index,
             index,
@@ -581,6 +582,7 @@ fn failed_with(step_index: usize, index: u64, attempt: u32, error: String) -> In
     Input::Event {
         seq: next_seq(),
         event: Event::SubjobFailed(SubjobFailed {
+            run: 0,
             job_id: "j".into(),
             step_index,
             index,
@@ -926,6 +928,7 @@ fn finish(e: &mut Engine, id: &str, index: u64, now: Millis) -> Vec<Action> {
         Input::Event {
             seq: next_seq(),
             event: Event::SubjobCompleted(SubjobCompleted {
+                run: 0,
                 job_id: id.into(),
                 step_index: 0,
                 index,
@@ -1114,6 +1117,7 @@ fn a_capped_customer_never_holds_more_than_its_cap() {
                 Input::Event {
                     seq: next_seq(),
                     event: Event::SubjobCompleted(SubjobCompleted {
+                        run: 0,
                         job_id: "a2".into(),
                         step_index: 0,
                         index: done2,
@@ -1230,4 +1234,291 @@ fn a_running_jobs_window_and_tolerance_change() {
         .apply(update_input("j", 21, |u| u.max_in_flight = Some(0)), 21)
         .is_empty());
     assert_eq!(e.job("j").unwrap().definition.steps[1].max_in_flight, 2);
+}
+
+/// What the store holds of a job after `actions`' last checkpoint of it:
+/// the record, with the chunks of step `step_index` loaded over the
+/// chunks stored before (`chunks`, updated).
+fn stored_after(actions: &[Action], step_index: usize, chunks: &mut BTreeMap<u64, Vec<u8>>) -> Job {
+    let mut record = None;
+    for a in actions {
+        let Action::Checkpoint(cp) = a else { continue };
+        for w in &cp.writes {
+            match w {
+                Write::Record(r) => record = Some(serde_json::from_slice::<Job>(r).unwrap()),
+                Write::Chunk {
+                    step_index: s,
+                    chunk,
+                    bits,
+                } if *s == step_index => {
+                    chunks.insert(*chunk, bits.clone());
+                }
+                Write::DeleteChunk {
+                    step_index: s,
+                    chunk,
+                } if *s == step_index => {
+                    chunks.remove(chunk);
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut job = record.expect("a checkpoint of the job");
+    let total = job.steps[step_index].total;
+    let mut pending = Pending::new(total);
+    for (c, bits) in chunks.iter() {
+        assert!(pending.load_chunk(*c, bits));
+    }
+    job.steps[step_index].pending = pending;
+    job
+}
+
+fn outcome_in(run: u32, step_index: usize, index: u64, ok: bool) -> Input {
+    let event = match ok {
+        true => Event::SubjobCompleted(SubjobCompleted {
+            job_id: "j".into(),
+            step_index,
+            index,
+            attempt: 1,
+            result: json!(index),
+            duration_ms: 1,
+            run,
+            token: String::new(),
+        }),
+        false => Event::SubjobFailed(SubjobFailed {
+            job_id: "j".into(),
+            step_index,
+            index,
+            attempt: 1,
+            error: format!("bad {index} in run {run}"),
+            run,
+            token: String::new(),
+        }),
+    };
+    Input::Event {
+        seq: next_seq(),
+        event,
+    }
+}
+
+fn redrive_request(seq: u64, step: Option<&str>, stored: Option<Job>) -> Input {
+    Input::Redrive {
+        seq,
+        event: RedriveRequested {
+            job_id: "j".into(),
+            step: step.map(str::to_string),
+            reason: Some("the mail server is back".into()),
+            at: 50,
+        },
+        stored: stored.map(Box::new),
+    }
+}
+
+/// A job whose fanout (6 subjobs, 1 failure tolerated) failed with 0 and 5
+/// completed, 1 and 2 failed, 3 and 4 never finished; stored and unloaded.
+fn failed_fanout(e: &mut Engine, chunks: &mut BTreeMap<u64, Vec<u8>>) -> Job {
+    request(e, workflow("tolerate_failures = \"1\""));
+    e.apply(done(0, 0, 1, json!([0, 1, 2, 3, 4, 5])), 11);
+    let mut saved = e.apply(Input::Save, 12);
+    for (index, ok) in [(0, true), (5, true), (1, false), (2, false)] {
+        e.apply(outcome_in(0, 1, index, ok), 13);
+    }
+    assert_eq!(e.job("j").unwrap().state, JobState::Failed);
+    saved.extend(e.apply(Input::Save, 14));
+    assert!(!e.contains("j"), "an ended job is unloaded");
+    stored_after(&saved, 1, chunks)
+}
+
+#[test]
+fn a_redrive_runs_again_only_the_subjobs_that_did_not_complete() {
+    let mut e = Engine::new();
+    let mut chunks = BTreeMap::new();
+    let stored = failed_fanout(&mut e, &mut chunks);
+    assert_eq!(stored.redrive_step(None), Ok(1));
+    assert!(
+        !chunks.is_empty(),
+        "an ended job keeps the bits of a step it may redrive"
+    );
+
+    let a = e.apply(redrive_request(900, None, Some(stored)), 50);
+    assert_eq!(
+        kinds(&a),
+        ["redriven", "step_started", "dispatch 1:0..5"],
+        "{a:?}"
+    );
+    let Action::Dispatch(d) = &a[2] else {
+        unreachable!()
+    };
+    assert_eq!((d.indices.as_deref(), d.run), (Some(&[1, 2, 3, 4][..]), 1));
+    let Action::Publish(Event::JobRedriven(r)) = &a[0] else {
+        unreachable!()
+    };
+    assert_eq!((r.run, r.step_index, r.subjobs), (1, 1, 4));
+    let job = e.job("j").unwrap();
+    assert_eq!(job.state, JobState::Running);
+    assert_eq!((job.run, job.error.as_deref()), (1, None));
+    let before = &job.redrives[0];
+    assert_eq!(before.state, JobState::Failed);
+    assert!(before
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("more than tolerated"));
+    assert_eq!((before.steps[0].completed, before.steps[0].failed), (2, 2));
+    assert_eq!(before.steps.len(), 2, "the steps from the redriven one on");
+
+    // Late outcomes of the first run count nothing; a second redrive of a
+    // running job is refused; the first one read again changes nothing.
+    assert!(e.apply(outcome_in(0, 1, 3, true), 51).is_empty());
+    assert!(e.apply(redrive_request(901, None, None), 51).is_empty());
+    assert!(e.apply(redrive_request(900, None, None), 51).is_empty());
+    assert_eq!(e.job("j").unwrap().run, 1);
+    assert_eq!(e.job("j").unwrap().steps[1].completed, 2);
+    assert_eq!(in_flight(e.job("j").unwrap()), 4);
+    let ignored = e.take_ignored();
+    assert_eq!(ignored.get("other_run"), Some(&1));
+    assert_eq!(ignored.get("not_redrivable"), Some(&1));
+
+    // This run's outcomes count, then the job goes on to its last step.
+    for index in [1, 2, 3] {
+        assert!(e.apply(outcome_in(1, 1, index, true), 52).is_empty());
+    }
+    let a = e.apply(outcome_in(1, 1, 4, true), 53);
+    assert_eq!(
+        kinds(&a),
+        ["step_completed", "step_started", "dispatch 2:0..1"]
+    );
+    let Action::Publish(Event::StepCompleted(end)) = &a[0] else {
+        unreachable!()
+    };
+    assert_eq!((end.run, end.completed, end.failed), (1, 6, 0));
+    let a = e.apply(outcome_in(1, 2, 0, true), 54);
+    let Some(Action::Publish(Event::JobCompleted(c))) = a.last() else {
+        panic!("{a:?}")
+    };
+    assert_eq!(c.run, 1);
+    assert_ne!(
+        Event::JobCompleted(c.clone()).msg_id(),
+        Event::JobCompleted(JobCompleted {
+            run: 0,
+            ..c.clone()
+        })
+        .msg_id(),
+        "the duplicate window does not drop the second run's end"
+    );
+}
+
+#[test]
+fn a_redrive_read_again_after_a_crash_forgets_the_failures_again() {
+    let mut e = Engine::new();
+    let mut chunks = BTreeMap::new();
+    let stored = failed_fanout(&mut e, &mut chunks);
+    let a = e.apply(redrive_request(900, None, Some(stored)), 50);
+    // The record of the run is stored, its chunks are not: a restart loads
+    // the record with the run before's bits.
+    let mut record = None;
+    for w in e
+        .apply(Input::Save, 51)
+        .iter()
+        .chain(a.iter())
+        .filter_map(|a| match a {
+            Action::Checkpoint(cp) => Some(&cp.writes),
+            _ => None,
+        })
+        .flatten()
+    {
+        if let Write::Record(r) = w {
+            record = Some(serde_json::from_slice::<Job>(r).unwrap());
+        }
+    }
+    let mut job = record.unwrap();
+    let mut pending = Pending::new(6);
+    for (c, bits) in &chunks {
+        assert!(pending.load_chunk(*c, bits));
+    }
+    job.steps[1].pending = pending;
+    job.recount();
+    assert_eq!(job.steps[1].failed, 2, "stale failures");
+    let mut e = Engine::new();
+    e.insert(job);
+    e.apply(redrive_request(900, None, None), 60);
+    let job = e.job("j").unwrap();
+    assert_eq!(
+        (job.run, job.steps[1].completed, job.steps[1].failed),
+        (1, 2, 0)
+    );
+    assert_eq!(job.redrives.len(), 1);
+}
+
+#[test]
+fn what_cannot_be_redriven_is_refused_with_a_reason() {
+    let mut e = Engine::new();
+    request(&mut e, workflow(""));
+    let job = e.job("j").unwrap().clone();
+    assert_eq!(job.redrive_step(None).unwrap_err().code(), "job_running");
+    let mut ended = job.clone();
+    ended.state = JobState::Cancelled;
+    assert_eq!(
+        ended.redrive_step(None).unwrap_err().code(),
+        "not_redrivable"
+    );
+    ended.state = JobState::Completed;
+    ended.steps.iter_mut().for_each(|s| {
+        s.state = StepState::Completed;
+        s.total = 1;
+        s.completed = 1;
+    });
+    ended.current = 2;
+    assert_eq!(
+        ended.redrive_step(None).unwrap_err().code(),
+        "nothing_to_redrive"
+    );
+    assert_eq!(
+        ended.redrive_step(Some("nope")).unwrap_err().code(),
+        "no_such_step"
+    );
+    ended.steps[1].completed = 0;
+    ended.steps[1].failed = 1;
+    ended.steps[1].source = Some(Source::Inline(json!([1])));
+    assert_eq!(ended.redrive_step(None), Ok(1), "tolerated failures");
+    assert_eq!(ended.redrive_step(Some("send")), Ok(1));
+    // The engine ignores what the rule refuses.
+    let mut e = Engine::new();
+    let mut running = job;
+    running.job_id = "j".into();
+    assert!(e
+        .apply(redrive_request(5, None, Some(running)), 10)
+        .is_empty());
+    assert_eq!(e.take_ignored().get("not_redrivable"), Some(&1));
+}
+
+#[test]
+fn a_completed_job_with_tolerated_failures_redrives_them_and_runs_the_rest_again() {
+    let mut e = Engine::new();
+    let mut chunks = BTreeMap::new();
+    request(&mut e, workflow("tolerate_failures = \"50%\""));
+    e.apply(done(0, 0, 1, json!([0, 1, 2])), 11);
+    let mut saved = Vec::new();
+    for (index, ok) in [(0, true), (1, false), (2, true)] {
+        saved.extend(e.apply(outcome_in(0, 1, index, ok), 13));
+    }
+    saved.extend(e.apply(outcome_in(0, 2, 0, true), 14));
+    assert_eq!(e.job("j").unwrap().state, JobState::Completed);
+    saved.extend(e.apply(Input::Save, 15));
+    let stored = stored_after(&saved, 1, &mut chunks);
+    let a = e.apply(redrive_request(950, None, Some(stored)), 50);
+    let Some(Action::Dispatch(d)) = a.last() else {
+        panic!("{a:?}")
+    };
+    assert_eq!(d.indices.as_deref(), Some(&[1][..]));
+    let job = e.job("j").unwrap();
+    assert_eq!(job.redrives[0].state, JobState::Completed);
+    assert_eq!(
+        job.steps[2].state,
+        StepState::Pending,
+        "the last step runs again"
+    );
+    assert_eq!(job.output, Value::Null);
+    assert_eq!(job.result_runs(1), (0, 1));
+    assert_eq!(job.result_runs(2), (1, 1));
 }

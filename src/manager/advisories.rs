@@ -82,6 +82,7 @@ async fn handle(nats: &Nats, payload: &[u8]) -> Result<(), String> {
                 "no answer within the {} ms timeout on the last of {} attempts (worker crashed or hung)",
                 task.timeout_ms, task.max_attempts
             ),
+            run: task.run,
             token: task.token.clone(),
         });
         log::append(nats, &event).await.map_err(|e| e.to_string())?;

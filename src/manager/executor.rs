@@ -248,7 +248,7 @@ impl Executor {
     }
 
     /// Enqueues a slice of a step; `Some(reason)` when it never can be.
-    async fn dispatch(&mut self, d: Dispatch) -> Result<Option<String>, ManagerError> {
+    async fn dispatch(&mut self, mut d: Dispatch) -> Result<Option<String>, ManagerError> {
         let value = match self.source(&d.source).await? {
             Ok(v) => v,
             Err(reason) => return Ok(Some(format!("step {:?}: {reason}", d.step.name))),
@@ -257,7 +257,11 @@ impl Executor {
         let key = self.nats.task_key.clone().ok_or_else(|| {
             ManagerError::Nats("this connection did not read the task token key".into())
         })?;
-        for index in d.from..d.to {
+        let indices: Box<dyn Iterator<Item = u64> + Send> = match d.indices.take() {
+            Some(list) => Box::new(list.into_iter()),
+            None => Box::new(d.from..d.to),
+        };
+        for index in indices {
             let (item, input) = match d.step.kind {
                 StepKind::Fanout => (
                     value.get(index as usize).cloned().unwrap_or(Value::Null),
@@ -280,7 +284,8 @@ impl Executor {
                 run_timeout_ms: d.step.run_timeout_ms,
                 max_attempts: d.step.max_attempts,
                 backoff_ms: d.step.backoff_ms.clone(),
-                token: key.token(&d.job_id, d.step_index, index),
+                run: d.run,
+                token: key.token(&d.job_id, d.step_index, index, d.run),
             };
             let payload = encode_json(&task).map_err(|e| ManagerError::Nats(e.to_string()))?;
             if payload.len() > max {
@@ -292,7 +297,7 @@ impl Executor {
             }
             let msg = PublishMessage::build()
                 .payload(payload)
-                .message_id(task_msg_id(&d.job_id, d.step_index, index));
+                .message_id(task_msg_id(&d.job_id, d.step_index, index, d.run));
             self.send(task_subject(&d.workflow, &d.step.name, &d.job_id), msg)
                 .await?;
         }

@@ -363,6 +363,25 @@ impl EventLoop {
                         workflow,
                     }
                 }
+                // An ended job is not held: its record and the bitmap of
+                // the step it would run again are read.
+                Event::RedriveRequested(req) => {
+                    let stored = match self.engine.contains(&req.job_id)
+                        || !valid_job_id(&req.job_id)
+                    {
+                        true => None,
+                        false => {
+                            store::load_for_redrive(&self.nats, &req.job_id, req.step.as_deref())
+                                .await?
+                                .map(Box::new)
+                        }
+                    };
+                    Input::Redrive {
+                        seq,
+                        event: req,
+                        stored,
+                    }
+                }
                 event => Input::Event { seq, event },
             };
             actions.extend(self.engine.apply(input, now));

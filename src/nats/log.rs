@@ -49,7 +49,7 @@ use super::leases::{Fence, Fenced};
 use super::Nats;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    encode_json, job_events_filter, Counted, Event, StepResults, TaskKey, EVENTS_STREAM,
+    encode_json, job_events_filter, Counted, Event, Job, StepResults, TaskKey, EVENTS_STREAM,
 };
 
 /// What can go wrong with the log, and whether trying again can help
@@ -506,11 +506,13 @@ pub struct ResultsReader {
 }
 
 impl ResultsReader {
-    pub fn new(nats: &Nats, job_id: &str, step_index: usize, key: Option<TaskKey>) -> Self {
+    /// The results of step `step_index` of `job` (of each run of it, when
+    /// it was redriven: [`Job::result_runs`]).
+    pub fn new(nats: &Nats, job: &Job, step_index: usize, key: Option<TaskKey>) -> Self {
         ResultsReader {
             nats: nats.clone(),
-            job_id: job_id.to_string(),
-            reader: StepResults::new(step_index, key),
+            job_id: job.job_id.clone(),
+            reader: StepResults::of_job(job, step_index, key),
             from: 1,
             done: false,
         }
@@ -553,6 +555,7 @@ mod tests {
     #[test]
     fn events_are_bounded_and_too_large_is_not_transient() {
         let done = Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
             job_id: "j".into(),
             step_index: 1,
             index: 7,

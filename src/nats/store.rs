@@ -240,31 +240,79 @@ pub async fn load(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, Store
     let i = job.current;
     if let Some(step) = job.steps.get_mut(i) {
         if step.state == StepState::Running {
-            let mut pending = Pending::new(step.total);
-            if step.kind == StepKind::Fanout {
-                for c in 0..pending.chunk_count() {
-                    let key = chunk_key(job_id, i, c);
-                    let bytes = nats.pending.get(&key).await.map_err(|e| StoreError::Kv {
-                        job_id: job_id.into(),
-                        op: "get chunk",
-                        message: e.to_string(),
-                    })?;
-                    if let Some(b) = bytes {
-                        if !pending.load_chunk(c, &b) {
-                            tracing::warn!(
-                                job_id,
-                                key,
-                                "pending chunk has the wrong size; treating it as empty"
-                            );
-                        }
-                    }
-                }
-            }
-            step.pending = pending;
+            step.pending = match step.kind {
+                StepKind::Fanout => bits(nats, job_id, i, step.total).await?.0,
+                StepKind::Task => Pending::new(step.total),
+            };
         }
     }
     job.recount();
     Ok(Some((job, rev)))
+}
+
+/// Reads an ended job's record for a redrive, with the bitmap of the
+/// fanout step it would run again ([`Job::redrive_step`]). When a chunk of
+/// that bitmap is missing (it expired, or the job ended before fanjet kept
+/// them) and some subjob completed, the bitmap is left empty: which ones
+/// did is no longer known.
+pub async fn load_for_redrive(
+    nats: &Nats,
+    job_id: &str,
+    step: Option<&str>,
+) -> Result<Option<Job>, StoreError> {
+    let Some((mut job, _)) = get(nats, job_id).await? else {
+        return Ok(None);
+    };
+    let Ok(i) = job.redrive_step(step) else {
+        return Ok(Some(job));
+    };
+    let run = &mut job.steps[i];
+    if run.kind == StepKind::Fanout {
+        let (pending, whole) = bits(nats, job_id, i, run.total).await?;
+        if whole || run.completed == 0 {
+            run.pending = pending;
+        } else {
+            tracing::warn!(
+                job_id,
+                step = %run.name,
+                "cannot redrive: the step's bitmap (which subjobs completed) is no longer stored"
+            );
+        }
+    }
+    Ok(Some(job))
+}
+
+/// The stored bitmap of a fanout step, and whether every chunk was there.
+async fn bits(
+    nats: &Nats,
+    job_id: &str,
+    step_index: usize,
+    total: u64,
+) -> Result<(Pending, bool), StoreError> {
+    let mut pending = Pending::new(total);
+    let mut whole = true;
+    for c in 0..pending.chunk_count() {
+        let key = chunk_key(job_id, step_index, c);
+        let bytes = nats.pending.get(&key).await.map_err(|e| StoreError::Kv {
+            job_id: job_id.into(),
+            op: "get chunk",
+            message: e.to_string(),
+        })?;
+        match bytes {
+            Some(b) => {
+                if !pending.load_chunk(c, &b) {
+                    whole = false;
+                    tracing::warn!(
+                        job_id,
+                        key,
+                        "pending chunk has the wrong size; treating it as empty"
+                    );
+                }
+            }
+            None => whole = false,
+        }
+    }
+    Ok((pending, whole))
 }
 
 /// Every job id in the jobs bucket.

@@ -71,6 +71,10 @@ impl JobStats {
             event,
             Event::SubjobCompleted(_) | Event::SubjobFailed(_) | Event::SubjobsFailed(_)
         );
+        if outcome && event.run() != Some(self.run) {
+            // A late outcome of a run before a redrive.
+            return true;
+        }
         if outcome && (self.outcome.is_some() || self.cancel_requested_at.is_some()) {
             // After the job's end, or a request to cancel it, the manager
             // counts no outcome.
@@ -197,8 +201,22 @@ impl JobStats {
             Event::CancelRequested(e) => {
                 self.cancel_requested_at.get_or_insert(e.at);
             }
-            // Pausing or changing a job's window or tolerance counts nothing.
-            Event::UpdateRequested(_) => {}
+            // Pausing or changing a job's window or tolerance counts
+            // nothing; nor does a request to redrive (the manager's
+            // `JobRedriven` says whether it runs again).
+            Event::UpdateRequested(_) | Event::RedriveRequested(_) => {}
+            Event::JobRedriven(e) => {
+                // As the manager does: the step forgets its failures and
+                // runs again for the rest; the steps after it start over.
+                self.run = e.run;
+                self.outcome = None;
+                self.finished_at = None;
+                let s = self.step(e.step_index);
+                s.failed = 0;
+                s.finished_at = None;
+                s.seen = None;
+                self.steps.truncate(e.step_index + 1);
+            }
         }
         true
     }
@@ -410,6 +428,7 @@ mod tests {
 
     fn done(index: u64) -> Event {
         Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
             job_id: "j".into(),
             step_index: 0,
             index,
@@ -422,6 +441,7 @@ mod tests {
 
     fn started(total: u64) -> Event {
         Event::StepStarted(StepStarted {
+            run: 0,
             job_id: "j".into(),
             workflow: "w".into(),
             step: "send".into(),
@@ -442,6 +462,7 @@ mod tests {
         };
         apply(&mut s, started(6));
         let failed = Event::SubjobFailed(SubjobFailed {
+            run: 0,
             job_id: "j".into(),
             step_index: 0,
             index: 0,
@@ -457,6 +478,7 @@ mod tests {
         apply(
             &mut s,
             Event::SubjobsFailed(SubjobsFailed {
+                run: 0,
                 job_id: "j".into(),
                 step_index: 0,
                 below: 4,
@@ -492,6 +514,7 @@ mod tests {
         assert_eq!(s.steps[0].completed, 2);
         // ...and the step's end settles it.
         let end = Event::StepCompleted(crate::protocol::StepCompleted {
+            run: 0,
             job_id: "j".into(),
             workflow: "w".into(),
             step: "send".into(),
@@ -530,6 +553,7 @@ mod tests {
         s.apply(
             2,
             &Event::StepStarted(StepStarted {
+                run: 0,
                 job_id: "j".into(),
                 workflow: "w".into(),
                 step: "send".into(),
@@ -541,6 +565,7 @@ mod tests {
         );
         for i in 0..100u64 {
             let ev = Event::SubjobCompleted(SubjobCompleted {
+                run: 0,
                 job_id: "j".into(),
                 step_index: 0,
                 index: i,
@@ -561,6 +586,7 @@ mod tests {
         // Replaying an applied sequence changes nothing.
         let before = s.clone();
         let ev = Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
             job_id: "j".into(),
             step_index: 0,
             index: 1,

@@ -72,6 +72,10 @@ pub struct StepStarted {
     pub step: String,
     pub step_index: usize,
     pub total: u64,
+    /// The run it belongs to: 0 for the job's first, `n` after its `n`th
+    /// redrive (absent when 0).
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
+    pub run: u32,
     pub at: Millis,
 }
 
@@ -89,6 +93,10 @@ pub struct StepCompleted {
     pub failed: u64,
     pub retries: u64,
     pub started_at: Millis,
+    /// The run it belongs to: 0 for the job's first, `n` after its `n`th
+    /// redrive (absent when 0).
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
+    pub run: u32,
     pub at: Millis,
 }
 
@@ -104,6 +112,10 @@ pub struct SubjobCompleted {
     pub result: Value,
     #[serde(default)]
     pub duration_ms: u64,
+    /// The run it belongs to: 0 for the job's first, `n` after its `n`th
+    /// redrive (absent when 0). Copy it from the task into the outcome.
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
+    pub run: u32,
     /// The task's `token`: an outcome without the right one is ignored.
     #[serde(default)]
     pub token: String,
@@ -118,6 +130,10 @@ pub struct SubjobFailed {
     pub index: u64,
     pub attempt: u32,
     pub error: String,
+    /// The run it belongs to: 0 for the job's first, `n` after its `n`th
+    /// redrive (absent when 0). Copy it from the task into the outcome.
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
+    pub run: u32,
     /// The task's `token`: an outcome without the right one is ignored.
     #[serde(default)]
     pub token: String,
@@ -155,6 +171,10 @@ pub struct SubjobsFailed {
     pub reason: AbandonReason,
     /// For people (bounded like every error text).
     pub error: String,
+    /// The run it belongs to: 0 for the job's first, `n` after its `n`th
+    /// redrive (absent when 0).
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
+    pub run: u32,
     pub at: Millis,
 }
 
@@ -166,6 +186,10 @@ pub struct JobCompleted {
     /// The last step's result (a task step) or its summary (a fanout step).
     #[serde(default)]
     pub output: Value,
+    /// The run it belongs to: 0 for the job's first, `n` after its `n`th
+    /// redrive (absent when 0).
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
+    pub run: u32,
     pub at: Millis,
 }
 
@@ -175,6 +199,10 @@ pub struct JobFailed {
     pub job_id: String,
     pub workflow: String,
     pub error: String,
+    /// The run it belongs to: 0 for the job's first, `n` after its `n`th
+    /// redrive (absent when 0).
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
+    pub run: u32,
     pub at: Millis,
 }
 
@@ -250,6 +278,36 @@ impl ChangeRequest {
     }
 }
 
+/// Someone asked to run a failed job (or one that completed with
+/// tolerated failures) again from one of its steps: only that step's
+/// subjobs that did not complete run again, then the steps after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct RedriveRequested {
+    pub job_id: String,
+    /// The step to run again, by name; absent: the step where the job
+    /// failed, or for a completed job the first step with failed subjobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: Millis,
+}
+
+/// The manager started run `run` of the job: step `step_index` runs again
+/// for its `subjobs` subjobs that did not complete, then the steps after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct JobRedriven {
+    pub job_id: String,
+    pub workflow: String,
+    pub run: u32,
+    pub step: String,
+    pub step_index: usize,
+    pub subjobs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: Millis,
+}
+
 /// The job was cancelled; its queued tasks were dropped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobCancelled {
@@ -276,6 +334,8 @@ pub enum Event {
     CancelRequested(CancelRequested),
     JobCancelled(JobCancelled),
     UpdateRequested(UpdateRequested),
+    RedriveRequested(RedriveRequested),
+    JobRedriven(JobRedriven),
 }
 
 /// The kind of an event, as the last subject token.
@@ -293,10 +353,12 @@ pub enum EventKind {
     CancelRequested,
     JobCancelled,
     UpdateRequested,
+    RedriveRequested,
+    JobRedriven,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 12] = [
+    pub const ALL: [EventKind; 14] = [
         EventKind::JobRequested,
         EventKind::JobRejected,
         EventKind::StepStarted,
@@ -309,6 +371,8 @@ impl EventKind {
         EventKind::CancelRequested,
         EventKind::JobCancelled,
         EventKind::UpdateRequested,
+        EventKind::RedriveRequested,
+        EventKind::JobRedriven,
     ];
 
     /// The subject token of this kind.
@@ -326,6 +390,8 @@ impl EventKind {
             EventKind::CancelRequested => "cancel_requested",
             EventKind::JobCancelled => "cancelled",
             EventKind::UpdateRequested => "update_requested",
+            EventKind::RedriveRequested => "redrive_requested",
+            EventKind::JobRedriven => "redriven",
         }
     }
 
@@ -340,6 +406,7 @@ impl EventKind {
                 | EventKind::SubjobsFailed
                 | EventKind::CancelRequested
                 | EventKind::UpdateRequested
+                | EventKind::RedriveRequested
         )
     }
 }
@@ -359,6 +426,8 @@ impl Event {
             Event::CancelRequested(_) => EventKind::CancelRequested,
             Event::JobCancelled(_) => EventKind::JobCancelled,
             Event::UpdateRequested(_) => EventKind::UpdateRequested,
+            Event::RedriveRequested(_) => EventKind::RedriveRequested,
+            Event::JobRedriven(_) => EventKind::JobRedriven,
         }
     }
 
@@ -376,15 +445,33 @@ impl Event {
             Event::CancelRequested(e) => &e.job_id,
             Event::JobCancelled(e) => &e.job_id,
             Event::UpdateRequested(e) => &e.job_id,
+            Event::RedriveRequested(e) => &e.job_id,
+            Event::JobRedriven(e) => &e.job_id,
         }
     }
 
     /// For a subjob outcome reported by a worker: the subjob (job, step,
-    /// index) and the token it carries.
-    pub fn outcome_token(&self) -> Option<(&str, usize, u64, &str)> {
+    /// index, run) and the token it carries.
+    pub fn outcome_token(&self) -> Option<(&str, usize, u64, u32, &str)> {
         match self {
-            Event::SubjobCompleted(e) => Some((&e.job_id, e.step_index, e.index, &e.token)),
-            Event::SubjobFailed(e) => Some((&e.job_id, e.step_index, e.index, &e.token)),
+            Event::SubjobCompleted(e) => Some((&e.job_id, e.step_index, e.index, e.run, &e.token)),
+            Event::SubjobFailed(e) => Some((&e.job_id, e.step_index, e.index, e.run, &e.token)),
+            _ => None,
+        }
+    }
+
+    /// The run of the job this event belongs to, for the events a run
+    /// makes (steps, outcomes, the job's end); `None` for the others.
+    pub fn run(&self) -> Option<u32> {
+        match self {
+            Event::StepStarted(e) => Some(e.run),
+            Event::StepCompleted(e) => Some(e.run),
+            Event::SubjobCompleted(e) => Some(e.run),
+            Event::SubjobFailed(e) => Some(e.run),
+            Event::SubjobsFailed(e) => Some(e.run),
+            Event::JobCompleted(e) => Some(e.run),
+            Event::JobFailed(e) => Some(e.run),
+            Event::JobRedriven(e) => Some(e.run),
             _ => None,
         }
     }
@@ -409,6 +496,16 @@ impl Event {
     pub fn msg_id(&self) -> String {
         let job = self.job_id();
         let kind = self.kind().token();
+        // A redriven run repeats the facts of the runs before it: its ids
+        // end with the run, so the duplicate window does not drop them.
+        let id = self.first_run_msg_id(job, kind);
+        match self.run() {
+            Some(run) if run > 0 => format!("{id}:r{run}"),
+            _ => id,
+        }
+    }
+
+    fn first_run_msg_id(&self, job: &str, kind: &str) -> String {
         match self {
             Event::StepStarted(e) => format!("{job}:{kind}:{}", e.step_index),
             Event::StepCompleted(e) => format!("{job}:{kind}:{}", e.step_index),
@@ -422,6 +519,7 @@ impl Event {
             ),
             Event::CancelRequested(e) => format!("{job}:{kind}:{}", e.at),
             Event::UpdateRequested(e) => format!("{job}:{kind}:{}", e.at),
+            Event::RedriveRequested(e) => format!("{job}:{kind}:{}", e.at),
             _ => format!("{job}:{kind}"),
         }
     }
@@ -453,6 +551,7 @@ mod tests {
                 at: 1,
             }),
             Event::StepStarted(StepStarted {
+                run: 0,
                 job_id: "j".into(),
                 workflow: "w".into(),
                 step: "s".into(),
@@ -461,6 +560,7 @@ mod tests {
                 at: 2,
             }),
             Event::StepCompleted(StepCompleted {
+                run: 0,
                 job_id: "j".into(),
                 workflow: "w".into(),
                 step: "s".into(),
@@ -474,6 +574,7 @@ mod tests {
                 at: 3,
             }),
             Event::SubjobCompleted(SubjobCompleted {
+                run: 0,
                 job_id: "j".into(),
                 step_index: 1,
                 index: 7,
@@ -483,6 +584,7 @@ mod tests {
                 token: String::new(),
             }),
             Event::SubjobFailed(SubjobFailed {
+                run: 0,
                 job_id: "j".into(),
                 step_index: 1,
                 index: 7,
@@ -491,6 +593,7 @@ mod tests {
                 token: String::new(),
             }),
             Event::SubjobsFailed(SubjobsFailed {
+                run: 0,
                 job_id: "j".into(),
                 step_index: 1,
                 below: 40,
@@ -499,12 +602,14 @@ mod tests {
                 at: 4,
             }),
             Event::JobCompleted(JobCompleted {
+                run: 0,
                 job_id: "j".into(),
                 workflow: "w".into(),
                 output: json!(null),
                 at: 4,
             }),
             Event::JobFailed(JobFailed {
+                run: 0,
                 job_id: "j".into(),
                 workflow: "w".into(),
                 error: "e".into(),
@@ -529,7 +634,43 @@ mod tests {
                 reason: None,
                 at: 6,
             }),
+            Event::RedriveRequested(RedriveRequested {
+                job_id: "j".into(),
+                step: Some("s".into()),
+                reason: Some("the mail server is back".into()),
+                at: 7,
+            }),
+            Event::JobRedriven(JobRedriven {
+                job_id: "j".into(),
+                workflow: "w".into(),
+                run: 1,
+                step: "s".into(),
+                step_index: 1,
+                subjobs: 3,
+                reason: None,
+                at: 8,
+            }),
         ]
+    }
+
+    #[test]
+    fn a_redriven_run_has_message_ids_of_its_own() {
+        let failed = |run| {
+            Event::SubjobFailed(SubjobFailed {
+                job_id: "j".into(),
+                step_index: 1,
+                index: 4,
+                attempt: 1,
+                error: "x".into(),
+                run,
+                token: String::new(),
+            })
+        };
+        assert_eq!(failed(0).msg_id(), "j:subjob_failed:1:4");
+        assert_eq!(failed(2).msg_id(), "j:subjob_failed:1:4:r2");
+        let json = serde_json::to_value(failed(0)).unwrap();
+        assert!(json.get("run").is_none(), "absent in the first run: {json}");
+        assert_eq!(serde_json::to_value(failed(2)).unwrap()["run"], 2);
     }
 
     #[test]

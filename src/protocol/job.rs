@@ -5,7 +5,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{JobRequested, Millis, Pace, Pending, Share, StepKind, Workflow, DEFAULT_PRIORITY};
+use super::{
+    JobRequested, Millis, Pace, Pending, Share, StepKind, Workflow, CHUNK_BITS, DEFAULT_PRIORITY,
+};
 
 /// Failed subjobs kept with their error per step; the count is always exact.
 pub const MAX_FAILURES_KEPT: usize = 100;
@@ -22,6 +24,10 @@ pub const MAX_FAILURES_PASSED_ON: usize = 10;
 /// `max_payload` fanjet supports (1 MB, the NATS default); a record that
 /// would be larger sheds its lists of failures and its output first.
 pub const MAX_RECORD_BYTES: usize = 512 * 1024;
+
+/// Most redrives of one job (each keeps the figures it started from in the
+/// record).
+pub const MAX_REDRIVES: usize = 20;
 
 /// `text`, cut to at most `max` bytes: its start, and how much was cut.
 pub fn bounded(text: &str, max: usize) -> String {
@@ -166,6 +172,14 @@ pub struct StepRun {
     /// Stored apart, chunk by chunk.
     #[serde(skip)]
     pub pending: Pending,
+    /// A redriven fanout: subjobs at or past `dispatched` that completed in
+    /// an earlier run (it dispatches only the others).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub carried: u64,
+    /// Chunks of an earlier run of this step to delete at the next
+    /// checkpoint (it runs again from scratch). In memory only.
+    #[serde(skip)]
+    pub discard_chunks: u64,
     /// A running fanout's share of its workers' slots, when they are shared
     /// out (see PROTOCOL.md, "Fair share").
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -211,6 +225,12 @@ pub struct Job {
     /// Since when it is paused (dispatches nothing more), if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_at: Option<Millis>,
+    /// Its run: 0 until it is redriven, then the number of redrives.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub run: u32,
+    /// Each redrive, with the figures of the run before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redrives: Vec<Redrive>,
     /// The workflow as it was when the job started; later edits do not
     /// change a running job.
     #[serde(default)]
@@ -219,6 +239,83 @@ pub struct Job {
     /// work a job keeps queued beyond its share. In memory only.
     #[serde(skip)]
     pub pacing: Option<u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+/// One redrive of a job: when, from which step, and what the run before it
+/// had left (so a redrive never hides the first run's figures).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Redrive {
+    /// The run it started (1 for the first redrive).
+    pub run: u32,
+    pub step_index: usize,
+    /// Subjobs of that step run again (those that had not completed).
+    pub subjobs: u64,
+    pub at: Millis,
+    /// Log sequence of the `RedriveRequested` event.
+    pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How the run before ended, and why.
+    pub state: JobState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The figures of steps `step_index` on as the run before left them.
+    pub steps: Vec<RunFigures>,
+}
+
+/// A step's counts at the end of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct RunFigures {
+    pub state: StepState,
+    pub total: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub retries: u64,
+}
+
+/// Why a job cannot be redriven (a client is told, the manager ignores the
+/// request). Codes: `job_running`, `not_redrivable`, `no_such_step`,
+/// `nothing_to_redrive`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RedriveRefused {
+    #[error("job {0} is running: only a failed job, or one that completed with failed subjobs, can be redriven")]
+    Running(String),
+    #[error("job {job_id} was {state}: only a failed job, or one that completed with failed subjobs, can be redriven")]
+    Ended { job_id: String, state: String },
+    #[error("job {0} was redriven {MAX_REDRIVES} times, the most a job may be")]
+    TooMany(String),
+    #[error("job {job_id}'s workflow has no step {step:?}")]
+    NoSuchStep { job_id: String, step: String },
+    #[error("step {step:?} of job {job_id} {why}")]
+    NothingToRedrive {
+        job_id: String,
+        step: String,
+        why: &'static str,
+    },
+    #[error("job {0} completed with no failed subjob: nothing to redrive")]
+    NothingFailed(String),
+}
+
+impl RedriveRefused {
+    /// The stable code a client can branch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RedriveRefused::Running(_) => "job_running",
+            RedriveRefused::Ended { .. } | RedriveRefused::TooMany(_) => "not_redrivable",
+            RedriveRefused::NoSuchStep { .. } => "no_such_step",
+            RedriveRefused::NothingToRedrive { .. } | RedriveRefused::NothingFailed(_) => {
+                "nothing_to_redrive"
+            }
+        }
+    }
 }
 
 fn default_priority() -> u8 {
@@ -246,6 +343,8 @@ impl Job {
                 output_seq: None,
                 output_len: None,
                 pending: Pending::default(),
+                carried: 0,
+                discard_chunks: 0,
                 share: None,
                 pace: Pace::default(),
             })
@@ -269,6 +368,8 @@ impl Job {
                 .deadline_at
                 .or_else(|| definition.deadline_ms.map(|d| ev.at + d)),
             paused_at: None,
+            run: 0,
+            redrives: Vec::new(),
             definition,
             pacing: None,
         }
@@ -298,12 +399,100 @@ impl Job {
             applied_seq: 0,
             deadline_at: None,
             paused_at: None,
+            run: 0,
+            redrives: Vec::new(),
             definition: Workflow {
                 name: workflow.unwrap_or_default().to_string(),
                 ..Workflow::default()
             },
             pacing: None,
         }
+    }
+
+    /// The step a redrive runs again from, or why the job cannot be
+    /// redriven (the one rule, for the manager and for clients that check
+    /// before asking): a failed job, or one that completed with failed
+    /// subjobs; `step` by name, else the step where it failed (a completed
+    /// job: its first step with subjobs that did not complete). The step
+    /// must have run and have subjobs that did not complete (a fanout that
+    /// failed before splitting its input into subjobs would fail again).
+    pub fn redrive_step(&self, step: Option<&str>) -> Result<usize, RedriveRefused> {
+        let id = || self.job_id.clone();
+        match self.state {
+            JobState::Failed | JobState::Completed => {}
+            JobState::Requested | JobState::Running => return Err(RedriveRefused::Running(id())),
+            JobState::Cancelled | JobState::Rejected => {
+                return Err(RedriveRefused::Ended {
+                    job_id: id(),
+                    state: self.state.as_str().to_string(),
+                })
+            }
+        }
+        if self.redrives.len() >= MAX_REDRIVES {
+            return Err(RedriveRefused::TooMany(id()));
+        }
+        let unfinished = |s: &StepRun| s.completed < s.total;
+        let i = match step {
+            Some(name) => self
+                .steps
+                .iter()
+                .position(|s| s.name == name)
+                .ok_or_else(|| RedriveRefused::NoSuchStep {
+                    job_id: id(),
+                    step: name.to_string(),
+                })?,
+            None if self.state == JobState::Failed => self.current,
+            None => self
+                .steps
+                .iter()
+                .position(unfinished)
+                .ok_or_else(|| RedriveRefused::NothingFailed(id()))?,
+        };
+        let Some(run) = self.steps.get(i) else {
+            return Err(RedriveRefused::NothingFailed(id()));
+        };
+        let refuse = |why| {
+            Err(RedriveRefused::NothingToRedrive {
+                job_id: id(),
+                step: run.name.clone(),
+                why,
+            })
+        };
+        if i > self.current || run.state == StepState::Pending {
+            return refuse(
+                "never ran in this job (a redrive runs the steps after the one it redrives)",
+            );
+        }
+        if run.kind == StepKind::Fanout && run.source.is_none() {
+            return refuse(
+                "failed before splitting its input into subjobs; it would fail again the same way",
+            );
+        }
+        let failed_here = self.state == JobState::Failed && i == self.current;
+        if !unfinished(run) && !failed_here {
+            return refuse("has no subjob that did not complete");
+        }
+        Ok(i)
+    }
+
+    /// The runs whose outcomes make step `step_index`'s results: from the
+    /// last run that started it over (the first run, or a redrive of an
+    /// earlier step) to the last that ran it again (a redrive of it).
+    pub fn result_runs(&self, step_index: usize) -> (u32, u32) {
+        let (mut first, mut last) = (0, 0);
+        for r in &self.redrives {
+            if r.step_index < step_index {
+                (first, last) = (r.run, r.run);
+            } else if r.step_index == step_index {
+                last = r.run;
+            }
+        }
+        (first, last)
+    }
+
+    /// Chunks a fanout step of `total` subjobs is stored in.
+    pub fn chunks_of(total: u64) -> u64 {
+        total.div_ceil(CHUNK_BITS)
     }
 
     /// After loading a record and its bitmaps: the counts follow the bits,

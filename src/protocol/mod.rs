@@ -34,13 +34,14 @@ pub use codec::{
 };
 pub use event::{
     AbandonReason, CancelRequested, ChangeRequest, Event, EventKind, JobCancelled, JobCompleted,
-    JobFailed, JobRejected, JobRequested, RejectCode, StepCompleted, StepStarted, SubjobCompleted,
-    SubjobFailed, SubjobsFailed, UpdateRequested,
+    JobFailed, JobRedriven, JobRejected, JobRequested, RedriveRequested, RejectCode, StepCompleted,
+    StepStarted, SubjobCompleted, SubjobFailed, SubjobsFailed, UpdateRequested,
 };
 pub use heartbeat::{Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL};
 pub use job::{
-    bounded, Failure, Job, JobState, Source, SourceField, StepRun, StepState, MAX_ERROR_BYTES,
-    MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES, MAX_RECORD_BYTES,
+    bounded, Failure, Job, JobState, Redrive, RedriveRefused, RunFigures, Source, SourceField,
+    StepRun, StepState, MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON,
+    MAX_REASON_BYTES, MAX_RECORD_BYTES, MAX_REDRIVES,
 };
 pub use names::*;
 pub use outcomes::{Counted, StepResults};
@@ -59,6 +60,11 @@ pub use submit::{Submission, SubmitError, SubmitReply};
 pub use task::Task;
 pub use token::{TaskKey, KEYS_BUCKET, TASK_KEY};
 pub use workflow::{Step, StepKind, Tolerance, Workflow, WorkflowError};
+
+/// Whether a `run` field is the job's first run (and so left out on the wire).
+pub(crate) fn is_first_run(run: &u32) -> bool {
+    *run == 0
+}
 
 /// Milliseconds since the Unix epoch: the one time format on the wire.
 pub type Millis = u64;

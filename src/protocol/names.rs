@@ -272,9 +272,13 @@ pub fn chunk_key(job_id: &str, step_index: usize, chunk: u64) -> String {
     format!("{job_id}.{step_index}.{chunk}")
 }
 
-/// Message id of a task, for JetStream de-duplication of re-dispatches.
-pub fn task_msg_id(job_id: &str, step_index: usize, index: u64) -> String {
-    format!("{job_id}:{step_index}:{index}")
+/// Message id of a task, for JetStream de-duplication of re-dispatches
+/// (a redriven run's tasks are new ones: their ids end with the run).
+pub fn task_msg_id(job_id: &str, step_index: usize, index: u64, run: u32) -> String {
+    match run {
+        0 => format!("{job_id}:{step_index}:{index}"),
+        run => format!("{job_id}:{step_index}:{index}:r{run}"),
+    }
 }
 
 /// Why a subject token was refused.

@@ -9,13 +9,19 @@
 //! - a `SubjobsFailed` fails every subjob below its `below` that has no
 //!   outcome yet;
 //! - with the task key, an outcome without its task's token is dropped
-//!   (a reader without the key cannot tell, and says so).
+//!   (a reader without the key cannot tell, and says so);
+//! - a redriven job ran the step more than once ([`Job::result_runs`]):
+//!   each run counts its own outcomes (those carrying its `run`) while the
+//!   step runs in it; a subjob that completed in any of those runs has that
+//!   result, one that did not has its failure in the last run (a redrive
+//!   runs again every subjob that did not complete, so each subjob appears
+//!   once).
 //!
 //! Memory is two bits per subjob, whatever the number of results read.
 
 use serde_json::{json, Value};
 
-use super::{Event, Mark, Pending, TaskKey};
+use super::{Event, Job, Mark, Pending, TaskKey};
 
 /// One subjob's counted outcome.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,19 +84,38 @@ impl Counted {
 pub struct StepResults {
     step_index: usize,
     key: Option<TaskKey>,
-    /// Set at the step's `StepStarted` (its subjob count).
-    seen: Option<Pending>,
+    /// The first and last runs whose outcomes count.
+    runs: (u32, u32),
+    /// The run being read, and its subjobs with an outcome: set at the
+    /// step's `StepStarted` in that run, cleared at its end.
+    counting: Option<(u32, Pending)>,
+    /// Subjobs that completed in a run read so far: the next run starts
+    /// from them (it ran only the others).
+    completed: Option<Pending>,
     ended: bool,
 }
 
 impl StepResults {
+    /// The results of a job never redriven (its first run).
     pub fn new(step_index: usize, key: Option<TaskKey>) -> Self {
+        Self::of_runs(step_index, (0, 0), key)
+    }
+
+    /// The results of a step over `runs` (from [`Job::result_runs`]).
+    pub fn of_runs(step_index: usize, runs: (u32, u32), key: Option<TaskKey>) -> Self {
         StepResults {
             step_index,
             key,
-            seen: None,
+            runs,
+            counting: None,
+            completed: None,
             ended: false,
         }
+    }
+
+    /// The results of step `step_index` of `job` as its record tells.
+    pub fn of_job(job: &Job, step_index: usize, key: Option<TaskKey>) -> Self {
+        Self::of_runs(step_index, job.result_runs(step_index), key)
     }
 
     /// True once nothing more can count (the step or the job ended).
@@ -109,16 +134,45 @@ impl StepResults {
         if self.ended {
             return;
         }
+        let (first, last) = self.runs;
         match event {
             Event::StepStarted(e) if e.step_index == self.step_index => {
-                self.seen.get_or_insert_with(|| Pending::new(e.total));
+                if (first..=last).contains(&e.run) && self.counting.is_none() {
+                    let seen = match &self.completed {
+                        Some(done) if done.len() == e.total => done.clone(),
+                        _ => Pending::new(e.total),
+                    };
+                    self.counting = Some((e.run, seen));
+                }
+                return;
             }
-            Event::StepCompleted(e) if e.step_index == self.step_index => self.ended = true,
-            Event::JobCompleted(_)
-            | Event::JobFailed(_)
-            | Event::JobCancelled(_)
-            | Event::JobRejected(_)
-            | Event::CancelRequested(_) => self.ended = true,
+            Event::JobCancelled(_) | Event::JobRejected(_) => {
+                self.ended = true;
+                return;
+            }
+            _ => {}
+        }
+        // The end of the run being read: the step's, the job's, or a
+        // request to cancel it.
+        let run_ends = match event {
+            Event::StepCompleted(e) => e.step_index == self.step_index,
+            Event::JobCompleted(_) | Event::JobFailed(_) | Event::CancelRequested(_) => true,
+            _ => false,
+        };
+        let Some(reading) = self.counting.as_ref().map(|(run, _)| *run) else {
+            return;
+        };
+        if run_ends && event.run().is_none_or(|r| r == reading) {
+            self.counting = None;
+            self.ended = reading >= last;
+            return;
+        }
+        if event.run() != Some(reading) {
+            return; // another run's (a late one)
+        }
+        // Failures count in the last run only: earlier ones ran again.
+        let keep_failures = reading == last;
+        match event {
             Event::SubjobCompleted(e) if e.step_index == self.step_index => {
                 let c = Counted::Completed {
                     index: e.index,
@@ -135,16 +189,24 @@ impl StepResults {
                     error: e.error.clone(),
                     seq,
                 };
+                let before = out.len();
                 self.count(event, c, out);
+                if !keep_failures {
+                    out.truncate(before);
+                }
             }
             Event::SubjobsFailed(e) if e.step_index == self.step_index => {
-                let below = self
-                    .seen
-                    .as_ref()
-                    .map(|p| e.below.min(p.len()))
-                    .unwrap_or(0);
-                for index in 0..below {
-                    if self.first(index, true) {
+                let Some((_, seen)) = self.counting.as_mut() else {
+                    return;
+                };
+                // Those without an outcome below `below` (in a redriven
+                // run, those that completed before have one).
+                let below = e.below.min(seen.len());
+                let mut from = 0;
+                while let Some(index) = seen.next_open(from, below) {
+                    seen.mark(index, true);
+                    from = index + 1;
+                    if keep_failures {
                         out.push(Counted::Failed {
                             index,
                             attempt: None,
@@ -163,14 +225,20 @@ impl StepResults {
     fn count(&mut self, event: &Event, c: Counted, out: &mut Vec<Counted>) {
         let admitted = self.key.as_ref().is_none_or(|k| k.admits(event));
         if admitted && self.first(c.index(), c.is_failed()) {
+            if let (false, Some((_, seen))) = (c.is_failed(), &self.counting) {
+                let total = seen.len();
+                self.completed
+                    .get_or_insert_with(|| Pending::new(total))
+                    .mark(c.index(), false);
+            }
             out.push(c);
         }
     }
 
     /// True for the first outcome of `index` while the step runs.
     fn first(&mut self, index: u64, failed: bool) -> bool {
-        match &mut self.seen {
-            Some(p) => p.mark(index, failed) == Mark::New,
+        match &mut self.counting {
+            Some((_, p)) => p.mark(index, failed) == Mark::New,
             None => false,
         }
     }
@@ -184,6 +252,7 @@ mod tests {
     };
     fn started(total: u64) -> Event {
         Event::StepStarted(StepStarted {
+            run: 0,
             job_id: "j".into(),
             workflow: "w".into(),
             step: "s".into(),
@@ -195,6 +264,7 @@ mod tests {
 
     fn ok(index: u64, result: Value, token: &str) -> Event {
         Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
             job_id: "j".into(),
             step_index: 1,
             index,
@@ -207,6 +277,7 @@ mod tests {
 
     fn bad(index: u64) -> Event {
         Event::SubjobFailed(SubjobFailed {
+            run: 0,
             job_id: "j".into(),
             step_index: 1,
             index,
@@ -227,6 +298,7 @@ mod tests {
     #[test]
     fn each_subjob_counts_once_while_its_step_runs() {
         let decided = Event::SubjobsFailed(SubjobsFailed {
+            run: 0,
             job_id: "j".into(),
             step_index: 1,
             below: 4,
@@ -235,6 +307,7 @@ mod tests {
             at: 0,
         });
         let end = Event::StepCompleted(StepCompleted {
+            run: 0,
             job_id: "j".into(),
             workflow: "w".into(),
             step: "s".into(),
@@ -272,9 +345,86 @@ mod tests {
     }
 
     #[test]
+    fn a_redriven_step_shows_each_subjob_once_from_the_run_that_decided_it() {
+        use crate::protocol::{JobFailed, JobRedriven, StepCompleted};
+        let in_run = |run: u32, e: Event| match e {
+            Event::StepStarted(s) => Event::StepStarted(StepStarted { run, ..s }),
+            Event::SubjobCompleted(c) => Event::SubjobCompleted(SubjobCompleted { run, ..c }),
+            Event::SubjobFailed(f) => Event::SubjobFailed(SubjobFailed { run, ..f }),
+            other => other,
+        };
+        let end = |run| {
+            Event::StepCompleted(StepCompleted {
+                job_id: "j".into(),
+                workflow: "w".into(),
+                step: "s".into(),
+                step_index: 1,
+                ok: run > 0,
+                total: 4,
+                completed: 0,
+                failed: 0,
+                retries: 0,
+                started_at: 0,
+                run,
+                at: 0,
+            })
+        };
+        let events = [
+            started(4),
+            ok(0, json!("a"), ""),
+            bad(1),
+            bad(2),
+            end(0),
+            Event::JobFailed(JobFailed {
+                job_id: "j".into(),
+                workflow: "w".into(),
+                error: "too many".into(),
+                run: 0,
+                at: 0,
+            }),
+            ok(3, json!("late"), ""), // the first run had ended
+            Event::JobRedriven(JobRedriven {
+                job_id: "j".into(),
+                workflow: "w".into(),
+                run: 1,
+                step: "s".into(),
+                step_index: 1,
+                subjobs: 3,
+                reason: None,
+                at: 0,
+            }),
+            in_run(1, started(4)),
+            ok(2, json!("stale"), ""), // a first-run outcome, read late
+            in_run(1, ok(2, json!("c"), "")),
+            in_run(1, bad(1)),
+            Event::SubjobsFailed(SubjobsFailed {
+                job_id: "j".into(),
+                step_index: 1,
+                below: 4,
+                reason: AbandonReason::Lost,
+                error: "lost".into(),
+                run: 1,
+                at: 0,
+            }),
+            end(1),
+        ];
+        let mut r = StepResults::of_runs(1, (0, 1), None);
+        let got = read(&mut r, &events);
+        let shown: Vec<(u64, bool)> = got.iter().map(|c| (c.index(), c.is_failed())).collect();
+        assert_eq!(shown, [(0, false), (2, false), (1, true), (3, true)]);
+        assert!(r.ended());
+        assert!(matches!(&got[1], Counted::Completed { result, .. } if result == "c"));
+        // Read as a job never redriven, the first run is the whole story.
+        let mut first = StepResults::new(1, None);
+        let got = read(&mut first, &events);
+        assert_eq!(got.len(), 3);
+        assert!(first.ended());
+    }
+
+    #[test]
     fn with_the_key_a_forged_outcome_is_dropped() {
         let key = TaskKey::generate();
-        let real = key.token("j", 1, 0);
+        let real = key.token("j", 1, 0, 0);
         let mut r = StepResults::new(1, Some(key));
         let got = read(
             &mut r,

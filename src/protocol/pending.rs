@@ -88,6 +88,22 @@ impl Pending {
         n
     }
 
+    /// Forgets every failure (those subjobs have no outcome again, for a
+    /// redrive); returns how many. Idempotent.
+    pub fn forget_failed(&mut self) -> u64 {
+        let mut n = 0;
+        for w in 0..self.failed.len() {
+            let failed = self.failed[w];
+            if failed != 0 {
+                n += u64::from(failed.count_ones());
+                self.done[w] &= !failed;
+                self.failed[w] = 0;
+                self.dirty.insert(w as u64 / WORDS_PER_CHUNK as u64);
+            }
+        }
+        n
+    }
+
     /// (completed, failed) counted from the bits.
     pub fn counts(&self) -> (u64, u64) {
         let done: u64 = self.done.iter().map(|w| u64::from(w.count_ones())).sum();
@@ -173,6 +189,13 @@ mod tests {
         assert_eq!(p.fail_rest(), 128);
         assert_eq!(p.counts(), (1, 129));
         assert_eq!(p.fail_rest(), 0);
+        p.take_dirty();
+        assert_eq!(p.forget_failed(), 129);
+        assert_eq!(p.counts(), (1, 0));
+        assert!(p.is_done(0) && !p.is_done(129));
+        assert_eq!(p.take_dirty().len(), 1, "the chunk is written again");
+        assert_eq!(p.forget_failed(), 0);
+        assert_eq!(p.mark(129, false), Mark::New);
     }
 
     #[test]

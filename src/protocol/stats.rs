@@ -128,6 +128,11 @@ pub struct JobStats {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_requested_at: Option<Millis>,
     pub steps: Vec<StepStats>,
+    /// The job's run (0 until it is redriven; then how many redrives): only
+    /// outcomes of this run count. Attempt and duration figures add up
+    /// over the runs; a redriven step's failures are those of its last run.
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
+    pub run: u32,
     /// Last event-log sequence applied to this record.
     pub applied_seq: u64,
 }

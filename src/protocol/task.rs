@@ -38,6 +38,10 @@ pub struct Task {
     /// Delay before each retry, in milliseconds (the last repeats).
     #[serde(default)]
     pub backoff_ms: Vec<u64>,
+    /// The job's run this task belongs to: 0 (absent) until the job is
+    /// redriven. Copy it into the outcome event, with the token.
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
+    pub run: u32,
     /// The subjob's token: copy it into the outcome event, which counts
     /// only with it (protocol version 2).
     #[serde(default)]

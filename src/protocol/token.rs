@@ -9,7 +9,9 @@
 //! subjob's. A worker therefore decides only subjobs whose task it holds,
 //! and with permissions that let it pull only its steps' consumers, only
 //! subjobs of its steps. Tokens are deterministic, so every attempt of a
-//! subjob (and a re-dispatched task) carries the same one.
+//! subjob (and a re-dispatched task) carries the same one. A redriven run's
+//! tasks carry tokens of their run, so an outcome of an earlier run (a late
+//! one, or a replay) never counts in a later one.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -65,39 +67,55 @@ impl TaskKey {
         &self.bytes
     }
 
-    fn mac(&self, job_id: &str, step_index: usize, index: u64) -> Hmac<Sha256> {
+    fn mac(&self, job_id: &str, step_index: usize, index: u64, run: u32) -> Hmac<Sha256> {
         let mut mac = self.keyed.clone();
         mac.update(&(job_id.len() as u64).to_be_bytes());
         mac.update(job_id.as_bytes());
         mac.update(&(step_index as u64).to_be_bytes());
         mac.update(&index.to_be_bytes());
+        // The first run's tokens are those of jobs never redriven.
+        if run > 0 {
+            mac.update(&run.to_be_bytes());
+        }
         mac
     }
 
-    /// The token of subjob `index` of step `step_index` of `job_id`.
-    pub fn token(&self, job_id: &str, step_index: usize, index: u64) -> String {
-        let tag = self.mac(job_id, step_index, index).finalize().into_bytes();
+    /// The token of subjob `index` of step `step_index` of `job_id`, in
+    /// run `run` of the job (0 until it is redriven).
+    pub fn token(&self, job_id: &str, step_index: usize, index: u64, run: u32) -> String {
+        let tag = self
+            .mac(job_id, step_index, index, run)
+            .finalize()
+            .into_bytes();
         URL_SAFE_NO_PAD.encode(&tag[..TOKEN_BYTES])
     }
 
-    /// Whether `token` is that subjob's (compared in constant time).
-    pub fn verify(&self, job_id: &str, step_index: usize, index: u64, token: &str) -> bool {
+    /// Whether `token` is that subjob's in that run (compared in constant
+    /// time).
+    pub fn verify(
+        &self,
+        job_id: &str,
+        step_index: usize,
+        index: u64,
+        run: u32,
+        token: &str,
+    ) -> bool {
         let Ok(tag) = URL_SAFE_NO_PAD.decode(token) else {
             return false;
         };
         tag.len() == TOKEN_BYTES
             && self
-                .mac(job_id, step_index, index)
+                .mac(job_id, step_index, index, run)
                 .verify_truncated_left(&tag)
                 .is_ok()
     }
 
     /// Whether `event` may count: any event but an outcome, and an outcome
-    /// carrying its subjob's token.
+    /// carrying its subjob's token for its run.
     pub fn admits(&self, event: &Event) -> bool {
         match event.outcome_token() {
             None => true,
-            Some((job, step, index, token)) => self.verify(job, step, index, token),
+            Some((job, step, index, run, token)) => self.verify(job, step, index, run, token),
         }
     }
 }
@@ -109,17 +127,17 @@ mod tests {
     #[test]
     fn a_token_is_valid_for_its_subjob_only() {
         let key = TaskKey::generate();
-        let t = key.token("job-1", 1, 7);
+        let t = key.token("job-1", 1, 7, 0);
         assert_eq!(t.len(), 22);
-        assert_eq!(t, key.token("job-1", 1, 7), "deterministic");
-        assert!(key.verify("job-1", 1, 7, &t));
+        assert_eq!(t, key.token("job-1", 1, 7, 0), "deterministic");
+        assert!(key.verify("job-1", 1, 7, 0, &t));
         for (job, step, index) in [("job-2", 1, 7), ("job-1", 0, 7), ("job-1", 1, 8)] {
-            assert!(!key.verify(job, step, index, &t), "{job} {step} {index}");
+            assert!(!key.verify(job, step, index, 0, &t), "{job} {step} {index}");
         }
         // Lengths are framed: moving bytes between the id and the numbers fails.
-        assert_ne!(key.token("a", 1, 0), key.token("a\u{1}", 0, 0));
+        assert_ne!(key.token("a", 1, 0, 0), key.token("a\u{1}", 0, 0, 0));
         let other = TaskKey::generate();
-        assert!(!other.verify("job-1", 1, 7, &t), "another key");
+        assert!(!other.verify("job-1", 1, 7, 0, &t), "another key");
         for bad in [
             "",
             "x",
@@ -127,11 +145,22 @@ mod tests {
             &format!("{t}A"),
             "!!!!!!!!!!!!!!!!!!!!!!",
         ] {
-            assert!(!key.verify("job-1", 1, 7, bad), "{bad:?}");
+            assert!(!key.verify("job-1", 1, 7, 0, bad), "{bad:?}");
         }
         assert_eq!(format!("{key:?}"), "TaskKey(..)");
         let again = TaskKey::from_bytes(key.as_bytes()).unwrap();
-        assert!(again.verify("job-1", 1, 7, &t));
+        assert!(again.verify("job-1", 1, 7, 0, &t));
         assert!(TaskKey::from_bytes(b"short").is_none());
+    }
+
+    #[test]
+    fn a_redriven_run_has_tokens_of_its_own() {
+        let key = TaskKey::generate();
+        let first = key.token("job-1", 1, 7, 0);
+        let second = key.token("job-1", 1, 7, 1);
+        assert_ne!(first, second);
+        assert!(key.verify("job-1", 1, 7, 1, &second));
+        assert!(!key.verify("job-1", 1, 7, 1, &first), "a first-run outcome");
+        assert!(!key.verify("job-1", 1, 7, 2, &second), "another run");
     }
 }

@@ -126,6 +126,7 @@ mod tests {
     fn ctx(kind: &str) -> TaskContext {
         TaskContext {
             task: Task {
+                run: 0,
                 job_id: "j".into(),
                 workflow: "w".into(),
                 step: "s".into(),

@@ -494,6 +494,7 @@ async fn settle(
                 attempt,
                 result,
                 duration_ms: took.as_millis() as u64,
+                run: task.run,
                 token: task.token.clone(),
             })),
             AckKind::Ack,
@@ -519,6 +520,7 @@ async fn settle(
                     index: task.index,
                     attempt,
                     error,
+                    run: task.run,
                     token: task.token.clone(),
                 })),
                 AckKind::Term,
@@ -538,6 +540,7 @@ async fn settle(
                 index: done.index,
                 attempt,
                 error,
+                run: done.run,
                 token: done.token,
             });
             match log::encode(&failed, max_payload) {

@@ -199,7 +199,7 @@ impl Env {
             .task_key
             .as_ref()
             .expect("the test's connection reads the task token key")
-            .token(job_id, step_index, index)
+            .token(job_id, step_index, index, 0)
     }
 
     pub async fn submit(&self, workflow: &str, body: Value) -> SubmitReply {

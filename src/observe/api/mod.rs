@@ -597,7 +597,7 @@ async fn results(
         let m = format!("job {id} has {} steps (from 0)", job.steps.len());
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no_such_step", m));
     }
-    let reader = log::ResultsReader::new(&nats, &id, step, nats.task_key.clone());
+    let reader = log::ResultsReader::new(&nats, &job, step, nats.task_key.clone());
     let lines = futures::stream::unfold(Some(reader), move |reader| async move {
         let mut reader = reader?;
         match reader.next_page().await {
