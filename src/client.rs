@@ -12,9 +12,10 @@ use crate::nats::log::{self, LogError};
 use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
-    cancel_subject, customer_submit_subject, encode_json, new_job_id, now_ms, status_subject,
-    submit_subject, update_subject, validate_token, CancelRequested, Event, Job, RejectCode,
-    Submission, SubmitReply, Tolerance, UpdateRequested,
+    cancel_subject, customer_submit_subject, encode_json, new_job_id, now_ms, redrive_subject,
+    status_subject, submit_subject, update_subject, validate_token, CancelRequested, Event, Job,
+    RedriveRefused, RedriveRequested, RejectCode, Submission, SubmitReply, Tolerance,
+    UpdateRequested,
 };
 
 #[derive(Debug, Error)]
@@ -37,8 +38,30 @@ pub enum ClientError {
         message: String,
         hint: &'static str,
     },
+    #[error("{0}")]
+    NotRedrivable(RedriveRefused),
+    #[error("job {job_id} cannot be redriven: the input of its step {step:?} is no longer in the event log (it keeps events for 7 days)")]
+    LogExpired { job_id: String, step: String },
+    /// A manager's service refused the request, with its code.
+    #[error("{message}")]
+    Answered { code: String, message: String },
     #[error("NATS: {0}")]
     Nats(String),
+}
+
+impl ClientError {
+    /// The stable code of an answer that refuses the request (as the
+    /// customer services and the HTTP API name it), if it is one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Answered { code, .. } => Some(code),
+            ClientError::NoSuchJob(_) => Some("not_found"),
+            ClientError::Ended { .. } => Some("job_ended"),
+            ClientError::NotRedrivable(r) => Some(r.code()),
+            ClientError::LogExpired { .. } => Some("log_expired"),
+            _ => None,
+        }
+    }
 }
 
 /// A request, answered, timed out after `wait`, or refused by the server
@@ -186,6 +209,65 @@ pub async fn update(nats: &Nats, job_id: &str, change: Change) -> Result<(), Cli
     Ok(())
 }
 
+/// Asks the manager to redrive a job (see [`RedriveRequested`]): checked
+/// first by the rule the manager applies ([`Job::redrive_step`]) and for
+/// its step's input in the log, then logged. Returns the run it starts;
+/// [`wait_for_run`] waits until the manager has started it.
+pub async fn redrive(
+    nats: &Nats,
+    job_id: &str,
+    step: Option<String>,
+    reason: Option<String>,
+) -> Result<u32, ClientError> {
+    let job = store::status(nats, job_id)
+        .await?
+        .ok_or_else(|| ClientError::NoSuchJob(job_id.to_string()))?;
+    redrivable(nats, &job, step.as_deref()).await?;
+    let event = Event::RedriveRequested(RedriveRequested {
+        job_id: job.job_id.clone(),
+        step,
+        reason,
+        at: now_ms(),
+    });
+    log::append(nats, &event).await?;
+    Ok(job.run + 1)
+}
+
+/// Whether `job` can be redriven from `step` (by name; `None`: where it
+/// failed): the manager's rule, and the step's input still in the log.
+pub async fn redrivable(nats: &Nats, job: &Job, step: Option<&str>) -> Result<usize, ClientError> {
+    let i = job.redrive_step(step).map_err(ClientError::NotRedrivable)?;
+    if !log::step_input_kept(nats, job, i).await? {
+        return Err(ClientError::LogExpired {
+            job_id: job.job_id.clone(),
+            step: job.steps[i].name.clone(),
+        });
+    }
+    Ok(i)
+}
+
+/// Waits up to `wait` until job `job_id` runs its run `run` (a manager took
+/// the redrive); the record then.
+pub async fn wait_for_run(
+    nats: &Nats,
+    job_id: &str,
+    run: u32,
+    wait: Duration,
+) -> Result<Job, ClientError> {
+    let start = Instant::now();
+    loop {
+        if let Some(job) = store::status(nats, job_id).await? {
+            if job.run >= run {
+                return Ok(job);
+            }
+        }
+        if start.elapsed() > wait {
+            return Err(ClientError::Timeout(wait));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The job exists and has not ended. A job just accepted (not yet
 /// checkpointed) counts: a request follows its JobRequested in the log.
 async fn not_ended(nats: &Nats, job_id: &str) -> Result<(), ClientError> {
@@ -261,6 +343,21 @@ pub async fn update_as(
     answered(v, job_id)
 }
 
+/// Asks for a redrive through the redrive service, as `customer` (for
+/// users whose permissions allow only `fanjet.redrive.<customer>.>`).
+/// Returns the job's full id.
+pub async fn redrive_as(
+    nats: &async_nats::Client,
+    customer: &str,
+    job_id: &str,
+    step: Option<String>,
+    reason: Option<String>,
+) -> Result<String, ClientError> {
+    let body = serde_json::json!({ "step": step, "reason": reason }).to_string();
+    let v = ask(nats, &redrive_subject(customer, job_id), body.into()).await?;
+    answered(v, job_id)
+}
+
 /// The cancel or update service's answer: the job's full id, or why not.
 fn answered(v: Value, job_id: &str) -> Result<String, ClientError> {
     if v["ok"] == Value::Bool(true) {
@@ -275,6 +372,13 @@ fn answered(v: Value, job_id: &str) -> Result<String, ClientError> {
         Some("job_ended") => ClientError::Ended {
             job_id: job_id.to_string(),
             state: message,
+        },
+        Some(
+            code @ ("job_running" | "not_redrivable" | "no_such_step" | "nothing_to_redrive"
+            | "log_expired"),
+        ) => ClientError::Answered {
+            code: code.to_string(),
+            message,
         },
         _ => ClientError::Nats(message),
     })

@@ -63,6 +63,11 @@ enum Command {
     /// Changes a running job's in-flight window or tolerated failures (from
     /// its running step on); recorded in its log.
     Update(cli::jobs::UpdateArgs),
+    /// Runs a failed job (or one that completed with failed subjobs) again:
+    /// only the subjobs of a step that did not complete (with fresh
+    /// attempts), then the steps after it. Same job id; the first run's
+    /// figures stay in its status.
+    Redrive(cli::jobs::RedriveArgs),
     /// Prints a step's results: each subjob's result (or last error) once,
     /// as JSON lines `{"index", "ok", "attempt", "result" | "error"}` in log
     /// order, read in bounded memory (a million results too).
@@ -118,6 +123,7 @@ impl Command {
                 | Command::Pause(_)
                 | Command::Resume(_)
                 | Command::Update(_)
+                | Command::Redrive(_)
                 | Command::Results(_)
                 | Command::Processes(_)
                 | Command::Workflow(_)
@@ -152,6 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Pause(args) => cli::jobs::pause(c, args, true).await,
         Command::Resume(args) => cli::jobs::pause(c, args, false).await,
         Command::Update(args) => cli::jobs::update(c, args).await,
+        Command::Redrive(args) => cli::jobs::redrive(c, args).await,
         Command::Results(args) => cli::jobs::results(c, args).await,
         Command::Watch(args) => cli::jobs::watch(c, args).await,
         Command::Processes(args) => cli::processes::run(c, args).await,

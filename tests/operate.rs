@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{cli, Env};
 use fanjet::protocol::JobState;
 use fanjet::worker::{TaskContext, TaskError, Worker};
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 /// Workflow `op` (one fanout), a worker of 4 slots whose handler takes
@@ -207,4 +208,180 @@ async fn a_steps_results_are_read_once_each_from_the_cli_and_the_api() {
         .unwrap()
         .status();
     assert_eq!(status.as_u16(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_is_redriven_for_the_subjobs_that_did_not_complete() {
+    let mut env = Env::start().await;
+    env.apply(
+        "name = \"rd\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\nmax_in_flight = 8\n\
+         [[steps]]\nname = \"sum\"\nkind = \"task\"\n",
+    )
+    .await;
+    // Items 9, 19, … fail for good until the mail server is "fixed";
+    // each call is noted with its run and attempt.
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = Arc::new(std::sync::Mutex::new(Vec::<(u32, u64, u32)>::new()));
+    let (f, noted) = (fixed.clone(), calls.clone());
+    env.worker(
+        Worker::new(env.nats.clone())
+            .concurrency(4)
+            .handler("rd", "send", move |c: TaskContext| {
+                let (f, noted) = (f.clone(), noted.clone());
+                async move {
+                    noted
+                        .lock()
+                        .unwrap()
+                        .push((c.task.run, c.task.index, c.attempt));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    match c.task.index % 10 == 9 && !f.load(Ordering::SeqCst) {
+                        true => Err(TaskError::give_up("mail server down")),
+                        false => Ok(json!(format!("sent {}", c.task.index))),
+                    }
+                }
+            })
+            .handler("rd", "sum", |c: TaskContext| async move {
+                Ok(c.task.input["completed"].clone())
+            }),
+    );
+    env.manager();
+    let (base, _stop) = env.serve(Default::default()).await;
+    let items: Vec<Value> = (0..60).map(|i| json!(i)).collect();
+    assert!(
+        env.submit("rd", json!({"job_id": "rd-1", "input": items}))
+            .await
+            .ok
+    );
+    let first = env.wait_end("rd-1", Duration::from_secs(60)).await;
+    assert_eq!(first.state, JobState::Failed, "no failure is tolerated");
+    let unfinished = 60 - first.steps[0].completed;
+    assert!(first.steps[0].completed > 0 && unfinished > 0, "{first:?}");
+
+    // A running or completed-without-failures job cannot be redriven; nor a
+    // cancelled one. Each refusal says why.
+    let (ok, out) = cli(&env, &["redrive", "rd-1", "--step", "nope"]);
+    assert!(!ok && out.contains("no step \"nope\""), "{out}");
+    let (ok, out) = cli(&env, &["redrive", "rd-1", "--step", "sum"]);
+    assert!(!ok && out.contains("never ran"), "{out}");
+
+    fixed.store(true, Ordering::SeqCst);
+    let mut notes = env
+        .nats
+        .client
+        .subscribe("fanjet.notify.rd.rd-1.>")
+        .await
+        .unwrap();
+    let (ok, out) = cli(&env, &["redrive", "rd-1", "--reason", "mail server back"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "run 1 started: step \"send\" runs again for {unfinished} subjobs"
+        )),
+        "{out}"
+    );
+    let job = env.wait_end("rd-1", Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!((job.run, job.error.as_deref()), (1, None));
+    assert_eq!((job.steps[0].completed, job.steps[0].failed), (60, 0));
+    assert_eq!(job.output, json!(60), "the summary step ran again");
+    // Notifications say so: the redrive, then the steps and the job's end
+    // of the new run.
+    let mut kinds = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), notes.next()).await {
+        let kind = m.subject.rsplit('.').next().unwrap_or_default().to_string();
+        let done = kind == "completed";
+        kinds.push(kind);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(
+        kinds,
+        [
+            "redriven",
+            "step_started",
+            "step_completed",
+            "step_started",
+            "step_completed",
+            "completed"
+        ]
+    );
+    // The first run's figures stay visible.
+    let r = &job.redrives[0];
+    assert_eq!(
+        (r.run, r.state, r.subjobs),
+        (1, JobState::Failed, unfinished)
+    );
+    assert_eq!(r.steps[0].completed, first.steps[0].completed);
+    assert_eq!(r.steps[0].failed, first.steps[0].failed);
+    assert_eq!(r.reason.as_deref(), Some("mail server back"));
+    assert!(r.error.as_deref().unwrap().contains("mail server down"));
+    // Only those subjobs ran again, each once, attempts counted afresh.
+    let again: Vec<(u32, u64, u32)> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|c| c.0 == 1)
+        .collect();
+    let mut indices: Vec<u64> = again.iter().map(|c| c.1).collect();
+    indices.sort();
+    indices.dedup();
+    assert_eq!(indices.len() as u64, unfinished, "{again:?}");
+    assert!(
+        again.iter().all(|c| c.2 == 1),
+        "attempts start over: {again:?}"
+    );
+
+    // Results: each subjob once, from the run that decided it; statistics
+    // agree with the record; the status shows the redrive.
+    let (ok, out) = cli(&env, &["results", "rd-1", "--step", "send"]);
+    assert!(ok, "{out}");
+    let lines: Vec<Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut got: Vec<u64> = lines.iter().map(|l| l["index"].as_u64().unwrap()).collect();
+    got.sort();
+    assert_eq!(got, (0..60).collect::<Vec<u64>>(), "each subjob once");
+    assert!(lines.iter().all(|l| l["ok"] == json!(true)), "{out}");
+    let stats = env
+        .wait_stats("rd-1", Duration::from_secs(20), |s| {
+            s.run == 1 && s.outcome.as_deref() == Some("completed")
+        })
+        .await;
+    assert_eq!((stats.steps[0].completed, stats.steps[0].failed), (60, 0));
+    let (ok, out) = cli(&env, &["status", "rd-1"]);
+    assert!(
+        ok && out.contains("run 1 (redrive: mail server back)"),
+        "{out}"
+    );
+
+    // Nothing more to redrive: said by the CLI and the API.
+    let (ok, out) = cli(&env, &["redrive", "rd-1"]);
+    assert!(!ok && out.contains("nothing to redrive"), "{out}");
+    let answer = reqwest::Client::new()
+        .post(format!("{base}/api/jobs/rd-1/redrive"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 409);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "nothing_to_redrive", "{body}");
+
+    // A cancelled job is refused.
+    assert!(
+        env.submit(
+            "rd",
+            json!({"job_id": "rd-2", "input": (0..400).collect::<Vec<u32>>()})
+        )
+        .await
+        .ok
+    );
+    let (ok, out) = cli(&env, &["cancel", "rd-2"]);
+    assert!(ok, "{out}");
+    env.wait_end("rd-2", Duration::from_secs(30)).await;
+    let (ok, out) = cli(&env, &["redrive", "rd-2"]);
+    assert!(!ok && out.contains("was cancelled"), "{out}");
 }

@@ -1073,6 +1073,21 @@ async fn job_ids_are_unique_per_customer_and_reveal_nothing() {
         .wait(&acmes, "cancellation", |j| j.state.is_terminal())
         .await;
     assert_eq!(ended.state, JobState::Cancelled);
+    // It asks for redrives of its own jobs only, and hears why not.
+    match client::redrive_as(&acme, "acme", "bob-next", None, None).await {
+        Err(e) if e.code() == Some("not_redrivable") => {
+            assert!(e.to_string().contains("was cancelled"), "{e}")
+        }
+        other => panic!("a cancelled job redriven: {other:?}"),
+    }
+    match client::redrive_as(&acme, "acme", &bobs, None, None).await {
+        Err(client::ClientError::NoSuchJob(_)) => {}
+        other => panic!("acme redrove bob's job: {other:?}"),
+    }
+    match client::redrive_as(&acme, "bob", "bob-next", None, None).await {
+        Err(client::ClientError::Refused { .. }) => {}
+        other => panic!("acme asked as bob: {other:?}"),
+    }
     let (still, _) = fanjet::nats::store::get(&env.admin, &bobs)
         .await
         .unwrap()

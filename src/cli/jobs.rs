@@ -123,6 +123,24 @@ pub struct UpdateArgs {
     customer: Option<String>,
 }
 
+// `fanjet redrive`
+#[derive(Args)]
+pub struct RedriveArgs {
+    job_id: String,
+    /// The step to run again (its subjobs that did not complete, then the
+    /// steps after it); default: the step where the job failed, or for a
+    /// completed job its first step with failed subjobs.
+    #[arg(long)]
+    step: Option<String>,
+    /// Why (kept with the redrive in the job's record and log).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Ask the redrive service as this customer (for users pinned to one
+    /// customer, who may redrive only its jobs).
+    #[arg(long)]
+    customer: Option<String>,
+}
+
 fn parse_tolerance(text: &str) -> Result<Tolerance, String> {
     Tolerance::parse(text)
 }
@@ -390,6 +408,42 @@ pub async fn update(connect: &ConnectArgs, args: UpdateArgs) -> Result<u8> {
     let id = change_job(connect, &args.job_id, args.customer.as_deref(), change).await?;
     eprintln!("change requested for {id}");
     Ok(0)
+}
+
+/// `fanjet redrive`: asks for it (checked first: a refusal says why), then
+/// waits until a manager has started the run and says what runs again.
+pub async fn redrive(connect: &ConnectArgs, args: RedriveArgs) -> Result<u8> {
+    let customer = args.customer.as_deref();
+    let conn = Connection::open(connect, customer).await?;
+    let before = lookup(conn.source(customer), &args.job_id).await?;
+    let id = match (&conn, customer) {
+        (Connection::Full(nats), None) => {
+            client::redrive(nats, &args.job_id, args.step, args.reason).await?;
+            before.job_id.clone()
+        }
+        (Connection::Full(nats), Some(c)) => {
+            client::redrive_as(&nats.client, c, &args.job_id, args.step, args.reason).await?
+        }
+        (Connection::Customer(n), c) => {
+            client::redrive_as(n, c.unwrap_or("-"), &args.job_id, args.step, args.reason).await?
+        }
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let job = lookup(conn.source(customer), &args.job_id).await?;
+        if let Some(r) = job.redrives.last().filter(|r| r.run > before.run) {
+            let step = job.steps.get(r.step_index).map_or("?", |s| s.name.as_str());
+            eprintln!(
+                "job {id}: run {} started: step {step:?} runs again for {} subjobs, then the steps after it (follow it: fanjet watch {id})",
+                r.run, r.subjobs
+            );
+            return Ok(0);
+        }
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            bail!("redrive of {id} requested, but no manager started it within 10 s: is `fanjet manager` running? (its log says why it ignored a request)");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Prints each subjob's result (or last error) of a step once, as JSON

@@ -135,6 +135,40 @@ pub fn render(job: &Job) -> String {
     if let Some(e) = &job.error {
         out.push_str(&format!("error {e}\n"));
     }
+    // Each redrive, with what the run before it had left.
+    for r in &job.redrives {
+        let step = |k: usize| {
+            job.steps
+                .get(r.step_index + k)
+                .map_or("?", |s| s.name.as_str())
+        };
+        out.push_str(&format!(
+            "run {} (redrive{}): step {} ran again for {} subjobs; run {} had ended {}{}\n",
+            r.run,
+            r.reason
+                .as_deref()
+                .map(|t| format!(": {t}"))
+                .unwrap_or_default(),
+            step(0),
+            r.subjobs,
+            r.run - 1,
+            r.state.as_str(),
+            r.error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default(),
+        ));
+        for (k, f) in r.steps.iter().enumerate().filter(|(_, f)| f.total > 0) {
+            out.push_str(&format!(
+                "    run {}: {} {} of {} completed, {} failed\n",
+                r.run - 1,
+                step(k),
+                f.completed,
+                f.total,
+                f.failed
+            ));
+        }
+    }
     if !job.steps.is_empty() {
         out.push_str(&format!(
             "{:<14} {:<7} {:<10} {:>8} {:>9} {:>7} {:>8} {:>9}\n",
@@ -171,7 +205,7 @@ pub fn render(job: &Job) -> String {
                 100.0 * (s.completed + s.failed) as f64 / s.total as f64
             ));
             if let Some(share) = &s.share {
-                let held = s.dispatched.saturating_sub(s.completed + s.failed);
+                let held = fanjet::machine::in_flight(job);
                 let why = match share.waiting {
                     Some(WaitReason::NoCapacity) => ", waiting: every slot is shared out",
                     Some(WaitReason::LowerPriority) => ", waiting: higher priorities first",

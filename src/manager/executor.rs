@@ -79,6 +79,11 @@ impl Executor {
         self.unacked = None;
     }
 
+    /// A job loaded again (an ended one, redriven) at `revision`.
+    pub fn track(&mut self, job_id: String, revision: u64) {
+        self.revisions.insert(job_id, revision);
+    }
+
     /// Notes the last event of a batch handed to the engine: the next
     /// [`Action::Ack`] acknowledges it and everything before it.
     pub fn applied(&mut self, last: Message) {

@@ -16,6 +16,7 @@ mod cancel;
 mod executor;
 pub mod intake;
 mod partition;
+mod redrive;
 mod shares;
 mod status;
 mod update;
@@ -139,6 +140,7 @@ pub async fn run(
     tasks.spawn(status::run(nats.clone(), cancel.clone()));
     tasks.spawn(cancel::run(nats.clone(), cancel.clone()));
     tasks.spawn(update::run(nats.clone(), cancel.clone()));
+    tasks.spawn(redrive::run(nats.clone(), cancel.clone()));
     tasks.spawn(advisories::run(nats.clone(), cancel.clone()));
     let board = shares::Board::default();
     if options.queue_ahead.is_some() {

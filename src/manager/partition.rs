@@ -312,6 +312,7 @@ impl EventLoop {
     async fn apply(&mut self, batch: &[Message]) -> Result<(), ManagerError> {
         let now = now_ms();
         let mut actions = Vec::new();
+        let mut redriven = None;
         for msg in batch {
             let seq = stream_seq(msg);
             let event: Event = match serde_json::from_slice(&msg.payload) {
@@ -373,7 +374,10 @@ impl EventLoop {
                         false => {
                             store::load_for_redrive(&self.nats, &req.job_id, req.step.as_deref())
                                 .await?
-                                .map(Box::new)
+                                .map(|(job, revision)| {
+                                    redriven = Some((job.job_id.clone(), revision));
+                                    Box::new(job)
+                                })
                         }
                     };
                     Input::Redrive {
@@ -385,6 +389,13 @@ impl EventLoop {
                 event => Input::Event { seq, event },
             };
             actions.extend(self.engine.apply(input, now));
+            // A redriven job is held again: its record is updated from the
+            // revision read.
+            if let Some((job_id, revision)) = redriven.take() {
+                if self.engine.contains(&job_id) {
+                    self.executor.track(job_id, revision);
+                }
+            }
         }
         for (reason, n) in self.engine.take_ignored() {
             debug!(reason, n, "events ignored");

@@ -49,7 +49,8 @@ use super::leases::{Fence, Fenced};
 use super::Nats;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    encode_json, job_events_filter, Counted, Event, Job, StepResults, TaskKey, EVENTS_STREAM,
+    encode_json, job_events_filter, Counted, Event, Job, Source, StepResults, TaskKey,
+    EVENTS_STREAM,
 };
 
 /// What can go wrong with the log, and whether trying again can help
@@ -497,6 +498,15 @@ const RESULTS_PAGE: usize = 2000;
 /// subjob once ([`StepResults`]), a page at a time. Memory: one page of
 /// events and two bits per subjob. With a key (managers, `fanjet serve`),
 /// forged outcomes are dropped; without, they cannot be told apart.
+/// Whether the input step `step_index` of `job` reads (its items, or a
+/// task's input) is still in the log: a redrive needs it.
+pub async fn step_input_kept(nats: &Nats, job: &Job, step_index: usize) -> Result<bool, LogError> {
+    match job.steps.get(step_index).and_then(|s| s.source.as_ref()) {
+        Some(Source::Event { seq, .. }) => Ok(event_at(nats, *seq).await?.is_some()),
+        _ => Ok(true),
+    }
+}
+
 pub struct ResultsReader {
     nats: Nats,
     job_id: String,

@@ -250,7 +250,7 @@ pub async fn load(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, Store
     Ok(Some((job, rev)))
 }
 
-/// Reads an ended job's record for a redrive, with the bitmap of the
+/// Reads an ended job's record (and its revision) for a redrive, with the bitmap of the
 /// fanout step it would run again ([`Job::redrive_step`]). When a chunk of
 /// that bitmap is missing (it expired, or the job ended before fanjet kept
 /// them) and some subjob completed, the bitmap is left empty: which ones
@@ -259,12 +259,12 @@ pub async fn load_for_redrive(
     nats: &Nats,
     job_id: &str,
     step: Option<&str>,
-) -> Result<Option<Job>, StoreError> {
-    let Some((mut job, _)) = get(nats, job_id).await? else {
+) -> Result<Option<(Job, u64)>, StoreError> {
+    let Some((mut job, revision)) = get(nats, job_id).await? else {
         return Ok(None);
     };
     let Ok(i) = job.redrive_step(step) else {
-        return Ok(Some(job));
+        return Ok(Some((job, revision)));
     };
     let run = &mut job.steps[i];
     if run.kind == StepKind::Fanout {
@@ -279,7 +279,7 @@ pub async fn load_for_redrive(
             );
         }
     }
-    Ok(Some(job))
+    Ok(Some((job, revision)))
 }
 
 /// The stored bitmap of a fanout step, and whether every chunk was there.

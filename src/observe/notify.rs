@@ -32,13 +32,14 @@ pub enum NotifyError {
 }
 
 /// Kinds that are notified.
-pub const NOTIFIED: [EventKind; 6] = [
+pub const NOTIFIED: [EventKind; 7] = [
     EventKind::StepStarted,
     EventKind::StepCompleted,
     EventKind::JobCompleted,
     EventKind::JobFailed,
     EventKind::JobCancelled,
     EventKind::JobRejected,
+    EventKind::JobRedriven,
 ];
 
 /// Webhook delivery settings.
@@ -70,6 +71,7 @@ fn workflow_of(event: &Event) -> &str {
         Event::JobFailed(e) => &e.workflow,
         Event::JobCancelled(e) => &e.workflow,
         Event::JobRejected(e) => e.workflow.as_deref().unwrap_or(""),
+        Event::JobRedriven(e) => &e.workflow,
         _ => "",
     }
 }

@@ -308,6 +308,17 @@ pub struct JobRedriven {
     pub at: Millis,
 }
 
+/// A request to redrive a job as it travels to the redrive service and the
+/// HTTP API: `{"step"?, "reason"?}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveRequest {
+    #[serde(default)]
+    pub step: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
 /// The job was cancelled; its queued tasks were dropped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobCancelled {

@@ -34,8 +34,9 @@ pub use codec::{
 };
 pub use event::{
     AbandonReason, CancelRequested, ChangeRequest, Event, EventKind, JobCancelled, JobCompleted,
-    JobFailed, JobRedriven, JobRejected, JobRequested, RedriveRequested, RejectCode, StepCompleted,
-    StepStarted, SubjobCompleted, SubjobFailed, SubjobsFailed, UpdateRequested,
+    JobFailed, JobRedriven, JobRejected, JobRequested, RedriveRequest, RedriveRequested,
+    RejectCode, StepCompleted, StepStarted, SubjobCompleted, SubjobFailed, SubjobsFailed,
+    UpdateRequested,
 };
 pub use heartbeat::{Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL};
 pub use job::{

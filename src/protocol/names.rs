@@ -162,6 +162,14 @@ pub fn update_subject(customer: &str, job_id: &str) -> String {
     format!("fanjet.update.{customer}.{job_id}")
 }
 
+/// Subject of the redrive service for one customer's job.
+pub fn redrive_subject(customer: &str, job_id: &str) -> String {
+    format!("fanjet.redrive.{customer}.{job_id}")
+}
+
+/// What the redrive service listens on.
+pub const REDRIVE_WILDCARD: &str = "fanjet.redrive.*.*";
+
 /// What the update service listens on.
 pub const UPDATE_WILDCARD: &str = "fanjet.update.*.*";
 

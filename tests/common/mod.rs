@@ -232,6 +232,29 @@ impl Env {
         }
     }
 
+    /// Waits until the job's statistics (kept by `serve`) satisfy `f`.
+    pub async fn wait_stats(
+        &self,
+        job_id: &str,
+        within: Duration,
+        f: impl Fn(&fanjet::protocol::JobStats) -> bool,
+    ) -> fanjet::protocol::JobStats {
+        let start = Instant::now();
+        loop {
+            let stats = store::stats(&self.nats, job_id)
+                .await
+                .expect("read statistics");
+            match stats {
+                Some(s) if f(&s) => return s,
+                s => assert!(
+                    start.elapsed() < within,
+                    "job {job_id}: statistics not as expected within {within:?}: {s:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until `f(job)` holds.
     pub async fn wait_for(
         &self,

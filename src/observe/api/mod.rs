@@ -48,15 +48,19 @@ pub enum ServeError {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: std::borrow::Cow<'static, str>,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(
+        status: StatusCode,
+        code: impl Into<std::borrow::Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         ApiError {
             status,
-            code,
+            code: code.into(),
             message: message.into(),
         }
     }
@@ -76,18 +80,20 @@ impl From<ClientError> for ApiError {
     fn from(e: ClientError) -> Self {
         let status = match &e {
             ClientError::NoSuchJob(_) => StatusCode::NOT_FOUND,
-            ClientError::Ended { .. } => StatusCode::CONFLICT,
+            ClientError::Ended { .. }
+            | ClientError::NotRedrivable(_)
+            | ClientError::Answered { .. } => StatusCode::CONFLICT,
+            ClientError::LogExpired { .. } => StatusCode::GONE,
             ClientError::NoManager | ClientError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             ClientError::Store(_)
             | ClientError::Log(_)
             | ClientError::Nats(_)
             | ClientError::Refused { .. } => StatusCode::BAD_GATEWAY,
         };
-        let code = match &e {
-            ClientError::NoSuchJob(_) => "not_found",
-            ClientError::Ended { .. } => "job_ended",
-            ClientError::NoManager | ClientError::Timeout(_) => "no_manager",
-            _ => "nats_error",
+        let code = match (&e, e.code()) {
+            (_, Some(code)) => code.to_string(),
+            (ClientError::NoManager | ClientError::Timeout(_), _) => "no_manager".into(),
+            _ => "nats_error".into(),
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -138,6 +144,7 @@ pub fn router(nats: Nats, tokens: ApiTokens) -> Router {
         .route("/api/jobs/{id}/pause", post(pause))
         .route("/api/jobs/{id}/resume", post(resume))
         .route("/api/jobs/{id}/update", post(update))
+        .route("/api/jobs/{id}/redrive", post(redrive))
         .route("/api/jobs/{id}/steps/{step}/results", get(results))
         .route("/api/processes", get(processes))
         .route("/api/customers", get(customers))
@@ -574,6 +581,31 @@ async fn update(
         ..Default::default()
     };
     change(&nats, &id, c, "update").await
+}
+
+/// Runs a failed job (or one that completed with failed subjobs) again
+/// from a step: `{"step"?, "reason"?}`. 202 once the manager has started
+/// the run (its number and how many subjobs run again), 409 with a code
+/// when the job cannot be redriven, 410 when its input left the log.
+async fn redrive(
+    State(nats): State<Nats>,
+    Path(id): Path<String>,
+    body: Option<Json<crate::protocol::RedriveRequest>>,
+) -> ApiResult<Response> {
+    let b = body.map(|Json(b)| b).unwrap_or_default();
+    let run = client::redrive(&nats, &id, b.step, b.reason).await?;
+    let job = client::wait_for_run(&nats, &id, run, std::time::Duration::from_secs(10)).await?;
+    let started = job.redrives.last();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "job_id": id,
+            "run": run,
+            "step": started.and_then(|r| job.steps.get(r.step_index)).map(|s| s.name.clone()),
+            "subjobs": started.map(|r| r.subjobs),
+        })),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]
