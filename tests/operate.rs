@@ -385,3 +385,64 @@ async fn a_failed_job_is_redriven_for_the_subjobs_that_did_not_complete() {
     let (ok, out) = cli(&env, &["redrive", "rd-2"]);
     assert!(!ok && out.contains("was cancelled"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_step_after_a_fanout_reads_its_results_page_by_page() {
+    let mut env = Env::start().await;
+    env.apply(
+        "name = \"pg\"\n[[steps]]\nname = \"make\"\nkind = \"fanout\"\n\
+         [[steps]]\nname = \"count\"\nkind = \"task\"\n",
+    )
+    .await;
+    env.worker(
+        Worker::new(env.nats.clone())
+            .concurrency(8)
+            .handler("pg", "make", |c: TaskContext| async move {
+                // 2 KB each: 400 of them do not fit one message.
+                Ok(json!(format!("{:0>2000}", c.task.index)))
+            })
+            .handler("pg", "count", |c: TaskContext| async move {
+                let mut results = c.results(c.task.step_index - 1);
+                let (mut pages, mut seen) = (0, std::collections::BTreeSet::new());
+                while let Some(page) = results.next_page().await? {
+                    pages += 1;
+                    for line in page {
+                        let index = line["index"].as_u64().unwrap_or(u64::MAX);
+                        let padded = format!("{index:0>2000}");
+                        if line["ok"] == json!(true) && line["result"] == json!(padded) {
+                            seen.insert(index);
+                        }
+                    }
+                }
+                Ok(json!({"pages": pages, "distinct": seen.len()}))
+            }),
+    );
+    env.manager();
+    let items: Vec<u32> = (0..400).collect();
+    assert!(
+        env.submit("pg", json!({"job_id": "pg-1", "input": items}))
+            .await
+            .ok
+    );
+    let job = env.wait_end("pg-1", Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(job.output["distinct"], 400, "{}", job.output);
+    assert!(
+        job.output["pages"].as_u64().unwrap() >= 2,
+        "more than one page: {}",
+        job.output
+    );
+    // A handler test without a connection is told so.
+    let alone = TaskContext::new(
+        fanjet::protocol::Task {
+            token: String::new(),
+            ..serde_json::from_value(json!({"job_id": "x", "workflow": "pg", "step": "count",
+            "step_index": 1, "handler": "count", "index": 0, "total": 1, "kind": "task",
+            "timeout_ms": 1000, "max_attempts": 1}))
+            .unwrap()
+        },
+        1,
+    );
+    let e = alone.results(0).next_page().await.unwrap_err();
+    assert!(e.to_string().contains("no connection"), "{e}");
+}

@@ -618,8 +618,11 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
             let x = c.task.item.as_i64().unwrap_or(0);
             Ok(json!(x * x))
         })
-        .handler("squares", "report", |_c: TaskContext| async move {
-            Ok(json!("done"))
+        .handler("squares", "report", |c: TaskContext| async move {
+            // The fanout's results, through the manager's results service.
+            let lines = c.results(c.task.step_index - 1).all().await?;
+            let sum: i64 = lines.iter().filter_map(|l| l["result"].as_i64()).sum();
+            Ok(json!({"sum": sum, "lines": lines.len()}))
         });
     let wc = env.cancel.clone();
     let w = tokio::spawn(async move { w.run(wc).await });
@@ -641,6 +644,30 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
         .wait(&acme_squares, "completion", |j| j.state.is_terminal())
         .await;
     assert_eq!(done.state, JobState::Completed, "{:?}", done.error);
+    assert_eq!(
+        done.output,
+        json!({"sum": 14, "lines": 3}),
+        "the worker read its input's results"
+    );
+    // Without a token of one of its tasks, it reads no job's results.
+    let forged = fanjet::protocol::ResultsRequest {
+        token: "AAAAAAAAAAAAAAAAAAAAAA".into(),
+        step_index: 0,
+        index: 0,
+        run: 0,
+        step: 0,
+    };
+    let answer = attacker
+        .client
+        .request(
+            fanjet::protocol::results_subject(&bob_parked),
+            serde_json::to_vec(&forged).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let page: fanjet::protocol::ResultsPage = serde_json::from_slice(&answer.payload).unwrap();
+    assert!(!page.ok && page.results.is_empty(), "{page:?}");
+    assert_eq!(page.error.unwrap()["code"], "forbidden");
 
     // A real worker of `inv` finishes bob's job with real results.
     let real = env.worker("worker").await;

@@ -23,13 +23,20 @@ def step_consumer(workflow: str, step: str) -> str:
     return f"fanjet_{workflow}_{step}"
 
 
+def outcome_msg_id(task: dict, kind: str) -> str:
+    """The message id of an outcome: a redriven run's end with its run."""
+    job, i, idx = task["job_id"], task["step_index"], task["index"]
+    run = task.get("run", 0)
+    return f"{job}:{kind}:{i}:{idx}" + (f":r{run}" if run else "")
+
+
 def subjob_completed(task: dict, attempt: int, result, duration_ms: int):
     """(subject, headers, payload) of a SubjobCompleted event."""
     job, i, idx = task["job_id"], task["step_index"], task["index"]
     event = {"type": "SubjobCompleted", "job_id": job, "step_index": i, "index": idx,
              "attempt": attempt, "result": result, "duration_ms": duration_ms,
-             "token": task.get("token", "")}
-    headers = {"Nats-Msg-Id": f"{job}:subjob_completed:{i}:{idx}"}
+             "run": task.get("run", 0), "token": task.get("token", "")}
+    headers = {"Nats-Msg-Id": outcome_msg_id(task, "subjob_completed")}
     return event_subject(job, "subjob_completed"), headers, json.dumps(event).encode()
 
 
@@ -37,8 +44,9 @@ def subjob_failed(task: dict, attempt: int, error: str):
     """(subject, headers, payload) of a SubjobFailed event."""
     job, i, idx = task["job_id"], task["step_index"], task["index"]
     event = {"type": "SubjobFailed", "job_id": job, "step_index": i, "index": idx,
-             "attempt": attempt, "error": error, "token": task.get("token", "")}
-    headers = {"Nats-Msg-Id": f"{job}:subjob_failed:{i}:{idx}"}
+             "attempt": attempt, "error": error,
+             "run": task.get("run", 0), "token": task.get("token", "")}
+    headers = {"Nats-Msg-Id": outcome_msg_id(task, "subjob_failed")}
     return event_subject(job, "subjob_failed"), headers, json.dumps(event).encode()
 
 

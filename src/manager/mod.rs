@@ -17,6 +17,7 @@ mod executor;
 pub mod intake;
 mod partition;
 mod redrive;
+mod results;
 mod shares;
 mod status;
 mod update;
@@ -141,6 +142,7 @@ pub async fn run(
     tasks.spawn(cancel::run(nats.clone(), cancel.clone()));
     tasks.spawn(update::run(nats.clone(), cancel.clone()));
     tasks.spawn(redrive::run(nats.clone(), cancel.clone()));
+    tasks.spawn(results::run(nats.clone(), id.clone(), cancel.clone()));
     tasks.spawn(advisories::run(nats.clone(), cancel.clone()));
     let board = shares::Board::default();
     if options.queue_ahead.is_some() {

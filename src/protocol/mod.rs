@@ -45,7 +45,7 @@ pub use job::{
     MAX_REASON_BYTES, MAX_RECORD_BYTES, MAX_REDRIVES,
 };
 pub use names::*;
-pub use outcomes::{Counted, StepResults};
+pub use outcomes::{Counted, ResultsPage, ResultsRequest, StepResults};
 pub use pending::{Mark, Pending, CHUNK_BITS};
 pub use results::{
     array_len, ResultRef, INLINE_RESULT_MAX, MAX_RESULT_BYTES, RESULTS_BUCKET, RESULT_REF_KEY,

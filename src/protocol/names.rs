@@ -170,6 +170,26 @@ pub fn redrive_subject(customer: &str, job_id: &str) -> String {
 /// What the redrive service listens on.
 pub const REDRIVE_WILDCARD: &str = "fanjet.redrive.*.*";
 
+/// Subject of the results service for one job: a worker holding one of
+/// its tasks reads a step's results (see [`super::ResultsRequest`]).
+pub fn results_subject(job_id: &str) -> String {
+    format!("fanjet.results.{job_id}")
+}
+
+/// What the results service listens on (first pages).
+pub const RESULTS_WILDCARD: &str = "fanjet.results.*";
+
+/// Where the manager that answered a first page serves the next ones of
+/// that reading (`session`), for a time.
+pub fn results_page_subject(manager: &str, session: &str) -> String {
+    format!("fanjet.results.page.{manager}.{session}")
+}
+
+/// What one manager listens on for next pages.
+pub fn results_pages_wildcard(manager: &str) -> String {
+    format!("fanjet.results.page.{manager}.*")
+}
+
 /// What the update service listens on.
 pub const UPDATE_WILDCARD: &str = "fanjet.update.*.*";
 

@@ -19,6 +19,7 @@
 //!
 //! Memory is two bits per subjob, whatever the number of results read.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{Event, Job, Mark, Pending, TaskKey};
@@ -78,6 +79,34 @@ impl Counted {
             }
         }
     }
+}
+
+/// A worker's request to the results service (`fanjet.results.<job_id>`):
+/// the results of step `step` of the job whose task it holds, proved by
+/// the task's `token` (with the task's `step_index`, `index` and `run`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ResultsRequest {
+    pub token: String,
+    pub step_index: usize,
+    pub index: u64,
+    #[serde(default)]
+    pub run: u32,
+    /// The step whose results to read (by index).
+    pub step: usize,
+}
+
+/// One page of the results service's answer: lines as `fanjet results`
+/// prints them; `next`, when more follow, is the subject to send an empty
+/// request to for the next page (within a minute).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ResultsPage {
+    pub ok: bool,
+    #[serde(default)]
+    pub results: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
 }
 
 /// A step's outcomes as the log tells them, one event at a time.

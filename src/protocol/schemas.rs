@@ -7,8 +7,8 @@ use schemars::schema_for;
 use serde_json::Value;
 
 use super::{
-    Demand, Event, Heartbeat, Job, JobStats, Reservations, Submission, SubmitReply, Task, Tenant,
-    Workflow,
+    Demand, Event, Heartbeat, Job, JobStats, Reservations, ResultsPage, ResultsRequest, Submission,
+    SubmitReply, Task, Tenant, Workflow,
 };
 
 /// (file name in `docs/schemas/`, schema) for every payload.
@@ -26,6 +26,8 @@ pub fn all() -> Vec<(&'static str, Value)> {
         ("demand.json", v(schema_for!(Demand))),
         ("tenant.json", v(schema_for!(Tenant))),
         ("reservations.json", v(schema_for!(Reservations))),
+        ("results-request.json", v(schema_for!(ResultsRequest))),
+        ("results-page.json", v(schema_for!(ResultsPage))),
     ]
 }
 

@@ -124,8 +124,8 @@ mod tests {
     use crate::protocol::Task;
 
     fn ctx(kind: &str) -> TaskContext {
-        TaskContext {
-            task: Task {
+        TaskContext::new(
+            Task {
                 run: 0,
                 job_id: "j".into(),
                 workflow: "w".into(),
@@ -143,8 +143,8 @@ mod tests {
                 backoff_ms: vec![],
                 token: String::new(),
             },
-            attempt: 2,
-        }
+            2,
+        )
     }
 
     #[tokio::test]

@@ -7,8 +7,10 @@
 //! only fires for a worker that died or hung.
 
 mod exec;
+mod results;
 
 pub use exec::{exec_handler, sleep_handler, EXIT_GIVE_UP};
+pub use results::{Results, ResultsError};
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -69,6 +71,27 @@ pub struct TaskContext {
     pub task: Task,
     /// Delivery attempt, from 1.
     pub attempt: u32,
+    /// The worker's connection, for [`TaskContext::results`].
+    client: Option<async_nats::Client>,
+}
+
+impl TaskContext {
+    /// A task as a handler sees it, without a connection (for tests of
+    /// handlers: [`TaskContext::results`] then says so).
+    pub fn new(task: Task, attempt: u32) -> Self {
+        TaskContext {
+            task,
+            attempt,
+            client: None,
+        }
+    }
+
+    /// The results of step `step` of this task's job, each subjob's once
+    /// (for the step after a fanout: `self.task.step_index - 1`), read page
+    /// by page through the manager's results service.
+    pub fn results(&self, step: usize) -> Results {
+        Results::new(self.client.clone(), &self.task, step)
+    }
 }
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
@@ -421,6 +444,7 @@ async fn process(
     let ctx = TaskContext {
         task: task.clone(),
         attempt,
+        client: Some(nats.client.clone()),
     };
     let work = AssertUnwindSafe(handler(ctx)).catch_unwind();
     let progress_every = Duration::from_millis((task.timeout_ms / 3).max(500));
