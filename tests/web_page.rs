@@ -176,6 +176,10 @@ async fn the_page_follows_a_running_job_live_in_chromium() {
             })
             .handler("page", "send", |c: TaskContext| async move {
                 tokio::time::sleep(Duration::from_millis(40)).await;
+                // Job web-2's subjob 5 fails in its first run only.
+                if c.task.job_id == "web-2" && c.task.index == 5 && c.task.run == 0 {
+                    return Err(fanjet::worker::TaskError::give_up("mail server down"));
+                }
                 Ok(c.task.item)
             })
             .handler("page", "summarize", |c: TaskContext| async move {
@@ -266,4 +270,54 @@ async fn the_page_follows_a_running_job_live_in_chromium() {
             &Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots/web-page-done.png"),
         )
         .await;
+
+    // A failed job is redriven from the page.
+    assert!(env.submit("page", json!({"job_id": "web-2"})).await.ok);
+    let failed = env.wait_end("web-2", Duration::from_secs(30)).await;
+    assert_eq!(failed.state, fanjet::protocol::JobState::Failed);
+    driver.go(&format!("{base}/#job=web-2")).await;
+    let start = Instant::now();
+    while driver
+        .js("return !!document.querySelector('#redrive');")
+        .await
+        != json!(true)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no redrive button on a failed job"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    driver
+        .js("document.querySelector('#redrive').click(); return true;")
+        .await;
+    let start = Instant::now();
+    loop {
+        let state = driver.js("const e = document.querySelector('#title .state'); return e ? e.textContent : null;").await;
+        let timeline = driver
+            .js("return document.querySelector('#timeline').textContent;")
+            .await;
+        if state == json!("completed")
+            && timeline
+                .as_str()
+                .unwrap_or("")
+                .contains("job redriven (run 1)")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the page never showed the redriven job's end: {state} {timeline}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let runs = driver
+        .js("return document.querySelector('#job').textContent;")
+        .await;
+    assert!(
+        runs.as_str()
+            .unwrap_or("")
+            .contains("run 0 had ended failed"),
+        "the first run's figures stay on the page: {runs}"
+    );
 }
