@@ -1522,3 +1522,115 @@ fn a_completed_job_with_tolerated_failures_redrives_them_and_runs_the_rest_again
     assert_eq!(job.result_runs(1), (0, 1));
     assert_eq!(job.result_runs(2), (1, 1));
 }
+
+#[test]
+fn a_paused_job_keeps_its_deadline_and_loses_nothing_it_did_not_dispatch() {
+    // The lost-task check: paused with nothing in flight, an empty work
+    // queue at two looks in a row fails nothing.
+    let mut e = Engine::new();
+    request(&mut e, workflow("max_in_flight = 2"));
+    e.apply(done(0, 0, 1, json!([1, 2, 3, 4])), 20);
+    e.apply(update_input("j", 21, |u| u.paused = Some(true)), 21);
+    e.apply(done(1, 0, 1, json!(null)), 22);
+    e.apply(done(1, 1, 1, json!(null)), 22);
+    assert_eq!(in_flight(e.job("j").unwrap()), 0);
+    let applied = e.job("j").unwrap().applied_seq;
+    for now in [30, 40] {
+        let a = e.apply(
+            Input::NoTasks {
+                jobs: vec![("j".into(), applied)],
+            },
+            now,
+        );
+        assert!(kinds(&a).is_empty(), "{:?}", kinds(&a));
+    }
+    assert_eq!(e.job("j").unwrap().steps[1].failed, 0);
+
+    // The step deadline: it passes while paused, and the rest fails.
+    let mut e = Engine::new();
+    request(&mut e, workflow("max_in_flight = 2\ndeadline = \"1s\""));
+    e.apply(done(0, 0, 1, json!([1, 2, 3, 4])), 20);
+    e.apply(update_input("j", 21, |u| u.paused = Some(true)), 21);
+    let a = e.apply(Input::Tick, 20 + 1000);
+    assert!(
+        kinds(&a).contains(&"subjobs_failed".to_string()),
+        "{:?}",
+        kinds(&a)
+    );
+    let job = e.job("j").unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.steps[1].failed, 4);
+}
+
+proptest! {
+    /// Whatever the first run left (failures, subjobs never finished,
+    /// duplicates), a redrive in which everything succeeds, with late
+    /// first-run outcomes mixed in, ends with every subjob completed once.
+    #[test]
+    fn a_redrive_completes_exactly_what_the_first_run_did_not(
+        total in 1u64..40,
+        first in proptest::collection::vec((0u64..40, any::<bool>()), 0..60),
+        late in proptest::collection::vec(0u64..40, 0..20),
+        order in any::<u64>(),
+    ) {
+        let mut e = Engine::new();
+        let mut chunks = BTreeMap::new();
+        request(&mut e, workflow("tolerate_failures = \"2\"\nmax_in_flight = 7"));
+        let items: Vec<u64> = (0..total).collect();
+        let mut saved = e.apply(done(0, 0, 1, json!(items)), 11);
+        for (index, ok) in first {
+            saved.extend(e.apply(outcome_in(0, 1, index % total, ok), 12));
+            saved.extend(e.apply(Input::Tick, 12));
+        }
+        if e.job("j").is_some_and(|j| j.current == 2 && j.state == JobState::Running) {
+            // Completed within its tolerance: the last step ends it.
+            saved.extend(e.apply(outcome_in(0, 2, 0, true), 12));
+        }
+        // Still running: it fails for another reason (its input gone).
+        saved.extend(e.apply(
+            Input::Abort {
+                job_id: "j".into(),
+                reason: "aborted".into(),
+            },
+            12,
+        ));
+        saved.extend(e.apply(Input::Save, 13));
+        prop_assert!(!e.contains("j"), "an ended job is unloaded");
+        let stored = stored_after(&saved, 1, &mut chunks);
+        let first_completed = stored.steps[1].completed;
+        match stored.redrive_step(None) {
+            Err(_) => {
+                // Nothing to redrive: the first run completed everything.
+                prop_assert_eq!(first_completed, total);
+                return Ok(());
+            }
+            Ok(i) => prop_assert_eq!(i, 1),
+        }
+        e.apply(redrive_request(900, None, Some(stored)), 50);
+        let mut now = 51;
+        let mut rng = order;
+        let mut late = late.into_iter();
+        while e.job("j").is_some_and(|j| j.state == JobState::Running) {
+            let job = e.job("j").unwrap();
+            let step = job.current;
+            // The next subjob in flight, picked by a cheap generator.
+            let open: Vec<u64> = (0..job.steps[step].dispatched)
+                .filter(|i| !job.steps[step].pending.is_done(*i))
+                .collect();
+            prop_assert!(!open.is_empty(), "a running step with nothing in flight");
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let index = open[(rng >> 33) as usize % open.len()];
+            if let Some(l) = late.next() {
+                e.apply(outcome_in(0, 1, l % total, true), now);
+            }
+            e.apply(outcome_in(1, step, index, true), now);
+            e.apply(Input::Tick, now);
+            now += 1;
+        }
+        let job = e.job("j").unwrap();
+        prop_assert_eq!(job.state, JobState::Completed);
+        prop_assert_eq!((job.steps[1].completed, job.steps[1].failed), (total, 0));
+        prop_assert_eq!(job.steps[1].pending.counts(), (total, 0));
+        prop_assert_eq!(job.redrives[0].subjobs, total - first_completed);
+    }
+}
