@@ -42,6 +42,25 @@ async fn setup() -> (Env, Arc<AtomicU64>) {
     (env, starts)
 }
 
+/// The lines `fanjet ARGS` prints, checked to hold subjobs 0..total once each.
+fn results_once_each(env: &Env, args: &[&str], total: u64) -> Vec<Value> {
+    let (ok, out) = cli(env, args);
+    assert!(ok, "{out}");
+    let lines: Vec<Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut indices: Vec<u64> = lines.iter().map(|l| l["index"].as_u64().unwrap()).collect();
+    indices.sort();
+    assert_eq!(
+        indices,
+        (0..total).collect::<Vec<u64>>(),
+        "each subjob once"
+    );
+    lines
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_job_starts_nothing_until_resumed() {
     let (env, starts) = setup().await;
@@ -165,16 +184,7 @@ async fn a_steps_results_are_read_once_each_from_the_cli_and_the_api() {
     let job = env.wait_end("r-1", Duration::from_secs(60)).await;
     assert_eq!((job.steps[0].completed, job.steps[0].failed), (58, 2));
 
-    let (ok, out) = cli(&env, &["results", "r-1"]);
-    assert!(ok, "{out}");
-    let lines: Vec<Value> = out
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let mut indices: Vec<u64> = lines.iter().map(|l| l["index"].as_u64().unwrap()).collect();
-    indices.sort();
-    assert_eq!(indices, (0..60).collect::<Vec<u64>>(), "each subjob once");
+    let lines = results_once_each(&env, &["results", "r-1"], 60);
     let failed: Vec<&Value> = lines.iter().filter(|l| l["ok"] == json!(false)).collect();
     assert_eq!(failed.len(), 2);
     assert_eq!(failed[0]["error"], "bad item");
@@ -335,17 +345,8 @@ async fn a_failed_job_is_redriven_for_the_subjobs_that_did_not_complete() {
 
     // Results: each subjob once, from the run that decided it; statistics
     // agree with the record; the status shows the redrive.
-    let (ok, out) = cli(&env, &["results", "rd-1", "--step", "send"]);
-    assert!(ok, "{out}");
-    let lines: Vec<Value> = out
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let mut got: Vec<u64> = lines.iter().map(|l| l["index"].as_u64().unwrap()).collect();
-    got.sort();
-    assert_eq!(got, (0..60).collect::<Vec<u64>>(), "each subjob once");
-    assert!(lines.iter().all(|l| l["ok"] == json!(true)), "{out}");
+    let lines = results_once_each(&env, &["results", "rd-1", "--step", "send"], 60);
+    assert!(lines.iter().all(|l| l["ok"] == json!(true)), "{lines:?}");
     let stats = env
         .wait_stats("rd-1", Duration::from_secs(20), |s| {
             s.run == 1 && s.outcome.as_deref() == Some("completed")

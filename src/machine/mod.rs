@@ -1351,7 +1351,7 @@ fn start_run(
             StepKind::Fanout => Job::chunks_of(s.total),
             StepKind::Task => 0,
         };
-        *s = fresh_step(s.name.clone(), s.kind);
+        *s = StepRun::new(s.name.clone(), s.kind);
         s.discard_chunks = discard;
     }
     let step = &mut job.steps[i];
@@ -1436,31 +1436,6 @@ fn replay_redrive(job: &mut Job, i: usize, before: &[RunFigures]) {
                 s.discard_chunks = Job::chunks_of(fig.total);
             }
         }
-    }
-}
-
-/// A step as it is before it starts.
-fn fresh_step(name: String, kind: StepKind) -> StepRun {
-    StepRun {
-        name,
-        kind,
-        state: StepState::Pending,
-        total: 0,
-        completed: 0,
-        failed: 0,
-        retries: 0,
-        dispatched: 0,
-        started_at: None,
-        finished_at: None,
-        failures: Vec::new(),
-        source: None,
-        output_seq: None,
-        output_len: None,
-        pending: Pending::default(),
-        carried: 0,
-        discard_chunks: 0,
-        share: None,
-        pace: Pace::default(),
     }
 }
 

@@ -189,6 +189,33 @@ pub struct StepRun {
     pub pace: Pace,
 }
 
+impl StepRun {
+    /// A step as it is before it starts.
+    pub fn new(name: String, kind: StepKind) -> Self {
+        StepRun {
+            name,
+            kind,
+            state: StepState::Pending,
+            total: 0,
+            completed: 0,
+            failed: 0,
+            retries: 0,
+            dispatched: 0,
+            started_at: None,
+            finished_at: None,
+            failures: Vec::new(),
+            source: None,
+            output_seq: None,
+            output_len: None,
+            pending: Pending::default(),
+            carried: 0,
+            discard_chunks: 0,
+            share: None,
+            pace: Pace::default(),
+        }
+    }
+}
+
 /// One job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Job {
@@ -327,27 +354,7 @@ impl Job {
         let steps = definition
             .steps
             .iter()
-            .map(|s| StepRun {
-                name: s.name.clone(),
-                kind: s.kind,
-                state: StepState::Pending,
-                total: 0,
-                completed: 0,
-                failed: 0,
-                retries: 0,
-                dispatched: 0,
-                started_at: None,
-                finished_at: None,
-                failures: Vec::new(),
-                source: None,
-                output_seq: None,
-                output_len: None,
-                pending: Pending::default(),
-                carried: 0,
-                discard_chunks: 0,
-                share: None,
-                pace: Pace::default(),
-            })
+            .map(|s| StepRun::new(s.name.clone(), s.kind))
             .collect();
         Job {
             job_id: ev.job_id.clone(),
