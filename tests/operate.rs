@@ -447,3 +447,37 @@ async fn the_step_after_a_fanout_reads_its_results_page_by_page() {
     let e = alone.results(0).next_page().await.unwrap_err();
     assert!(e.to_string().contains("no connection"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_read_even_before_the_jobs_first_checkpoint() {
+    let mut env = Env::start().await;
+    env.apply(
+        "name = \"early\"\n[[steps]]\nname = \"make\"\nkind = \"fanout\"\n\
+         [[steps]]\nname = \"count\"\nkind = \"task\"\n",
+    )
+    .await;
+    env.worker(
+        Worker::new(env.nats.clone())
+            .concurrency(4)
+            .handler("early", "make", |c: TaskContext| async move {
+                Ok(json!(c.task.index))
+            })
+            .handler("early", "count", |c: TaskContext| async move {
+                let lines = c.results(c.task.step_index - 1).all().await?;
+                Ok(json!(lines.len()))
+            }),
+    );
+    // The job is done before its record is first stored.
+    env.manager_with(fanjet::manager::ManagerOptions {
+        checkpoint_every: Duration::from_millis(1500),
+        ..Default::default()
+    });
+    assert!(
+        env.submit("early", json!({"job_id": "e-1", "input": [1, 2, 3]}))
+            .await
+            .ok
+    );
+    let job = env.wait_end("e-1", Duration::from_secs(30)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(job.output, json!(3));
+}

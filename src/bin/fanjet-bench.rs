@@ -54,8 +54,14 @@ struct Args {
     /// Runs of each scenario; the median is reported with min-max.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Scenarios to run (floor, A, B, C, D, E, F, G).
-    #[arg(long, value_delimiter = ',', default_value = "floor,A,B,C,D,E,F,G")]
+    /// Scenarios to run (floor, A, A_deployed, B, C, D, E, F, G).
+    /// A_deployed runs A as users deploy fanjet (a `fanjet manager` and
+    /// two `fanjet worker` processes) against the streaming floor.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "floor,A,A_deployed,B,C,D,E,F,G"
+    )]
     only: Vec<String>,
     /// The floor also sets `Nats-Msg-Id` on every publish, as fanjet does,
     /// to see what the streams' de-duplication costs.
@@ -113,6 +119,22 @@ async fn main() -> Result<()> {
         if want("A") {
             results.push(("A", a_runs));
         }
+    }
+    // The deployed shape against the strongest floor, alternating too.
+    if want("A_deployed") {
+        let (mut floor_runs, mut runs) = (Vec::new(), Vec::new());
+        for run in 1..=args.runs {
+            let floor = floor_stream_run(args.subjobs, args.concurrency).await?;
+            let x = deployed_run(args.subjobs, args.concurrency).await?;
+            eprintln!(
+                "A_deployed run {run}: floor_stream_subjobs_per_s={floor:.3} subjobs_per_s={x:.3} ratio_to_floor={:.3}",
+                x / floor
+            );
+            floor_runs.push(vec![("subjobs_per_s", floor)]);
+            runs.push(vec![("subjobs_per_s", x), ("ratio_to_floor", x / floor)]);
+        }
+        results.push(("floor_stream", floor_runs));
+        results.push(("A_deployed", runs));
     }
     let plan = [
         ("B", want("B")),
@@ -330,6 +352,206 @@ async fn floor_run(n: u64, concurrency: usize, msg_ids: bool) -> Result<f64> {
     cancel.cancel();
     producer.await??;
     let _ = worker.await;
+    Ok(n as f64 / took.as_secs_f64())
+}
+
+/// The floor as strong as JetStream allows for the same guarantees: one
+/// continuous pull (the client keeps a buffer of messages requested ahead)
+/// feeding `concurrency` handlers; each completion is published and its
+/// ack awaited before the task is acked; tasks are published with bounded
+/// in-flight acks; a counter reads the completions. Returns subjobs/s.
+async fn floor_stream_run(n: u64, concurrency: usize) -> Result<f64> {
+    let server = start_server().await?;
+    let client = async_nats::connect(server.url()).await?;
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(4096)
+        .backpressure_on_inflight(true)
+        .build(client);
+    let mk = |name: &str, subject: &str, retention| stream::Config {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        retention,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    let tasks = js
+        .create_stream(mk(
+            "FLOOR_TASKS",
+            "floor.task.>",
+            stream::RetentionPolicy::WorkQueue,
+        ))
+        .await?;
+    let events = js
+        .create_stream(mk(
+            "FLOOR_EVENTS",
+            "floor.ev.>",
+            stream::RetentionPolicy::Limits,
+        ))
+        .await?;
+    let work = tasks
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("w".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await?;
+    let count = events
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("c".into()),
+            ack_policy: consumer::AckPolicy::All,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await?;
+    let start = Instant::now();
+    let producer = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            let mut acks = futures::stream::FuturesUnordered::new();
+            for i in 0..n {
+                let body = encode_json(&json!({"job_id": "floor", "index": i, "item": null}))?;
+                let msg = PublishMessage::build().payload(body);
+                let ack = js
+                    .send_publish(format!("floor.task.job.{i}"), msg)
+                    .await?
+                    .into_future();
+                acks.push(ack);
+                while acks.len() >= 1024 {
+                    acks.next().await.transpose()?;
+                }
+            }
+            while acks.next().await.transpose()?.is_some() {}
+            anyhow::Ok(())
+        })
+    };
+    let cancel = CancellationToken::new();
+    let worker = {
+        let (js, cancel) = (js.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+            let mut msgs = work
+                .stream()
+                .max_messages_per_batch(concurrency)
+                .messages()
+                .await?;
+            let mut running = tokio::task::JoinSet::new();
+            loop {
+                let permit = slots.clone().acquire_owned().await?;
+                let msg = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    m = msgs.next() => match m {
+                        Some(Ok(m)) => m,
+                        Some(Err(_)) => continue,
+                        None => break,
+                    },
+                };
+                let js = js.clone();
+                running.spawn(async move {
+                    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    let event = PublishMessage::build().payload(msg.payload.clone());
+                    if let Ok(ack) = js.send_publish(format!("floor.ev.job.{seq}"), event).await {
+                        let _ = ack.await;
+                    }
+                    let _ = msg.ack().await;
+                    drop(permit);
+                });
+                while running.try_join_next().is_some() {}
+            }
+            running.shutdown().await;
+            anyhow::Ok(())
+        })
+    };
+    let mut seen = 0u64;
+    let mut msgs = count
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await?;
+    while seen < n {
+        let m = tokio::time::timeout(Duration::from_secs(60), msgs.next())
+            .await
+            .context("floor stalled")?
+            .context("floor ended")??;
+        seen += 1;
+        if seen % 500 == 0 || seen == n {
+            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    let took = start.elapsed();
+    cancel.cancel();
+    producer.await??;
+    let _ = worker.await;
+    Ok(n as f64 / took.as_secs_f64())
+}
+
+/// A's job as users deploy fanjet: one fanout over the job's input.
+const DEPLOYED_WORKFLOW: &str = r#"
+name = "benchd"
+[[steps]]
+name = "noop"
+kind = "fanout"
+max_in_flight = 20000
+"#;
+
+/// A in the deployed shape: a `fanjet manager` process and two `fanjet
+/// worker --sleep 0ms` processes of half the slots each (release builds),
+/// the job submitted over NATS with its `n` items as input. Subjobs/s from
+/// the intake's answer to the `JobCompleted` in the log.
+async fn deployed_run(n: u64, concurrency: usize) -> Result<f64> {
+    let mut c = Cluster::start(true).await?;
+    c.nats
+        .apply_workflow(&Workflow::from_toml(DEPLOYED_WORKFLOW)?)
+        .await?;
+    let slots = (concurrency / 2).max(1).to_string();
+    let mut beats = c.nats.client.subscribe("fanjet.heartbeat.worker.>").await?;
+    for _ in 0..2 {
+        c.spawn(&[
+            "worker",
+            "--workflow",
+            "benchd",
+            "--step",
+            "noop",
+            "--sleep",
+            "0ms",
+            "--concurrency",
+            &slots,
+        ])?;
+    }
+    c.wait_partitions(1).await?;
+    // Both workers up (their first heartbeats), so the shares know them.
+    let mut workers = std::collections::HashSet::new();
+    while workers.len() < 2 {
+        let beat = tokio::time::timeout(Duration::from_secs(20), beats.next())
+            .await
+            .context("the worker processes sent no heartbeat")?
+            .context("heartbeats ended")?;
+        workers.insert(beat.subject.to_string());
+    }
+    let mut done = c
+        .nats
+        .client
+        .subscribe("fanjet.ev.*.deployed-1.completed")
+        .await?;
+    let sub = Submission {
+        job_id: Some("deployed-1".into()),
+        customer: None,
+        input: Value::Array(vec![Value::Null; n as usize]),
+        priority: None,
+    };
+    c.submit("benchd", &sub).await?;
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(600), done.next())
+        .await
+        .context("the deployed job did not complete")?;
+    let took = start.elapsed();
+    let job = c.wait_end("deployed-1", Duration::from_secs(10)).await?;
+    anyhow::ensure!(
+        job.steps[0].completed == n,
+        "the deployed job counted {} of {n}",
+        job.steps[0].completed
+    );
+    c.stop().await;
     Ok(n as f64 / took.as_secs_f64())
 }
 

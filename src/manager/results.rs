@@ -120,9 +120,17 @@ async fn begin(
             format!("the token is not that of a task of job {job_id:?}"),
         );
     }
-    let job = match store::status(nats, job_id).await {
-        Ok(Some(job)) => job,
-        Ok(None) => return refusal("not_found", format!("no job {job_id:?}")),
+    // The token was made for this job, so it exists; its record may not
+    // be stored yet (a job that just started: checkpoints lag the log by
+    // up to half a second).
+    let job = match store::get(nats, job_id).await {
+        Ok(Some((job, _))) => job,
+        Ok(None) => {
+            return refusal(
+                "unavailable",
+                format!("job {job_id} has no stored record yet; ask again shortly"),
+            )
+        }
         Err(e) => return refusal("unavailable", e.to_string()),
     };
     if req.step >= job.steps.len() {

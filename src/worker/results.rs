@@ -13,6 +13,8 @@ use crate::protocol::{results_subject, ResultsPage, ResultsRequest, Task};
 
 /// How long one page may take.
 const PAGE_WAIT: Duration = Duration::from_secs(30);
+/// Tries again after a transient refusal (waits of 0.1, 0.2, … 1.6 s).
+const RETRIES: u32 = 5;
 
 #[derive(Debug, Error)]
 pub enum ResultsError {
@@ -25,8 +27,9 @@ pub enum ResultsError {
 }
 
 impl ResultsError {
-    /// Whether asking again later may work (no manager, a busy store, a
-    /// reading that expired).
+    /// Whether trying again later may work (no manager, a busy store, a
+    /// job whose record is not stored yet, a reading that expired and must
+    /// start again).
     pub fn is_transient(&self) -> bool {
         match self {
             ResultsError::Refused { code, .. } => {
@@ -34,6 +37,12 @@ impl ResultsError {
             }
             ResultsError::Nats(_) => true,
         }
+    }
+}
+
+impl ResultsError {
+    fn is_expired(&self) -> bool {
+        matches!(self, ResultsError::Refused { code, .. } if code == "expired")
     }
 }
 
@@ -85,12 +94,34 @@ impl Results {
             (None, Some(next)) => (next, bytes::Bytes::new()),
             (None, None) => return Ok(None),
         };
+        // A moment of unavailability (a job whose record is not stored yet,
+        // NATS busy) is waited out here rather than costing an attempt.
+        let mut pause = Duration::from_millis(100);
+        let mut tries = 0;
+        loop {
+            match self.page(&subject, body.clone()).await {
+                // An expired reading starts again with the task.
+                Err(e) if e.is_transient() && !e.is_expired() && tries < RETRIES => {
+                    tries += 1;
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(e) => return Err(e),
+                Ok(page) => {
+                    self.next = page.next;
+                    return Ok(Some(page.results));
+                }
+            }
+        }
+    }
+
+    async fn page(&self, subject: &str, body: bytes::Bytes) -> Result<ResultsPage, ResultsError> {
         let Some(client) = &self.client else {
             return Err(ResultsError::Nats(
                 "this task context has no connection (made by TaskContext::new)".into(),
             ));
         };
-        let answer = tokio::time::timeout(PAGE_WAIT, client.request(subject, body))
+        let answer = tokio::time::timeout(PAGE_WAIT, client.request(subject.to_string(), body))
             .await
             .map_err(|_| ResultsError::Nats(format!("no page within {PAGE_WAIT:?}")))?
             .map_err(|e| ResultsError::Nats(e.to_string()))?;
@@ -103,8 +134,7 @@ impl Results {
                 message: e["message"].as_str().unwrap_or_default().to_string(),
             });
         }
-        self.next = page.next;
-        Ok(Some(page.results))
+        Ok(page)
     }
 
     /// Every line, for a step small enough to hold in memory.
