@@ -67,6 +67,11 @@ struct Args {
     /// to see what the streams' de-duplication costs.
     #[arg(long)]
     floor_msg_ids: bool,
+    /// The streaming floor (A_deployed's) writes what fanjet writes:
+    /// message ids on tasks and completions, a header on each task, tasks
+    /// of the size of fanjet's (about 400 bytes).
+    #[arg(long)]
+    floor_as_fanjet: bool,
     /// Subjobs of scenario D.
     #[arg(long, default_value_t = 1_000_000)]
     d_subjobs: u64,
@@ -124,14 +129,29 @@ async fn main() -> Result<()> {
     if want("A_deployed") {
         let (mut floor_runs, mut runs) = (Vec::new(), Vec::new());
         for run in 1..=args.runs {
-            let floor = floor_stream_run(args.subjobs, args.concurrency).await?;
-            let x = deployed_run(args.subjobs, args.concurrency).await?;
+            let (floor, floor_server_us, floor_client_us) =
+                floor_stream_run(args.subjobs, args.concurrency, args.floor_as_fanjet).await?;
+            let on = deployed_run(args.subjobs, args.concurrency, true).await?;
+            let off = deployed_run(args.subjobs, args.concurrency, false).await?;
+            let (x, y) = (on[0].1, off[0].1);
+            let mut figures = vec![
+                ("subjobs_per_s", x),
+                ("ratio_to_floor", x / floor),
+                ("fair_share_off_subjobs_per_s", y),
+                ("fair_share_off_ratio_to_floor", y / floor),
+            ];
+            figures.extend(on[1..].iter().copied());
+            let shown: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
             eprintln!(
-                "A_deployed run {run}: floor_stream_subjobs_per_s={floor:.3} subjobs_per_s={x:.3} ratio_to_floor={:.3}",
-                x / floor
+                "A_deployed run {run}: floor_stream subjobs_per_s={floor:.3} server_cpu_us={floor_server_us:.1} client_cpu_us={floor_client_us:.1}; {}",
+                shown.join(" ")
             );
-            floor_runs.push(vec![("subjobs_per_s", floor)]);
-            runs.push(vec![("subjobs_per_s", x), ("ratio_to_floor", x / floor)]);
+            floor_runs.push(vec![
+                ("subjobs_per_s", floor),
+                ("server_cpu_us_per_subjob", floor_server_us),
+                ("client_cpu_us_per_subjob", floor_client_us),
+            ]);
+            runs.push(figures);
         }
         results.push(("floor_stream", floor_runs));
         results.push(("A_deployed", runs));
@@ -360,8 +380,9 @@ async fn floor_run(n: u64, concurrency: usize, msg_ids: bool) -> Result<f64> {
 /// feeding `concurrency` handlers; each completion is published and its
 /// ack awaited before the task is acked; tasks are published with bounded
 /// in-flight acks; a counter reads the completions. Returns subjobs/s.
-async fn floor_stream_run(n: u64, concurrency: usize) -> Result<f64> {
+async fn floor_stream_run(n: u64, concurrency: usize, as_fanjet: bool) -> Result<(f64, f64, f64)> {
     let server = start_server().await?;
+    let own = std::process::id();
     let client = async_nats::connect(server.url()).await?;
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(4096)
@@ -404,14 +425,27 @@ async fn floor_stream_run(n: u64, concurrency: usize) -> Result<f64> {
             ..Default::default()
         })
         .await?;
+    let cpu0 = (cpu_secs(server.pid()), cpu_secs(own));
     let start = Instant::now();
     let producer = {
         let js = js.clone();
         tokio::spawn(async move {
             let mut acks = futures::stream::FuturesUnordered::new();
             for i in 0..n {
-                let body = encode_json(&json!({"job_id": "floor", "index": i, "item": null}))?;
-                let msg = PublishMessage::build().payload(body);
+                // fanjet's task names its workflow, step, handler, limits and token.
+                let pad = if as_fanjet {
+                    "x".repeat(300)
+                } else {
+                    String::new()
+                };
+                let body =
+                    encode_json(&json!({"job_id": "floor", "index": i, "item": null, "pad": pad}))?;
+                let mut msg = PublishMessage::build().payload(body);
+                if as_fanjet {
+                    msg = msg
+                        .message_id(format!("t:{i}"))
+                        .header("Fanjet-Manager", "manager-1234-0123456789ab");
+                }
                 let ack = js
                     .send_publish(format!("floor.task.job.{i}"), msg)
                     .await?
@@ -449,7 +483,10 @@ async fn floor_stream_run(n: u64, concurrency: usize) -> Result<f64> {
                 let js = js.clone();
                 running.spawn(async move {
                     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                    let event = PublishMessage::build().payload(msg.payload.clone());
+                    let mut event = PublishMessage::build().payload(msg.payload.clone());
+                    if as_fanjet {
+                        event = event.message_id(format!("e:{seq}"));
+                    }
                     if let Ok(ack) = js.send_publish(format!("floor.ev.job.{seq}"), event).await {
                         let _ = ack.await;
                     }
@@ -479,10 +516,15 @@ async fn floor_stream_run(n: u64, concurrency: usize) -> Result<f64> {
         }
     }
     let took = start.elapsed();
+    let per = |a: f64, b: f64| (b - a) * 1e6 / n as f64;
+    let (server_us, client_us) = (
+        per(cpu0.0, cpu_secs(server.pid())),
+        per(cpu0.1, cpu_secs(own)),
+    );
     cancel.cancel();
     producer.await??;
     let _ = worker.await;
-    Ok(n as f64 / took.as_secs_f64())
+    Ok((n as f64 / took.as_secs_f64(), server_us, client_us))
 }
 
 /// A's job as users deploy fanjet: one fanout over the job's input.
@@ -498,15 +540,20 @@ max_in_flight = 20000
 /// worker --sleep 0ms` processes of half the slots each (release builds),
 /// the job submitted over NATS with its `n` items as input. Subjobs/s from
 /// the intake's answer to the `JobCompleted` in the log.
-async fn deployed_run(n: u64, concurrency: usize) -> Result<f64> {
-    let mut c = Cluster::start(true).await?;
+async fn deployed_run(n: u64, concurrency: usize, fair: bool) -> Result<Figures> {
+    let manager: &[&str] = match fair {
+        true => &["manager"],
+        false => &["manager", "--no-fair-share"],
+    };
+    let mut c = Cluster::start_with(Some(manager)).await?;
     c.nats
         .apply_workflow(&Workflow::from_toml(DEPLOYED_WORKFLOW)?)
         .await?;
     let slots = (concurrency / 2).max(1).to_string();
     let mut beats = c.nats.client.subscribe("fanjet.heartbeat.worker.>").await?;
+    let mut workers_pids = Vec::new();
     for _ in 0..2 {
-        c.spawn(&[
+        workers_pids.push(c.spawn(&[
             "worker",
             "--workflow",
             "benchd",
@@ -516,8 +563,9 @@ async fn deployed_run(n: u64, concurrency: usize) -> Result<f64> {
             "0ms",
             "--concurrency",
             &slots,
-        ])?;
+        ])?);
     }
+    let manager_pid = c.children[0].id();
     c.wait_partitions(1).await?;
     // Both workers up (their first heartbeats), so the shares know them.
     let mut workers = std::collections::HashSet::new();
@@ -539,12 +587,23 @@ async fn deployed_run(n: u64, concurrency: usize) -> Result<f64> {
         input: Value::Array(vec![Value::Null; n as usize]),
         priority: None,
     };
+    let server_pid = c.server.pid();
+    let cpu = || {
+        (
+            cpu_secs(server_pid),
+            cpu_secs(manager_pid),
+            workers_pids.iter().map(|p| cpu_secs(*p)).sum::<f64>(),
+        )
+    };
+    let cpu0 = cpu();
     c.submit("benchd", &sub).await?;
     let start = Instant::now();
     tokio::time::timeout(Duration::from_secs(600), done.next())
         .await
         .context("the deployed job did not complete")?;
     let took = start.elapsed();
+    let cpu1 = cpu();
+    let per = |a: f64, b: f64| (b - a) * 1e6 / n as f64;
     let job = c.wait_end("deployed-1", Duration::from_secs(10)).await?;
     anyhow::ensure!(
         job.steps[0].completed == n,
@@ -552,7 +611,27 @@ async fn deployed_run(n: u64, concurrency: usize) -> Result<f64> {
         job.steps[0].completed
     );
     c.stop().await;
-    Ok(n as f64 / took.as_secs_f64())
+    Ok(vec![
+        ("subjobs_per_s", n as f64 / took.as_secs_f64()),
+        ("server_cpu_us_per_subjob", per(cpu0.0, cpu1.0)),
+        ("manager_cpu_us_per_subjob", per(cpu0.1, cpu1.1)),
+        ("workers_cpu_us_per_subjob", per(cpu0.2, cpu1.2)),
+    ])
+}
+
+/// CPU seconds (user + system) a process has used, from /proc (0 when it
+/// cannot be read).
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (indices 11 and 12 here), in
+    // clock ticks of 1/100 s on Linux.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 const BENCH_WORKFLOW: &str = r#"
@@ -673,6 +752,12 @@ struct Cluster {
 
 impl Cluster {
     async fn start(manager_process: bool) -> Result<Cluster> {
+        Self::start_with(manager_process.then_some(&["manager"][..])).await
+    }
+
+    /// With `manager`: the arguments of a `fanjet manager` child process
+    /// (else a manager in this process).
+    async fn start_with(manager: Option<&[&str]>) -> Result<Cluster> {
         let server = start_server().await?;
         let nats = Nats::ensure(async_nats::connect(server.url()).await?).await?;
         let mut c = Cluster {
@@ -682,8 +767,8 @@ impl Cluster {
             tasks: tokio::task::JoinSet::new(),
             children: Vec::new(),
         };
-        if manager_process {
-            c.spawn(&["manager"])?;
+        if let Some(args) = manager {
+            c.spawn(args)?;
         } else {
             let (n, cancel) = (c.nats.clone(), c.cancel.clone());
             c.tasks.spawn(async move {
