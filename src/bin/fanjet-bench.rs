@@ -54,13 +54,14 @@ struct Args {
     /// Runs of each scenario; the median is reported with min-max.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Scenarios to run (floor, A, A_deployed, B, C, D, E, F, G).
-    /// A_deployed runs A as users deploy fanjet (a `fanjet manager` and
-    /// two `fanjet worker` processes) against the streaming floor.
+    /// Scenarios to run (floor, A, A_deployed, B, B_deployed, C,
+    /// C_deployed, D, E, F, G). The `_deployed` ones run as users deploy
+    /// fanjet: a `fanjet manager` process and `fanjet worker` processes
+    /// (A_deployed against the streaming floor).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "floor,A,A_deployed,B,C,D,E,F,G"
+        default_value = "floor,A,A_deployed,B,B_deployed,C,C_deployed,D,E,F,G"
     )]
     only: Vec<String>,
     /// The floor also sets `Nats-Msg-Id` on every publish, as fanjet does,
@@ -158,7 +159,9 @@ async fn main() -> Result<()> {
     }
     let plan = [
         ("B", want("B")),
+        ("B_deployed", want("B_deployed")),
         ("C", want("C")),
+        ("C_deployed", want("C_deployed")),
         ("D", want("D")),
         ("E", want("E")),
         ("F", want("F")),
@@ -171,8 +174,10 @@ async fn main() -> Result<()> {
         let mut runs = Vec::new();
         for run in 1..=args.runs {
             let figures = match name {
-                "B" => seed_run().await?,
-                "C" => many_jobs_run(args.concurrency).await?,
+                "B" => seed_run(false).await?,
+                "B_deployed" => seed_run(true).await?,
+                "C" => many_jobs_run(args.concurrency, false).await?,
+                "C_deployed" => many_jobs_run(args.concurrency, true).await?,
                 "D" => scale_run(args.d_subjobs, args.concurrency).await?,
                 "E" => latency_run(args.concurrency).await?,
                 "G" => fair_run().await?,
@@ -881,8 +886,12 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 
 /// B: the seed compressed 1000x: 10,000 subjobs of 60 ms, 4 worker
 /// processes of 50 slots. Ideal: ceil(10000 / 200) x 60 ms = 3.0 s.
-async fn seed_run() -> Result<Figures> {
-    let mut c = Cluster::start(false).await?;
+/// `deployed`: the manager is a `fanjet manager` process too (B_deployed).
+async fn seed_run(deployed: bool) -> Result<Figures> {
+    let mut c = Cluster::start(deployed).await?;
+    if deployed {
+        c.wait_partitions(1).await?;
+    }
     let n = 10_000u64;
     c.nats
         .apply_workflow(&Workflow::from_toml(
@@ -960,9 +969,37 @@ async fn seed_run() -> Result<Figures> {
 }
 
 /// C: 100 jobs of 100 no-op subjobs, submitted at once.
-async fn many_jobs_run(concurrency: usize) -> Result<Figures> {
-    let mut c = Cluster::start(false).await?;
-    let figures = many_jobs(&mut c, concurrency).await;
+/// C's workflow: one fanout over the job's input.
+const MANY_WORKFLOW: &str = "name = \"many\"\n[[steps]]\nname = \"noop\"\nkind = \"fanout\"\n";
+
+/// `deployed`: a `fanjet manager` process and two `fanjet worker`
+/// processes of half the slots each (C_deployed).
+async fn many_jobs_run(concurrency: usize, deployed: bool) -> Result<Figures> {
+    let mut c = Cluster::start(deployed).await?;
+    let figures = match deployed {
+        false => many_jobs(&mut c, concurrency).await,
+        true => {
+            c.nats
+                .apply_workflow(&Workflow::from_toml(MANY_WORKFLOW)?)
+                .await?;
+            let slots = (concurrency / 2).max(1).to_string();
+            for _ in 0..2 {
+                c.spawn(&[
+                    "worker",
+                    "--workflow",
+                    "many",
+                    "--step",
+                    "noop",
+                    "--sleep",
+                    "0ms",
+                    "--concurrency",
+                    &slots,
+                ])?;
+            }
+            c.wait_partitions(1).await?;
+            many_jobs_on(&mut c, None).await
+        }
+    };
     c.stop().await;
     figures
 }
@@ -1131,20 +1168,29 @@ async fn managers_run(concurrency: usize) -> Result<Figures> {
 
 /// 100 jobs of 100 no-op subjobs submitted at once, on `c`.
 async fn many_jobs(c: &mut Cluster, concurrency: usize) -> Result<Figures> {
+    many_jobs_on(c, Some(concurrency)).await
+}
+
+/// C's jobs; with `in_process` slots, served by a worker pool in this
+/// process (else by worker processes already started).
+async fn many_jobs_on(c: &mut Cluster, in_process: Option<usize>) -> Result<Figures> {
     c.nats
-        .apply_workflow(&Workflow::from_toml(
-            "name = \"many\"\n[[steps]]\nname = \"noop\"\nkind = \"fanout\"\n",
-        )?)
+        .apply_workflow(&Workflow::from_toml(MANY_WORKFLOW)?)
         .await?;
-    c.worker(
-        Worker::new(c.nats.clone())
-            .concurrency(concurrency)
-            .handler(
-                "many",
-                "noop",
-                |_t: TaskContext| async move { Ok(Value::Null) },
-            ),
-    );
+    if let Some(concurrency) = in_process {
+        c.worker(
+            Worker::new(c.nats.clone())
+                .concurrency(concurrency)
+                .handler(
+                    "many",
+                    "noop",
+                    |_t: TaskContext| async move { Ok(Value::Null) },
+                ),
+        );
+    } else {
+        // The worker processes' heartbeats, so the shares know their slots.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
     let input = Value::Array(vec![Value::Null; 100]);
     let start = Instant::now();
     let subs = (0..100).map(|i| Submission {
