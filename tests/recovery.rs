@@ -876,3 +876,87 @@ async fn a_reader_takes_over_a_consumer_an_earlier_version_made() {
         .expect("info");
     assert_eq!(info.config.priority_policy, PriorityPolicy::PinnedClient);
 }
+
+/// Whether the job's active key is stored.
+async fn listed(env: &Env, job_id: &str) -> bool {
+    env.nats
+        .pending
+        .get(fanjet::protocol::active_key(job_id))
+        .await
+        .expect("read the pending bucket")
+        .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_loads_the_running_jobs_by_their_active_keys_and_once_scans_an_older_store() {
+    let mut env = Env::start().await;
+    env.apply(&ONE_FANOUT.replace("MAX", "3")).await;
+    // No worker yet: the job runs until one comes.
+    let m1 = env.spawn(&["manager"]);
+    assert!(
+        env.submit("one", json!({"job_id": "act-1", "input": [1, 2, 3]}))
+            .await
+            .ok
+    );
+    env.wait_for("act-1", Duration::from_secs(20), "running", |j| {
+        j.state == JobState::Running
+    })
+    .await;
+    assert!(
+        listed(&env, "act-1").await,
+        "a running job has its active key"
+    );
+    env.kill(m1);
+
+    // As an earlier version left the store: no active keys, no scan mark.
+    let p = fanjet::protocol::partition("act-1");
+    for key in [
+        fanjet::protocol::active_key("act-1"),
+        fanjet::protocol::active_scanned_key(p),
+    ] {
+        env.nats.pending.purge(&key).await.unwrap();
+    }
+    // And a key whose job was never stored (a crash before its record).
+    env.nats
+        .pending
+        .put(fanjet::protocol::active_key("ghost"), Default::default())
+        .await
+        .unwrap();
+    let gp = fanjet::protocol::partition("ghost");
+    assert_ne!(
+        gp, p,
+        "the ghost's partition is not act-1's (which is to be scanned)"
+    );
+    env.nats
+        .pending
+        .put(fanjet::protocol::active_scanned_key(gp), Default::default())
+        .await
+        .unwrap();
+
+    env.spawn(&["manager"]);
+    env.worker(
+        Worker::new(env.nats.clone()).handler("one", "send", |c: TaskContext| async move {
+            Ok(c.task.item)
+        }),
+    );
+    let job = env.wait_end("act-1", Duration::from_secs(30)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(job.steps[0].completed, 3);
+    assert!(
+        env.nats
+            .pending
+            .get(fanjet::protocol::active_scanned_key(p))
+            .await
+            .unwrap()
+            .is_some(),
+        "the partition was scanned once and marked"
+    );
+    let start = Instant::now();
+    while listed(&env, "act-1").await || listed(&env, "ghost").await {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "an ended job's key, or one without a record, is left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

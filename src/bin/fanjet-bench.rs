@@ -73,6 +73,9 @@ struct Args {
     /// of the size of fanjet's (about 400 bytes).
     #[arg(long)]
     floor_as_fanjet: bool,
+    /// Finished jobs in the store for scenario R.
+    #[arg(long, default_value_t = 100_000)]
+    r_jobs: u64,
     /// Subjobs of scenario D.
     #[arg(long, default_value_t = 1_000_000)]
     d_subjobs: u64,
@@ -158,6 +161,7 @@ async fn main() -> Result<()> {
         results.push(("A_deployed", runs));
     }
     let plan = [
+        ("R", want("R")),
         ("B", want("B")),
         ("B_deployed", want("B_deployed")),
         ("C", want("C")),
@@ -174,6 +178,7 @@ async fn main() -> Result<()> {
         let mut runs = Vec::new();
         for run in 1..=args.runs {
             let figures = match name {
+                "R" => restart_run(args.r_jobs).await?,
                 "B" => seed_run(false).await?,
                 "B_deployed" => seed_run(true).await?,
                 "C" => many_jobs_run(args.concurrency, false).await?,
@@ -760,18 +765,23 @@ impl Cluster {
         Self::start_with(manager_process.then_some(&["manager"][..])).await
     }
 
-    /// With `manager`: the arguments of a `fanjet manager` child process
-    /// (else a manager in this process).
-    async fn start_with(manager: Option<&[&str]>) -> Result<Cluster> {
+    /// A fresh server with fanjet's streams and no manager.
+    async fn bare() -> Result<Cluster> {
         let server = start_server().await?;
         let nats = Nats::ensure(async_nats::connect(server.url()).await?).await?;
-        let mut c = Cluster {
+        Ok(Cluster {
             server,
             nats,
             cancel: CancellationToken::new(),
             tasks: tokio::task::JoinSet::new(),
             children: Vec::new(),
-        };
+        })
+    }
+
+    /// With `manager`: the arguments of a `fanjet manager` child process
+    /// (else a manager in this process).
+    async fn start_with(manager: Option<&[&str]>) -> Result<Cluster> {
+        let mut c = Self::bare().await?;
         if let Some(args) = manager {
             c.spawn(args)?;
         } else {
@@ -882,6 +892,84 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
         .parse()
         .ok()?;
     Some(kb / 1024.0)
+}
+
+/// R, a manager starting over a full store: `jobs` finished job records
+/// (written straight into the bucket, as a month of jobs leaves them).
+/// First start: the store as an earlier version left it (no active keys:
+/// each partition is scanned once); then that manager stops (SIGTERM) and
+/// a second starts over the store this version keeps. Each time a job of
+/// 10 subjobs is submitted as the manager starts; the figure is the time
+/// from the manager's start to that job's end.
+async fn restart_run(jobs: u64) -> Result<Figures> {
+    let mut c = Cluster::bare().await?;
+    c.nats
+        .apply_workflow(&Workflow::from_toml(MANY_WORKFLOW)?)
+        .await?;
+    let mut acks = futures::stream::FuturesUnordered::new();
+    let now = fanjet::protocol::now_ms();
+    for i in 0..jobs {
+        let id = format!("old-{i}");
+        let mut job = fanjet::protocol::Job::rejected(
+            &id,
+            Some("many"),
+            Some(format!("c{}", i % 1000)),
+            "bench".into(),
+            now,
+        );
+        job.state = fanjet::protocol::JobState::Completed;
+        job.error = None;
+        let body = serde_json::to_vec(&job)?;
+        let ack = c
+            .nats
+            .js
+            .send_publish(
+                format!("$KV.{}.{id}", fanjet::protocol::JOBS_BUCKET),
+                PublishMessage::build().payload(body.into()),
+            )
+            .await?
+            .into_future();
+        acks.push(ack);
+        while acks.len() >= 1024 {
+            acks.next().await.transpose()?;
+        }
+    }
+    while acks.next().await.transpose()?.is_some() {}
+    c.worker(Worker::new(c.nats.clone()).concurrency(10).handler(
+        "many",
+        "noop",
+        |_t: TaskContext| async move { Ok(Value::Null) },
+    ));
+    let mut figures = Vec::new();
+    for (round, figure) in [(1, "seconds_first_start"), (2, "seconds_to_a_new_jobs_end")] {
+        let start = Instant::now();
+        let pid = c.spawn(&["manager"])?;
+        let id = format!("fresh-{round}");
+        let sub = Submission {
+            job_id: Some(id.clone()),
+            customer: None,
+            input: Value::Array(vec![Value::Null; 10]),
+            priority: None,
+        };
+        c.submit("many", &sub).await?;
+        let job = c.wait_end(&id, Duration::from_secs(600)).await?;
+        figures.push((figure, start.elapsed().as_secs_f64()));
+        anyhow::ensure!(
+            job.steps[0].completed == 10,
+            "the fresh job counted {}",
+            job.steps[0].completed
+        );
+        // A graceful stop: its leases are released at once.
+        let stopped = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(stopped.success(), "could not stop the manager");
+        if let Some(child) = c.children.iter_mut().find(|ch| ch.id() == pid) {
+            child.wait()?;
+        }
+    }
+    c.stop().await;
+    Ok(figures)
 }
 
 /// B: the seed compressed 1000x: 10,000 subjobs of 60 ms, 4 worker

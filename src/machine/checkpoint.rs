@@ -1,5 +1,6 @@
-//! What storing one job means, in order: its record first, its pending
-//! chunks second. A job that ended keeps the chunks of its steps with
+//! What storing one job means, in order: its active key (first time),
+//! its record, its pending chunks, and once it ended its active key's
+//! deletion. A job that ended keeps the chunks of its steps with
 //! subjobs that did not complete, for a redrive; the others are deleted. After a crash between the two, the record may be ahead
 //! of the bitmaps, never behind; on load the counts are taken from the
 //! bits ([`Job::recount`]) and re-applied events count exactly the subjobs
@@ -11,7 +12,8 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::protocol::{
-    Job, Source, StepKind, StepState, CHUNK_BITS, MAX_FAILURES_PASSED_ON, MAX_RECORD_BYTES,
+    Job, JobState, Source, StepKind, StepState, CHUNK_BITS, MAX_FAILURES_PASSED_ON,
+    MAX_RECORD_BYTES,
 };
 
 /// One write of a checkpoint, in the order they must be made.
@@ -28,6 +30,11 @@ pub enum Write {
     },
     /// A chunk no longer needed (the job ended).
     DeleteChunk { step_index: usize, chunk: u64 },
+    /// The job's active key, before its first record: a manager taking
+    /// its partition over loads it.
+    Listed,
+    /// The job's active key deleted, after its last record.
+    Unlisted,
 }
 
 /// Everything one job's checkpoint writes.
@@ -51,7 +58,14 @@ impl Checkpoint {
             record = serde_json::to_vec(&*job)?;
         }
         let ended = job.state.is_terminal();
-        let mut writes = vec![Write::Record(record.into())];
+        let mut writes = Vec::new();
+        // A running record always has its active key (a rejected job never
+        // runs: it has none).
+        if !ended && !job.listed {
+            writes.push(Write::Listed);
+            job.listed = true;
+        }
+        writes.push(Write::Record(record.into()));
         for (i, step) in job.steps.iter_mut().enumerate() {
             if step.kind != StepKind::Fanout {
                 continue;
@@ -82,6 +96,10 @@ impl Checkpoint {
                     }
                 }));
             }
+        }
+        if ended && job.state != JobState::Rejected {
+            writes.push(Write::Unlisted);
+            job.listed = false;
         }
         Ok(Checkpoint {
             job_id: job.job_id.clone(),

@@ -338,14 +338,19 @@ fn save_writes_each_record_before_its_chunks_then_acks_and_unloads_ended_jobs() 
         unreachable!()
     };
     assert!(!cp.ended);
-    let Write::Record(record) = &cp.writes[0] else {
-        panic!("the record is written first: {:?}", cp.writes[0]);
+    assert_eq!(
+        cp.writes[0],
+        Write::Listed,
+        "its active key comes before its first record"
+    );
+    let Write::Record(record) = &cp.writes[1] else {
+        panic!("then the record: {:?}", cp.writes[1]);
     };
     let stored: Job = serde_json::from_slice(record).unwrap();
     assert_eq!(stored.steps[1].completed, 1);
     assert!(
         matches!(
-            cp.writes[1..],
+            cp.writes[2..],
             [Write::Chunk {
                 step_index: 1,
                 chunk: 0,
@@ -353,9 +358,17 @@ fn save_writes_each_record_before_its_chunks_then_acks_and_unloads_ended_jobs() 
             }]
         ),
         "then the changed chunk: {:?}",
-        &cp.writes[1..]
+        &cp.writes[2..]
     );
     assert_eq!(kinds(&e.apply(Input::Save, 23)), ["ack"], "nothing changed");
+    e.apply(done(1, 0, 1, json!(null)), 23);
+    let a = e.apply(Input::Save, 23);
+    assert_eq!(kinds(&a), ["checkpoint j", "ack"]);
+    assert!(
+        a.iter()
+            .all(|a| !matches!(a, Action::Checkpoint(cp) if cp.writes.contains(&Write::Listed))),
+        "the active key is written once"
+    );
 
     e.apply(done(1, 0, 1, json!(null)), 24);
     e.apply(done(1, 2, 1, json!(null)), 25);
@@ -370,10 +383,14 @@ fn save_writes_each_record_before_its_chunks_then_acks_and_unloads_ended_jobs() 
     assert!(matches!(cp.writes[0], Write::Record(_)));
     assert_eq!(
         cp.writes[1..],
-        [Write::DeleteChunk {
-            step_index: 1,
-            chunk: 0
-        }]
+        [
+            Write::DeleteChunk {
+                step_index: 1,
+                chunk: 0
+            },
+            Write::Unlisted
+        ],
+        "its active key goes after its last record"
     );
     assert!(
         e.job("j").is_none(),

@@ -424,6 +424,8 @@ async fn write(
             Write::DeleteChunk { step_index, chunk } => {
                 store::delete_chunk(nats, author, &cp.job_id, *step_index, *chunk).await?
             }
+            Write::Listed => store::list_active(nats, author, &cp.job_id).await?,
+            Write::Unlisted => store::unlist_active(nats, author, &cp.job_id).await?,
         }
     }
     Ok(stored.or(revision).unwrap_or_default())

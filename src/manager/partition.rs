@@ -33,8 +33,8 @@ use crate::nats::log::{self, stream_seq, Batch, LogError, Reader};
 use crate::nats::store;
 use crate::nats::{Nats, SetupError};
 use crate::protocol::{
-    event_subject, job_tasks_filter, manager_consumer, now_ms, partition, partition_kind_filter,
-    Event, EventKind, TaskKey, Workflow,
+    event_subject, job_tasks_filter, manager_consumer, now_ms, partition_kind_filter, Event,
+    EventKind, TaskKey, Workflow,
 };
 
 pub(super) struct EventLoop {
@@ -111,7 +111,7 @@ impl EventLoop {
         self.engine = engine(&self.options);
         let p = self.partition;
         let mut revisions = HashMap::new();
-        for (job, rev) in store::load_active(&self.nats, |id| partition(id) == p).await? {
+        for (job, rev) in store::load_active(&self.nats, p).await? {
             revisions.insert(job.job_id.clone(), rev);
             self.engine.insert(job);
         }

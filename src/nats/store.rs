@@ -15,8 +15,9 @@ use thiserror::Error;
 
 use super::Nats;
 use crate::protocol::{
-    chunk_key, event_subject, validate_token, Event, EventKind, Job, JobState, JobStats, Pending,
-    StepKind, StepState, JOBS_BUCKET, MANAGER_HEADER, PENDING_BUCKET,
+    active_filter, active_key, active_scanned_key, chunk_key, event_subject, validate_token, Event,
+    EventKind, Job, JobState, JobStats, Pending, StepKind, StepState, JOBS_BUCKET, MANAGER_HEADER,
+    PENDING_BUCKET,
 };
 
 #[derive(Debug, Error)]
@@ -121,6 +122,87 @@ pub async fn delete_chunk(
     .await
     .map(|_| ())
     .map_err(|e| kv_error(job_id, "purge chunk", &e))
+}
+
+/// Stores a job's active key ([`active_key`]): its partition's next
+/// manager loads it.
+pub async fn list_active(nats: &Nats, author: &str, job_id: &str) -> Result<(), StoreError> {
+    kv_write(
+        nats,
+        PENDING_BUCKET,
+        &active_key(job_id),
+        Bytes::new(),
+        author,
+        None,
+        &[],
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| kv_error(job_id, "put active key", &e))
+}
+
+/// Deletes a job's active key (it ended).
+pub async fn unlist_active(nats: &Nats, author: &str, job_id: &str) -> Result<(), StoreError> {
+    let purge = [("KV-Operation", "PURGE"), ("Nats-Rollup", "sub")];
+    kv_write(
+        nats,
+        PENDING_BUCKET,
+        &active_key(job_id),
+        Bytes::new(),
+        author,
+        None,
+        &purge,
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| kv_error(job_id, "purge active key", &e))
+}
+
+/// The job ids of one partition's active keys.
+async fn active_ids(nats: &Nats, partition: u32) -> Result<Vec<String>, StoreError> {
+    use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+    use futures::StreamExt;
+    let err = |e: &dyn std::fmt::Display| StoreError::Kv {
+        job_id: "*".into(),
+        op: "list active keys",
+        message: e.to_string(),
+    };
+    let prefix = format!("$KV.{PENDING_BUCKET}.");
+    let consumer = nats
+        .pending
+        .stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: nats.client.new_inbox(),
+            filter_subject: format!("{prefix}{}", active_filter(partition)),
+            headers_only: true,
+            replay_policy: ReplayPolicy::Instant,
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(&e))?;
+    let mut ids = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(ids);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
+    while let Some(msg) = messages.next().await {
+        let msg = msg.map_err(|e| err(&e))?;
+        let deleted = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some_and(|op| op.as_str() != "PUT");
+        if !deleted {
+            if let Some(id) = msg.subject.rsplit('.').next() {
+                ids.push(id.to_string());
+            }
+        }
+        if msg.info().map_or(true, |i| i.pending == 0) {
+            break;
+        }
+    }
+    Ok(ids)
 }
 
 /// One write to a KV bucket, as the KV API makes it (a publish to the
@@ -363,21 +445,56 @@ pub async fn list(nats: &Nats, filter: &JobFilter) -> Result<Vec<Job>, StoreErro
     Ok(jobs)
 }
 
-/// Every job not yet ended whose id passes `mine`, loaded to resume.
-pub async fn load_active(
-    nats: &Nats,
-    mine: impl Fn(&str) -> bool,
-) -> Result<Vec<(Job, u64)>, StoreError> {
+/// The running jobs of one partition, loaded to resume: those with an
+/// active key (keys of jobs that ended, or were never stored, are deleted).
+pub async fn load_active(nats: &Nats, partition: u32) -> Result<Vec<(Job, u64)>, StoreError> {
+    let scanned = nats
+        .pending
+        .get(active_scanned_key(partition))
+        .await
+        .map_err(|e| kv_error("*", "get scanned key", &e))?;
+    if scanned.is_none() {
+        return scan_partition(nats, partition).await;
+    }
     let mut out = Vec::new();
-    for id in job_ids(nats).await?.into_iter().filter(|id| mine(id)) {
+    for id in active_ids(nats, partition).await? {
+        match load(nats, &id).await? {
+            Some((mut job, rev)) if !job.state.is_terminal() => {
+                job.listed = true;
+                out.push((job, rev));
+            }
+            // Ended (its key's deletion did not land), or never stored
+            // (a crash before its first record: its request is read again).
+            _ => unlist_active(nats, "reload", &id).await?,
+        }
+    }
+    Ok(out)
+}
+
+/// The running jobs of a partition found by reading every record, once,
+/// for a store written before active keys: each gets its key, then the
+/// partition is marked scanned.
+async fn scan_partition(nats: &Nats, partition: u32) -> Result<Vec<(Job, u64)>, StoreError> {
+    let mut out = Vec::new();
+    for id in job_ids(nats)
+        .await?
+        .into_iter()
+        .filter(|id| crate::protocol::partition(id) == partition)
+    {
         if let Some((job, _)) = get(nats, &id).await? {
             if job.state.is_terminal() {
                 continue;
             }
         }
-        if let Some(loaded) = load(nats, &id).await? {
-            out.push(loaded);
+        if let Some((mut job, rev)) = load(nats, &id).await? {
+            list_active(nats, "reload", &id).await?;
+            job.listed = true;
+            out.push((job, rev));
         }
     }
+    nats.pending
+        .put(active_scanned_key(partition), Bytes::new())
+        .await
+        .map_err(|e| kv_error("*", "put scanned key", &e))?;
     Ok(out)
 }

@@ -266,6 +266,10 @@ pub struct Job {
     /// work a job keeps queued beyond its share. In memory only.
     #[serde(skip)]
     pub pacing: Option<u64>,
+    /// Whether its partition's active key is stored (see
+    /// [`super::active_key`]). In memory only.
+    #[serde(skip)]
+    pub listed: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -379,6 +383,7 @@ impl Job {
             redrives: Vec::new(),
             definition,
             pacing: None,
+            listed: false,
         }
     }
 
@@ -413,6 +418,7 @@ impl Job {
                 ..Workflow::default()
             },
             pacing: None,
+            listed: false,
         }
     }
 

@@ -295,6 +295,27 @@ pub fn max_deliveries_advisories() -> String {
     format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.>")
 }
 
+/// KV key (in [`PENDING_BUCKET`]) marking a job its partition's manager
+/// must load when it takes the partition over: present from the job's
+/// first checkpoint to its last, so a manager loads the running jobs of a
+/// partition without reading every record kept (a month of them). `=`
+/// cannot start a job id, so these keys never meet a chunk's.
+pub fn active_key(job_id: &str) -> String {
+    format!("=active.{:02}.{job_id}", partition(job_id))
+}
+
+/// The active keys of one partition, for a key listing.
+pub fn active_filter(partition: u32) -> String {
+    format!("=active.{partition:02}.>")
+}
+
+/// KV key (in [`PENDING_BUCKET`]) saying that a partition's active keys are
+/// complete: a manager of a version before them wrote none, so without it
+/// a manager scans every record of the partition once and writes them.
+pub fn active_scanned_key(partition: u32) -> String {
+    format!("=scanned.{partition:02}")
+}
+
 /// KV key (in [`PENDING_BUCKET`]) of one chunk of a step's pending set.
 pub fn chunk_key(job_id: &str, step_index: usize, chunk: u64) -> String {
     format!("{job_id}.{step_index}.{chunk}")
