@@ -446,7 +446,7 @@ pub async fn list(nats: &Nats, filter: &JobFilter) -> Result<Vec<Job>, StoreErro
 }
 
 /// The running jobs of one partition, loaded to resume: those with an
-/// active key (keys of jobs that ended, or were never stored, are deleted).
+/// active key (the keys of jobs that ended are deleted).
 pub async fn load_active(nats: &Nats, partition: u32) -> Result<Vec<(Job, u64)>, StoreError> {
     let scanned = nats
         .pending
@@ -463,9 +463,12 @@ pub async fn load_active(nats: &Nats, partition: u32) -> Result<Vec<(Job, u64)>,
                 job.listed = true;
                 out.push((job, rev));
             }
-            // Ended (its key's deletion did not land), or never stored
-            // (a crash before its first record: its request is read again).
-            _ => unlist_active(nats, "reload", &id).await?,
+            // Ended: its key's deletion did not land.
+            Some(_) => unlist_active(nats, "reload", &id).await?,
+            // Not stored yet: a crash came between its key and its first
+            // record, and its request, not acknowledged, is read again.
+            // The key stays for it (it expires with the log at the latest).
+            None => {}
         }
     }
     Ok(out)
