@@ -73,7 +73,7 @@ struct Args {
     /// of the size of fanjet's (about 400 bytes).
     #[arg(long)]
     floor_as_fanjet: bool,
-    /// Finished jobs in the store for scenario R.
+    /// Finished jobs in the store for scenarios R and L.
     #[arg(long, default_value_t = 100_000)]
     r_jobs: u64,
     /// Subjobs of scenario D.
@@ -162,6 +162,7 @@ async fn main() -> Result<()> {
     }
     let plan = [
         ("R", want("R")),
+        ("L", want("L")),
         ("B", want("B")),
         ("B_deployed", want("B_deployed")),
         ("C", want("C")),
@@ -179,6 +180,7 @@ async fn main() -> Result<()> {
         for run in 1..=args.runs {
             let figures = match name {
                 "R" => restart_run(args.r_jobs).await?,
+                "L" => listing_run(args.r_jobs).await?,
                 "B" => seed_run(false).await?,
                 "B_deployed" => seed_run(true).await?,
                 "C" => many_jobs_run(args.concurrency, false).await?,
@@ -894,18 +896,9 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// R, a manager starting over a full store: `jobs` finished job records
-/// (written straight into the bucket, as a month of jobs leaves them).
-/// First start: the store as an earlier version left it (no active keys:
-/// each partition is scanned once); then that manager stops (SIGTERM) and
-/// a second starts over the store this version keeps. Each time a job of
-/// 10 subjobs is submitted as the manager starts; the figure is the time
-/// from the manager's start to that job's end.
-async fn restart_run(jobs: u64) -> Result<Figures> {
-    let mut c = Cluster::bare().await?;
-    c.nats
-        .apply_workflow(&Workflow::from_toml(MANY_WORKFLOW)?)
-        .await?;
+/// Writes `jobs` finished job records straight into `fanjet_jobs` (as a
+/// month of jobs leaves them), of 1,000 customers `c0`…`c999`.
+async fn finished_records(nats: &Nats, jobs: u64) -> Result<()> {
     let mut acks = futures::stream::FuturesUnordered::new();
     let now = fanjet::protocol::now_ms();
     for i in 0..jobs {
@@ -920,8 +913,7 @@ async fn restart_run(jobs: u64) -> Result<Figures> {
         job.state = fanjet::protocol::JobState::Completed;
         job.error = None;
         let body = serde_json::to_vec(&job)?;
-        let ack = c
-            .nats
+        let ack = nats
             .js
             .send_publish(
                 format!("$KV.{}.{id}", fanjet::protocol::JOBS_BUCKET),
@@ -935,6 +927,50 @@ async fn restart_run(jobs: u64) -> Result<Figures> {
         }
     }
     while acks.next().await.transpose()?.is_some() {}
+    Ok(())
+}
+
+/// L, listing over a month of jobs: `jobs` finished records, then `fanjet
+/// jobs`'s listing of all of them and of one customer's (a thousandth).
+async fn listing_run(jobs: u64) -> Result<Figures> {
+    let c = Cluster::bare().await?;
+    finished_records(&c.nats, jobs).await?;
+    let mut figures = Vec::new();
+    for (figure, customer) in [("seconds_all", None), ("seconds_one_customer", Some("c7"))] {
+        let filter = fanjet::nats::store::JobFilter {
+            customer: customer.map(str::to_string),
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let listed = fanjet::nats::store::list(&c.nats, &filter).await?;
+        figures.push((figure, start.elapsed().as_secs_f64()));
+        let want = match customer {
+            None => jobs,
+            Some(_) => jobs / 1000 + u64::from(jobs % 1000 > 7),
+        };
+        anyhow::ensure!(
+            listed.len() as u64 == want,
+            "listed {} of {want}",
+            listed.len()
+        );
+    }
+    c.stop().await;
+    Ok(figures)
+}
+
+/// R, a manager starting over a full store: `jobs` finished job records
+/// (written straight into the bucket, as a month of jobs leaves them).
+/// First start: the store as an earlier version left it (no active keys:
+/// each partition is scanned once); then that manager stops (SIGTERM) and
+/// a second starts over the store this version keeps. Each time a job of
+/// 10 subjobs is submitted as the manager starts; the figure is the time
+/// from the manager's start to that job's end.
+async fn restart_run(jobs: u64) -> Result<Figures> {
+    let mut c = Cluster::bare().await?;
+    c.nats
+        .apply_workflow(&Workflow::from_toml(MANY_WORKFLOW)?)
+        .await?;
+    finished_records(&c.nats, jobs).await?;
     c.worker(Worker::new(c.nats.clone()).concurrency(10).handler(
         "many",
         "noop",

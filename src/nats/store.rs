@@ -426,17 +426,23 @@ impl JobFilter {
     }
 }
 
+/// Records read at once by a listing.
+const LIST_READS_IN_FLIGHT: usize = 64;
+
 /// Every job record the filter keeps, newest first (`fanjet jobs`, `GET
-/// /api/jobs`). It reads every record: fine for thousands, not millions.
+/// /api/jobs`). It reads every record (many at once): fine for tens of
+/// thousands, not millions.
 pub async fn list(nats: &Nats, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
-    let mut jobs = Vec::new();
-    for id in job_ids(nats).await? {
-        if let Some((job, _)) = get(nats, &id).await? {
-            if filter.keeps(&job) {
-                jobs.push(job);
-            }
-        }
-    }
+    use futures::{StreamExt, TryStreamExt};
+    let ids = job_ids(nats).await?;
+    let mut jobs: Vec<Job> = futures::stream::iter(ids)
+        .map(|id| async move { get(nats, &id).await })
+        .buffer_unordered(LIST_READS_IN_FLIGHT)
+        .try_filter_map(|found| async move {
+            Ok(found.map(|(job, _)| job).filter(|job| filter.keeps(job)))
+        })
+        .try_collect()
+        .await?;
     jobs.sort_by(|a, b| {
         b.created_at
             .cmp(&a.created_at)
