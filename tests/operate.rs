@@ -281,14 +281,18 @@ async fn a_failed_job_is_redriven_for_the_subjobs_that_did_not_complete() {
         .subscribe("fanjet.notify.rd.rd-1.>")
         .await
         .unwrap();
-    let (ok, out) = cli(&env, &["redrive", "rd-1", "--reason", "mail server back"]);
-    assert!(ok, "{out}");
+    let (ok, out) = cli(
+        &env,
+        &["redrive", "rd-1", "--reason", "mail server back", "--wait"],
+    );
+    assert!(ok, "followed to its end, completed: {out}");
     assert!(
         out.contains(&format!(
             "run 1 started: step \"send\" runs again for {unfinished} subjobs"
         )),
         "{out}"
     );
+    assert!(out.contains("state completed"), "{out}");
     let job = env.wait_end("rd-1", Duration::from_secs(60)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!((job.run, job.error.as_deref()), (1, None));

@@ -139,6 +139,10 @@ pub struct RedriveArgs {
     /// customer, who may redrive only its jobs).
     #[arg(long)]
     customer: Option<String>,
+    /// Then follow the job to its end with progress bars; the exit code is
+    /// its outcome (0 completed, 1 failed, 2 cancelled), as `fanjet watch`.
+    #[arg(long)]
+    wait: bool,
 }
 
 fn parse_tolerance(text: &str) -> Result<Tolerance, String> {
@@ -434,9 +438,14 @@ pub async fn redrive(connect: &ConnectArgs, args: RedriveArgs) -> Result<u8> {
         if let Some(r) = job.redrives.last().filter(|r| r.run > before.run) {
             let step = job.steps.get(r.step_index).map_or("?", |s| s.name.as_str());
             eprintln!(
-                "job {id}: run {} started: step {step:?} runs again for {} subjobs, then the steps after it (follow it: fanjet watch {id})",
-                r.run, r.subjobs
+                "job {id}: run {} started: step {step:?} runs again for {} subjobs, then the steps after it{}",
+                r.run,
+                r.subjobs,
+                if args.wait { "" } else { " (follow it: fanjet watch JOB, or redrive with --wait)" }
             );
+            if args.wait {
+                return follow_to_end(conn.source(customer), &args.job_id, false).await;
+            }
             return Ok(0);
         }
         if start.elapsed() > std::time::Duration::from_secs(10) {
