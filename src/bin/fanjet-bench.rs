@@ -249,62 +249,83 @@ async fn start_server() -> Result<NatsServer> {
     .await??)
 }
 
-/// The raw JetStream floor; returns subjobs/s.
-async fn floor_run(n: u64, concurrency: usize, msg_ids: bool) -> Result<f64> {
-    let server = start_server().await?;
-    let client = async_nats::connect(server.url()).await?;
-    let js = jetstream::ContextBuilder::new()
-        .max_ack_inflight(4096)
-        .backpressure_on_inflight(true)
-        .build(client);
-    let mk = |name: &str, subject: &str, retention| stream::Config {
-        name: name.into(),
-        subjects: vec![subject.into()],
-        retention,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    };
-    let tasks = js
-        .create_stream(mk(
-            "FLOOR_TASKS",
-            "floor.task.>",
-            stream::RetentionPolicy::WorkQueue,
-        ))
-        .await?;
-    let events = js
-        .create_stream(mk(
-            "FLOOR_EVENTS",
-            "floor.ev.>",
-            stream::RetentionPolicy::Limits,
-        ))
-        .await?;
-    let work = tasks
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("w".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
+/// The floor's streams (tasks in a work queue, completions in a log) and
+/// consumers on a fresh server, with a publisher of bounded in-flight acks.
+struct Floor {
+    server: NatsServer,
+    js: jetstream::Context,
+    work: consumer::PullConsumer,
+    count: consumer::PullConsumer,
+}
+
+impl Floor {
+    async fn start() -> Result<Floor> {
+        let server = start_server().await?;
+        let client = async_nats::connect(server.url()).await?;
+        let js = jetstream::ContextBuilder::new()
+            .max_ack_inflight(4096)
+            .backpressure_on_inflight(true)
+            .build(client);
+        let mk = |name: &str, subject: &str, retention| stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            retention,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let tasks = js
+            .create_stream(mk(
+                "FLOOR_TASKS",
+                "floor.task.>",
+                stream::RetentionPolicy::WorkQueue,
+            ))
+            .await?;
+        let events = js
+            .create_stream(mk(
+                "FLOOR_EVENTS",
+                "floor.ev.>",
+                stream::RetentionPolicy::Limits,
+            ))
+            .await?;
+        let consumer = |name: &str, ack_policy| consumer::pull::Config {
+            durable_name: Some(name.into()),
+            ack_policy,
             max_ack_pending: 100_000,
             ..Default::default()
+        };
+        Ok(Floor {
+            work: tasks
+                .create_consumer(consumer("w", consumer::AckPolicy::Explicit))
+                .await?,
+            count: events
+                .create_consumer(consumer("c", consumer::AckPolicy::All))
+                .await?,
+            js,
+            server,
         })
-        .await?;
-    let count = events
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("c".into()),
-            ack_policy: consumer::AckPolicy::All,
-            max_ack_pending: 100_000,
-            ..Default::default()
-        })
-        .await?;
-    let start = Instant::now();
-    // Producer: every task, pipelined.
-    let producer = {
-        let js = js.clone();
+    }
+
+    /// Publishes `n` tasks, pipelined. `ids`: with message ids, as fanjet;
+    /// `like_fanjet`: also a header and fanjet's task size.
+    fn produce(&self, n: u64, ids: bool, like_fanjet: bool) -> tokio::task::JoinHandle<Result<()>> {
+        let js = self.js.clone();
         tokio::spawn(async move {
             let mut acks = futures::stream::FuturesUnordered::new();
+            // fanjet's task names its workflow, step, handler, limits and token.
+            let pad = if like_fanjet {
+                "x".repeat(300)
+            } else {
+                String::new()
+            };
             for i in 0..n {
-                let body = encode_json(&json!({"job_id": "floor", "index": i, "item": null}))?;
+                let body =
+                    encode_json(&json!({"job_id": "floor", "index": i, "item": null, "pad": pad}))?;
                 let mut msg = PublishMessage::build().payload(body);
-                if msg_ids {
+                if ids {
                     msg = msg.message_id(format!("t:{i}"));
+                }
+                if like_fanjet {
+                    msg = msg.header("Fanjet-Manager", "manager-1234-0123456789ab");
                 }
                 let ack = js
                     .send_publish(format!("floor.task.job.{i}"), msg)
@@ -318,7 +339,38 @@ async fn floor_run(n: u64, concurrency: usize, msg_ids: bool) -> Result<f64> {
             while acks.next().await.transpose()?.is_some() {}
             anyhow::Ok(())
         })
-    };
+    }
+
+    /// Waits until the counter has read `n` completions.
+    async fn count(&self, n: u64) -> Result<()> {
+        let mut seen = 0u64;
+        let mut msgs = self
+            .count
+            .stream()
+            .max_messages_per_batch(1000)
+            .messages()
+            .await?;
+        while seen < n {
+            let m = tokio::time::timeout(Duration::from_secs(60), msgs.next())
+                .await
+                .context("floor stalled")?
+                .context("floor ended")??;
+            seen += 1;
+            if seen % 500 == 0 || seen == n {
+                m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The raw JetStream floor (workers fetch a batch at a time); returns
+/// subjobs/s.
+async fn floor_run(n: u64, concurrency: usize, ids: bool) -> Result<f64> {
+    let floor = Floor::start().await?;
+    let (js, work) = (floor.js.clone(), floor.work.clone());
+    let start = Instant::now();
+    let producer = floor.produce(n, ids, false);
     // Workers: `concurrency` slots, a completion event per task, then ack.
     let cancel = CancellationToken::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
@@ -344,7 +396,7 @@ async fn floor_run(n: u64, concurrency: usize, msg_ids: bool) -> Result<f64> {
                     running.spawn(async move {
                         let info_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
                         let mut event = PublishMessage::build().payload(msg.payload.clone());
-                        if msg_ids {
+                        if ids {
                             event = event.message_id(format!("e:{info_seq}"));
                         }
                         if let Ok(ack) = js
@@ -363,23 +415,7 @@ async fn floor_run(n: u64, concurrency: usize, msg_ids: bool) -> Result<f64> {
             anyhow::Ok(())
         })
     };
-    // Counter: one consumer counts completions.
-    let mut seen = 0u64;
-    let mut msgs = count
-        .stream()
-        .max_messages_per_batch(1000)
-        .messages()
-        .await?;
-    while seen < n {
-        let m = tokio::time::timeout(Duration::from_secs(60), msgs.next())
-            .await
-            .context("floor stalled")?
-            .context("floor ended")??;
-        seen += 1;
-        if seen % 500 == 0 || seen == n {
-            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-    }
+    floor.count(n).await?;
     let took = start.elapsed();
     cancel.cancel();
     producer.await??;
@@ -391,86 +427,17 @@ async fn floor_run(n: u64, concurrency: usize, msg_ids: bool) -> Result<f64> {
 /// continuous pull (the client keeps a buffer of messages requested ahead)
 /// feeding `concurrency` handlers; each completion is published and its
 /// ack awaited before the task is acked; tasks are published with bounded
-/// in-flight acks; a counter reads the completions. Returns subjobs/s.
+/// in-flight acks; a counter reads the completions. With `as_fanjet`, it
+/// writes what fanjet writes. Returns subjobs/s and the CPU µs per subjob
+/// of the server and of this process.
 async fn floor_stream_run(n: u64, concurrency: usize, as_fanjet: bool) -> Result<(f64, f64, f64)> {
-    let server = start_server().await?;
-    let own = std::process::id();
-    let client = async_nats::connect(server.url()).await?;
-    let js = jetstream::ContextBuilder::new()
-        .max_ack_inflight(4096)
-        .backpressure_on_inflight(true)
-        .build(client);
-    let mk = |name: &str, subject: &str, retention| stream::Config {
-        name: name.into(),
-        subjects: vec![subject.into()],
-        retention,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    };
-    let tasks = js
-        .create_stream(mk(
-            "FLOOR_TASKS",
-            "floor.task.>",
-            stream::RetentionPolicy::WorkQueue,
-        ))
-        .await?;
-    let events = js
-        .create_stream(mk(
-            "FLOOR_EVENTS",
-            "floor.ev.>",
-            stream::RetentionPolicy::Limits,
-        ))
-        .await?;
-    let work = tasks
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("w".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: 100_000,
-            ..Default::default()
-        })
-        .await?;
-    let count = events
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("c".into()),
-            ack_policy: consumer::AckPolicy::All,
-            max_ack_pending: 100_000,
-            ..Default::default()
-        })
-        .await?;
-    let cpu0 = (cpu_secs(server.pid()), cpu_secs(own));
+    let floor = Floor::start().await?;
+    let (js, work) = (floor.js.clone(), floor.work.clone());
+    let ids = as_fanjet;
+    let (server_pid, own) = (floor.server.pid(), std::process::id());
+    let cpu0 = (cpu_secs(server_pid), cpu_secs(own));
     let start = Instant::now();
-    let producer = {
-        let js = js.clone();
-        tokio::spawn(async move {
-            let mut acks = futures::stream::FuturesUnordered::new();
-            for i in 0..n {
-                // fanjet's task names its workflow, step, handler, limits and token.
-                let pad = if as_fanjet {
-                    "x".repeat(300)
-                } else {
-                    String::new()
-                };
-                let body =
-                    encode_json(&json!({"job_id": "floor", "index": i, "item": null, "pad": pad}))?;
-                let mut msg = PublishMessage::build().payload(body);
-                if as_fanjet {
-                    msg = msg
-                        .message_id(format!("t:{i}"))
-                        .header("Fanjet-Manager", "manager-1234-0123456789ab");
-                }
-                let ack = js
-                    .send_publish(format!("floor.task.job.{i}"), msg)
-                    .await?
-                    .into_future();
-                acks.push(ack);
-                while acks.len() >= 1024 {
-                    acks.next().await.transpose()?;
-                }
-            }
-            while acks.next().await.transpose()?.is_some() {}
-            anyhow::Ok(())
-        })
-    };
+    let producer = floor.produce(n, ids, as_fanjet);
     let cancel = CancellationToken::new();
     let worker = {
         let (js, cancel) = (js.clone(), cancel.clone());
@@ -496,7 +463,7 @@ async fn floor_stream_run(n: u64, concurrency: usize, as_fanjet: bool) -> Result
                 running.spawn(async move {
                     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
                     let mut event = PublishMessage::build().payload(msg.payload.clone());
-                    if as_fanjet {
+                    if ids {
                         event = event.message_id(format!("e:{seq}"));
                     }
                     if let Ok(ack) = js.send_publish(format!("floor.ev.job.{seq}"), event).await {
@@ -511,26 +478,11 @@ async fn floor_stream_run(n: u64, concurrency: usize, as_fanjet: bool) -> Result
             anyhow::Ok(())
         })
     };
-    let mut seen = 0u64;
-    let mut msgs = count
-        .stream()
-        .max_messages_per_batch(1000)
-        .messages()
-        .await?;
-    while seen < n {
-        let m = tokio::time::timeout(Duration::from_secs(60), msgs.next())
-            .await
-            .context("floor stalled")?
-            .context("floor ended")??;
-        seen += 1;
-        if seen % 500 == 0 || seen == n {
-            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-    }
+    floor.count(n).await?;
     let took = start.elapsed();
     let per = |a: f64, b: f64| (b - a) * 1e6 / n as f64;
     let (server_us, client_us) = (
-        per(cpu0.0, cpu_secs(server.pid())),
+        per(cpu0.0, cpu_secs(server_pid)),
         per(cpu0.1, cpu_secs(own)),
     );
     cancel.cancel();

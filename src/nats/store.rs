@@ -108,12 +108,29 @@ pub async fn delete_chunk(
     step_index: usize,
     chunk: u64,
 ) -> Result<(), StoreError> {
-    let key = chunk_key(job_id, step_index, chunk);
+    purge_pending(
+        nats,
+        author,
+        job_id,
+        &chunk_key(job_id, step_index, chunk),
+        "purge chunk",
+    )
+    .await
+}
+
+/// Purges one key of the pending bucket (with its history).
+async fn purge_pending(
+    nats: &Nats,
+    author: &str,
+    job_id: &str,
+    key: &str,
+    op: &'static str,
+) -> Result<(), StoreError> {
     let purge = [("KV-Operation", "PURGE"), ("Nats-Rollup", "sub")];
     kv_write(
         nats,
         PENDING_BUCKET,
-        &key,
+        key,
         Bytes::new(),
         author,
         None,
@@ -121,7 +138,7 @@ pub async fn delete_chunk(
     )
     .await
     .map(|_| ())
-    .map_err(|e| kv_error(job_id, "purge chunk", &e))
+    .map_err(|e| kv_error(job_id, op, &e))
 }
 
 /// Stores a job's active key ([`active_key`]): its partition's next
@@ -143,19 +160,14 @@ pub async fn list_active(nats: &Nats, author: &str, job_id: &str) -> Result<(), 
 
 /// Deletes a job's active key (it ended).
 pub async fn unlist_active(nats: &Nats, author: &str, job_id: &str) -> Result<(), StoreError> {
-    let purge = [("KV-Operation", "PURGE"), ("Nats-Rollup", "sub")];
-    kv_write(
+    purge_pending(
         nats,
-        PENDING_BUCKET,
-        &active_key(job_id),
-        Bytes::new(),
         author,
-        None,
-        &purge,
+        job_id,
+        &active_key(job_id),
+        "purge active key",
     )
     .await
-    .map(|_| ())
-    .map_err(|e| kv_error(job_id, "purge active key", &e))
 }
 
 /// The job ids of one partition's active keys.
