@@ -364,6 +364,20 @@ impl Floor {
     }
 }
 
+/// A floor worker's no-op subjob: its completion stored (the ack awaited),
+/// then its task acknowledged.
+async fn floor_complete(js: &jetstream::Context, msg: jetstream::Message, ids: bool) {
+    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let mut event = PublishMessage::build().payload(msg.payload.clone());
+    if ids {
+        event = event.message_id(format!("e:{seq}"));
+    }
+    if let Ok(ack) = js.send_publish(format!("floor.ev.job.{seq}"), event).await {
+        let _ = ack.await;
+    }
+    let _ = msg.ack().await;
+}
+
 /// The raw JetStream floor (workers fetch a batch at a time); returns
 /// subjobs/s.
 async fn floor_run(n: u64, concurrency: usize, ids: bool) -> Result<f64> {
@@ -394,18 +408,7 @@ async fn floor_run(n: u64, concurrency: usize, ids: bool) -> Result<f64> {
                     let permit = slots.clone().acquire_owned().await?;
                     let js = js.clone();
                     running.spawn(async move {
-                        let info_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                        let mut event = PublishMessage::build().payload(msg.payload.clone());
-                        if ids {
-                            event = event.message_id(format!("e:{info_seq}"));
-                        }
-                        if let Ok(ack) = js
-                            .send_publish(format!("floor.ev.job.{info_seq}"), event)
-                            .await
-                        {
-                            let _ = ack.await;
-                        }
-                        let _ = msg.ack().await;
+                        floor_complete(&js, msg, ids).await;
                         drop(permit);
                     });
                 }
@@ -461,15 +464,7 @@ async fn floor_stream_run(n: u64, concurrency: usize, as_fanjet: bool) -> Result
                 };
                 let js = js.clone();
                 running.spawn(async move {
-                    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                    let mut event = PublishMessage::build().payload(msg.payload.clone());
-                    if ids {
-                        event = event.message_id(format!("e:{seq}"));
-                    }
-                    if let Ok(ack) = js.send_publish(format!("floor.ev.job.{seq}"), event).await {
-                        let _ = ack.await;
-                    }
-                    let _ = msg.ack().await;
+                    floor_complete(&js, msg, ids).await;
                     drop(permit);
                 });
                 while running.try_join_next().is_some() {}

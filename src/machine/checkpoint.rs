@@ -1,8 +1,9 @@
 //! What storing one job means, in order: its active key (first time),
 //! its record, its pending chunks, and once it ended its active key's
-//! deletion. A job that ended keeps the chunks of its steps with
-//! subjobs that did not complete, for a redrive; the others are deleted. After a crash between the two, the record may be ahead
-//! of the bitmaps, never behind; on load the counts are taken from the
+//! deletion. A job that ended keeps the chunks of its steps with subjobs
+//! that did not complete, for a redrive; the others are deleted. After a
+//! crash between record and chunks, the record may be ahead of the
+//! bitmaps, never behind; on load the counts are taken from the
 //! bits ([`Job::recount`]) and re-applied events count exactly the subjobs
 //! the bits miss. The engine acknowledges events ([`super::Action::Ack`])
 //! only after the checkpoints of every job they changed.
@@ -12,8 +13,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::protocol::{
-    Job, JobState, Source, StepKind, StepState, CHUNK_BITS, MAX_FAILURES_PASSED_ON,
-    MAX_RECORD_BYTES,
+    Job, JobState, Source, StepKind, StepState, MAX_FAILURES_PASSED_ON, MAX_RECORD_BYTES,
 };
 
 /// One write of a checkpoint, in the order they must be made.
@@ -80,7 +80,7 @@ impl Checkpoint {
             if ended && step.completed >= step.total {
                 // Nothing of it can be redriven. From the total: steps
                 // before a restart have no bits loaded.
-                let chunks = step.total.div_ceil(CHUNK_BITS);
+                let chunks = Job::chunks_of(step.total);
                 writes.extend((0..chunks).map(|chunk| Write::DeleteChunk {
                     step_index: i,
                     chunk,

@@ -1208,15 +1208,7 @@ fn start_step(
     step.pending = Pending::new(total);
     step.started_at = Some(now);
     step.source = Some(source);
-    out.push(Action::Publish(Event::StepStarted(StepStarted {
-        job_id: job.job_id.clone(),
-        workflow: job.workflow.clone(),
-        step: def.name.clone(),
-        step_index: i,
-        total,
-        run: job.run,
-        at: now,
-    })));
+    out.push(Action::Publish(step_started_event(job, i, now)));
     if total == 0 {
         finish_step(job, now, out);
     } else {
@@ -1267,6 +1259,20 @@ fn finish_step(job: &mut Job, now: Millis, out: &mut Vec<Action>) {
         run: job.run,
         at: now,
     })));
+}
+
+/// Step `i` of `job` started, in the job's current run.
+fn step_started_event(job: &Job, i: usize, now: Millis) -> Event {
+    let step = &job.steps[i];
+    Event::StepStarted(StepStarted {
+        job_id: job.job_id.clone(),
+        workflow: job.workflow.clone(),
+        step: step.name.clone(),
+        step_index: i,
+        total: step.total,
+        run: job.run,
+        at: now,
+    })
 }
 
 fn step_completed_event(
@@ -1401,15 +1407,7 @@ fn start_run(
         reason,
         at: now,
     })));
-    out.push(Action::Publish(Event::StepStarted(StepStarted {
-        job_id: job.job_id.clone(),
-        workflow: job.workflow.clone(),
-        step: step.name.clone(),
-        step_index: i,
-        total: step.total,
-        run: job.run,
-        at: now,
-    })));
+    out.push(Action::Publish(step_started_event(job, i, now)));
     if subjobs == 0 {
         finish_step(job, now, out);
     } else {

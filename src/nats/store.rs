@@ -502,12 +502,11 @@ async fn scan_partition(nats: &Nats, partition: u32) -> Result<Vec<(Job, u64)>, 
         .into_iter()
         .filter(|id| crate::protocol::partition(id) == partition)
     {
-        if let Some((job, _)) = get(nats, &id).await? {
+        // `load` reads a bitmap only for a running step.
+        if let Some((mut job, rev)) = load(nats, &id).await? {
             if job.state.is_terminal() {
                 continue;
             }
-        }
-        if let Some((mut job, rev)) = load(nats, &id).await? {
             list_active(nats, "reload", &id).await?;
             job.listed = true;
             out.push((job, rev));

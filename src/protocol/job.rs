@@ -253,7 +253,7 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_at: Option<Millis>,
     /// Its run: 0 until it is redriven, then the number of redrives.
-    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
     pub run: u32,
     /// Each redrive, with the figures of the run before it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -273,10 +273,6 @@ pub struct Job {
 }
 
 fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-fn is_zero_u32(n: &u32) -> bool {
     *n == 0
 }
 
