@@ -972,3 +972,50 @@ async fn a_manager_loads_the_running_jobs_by_their_active_keys_and_once_scans_an
     }
     assert!(listed(&env, "ghost").await);
 }
+
+/// A running job the listing of its partition's active keys misses (as a
+/// listing read from a replica behind its leader can) is still driven: the
+/// first event that names it has the manager read its record from the
+/// bucket's leader and hold it, instead of acknowledging its outcomes
+/// unapplied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_missing_from_the_listing_is_held_at_its_first_event() {
+    let mut env = Env::start().await;
+    env.apply(&ONE_FANOUT.replace("MAX", "3")).await;
+    // No worker yet: the job runs until one comes.
+    let m1 = env.spawn(&["manager"]);
+    assert!(
+        env.submit("one", json!({"job_id": "miss-1", "input": [1, 2, 3]}))
+            .await
+            .ok
+    );
+    env.wait_for("miss-1", Duration::from_secs(20), "running", |j| {
+        j.state == JobState::Running && j.steps[0].dispatched == 3
+    })
+    .await;
+    env.kill(m1);
+    // The listing will not have it; the partition counts as scanned.
+    let p = fanjet::protocol::partition("miss-1");
+    env.nats
+        .pending
+        .purge(fanjet::protocol::active_key("miss-1"))
+        .await
+        .unwrap();
+    assert!(env
+        .nats
+        .pending
+        .get(fanjet::protocol::active_scanned_key(p))
+        .await
+        .unwrap()
+        .is_some());
+
+    env.spawn(&["manager"]);
+    env.worker(
+        Worker::new(env.nats.clone()).handler("one", "send", |c: TaskContext| async move {
+            Ok(c.task.item)
+        }),
+    );
+    let job = env.wait_end("miss-1", Duration::from_secs(30)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!((job.steps[0].completed, job.steps[0].failed), (3, 0));
+}

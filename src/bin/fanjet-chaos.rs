@@ -64,6 +64,11 @@ struct Args {
     /// removed first; a folder holding anything else is refused).
     #[arg(long, default_value = "target/chaos")]
     out: PathBuf,
+    /// Inject only these kinds of fault (comma-separated: kill_manager,
+    /// freeze_manager, kill_nats, kill_worker, stop_manager, kill_serve),
+    /// to measure one; all of them by default.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(FAULT_KINDS))]
+    only: Vec<String>,
     #[command(subcommand)]
     role: Option<Role>,
 }
@@ -472,6 +477,7 @@ async fn run(args: &Args) -> Result<i32> {
     let mut figures = Figures::default();
     faults(
         args.seed,
+        &args.only,
         run_for,
         &mut cluster,
         &mut procs,
@@ -758,10 +764,22 @@ async fn submit_one(nats: &Nats, mut job: Planned) -> Planned {
     job
 }
 
-/// The seeded schedule of faults, one at a time, for `run_for`.
+/// Every kind of fault the run injects.
+const FAULT_KINDS: [&str; 6] = [
+    "kill_manager",
+    "freeze_manager",
+    "kill_nats",
+    "kill_worker",
+    "stop_manager",
+    "kill_serve",
+];
+
+/// The seeded schedule of faults, one at a time, for `run_for` (of the
+/// kinds in `only`, when it names any).
 #[allow(clippy::too_many_arguments)]
 async fn faults(
     seed: u64,
+    only: &[String],
     run_for: Duration,
     cluster: &mut NatsCluster,
     procs: &mut Procs,
@@ -775,13 +793,18 @@ async fn faults(
     let start = Instant::now();
     tokio::time::sleep(Duration::from_secs(8)).await;
     while start.elapsed() + Duration::from_secs(10) < run_for {
-        let kind = match rng.random_range(0..12) {
-            0..=2 => "kill_manager",
-            3..=4 => "freeze_manager",
-            5..=6 => "kill_nats",
-            7..=8 => "kill_worker",
-            9 => "stop_manager",
-            _ => "kill_serve",
+        let kind = loop {
+            let kind = match rng.random_range(0..12) {
+                0..=2 => "kill_manager",
+                3..=4 => "freeze_manager",
+                5..=6 => "kill_nats",
+                7..=8 => "kill_worker",
+                9 => "stop_manager",
+                _ => "kill_serve",
+            };
+            if only.is_empty() || only.iter().any(|k| k == kind) {
+                break kind;
+            }
         };
         *figures.faults.entry(kind).or_default() += 1;
         figures.schedule.push((kind, unix_nanos()));

@@ -14,7 +14,7 @@
 //! stored state, duplicates are counted once, and re-published events and
 //! tasks are dropped by the streams' duplicate window.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +57,9 @@ pub(super) struct EventLoop {
     published: Published,
     /// Its reservations under caps.
     reserved: Reserved,
+    /// Jobs an event named that are not held, looked up this session and
+    /// found ended or not stored (late events of ended jobs are common).
+    not_running: HashSet<String>,
 }
 
 impl EventLoop {
@@ -82,6 +85,7 @@ impl EventLoop {
             board,
             published: Published::default(),
             reserved: Reserved::default(),
+            not_running: HashSet::new(),
         }
     }
 
@@ -109,6 +113,7 @@ impl EventLoop {
     /// Loads the partition's running jobs from their checkpoints.
     async fn reload(&mut self) -> Result<(), ManagerError> {
         self.engine = engine(&self.options);
+        self.not_running.clear();
         let p = self.partition;
         let mut revisions = HashMap::new();
         for (job, rev) in store::load_active(&self.nats, p).await? {
@@ -155,7 +160,7 @@ impl EventLoop {
                     if began.elapsed() > Duration::from_secs(30) {
                         backoff = Duration::from_millis(200); // it had recovered
                     }
-                    error!(error = %e, "manager loop failed; reloading state and resuming from the last checkpoint");
+                    error!(partition = self.partition, error = %e, "manager loop failed; reloading state and resuming from the last checkpoint");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
@@ -302,6 +307,37 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Loads a running job an event names that this session does not
+    /// hold: the listing of the partition's active keys, read from a
+    /// replica behind its leader, can miss a job, whose events would
+    /// otherwise be acknowledged unapplied.
+    async fn hold_if_running(&mut self, job_id: &str) -> Result<(), ManagerError> {
+        if self.engine.contains(job_id)
+            || self.not_running.contains(job_id)
+            || !valid_job_id(job_id)
+        {
+            return Ok(());
+        }
+        match store::load(&self.nats, job_id).await? {
+            Some((mut job, revision)) if !job.state.is_terminal() => {
+                warn!(
+                    partition = self.partition,
+                    job_id, "holding a running job its partition's listing missed"
+                );
+                job.listed = true;
+                self.executor.track(job_id.to_string(), revision);
+                self.engine.insert(job);
+            }
+            _ => {
+                if self.not_running.len() >= 100_000 {
+                    self.not_running.clear();
+                }
+                self.not_running.insert(job_id.to_string());
+            }
+        }
+        Ok(())
+    }
+
     fn set_running(&self) {
         if let Some(n) = self.running.get(self.partition as usize) {
             n.store(self.engine.len() as u64, Ordering::Relaxed);
@@ -350,7 +386,7 @@ impl EventLoop {
                         // No record could hold it; the engine ignores it.
                         (false, Definition::Unknown)
                     } else {
-                        let stored = store::get(&self.nats, &req.job_id).await?.is_some();
+                        let stored = store::stored(&self.nats, &req.job_id).await?;
                         let workflow = match stored || self.engine.contains(&req.job_id) {
                             true => Definition::Unknown,
                             false => self.workflow(&req.workflow).await?,
@@ -386,7 +422,10 @@ impl EventLoop {
                         stored,
                     }
                 }
-                event => Input::Event { seq, event },
+                event => {
+                    self.hold_if_running(event.job_id()).await?;
+                    Input::Event { seq, event }
+                }
             };
             actions.extend(self.engine.apply(input, now));
             // A redriven job is held again: its record is updated from the

@@ -9,6 +9,7 @@
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use thiserror::Error;
@@ -254,23 +255,80 @@ fn kv_error(job_id: &str, op: &'static str, e: &dyn std::fmt::Display) -> StoreE
     }
 }
 
+/// How a key is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// A direct get, which any replica answers: available while the
+    /// bucket elects a leader, but a replica that has not caught up (a node
+    /// just back) may answer with an older value, or none.
+    Any,
+    /// From the bucket's leader: the last value written. What resuming a
+    /// job needs; a stale record or bitmap there would count subjobs
+    /// twice, or lose the outcomes acknowledged since.
+    Leader,
+}
+
+/// A key's value and revision (`None`: not there, or deleted).
+async fn read_key(
+    bucket: &kv::Store,
+    key: &str,
+    how: Read,
+) -> Result<Option<(Bytes, u64)>, String> {
+    match how {
+        Read::Any => match bucket.entry(key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(Some((e.value, e.revision))),
+            Ok(_) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        },
+        Read::Leader => {
+            let subject = format!("$KV.{}.{key}", bucket.name);
+            match bucket
+                .stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+            {
+                Ok(m) => {
+                    let deleted = m
+                        .headers
+                        .get("KV-Operation")
+                        .is_some_and(|op| op.as_str() != "PUT");
+                    Ok((!deleted).then_some((m.payload, m.sequence)))
+                }
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    }
+}
+
 /// Reads one job record (without its bitmaps): what `fanjet status` shows.
 pub async fn get(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreError> {
-    let entry = nats.jobs.entry(job_id).await.map_err(|e| StoreError::Kv {
-        job_id: job_id.into(),
-        op: "get",
-        message: e.to_string(),
-    })?;
+    get_with(nats, job_id, Read::Any).await
+}
+
+/// Whether a job's record is stored, as the bucket's leader says.
+pub async fn stored(nats: &Nats, job_id: &str) -> Result<bool, StoreError> {
+    Ok(get_with(nats, job_id, Read::Leader).await?.is_some())
+}
+
+/// One job record, read as `how` says.
+async fn get_with(nats: &Nats, job_id: &str, how: Read) -> Result<Option<(Job, u64)>, StoreError> {
+    let entry = read_key(&nats.jobs, job_id, how)
+        .await
+        .map_err(|message| StoreError::Kv {
+            job_id: job_id.into(),
+            op: "get",
+            message,
+        })?;
     match entry {
-        Some(e) if e.operation == kv::Operation::Put => {
-            let job: Job =
-                serde_json::from_slice(&e.value).map_err(|source| StoreError::Decode {
-                    job_id: job_id.into(),
-                    source,
-                })?;
-            Ok(Some((job, e.revision)))
+        Some((value, revision)) => {
+            let job: Job = serde_json::from_slice(&value).map_err(|source| StoreError::Decode {
+                job_id: job_id.into(),
+                source,
+            })?;
+            Ok(Some((job, revision)))
         }
-        _ => Ok(None),
+        None => Ok(None),
     }
 }
 
@@ -326,9 +384,10 @@ pub async fn put_stats(nats: &Nats, job_id: &str, stats: &JobStats) -> Result<()
         .map_err(|e| kv_error(job_id, "put statistics", &e))
 }
 
-/// Reads a job record with the bitmap of its running step, ready to resume.
+/// Reads a job record with the bitmap of its running step, ready to
+/// resume, from the buckets' leaders.
 pub async fn load(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreError> {
-    let Some((mut job, rev)) = get(nats, job_id).await? else {
+    let Some((mut job, rev)) = get_with(nats, job_id, Read::Leader).await? else {
         return Ok(None);
     };
     let i = job.current;
@@ -354,7 +413,7 @@ pub async fn load_for_redrive(
     job_id: &str,
     step: Option<&str>,
 ) -> Result<Option<(Job, u64)>, StoreError> {
-    let Some((mut job, revision)) = get(nats, job_id).await? else {
+    let Some((mut job, revision)) = get_with(nats, job_id, Read::Leader).await? else {
         return Ok(None);
     };
     let Ok(i) = job.redrive_step(step) else {
@@ -387,11 +446,14 @@ async fn bits(
     let mut whole = true;
     for c in 0..pending.chunk_count() {
         let key = chunk_key(job_id, step_index, c);
-        let bytes = nats.pending.get(&key).await.map_err(|e| StoreError::Kv {
-            job_id: job_id.into(),
-            op: "get chunk",
-            message: e.to_string(),
-        })?;
+        let bytes = read_key(&nats.pending, &key, Read::Leader)
+            .await
+            .map_err(|message| StoreError::Kv {
+                job_id: job_id.into(),
+                op: "get chunk",
+                message,
+            })?
+            .map(|(value, _)| value);
         match bytes {
             Some(b) => {
                 if !pending.load_chunk(c, &b) {
