@@ -22,7 +22,8 @@
 //! It prints one line of figures (faults by kind, re-executions, takeover
 //! times, the longest stall between two outcomes, time from the last fault
 //! to all terminal) and writes them with every violation to
-//! `<out>/result.json`.
+//! `<out>/result.json`; the history of a job with subjobs counted lost goes
+//! to `<out>/events-<job>.json`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write as _;
@@ -621,7 +622,8 @@ fn clear_output(out: &Path) -> Result<()> {
             .unwrap_or_default();
         let from_a_run = name == "logs"
             || name == "result.json"
-            || (name.starts_with("ledger-") && name.ends_with(".txt"));
+            || (name.starts_with("ledger-") && name.ends_with(".txt"))
+            || (name.starts_with("events-") && name.ends_with(".json"));
         if !from_a_run {
             bail!(
                 "{} holds {name}, which no chaos run wrote: choose an empty or new --out folder",
@@ -1003,6 +1005,9 @@ async fn check(
             .any(|e| e.event["type"] == "SubjobsFailed" && e.event["reason"] == "lost")
         {
             violations.push(format!("{}: subjobs lost", j.id));
+            // The job's whole history, to see what became of those subjobs.
+            let file = out.join(format!("events-{}.json", j.id));
+            std::fs::write(&file, serde_json::to_vec_pretty(&events)?)?;
         }
         if job.state == JobState::Completed {
             if let Some(send) = job.steps.get(1) {
