@@ -897,21 +897,27 @@ async fn listed(env: &Env, job_id: &str) -> bool {
         .is_some()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_manager_loads_the_running_jobs_by_their_active_keys_and_once_scans_an_older_store() {
-    let mut env = Env::start().await;
+/// A manager process driving `job_id`, a job of three subjobs all
+/// dispatched and waiting for a worker (none runs yet).
+async fn running_without_a_worker(env: &mut Env, job_id: &str) -> usize {
     env.apply(&ONE_FANOUT.replace("MAX", "3")).await;
-    // No worker yet: the job runs until one comes.
-    let m1 = env.spawn(&["manager"]);
+    let manager = env.spawn(&["manager"]);
     assert!(
-        env.submit("one", json!({"job_id": "act-1", "input": [1, 2, 3]}))
+        env.submit("one", json!({"job_id": job_id, "input": [1, 2, 3]}))
             .await
             .ok
     );
-    env.wait_for("act-1", Duration::from_secs(20), "running", |j| {
-        j.state == JobState::Running
+    env.wait_for(job_id, Duration::from_secs(20), "running", |j| {
+        j.state == JobState::Running && j.steps[0].dispatched == 3
     })
     .await;
+    manager
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_loads_the_running_jobs_by_their_active_keys_and_once_scans_an_older_store() {
+    let mut env = Env::start().await;
+    let m1 = running_without_a_worker(&mut env, "act-1").await;
     assert!(
         listed(&env, "act-1").await,
         "a running job has its active key"
@@ -981,18 +987,7 @@ async fn a_manager_loads_the_running_jobs_by_their_active_keys_and_once_scans_an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_job_missing_from_the_listing_is_held_at_its_first_event() {
     let mut env = Env::start().await;
-    env.apply(&ONE_FANOUT.replace("MAX", "3")).await;
-    // No worker yet: the job runs until one comes.
-    let m1 = env.spawn(&["manager"]);
-    assert!(
-        env.submit("one", json!({"job_id": "miss-1", "input": [1, 2, 3]}))
-            .await
-            .ok
-    );
-    env.wait_for("miss-1", Duration::from_secs(20), "running", |j| {
-        j.state == JobState::Running && j.steps[0].dispatched == 3
-    })
-    .await;
+    let m1 = running_without_a_worker(&mut env, "miss-1").await;
     env.kill(m1);
     // The listing will not have it; the partition counts as scanned.
     let p = fanjet::protocol::partition("miss-1");

@@ -68,7 +68,7 @@ struct Args {
     /// Inject only these kinds of fault (comma-separated: kill_manager,
     /// freeze_manager, kill_nats, kill_worker, stop_manager, kill_serve),
     /// to measure one; all of them by default.
-    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(FAULT_KINDS))]
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(FAULTS.map(|(kind, _)| kind)))]
     only: Vec<String>,
     #[command(subcommand)]
     role: Option<Role>,
@@ -766,15 +766,27 @@ async fn submit_one(nats: &Nats, mut job: Planned) -> Planned {
     job
 }
 
-/// Every kind of fault the run injects.
-const FAULT_KINDS: [&str; 6] = [
-    "kill_manager",
-    "freeze_manager",
-    "kill_nats",
-    "kill_worker",
-    "stop_manager",
-    "kill_serve",
+/// Every kind of fault the run injects, with its weight in the schedule
+/// (out of 12).
+const FAULTS: [(&str, u32); 6] = [
+    ("kill_manager", 3),
+    ("freeze_manager", 2),
+    ("kill_nats", 2),
+    ("kill_worker", 2),
+    ("stop_manager", 1),
+    ("kill_serve", 2),
 ];
+
+/// The kind of fault a draw in `0..12` picks, by the weights of [`FAULTS`].
+fn fault_kind(mut draw: u32) -> &'static str {
+    for (kind, weight) in FAULTS {
+        if draw < weight {
+            return kind;
+        }
+        draw -= weight;
+    }
+    FAULTS[FAULTS.len() - 1].0
+}
 
 /// The seeded schedule of faults, one at a time, for `run_for` (of the
 /// kinds in `only`, when it names any).
@@ -796,14 +808,7 @@ async fn faults(
     tokio::time::sleep(Duration::from_secs(8)).await;
     while start.elapsed() + Duration::from_secs(10) < run_for {
         let kind = loop {
-            let kind = match rng.random_range(0..12) {
-                0..=2 => "kill_manager",
-                3..=4 => "freeze_manager",
-                5..=6 => "kill_nats",
-                7..=8 => "kill_worker",
-                9 => "stop_manager",
-                _ => "kill_serve",
-            };
+            let kind = fault_kind(rng.random_range(0..12));
             if only.is_empty() || only.iter().any(|k| k == kind) {
                 break kind;
             }
@@ -1098,4 +1103,32 @@ fn longest_gap(times: &[i128], from: i128, to: i128) -> u64 {
         last = Some(t);
     }
     (gap / 1_000_000) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_weights_pick_the_kinds_the_seeded_schedules_always_had() {
+        let drawn: Vec<&str> = (0..12).map(fault_kind).collect();
+        assert_eq!(
+            drawn,
+            [
+                "kill_manager",
+                "kill_manager",
+                "kill_manager",
+                "freeze_manager",
+                "freeze_manager",
+                "kill_nats",
+                "kill_nats",
+                "kill_worker",
+                "kill_worker",
+                "stop_manager",
+                "kill_serve",
+                "kill_serve",
+            ]
+        );
+        assert_eq!(FAULTS.iter().map(|(_, w)| w).sum::<u32>(), 12);
+    }
 }
