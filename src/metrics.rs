@@ -39,6 +39,7 @@ pub const EVENTS_OBSERVED: &str = "fanjet_events_observed_total";
 pub const MANAGER_IGNORED: &str = "fanjet_manager_events_ignored_total";
 pub const LOG_HOLES: &str = "fanjet_log_deliveries_missed_total";
 pub const MANAGER_FENCED: &str = "fanjet_manager_partitions_paused_total";
+pub const MANAGER_RECOVERED: &str = "fanjet_manager_outcomes_read_back_total";
 pub const SLOTS_NEEDED: &str = "fanjet_step_slots_needed";
 pub const SECONDS_LEFT: &str = "fanjet_step_predicted_seconds_left";
 
@@ -78,6 +79,7 @@ pub struct Metrics {
     pub manager_ignored: IntCounterVec,
     pub log_holes: IntCounterVec,
     pub manager_fenced: IntCounter,
+    pub manager_recovered_outcomes: IntCounter,
     pub slots_needed: IntGaugeVec,
     pub predicted_seconds_left: IntGaugeVec,
 }
@@ -158,6 +160,16 @@ impl Metrics {
                 .unwrap_or_else(|e| panic!("metric {MANAGER_FENCED}: {e}"));
                 r.register(Box::new(c.clone()))
                     .unwrap_or_else(|e| panic!("metric {MANAGER_FENCED}: {e}"));
+                c
+            },
+            manager_recovered_outcomes: {
+                let c = IntCounter::new(
+                    MANAGER_RECOVERED,
+                    "Subjob outcomes the manager applied only when it read a stalled job's outcomes back from the log, before counting its subjobs as lost: its partition's reader had gone past them. Should stay 0; each one is logged with its sequence. Exported by the process that runs the manager.",
+                )
+                .unwrap_or_else(|e| panic!("metric {MANAGER_RECOVERED}: {e}"));
+                r.register(Box::new(c.clone()))
+                    .unwrap_or_else(|e| panic!("metric {MANAGER_RECOVERED}: {e}"));
                 c
             },
             slots_needed: gauge(

@@ -405,6 +405,149 @@ async fn a_busy_neighbour_does_not_hide_a_jobs_lost_tasks() {
     );
 }
 
+/// Takes every delivery of `consumer` waiting on the event log and
+/// acknowledges them unread, as a reader that went past a delivery without
+/// noticing it would; returns how many it took.
+async fn acknowledge_unread(env: &Env, consumer: &str) -> usize {
+    use futures::StreamExt;
+    let client = async_nats::connect(env.url()).await.expect("connect");
+    let stream = env
+        .nats
+        .js
+        .get_stream(fanjet::protocol::EVENTS_STREAM)
+        .await
+        .expect("stream");
+    stream
+        .unpin_consumer(consumer, "reader")
+        .await
+        .expect("unpin");
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.expect("subscribe");
+    let request = json!({"batch": 1000, "expires": 2_000_000_000u64, "group": "reader"});
+    client
+        .publish_with_reply(
+            format!(
+                "$JS.API.CONSUMER.MSG.NEXT.{}.{consumer}",
+                fanjet::protocol::EVENTS_STREAM
+            ),
+            inbox,
+            serde_json::to_vec(&request).expect("json").into(),
+        )
+        .await
+        .expect("pull request");
+    let mut last = None;
+    let mut taken = 0;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(2500), sub.next()).await {
+        if m.reply.is_some() {
+            taken += 1;
+            last = m.reply;
+        }
+    }
+    // Acknowledge-all: the last one covers every one before it.
+    if let Some(reply) = last {
+        client
+            .request(reply, "+ACK".into())
+            .await
+            .expect("acknowledged");
+    }
+    stream
+        .unpin_consumer(consumer, "reader")
+        .await
+        .expect("unpin");
+    taken
+}
+
+/// A subjob whose outcome is in the log never counts as lost, even when
+/// the partition's reader went past it unapplied (a delivery lost without
+/// a gap in its numbering): before the lost-task check fails a job's
+/// subjobs, it reads the job's outcomes back from the log. One that truly
+/// has none still fails. Two shapes: a later outcome of the job was applied
+/// (it used to fail the one passed over as lost), and none was (the job
+/// used to wait forever for an outcome "on its way").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_the_reader_went_past_is_read_back_before_subjobs_count_as_lost() {
+    use fanjet::protocol::{manager_consumer, partition, Event, SubjobCompleted};
+    let env = Env::start().await;
+    env.apply(&ONE_FANOUT.replace("MAX", "3")).await;
+    let options = fanjet::manager::ManagerOptions {
+        stall_after: Duration::from_secs(1),
+        tick: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let first = CancellationToken::new();
+    let manager = tokio::spawn(fanjet::manager::run(
+        env.nats.clone(),
+        options.clone(),
+        first.clone(),
+    ));
+    let jobs = ["past-1", "past-2"];
+    for id in jobs {
+        assert!(
+            env.submit("one", json!({"job_id": id, "input": [1, 2, 3]}))
+                .await
+                .ok
+        );
+        env.wait_for(id, Duration::from_secs(10), "tasks dispatched", |j| {
+            j.steps[0].dispatched == 3
+        })
+        .await;
+    }
+    first.cancel();
+    manager.await.unwrap().unwrap();
+    // A worker ran subjobs 0 and 1 of each job and reported them; the
+    // tasks of subjob 2 were dropped unrun.
+    let outcome = |job_id: &str, index| {
+        Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
+            job_id: job_id.into(),
+            step_index: 0,
+            index,
+            attempt: 1,
+            result: json!(index),
+            duration_ms: 1,
+            token: env.token(job_id, 0, index),
+        })
+    };
+    for id in jobs {
+        env.nats
+            .tasks
+            .purge()
+            .filter(fanjet::protocol::job_tasks_filter(id))
+            .await
+            .unwrap();
+    }
+    publish(&env, outcome("past-1", 0)).await;
+    publish(&env, outcome("past-2", 0)).await;
+    publish(&env, outcome("past-2", 1)).await;
+    // Those went by the manager's readers unread; past-1's subjob 1 is
+    // read as it should be.
+    for id in jobs {
+        let taken = acknowledge_unread(&env, &manager_consumer(partition(id))).await;
+        assert!(taken >= 1, "{id}'s outcomes were not waiting");
+    }
+    publish(&env, outcome("past-1", 1)).await;
+
+    let second = CancellationToken::new();
+    let _stop = second.clone().drop_guard();
+    tokio::spawn(fanjet::manager::run(env.nats.clone(), options, second));
+    for id in jobs {
+        let job = env.wait_end(id, Duration::from_secs(30)).await;
+        assert_eq!(
+            (job.steps[0].completed, job.steps[0].failed),
+            (2, 1),
+            "{id}: {:?}",
+            job.steps[0].failures
+        );
+        assert_eq!(job.state, JobState::Completed, "{id}: {:?}", job.error);
+    }
+    assert!(
+        fanjet::metrics::Metrics::get()
+            .manager_recovered_outcomes
+            .get()
+            >= 3
+    );
+}
+
 /// Takes up to `n` deliveries of `consumer` on the event log and drops them,
 /// as a connection that died mid-delivery would; returns how many it took.
 /// The readers' consumers deliver to one pinned client: this takes the pin

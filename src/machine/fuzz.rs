@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::json;
 
-use super::{Definition, Engine, Input, ShareView, StepView};
+use super::{Definition, Engine, Input, ShareView, StepView, Unqueued};
 use crate::protocol::{
     CancelRequested, Event, JobDemand, JobRequested, JobState, SubjobCompleted, SubjobFailed,
     Tenant, Tolerance, UpdateRequested, Workflow,
@@ -148,7 +148,10 @@ fn random_event_streams_never_panic_the_engine() {
                         reason: "r".into(),
                     },
                     6 => Input::NoTasks {
-                        jobs: vec![(job_id, index)],
+                        jobs: vec![Unqueued {
+                            job_id,
+                            read_back: flag,
+                        }],
                     },
                     7 => Input::Save,
                     8 => Input::Shares(random_view(index, attempt, flag)),

@@ -29,7 +29,10 @@
 //! - lost subjobs: in-flight subjobs of a job whose tasks are all gone from
 //!   the work queue fail, but only at the second look in a row with no
 //!   progress in between ([`Input::NoTasks`]), since a cluster changing
-//!   leaders can show an empty queue for a moment;
+//!   leaders can show an empty queue for a moment, and only once the
+//!   step's outcomes in the log were read back and any one not applied
+//!   was ([`Engine::read_back`]): an outcome that is in the log never
+//!   counts as lost;
 //! - the manager's own decisions to fail subjobs (lost, step deadline) are
 //!   logged as a `SubjobsFailed` before they count, so any reader of the log
 //!   sees every failure the job record counts; it applies them at once (a
@@ -96,16 +99,16 @@ pub enum Input {
     /// the job fails with `reason` instead of blocking the manager.
     Abort { job_id: String, reason: String },
     /// The lost-task check: of the jobs [`Engine::stalled`] named, these
-    /// have no task left in the work queue, each with the log sequence of
-    /// its last outcome event, read after the queue (0: none). Outcomes are
-    /// logged before their task leaves the queue, so a job that has applied
-    /// up to that sequence has every outcome it will ever get. Such a job,
-    /// named at two checks in a row with no progress in between, has
-    /// in-flight subjobs that can never finish (their tasks were purged, or
-    /// a failure report was lost): they fail. Each job is judged on its own
-    /// events, so a busy neighbour hides nothing. An empty list clears the
+    /// have no task left in the work queue. Outcomes are logged before
+    /// their task leaves the queue, so a job that has every outcome in the
+    /// log up to its last one applied has every outcome it will ever get.
+    /// Such a job, named at two checks in a row with no progress in between
+    /// and read back at the second ([`Unqueued::read_back`]), has in-flight
+    /// subjobs that can never finish (their tasks were purged, or a failure
+    /// report was lost): they fail. Each job is judged on its own events,
+    /// so a busy neighbour hides nothing. An empty list clears the
     /// suspicions.
-    NoTasks { jobs: Vec<(String, u64)> },
+    NoTasks { jobs: Vec<Unqueued> },
     /// Checkpoint every job changed since the last save, then acknowledge
     /// the events applied so far.
     Save,
@@ -139,6 +142,26 @@ pub enum Action {
     /// Acknowledge every event applied so far; every checkpoint before it
     /// must be stored first.
     Ack,
+}
+
+/// A job the lost-task check found without a task in the work queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unqueued {
+    pub job_id: String,
+    /// Whether its running step's outcomes in the log, up to its last
+    /// outcome event (read after the queue), were read back just before
+    /// and every one not yet applied was ([`Engine::read_back`],
+    /// [`Engine::unapplied`]). Its subjobs are failed as lost only then:
+    /// the partition's reader may be behind, or have gone past an outcome
+    /// without applying it.
+    pub read_back: bool,
+}
+
+/// Where to read back a job's outcomes before its subjobs count as lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadBack {
+    /// No outcome of its running step lies before this log sequence.
+    pub from: u64,
 }
 
 /// Subjobs to enqueue.
@@ -256,6 +279,44 @@ impl Engine {
             .filter(|j| in_flight(j) > 0 && now.saturating_sub(j.updated_at) >= quiet)
             .map(|j| j.job_id.clone())
             .collect()
+    }
+
+    /// Whether the lost-task check, naming `job_id`, would fail its
+    /// in-flight subjobs now: it was named at the check before and made no
+    /// progress since. Then its running step's outcomes are to be read back
+    /// from the log first (applying those its reader is behind on, or went
+    /// past), from the sequence returned.
+    pub fn read_back(&self, job_id: &str) -> Option<ReadBack> {
+        let job = self.jobs.get(job_id)?;
+        if self.suspects.get(job_id) != Some(&job.updated_at) {
+            return None;
+        }
+        let step = job.steps.get(job.current)?;
+        let from = match step.source {
+            Some(Source::Event { seq, .. }) => seq,
+            _ => job.requested_seq,
+        };
+        Some(ReadBack { from })
+    }
+
+    /// Whether `event`, read back from the log, is an outcome of a held
+    /// job's running step (and run) that it has not applied.
+    pub fn unapplied(&self, event: &Event) -> bool {
+        let (job_id, step_index, index, run) = match event {
+            Event::SubjobCompleted(e) => (&e.job_id, e.step_index, e.index, e.run),
+            Event::SubjobFailed(e) => (&e.job_id, e.step_index, e.index, e.run),
+            _ => return false,
+        };
+        let Some(job) = self.jobs.get(job_id) else {
+            return false;
+        };
+        let running = job.state == JobState::Running && job.current == step_index;
+        match job.steps.get(step_index) {
+            Some(s) if running && run == job.run && s.state == StepState::Running => {
+                index < s.dispatched && index < s.pending.len() && !s.pending.is_done(index)
+            }
+            _ => false,
+        }
     }
 
     fn unload(&mut self, job_id: &str) {
@@ -714,17 +775,19 @@ impl Engine {
     }
 
     /// Two strikes: a job fails its in-flight subjobs only when it had no
-    /// tasks at the previous check too, and made no progress since.
-    fn no_tasks(&mut self, jobs: Vec<(String, u64)>, now: Millis, out: &mut Vec<Action>) {
+    /// tasks at the previous check too, made no progress since, and its
+    /// outcomes in the log were read back (else it stays suspected).
+    fn no_tasks(&mut self, jobs: Vec<Unqueued>, now: Millis, out: &mut Vec<Action>) {
         let mut suspects = HashMap::new();
-        for (id, last_outcome) in jobs {
+        for Unqueued {
+            job_id: id,
+            read_back,
+        } in jobs
+        {
             let Some(job) = self.jobs.get_mut(&id) else {
                 continue;
             };
-            if last_outcome > job.applied_seq {
-                continue; // an outcome is still on its way to this loop
-            }
-            if self.suspects.get(&id) == Some(&job.updated_at) {
+            if self.suspects.get(&id) == Some(&job.updated_at) && read_back {
                 if lost(job, now, out) {
                     self.dirty.insert(id);
                 }

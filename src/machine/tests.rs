@@ -264,7 +264,7 @@ fn lost_subjobs_fail_and_the_window_goes_on() {
     assert_eq!(e.stalled(21 + 999, 1000), Vec::<String>::new());
     assert_eq!(e.stalled(21 + 1000, 1000), ["j"]);
     let gone = || Input::NoTasks {
-        jobs: vec![("j".into(), 0)],
+        jobs: vec![unqueued("j")],
     };
     // Two strikes: the first look fails nothing.
     assert!(e.apply(gone(), 22).is_empty());
@@ -301,16 +301,17 @@ fn lost_subjobs_fail_and_the_window_goes_on() {
     );
     e.apply(Input::NoTasks { jobs: vec![] }, 27);
     assert!(e.apply(gone(), 28).is_empty(), "tasks were seen in between");
-    let applied = e.job("j").unwrap().applied_seq;
-    let on_its_way = Input::NoTasks {
-        jobs: vec![("j".into(), applied + 1)],
+    let unread = Input::NoTasks {
+        jobs: vec![Unqueued {
+            job_id: "j".into(),
+            read_back: false,
+        }],
     };
-    assert!(e.apply(on_its_way.clone(), 28).is_empty());
     assert!(
-        e.apply(on_its_way, 28).is_empty(),
-        "an outcome not yet applied: never lost"
+        e.apply(unread.clone(), 28).is_empty(),
+        "outcomes not read back: never lost"
     );
-    assert!(e.apply(gone(), 28).is_empty(), "a first look again");
+    assert!(e.apply(unread, 28).is_empty());
     let a = e.apply(gone(), 29);
     assert_eq!(
         kinds(&a),
@@ -323,6 +324,84 @@ fn lost_subjobs_fail_and_the_window_goes_on() {
     );
     let step = &e.job("j").unwrap().steps[1];
     assert_eq!((step.completed, step.failed), (2, 2));
+}
+
+/// A job the lost-task check names, its outcomes read back.
+fn unqueued(job_id: &str) -> Unqueued {
+    Unqueued {
+        job_id: job_id.into(),
+        read_back: true,
+    }
+}
+
+#[test]
+fn subjobs_count_as_lost_only_once_their_outcomes_were_read_back() {
+    let mut e = Engine::new();
+    request(
+        &mut e,
+        workflow("max_in_flight = 2\ntolerate_failures = \"100%\""),
+    );
+    e.apply(done(0, 0, 1, json!([1, 2, 3, 4])), 20);
+    let applied = e.job("j").unwrap().applied_seq;
+    let look = |read_back| Input::NoTasks {
+        jobs: vec![Unqueued {
+            job_id: "j".into(),
+            read_back,
+        }],
+    };
+    assert_eq!(e.read_back("j"), None, "not suspected yet");
+    assert!(e.apply(look(false), 21).is_empty());
+    let from = e.read_back("j").expect("a second look reads back");
+    assert_eq!(
+        from.from,
+        e.job("j").unwrap().steps[0].output_seq.unwrap(),
+        "from the step's items"
+    );
+    assert_eq!(e.read_back("other"), None);
+    // A look whose read back failed decides nothing, and the job stays
+    // suspected.
+    assert!(e.apply(look(false), 22).is_empty());
+    assert!(e.read_back("j").is_some());
+
+    // The reader went past subjob 1's outcome: read back, it is unapplied
+    // and counts; the job is no longer a suspect.
+    let outcome = |index, run, step_index| {
+        Event::SubjobCompleted(SubjobCompleted {
+            run,
+            job_id: "j".into(),
+            step_index,
+            index,
+            attempt: 1,
+            result: json!(null),
+            duration_ms: 1,
+            token: String::new(),
+        })
+    };
+    assert!(e.unapplied(&outcome(1, 0, 1)));
+    assert!(!e.unapplied(&outcome(1, 1, 1)), "another run");
+    assert!(
+        !e.unapplied(&outcome(0, 0, 0)),
+        "a step that is not running"
+    );
+    assert!(!e.unapplied(&outcome(2, 0, 1)), "not dispatched");
+    e.apply(
+        Input::Event {
+            seq: applied - 1,
+            event: outcome(1, 0, 1),
+        },
+        23,
+    );
+    assert!(!e.unapplied(&outcome(1, 0, 1)), "applied now");
+    assert_eq!(e.job("j").unwrap().steps[1].completed, 1);
+    assert!(e.apply(look(true), 24).is_empty(), "progress: a first look");
+    let a = e.apply(look(true), 25);
+    assert_eq!(kinds(&a), ["subjobs_failed", "dispatch 1:2..4"]);
+    let step = &e.job("j").unwrap().steps[1];
+    assert_eq!(
+        (step.completed, step.failed),
+        (1, 1),
+        "only subjob 0 is lost"
+    );
 }
 
 #[test]
@@ -1551,11 +1630,10 @@ fn a_paused_job_keeps_its_deadline_and_loses_nothing_it_did_not_dispatch() {
     e.apply(done(1, 0, 1, json!(null)), 22);
     e.apply(done(1, 1, 1, json!(null)), 22);
     assert_eq!(in_flight(e.job("j").unwrap()), 0);
-    let applied = e.job("j").unwrap().applied_seq;
     for now in [30, 40] {
         let a = e.apply(
             Input::NoTasks {
-                jobs: vec![("j".into(), applied)],
+                jobs: vec![unqueued("j")],
             },
             now,
         );

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use super::shares::{Board, Published, Reserved};
 use super::{Executor, ManagerError, ManagerOptions, Writer};
-use crate::machine::{valid_job_id, Action, Definition, Engine, Input};
+use crate::machine::{valid_job_id, Action, Definition, Engine, Input, Unqueued};
 use crate::metrics::Metrics;
 use crate::nats::leases::Fence;
 use crate::nats::log::{self, stream_seq, Batch, LogError, Reader};
@@ -36,6 +36,9 @@ use crate::protocol::{
     event_subject, job_tasks_filter, manager_consumer, now_ms, partition_kind_filter, Event,
     EventKind, TaskKey, Workflow,
 };
+
+/// Events read per page when a stalled job's outcomes are read back.
+const READ_BACK_PAGE: usize = 2000;
 
 pub(super) struct EventLoop {
     /// The partition of the log this loop reads.
@@ -235,13 +238,14 @@ impl EventLoop {
 
     /// The lost-task check: looks at jobs whose in-flight subjobs made no
     /// progress for `stall_after` and tells the engine which of them have
-    /// no task left in the work queue, with the log sequence of each one's
-    /// last outcome (it fails them at the second look, once it has applied
-    /// up to there).
+    /// no task left in the work queue (it fails them at the second look in
+    /// a row, once their outcomes in the log up to the last one were read
+    /// back and applied).
     ///
     /// Outcomes are reported before their task is acknowledged, so once the
     /// queue holds no task of a job, every outcome of it is in the log: the
-    /// queue is read first and the job's last outcome second.
+    /// queue is read first and the job's last outcome second, and the read
+    /// back goes at least as far.
     async fn find_lost(&mut self) -> Result<(), ManagerError> {
         let quiet = self.options.stall_after.as_millis() as u64;
         let stalled = self.engine.stalled(now_ms(), quiet);
@@ -250,20 +254,84 @@ impl EventLoop {
             self.save().await?;
             for job_id in stalled {
                 if queued_tasks(&self.nats, &job_id).await? == 0 {
-                    let mut last = 0;
+                    let mut last_outcome = 0;
                     for kind in [EventKind::SubjobCompleted, EventKind::SubjobFailed] {
                         let subject = event_subject(&job_id, kind.token());
-                        last = last.max(log::last_seq(&self.nats, &subject).await?);
+                        last_outcome = last_outcome.max(log::last_seq(&self.nats, &subject).await?);
                     }
-                    gone.push((job_id, last));
+                    let read_back = match self.engine.read_back(&job_id) {
+                        Some(at) => self.read_back(&job_id, at.from, last_outcome).await?,
+                        None => false,
+                    };
+                    gone.push(Unqueued { job_id, read_back });
                 }
             }
         }
         if !gone.is_empty() {
-            let ids: Vec<&str> = gone.iter().map(|(id, _)| id.as_str()).collect();
-            warn!(jobs = ?ids, "in-flight subjobs without a task in the work queue (they fail at the second look in a row)");
+            let ids: Vec<&str> = gone.iter().map(|u| u.job_id.as_str()).collect();
+            warn!(partition = self.partition, jobs = ?ids, "in-flight subjobs without a task in the work queue (they fail at the second look in a row)");
         }
         self.feed(Input::NoTasks { jobs: gone }).await
+    }
+
+    /// Reads a job's events from `from` back from the log and applies
+    /// every outcome of its running step that it has not applied: one the
+    /// partition's reader is behind on, or went past (a delivery lost
+    /// without a gap in its numbering), must not count as lost. True when
+    /// the read reached
+    /// `last_outcome`; a read that fails or falls short (a replica behind)
+    /// decides nothing, and the job stays suspected.
+    async fn read_back(
+        &mut self,
+        job_id: &str,
+        from: u64,
+        last_outcome: u64,
+    ) -> Result<bool, ManagerError> {
+        let mut from = from;
+        let mut reached = last_outcome == 0;
+        let mut recovered = Vec::new();
+        while !reached {
+            let page = match log::history(&self.nats, job_id, from, READ_BACK_PAGE).await {
+                Ok(page) => page,
+                Err(e) => {
+                    warn!(partition = self.partition, job_id, error = %e, "could not read a job's outcomes back; it stays suspected");
+                    return Ok(false);
+                }
+            };
+            let Some(last) = page.last().map(|l| l.seq) else {
+                break;
+            };
+            for logged in page {
+                reached |= logged.seq >= last_outcome;
+                let Ok(event) = serde_json::from_value::<Event>(logged.event) else {
+                    continue;
+                };
+                if event.is_stored_on(&logged.subject)
+                    && self.key.admits(&event)
+                    && self.engine.unapplied(&event)
+                {
+                    recovered.push(logged.seq);
+                    self.feed(Input::Event {
+                        seq: logged.seq,
+                        event,
+                    })
+                    .await?;
+                }
+            }
+            from = last + 1;
+        }
+        if !recovered.is_empty() {
+            Metrics::get()
+                .manager_recovered_outcomes
+                .inc_by(recovered.len() as u64);
+            warn!(
+                partition = self.partition,
+                job_id,
+                seqs = ?recovered,
+                "applied outcomes read back from the log that the partition's reader had not (it is behind, or went past them); no subjob counts as lost while its outcome is in the log"
+            );
+        }
+        Ok(reached)
     }
 
     /// The fair share: tells the engine what the others want and the
