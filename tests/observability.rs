@@ -567,3 +567,138 @@ async fn a_token_guards_the_api_and_metrics_can_have_their_own_listener() {
         "{refused:?}"
     );
 }
+
+/// A TCP relay between a client and the nats-server that can swallow
+/// what the client sends (as a connection to a node being killed does:
+/// the client's writes succeed, the node never reads them) and then cut
+/// every connection.
+struct Relay {
+    url: String,
+    swallow: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<tokio::sync::Notify>,
+}
+
+impl Relay {
+    async fn start(upstream: &str) -> Relay {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream.trim_start_matches("nats://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("nats://{}", listener.local_addr().unwrap());
+        let swallow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let (sw, ct) = (swallow.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw_) = server.into_split();
+                let (swallow, cut) = (sw.clone(), ct.clone());
+                tokio::spawn(async move {
+                    let up = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = cr.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            if !swallow.load(Ordering::SeqCst) {
+                                sw_.write_all(&buf[..n]).await?;
+                            }
+                        }
+                    };
+                    let down = tokio::io::copy(&mut sr, &mut cw);
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                        _ = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        Relay { url, swallow, cut }
+    }
+}
+
+/// The subject of the next message on `sub` within `within` seconds.
+async fn next_subject(sub: &mut async_nats::Subscriber, within: u64) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(within), sub.next())
+        .await
+        .ok()
+        .flatten()
+        .map(|m| m.subject.to_string())
+}
+
+/// A notification is not lost with the notifier's connection: one sent
+/// into a connection whose node never read it (and the acknowledgement
+/// after it) is announced again once the connection is back, because the
+/// notifier acknowledges with the server's confirmation; without it, the
+/// event came back only after its five-minute ack wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_sent_into_a_dying_connection_is_announced_again() {
+    use fanjet::protocol::{encode_json, Event, StepStarted};
+    use std::sync::atomic::Ordering;
+    let env = Env::start().await;
+    let relay = Relay::start(&env.url()).await;
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(relay.url.as_str())
+        .await
+        .expect("connect through the relay");
+    let notifier_nats = fanjet::nats::Nats::bind(client).await.expect("bind");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let _stop = cancel.clone().drop_guard();
+    tokio::spawn(fanjet::observe::notify::run(
+        notifier_nats,
+        Webhooks::default(),
+        cancel,
+    ));
+    let mut sub = env
+        .nats
+        .client
+        .subscribe("fanjet.notify.relay.>")
+        .await
+        .unwrap();
+    let started = |job: &str| {
+        Event::StepStarted(StepStarted {
+            job_id: job.into(),
+            workflow: "relay".into(),
+            step: "s".into(),
+            step_index: 0,
+            total: 1,
+            run: 0,
+            at: 1,
+        })
+    };
+    let log = |event: Event| {
+        let js = env.nats.js.clone();
+        async move {
+            js.publish(event.subject(), encode_json(&event).unwrap())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    log(started("rl-1")).await;
+    assert_eq!(
+        next_subject(&mut sub, 10).await.as_deref(),
+        Some("fanjet.notify.relay.rl-1.step_started")
+    );
+
+    // The node stops reading the notifier's connection: the next event is
+    // delivered to it, and what it sends back goes nowhere; then the
+    // connection drops and comes back.
+    relay.swallow.store(true, Ordering::SeqCst);
+    log(started("rl-2")).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    relay.swallow.store(false, Ordering::SeqCst);
+    relay.cut.notify_waiters();
+    assert_eq!(
+        next_subject(&mut sub, 30).await.as_deref(),
+        Some("fanjet.notify.relay.rl-2.step_started"),
+        "the notification was lost with the connection"
+    );
+}

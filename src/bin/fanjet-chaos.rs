@@ -915,6 +915,33 @@ async fn takeover(nats: &Nats, victim: &str, within: Duration) -> Option<Duratio
     None
 }
 
+/// How long the statistics may take to count what the job records count
+/// once every job has ended.
+const STATS_CATCH_UP: Duration = Duration::from_secs(60);
+
+/// Why a job's statistics differ from its record, if they do.
+async fn statistics_differ(nats: &Nats, job: &fanjet::protocol::Job) -> Result<Option<String>> {
+    let stats = fanjet::nats::store::stats(nats, &job.job_id).await?;
+    let agree = stats.as_ref().is_some_and(|s| {
+        job.steps.iter().enumerate().all(|(i, st)| {
+            s.steps.get(i).map_or(st.started_at.is_none(), |ss| {
+                (ss.completed, ss.failed) == (st.completed, st.failed)
+            })
+        })
+    });
+    if agree {
+        return Ok(None);
+    }
+    let counted: Option<Vec<(u64, u64)>> =
+        stats.map(|s| s.steps.iter().map(|s| (s.completed, s.failed)).collect());
+    let recorded: Vec<(u64, u64)> = job.steps.iter().map(|s| (s.completed, s.failed)).collect();
+    Ok(Some(format!(
+        "{}: statistics {counted:?} differ from the record {recorded:?} (after {} s)",
+        job.job_id,
+        STATS_CATCH_UP.as_secs()
+    )))
+}
+
 struct Report {
     ledger_lines: u64,
     distinct: u64,
@@ -956,6 +983,7 @@ async fn check(
     let mut violations = Vec::new();
     let mut hung = 0;
     let notes = notes.lock().expect("lock").clone();
+    let mut behind = Vec::new();
     for j in jobs {
         let Some(job) = records.get(&j.id) else {
             if !j.unanswered {
@@ -1031,24 +1059,28 @@ async fn check(
                 }
             }
         }
-        // Statistics == record.
-        let stats = fanjet::nats::store::stats(nats, &j.id).await?;
-        let agree = stats.as_ref().is_some_and(|s| {
-            job.steps.iter().enumerate().all(|(i, st)| {
-                s.steps.get(i).map_or(st.started_at.is_none(), |ss| {
-                    (ss.completed, ss.failed) == (st.completed, st.failed)
-                })
-            })
-        });
-        if !agree {
-            let counted: Option<Vec<(u64, u64)>> =
-                stats.map(|s| s.steps.iter().map(|s| (s.completed, s.failed)).collect());
-            let recorded: Vec<(u64, u64)> =
-                job.steps.iter().map(|s| (s.completed, s.failed)).collect();
-            violations.push(format!(
-                "{}: statistics {counted:?} differ from the record {recorded:?}",
-                j.id
-            ));
+        // Statistics == record (checked again below while they catch up).
+        if statistics_differ(nats, job).await?.is_some() {
+            behind.push(job);
+        }
+    }
+    // The statistics consumer is a reader of its own: it may still be
+    // catching up (a restart after the last fault) when the last job ends.
+    let catch_up = Instant::now();
+    while !behind.is_empty() {
+        let mut still = Vec::new();
+        for job in behind {
+            if let Some(differ) = statistics_differ(nats, job).await? {
+                if catch_up.elapsed() >= STATS_CATCH_UP {
+                    violations.push(differ);
+                } else {
+                    still.push(job);
+                }
+            }
+        }
+        behind = still;
+        if !behind.is_empty() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
     Ok(Report {

@@ -90,9 +90,17 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let mut pause = Duration::from_millis(200);
+    const FIRST_PAUSE: Duration = Duration::from_millis(200);
+    let mut pause = FIRST_PAUSE;
     loop {
-        match part().await {
+        let started = tokio::time::Instant::now();
+        let result = part().await;
+        // A part that ran a while before failing starts again soon: only
+        // failures in a row lengthen the pause.
+        if started.elapsed() >= Duration::from_secs(30) {
+            pause = FIRST_PAUSE;
+        }
+        match result {
             Ok(()) if cancel.is_cancelled() => return,
             Ok(()) => error!(part = name, "stopped on its own; starting it again"),
             Err(e) => error!(part = name, error = %e, "failed; starting it again"),

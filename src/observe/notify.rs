@@ -4,7 +4,9 @@
 //! them as JSON to webhooks with retries and backoff.
 //!
 //! Each event is acknowledged only after it was announced and every webhook
-//! took it or gave up, so a restarted notifier resumes where it stopped.
+//! took it or gave up, so a restarted notifier resumes where it stopped;
+//! the acknowledgement is confirmed by the server, which confirms the
+//! announcement sent before it ([`acknowledge`]).
 //! Every notification carries the event's message id in the
 //! `Fanjet-Notification-Id` header for receivers to drop the rare duplicate
 //! (a notifier that dies between sending and acknowledging).
@@ -129,7 +131,7 @@ pub async fn run(
         headers.insert(NOTIFICATION_ID_HEADER, id.as_str());
         if let Err(e) = nats
             .client
-            .publish_with_headers(subject, headers, msg.payload.clone())
+            .publish_with_headers(subject.clone(), headers.clone(), msg.payload.clone())
             .await
         {
             warn!(error = %e, "could not publish a notification; it will be retried");
@@ -139,13 +141,17 @@ pub async fn run(
             break;
         };
         let (http, hooks, body) = (http.clone(), hooks.clone(), msg.payload.clone());
+        let client = nats.client.clone();
         deliveries.spawn(async move {
             for url in &hooks.urls {
                 post(&http, url, &id, body.clone(), &hooks).await;
             }
-            if let Err(e) = msg.ack().await {
-                warn!(error = %e, "acking a notified event");
-            }
+            let announcement = Announcement {
+                subject,
+                headers,
+                body,
+            };
+            acknowledge(&client, &msg, &announcement).await;
             drop(permit);
         });
     }
@@ -156,6 +162,58 @@ pub async fn run(
     .await;
     deliveries.shutdown().await;
     Ok(())
+}
+
+/// A notification as it went out, to send again.
+struct Announcement {
+    subject: String,
+    headers: async_nats::HeaderMap,
+    body: bytes::Bytes,
+}
+
+/// Confirmed acknowledgements tried before leaving the event to its ack
+/// wait (the next one after a 0.2 s pause, then twice as long each time).
+const ACK_TRIES: u32 = 5;
+
+/// Acknowledges a notified event and waits for the server to confirm it,
+/// announcing it again each time that fails. A publish only hands the
+/// notification to the connection: if the connection drops (its node
+/// killed) before sending, the notification and the acknowledgement after
+/// it are lost together, and the event would come back only after its ack
+/// wait (minutes). The server handles one connection's messages in order,
+/// so a confirmed acknowledgement means the announcement before it reached
+/// the server too. Receivers drop repeats by `Fanjet-Notification-Id`.
+async fn acknowledge(
+    client: &async_nats::Client,
+    msg: &async_nats::jetstream::Message,
+    announcement: &Announcement,
+) {
+    let mut pause = Duration::from_millis(200);
+    for attempt in 1..=ACK_TRIES {
+        match msg.double_ack().await {
+            Ok(()) => return,
+            Err(e) if attempt == ACK_TRIES => {
+                warn!(error = %e, "acking a notified event; it will be notified again after its ack wait");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "acking a notified event failed; announcing it again");
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+        let Announcement {
+            subject,
+            headers,
+            body,
+        } = announcement;
+        if let Err(e) = client
+            .publish_with_headers(subject.clone(), headers.clone(), body.clone())
+            .await
+        {
+            warn!(error = %e, "could not publish a notification again");
+        }
+    }
 }
 
 /// POSTs one notification, retrying with doubling delays.

@@ -252,15 +252,17 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
     let Some(key) = nats.task_key.clone() else {
         return Err(StatsError::Nats("the task token key was not read".into()));
     };
-    let mut reader = Reader::open(
-        &nats,
-        STATS_CONSUMER,
-        vec![EVENTS_WILDCARD.into()],
-        2000,
-        "statistics",
-        None,
-    )
-    .await?;
+    let open = || {
+        Reader::open(
+            &nats,
+            STATS_CONSUMER,
+            vec![EVENTS_WILDCARD.into()],
+            2000,
+            "statistics",
+            None,
+        )
+    };
+    let mut reader = open().await?;
     let metrics = Metrics::get();
     let mut jobs: HashMap<String, JobStats> = HashMap::new();
     let mut dirty: Vec<String> = Vec::new();
@@ -305,9 +307,11 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
                 }
                 if let Some(hole) = hole {
                     // Applying past the hole would mark the missing event
-                    // as seen; save, and start again from the ack floor.
+                    // as seen; save, and read again from the ack floor
+                    // (at once: a hole is no failure of this consumer).
                     save(&nats, &mut jobs, &mut dirty, &mut unacked).await?;
-                    return Err(LogError::Read(hole.to_string()).into());
+                    debug!(%hole, "statistics: reading again from the last acknowledged event");
+                    reader = open().await?;
                 }
             }
         }
