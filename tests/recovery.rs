@@ -792,6 +792,78 @@ async fn publish(env: &Env, event: fanjet::protocol::Event) {
 /// outcomes of one subjob and a repeat of another), and the manager's own
 /// decisions (a step deadline; lost tasks) are `SubjobsFailed` events in
 /// the log.
+/// Statistics the consumer cannot read back for a job that ended (a
+/// replica that has none answered, or the record was lost) are seeded
+/// from the job's record, figures and outcome included: a late outcome of
+/// the ended job then counts nothing, as the manager counts it. Before,
+/// the seed was blank and counted the late outcome as a running step's,
+/// and the statistics never matched the record again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_seeded_for_an_ended_job_count_no_late_outcome() {
+    use fanjet::protocol::{Event, SubjobCompleted};
+    let mut env = Env::start().await;
+    env.apply(&ONE_FANOUT.replace("MAX", "3")).await;
+    env.manager();
+    env.serve(Default::default()).await;
+    env.worker(
+        Worker::new(env.nats.clone()).handler("one", "send", |c: TaskContext| async move {
+            Ok(c.task.item)
+        }),
+    );
+    assert!(
+        env.submit("one", json!({"job_id": "late-1", "input": [1, 2, 3]}))
+            .await
+            .ok
+    );
+    let job = env.wait_end("late-1", Duration::from_secs(30)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let stats_of = || async {
+        fanjet::nats::store::stats(&env.nats, "late-1")
+            .await
+            .expect("read statistics")
+    };
+    let start = Instant::now();
+    while stats_of().await.is_none_or(|s| s.outcome.is_none()) {
+        assert!(start.elapsed() < Duration::from_secs(20), "no statistics");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The record goes, then a late outcome (a second attempt of subjob 0,
+    // reported after the job ended) makes the consumer start one afresh.
+    env.nats.stats.purge("late-1").await.unwrap();
+    publish(
+        &env,
+        Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
+            job_id: "late-1".into(),
+            step_index: 0,
+            index: 0,
+            attempt: 2,
+            result: json!(0),
+            duration_ms: 1,
+            token: env.token("late-1", 0, 0),
+        }),
+    )
+    .await;
+    let start = Instant::now();
+    let stats = loop {
+        if let Some(s) = stats_of().await {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never written again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stats.outcome.as_deref(), Some("completed"));
+    let counted: Vec<(u64, u64)> = stats
+        .steps
+        .iter()
+        .map(|s| (s.completed, s.failed))
+        .collect();
+    assert_eq!(counted, [(3, 0)], "the late outcome counted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statistics_count_what_the_job_record_counts() {
     use fanjet::protocol::{Event, SubjobCompleted, SubjobFailed};

@@ -371,6 +371,21 @@ pub async fn stats(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StoreE
     Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
+/// Reads a job's statistics record from the bucket's leader, for its one
+/// writer to go on from: a replica behind its leader (a node just back)
+/// can answer with an older record or none, and the consumer would count
+/// again what it counted, or count late outcomes of an ended job.
+pub async fn stats_to_update(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StoreError> {
+    let entry = read_key(&nats.stats, job_id, Read::Leader)
+        .await
+        .map_err(|message| StoreError::Kv {
+            job_id: job_id.into(),
+            op: "get statistics",
+            message,
+        })?;
+    Ok(entry.and_then(|(b, _)| serde_json::from_slice(&b).ok()))
+}
+
 /// Writes a job's statistics record (the statistics consumer is its one writer).
 pub async fn put_stats(nats: &Nats, job_id: &str, stats: &JobStats) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec(stats).map_err(|source| StoreError::Decode {

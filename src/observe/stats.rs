@@ -11,7 +11,10 @@
 //! cancellation was asked for. A step's
 //! end (`StepCompleted`, with the manager's counts) settles its figures, so
 //! they equal the job record even when a restart of this consumer lost a
-//! running step's bitmap.
+//! running step's bitmap. A record is read back from the bucket's leader
+//! before it is updated (a replica behind it could answer with none), and
+//! a job with no record gets one seeded from its job record, with the
+//! figures and outcome of a job that ended.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -262,7 +265,7 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
             None,
         )
     };
-    let mut reader = open().await?;
+    let mut reader = Some(open().await?);
     let metrics = Metrics::get();
     let mut jobs: HashMap<String, JobStats> = HashMap::new();
     let mut dirty: Vec<String> = Vec::new();
@@ -270,13 +273,19 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
     let mut saver = tokio::time::interval(Duration::from_millis(500));
     info!("statistics consumer running");
     loop {
+        // After a hole: the reader before is gone (its pull with it) before
+        // the next one opens.
+        let reading = match reader.as_mut() {
+            Some(r) => r,
+            None => reader.insert(open().await?),
+        };
         tokio::select! {
             _ = cancel.cancelled() => {
                 save(&nats, &mut jobs, &mut dirty, &mut unacked).await?;
                 return Ok(());
             }
             _ = saver.tick() => save(&nats, &mut jobs, &mut dirty, &mut unacked).await?,
-            batch = reader.next_batch() => {
+            batch = reading.next_batch() => {
                 let Batch { mut messages, hole } = batch?;
                 for msg in &messages {
                     let Ok(event) = serde_json::from_slice::<Event>(&msg.payload) else {
@@ -290,7 +299,7 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
                     }
                     let id = event.job_id().to_string();
                     if !jobs.contains_key(&id) {
-                        let loaded = match store::stats(&nats, &id).await? {
+                        let loaded = match store::stats_to_update(&nats, &id).await? {
                             Some(s) => s,
                             None => seed(&nats, &id).await,
                         };
@@ -311,14 +320,17 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
                     // (at once: a hole is no failure of this consumer).
                     save(&nats, &mut jobs, &mut dirty, &mut unacked).await?;
                     debug!(%hole, "statistics: reading again from the last acknowledged event");
-                    reader = open().await?;
+                    reader = None;
                 }
             }
         }
     }
 }
 
-/// A fresh record; names from the job's status when the consumer joined late.
+/// A fresh record, for a job this consumer has no record of (it joined
+/// late, or the record could not be read): names from the job's record
+/// and, if the job has ended, its figures and outcome, so that late
+/// outcomes of an ended job count nothing, as the manager counts them.
 async fn seed(nats: &Nats, job_id: &str) -> JobStats {
     let mut s = JobStats {
         job_id: job_id.to_string(),
@@ -327,6 +339,8 @@ async fn seed(nats: &Nats, job_id: &str) -> JobStats {
     if let Ok(Some((job, _))) = store::get(nats, job_id).await {
         s.workflow = job.workflow.clone();
         s.requested_at = Some(job.created_at);
+        s.run = job.run;
+        let ended = job.state.is_terminal();
         s.steps = job
             .steps
             .iter()
@@ -335,6 +349,15 @@ async fn seed(nats: &Nats, job_id: &str) -> JobStats {
                 ..Default::default()
             })
             .collect();
+        if ended {
+            for (stats, st) in s.steps.iter_mut().zip(&job.steps) {
+                (stats.started_at, stats.finished_at) = (st.started_at, st.finished_at);
+                (stats.total, stats.completed, stats.failed, stats.retries) =
+                    (st.total, st.completed, st.failed, st.retries);
+            }
+            s.outcome = Some(job.state.as_str().to_string());
+            s.finished_at = job.finished_at;
+        }
     }
     s
 }
