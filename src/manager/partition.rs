@@ -324,10 +324,29 @@ impl EventLoop {
             Metrics::get()
                 .manager_recovered_outcomes
                 .inc_by(recovered.len() as u64);
+            // Where the partition's consumer stands tells the two apart:
+            // an ack floor past them means its reader went past them.
+            let consumer = self
+                .nats
+                .events
+                .clone()
+                .consumer_info(manager_consumer(self.partition))
+                .await
+                .map(|i| {
+                    format!(
+                        "ack floor {}, delivered {}, pending {}, unacknowledged {}",
+                        i.ack_floor.stream_sequence,
+                        i.delivered.stream_sequence,
+                        i.num_pending,
+                        i.num_ack_pending
+                    )
+                })
+                .unwrap_or_else(|e| format!("unknown ({e})"));
             warn!(
                 partition = self.partition,
                 job_id,
                 seqs = ?recovered,
+                consumer,
                 "applied outcomes read back from the log that the partition's reader had not (it is behind, or went past them); no subjob counts as lost while its outcome is in the log"
             );
         }
