@@ -405,58 +405,6 @@ async fn a_busy_neighbour_does_not_hide_a_jobs_lost_tasks() {
     );
 }
 
-/// Takes every delivery of `consumer` waiting on the event log and
-/// acknowledges them unread, as a reader that went past a delivery without
-/// noticing it would; returns how many it took.
-async fn acknowledge_unread(env: &Env, consumer: &str) -> usize {
-    use futures::StreamExt;
-    let client = async_nats::connect(env.url()).await.expect("connect");
-    let stream = env
-        .nats
-        .js
-        .get_stream(fanjet::protocol::EVENTS_STREAM)
-        .await
-        .expect("stream");
-    stream
-        .unpin_consumer(consumer, "reader")
-        .await
-        .expect("unpin");
-    let inbox = client.new_inbox();
-    let mut sub = client.subscribe(inbox.clone()).await.expect("subscribe");
-    let request = json!({"batch": 1000, "expires": 2_000_000_000u64, "group": "reader"});
-    client
-        .publish_with_reply(
-            format!(
-                "$JS.API.CONSUMER.MSG.NEXT.{}.{consumer}",
-                fanjet::protocol::EVENTS_STREAM
-            ),
-            inbox,
-            serde_json::to_vec(&request).expect("json").into(),
-        )
-        .await
-        .expect("pull request");
-    let mut last = None;
-    let mut taken = 0;
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(2500), sub.next()).await {
-        if m.reply.is_some() {
-            taken += 1;
-            last = m.reply;
-        }
-    }
-    // Acknowledge-all: the last one covers every one before it.
-    if let Some(reply) = last {
-        client
-            .request(reply, "+ACK".into())
-            .await
-            .expect("acknowledged");
-    }
-    stream
-        .unpin_consumer(consumer, "reader")
-        .await
-        .expect("unpin");
-    taken
-}
-
 /// A subjob whose outcome is in the log never counts as lost, even when
 /// the partition's reader went past it unapplied (a delivery lost without
 /// a gap in its numbering): before the lost-task check fails a job's
@@ -522,7 +470,8 @@ async fn an_outcome_the_reader_went_past_is_read_back_before_subjobs_count_as_lo
     // Those went by the manager's readers unread; past-1's subjob 1 is
     // read as it should be.
     for id in jobs {
-        let taken = acknowledge_unread(&env, &manager_consumer(partition(id))).await;
+        let taken =
+            take_deliveries(&env, &manager_consumer(partition(id)), 1000, Taken::AckAll).await;
         assert!(taken >= 1, "{id}'s outcomes were not waiting");
     }
     publish(&env, outcome("past-1", 1)).await;
@@ -548,11 +497,20 @@ async fn an_outcome_the_reader_went_past_is_read_back_before_subjobs_count_as_lo
     );
 }
 
-/// Takes up to `n` deliveries of `consumer` on the event log and drops them,
-/// as a connection that died mid-delivery would; returns how many it took.
-/// The readers' consumers deliver to one pinned client: this takes the pin
-/// for one pull, then lets it go.
-async fn steal_deliveries(env: &Env, consumer: &str, n: usize) -> usize {
+/// What becomes of deliveries taken away from a log reader.
+#[derive(Clone, Copy, PartialEq)]
+enum Taken {
+    /// Dropped, as a connection that died mid-delivery would.
+    Dropped,
+    /// Acknowledged unread (acknowledge-all on the last), as a reader that
+    /// went past them without noticing would.
+    AckAll,
+}
+
+/// Takes up to `n` deliveries of `consumer` on the event log away from its
+/// reader; returns how many it took. The readers' consumers deliver to one
+/// pinned client: this takes the pin for one pull, then lets it go.
+async fn take_deliveries(env: &Env, consumer: &str, n: usize, then: Taken) -> usize {
     use futures::StreamExt;
     let client = async_nats::connect(env.url()).await.expect("connect");
     let stream = env
@@ -580,14 +538,22 @@ async fn steal_deliveries(env: &Env, consumer: &str, n: usize) -> usize {
         .await
         .expect("pull request");
     let mut taken = 0;
+    let mut last = None;
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(2500), sub.next()).await {
         // Status messages (timeouts) carry no reply subject; deliveries do.
         if m.reply.is_some() {
             taken += 1;
+            last = m.reply;
         }
         if taken == n {
             break;
         }
+    }
+    if let (Taken::AckAll, Some(reply)) = (then, last) {
+        client
+            .request(reply, "+ACK".into())
+            .await
+            .expect("acknowledged");
     }
     stream
         .unpin_consumer(consumer, "reader")
@@ -631,15 +597,17 @@ async fn events_lost_on_the_way_to_the_manager_or_statistics_are_read_again() {
             break;
         }
         if stolen.0 == 0 {
-            stolen.0 += steal_deliveries(
+            stolen.0 += take_deliveries(
                 &env,
                 &fanjet::protocol::manager_consumer(fanjet::protocol::partition("g1")),
                 5,
+                Taken::Dropped,
             )
             .await;
         }
         if stolen.1 == 0 {
-            stolen.1 += steal_deliveries(&env, fanjet::protocol::STATS_CONSUMER, 5).await;
+            stolen.1 +=
+                take_deliveries(&env, fanjet::protocol::STATS_CONSUMER, 5, Taken::Dropped).await;
         }
     }
     assert!(
