@@ -313,6 +313,35 @@ async fn subjobs_whose_tasks_vanished_fail_instead_of_hanging() {
     );
 }
 
+/// Runs a manager in this process until each of `jobs` (of workflow
+/// "one", three subjobs, no worker) has its tasks dispatched, then stops it
+/// gracefully.
+async fn dispatched_then_stopped(
+    env: &Env,
+    options: &fanjet::manager::ManagerOptions,
+    jobs: &[&str],
+) {
+    let stop = CancellationToken::new();
+    let manager = tokio::spawn(fanjet::manager::run(
+        env.nats.clone(),
+        options.clone(),
+        stop.clone(),
+    ));
+    for id in jobs {
+        assert!(
+            env.submit("one", json!({"job_id": id, "input": [1, 2, 3]}))
+                .await
+                .ok
+        );
+        env.wait_for(id, Duration::from_secs(10), "tasks dispatched", |j| {
+            j.steps[0].dispatched == 3
+        })
+        .await;
+    }
+    stop.cancel();
+    manager.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_neighbour_does_not_hide_a_jobs_lost_tasks() {
     use fanjet::protocol::{manager_consumer, partition, Event, SubjobCompleted};
@@ -324,31 +353,13 @@ async fn a_busy_neighbour_does_not_hide_a_jobs_lost_tasks() {
         tick: Duration::from_millis(200),
         ..Default::default()
     };
-    let first = CancellationToken::new();
-    let manager = tokio::spawn(fanjet::manager::run(
-        env.nats.clone(),
-        options.clone(),
-        first.clone(),
-    ));
     // Two jobs on one partition, no worker: their tasks wait in the queue.
     let p = partition("lost-2");
     let busy = (0..)
         .map(|n| format!("busy-{n}"))
         .find(|id| partition(id) == p)
         .unwrap();
-    for id in ["lost-2", busy.as_str()] {
-        assert!(
-            env.submit("one", json!({"job_id": id, "input": [1, 2, 3]}))
-                .await
-                .ok
-        );
-        env.wait_for(id, Duration::from_secs(10), "tasks dispatched", |j| {
-            j.steps[0].dispatched == 3
-        })
-        .await;
-    }
-    first.cancel();
-    manager.await.unwrap().unwrap();
+    dispatched_then_stopped(&env, &options, &["lost-2", busy.as_str()]).await;
     // While no manager runs, an operator drops one job's tasks and the
     // other piles up a backlog of events, as a million-subjob job does.
     env.nats
@@ -422,26 +433,8 @@ async fn an_outcome_the_reader_went_past_is_read_back_before_subjobs_count_as_lo
         tick: Duration::from_millis(200),
         ..Default::default()
     };
-    let first = CancellationToken::new();
-    let manager = tokio::spawn(fanjet::manager::run(
-        env.nats.clone(),
-        options.clone(),
-        first.clone(),
-    ));
     let jobs = ["past-1", "past-2"];
-    for id in jobs {
-        assert!(
-            env.submit("one", json!({"job_id": id, "input": [1, 2, 3]}))
-                .await
-                .ok
-        );
-        env.wait_for(id, Duration::from_secs(10), "tasks dispatched", |j| {
-            j.steps[0].dispatched == 3
-        })
-        .await;
-    }
-    first.cancel();
-    manager.await.unwrap().unwrap();
+    dispatched_then_stopped(&env, &options, &jobs).await;
     // A worker ran subjobs 0 and 1 of each job and reported them; the
     // tasks of subjob 2 were dropped unrun.
     let outcome = |job_id: &str, index| {
