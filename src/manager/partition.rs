@@ -134,8 +134,10 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Runs sessions until cancelled. A session ends at an error; the next
-    /// one starts from the checkpoints. One that ended because the lease was
+    /// Runs sessions until cancelled. A session ends at an error (other
+    /// than a hole or a failed pull of its reader, after which it stores
+    /// what it applied and reads on with a new reader); the next one starts
+    /// from the checkpoints. One that ended because the lease was
     /// not certainly held wrote nothing after that, dropped its state
     /// unsaved, and the next one waits until the lease is held again.
     pub(super) async fn run(mut self, cancel: CancellationToken) -> Result<(), ManagerError> {
@@ -182,7 +184,7 @@ impl EventLoop {
         // Opening the reader resets the shared consumer and takes its pin:
         // only a holder may (checked before each of those).
         let mut reader =
-            Self::reader(&self.nats, self.partition, self.options.batch, &self.fence).await?;
+            Some(Self::reader(&self.nats, self.partition, self.options.batch, &self.fence).await?);
         // The fair share's view first: a paced engine dispatches no fanout
         // before it.
         self.share().await?;
@@ -196,6 +198,17 @@ impl EventLoop {
         let mut unsaved = 0usize;
         debug!(partition = self.partition, "partition loop running");
         loop {
+            // After a hole or a failed pull, what was applied is stored and
+            // a new reader goes on from there (the one before is gone
+            // first): the jobs in memory are what a reload would give, so
+            // the session goes on without one.
+            let reading = match reader.as_mut() {
+                Some(r) => r,
+                None => reader.insert(
+                    Self::reader(&self.nats, self.partition, self.options.batch, &self.fence)
+                        .await?,
+                ),
+            };
             tokio::select! {
                 _ = cancel.cancelled() => {
                     // Graceful: store what was applied so a restart replays nothing.
@@ -214,18 +227,30 @@ impl EventLoop {
                     self.save().await?;
                     unsaved = 0;
                 }
-                batch = reader.next_batch() => {
-                    let Batch { mut messages, hole } = batch?;
+                batch = reading.next_batch() => {
+                    let Batch { mut messages, hole } = match batch {
+                        Ok(batch) => batch,
+                        Err(e) => {
+                            warn!(partition = self.partition, error = %e, "reading the event log failed; reading again from the last event applied");
+                            self.save().await?;
+                            unsaved = 0;
+                            reader = None;
+                            continue;
+                        }
+                    };
                     unsaved += messages.len();
                     self.apply(&messages).await?;
                     if let Some(last) = messages.pop() {
                         self.executor.applied(last);
                     }
                     if let Some(hole) = hole {
-                        // Starting again from the ack floor delivers the
+                        // Reading again from the ack floor delivers the
                         // missing event.
+                        debug!(partition = self.partition, %hole, "reading again from the last event applied");
                         self.save().await?;
-                        return Err(LogError::Read(hole.to_string()).into());
+                        unsaved = 0;
+                        reader = None;
+                        continue;
                     }
                     if unsaved >= self.options.batch {
                         self.save().await?;
