@@ -92,6 +92,13 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
     c
 }
 
+fn plain_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
@@ -152,26 +159,16 @@ impl Metrics {
                 "Deliveries of the event log that never reached a reader (manager or statistics), each followed by that reader starting again from its last acknowledged event. Seen when a connection drops or a cluster changes leaders.",
                 &["reader"],
             ),
-            manager_fenced: {
-                let c = IntCounter::new(
-                    MANAGER_FENCED,
-                    "Partition loops of this manager that stopped writing because their lease was not certainly held (lease renewals failing, a frozen process, another manager taking over); each dropped its state unsaved and loaded it again once the lease was held. Exported by the process that runs the manager.",
-                )
-                .unwrap_or_else(|e| panic!("metric {MANAGER_FENCED}: {e}"));
-                r.register(Box::new(c.clone()))
-                    .unwrap_or_else(|e| panic!("metric {MANAGER_FENCED}: {e}"));
-                c
-            },
-            manager_recovered_outcomes: {
-                let c = IntCounter::new(
-                    MANAGER_RECOVERED,
-                    "Subjob outcomes the manager applied only when it read a stalled job's outcomes back from the log, before counting its subjobs as lost: its partition's reader had gone past them. Should stay 0; each one is logged with its sequence. Exported by the process that runs the manager.",
-                )
-                .unwrap_or_else(|e| panic!("metric {MANAGER_RECOVERED}: {e}"));
-                r.register(Box::new(c.clone()))
-                    .unwrap_or_else(|e| panic!("metric {MANAGER_RECOVERED}: {e}"));
-                c
-            },
+            manager_fenced: plain_counter(
+                &r,
+                MANAGER_FENCED,
+                "Partition loops of this manager that stopped writing because their lease was not certainly held (lease renewals failing, a frozen process, another manager taking over); each dropped its state unsaved and loaded it again once the lease was held. Exported by the process that runs the manager.",
+            ),
+            manager_recovered_outcomes: plain_counter(
+                &r,
+                MANAGER_RECOVERED,
+                "Subjob outcomes the manager applied only when it read a stalled job's outcomes back from the log, before counting its subjobs as lost: its partition's reader had not applied them (behind, or gone past them). Should stay 0; each one is logged with its sequence. Exported by the process that runs the manager.",
+            ),
             slots_needed: gauge(
                 &r,
                 SLOTS_NEEDED,

@@ -28,6 +28,15 @@ async fn wait_file(path: &Path, within: Duration) {
     }
 }
 
+/// A worker for workflow "one" whose subjobs return their item.
+fn echo_worker(env: &Env) -> Worker {
+    Worker::new(env.nats.clone()).handler(
+        "one",
+        "send",
+        |c: TaskContext| async move { Ok(c.task.item) },
+    )
+}
+
 /// A `fanjet worker` process whose one slot touches `mark` and then hangs.
 fn hanging_worker(env: &mut Env, mark: &Path) -> usize {
     let hang = format!("touch {}; sleep 30", mark.display());
@@ -766,11 +775,7 @@ async fn statistics_seeded_for_an_ended_job_count_no_late_outcome() {
     env.apply(&ONE_FANOUT.replace("MAX", "3")).await;
     env.manager();
     env.serve(Default::default()).await;
-    env.worker(
-        Worker::new(env.nats.clone()).handler("one", "send", |c: TaskContext| async move {
-            Ok(c.task.item)
-        }),
-    );
+    env.worker(echo_worker(&env));
     assert!(
         env.submit("one", json!({"job_id": "late-1", "input": [1, 2, 3]}))
             .await
@@ -1127,11 +1132,7 @@ async fn a_manager_loads_the_running_jobs_by_their_active_keys_and_once_scans_an
         .unwrap();
 
     env.spawn(&["manager"]);
-    env.worker(
-        Worker::new(env.nats.clone()).handler("one", "send", |c: TaskContext| async move {
-            Ok(c.task.item)
-        }),
-    );
+    env.worker(echo_worker(&env));
     let job = env.wait_end("act-1", Duration::from_secs(30)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!(job.steps[0].completed, 3);
@@ -1181,11 +1182,7 @@ async fn a_running_job_missing_from_the_listing_is_held_at_its_first_event() {
         .is_some());
 
     env.spawn(&["manager"]);
-    env.worker(
-        Worker::new(env.nats.clone()).handler("one", "send", |c: TaskContext| async move {
-            Ok(c.task.item)
-        }),
-    );
+    env.worker(echo_worker(&env));
     let job = env.wait_end("miss-1", Duration::from_secs(30)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!((job.steps[0].completed, job.steps[0].failed), (3, 0));

@@ -157,13 +157,6 @@ pub struct Unqueued {
     pub read_back: bool,
 }
 
-/// Where to read back a job's outcomes before its subjobs count as lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReadBack {
-    /// No outcome of its running step lies before this log sequence.
-    pub from: u64,
-}
-
 /// Subjobs to enqueue.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dispatch {
@@ -285,18 +278,18 @@ impl Engine {
     /// in-flight subjobs now: it was named at the check before and made no
     /// progress since. Then its running step's outcomes are to be read back
     /// from the log first (applying those its reader is behind on, or went
-    /// past), from the sequence returned.
-    pub fn read_back(&self, job_id: &str) -> Option<ReadBack> {
+    /// past), from the log sequence returned: none of them lies before it
+    /// (its input's event).
+    pub fn read_back(&self, job_id: &str) -> Option<u64> {
         let job = self.jobs.get(job_id)?;
         if self.suspects.get(job_id) != Some(&job.updated_at) {
             return None;
         }
         let step = job.steps.get(job.current)?;
-        let from = match step.source {
-            Some(Source::Event { seq, .. }) => seq,
-            _ => job.requested_seq,
-        };
-        Some(ReadBack { from })
+        match step.source {
+            Some(Source::Event { seq, .. }) => Some(seq),
+            _ => Some(job.requested_seq),
+        }
     }
 
     /// Whether `event`, read back from the log, is an outcome of a held

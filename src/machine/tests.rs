@@ -353,7 +353,7 @@ fn subjobs_count_as_lost_only_once_their_outcomes_were_read_back() {
     assert!(e.apply(look(false), 21).is_empty());
     let from = e.read_back("j").expect("a second look reads back");
     assert_eq!(
-        from.from,
+        from,
         e.job("j").unwrap().steps[0].output_seq.unwrap(),
         "from the step's items"
     );

@@ -201,7 +201,7 @@ impl EventLoop {
             // After a hole or a failed pull, what was applied is stored and
             // a new reader goes on from there (the one before is gone
             // first): the jobs in memory are what a reload would give, so
-            // the session goes on without one.
+            // the session goes on without reloading them.
             let reading = match reader.as_mut() {
                 Some(r) => r,
                 None => reader.insert(
@@ -285,7 +285,7 @@ impl EventLoop {
                         last_outcome = last_outcome.max(log::last_seq(&self.nats, &subject).await?);
                     }
                     let read_back = match self.engine.read_back(&job_id) {
-                        Some(at) => self.read_back(&job_id, at.from, last_outcome).await?,
+                        Some(from) => self.read_back(&job_id, from, last_outcome).await?,
                         None => false,
                     };
                     gone.push(Unqueued { job_id, read_back });
@@ -303,9 +303,8 @@ impl EventLoop {
     /// every outcome of its running step that it has not applied: one the
     /// partition's reader is behind on, or went past (a delivery lost
     /// without a gap in its numbering), must not count as lost. True when
-    /// the read reached
-    /// `last_outcome`; a read that fails or falls short (a replica behind)
-    /// decides nothing, and the job stays suspected.
+    /// the read reached `last_outcome`; a read that fails or falls short (a
+    /// replica behind) decides nothing, and the job stays suspected.
     async fn read_back(
         &mut self,
         job_id: &str,

@@ -268,8 +268,25 @@ enum Read {
     Leader,
 }
 
-/// A key's value and revision (`None`: not there, or deleted).
+/// A key's value and revision (`None`: not there, or deleted); an error
+/// names the job and the operation (`op`) it was read for.
 async fn read_key(
+    bucket: &kv::Store,
+    key: &str,
+    how: Read,
+    job_id: &str,
+    op: &'static str,
+) -> Result<Option<(Bytes, u64)>, StoreError> {
+    read_raw(bucket, key, how)
+        .await
+        .map_err(|message| StoreError::Kv {
+            job_id: job_id.into(),
+            op,
+            message,
+        })
+}
+
+async fn read_raw(
     bucket: &kv::Store,
     key: &str,
     how: Read,
@@ -308,19 +325,19 @@ pub async fn get(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreE
 
 /// Whether a job's record is stored, as the bucket's leader says.
 pub async fn stored(nats: &Nats, job_id: &str) -> Result<bool, StoreError> {
-    Ok(get_with(nats, job_id, Read::Leader).await?.is_some())
+    Ok(latest(nats, job_id).await?.is_some())
+}
+
+/// One job record (without its bitmaps) as the bucket's leader has it:
+/// for a writer that goes on from it, where a replica behind could answer
+/// with an older record or none.
+pub async fn latest(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreError> {
+    get_with(nats, job_id, Read::Leader).await
 }
 
 /// One job record, read as `how` says.
 async fn get_with(nats: &Nats, job_id: &str, how: Read) -> Result<Option<(Job, u64)>, StoreError> {
-    let entry = read_key(&nats.jobs, job_id, how)
-        .await
-        .map_err(|message| StoreError::Kv {
-            job_id: job_id.into(),
-            op: "get",
-            message,
-        })?;
-    match entry {
+    match read_key(&nats.jobs, job_id, how, job_id, "get").await? {
         Some((value, revision)) => {
             let job: Job = serde_json::from_slice(&value).map_err(|source| StoreError::Decode {
                 job_id: job_id.into(),
@@ -376,13 +393,7 @@ pub async fn stats(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StoreE
 /// can answer with an older record or none, and the consumer would count
 /// again what it counted, or count late outcomes of an ended job.
 pub async fn stats_to_update(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StoreError> {
-    let entry = read_key(&nats.stats, job_id, Read::Leader)
-        .await
-        .map_err(|message| StoreError::Kv {
-            job_id: job_id.into(),
-            op: "get statistics",
-            message,
-        })?;
+    let entry = read_key(&nats.stats, job_id, Read::Leader, job_id, "get statistics").await?;
     Ok(entry.and_then(|(b, _)| serde_json::from_slice(&b).ok()))
 }
 
@@ -461,13 +472,8 @@ async fn bits(
     let mut whole = true;
     for c in 0..pending.chunk_count() {
         let key = chunk_key(job_id, step_index, c);
-        let bytes = read_key(&nats.pending, &key, Read::Leader)
-            .await
-            .map_err(|message| StoreError::Kv {
-                job_id: job_id.into(),
-                op: "get chunk",
-                message,
-            })?
+        let bytes = read_key(&nats.pending, &key, Read::Leader, job_id, "get chunk")
+            .await?
             .map(|(value, _)| value);
         match bytes {
             Some(b) => {

@@ -129,28 +129,24 @@ pub async fn run(
         let subject = notify_subject(workflow_of(&event), event.job_id(), event.kind().token());
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(NOTIFICATION_ID_HEADER, id.as_str());
-        if let Err(e) = nats
-            .client
-            .publish_with_headers(subject.clone(), headers.clone(), msg.payload.clone())
-            .await
-        {
+        let announcement = Announcement {
+            subject,
+            headers,
+            body: msg.payload.clone(),
+        };
+        if let Err(e) = announcement.send(&nats.client).await {
             warn!(error = %e, "could not publish a notification; it will be retried");
             continue;
         }
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
-        let (http, hooks, body) = (http.clone(), hooks.clone(), msg.payload.clone());
+        let (http, hooks) = (http.clone(), hooks.clone());
         let client = nats.client.clone();
         deliveries.spawn(async move {
             for url in &hooks.urls {
-                post(&http, url, &id, body.clone(), &hooks).await;
+                post(&http, url, &id, announcement.body.clone(), &hooks).await;
             }
-            let announcement = Announcement {
-                subject,
-                headers,
-                body,
-            };
             acknowledge(&client, &msg, &announcement).await;
             drop(permit);
         });
@@ -164,11 +160,24 @@ pub async fn run(
     Ok(())
 }
 
-/// A notification as it went out, to send again.
+/// A notification, as it goes out on NATS (and again, if need be).
 struct Announcement {
     subject: String,
     headers: async_nats::HeaderMap,
     body: bytes::Bytes,
+}
+
+impl Announcement {
+    /// Hands it to the connection (which sends it unless it drops first).
+    async fn send(&self, client: &async_nats::Client) -> Result<(), async_nats::PublishError> {
+        client
+            .publish_with_headers(
+                self.subject.clone(),
+                self.headers.clone(),
+                self.body.clone(),
+            )
+            .await
+    }
 }
 
 /// Confirmed acknowledgements tried before leaving the event to its ack
@@ -202,15 +211,7 @@ async fn acknowledge(
         }
         tokio::time::sleep(pause).await;
         pause *= 2;
-        let Announcement {
-            subject,
-            headers,
-            body,
-        } = announcement;
-        if let Err(e) = client
-            .publish_with_headers(subject.clone(), headers.clone(), body.clone())
-            .await
-        {
+        if let Err(e) = announcement.send(client).await {
             warn!(error = %e, "could not publish a notification again");
         }
     }

@@ -336,7 +336,7 @@ async fn seed(nats: &Nats, job_id: &str) -> JobStats {
         job_id: job_id.to_string(),
         ..Default::default()
     };
-    if let Ok(Some((job, _))) = store::get(nats, job_id).await {
+    if let Ok(Some((job, _))) = store::latest(nats, job_id).await {
         s.workflow = job.workflow.clone();
         s.requested_at = Some(job.created_at);
         s.run = job.run;
