@@ -702,3 +702,190 @@ async fn a_notification_sent_into_a_dying_connection_is_announced_again() {
         "the notification was lost with the connection"
     );
 }
+
+/// What a scripted webhook saw: requests per notification id, and the ids
+/// it took (answered 200).
+#[derive(Default)]
+struct Seen {
+    requests: std::collections::HashMap<String, u32>,
+    taken: Vec<String>,
+}
+
+/// A webhook whose first request for each notification hangs longer than
+/// the notifier's HTTP timeout (10 s); for jobs named `slow-*` it then
+/// refuses two more tries, taking the fourth (about 17 s after the first),
+/// and takes every other notification's second try.
+async fn hanging_webhook() -> (String, Arc<Mutex<Seen>>) {
+    use axum::http::{HeaderMap, StatusCode};
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let s = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap| {
+            let seen = s.clone();
+            async move {
+                let id = headers
+                    .get("Fanjet-Notification-Id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let n = {
+                    let mut seen = seen.lock().unwrap();
+                    let n = seen.requests.entry(id.clone()).or_default();
+                    *n += 1;
+                    *n
+                };
+                if n == 1 {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                if id.starts_with("slow-") && n < 4 {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                seen.lock().unwrap().taken.push(id);
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+/// Waits up to `within` for `check` on what the webhook saw.
+async fn seen_within(seen: &Mutex<Seen>, within: Duration, check: impl Fn(&Seen) -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if check(&seen.lock().unwrap()) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    check(&seen.lock().unwrap())
+}
+
+/// An event being delivered to a slow webhook is not delivered twice
+/// however long its retries take; one held by a notifier that is killed
+/// comes back within the notifier's ack wait (15 s), not after minutes; one
+/// held by a notifier told to stop is handed back for the next at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_held_by_a_stopped_or_killed_notifier_comes_back_in_seconds() {
+    use fanjet::observe::notify::ACK_WAIT;
+    use fanjet::protocol::{encode_json, Event, StepStarted};
+    let env = Env::start().await;
+    let (hook, seen) = hanging_webhook().await;
+    let hooks = Webhooks {
+        urls: vec![hook],
+        attempts: 6,
+        first_backoff: Duration::from_secs(1),
+    };
+    let notifier = |cancel: tokio_util::sync::CancellationToken| {
+        let (url, hooks) = (env.url(), hooks.clone());
+        tokio::spawn(async move {
+            let client = async_nats::connect(url).await.expect("connect");
+            let nats = fanjet::nats::Nats::bind(client).await.expect("bind");
+            fanjet::observe::notify::run(nats, hooks, cancel).await
+        })
+    };
+    let log = |job: &str| {
+        let event = Event::StepStarted(StepStarted {
+            job_id: job.into(),
+            workflow: "held".into(),
+            step: "s".into(),
+            step_index: 0,
+            total: 1,
+            run: 0,
+            at: 1,
+        });
+        let js = env.nats.js.clone();
+        async move {
+            js.publish(event.subject(), encode_json(&event).unwrap())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    let requests = |seen: &Seen, job: &str| -> u32 {
+        seen.requests
+            .iter()
+            .filter(|(id, _)| id.starts_with(&format!("{job}:")))
+            .map(|(_, n)| *n)
+            .sum()
+    };
+    let taken = |seen: &Seen, job: &str| {
+        seen.taken
+            .iter()
+            .filter(|id| id.starts_with(&format!("{job}:")))
+            .count()
+    };
+
+    // Retries outlasting the ack wait: delivered once, taken once.
+    let first = tokio_util::sync::CancellationToken::new();
+    let killed = notifier(first.clone());
+    log("slow-1").await;
+    assert!(
+        seen_within(&seen, Duration::from_secs(40), |s| taken(s, "slow-1") == 1).await,
+        "the slow webhook never took the notification"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let slow = requests(&seen.lock().unwrap(), "slow-1");
+    assert_eq!(
+        slow, 4,
+        "delivered again while its webhook was being retried ({slow} requests, not 4)"
+    );
+
+    // Killed mid-delivery: the next notifier sends it within the ack wait.
+    log("killed-1").await;
+    assert!(
+        seen_within(&seen, Duration::from_secs(10), |s| requests(s, "killed-1")
+            == 1)
+        .await
+    );
+    killed.abort();
+    let _ = killed.await;
+    let second = tokio_util::sync::CancellationToken::new();
+    let stopped = notifier(second.clone());
+    let at = std::time::Instant::now();
+    assert!(
+        seen_within(&seen, ACK_WAIT + Duration::from_secs(10), |s| taken(
+            s, "killed-1"
+        ) == 1)
+        .await,
+        "a killed notifier's event did not come back within its ack wait"
+    );
+    eprintln!(
+        "killed notifier's event taken {:?} after the kill",
+        at.elapsed()
+    );
+
+    // Told to stop mid-delivery: handed back, the next notifier sends it
+    // at once (well before the ack wait).
+    log("stopped-1").await;
+    assert!(
+        seen_within(&seen, Duration::from_secs(10), |s| requests(s, "stopped-1")
+            == 1)
+        .await
+    );
+    second.cancel();
+    stopped
+        .await
+        .expect("join")
+        .expect("the notifier stops cleanly");
+    let at = std::time::Instant::now();
+    let third = tokio_util::sync::CancellationToken::new();
+    let _last = notifier(third.clone());
+    let _stop = third.drop_guard();
+    assert!(
+        seen_within(&seen, Duration::from_secs(5), |s| taken(s, "stopped-1")
+            == 1)
+        .await,
+        "a stopped notifier's event was not handed back"
+    );
+    eprintln!(
+        "stopped notifier's event taken {:?} after the stop",
+        at.elapsed()
+    );
+    assert_eq!(taken(&seen.lock().unwrap(), "killed-1"), 1);
+}

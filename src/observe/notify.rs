@@ -6,7 +6,11 @@
 //! Each event is acknowledged only after it was announced and every webhook
 //! took it or gave up, so a restarted notifier resumes where it stopped;
 //! the acknowledgement is confirmed by the server, which confirms the
-//! announcement sent before it ([`acknowledge`]).
+//! announcement sent before it ([`acknowledge`]). The ack wait is short
+//! ([`ACK_WAIT`]) so that an event a killed notifier held comes back within
+//! seconds; a delivery under way (a webhook being retried for minutes)
+//! tells the server it is still working ([`keep_alive`]), and a notifier
+//! told to stop hands back what it has not finished.
 //! Every notification carries the event's message id in the
 //! `Fanjet-Notification-Id` header for receivers to drop the rare duplicate
 //! (a notifier that dies between sending and acknowledging).
@@ -15,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, pull};
+use async_nats::jetstream::AckKind;
 use futures::StreamExt;
 use thiserror::Error;
 use tokio::sync::Semaphore;
@@ -78,6 +83,18 @@ fn workflow_of(event: &Event) -> &str {
     }
 }
 
+/// How long the server waits for a delivered event's acknowledgement
+/// before delivering it again: the longest an event held by a notifier
+/// that was killed waits to be notified.
+pub const ACK_WAIT: Duration = Duration::from_secs(15);
+
+/// How often a delivery under way tells the server it is still working.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Deliveries at once; also the most events delivered and not acknowledged,
+/// so none waits for a slot unannounced to the server.
+const SLOTS: usize = 64;
+
 /// Runs the notifier until `cancel`.
 pub async fn run(
     nats: Nats,
@@ -91,9 +108,8 @@ pub async fn run(
             durable_name: Some(NOTIFY_CONSUMER.into()),
             filter_subjects: NOTIFIED.iter().map(|k| kind_filter(k.token())).collect(),
             ack_policy: consumer::AckPolicy::Explicit,
-            // Long enough for every retry of a slow webhook.
-            ack_wait: Duration::from_secs(300),
-            max_ack_pending: 1000,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: SLOTS as i64,
             ..Default::default()
         })
         .await
@@ -104,8 +120,13 @@ pub async fn run(
         .build()
         .map_err(|e| err(&e))?;
     let hooks = Arc::new(hooks);
-    let slots = Arc::new(Semaphore::new(64));
+    let slots = Arc::new(Semaphore::new(SLOTS));
+    // Cancelled after a grace period at a stop: deliveries still under
+    // way then hand their events back.
+    let abandon = CancellationToken::new();
     let mut deliveries = JoinSet::new();
+    // An event taken from the consumer that had no slot yet at a stop.
+    let mut waiting = None;
     info!(webhooks = hooks.urls.len(), "notifier running");
     loop {
         let msg = tokio::select! {
@@ -138,26 +159,78 @@ pub async fn run(
             warn!(error = %e, "could not publish a notification; it will be retried");
             continue;
         }
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break;
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => { waiting = Some(msg); break; }
+            p = keep_alive(&msg, slots.clone().acquire_owned()) => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
         };
         let (http, hooks) = (http.clone(), hooks.clone());
         let client = nats.client.clone();
+        let abandon = abandon.clone();
         deliveries.spawn(async move {
-            for url in &hooks.urls {
-                post(&http, url, &id, announcement.body.clone(), &hooks).await;
+            let posts = async {
+                for url in &hooks.urls {
+                    post(&http, url, &id, announcement.body.clone(), &hooks).await;
+                }
+            };
+            tokio::select! {
+                _ = abandon.cancelled() => hand_back(&msg).await,
+                _ = keep_alive(&msg, posts) => acknowledge(&client, &msg, &announcement).await,
             }
-            acknowledge(&client, &msg, &announcement).await;
             drop(permit);
         });
     }
-    // Let deliveries under way finish their current try; the rest are redelivered.
+    // No more deliveries to this notifier: what is handed back goes to the
+    // next one.
+    drop(messages);
+    if let Some(msg) = waiting {
+        hand_back(&msg).await;
+    }
+    // Let deliveries under way finish their current try; the rest hand
+    // their events back.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while deliveries.join_next().await.is_some() {}
     })
     .await;
+    abandon.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while deliveries.join_next().await.is_some() {}
+    })
+    .await;
     deliveries.shutdown().await;
+    let _ = nats.client.flush().await;
     Ok(())
+}
+
+/// Runs `work`, telling the server every [`PROGRESS_EVERY`] that `msg` is
+/// still being worked on, so that its [`ACK_WAIT`] does not run out.
+async fn keep_alive<T>(
+    msg: &async_nats::jetstream::Message,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let mut progress =
+        tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = progress.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    warn!(error = %e, "telling the server a notification is under way");
+                }
+            }
+        }
+    }
+}
+
+/// Gives an event back unfinished, for delivery again at once (another
+/// notifier, or this one restarted, sends it with the same id).
+async fn hand_back(msg: &async_nats::jetstream::Message) {
+    if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+        warn!(error = %e, "handing back a notification; it comes again after its ack wait");
+    }
 }
 
 /// A notification, as it goes out on NATS (and again, if need be).
