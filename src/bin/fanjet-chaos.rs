@@ -48,7 +48,7 @@ use fanjet::nats::connect::ConnectArgs;
 use fanjet::nats::server::NatsCluster;
 use fanjet::nats::Nats;
 use fanjet::protocol::{
-    lease_key, JobState, Submission, Workflow, EVENTS_STREAM, LEASE_TTL, PARTITIONS,
+    lease_key, JobState, Submission, Workflow, EVENTS_STREAM, LEASE_TTL, PARTITIONS, TASKS_STREAM,
     WORKFLOWS_BUCKET,
 };
 use fanjet::worker::{TaskContext, TaskError, Worker};
@@ -356,8 +356,9 @@ struct Planned {
 #[derive(Default)]
 struct Figures {
     faults: BTreeMap<&'static str, u32>,
-    /// Each fault: its kind and when it began (unix ns).
-    schedule: Vec<(&'static str, i128)>,
+    /// Each fault: its kind, when it began (unix ns) and, for a node
+    /// killed, what it led then (streams and buckets).
+    schedule: Vec<(&'static str, i128, Vec<String>)>,
     /// From a manager's SIGKILL or SIGSTOP until others hold its partitions.
     takeovers_ms: Vec<u64>,
     /// The same after a SIGTERM.
@@ -539,13 +540,13 @@ async fn run(args: &Args) -> Result<i32> {
     let per_fault: Vec<Value> = figures
         .schedule
         .iter()
-        .map(|(kind, at)| {
+        .map(|(kind, at, led)| {
             let to = at + 20_000_000_000;
-            json!({"kind": kind, "stall_ms": longest_gap(&outcomes, *at, to)})
+            json!({"kind": kind, "stall_ms": longest_gap(&outcomes, *at, to), "led": led})
         })
         .collect();
     let mut worst: BTreeMap<&str, u64> = BTreeMap::new();
-    for (kind, at) in &figures.schedule {
+    for (kind, at, _) in &figures.schedule {
         let gap = longest_gap(&outcomes, *at, at + 20_000_000_000);
         let w = worst.entry(kind).or_default();
         *w = (*w).max(gap);
@@ -609,6 +610,10 @@ async fn run(args: &Args) -> Result<i32> {
     );
     for v in report.violations.iter().take(30) {
         println!("  violation: {v}");
+    }
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let log = node.store().join("nats-server.log");
+        let _ = std::fs::copy(&log, args.out.join("logs").join(format!("nats-n{i}.log")));
     }
     drop(cluster);
     Ok(if report.violations.is_empty() && report.hung == 0 {
@@ -825,7 +830,7 @@ async fn faults(
             }
         };
         *figures.faults.entry(kind).or_default() += 1;
-        figures.schedule.push((kind, unix_nanos()));
+        figures.schedule.push((kind, unix_nanos(), Vec::new()));
         figures.last_fault = Some(Instant::now());
         match kind {
             "kill_manager" | "freeze_manager" => {
@@ -878,6 +883,9 @@ async fn faults(
                     true => events_leader(nats).await.unwrap_or(0),
                     false => rng.random_range(0..cluster.nodes.len()),
                 };
+                if let Some(fault) = figures.schedule.last_mut() {
+                    fault.2 = led_by(nats, node).await;
+                }
                 cluster.nodes[node].kill();
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let n = &mut cluster.nodes[node];
@@ -890,6 +898,32 @@ async fn faults(
         tokio::time::sleep(Duration::from_millis(gap)).await;
     }
     Ok(())
+}
+
+/// The streams (and buckets, as `KV_<bucket>`) whose leader is node
+/// `node`, of those every job needs.
+async fn led_by(nats: &Nats, node: usize) -> Vec<String> {
+    let mut led = Vec::new();
+    for name in [
+        EVENTS_STREAM,
+        TASKS_STREAM,
+        "KV_fanjet_jobs",
+        "KV_fanjet_pending",
+        "KV_fanjet_leases",
+        "KV_fanjet_stats",
+    ] {
+        let Ok(mut stream) = nats.js.get_stream(name).await else {
+            continue;
+        };
+        let Ok(info) = stream.info().await else {
+            continue;
+        };
+        let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+        if leader.as_deref() == Some(format!("n{node}").as_str()) {
+            led.push(name.to_string());
+        }
+    }
+    led
 }
 
 /// The node leading the event log (`n0` → 0).

@@ -311,6 +311,9 @@ impl EventLoop {
         from: u64,
         last_outcome: u64,
     ) -> Result<bool, ManagerError> {
+        // What the job had applied, for the warning: an outcome below it
+        // is not applied again (a replay), so the recovered ones lie above.
+        let applied_before = self.engine.job(job_id).map(|j| j.applied_seq);
         let mut from = from;
         let mut reached = last_outcome == 0;
         let mut recovered = Vec::new();
@@ -370,6 +373,7 @@ impl EventLoop {
                 partition = self.partition,
                 job_id,
                 seqs = ?recovered,
+                ?applied_before,
                 consumer,
                 "applied outcomes read back from the log that the partition's reader had not (it is behind, or went past them); no subjob counts as lost while its outcome is in the log"
             );

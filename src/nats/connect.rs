@@ -143,19 +143,34 @@ impl ConnectArgs {
     }
 
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, ConnectError> {
-        let mut opts =
-            async_nats::ConnectOptions::new()
-                .name(name)
-                .event_callback(|event| async move {
-                    if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) =
-                        event
-                    {
-                        if text.to_lowercase().contains("permissions violation") {
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .event_callback(move |event| {
+                let dropped = dropped.clone();
+                async move {
+                    match event {
+                        async_nats::Event::ServerError(async_nats::ServerError::Other(text))
+                            if text.to_lowercase().contains("permissions violation") =>
+                        {
                             tracing::debug!(error = %text, "the server refused an operation");
                             let _ = refusals_sender().send(text);
                         }
+                        // The first connection is not news (a command
+                        // line tool would print it); a reconnection is.
+                        async_nats::Event::Disconnected => {
+                            dropped.store(true, std::sync::atomic::Ordering::Relaxed);
+                            tracing::info!("lost the connection to NATS; reconnecting")
+                        }
+                        async_nats::Event::Connected
+                            if dropped.load(std::sync::atomic::Ordering::Relaxed) =>
+                        {
+                            tracing::info!("connected to NATS again")
+                        }
+                        _ => {}
                     }
-                });
+                }
+            });
         if let Some(prefix) = &self.inbox_prefix {
             let valid = !prefix.is_empty()
                 && prefix

@@ -284,9 +284,15 @@ impl Reader {
             .await
             .map_err(|e| err("creating consumer", &e))?;
         fenced()?;
-        let deliveries = Deliveries::reset(&nats.events, name)
+        let (deliveries, floor) = Deliveries::reset(&nats.events, name)
             .await
             .map_err(|e| err("resetting consumer", &e))?;
+        tracing::info!(
+            consumer = name,
+            ack_floor = floor,
+            next_delivery = deliveries.next,
+            "reading the log again from its ack floor"
+        );
         fenced()?;
         nats.events
             .unpin_consumer(name, READER_GROUP)
@@ -450,10 +456,14 @@ struct Deliveries {
 impl Deliveries {
     /// Resets the durable consumer `name` of `stream` to its ack floor, so
     /// everything not yet acknowledged is delivered again, in order, and
-    /// numbers the deliveries that follow.
-    async fn reset(stream: &Stream, name: &str) -> Result<Self, ConsumerResetError> {
+    /// numbers the deliveries that follow; also gives the ack floor's
+    /// stream sequence.
+    async fn reset(stream: &Stream, name: &str) -> Result<(Self, u64), ConsumerResetError> {
         let reset = stream.reset_consumer(name, None).await?;
-        Ok(Self::after(&reset.info))
+        Ok((
+            Self::after(&reset.info),
+            reset.info.ack_floor.stream_sequence,
+        ))
     }
 
     /// Expects the delivery after the one `info` last recorded.
