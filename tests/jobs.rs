@@ -510,3 +510,118 @@ async fn concurrent_jobs_of_one_customer_stay_isolated() {
     assert_eq!(b.steps[1].total, 200);
     assert!(b.steps[1].failed >= 1);
 }
+
+/// Item batching: a fanout with `batch_size` hands its items to the handler
+/// in blocks (one task each); an item that fails with a retryable error is
+/// retried alone, one that gives up fails alone; counts, results and
+/// statistics stay per item. A handler of one subjob serves a batched step
+/// item by item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_fanout_hands_items_together_and_retries_a_failing_item_alone() {
+    use fanjet::worker::BatchContext;
+    let mut env = Env::start().await;
+    env.apply(&seed_workflow(
+        "batched",
+        "batch_size = 10\ntolerate_failures = \"1\"",
+    ))
+    .await;
+    env.apply(&seed_workflow("batched_plain", "batch_size = 7"))
+        .await;
+    env.manager();
+    let (_base, _stop) = env.serve(Default::default()).await;
+    let calls: Arc<std::sync::Mutex<Vec<Vec<u64>>>> = Arc::default();
+    let c = calls.clone();
+    let worker = Worker::new(env.nats.clone())
+        .concurrency(8)
+        .handler("batched", "collect", |ctx: TaskContext| async move {
+            let n = ctx.task.input["count"].as_u64().unwrap_or(0);
+            Ok(Value::Array((0..n).map(|i| json!(i)).collect()))
+        })
+        .batch_handler("batched", "send", move |ctx: BatchContext| {
+            let calls = c.clone();
+            async move {
+                calls.lock().unwrap().push(ctx.indices.clone());
+                Ok(ctx
+                    .indices
+                    .iter()
+                    .zip(&ctx.items)
+                    .map(|(&i, item)| match (i, ctx.attempt) {
+                        (17, 1) => Err(TaskError::retry("flaky")),
+                        (42, _) => Err(TaskError::give_up("bounced")),
+                        _ => Ok(json!(item.as_u64().unwrap_or(0) * 2)),
+                    })
+                    .collect())
+            }
+        })
+        .handler("batched", "summarize", |ctx: TaskContext| async move {
+            Ok(ctx.task.input)
+        });
+    env.worker(worker);
+    env.worker(seed_worker(&env, "batched_plain", |ctx| {
+        Ok(json!(ctx.task.item.as_u64().unwrap_or(0) + 1))
+    }));
+    for (workflow, job) in [("batched", "batch-1"), ("batched_plain", "batch-2")] {
+        let reply = env
+            .submit(workflow, json!({"job_id": job, "input": {"count": 95}}))
+            .await;
+        assert!(reply.ok, "{reply:?}");
+    }
+
+    let job = env.wait_end("batch-1", Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let send = &job.steps[1];
+    assert_eq!(
+        (send.total, send.completed, send.failed, send.retries),
+        (95, 94, 1, 1)
+    );
+    // Ten tasks of whole blocks; then subjob 17 alone, once.
+    let calls = calls.lock().unwrap().clone();
+    let (firsts, again): (Vec<_>, Vec<_>) = calls.iter().partition(|c| c.len() > 1 || c[0] == 90);
+    let mut blocks: Vec<Vec<u64>> = firsts.into_iter().cloned().collect();
+    blocks.sort();
+    let expected: Vec<Vec<u64>> = (0..10)
+        .map(|b| (b * 10..((b + 1) * 10).min(95)).collect())
+        .collect();
+    assert_eq!(blocks, expected, "{calls:?}");
+    assert_eq!(again, vec![&vec![17u64]], "{calls:?}");
+    let events = env.events("batch-1").await;
+    let count = |t: &str| events.iter().filter(|e| e["type"] == t).count();
+    assert_eq!(count("SubjobsDone"), 10);
+    assert_eq!(count("SubjobCompleted"), 2, "collect and summarize only");
+
+    // Results per item, as `fanjet results` reads them from the log.
+    let (ok, text) = common::cli(&env, &["results", "batch-1", "--step", "send"]);
+    assert!(ok, "{text}");
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(lines.len(), 95, "{text}");
+    let line = |i: u64| lines.iter().find(|l| l["index"] == i).unwrap().clone();
+    assert_eq!(line(5)["result"], 10);
+    assert_eq!(
+        (line(17)["ok"].clone(), line(17)["attempt"].clone()),
+        (json!(true), json!(2))
+    );
+    assert_eq!(line(42)["ok"], false);
+    assert_eq!(line(42)["error"], "bounced");
+
+    // Statistics count the items of each batch.
+    env.wait_stats("batch-1", Duration::from_secs(15), |s| {
+        s.steps
+            .get(1)
+            .is_some_and(|s| (s.completed, s.failed) == (94, 1))
+    })
+    .await;
+
+    // A handler of one subjob on a batched step: item by item.
+    let plain = env.wait_end("batch-2", Duration::from_secs(60)).await;
+    assert_eq!(plain.state, JobState::Completed, "{:?}", plain.error);
+    assert_eq!((plain.steps[1].completed, plain.steps[1].failed), (95, 0));
+    let events = env.events("batch-2").await;
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "SubjobsDone").count(),
+        14,
+        "95 items in blocks of 7"
+    );
+}

@@ -90,11 +90,14 @@ async fn each_role_can_do_its_job_and_no_more() {
         !matches!(create, Ok(Ok(_))),
         "a worker cannot create streams"
     );
-    let w = Worker::new(worker.clone()).concurrency(4).handler(
-        "inv",
-        "send",
-        |c: TaskContext| async move { Ok(json!({"sent": c.task.item})) },
-    );
+    let w = Worker::new(worker.clone())
+        .concurrency(4)
+        .handler("inv", "send", |c: TaskContext| async move {
+            Ok(json!({"sent": c.task.item}))
+        })
+        .handler("invb", "send", |c: TaskContext| async move {
+            Ok(json!({"sent": c.task.item}))
+        });
     let wc = cancel.clone();
     let w = tokio::spawn(async move { w.run(wc).await });
 
@@ -148,6 +151,24 @@ async fn each_role_can_do_its_job_and_no_more() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let job = done.expect("the job ended");
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(job.steps[0].completed, 5);
+    // The worker role reports a batch's outcomes too.
+    let batched = Submission {
+        job_id: Some("sec-b".into()),
+        ..sub.clone()
+    };
+    let reply = client::submit_as(&submitter, "invb", "acme", &batched)
+        .await
+        .expect("submitter submits");
+    assert!(reply.ok, "{reply:?}");
+    let job = env
+        .wait(
+            &tenant_job_id("acme", "sec-b"),
+            "the batched job's end",
+            |j| j.state.is_terminal(),
+        )
+        .await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!(job.steps[0].completed, 5);
 
@@ -443,6 +464,16 @@ impl Secure {
             )
             .await
             .unwrap();
+        // A batched fanout: its outcomes come as `subjobs_done` events.
+        admin
+            .apply_workflow(
+                &Workflow::from_toml(
+                    "name = \"invb\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"5s\"\nbatch_size = 2\n",
+                )
+                .unwrap(),
+            )
+            .await
+            .unwrap();
         let squares = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/squares.toml"),
         )
@@ -656,6 +687,7 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
         index: 0,
         run: 0,
         step: 0,
+        batch_size: None,
     };
     let answer = attacker
         .client

@@ -15,7 +15,7 @@ use fanjet::nats::connect::ConnectArgs;
 use fanjet::observe::notify::Webhooks;
 use fanjet::observe::{self, ServeOptions};
 use fanjet::shutdown;
-use fanjet::worker::{exec_handler, sleep_handler, Worker, EXIT_GIVE_UP};
+use fanjet::worker::{exec_batch_handler, exec_handler, sleep_handler, Worker, EXIT_GIVE_UP};
 
 // `fanjet manager`
 #[derive(Args)]
@@ -64,7 +64,12 @@ pub struct WorkerArgs {
     /// Step to serve (repeat for several).
     #[arg(long = "step", required = true)]
     steps: Vec<String>,
-    /// Command run per task.
+    /// Command run per task (through `sh -c`): the task as JSON on stdin,
+    /// the result as JSON on stdout; exit 100 gives up, any other failure is
+    /// retried. For a step with `batch_size` it runs once per batch: the
+    /// task's `items` on stdin, and on stdout a JSON array with one entry
+    /// per item, `{"result": …}` or `{"error": "…"}` (that item is retried
+    /// alone; add `"give_up": true` not to retry). See docs/PROTOCOL.md.
     #[arg(long, required_unless_present = "sleep", conflicts_with = "sleep")]
     exec: Option<String>,
     /// Built-in handler instead of --exec: sleep this long, then succeed with a null result
@@ -162,12 +167,13 @@ pub async fn worker(connect: &ConnectArgs, args: WorkerArgs) -> Result<u8> {
         .concurrency(args.concurrency)
         .grace(args.grace);
     for step in &args.steps {
-        let handler = match (&args.exec, args.sleep) {
-            (Some(cmd), _) => exec_handler(cmd.clone()),
-            (None, Some(d)) => sleep_handler(d),
+        worker = match (&args.exec, args.sleep) {
+            (Some(cmd), _) => worker
+                .boxed_handler(&args.workflow, step, exec_handler(cmd.clone()))
+                .boxed_batch_handler(&args.workflow, step, exec_batch_handler(cmd.clone())),
+            (None, Some(d)) => worker.boxed_handler(&args.workflow, step, sleep_handler(d)),
             (None, None) => bail!("give --exec CMD or --sleep DURATION"),
         };
-        worker = worker.boxed_handler(&args.workflow, step, handler);
     }
     tracing::info!(give_up_exit_code = EXIT_GIVE_UP, "worker starting");
     worker.run(root).await?;

@@ -62,8 +62,8 @@ use crate::protocol::{
     JobDemand, JobFailed, JobRedriven, JobRejected, JobRequested, JobState, Mark, Millis, Pace,
     Pending, Redrive, RedriveRequested, RejectCode, RunFigures, Share, Source, SourceField, Step,
     StepCompleted, StepKind, StepRun, StepStarted, StepState, SubjobCompleted, SubjobFailed,
-    SubjobsFailed, UpdateRequested, Workflow, EVENTS_STREAM, INLINE_RESULT_MAX, MAX_ERROR_BYTES,
-    MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES,
+    SubjobsDone, SubjobsFailed, UpdateRequested, Workflow, EVENTS_STREAM, INLINE_RESULT_MAX,
+    MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES,
 };
 
 /// Refill a step's in-flight window only when at least this many slots are
@@ -298,8 +298,18 @@ impl Engine {
         let (job_id, step_index, index, run) = match event {
             Event::SubjobCompleted(e) => (&e.job_id, e.step_index, e.index, e.run),
             Event::SubjobFailed(e) => (&e.job_id, e.step_index, e.index, e.run),
+            Event::SubjobsDone(e) => {
+                return e
+                    .outcomes
+                    .iter()
+                    .any(|o| self.unapplied_outcome(&e.job_id, e.step_index, o.index, e.run))
+            }
             _ => return false,
         };
+        self.unapplied_outcome(job_id, step_index, index, run)
+    }
+
+    fn unapplied_outcome(&self, job_id: &str, step_index: usize, index: u64, run: u32) -> bool {
         let Some(job) = self.jobs.get(job_id) else {
             return false;
         };
@@ -751,6 +761,7 @@ impl Engine {
             Event::SubjobCompleted(e) => subjob_completed(job, seq, e.clone(), now, out),
             Event::SubjobFailed(e) => subjob_failed(job, seq, e.clone(), now, out),
             Event::SubjobsFailed(e) => subjobs_failed(job, seq, e, now, out),
+            Event::SubjobsDone(e) => subjobs_done(job, seq, e, now, out),
             Event::CancelRequested(e) => Ok(cancel(job, e.clone(), now, out)),
             Event::UpdateRequested(e) => Ok(update(job, e, now, out)),
             // The manager's own output, read back: already applied.
@@ -954,6 +965,70 @@ fn subjob_failed(
                 error: bounded(&e.error, MAX_ERROR_BYTES),
             });
         }
+    }
+    job.updated_at = now;
+    after_outcome(job, now, out);
+    Ok(true)
+}
+
+/// A batch's outcomes: each subjob of the batch's block counts once, as
+/// its own outcome would; the step then ends, fails or refills once.
+fn subjobs_done(
+    job: &mut Job,
+    seq: u64,
+    e: &SubjobsDone,
+    now: Millis,
+    out: &mut Vec<Action>,
+) -> Result<bool, Ignored> {
+    let size = job
+        .definition
+        .steps
+        .get(e.step_index)
+        .map_or(1, |d| d.batch_size);
+    if size <= 1 || e.batch_size != size || e.index % size != 0 {
+        return Err(Ignored::NotDispatched);
+    }
+    let replayed = replayed(job, seq);
+    let block = e.index..e.index + size;
+    let each_ms = e.duration_ms as f64 / e.outcomes.len().max(1) as f64;
+    let mut counted = false;
+    let mut why = Ignored::Duplicate;
+    for o in e.outcomes.iter().filter(|o| block.contains(&o.index)) {
+        let failed = o.error.is_some();
+        let step = match mark_outcome(job, e.step_index, o.index, e.run, failed) {
+            Ok(step) => step,
+            Err(w) => {
+                why = w;
+                continue;
+            }
+        };
+        counted = true;
+        if !replayed {
+            step.retries += u64::from(o.attempt.saturating_sub(1));
+        }
+        match &o.error {
+            Some(error) => {
+                step.failed += 1;
+                if !replayed && step.failures.len() < MAX_FAILURES_KEPT {
+                    step.failures.push(Failure {
+                        index: o.index,
+                        attempt: o.attempt,
+                        error: bounded(error, MAX_ERROR_BYTES),
+                    });
+                }
+            }
+            None => {
+                step.completed += 1;
+                step.pace.mean_ms = Some(
+                    step.pace
+                        .mean_ms
+                        .map_or(each_ms, |m| 0.9 * m + 0.1 * each_ms),
+                );
+            }
+        }
+    }
+    if !counted {
+        return Err(why);
     }
     job.updated_at = now;
     after_outcome(job, now, out);
@@ -1187,8 +1262,15 @@ fn refill(job: &mut Job, out: &mut Vec<Action>) {
     }
     let from = step.dispatched;
     let n = room.min(rest);
+    // A batched step dispatches whole blocks where the window allows (a
+    // block cut at the window's edge goes as two tasks).
+    let size = def.batch_size.max(1);
+    let whole = |to: u64| match to - to % size {
+        cut if size > 1 && to < step.total && cut > from => cut,
+        _ => to,
+    };
     let (to, indices) = match step.carried {
-        0 => (from + n, None),
+        0 => (whole(from + n), None),
         _ => {
             // Past the subjobs that completed in an earlier run.
             let mut indices = Vec::with_capacity(n as usize);

@@ -1729,3 +1729,95 @@ proptest! {
         prop_assert_eq!(job.redrives[0].subjobs, total - first_completed);
     }
 }
+
+fn batch_done(first: u64, size: u64, outcomes: &[(u64, Option<&str>)]) -> Input {
+    Input::Event {
+        seq: next_seq(),
+        event: Event::SubjobsDone(crate::protocol::SubjobsDone {
+            job_id: "j".into(),
+            step_index: 1,
+            index: first,
+            batch_size: size,
+            attempt: 1,
+            duration_ms: 10,
+            outcomes: outcomes
+                .iter()
+                .map(|&(index, error)| crate::protocol::ItemOutcome {
+                    index,
+                    attempt: if error.is_some() { 3 } else { 1 },
+                    result: json!(index),
+                    error: error.map(str::to_string),
+                })
+                .collect(),
+            run: 0,
+            token: String::new(),
+        }),
+    }
+}
+
+#[test]
+fn a_batched_fanout_dispatches_whole_blocks_and_counts_each_subjob_once() {
+    let mut e = Engine::new();
+    request(
+        &mut e,
+        workflow("batch_size = 4\nmax_in_flight = 6\ntolerate_failures = \"1\""),
+    );
+    let a = e.apply(done(0, 0, 1, json!((0..10).collect::<Vec<_>>())), 20);
+    // The window (6) cut to a whole block (4).
+    assert_eq!(
+        kinds(&a),
+        ["step_completed", "step_started", "dispatch 1:0..4"]
+    );
+    // Outcomes outside the batch's block, or of another batch size, count nothing.
+    assert!(e.apply(batch_done(0, 4, &[(5, None)]), 21).is_empty());
+    assert!(e.apply(batch_done(0, 2, &[(0, None)]), 21).is_empty());
+    assert!(e.apply(batch_done(2, 4, &[(2, None)]), 21).is_empty());
+    assert_eq!(e.job("j").unwrap().steps[1].completed, 0);
+    // One item failed (tolerated), three completed: the window refills.
+    let a = e.apply(
+        batch_done(
+            0,
+            4,
+            &[(0, None), (1, Some("bounced")), (2, None), (3, None)],
+        ),
+        22,
+    );
+    // The rest (6) fits the window; it ends a block, at the step's end.
+    assert_eq!(kinds(&a), ["dispatch 1:4..10"]);
+    let step = &e.job("j").unwrap().steps[1];
+    assert_eq!((step.completed, step.failed, step.retries), (3, 1, 2));
+    assert_eq!(step.failures[0].index, 1);
+    // A repeat of the batch counts nothing.
+    assert!(e
+        .apply(batch_done(0, 4, &[(0, None), (1, None)]), 23)
+        .is_empty());
+    assert_eq!(e.job("j").unwrap().steps[1].completed, 3);
+    // The last block is short (8..10).
+    let a = e.apply(
+        batch_done(4, 4, &[(4, None), (5, None), (6, None), (7, None)]),
+        24,
+    );
+    assert!(a.is_empty());
+    let a = e.apply(batch_done(8, 4, &[(8, None), (9, None)]), 25);
+    assert_eq!(
+        kinds(&a),
+        ["step_completed", "step_started", "dispatch 2:0..1"]
+    );
+    let step = &e.job("j").unwrap().steps[1];
+    assert_eq!((step.completed, step.failed), (9, 1));
+}
+
+#[test]
+fn a_batch_read_back_is_unapplied_while_any_of_its_subjobs_is() {
+    let mut e = Engine::new();
+    request(&mut e, workflow("batch_size = 2"));
+    e.apply(done(0, 0, 1, json!([1, 2, 3, 4])), 20);
+    let Input::Event { event, .. } = batch_done(0, 2, &[(0, None), (1, None)]) else {
+        unreachable!()
+    };
+    assert!(e.unapplied(&event));
+    e.apply(batch_done(0, 2, &[(0, None)]), 21);
+    assert!(e.unapplied(&event), "subjob 1 has no outcome yet");
+    e.apply(batch_done(0, 2, &[(1, None)]), 22);
+    assert!(!e.unapplied(&event));
+}

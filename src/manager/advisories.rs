@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::ManagerError;
 use crate::nats::{log, Nats};
-use crate::protocol::{Event, SubjobFailed, Task, ADVISORY_CONSUMER};
+use crate::protocol::{Event, ItemOutcome, SubjobFailed, SubjobsDone, Task, ADVISORY_CONSUMER};
 
 #[derive(Debug, Deserialize)]
 struct MaxDeliveries {
@@ -73,18 +73,42 @@ async fn handle(nats: &Nats, payload: &[u8]) -> Result<(), String> {
     };
     if let Ok(task) = serde_json::from_slice::<Task>(&raw.payload) {
         let attempts = u32::try_from(adv.deliveries).unwrap_or(task.max_attempts);
-        let event = Event::SubjobFailed(SubjobFailed {
-            job_id: task.job_id.clone(),
-            step_index: task.step_index,
-            index: task.index,
-            attempt: attempts,
-            error: format!(
-                "no answer within the {} ms timeout on the last of {} attempts (worker crashed or hung)",
-                task.timeout_ms, task.max_attempts
-            ),
-            run: task.run,
-            token: task.token.clone(),
-        });
+        let error = format!(
+            "no answer within the {} ms timeout on the last of {} attempts (worker crashed or hung)",
+            task.timeout_ms, task.max_attempts
+        );
+        let event = match task.batch_size {
+            // A batch: each of its subjobs fails.
+            Some(batch_size) => Event::SubjobsDone(SubjobsDone {
+                job_id: task.job_id.clone(),
+                step_index: task.step_index,
+                index: task.index,
+                batch_size,
+                attempt: attempts,
+                duration_ms: 0,
+                outcomes: task
+                    .indices
+                    .iter()
+                    .map(|&index| ItemOutcome {
+                        index,
+                        attempt: attempts,
+                        result: serde_json::Value::Null,
+                        error: Some(error.clone()),
+                    })
+                    .collect(),
+                run: task.run,
+                token: task.token.clone(),
+            }),
+            None => Event::SubjobFailed(SubjobFailed {
+                job_id: task.job_id.clone(),
+                step_index: task.step_index,
+                index: task.index,
+                attempt: attempts,
+                error,
+                run: task.run,
+                token: task.token.clone(),
+            }),
+        };
         log::append(nats, &event).await.map_err(|e| e.to_string())?;
         info!(job_id = %task.job_id, step = %task.step, index = task.index, "subjob exhausted its attempts");
     } else {

@@ -266,6 +266,9 @@ impl Executor {
             Some(list) => Box::new(list.into_iter()),
             None => Box::new(d.from..d.to),
         };
+        if d.step.batch_size > 1 {
+            return self.dispatch_batches(&d, &value, indices).await;
+        }
         for index in indices {
             let (item, input) = match d.step.kind {
                 StepKind::Fanout => (
@@ -275,6 +278,9 @@ impl Executor {
                 StepKind::Task => (Value::Null, (*value).clone()),
             };
             let task = Task {
+                indices: Vec::new(),
+                items: Vec::new(),
+                batch_size: None,
                 job_id: d.job_id.clone(),
                 workflow: d.workflow.clone(),
                 step: d.step.name.clone(),
@@ -306,6 +312,94 @@ impl Executor {
             self.send(task_subject(&d.workflow, &d.step.name, &d.job_id), msg)
                 .await?;
         }
+        Ok(None)
+    }
+
+    /// Enqueues a batched fanout's subjobs: one task per block of
+    /// `batch_size` (from a multiple of it) holding the block's subjobs
+    /// among `indices` (a redriven step skips those that completed).
+    async fn dispatch_batches(
+        &mut self,
+        d: &Dispatch,
+        value: &Value,
+        indices: Box<dyn Iterator<Item = u64> + Send>,
+    ) -> Result<Option<String>, ManagerError> {
+        let size = d.step.batch_size;
+        let mut block: Vec<u64> = Vec::new();
+        let mut indices = indices.peekable();
+        while let Some(index) = indices.next() {
+            block.push(index);
+            let ends = indices
+                .peek()
+                .is_none_or(|next| next / size != index / size);
+            if !ends {
+                continue;
+            }
+            let batch = std::mem::take(&mut block);
+            if let Some(reason) = self.enqueue_batch(d, value, batch).await? {
+                return Ok(Some(reason));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Enqueues one batch task (subjobs `batch`, all in one block).
+    async fn enqueue_batch(
+        &mut self,
+        d: &Dispatch,
+        value: &Value,
+        batch: Vec<u64>,
+    ) -> Result<Option<String>, ManagerError> {
+        let size = d.step.batch_size;
+        let Some(&first_index) = batch.first() else {
+            return Ok(None);
+        };
+        let first = first_index - first_index % size;
+        let max = self.nats.max_payload();
+        let key = self.nats.task_key.clone().ok_or_else(|| {
+            ManagerError::Nats("this connection did not read the task token key".into())
+        })?;
+        let items = batch
+            .iter()
+            .map(|&i| value.get(i as usize).cloned().unwrap_or(Value::Null))
+            .collect();
+        let task = Task {
+            job_id: d.job_id.clone(),
+            workflow: d.workflow.clone(),
+            step: d.step.name.clone(),
+            step_index: d.step_index,
+            handler: d.step.handler.clone(),
+            index: first,
+            total: d.total,
+            kind: d.step.kind.as_str().to_string(),
+            item: Value::Null,
+            indices: batch,
+            items,
+            batch_size: Some(size),
+            input: Value::Null,
+            timeout_ms: d.step.timeout_ms,
+            run_timeout_ms: d.step.run_timeout_ms,
+            max_attempts: d.step.max_attempts,
+            backoff_ms: d.step.backoff_ms.clone(),
+            run: d.run,
+            token: key.batch_token(&d.job_id, d.step_index, first, size, d.run),
+        };
+        let payload = encode_json(&task).map_err(|e| ManagerError::Nats(e.to_string()))?;
+        if payload.len() > max {
+            return Ok(Some(format!(
+                "step {:?}: the task for the batch of subjobs from {first} is {} bytes, more than the server accepts ({max}); lower batch_size",
+                d.step.name,
+                payload.len()
+            )));
+        }
+        // A block split over two dispatches (a window's edge) is two tasks.
+        let msg = PublishMessage::build().payload(payload).message_id(format!(
+            "{}:b{}",
+            task_msg_id(&d.job_id, d.step_index, first, d.run),
+            task.indices[0]
+        ));
+        self.send(task_subject(&d.workflow, &d.step.name, &d.job_id), msg)
+            .await?;
         Ok(None)
     }
 

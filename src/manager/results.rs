@@ -114,7 +114,13 @@ async fn begin(
         return refusal("unavailable", "this manager has no task key".into());
     };
     // The token of a task of this job: its holder works on it.
-    if !key.verify(job_id, req.step_index, req.index, req.run, &req.token) {
+    let holds = match req.batch_size {
+        Some(size) => {
+            key.verify_batch(job_id, req.step_index, req.index, size, req.run, &req.token)
+        }
+        None => key.verify(job_id, req.step_index, req.index, req.run, &req.token),
+    };
+    if !holds {
         return refusal(
             "forbidden",
             format!("the token is not that of a task of job {job_id:?}"),

@@ -72,7 +72,10 @@ impl JobStats {
             .inc();
         let outcome = matches!(
             event,
-            Event::SubjobCompleted(_) | Event::SubjobFailed(_) | Event::SubjobsFailed(_)
+            Event::SubjobCompleted(_)
+                | Event::SubjobFailed(_)
+                | Event::SubjobsDone(_)
+                | Event::SubjobsFailed(_)
         );
         if outcome && event.run() != Some(self.run) {
             // A late outcome of a run before a redrive.
@@ -174,6 +177,46 @@ impl JobStats {
                     .subjob_retries
                     .with_label_values(&labels)
                     .inc_by(u64::from(e.attempt.saturating_sub(1)));
+            }
+            Event::SubjobsDone(e) => {
+                let name = self.step_name(e.step_index);
+                let workflow = self.workflow.clone();
+                let labels = [workflow.as_str(), name.as_str()];
+                let s = self.step(e.step_index);
+                let each_ms = e.duration_ms / (e.outcomes.len().max(1) as u64);
+                let (mut completed, mut failed, mut retries) = (0, 0, 0);
+                for o in &e.outcomes {
+                    let is_failed = o.error.is_some();
+                    if !s.first_outcome(o.index, is_failed) {
+                        continue;
+                    }
+                    s.record_attempt(o.attempt);
+                    retries += u64::from(o.attempt.saturating_sub(1));
+                    if is_failed {
+                        s.failed += 1;
+                        failed += 1;
+                    } else {
+                        s.completed += 1;
+                        completed += 1;
+                        s.record_duration(each_ms);
+                        metrics
+                            .subjob_duration
+                            .with_label_values(&labels)
+                            .observe(each_ms as f64 / 1000.0);
+                    }
+                }
+                metrics
+                    .subjobs_completed
+                    .with_label_values(&labels)
+                    .inc_by(completed);
+                metrics
+                    .subjobs_failed
+                    .with_label_values(&labels)
+                    .inc_by(failed);
+                metrics
+                    .subjob_retries
+                    .with_label_values(&labels)
+                    .inc_by(retries);
             }
             Event::SubjobsFailed(e) => {
                 let name = self.step_name(e.step_index);

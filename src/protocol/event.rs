@@ -121,6 +121,47 @@ pub struct SubjobCompleted {
     pub token: String,
 }
 
+/// The subjobs of one batch task (a fanout step with `batch_size` > 1)
+/// ended: one outcome per subjob it carried, reported together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SubjobsDone {
+    pub job_id: String,
+    pub step_index: usize,
+    /// The batch's block: its first index (the task's `index`, a multiple
+    /// of `batch_size`) and the step's `batch_size`; every outcome's index
+    /// lies in `index .. index + batch_size`.
+    pub index: u64,
+    pub batch_size: u64,
+    /// The task's delivery attempt.
+    pub attempt: u32,
+    /// Milliseconds the whole batch took.
+    #[serde(default)]
+    pub duration_ms: u64,
+    pub outcomes: Vec<ItemOutcome>,
+    /// The run it belongs to: 0 for the job's first, `n` after its `n`th
+    /// redrive (absent when 0). Copy it from the task into the outcome.
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
+    pub run: u32,
+    /// The task's `token` (it covers the block): the event is ignored
+    /// without the right one.
+    #[serde(default)]
+    pub token: String,
+}
+
+/// One subjob's outcome in a [`SubjobsDone`]: its result, or its `error`
+/// when it failed (after its attempts, each in a batch of its own after
+/// the first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ItemOutcome {
+    pub index: u64,
+    /// Handler calls this subjob was part of, from 1.
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub result: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// One subjob gave up: its attempts are exhausted, its handler said so, or
 /// the step's deadline passed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -339,6 +380,7 @@ pub enum Event {
     StepCompleted(StepCompleted),
     SubjobCompleted(SubjobCompleted),
     SubjobFailed(SubjobFailed),
+    SubjobsDone(SubjobsDone),
     SubjobsFailed(SubjobsFailed),
     JobCompleted(JobCompleted),
     JobFailed(JobFailed),
@@ -358,6 +400,7 @@ pub enum EventKind {
     StepCompleted,
     SubjobCompleted,
     SubjobFailed,
+    SubjobsDone,
     SubjobsFailed,
     JobCompleted,
     JobFailed,
@@ -369,13 +412,14 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 14] = [
+    pub const ALL: [EventKind; 15] = [
         EventKind::JobRequested,
         EventKind::JobRejected,
         EventKind::StepStarted,
         EventKind::StepCompleted,
         EventKind::SubjobCompleted,
         EventKind::SubjobFailed,
+        EventKind::SubjobsDone,
         EventKind::SubjobsFailed,
         EventKind::JobCompleted,
         EventKind::JobFailed,
@@ -395,6 +439,7 @@ impl EventKind {
             EventKind::StepCompleted => "step_completed",
             EventKind::SubjobCompleted => "subjob_completed",
             EventKind::SubjobFailed => "subjob_failed",
+            EventKind::SubjobsDone => "subjobs_done",
             EventKind::SubjobsFailed => "subjobs_failed",
             EventKind::JobCompleted => "completed",
             EventKind::JobFailed => "failed",
@@ -414,6 +459,7 @@ impl EventKind {
                 | EventKind::JobRejected
                 | EventKind::SubjobCompleted
                 | EventKind::SubjobFailed
+                | EventKind::SubjobsDone
                 | EventKind::SubjobsFailed
                 | EventKind::CancelRequested
                 | EventKind::UpdateRequested
@@ -431,6 +477,7 @@ impl Event {
             Event::StepCompleted(_) => EventKind::StepCompleted,
             Event::SubjobCompleted(_) => EventKind::SubjobCompleted,
             Event::SubjobFailed(_) => EventKind::SubjobFailed,
+            Event::SubjobsDone(_) => EventKind::SubjobsDone,
             Event::SubjobsFailed(_) => EventKind::SubjobsFailed,
             Event::JobCompleted(_) => EventKind::JobCompleted,
             Event::JobFailed(_) => EventKind::JobFailed,
@@ -450,6 +497,7 @@ impl Event {
             Event::StepCompleted(e) => &e.job_id,
             Event::SubjobCompleted(e) => &e.job_id,
             Event::SubjobFailed(e) => &e.job_id,
+            Event::SubjobsDone(e) => &e.job_id,
             Event::SubjobsFailed(e) => &e.job_id,
             Event::JobCompleted(e) => &e.job_id,
             Event::JobFailed(e) => &e.job_id,
@@ -467,6 +515,7 @@ impl Event {
         match self {
             Event::SubjobCompleted(e) => Some((&e.job_id, e.step_index, e.index, e.run, &e.token)),
             Event::SubjobFailed(e) => Some((&e.job_id, e.step_index, e.index, e.run, &e.token)),
+            Event::SubjobsDone(e) => Some((&e.job_id, e.step_index, e.index, e.run, &e.token)),
             _ => None,
         }
     }
@@ -479,6 +528,7 @@ impl Event {
             Event::StepCompleted(e) => Some(e.run),
             Event::SubjobCompleted(e) => Some(e.run),
             Event::SubjobFailed(e) => Some(e.run),
+            Event::SubjobsDone(e) => Some(e.run),
             Event::SubjobsFailed(e) => Some(e.run),
             Event::JobCompleted(e) => Some(e.run),
             Event::JobFailed(e) => Some(e.run),
@@ -522,6 +572,13 @@ impl Event {
             Event::StepCompleted(e) => format!("{job}:{kind}:{}", e.step_index),
             Event::SubjobCompleted(e) => format!("{job}:{kind}:{}:{}", e.step_index, e.index),
             Event::SubjobFailed(e) => format!("{job}:{kind}:{}:{}", e.step_index, e.index),
+            // A batch reported in parts: a part per first outcome.
+            Event::SubjobsDone(e) => format!(
+                "{job}:{kind}:{}:{}:{}",
+                e.step_index,
+                e.index,
+                e.outcomes.first().map_or(e.index, |o| o.index)
+            ),
             Event::SubjobsFailed(e) => format!(
                 "{job}:{kind}:{}:{}:{}",
                 e.step_index,
@@ -602,6 +659,30 @@ mod tests {
                 attempt: 5,
                 error: "boom".into(),
                 token: String::new(),
+            }),
+            Event::SubjobsDone(SubjobsDone {
+                job_id: "j".into(),
+                step_index: 1,
+                index: 10,
+                batch_size: 10,
+                attempt: 1,
+                duration_ms: 30,
+                outcomes: vec![
+                    ItemOutcome {
+                        index: 10,
+                        attempt: 1,
+                        result: json!({"sent": true}),
+                        error: None,
+                    },
+                    ItemOutcome {
+                        index: 11,
+                        attempt: 3,
+                        result: Value::Null,
+                        error: Some("bounced".into()),
+                    },
+                ],
+                run: 0,
+                token: "t".into(),
             }),
             Event::SubjobsFailed(SubjobsFailed {
                 run: 0,

@@ -8,6 +8,7 @@
 //! - the first outcome of each subjob counts, later ones are duplicates;
 //! - a `SubjobsFailed` fails every subjob below its `below` that has no
 //!   outcome yet;
+//! - a `SubjobsDone` (a batch) is an outcome for each subjob it names;
 //! - with the task key, an outcome without its task's token is dropped
 //!   (a reader without the key cannot tell, and says so);
 //! - a redriven job ran the step more than once ([`Job::result_runs`]):
@@ -93,6 +94,9 @@ pub struct ResultsRequest {
     pub run: u32,
     /// The step whose results to read (by index).
     pub step: usize,
+    /// For a batch task: its `batch_size` (the token is the batch's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u64>,
 }
 
 /// One page of the results service's answer: lines as `fanjet results`
@@ -224,6 +228,32 @@ impl StepResults {
                     out.truncate(before);
                 }
             }
+            Event::SubjobsDone(e) if e.step_index == self.step_index => {
+                if !self.key.as_ref().is_none_or(|k| k.admits(event)) {
+                    return;
+                }
+                for o in &e.outcomes {
+                    let c = match &o.error {
+                        None => Counted::Completed {
+                            index: o.index,
+                            attempt: o.attempt,
+                            result: o.result.clone(),
+                            seq,
+                        },
+                        Some(error) => Counted::Failed {
+                            index: o.index,
+                            attempt: Some(o.attempt),
+                            error: error.clone(),
+                            seq,
+                        },
+                    };
+                    let (failed, before) = (c.is_failed(), out.len());
+                    self.count_admitted(c, out);
+                    if failed && !keep_failures {
+                        out.truncate(before);
+                    }
+                }
+            }
             Event::SubjobsFailed(e) if e.step_index == self.step_index => {
                 let Some((_, seen)) = self.counting.as_mut() else {
                     return;
@@ -252,8 +282,14 @@ impl StepResults {
     /// A worker's outcome counts if it carries its token (when checked)
     /// and is its subjob's first.
     fn count(&mut self, event: &Event, c: Counted, out: &mut Vec<Counted>) {
-        let admitted = self.key.as_ref().is_none_or(|k| k.admits(event));
-        if admitted && self.first(c.index(), c.is_failed()) {
+        if self.key.as_ref().is_none_or(|k| k.admits(event)) {
+            self.count_admitted(c, out);
+        }
+    }
+
+    /// An admitted outcome counts if it is its subjob's first.
+    fn count_admitted(&mut self, c: Counted, out: &mut Vec<Counted>) {
+        if self.first(c.index(), c.is_failed()) {
             if let (false, Some((_, seen))) = (c.is_failed(), &self.counting) {
                 let total = seen.len();
                 self.completed

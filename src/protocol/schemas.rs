@@ -77,6 +77,7 @@ mod tests {
             "StepCompleted",
             "SubjobCompleted",
             "SubjobFailed",
+            "SubjobsDone",
             "SubjobsFailed",
             "JobCompleted",
             "JobFailed",

@@ -20,9 +20,21 @@ pub struct Task {
     pub total: u64,
     /// `"task"` or `"fanout"`.
     pub kind: String,
-    /// For a fanout subjob: its item (null for a task step).
+    /// For a fanout subjob: its item (null for a task step and a batch).
     #[serde(default)]
     pub item: Value,
+    /// For a batch (a fanout step with `batch_size` > 1): the subjobs it
+    /// carries, consecutive indices within one block of `batch_size` from
+    /// `index` (a multiple of it), and their items in the same order.
+    /// Report them together in one `SubjobsDone`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub indices: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<Value>,
+    /// For a batch: the step's `batch_size` (the block's length, which
+    /// the token covers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u64>,
     /// For a task step: its input (null for a fanout subjob).
     #[serde(default)]
     pub input: Value,
@@ -49,6 +61,11 @@ pub struct Task {
 }
 
 impl Task {
+    /// Whether this task carries a batch of subjobs.
+    pub fn is_batch(&self) -> bool {
+        self.batch_size.is_some()
+    }
+
     /// Delay before retrying after failed attempt `attempt` (1-based).
     pub fn backoff_after(&self, attempt: u32) -> std::time::Duration {
         let i = (attempt.max(1) - 1) as usize;

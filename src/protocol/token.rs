@@ -67,7 +67,16 @@ impl TaskKey {
         &self.bytes
     }
 
-    fn mac(&self, job_id: &str, step_index: usize, index: u64, run: u32) -> Hmac<Sha256> {
+    /// The MAC of a subjob, or with `batch` of the block of that many
+    /// subjobs from `index` (a longer message, so never a subjob's).
+    fn mac(
+        &self,
+        job_id: &str,
+        step_index: usize,
+        index: u64,
+        run: u32,
+        batch: Option<u64>,
+    ) -> Hmac<Sha256> {
         let mut mac = self.keyed.clone();
         mac.update(&(job_id.len() as u64).to_be_bytes());
         mac.update(job_id.as_bytes());
@@ -77,17 +86,40 @@ impl TaskKey {
         if run > 0 {
             mac.update(&run.to_be_bytes());
         }
+        if let Some(size) = batch {
+            mac.update(b"batch");
+            mac.update(&size.to_be_bytes());
+        }
         mac
+    }
+
+    fn encode(mac: Hmac<Sha256>) -> String {
+        URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..TOKEN_BYTES])
+    }
+
+    fn check(mac: Hmac<Sha256>, token: &str) -> bool {
+        let Ok(tag) = URL_SAFE_NO_PAD.decode(token) else {
+            return false;
+        };
+        tag.len() == TOKEN_BYTES && mac.verify_truncated_left(&tag).is_ok()
     }
 
     /// The token of subjob `index` of step `step_index` of `job_id`, in
     /// run `run` of the job (0 until it is redriven).
     pub fn token(&self, job_id: &str, step_index: usize, index: u64, run: u32) -> String {
-        let tag = self
-            .mac(job_id, step_index, index, run)
-            .finalize()
-            .into_bytes();
-        URL_SAFE_NO_PAD.encode(&tag[..TOKEN_BYTES])
+        Self::encode(self.mac(job_id, step_index, index, run, None))
+    }
+
+    /// The token of a batch: the block of `size` subjobs from `first`.
+    pub fn batch_token(
+        &self,
+        job_id: &str,
+        step_index: usize,
+        first: u64,
+        size: u64,
+        run: u32,
+    ) -> String {
+        Self::encode(self.mac(job_id, step_index, first, run, Some(size)))
     }
 
     /// Whether `token` is that subjob's in that run (compared in constant
@@ -100,19 +132,39 @@ impl TaskKey {
         run: u32,
         token: &str,
     ) -> bool {
-        let Ok(tag) = URL_SAFE_NO_PAD.decode(token) else {
-            return false;
-        };
-        tag.len() == TOKEN_BYTES
-            && self
-                .mac(job_id, step_index, index, run)
-                .verify_truncated_left(&tag)
-                .is_ok()
+        Self::check(self.mac(job_id, step_index, index, run, None), token)
+    }
+
+    /// Whether `token` is that batch's (compared in constant time).
+    pub fn verify_batch(
+        &self,
+        job_id: &str,
+        step_index: usize,
+        first: u64,
+        size: u64,
+        run: u32,
+        token: &str,
+    ) -> bool {
+        Self::check(self.mac(job_id, step_index, first, run, Some(size)), token)
     }
 
     /// Whether `event` may count: any event but an outcome, and an outcome
-    /// carrying its subjob's token for its run.
+    /// carrying its subjob's token for its run (a batch's: its block's,
+    /// with every outcome inside the block).
     pub fn admits(&self, event: &Event) -> bool {
+        if let Event::SubjobsDone(e) = event {
+            let block = e.index..e.index.saturating_add(e.batch_size);
+            return e.batch_size > 1
+                && e.outcomes.iter().all(|o| block.contains(&o.index))
+                && self.verify_batch(
+                    &e.job_id,
+                    e.step_index,
+                    e.index,
+                    e.batch_size,
+                    e.run,
+                    &e.token,
+                );
+        }
         match event.outcome_token() {
             None => true,
             Some((job, step, index, run, token)) => self.verify(job, step, index, run, token),
@@ -151,6 +203,45 @@ mod tests {
         let again = TaskKey::from_bytes(key.as_bytes()).unwrap();
         assert!(again.verify("job-1", 1, 7, 0, &t));
         assert!(TaskKey::from_bytes(b"short").is_none());
+    }
+
+    #[test]
+    fn a_batch_token_admits_outcomes_of_its_block_only() {
+        use crate::protocol::{ItemOutcome, SubjobsDone};
+        let key = TaskKey::generate();
+        let done = |first: u64, size: u64, indices: &[u64], token: &str| {
+            Event::SubjobsDone(SubjobsDone {
+                job_id: "job-1".into(),
+                step_index: 1,
+                index: first,
+                batch_size: size,
+                attempt: 1,
+                duration_ms: 0,
+                outcomes: indices
+                    .iter()
+                    .map(|&index| ItemOutcome {
+                        index,
+                        attempt: 1,
+                        result: serde_json::Value::Null,
+                        error: None,
+                    })
+                    .collect(),
+                run: 0,
+                token: token.into(),
+            })
+        };
+        let t = key.batch_token("job-1", 1, 10, 10, 0);
+        assert!(key.admits(&done(10, 10, &[10, 15, 19], &t)));
+        assert!(key.verify_batch("job-1", 1, 10, 10, 0, &t));
+        // Outside the block, another block or size, a subjob's token: refused.
+        assert!(!key.admits(&done(10, 10, &[10, 20], &t)));
+        assert!(!key.admits(&done(10, 20, &[10, 25], &t)));
+        assert!(!key.admits(&done(0, 10, &[0], &t)));
+        let single = key.token("job-1", 1, 10, 0);
+        assert_ne!(single, t);
+        assert!(!key.admits(&done(10, 10, &[10], &single)));
+        assert!(!key.verify("job-1", 1, 10, 0, &t), "not a subjob's token");
+        assert!(!key.admits(&done(10, 1, &[10], &key.batch_token("job-1", 1, 10, 1, 0))));
     }
 
     #[test]

@@ -102,6 +102,20 @@ pub struct Step {
     /// once, over all jobs: a cap for a downstream system's sake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u64>,
+    /// A fanout's subjobs per task (item batching): one task carries the
+    /// items of up to this many consecutive subjobs, from an index that is
+    /// a multiple of it, and the handler gets them together. Counts,
+    /// results and retries stay per subjob. 1 (absent): a task per subjob.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub batch_size: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 fn default_max_subjobs() -> u64 {
@@ -129,6 +143,8 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_MAX_SUBJOBS: u64 = 10_000_000;
 /// Default in-flight window per job and step.
 pub const DEFAULT_MAX_IN_FLIGHT: u64 = 5000;
+/// Largest `batch_size`.
+pub const MAX_BATCH_SIZE: u64 = 1000;
 /// Most steps in one workflow.
 pub const MAX_STEPS: usize = 64;
 /// Largest stored definition (JSON), in bytes: a copy travels in every job
@@ -166,6 +182,7 @@ struct StepFile {
     max_in_flight: Option<u64>,
     max_subjobs: Option<u64>,
     max_concurrency: Option<u64>,
+    batch_size: Option<u64>,
 }
 
 /// What is wrong with a workflow definition.
@@ -273,6 +290,18 @@ impl Workflow {
             if s.max_concurrency == Some(0) {
                 return Err(field("max_concurrency", "must be at least 1"));
             }
+            if s.batch_size == 0 || s.batch_size > MAX_BATCH_SIZE {
+                return Err(field("batch_size", "must be between 1 and 1000"));
+            }
+            if s.batch_size > 1 && s.kind != StepKind::Fanout {
+                return Err(field("batch_size", "is for fanout steps only"));
+            }
+            if s.batch_size > s.max_in_flight {
+                return Err(field(
+                    "batch_size",
+                    "must not be larger than max_in_flight (a batch is dispatched whole)",
+                ));
+            }
             if s.handler.trim().is_empty() {
                 return Err(field("handler", "is empty"));
             }
@@ -369,6 +398,7 @@ impl Workflow {
                 max_in_flight,
                 max_subjobs,
                 max_concurrency: s.max_concurrency,
+                batch_size: s.batch_size.unwrap_or(1),
             });
         }
         let deadline_ms = file

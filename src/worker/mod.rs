@@ -6,10 +6,11 @@
 //! TERM. Long handlers get in-progress acks on a timer so the ack deadline
 //! only fires for a worker that died or hung.
 
+mod batch;
 mod exec;
 mod results;
 
-pub use exec::{exec_handler, sleep_handler, EXIT_GIVE_UP};
+pub use exec::{exec_batch_handler, exec_handler, sleep_handler, EXIT_GIVE_UP};
 pub use results::{Results, ResultsError};
 
 use std::future::Future;
@@ -94,6 +95,56 @@ impl TaskContext {
     }
 }
 
+/// A batch as a handler sees it (a fanout step with `batch_size` > 1):
+/// the subjobs `indices` with their `items`, in the same order. The first
+/// call has the task's subjobs; an item retried after a retryable error
+/// comes alone.
+#[derive(Debug, Clone)]
+pub struct BatchContext {
+    pub task: Task,
+    /// Handler calls these items were part of, from 1.
+    pub attempt: u32,
+    pub indices: Vec<u64>,
+    pub items: Vec<Value>,
+    client: Option<async_nats::Client>,
+}
+
+impl BatchContext {
+    /// A batch as a handler sees it, without a connection (for tests of
+    /// handlers).
+    pub fn new(task: Task, attempt: u32) -> Self {
+        BatchContext {
+            indices: task.indices.clone(),
+            items: task.items.clone(),
+            task,
+            attempt,
+            client: None,
+        }
+    }
+
+    /// The results of step `step` of this batch's job (as
+    /// [`TaskContext::results`]).
+    pub fn results(&self, step: usize) -> Results {
+        Results::new(self.client.clone(), &self.task, step)
+    }
+}
+
+/// What a batch handler gives: one result per item, in the items' order,
+/// or an error of the whole call (every item's).
+pub type BatchResults = Result<Vec<Result<Value, TaskError>>, TaskError>;
+pub type BatchFuture = Pin<Box<dyn Future<Output = BatchResults> + Send>>;
+/// A batch handler.
+pub type BatchHandler = Arc<dyn Fn(BatchContext) -> BatchFuture + Send + Sync>;
+
+/// What serves one step: a handler of one subjob, of a batch, or both.
+/// Either serves every task: a batch goes to a handler of one subjob item
+/// by item, and a single subjob to a batch handler as a batch of one.
+#[derive(Clone, Default)]
+pub(crate) struct StepHandler {
+    one: Option<Handler>,
+    batch: Option<BatchHandler>,
+}
+
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
 /// How long a busy pull loop waits to gather free slots before pulling.
 const GATHER: Duration = Duration::from_millis(2);
@@ -119,7 +170,7 @@ pub struct Worker {
     nats: WorkerNats,
     concurrency: usize,
     grace: Duration,
-    handlers: Vec<(String, String, Handler)>,
+    handlers: Vec<(String, String, StepHandler)>,
 }
 
 impl Worker {
@@ -147,22 +198,58 @@ impl Worker {
     }
 
     /// Serves `workflow`'s step `step` with `handler`.
-    pub fn handler<F, Fut>(mut self, workflow: &str, step: &str, handler: F) -> Self
+    pub fn handler<F, Fut>(self, workflow: &str, step: &str, handler: F) -> Self
     where
         F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
     {
         let h: Handler = Arc::new(move |ctx| Box::pin(handler(ctx)));
-        self.handlers
-            .push((workflow.to_string(), step.to_string(), h));
-        self
+        self.boxed_handler(workflow, step, h)
     }
 
     /// Serves with an already boxed handler.
     pub fn boxed_handler(mut self, workflow: &str, step: &str, handler: Handler) -> Self {
-        self.handlers
-            .push((workflow.to_string(), step.to_string(), handler));
+        self.step_handler(workflow, step).one = Some(handler);
         self
+    }
+
+    /// Serves `workflow`'s step `step` with a handler of batches (a fanout
+    /// with `batch_size`): it gets a batch's items together and gives a
+    /// result per item. A task of one subjob comes as a batch of one.
+    pub fn batch_handler<F, Fut>(self, workflow: &str, step: &str, handler: F) -> Self
+    where
+        F: Fn(BatchContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = BatchResults> + Send + 'static,
+    {
+        let h: BatchHandler = Arc::new(move |ctx| Box::pin(handler(ctx)));
+        self.boxed_batch_handler(workflow, step, h)
+    }
+
+    /// Serves with an already boxed batch handler.
+    pub fn boxed_batch_handler(
+        mut self,
+        workflow: &str,
+        step: &str,
+        handler: BatchHandler,
+    ) -> Self {
+        self.step_handler(workflow, step).batch = Some(handler);
+        self
+    }
+
+    fn step_handler(&mut self, workflow: &str, step: &str) -> &mut StepHandler {
+        let at = match self
+            .handlers
+            .iter()
+            .position(|(w, s, _)| w == workflow && s == step)
+        {
+            Some(i) => i,
+            None => {
+                self.handlers
+                    .push((workflow.into(), step.into(), StepHandler::default()));
+                self.handlers.len() - 1
+            }
+        };
+        &mut self.handlers[at].2
     }
 
     /// Pulls and runs tasks until `cancel`, then lets in-flight tasks finish
@@ -299,7 +386,7 @@ struct PullLoop {
     /// bucket's configuration, too much to do per task.
     nats: Arc<WorkerNats>,
     consumer: PullConsumer,
-    handler: Handler,
+    handler: StepHandler,
     slots: Arc<Semaphore>,
     max_batch: usize,
     running: Arc<tokio::sync::Mutex<JoinSet<()>>>,
@@ -425,7 +512,7 @@ impl PullLoop {
 async fn process(
     nats: &WorkerNats,
     msg: async_nats::jetstream::Message,
-    handler: Handler,
+    handler: StepHandler,
     max_payload: usize,
 ) {
     let attempt = msg
@@ -439,6 +526,14 @@ async fn process(
             let _ = msg.ack_with(AckKind::Term).await;
             return;
         }
+    };
+    if task.is_batch() {
+        return batch::process(nats, msg, task, attempt, handler, max_payload).await;
+    }
+    let handler = match (handler.one, handler.batch) {
+        (Some(one), _) => one,
+        (None, Some(batch)) => one_of_batch(batch),
+        (None, None) => return,
     };
     let started = Instant::now();
     let ctx = TaskContext {
@@ -493,6 +588,29 @@ async fn process(
         max_payload,
     )
     .await;
+}
+
+/// A batch handler serving a task of one subjob, as a batch of one.
+fn one_of_batch(batch: BatchHandler) -> Handler {
+    Arc::new(move |ctx: TaskContext| {
+        let batch = batch.clone();
+        Box::pin(async move {
+            let bctx = BatchContext {
+                indices: vec![ctx.task.index],
+                items: vec![ctx.task.item.clone()],
+                task: ctx.task,
+                attempt: ctx.attempt,
+                client: ctx.client,
+            };
+            match batch(bctx).await {
+                Ok(results) => results
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| Err(TaskError::retry("the handler returned no result"))),
+                Err(e) => Err(e),
+            }
+        })
+    })
 }
 
 /// Maps a handler outcome to the log and to JetStream's ack, NAK or TERM.

@@ -76,6 +76,7 @@ impl Results {
             index: task.index,
             run: task.run,
             step,
+            batch_size: task.batch_size,
         };
         let body = serde_json::to_vec(&request).unwrap_or_default();
         Results {
