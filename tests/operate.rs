@@ -485,3 +485,109 @@ async fn results_are_read_even_before_the_jobs_first_checkpoint() {
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!(job.output, json!(3));
 }
+
+/// A batched fanout redriven: only the subjobs that did not complete run
+/// again, in tasks that each hold subjobs of one block, and the results
+/// of both runs read as one step's. A batch handler reads an earlier
+/// step's results through the results service with its batch's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_fanout_is_redriven_for_the_subjobs_that_did_not_complete() {
+    use fanjet::worker::BatchContext;
+    let mut env = Env::start().await;
+    env.apply(
+        "name = \"rdb\"\n[[steps]]\nname = \"make\"\nkind = \"task\"\n\
+         [[steps]]\nname = \"send\"\nkind = \"fanout\"\nbatch_size = 5\nmax_in_flight = 10\n\
+         [[steps]]\nname = \"sum\"\nkind = \"task\"\n",
+    )
+    .await;
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = Arc::new(std::sync::Mutex::new(Vec::<(u32, Vec<u64>)>::new()));
+    let (f, noted) = (fixed.clone(), calls.clone());
+    env.worker(
+        Worker::new(env.nats.clone())
+            .concurrency(4)
+            .handler("rdb", "make", |c: TaskContext| async move {
+                let n = c.task.input["count"].as_u64().unwrap_or(0);
+                Ok(json!((0..n).collect::<Vec<u64>>()))
+            })
+            .batch_handler("rdb", "send", move |c: BatchContext| {
+                let (f, noted) = (f.clone(), noted.clone());
+                async move {
+                    // The batch's token opens the job's results.
+                    let made = c.results(0).all().await?;
+                    if made.len() != 1 {
+                        return Err(TaskError::give_up(format!("read {made:?}")));
+                    }
+                    noted.lock().unwrap().push((c.task.run, c.indices.clone()));
+                    Ok(c.indices
+                        .iter()
+                        .map(|&i| match i % 10 == 9 && !f.load(Ordering::SeqCst) {
+                            true => Err(TaskError::give_up("mail server down")),
+                            false => Ok(json!(i)),
+                        })
+                        .collect())
+                }
+            })
+            .handler("rdb", "sum", |c: TaskContext| async move {
+                let lines = c.results(1).all().await?;
+                let ok: Vec<u64> = lines
+                    .iter()
+                    .filter(|l| l["ok"] == json!(true))
+                    .filter_map(|l| l["result"].as_u64())
+                    .collect();
+                Ok(json!({"ok": ok.len(), "sum": ok.iter().sum::<u64>()}))
+            }),
+    );
+    env.manager();
+    assert!(
+        env.submit("rdb", json!({"job_id": "rdb-1", "input": {"count": 30}}))
+            .await
+            .ok
+    );
+    let first = env.wait_end("rdb-1", Duration::from_secs(60)).await;
+    assert_eq!(first.state, JobState::Failed, "no failure is tolerated");
+    assert!(
+        first
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("mail server down"),
+        "{:?}",
+        first.error
+    );
+    let done_first = first.steps[1].completed;
+    assert!(done_first > 0 && done_first < 30, "{first:?}");
+
+    fixed.store(true, Ordering::SeqCst);
+    let (ok, out) = cli(&env, &["redrive", "rdb-1"]);
+    assert!(ok, "{out}");
+    let job = env
+        .wait_for(
+            "rdb-1",
+            Duration::from_secs(60),
+            "the redriven run's end",
+            |j| j.run == 1 && j.state.is_terminal(),
+        )
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!((job.steps[1].completed, job.steps[1].failed), (30, 0));
+    // The results of both runs, each subjob once.
+    assert_eq!(job.output, json!({"ok": 30, "sum": 435}));
+    let calls = calls.lock().unwrap().clone();
+    let again: Vec<u64> = calls
+        .iter()
+        .filter(|(run, _)| *run == 1)
+        .flat_map(|(_, i)| i.clone())
+        .collect();
+    assert_eq!(
+        again.len() as u64,
+        30 - done_first,
+        "only what did not complete ran again: {calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .all(|(_, i)| i.iter().all(|x| x / 5 == i[0] / 5)),
+        "every task within one block: {calls:?}"
+    );
+}
