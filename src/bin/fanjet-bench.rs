@@ -54,14 +54,15 @@ struct Args {
     /// Runs of each scenario; the median is reported with min-max.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Scenarios to run (floor, A, A_deployed, B, B_deployed, C,
-    /// C_deployed, D, E, F, G). The `_deployed` ones run as users deploy
+    /// Scenarios to run (floor, A, A_deployed, A_batch10, B, B_deployed,
+    /// C, C_deployed, D, E, F, G). The `_deployed` ones run as users deploy
     /// fanjet: a `fanjet manager` process and `fanjet worker` processes
-    /// (A_deployed against the streaming floor).
+    /// (A_deployed against the streaming floor); A_batch10 is A_deployed
+    /// with `batch_size = 10`.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "floor,A,A_deployed,B,B_deployed,C,C_deployed,D,E,F,G"
+        default_value = "floor,A,A_deployed,A_batch10,B,B_deployed,C,C_deployed,D,E,F,G"
     )]
     only: Vec<String>,
     /// The floor also sets `Nats-Msg-Id` on every publish, as fanjet does,
@@ -135,8 +136,8 @@ async fn main() -> Result<()> {
         for run in 1..=args.runs {
             let (floor, floor_server_us, floor_client_us) =
                 floor_stream_run(args.subjobs, args.concurrency, args.floor_as_fanjet).await?;
-            let on = deployed_run(args.subjobs, args.concurrency, true).await?;
-            let off = deployed_run(args.subjobs, args.concurrency, false).await?;
+            let on = deployed_run(args.subjobs, args.concurrency, true, 1).await?;
+            let off = deployed_run(args.subjobs, args.concurrency, false, 1).await?;
             let (x, y) = (on[0].1, off[0].1);
             let mut figures = vec![
                 ("subjobs_per_s", x),
@@ -159,6 +160,27 @@ async fn main() -> Result<()> {
         }
         results.push(("floor_stream", floor_runs));
         results.push(("A_deployed", runs));
+    }
+    // Item batching (`batch_size = 10`) in the deployed shape, against the
+    // same streaming floor (one task per subjob), alternating run by run.
+    if want("A_batch10") {
+        let mut runs = Vec::new();
+        for run in 1..=args.runs {
+            let (floor, _, _) =
+                floor_stream_run(args.subjobs, args.concurrency, args.floor_as_fanjet).await?;
+            let on = deployed_run(args.subjobs, args.concurrency, true, 10).await?;
+            let x = on[0].1;
+            let mut figures = vec![
+                ("subjobs_per_s", x),
+                ("ratio_to_floor", x / floor),
+                ("floor_subjobs_per_s", floor),
+            ];
+            figures.extend(on[1..].iter().copied());
+            let shown: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
+            eprintln!("A_batch10 run {run}: {}", shown.join(" "));
+            runs.push(figures);
+        }
+        results.push(("A_batch10", runs));
     }
     let plan = [
         ("R", want("R")),
@@ -486,27 +508,33 @@ async fn floor_stream_run(n: u64, concurrency: usize, as_fanjet: bool) -> Result
     Ok((n as f64 / took.as_secs_f64(), server_us, client_us))
 }
 
-/// A's job as users deploy fanjet: one fanout over the job's input.
-const DEPLOYED_WORKFLOW: &str = r#"
+/// A's job as users deploy fanjet: one fanout over the job's input, its
+/// subjobs `batch` to a task.
+fn deployed_workflow(batch: u64) -> String {
+    format!(
+        r#"
 name = "benchd"
 [[steps]]
 name = "noop"
 kind = "fanout"
 max_in_flight = 20000
-"#;
+batch_size = {batch}
+"#
+    )
+}
 
 /// A in the deployed shape: a `fanjet manager` process and two `fanjet
 /// worker --sleep 0ms` processes of half the slots each (release builds),
 /// the job submitted over NATS with its `n` items as input. Subjobs/s from
 /// the intake's answer to the `JobCompleted` in the log.
-async fn deployed_run(n: u64, concurrency: usize, fair: bool) -> Result<Figures> {
+async fn deployed_run(n: u64, concurrency: usize, fair: bool, batch: u64) -> Result<Figures> {
     let manager: &[&str] = match fair {
         true => &["manager"],
         false => &["manager", "--no-fair-share"],
     };
     let mut c = Cluster::start_with(Some(manager)).await?;
     c.nats
-        .apply_workflow(&Workflow::from_toml(DEPLOYED_WORKFLOW)?)
+        .apply_workflow(&Workflow::from_toml(&deployed_workflow(batch))?)
         .await?;
     let slots = (concurrency / 2).max(1).to_string();
     let mut beats = c.nats.client.subscribe("fanjet.heartbeat.worker.>").await?;

@@ -1169,7 +1169,9 @@ fn window(pacing: Option<u64>, def: &Step, step: &StepRun) -> u64 {
         (None, Some(a), None) | (None, None, Some(a)) => a.ceil() as u64,
     }
     .max(1);
+    // A slot works on a batch's subjobs at once.
     slots
+        .saturating_mul(def.batch_size.max(1))
         .saturating_add(ahead)
         .min(step.pace.limit.unwrap_or(u64::MAX))
         .min(def.max_in_flight)

@@ -1092,6 +1092,31 @@ fn a_paced_fanout_dispatches_its_share_not_its_whole_window() {
 }
 
 #[test]
+fn a_paced_batched_fanout_keeps_a_batch_per_slot() {
+    let mut e = Engine::paced(50);
+    e.apply(view(Some(100), vec![]), 1);
+    let a = e.apply(
+        Input::Requested {
+            seq: next_seq(),
+            event: JobRequested {
+                job_id: "b".into(),
+                workflow: "fair".into(),
+                customer: Some("c".into()),
+                input: json!(vec![0; 20_000]),
+                at: 10,
+                deadline_at: None,
+                priority: None,
+            },
+            stored: false,
+            workflow: Definition::Found(fair_workflow("batch_size = 10")),
+        },
+        10,
+    );
+    // 100 slots, each busy with a batch of 10, and 100 ahead.
+    assert_eq!(dispatched(&a)["b"], 1100);
+}
+
+#[test]
 fn without_a_known_capacity_a_paced_fanout_dispatches_its_max_in_flight() {
     let mut e = Engine::paced(50);
     let a = submit_fair(&mut e, "big", "big", None, 20_000, 10);

@@ -35,7 +35,11 @@ pub fn exec_handler(command: String) -> Handler {
 pub fn sleep_handler(d: std::time::Duration) -> Handler {
     Arc::new(move |_ctx: TaskContext| {
         Box::pin(async move {
-            tokio::time::sleep(d).await;
+            // A timer of 0 still waits for the runtime's next timer tick
+            // (up to a millisecond): no work is no wait.
+            if !d.is_zero() {
+                tokio::time::sleep(d).await;
+            }
             Ok(Value::Null)
         })
     })
@@ -312,5 +316,27 @@ mod batch_tests {
                 other => panic!("{command}: {other:?}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod sleep_tests {
+    use super::*;
+    use futures::FutureExt;
+
+    /// `--sleep 0ms` is no work: its handler is done at the first poll,
+    /// not after the runtime's next timer tick (ten ticks for a batch of ten
+    /// run one after the other held batches at a third of their speed).
+    #[tokio::test]
+    async fn a_zero_sleep_does_not_wait_for_a_timer() {
+        let handler = sleep_handler(std::time::Duration::ZERO);
+        let task: Task = serde_json::from_value(json!({
+            "job_id": "j", "workflow": "w", "step": "s", "step_index": 0,
+            "handler": "s", "index": 0, "total": 1, "kind": "fanout",
+            "timeout_ms": 1000, "max_attempts": 1
+        }))
+        .unwrap();
+        let done = handler(TaskContext::new(task, 1)).now_or_never();
+        assert_eq!(done, Some(Ok(Value::Null)));
     }
 }
