@@ -83,6 +83,9 @@ enum Command {
     /// Manages workflow definitions.
     #[command(subcommand)]
     Workflow(cli::workflows::WorkflowCommand),
+    /// A fanout's items as an object (for millions of them).
+    #[command(subcommand)]
+    Items(cli::items::ItemsCommand),
     /// Customers' settings for the fair share of workers: weight and concurrency cap.
     #[command(subcommand)]
     Tenants(cli::tenants::TenantsCommand),
@@ -127,6 +130,7 @@ impl Command {
                 | Command::Results(_)
                 | Command::Processes(_)
                 | Command::Workflow(_)
+                | Command::Items(_)
                 | Command::Tenants(_)
         )
     }
@@ -163,6 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Watch(args) => cli::jobs::watch(c, args).await,
         Command::Processes(args) => cli::processes::run(c, args).await,
         Command::Workflow(cmd) => cli::workflows::run(c, cmd).await,
+        Command::Items(cmd) => cli::items::run(c, cmd).await,
         Command::Tenants(cmd) => cli::tenants::run(c, cmd).await,
     }
 }

@@ -625,3 +625,97 @@ async fn a_batched_fanout_hands_items_together_and_retries_a_failing_item_alone(
         "95 items in blocks of 7"
     );
 }
+
+/// A fanout over items put in the object store (`fanjet items put`): the
+/// manager reads them a buffer at a time, in order; a reference whose
+/// count is wrong, or whose object is gone, fails the job with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanout_reads_its_items_from_an_object_put_with_the_cli() {
+    let mut env = Env::start().await;
+    env.apply(
+        "name = \"many\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\nbatch_size = 50\nmax_in_flight = 500\n",
+    )
+    .await;
+    env.manager();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(u64, Value)>::new()));
+    let s = seen.clone();
+    env.worker(Worker::new(env.nats.clone()).concurrency(8).handler(
+        "many",
+        "send",
+        move |ctx: TaskContext| {
+            s.lock()
+                .unwrap()
+                .push((ctx.task.index, ctx.task.item.clone()));
+            async move { Ok(Value::Null) }
+        },
+    ));
+    // 5,000 items as JSON lines, one a string with a newline escaped, one
+    // nested, blank lines between.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("items.jsonl");
+    let mut text = String::new();
+    for i in 0..5000u64 {
+        match i {
+            7 => text.push_str("\"line\\nbreak, ]\"\n\n"),
+            8 => text.push_str("{\"deep\": [1, {\"x\": \"}\"}]}\n"),
+            _ => text.push_str(&format!("{{\"n\": {i}}}\n")),
+        }
+    }
+    std::fs::write(&path, text).unwrap();
+    let (ok, out) = common::cli(&env, &["items", "put", path.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("stored 5000 items"), "{out}");
+    let reference: Value = out
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("the reference on stdout");
+    assert_eq!(reference["$fanjet_result"]["array_len"], 5000);
+    assert_eq!(reference["$fanjet_result"]["format"], "lines");
+
+    assert!(
+        env.submit(
+            "many",
+            json!({"job_id": "many-1", "input": reference.clone()})
+        )
+        .await
+        .ok
+    );
+    let job = env.wait_end("many-1", Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!((job.steps[0].total, job.steps[0].completed), (5000, 5000));
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_by_key(|(i, _)| *i);
+    seen.dedup_by_key(|(i, _)| *i);
+    assert_eq!(seen.len(), 5000);
+    assert_eq!(seen[7].1, json!("line\nbreak, ]"));
+    assert_eq!(seen[8].1, json!({"deep": [1, {"x": "}"}]}));
+    assert_eq!(seen[4999].1, json!({"n": 4999}));
+
+    // A reference that claims more items than the object holds.
+    let mut wrong = reference.clone();
+    wrong["$fanjet_result"]["array_len"] = json!(5001);
+    assert!(
+        env.submit("many", json!({"job_id": "many-2", "input": wrong}))
+            .await
+            .ok
+    );
+    let job = env.wait_end("many-2", Duration::from_secs(30)).await;
+    assert_eq!(job.state, JobState::Failed);
+    let error = job.error.unwrap_or_default();
+    assert!(
+        error.contains("holds 5000 items, its reference says 5001"),
+        "{error}"
+    );
+    // An object that is not there.
+    let mut gone = reference;
+    gone["$fanjet_result"]["name"] = json!("i/01NOTTHERE");
+    assert!(
+        env.submit("many", json!({"job_id": "many-3", "input": gone}))
+            .await
+            .ok
+    );
+    let job = env.wait_end("many-3", Duration::from_secs(30)).await;
+    assert_eq!(job.state, JobState::Failed);
+    let error = job.error.unwrap_or_default();
+    assert!(error.contains("no longer in the object store"), "{error}");
+}

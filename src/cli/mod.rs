@@ -6,6 +6,7 @@
 
 pub mod demo;
 pub mod dev;
+pub mod items;
 pub mod jobs;
 pub mod processes;
 pub mod progress;

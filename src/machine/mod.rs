@@ -672,7 +672,8 @@ impl Engine {
     ) {
         let mut job = Job::new(&ev, workflow, seq, now);
         job.pacing = self.pacing;
-        let len = ev.input.as_array().map(|a| a.len() as u64);
+        // An array, or a reference to items in the object store.
+        let len = array_len(&ev.input);
         start_step(
             &mut job,
             0,

@@ -10,7 +10,7 @@
 //! ([`ManagerError::Fenced`]), and a record another manager wrote
 //! ([`ManagerError::Conflict`]) ends the session, whose state is stale.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
 use std::sync::Arc;
 
@@ -26,6 +26,7 @@ use super::ManagerError;
 use crate::machine::{Action, Checkpoint, Dispatch, Input, Write};
 use crate::nats::leases::Fence;
 use crate::nats::log::{self, LogError};
+use crate::nats::objects::{ItemReader, ItemsReadError};
 use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
@@ -37,6 +38,8 @@ use crate::protocol::{
 const MAX_IN_FLIGHT: usize = 1024;
 /// Step inputs kept decoded (each is one logged event's payload).
 const SOURCE_CACHE: usize = 64;
+/// Readers of items objects kept between dispatches.
+const READERS_KEPT: usize = 32;
 /// Jobs checkpointed at once, at most.
 const CHECKPOINTS_IN_FLIGHT: usize = 32;
 
@@ -54,6 +57,10 @@ pub struct Executor {
     nats: Nats,
     writer: Writer,
     sources: HashMap<u64, Arc<Value>>,
+    /// Objects of items counted (and their digest checked) already.
+    counted: HashSet<String>,
+    /// Where the last dispatch of each object's items stopped reading.
+    readers: HashMap<String, ItemReader>,
     acks: FuturesUnordered<<PublishAckFuture as IntoFuture>::IntoFuture>,
     /// The stored revision of each job record held.
     revisions: HashMap<String, u64>,
@@ -67,6 +74,8 @@ impl Executor {
             nats,
             writer,
             sources: HashMap::new(),
+            counted: HashSet::new(),
+            readers: HashMap::new(),
             acks: FuturesUnordered::new(),
             revisions: HashMap::new(),
             unacked: None,
@@ -254,29 +263,28 @@ impl Executor {
 
     /// Enqueues a slice of a step; `Some(reason)` when it never can be.
     async fn dispatch(&mut self, mut d: Dispatch) -> Result<Option<String>, ManagerError> {
-        let value = match self.source(&d.source).await? {
-            Ok(v) => v,
-            Err(reason) => return Ok(Some(format!("step {:?}: {reason}", d.step.name))),
+        let indices: Vec<u64> = match d.indices.take() {
+            Some(list) => list,
+            None => (d.from..d.to).collect(),
         };
+        let (items, input) = match d.step.kind {
+            StepKind::Fanout => match self.items(&d.source, &indices).await? {
+                Ok(items) => (items, Arc::new(Value::Null)),
+                Err(reason) => return Ok(Some(format!("step {:?}: {reason}", d.step.name))),
+            },
+            StepKind::Task => match self.source(&d.source).await? {
+                Ok(v) => (vec![Value::Null; indices.len()], v),
+                Err(reason) => return Ok(Some(format!("step {:?}: {reason}", d.step.name))),
+            },
+        };
+        if d.step.batch_size > 1 {
+            return self.dispatch_batches(&d, indices, items).await;
+        }
         let max = self.nats.max_payload();
         let key = self.nats.task_key.clone().ok_or_else(|| {
             ManagerError::Nats("this connection did not read the task token key".into())
         })?;
-        let indices: Box<dyn Iterator<Item = u64> + Send> = match d.indices.take() {
-            Some(list) => Box::new(list.into_iter()),
-            None => Box::new(d.from..d.to),
-        };
-        if d.step.batch_size > 1 {
-            return self.dispatch_batches(&d, &value, indices).await;
-        }
-        for index in indices {
-            let (item, input) = match d.step.kind {
-                StepKind::Fanout => (
-                    value.get(index as usize).cloned().unwrap_or(Value::Null),
-                    Value::Null,
-                ),
-                StepKind::Task => (Value::Null, (*value).clone()),
-            };
+        for (index, item) in indices.into_iter().zip(items) {
             let task = Task {
                 indices: Vec::new(),
                 items: Vec::new(),
@@ -290,7 +298,7 @@ impl Executor {
                 total: d.total,
                 kind: d.step.kind.as_str().to_string(),
                 item,
-                input,
+                input: (*input).clone(),
                 timeout_ms: d.step.timeout_ms,
                 run_timeout_ms: d.step.run_timeout_ms,
                 max_attempts: d.step.max_attempts,
@@ -317,26 +325,30 @@ impl Executor {
 
     /// Enqueues a batched fanout's subjobs: one task per block of
     /// `batch_size` (from a multiple of it) holding the block's subjobs
-    /// among `indices` (a redriven step skips those that completed).
+    /// among `indices` (a redriven step skips those that completed), with
+    /// their `items`.
     async fn dispatch_batches(
         &mut self,
         d: &Dispatch,
-        value: &Value,
-        indices: Box<dyn Iterator<Item = u64> + Send>,
+        indices: Vec<u64>,
+        items: Vec<Value>,
     ) -> Result<Option<String>, ManagerError> {
         let size = d.step.batch_size;
         let mut block: Vec<u64> = Vec::new();
-        let mut indices = indices.peekable();
-        while let Some(index) = indices.next() {
+        let mut block_items: Vec<Value> = Vec::new();
+        let mut pairs = indices.into_iter().zip(items).peekable();
+        while let Some((index, item)) = pairs.next() {
             block.push(index);
-            let ends = indices
+            block_items.push(item);
+            let ends = pairs
                 .peek()
-                .is_none_or(|next| next / size != index / size);
+                .is_none_or(|(next, _)| next / size != index / size);
             if !ends {
                 continue;
             }
-            let batch = std::mem::take(&mut block);
-            if let Some(reason) = self.enqueue_batch(d, value, batch).await? {
+            let (batch, batch_items) =
+                (std::mem::take(&mut block), std::mem::take(&mut block_items));
+            if let Some(reason) = self.enqueue_batch(d, batch, batch_items).await? {
                 return Ok(Some(reason));
             }
         }
@@ -347,8 +359,8 @@ impl Executor {
     async fn enqueue_batch(
         &mut self,
         d: &Dispatch,
-        value: &Value,
         batch: Vec<u64>,
+        items: Vec<Value>,
     ) -> Result<Option<String>, ManagerError> {
         let size = d.step.batch_size;
         let Some(&first_index) = batch.first() else {
@@ -359,10 +371,6 @@ impl Executor {
         let key = self.nats.task_key.clone().ok_or_else(|| {
             ManagerError::Nats("this connection did not read the task token key".into())
         })?;
-        let items = batch
-            .iter()
-            .map(|&i| value.get(i as usize).cloned().unwrap_or(Value::Null))
-            .collect();
         let task = Task {
             job_id: d.job_id.clone(),
             workflow: d.workflow.clone(),
@@ -403,13 +411,111 @@ impl Executor {
         Ok(None)
     }
 
-    /// The value a step reads: inline, or a field of an event in the log.
-    /// The inner error is permanent (the job cannot go on), the outer one
-    /// transient.
+    /// The items of a fanout's subjobs `indices` (ascending): from the
+    /// array its source holds, or read from the object the source refers
+    /// to (a large result, or items put in the object store), which is
+    /// never decoded whole: its items are counted once (the store checks
+    /// its digest on the way), then read in order by a reader kept for the
+    /// next dispatch. The inner error is permanent, the outer transient.
+    async fn items(
+        &mut self,
+        source: &Source,
+        indices: &[u64],
+    ) -> Result<Result<Vec<Value>, String>, ManagerError> {
+        let raw = match self.raw(source).await? {
+            Ok(v) => v,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        let Some(r) = ResultRef::from_value(&raw) else {
+            return Ok(Ok(indices
+                .iter()
+                .map(|&i| raw.get(i as usize).cloned().unwrap_or(Value::Null))
+                .collect()));
+        };
+        let fail = |e: ItemsReadError| match e.permanent {
+            true => Ok(Err(format!("its items: {}", e.message))),
+            false => Err(ManagerError::Nats(e.message)),
+        };
+        if !self.counted.contains(&r.name) {
+            let reader = match ItemReader::open(&self.nats.results, &r).await {
+                Ok(reader) => reader,
+                Err(e) => return fail(e),
+            };
+            let n = match reader.count_rest().await {
+                Ok(n) => n,
+                Err(e) => return fail(e),
+            };
+            if r.array_len.is_some_and(|len| len != n) {
+                return Ok(Err(format!(
+                    "its items: object {} holds {n} items, its reference says {}",
+                    r.name,
+                    r.array_len.unwrap_or_default()
+                )));
+            }
+            if self.counted.len() >= SOURCE_CACHE {
+                self.counted.clear();
+            }
+            self.counted.insert(r.name.clone());
+        }
+        let mut reader = match self.readers.remove(&r.name) {
+            Some(reader) if indices.first().is_none_or(|&i| i >= reader.position()) => reader,
+            _ => match ItemReader::open(&self.nats.results, &r).await {
+                Ok(reader) => reader,
+                Err(e) => return fail(e),
+            },
+        };
+        let mut items = Vec::with_capacity(indices.len());
+        for &i in indices {
+            if i < reader.position() {
+                reader = match ItemReader::open(&self.nats.results, &r).await {
+                    Ok(reader) => reader,
+                    Err(e) => return fail(e),
+                };
+            }
+            let bytes = match reader.item(i).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => {
+                    return Ok(Err(format!("its items: object {} has no item {i}", r.name)))
+                }
+                Err(e) => return fail(e),
+            };
+            match serde_json::from_slice(&bytes) {
+                Ok(v) => items.push(v),
+                Err(e) => {
+                    return Ok(Err(format!(
+                        "its items: item {i} of object {} is not JSON: {e}",
+                        r.name
+                    )))
+                }
+            }
+        }
+        if self.readers.len() >= READERS_KEPT {
+            self.readers.clear();
+        }
+        self.readers.insert(r.name.clone(), reader);
+        Ok(Ok(items))
+    }
+
+    /// The value a step reads: inline, or a field of an event in the log,
+    /// a large result read whole from the object store. The inner error is
+    /// permanent (the job cannot go on), the outer one transient.
     async fn source(
         &mut self,
         source: &Source,
     ) -> Result<Result<Arc<Value>, String>, ManagerError> {
+        let raw = match self.raw(source).await? {
+            Ok(v) => v,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        match ResultRef::from_value(&raw) {
+            None => Ok(Ok(raw)),
+            Some(r) => Ok(fetch_result(&self.nats, &r).await?.map(Arc::new)),
+        }
+    }
+
+    /// The value a step reads as its event holds it (a large result as its
+    /// reference), kept for the next dispatches.
+    async fn raw(&mut self, source: &Source) -> Result<Result<Arc<Value>, String>, ManagerError> {
         let (seq, field) = match source {
             Source::Inline(v) => return Ok(Ok(Arc::new(v.clone()))),
             Source::Event { seq, field } => (*seq, *field),
@@ -426,13 +532,6 @@ impl Executor {
             (Ok(Event::JobRequested(r)), SourceField::Input) => r.input,
             (Ok(Event::SubjobCompleted(c)), SourceField::Result) => c.result,
             _ => return Ok(Err(format!("event {seq} does not hold a step input"))),
-        };
-        let value = match ResultRef::from_value(&value) {
-            None => value,
-            Some(r) => match fetch_result(&self.nats, &r).await? {
-                Ok(v) => v,
-                Err(reason) => return Ok(Err(reason)),
-            },
         };
         if self.sources.len() >= SOURCE_CACHE {
             self.sources.clear();

@@ -15,6 +15,7 @@ mod event;
 #[cfg(test)]
 mod fuzz;
 mod heartbeat;
+mod items;
 mod job;
 mod names;
 mod outcomes;
@@ -39,6 +40,7 @@ pub use event::{
     SubjobsDone, SubjobsFailed, UpdateRequested,
 };
 pub use heartbeat::{Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL};
+pub use items::{is_json_format, ItemScanner, ItemsError, ItemsFormat};
 pub use job::{
     bounded, Failure, Job, JobState, Redrive, RedriveRefused, RunFigures, Source, SourceField,
     StepRun, StepState, MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON,

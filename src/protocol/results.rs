@@ -36,6 +36,10 @@ pub struct ResultRef {
     /// When the result is an array: its length (a fanout step's subjob count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array_len: Option<u64>,
+    /// How the object is written: one JSON value (`json`, the default), or,
+    /// for items, JSON lines (`lines`: one item per line).
+    #[serde(default, skip_serializing_if = "super::is_json_format")]
+    pub format: super::ItemsFormat,
 }
 
 impl ResultRef {
@@ -80,6 +84,7 @@ mod tests {
             size: 10,
             digest: Some("SHA-256=abc".into()),
             array_len: Some(3),
+            format: Default::default(),
         };
         let v = r.to_value();
         assert_eq!(ResultRef::from_value(&v), Some(r));

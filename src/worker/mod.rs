@@ -733,6 +733,7 @@ async fn offload(nats: &WorkerNats, value: Value) -> Result<Value, TaskError> {
         size: bytes.len() as u64,
         digest: Some(digest),
         array_len: value.as_array().map(|a| a.len() as u64),
+        format: Default::default(),
     };
     Ok(reference.to_value())
 }
