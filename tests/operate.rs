@@ -225,7 +225,7 @@ async fn a_failed_job_is_redriven_for_the_subjobs_that_did_not_complete() {
     let mut env = Env::start().await;
     env.apply(
         "name = \"rd\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\nmax_in_flight = 8\n\
-         [[steps]]\nname = \"sum\"\nkind = \"task\"\n",
+         [[steps]]\nname = \"sum\"\nkind = \"task\"\nmax_attempts = 10\nbackoff = [\"300ms\"]\n",
     )
     .await;
     // Items 9, 19, … fail for good until the mail server is "fixed";
@@ -488,8 +488,9 @@ async fn results_are_read_even_before_the_jobs_first_checkpoint() {
 
 /// A batched fanout redriven: only the subjobs that did not complete run
 /// again, in tasks that each hold subjobs of one block, and the results
-/// of both runs read as one step's. A batch handler reads an earlier
-/// step's results through the results service with its batch's token.
+/// of both runs read as one step's, also when the next step asks before
+/// the redriven run's record is stored (it is told to ask again). A batch
+/// handler reads an earlier step's results with its batch's token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batched_fanout_is_redriven_for_the_subjobs_that_did_not_complete() {
     use fanjet::worker::BatchContext;
@@ -497,7 +498,7 @@ async fn a_batched_fanout_is_redriven_for_the_subjobs_that_did_not_complete() {
     env.apply(
         "name = \"rdb\"\n[[steps]]\nname = \"make\"\nkind = \"task\"\n\
          [[steps]]\nname = \"send\"\nkind = \"fanout\"\nbatch_size = 5\nmax_in_flight = 10\n\
-         [[steps]]\nname = \"sum\"\nkind = \"task\"\n",
+         [[steps]]\nname = \"sum\"\nkind = \"task\"\nmax_attempts = 10\nbackoff = [\"300ms\"]\n",
     )
     .await;
     let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -538,7 +539,12 @@ async fn a_batched_fanout_is_redriven_for_the_subjobs_that_did_not_complete() {
                 Ok(json!({"ok": ok.len(), "sum": ok.iter().sum::<u64>()}))
             }),
     );
-    env.manager();
+    // Records stored every 2 s: the next step reads the results before the
+    // redriven run's record is stored, and is told to ask again.
+    env.manager_with(fanjet::manager::ManagerOptions {
+        checkpoint_every: Duration::from_secs(2),
+        ..Default::default()
+    });
     assert!(
         env.submit("rdb", json!({"job_id": "rdb-1", "input": {"count": 30}}))
             .await

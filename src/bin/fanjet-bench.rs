@@ -55,14 +55,14 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Scenarios to run (floor, A, A_deployed, A_batch10, B, B_deployed,
-    /// C, C_deployed, D, E, F, G). The `_deployed` ones run as users deploy
+    /// C, C_deployed, D, D10, E, F, G). The `_deployed` ones run as users deploy
     /// fanjet: a `fanjet manager` process and `fanjet worker` processes
     /// (A_deployed against the streaming floor); A_batch10 is A_deployed
     /// with `batch_size = 10`.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "floor,A,A_deployed,A_batch10,B,B_deployed,C,C_deployed,D,E,F,G"
+        default_value = "floor,A,A_deployed,A_batch10,B,B_deployed,C,C_deployed,D,D10,E,F,G"
     )]
     only: Vec<String>,
     /// The floor also sets `Nats-Msg-Id` on every publish, as fanjet does,
@@ -80,6 +80,12 @@ struct Args {
     /// Subjobs of scenario D.
     #[arg(long, default_value_t = 1_000_000)]
     d_subjobs: u64,
+    /// Subjobs of scenario D10 (items put in the object store).
+    #[arg(long, default_value_t = 10_000_000)]
+    d10_subjobs: u64,
+    /// Subjobs per task in scenario D10.
+    #[arg(long, default_value_t = 100)]
+    d10_batch: u64,
     /// Every nats-server flushes each write to disk before acknowledging it
     /// (`sync_interval: always`, as `nats/cluster/*.conf` set), to see what
     /// that costs.
@@ -190,6 +196,7 @@ async fn main() -> Result<()> {
         ("C", want("C")),
         ("C_deployed", want("C_deployed")),
         ("D", want("D")),
+        ("D10", want("D10")),
         ("E", want("E")),
         ("F", want("F")),
         ("G", want("G")),
@@ -208,6 +215,9 @@ async fn main() -> Result<()> {
                 "C" => many_jobs_run(args.concurrency, false).await?,
                 "C_deployed" => many_jobs_run(args.concurrency, true).await?,
                 "D" => scale_run(args.d_subjobs, args.concurrency).await?,
+                "D10" => {
+                    ten_million_run(args.d10_subjobs, args.d10_batch, args.concurrency).await?
+                }
                 "E" => latency_run(args.concurrency).await?,
                 "G" => fair_run().await?,
                 _ => managers_run(args.concurrency).await?,
@@ -1374,6 +1384,86 @@ async fn scale_run(n: u64, concurrency: usize) -> Result<Figures> {
         ("seconds", took),
         ("subjobs_per_s", n as f64 / took),
         ("manager_peak_rss_mib", rss),
+    ])
+}
+
+/// D10: one job of `n` subjobs (ten million by default) over items put in
+/// the object store as JSON lines, `batch` subjobs to a task, as users
+/// deploy it: a `fanjet manager` process and two `fanjet worker --sleep
+/// 0ms` processes of half the slots each. Seconds from the submission to
+/// the job's end, the manager's peak RSS, and exact counts.
+async fn ten_million_run(n: u64, batch: u64, concurrency: usize) -> Result<Figures> {
+    let mut c = Cluster::start_with(Some(&["manager"])).await?;
+    c.nats
+        .apply_workflow(&Workflow::from_toml(&format!(
+            "name = \"tenm\"\n[[steps]]\nname = \"noop\"\nkind = \"fanout\"\nbatch_size = {batch}\nmax_in_flight = 50000\n"
+        ))?)
+        .await?;
+    let slots = (concurrency / 2).max(1).to_string();
+    let mut workers_pids = Vec::new();
+    for _ in 0..2 {
+        workers_pids.push(c.spawn(&[
+            "worker",
+            "--workflow",
+            "tenm",
+            "--step",
+            "noop",
+            "--sleep",
+            "0ms",
+            "--concurrency",
+            &slots,
+        ])?);
+    }
+    let manager_pid = c.children[0].id();
+    c.wait_partitions(1).await?;
+    // The items: one number per line.
+    let put_start = Instant::now();
+    let mut lines = Vec::with_capacity(n as usize * 9);
+    for i in 0..n {
+        lines.extend_from_slice(i.to_string().as_bytes());
+        lines.push(b'\n');
+    }
+    let reference = fanjet::nats::objects::put_items(
+        &c.nats.js,
+        fanjet::protocol::RESULTS_BUCKET,
+        &lines[..],
+        fanjet::protocol::ItemsFormat::Lines,
+    )
+    .await?;
+    drop(lines);
+    let put_secs = put_start.elapsed().as_secs_f64();
+    let mut done = c
+        .nats
+        .client
+        .subscribe("fanjet.ev.*.tenm-1.completed")
+        .await?;
+    let sub = Submission {
+        job_id: Some("tenm-1".into()),
+        customer: None,
+        input: reference.to_value(),
+        priority: None,
+    };
+    c.submit("tenm", &sub).await?;
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(1800), done.next())
+        .await
+        .context("the ten-million job did not complete within 30 minutes")?;
+    let took = start.elapsed().as_secs_f64();
+    let job = c.wait_end("tenm-1", Duration::from_secs(30)).await?;
+    anyhow::ensure!(
+        (job.steps[0].completed, job.steps[0].failed) == (n, 0),
+        "the job counted {} completed and {} failed of {n}",
+        job.steps[0].completed,
+        job.steps[0].failed
+    );
+    let rss = peak_rss_mib(manager_pid).unwrap_or(f64::NAN);
+    c.stop().await;
+    Ok(vec![
+        ("seconds", took),
+        ("subjobs_per_s", n as f64 / took),
+        ("manager_peak_rss_mib", rss),
+        ("batch_size", batch as f64),
+        ("items_put_seconds", put_secs),
     ])
 }
 

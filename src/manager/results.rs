@@ -139,6 +139,18 @@ async fn begin(
         }
         Err(e) => return refusal("unavailable", e.to_string()),
     };
+    // A redriven job's record is stored a moment after its new run began:
+    // read with a record still of an earlier run, the results would miss
+    // the new run's outcomes.
+    if job.run < req.run {
+        return refusal(
+            "unavailable",
+            format!(
+                "job {job_id}'s stored record is of run {}, the task of run {}; ask again shortly",
+                job.run, req.run
+            ),
+        );
+    }
     if req.step >= job.steps.len() {
         return refusal(
             "no_such_step",
