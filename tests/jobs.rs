@@ -626,9 +626,10 @@ async fn a_batched_fanout_hands_items_together_and_retries_a_failing_item_alone(
     );
 }
 
-/// A fanout over items put in the object store (`fanjet items put`): the
-/// manager reads them a buffer at a time, in order; a reference whose
-/// count is wrong, or whose object is gone, fails the job with a reason.
+/// A fanout over items put in the object store (`fanjet items put`, or a
+/// step's `TaskContext::put_items`): the manager reads them a buffer at a
+/// time, in order; a reference whose count is wrong, or whose object is
+/// gone, fails the job with a reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fanout_reads_its_items_from_an_object_put_with_the_cli() {
     let mut env = Env::start().await;
@@ -636,19 +637,37 @@ async fn a_fanout_reads_its_items_from_an_object_put_with_the_cli() {
         "name = \"many\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\nbatch_size = 50\nmax_in_flight = 500\n",
     )
     .await;
+    // A first step that hands on its items as an object.
+    env.apply(
+        "name = \"made\"\n[[steps]]\nname = \"collect\"\nkind = \"task\"\n\
+         [[steps]]\nname = \"send\"\nkind = \"fanout\"\nbatch_size = 10\n",
+    )
+    .await;
     env.manager();
     let seen = Arc::new(std::sync::Mutex::new(Vec::<(u64, Value)>::new()));
     let s = seen.clone();
-    env.worker(Worker::new(env.nats.clone()).concurrency(8).handler(
-        "many",
-        "send",
-        move |ctx: TaskContext| {
-            s.lock()
-                .unwrap()
-                .push((ctx.task.index, ctx.task.item.clone()));
-            async move { Ok(Value::Null) }
-        },
-    ));
+    env.worker(
+        Worker::new(env.nats.clone())
+            .concurrency(8)
+            .handler("many", "send", move |ctx: TaskContext| {
+                s.lock()
+                    .unwrap()
+                    .push((ctx.task.index, ctx.task.item.clone()));
+                async move { Ok(Value::Null) }
+            })
+            .handler("made", "collect", |ctx: TaskContext| async move {
+                let n = ctx.task.input["count"].as_u64().unwrap_or(0);
+                let lines: String = (0..n).map(|i| format!("{{\"c\": {i}}}\n")).collect();
+                ctx.put_items(lines.as_bytes(), fanjet::protocol::ItemsFormat::Lines)
+                    .await
+            })
+            .handler("made", "send", |ctx: TaskContext| async move {
+                match ctx.task.item["c"].as_u64() == Some(ctx.task.index) {
+                    true => Ok(Value::Null),
+                    false => Err(TaskError::give_up(format!("item {}", ctx.task.item))),
+                }
+            }),
+    );
     // 5,000 items as JSON lines, one a string with a newline escaped, one
     // nested, blank lines between.
     let dir = tempfile::tempdir().unwrap();
@@ -718,4 +737,21 @@ async fn a_fanout_reads_its_items_from_an_object_put_with_the_cli() {
     assert_eq!(job.state, JobState::Failed);
     let error = job.error.unwrap_or_default();
     assert!(error.contains("no longer in the object store"), "{error}");
+
+    // A step's result put as items: the fanout after it reads them.
+    assert!(
+        env.submit(
+            "made",
+            json!({"job_id": "made-1", "input": {"count": 3000}})
+        )
+        .await
+        .ok
+    );
+    let job = env.wait_end("made-1", Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(
+        (job.steps[1].total, job.steps[1].completed),
+        (3000, 3000),
+        "each subjob got its own item"
+    );
 }

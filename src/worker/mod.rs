@@ -93,6 +93,28 @@ impl TaskContext {
     pub fn results(&self, step: usize) -> Results {
         Results::new(self.client.clone(), &self.task, step)
     }
+
+    /// Stores items (a JSON array, or JSON lines, as `format` says) read
+    /// from `reader` as an object, and gives the reference to return as
+    /// this step's result: a fanout after it reads them a buffer at a time,
+    /// so a step may hand on millions of items (a result returned whole is
+    /// at most 64 MiB, and is built in memory).
+    pub async fn put_items<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        reader: R,
+        format: crate::protocol::ItemsFormat,
+    ) -> Result<Value, TaskError> {
+        let Some(client) = &self.client else {
+            return Err(TaskError::give_up(
+                "this task context has no connection (a handler test): items cannot be stored",
+            ));
+        };
+        let js = async_nats::jetstream::new(client.clone());
+        objects::put_items(&js, RESULTS_BUCKET, reader, format)
+            .await
+            .map(|r| r.to_value())
+            .map_err(|e| TaskError::retry(e.to_string()))
+    }
 }
 
 /// A batch as a handler sees it (a fanout step with `batch_size` > 1):
