@@ -1,6 +1,6 @@
 //! Random, mostly nonsensical input against the engine (unknown jobs, huge
-//! indices, wrong steps, duplicates, ticks, aborts, lost-task looks, saves,
-//! conflicts): it may never panic or
+//! indices, wrong steps, duplicates, batches of any shape, ticks, aborts,
+//! lost-task looks, saves, conflicts): it may never panic or
 //! break a count, whatever arrives on the log. The test says how many
 //! streams it tried (run with `--nocapture` to see it).
 
@@ -12,15 +12,15 @@ use serde_json::json;
 
 use super::{Definition, Engine, Input, ShareView, StepView, Unqueued};
 use crate::protocol::{
-    CancelRequested, Event, JobDemand, JobRequested, JobState, SubjobCompleted, SubjobFailed,
-    Tenant, Tolerance, UpdateRequested, Workflow,
+    CancelRequested, Event, ItemOutcome, JobDemand, JobRequested, JobState, SubjobCompleted,
+    SubjobFailed, SubjobsDone, Tenant, Tolerance, UpdateRequested, Workflow,
 };
 
 /// Random, mostly nonsensical inputs for the engine: unknown jobs, huge
 /// indices, wrong steps, duplicates, ticks, aborts.
 fn engine_input() -> impl Strategy<Value = (u8, u8, usize, u64, u32, bool)> {
     (
-        0u8..11,
+        0u8..12,
         0u8..3,
         0usize..4,
         prop_oneof![0u64..12, Just(u64::MAX), any::<u64>()],
@@ -63,10 +63,14 @@ fn random_view(n: u64, k: u32, capped: bool) -> ShareView {
 
 #[test]
 fn random_event_streams_never_panic_the_engine() {
-    let wf = Workflow::from_toml(
-        "name = \"w\"\n[[steps]]\nname = \"a\"\nkind = \"task\"\n[[steps]]\nname = \"b\"\nkind = \"fanout\"\nmax_in_flight = 3\ntolerate_failures = \"2\"\n[[steps]]\nname = \"c\"\nkind = \"task\"\n",
-    )
-    .unwrap();
+    let definition = |batch: u64| {
+        Workflow::from_toml(&format!(
+            "name = \"w\"\n[[steps]]\nname = \"a\"\nkind = \"task\"\n[[steps]]\nname = \"b\"\nkind = \"fanout\"\nmax_in_flight = 3\ntolerate_failures = \"2\"\nbatch_size = {batch}\n[[steps]]\nname = \"c\"\nkind = \"task\"\n"
+        ))
+        .unwrap()
+    };
+    // Jobs with an odd number fan out in batches of 2.
+    let (wf, batched) = (definition(1), definition(2));
     let tried = AtomicUsize::new(0);
     let mut runner = TestRunner::new(Config {
         cases: 1500,
@@ -101,6 +105,7 @@ fn random_event_streams_never_panic_the_engine() {
                         },
                         stored: index == 0,
                         workflow: match (flag, attempt) {
+                            (true, _) if job % 2 == 1 => Definition::Found(batched.clone()),
                             (true, _) => Definition::Found(wf.clone()),
                             (false, 0) => Definition::Invalid("bad".into()),
                             (false, _) => Definition::Unknown,
@@ -164,6 +169,27 @@ fn random_event_streams_never_panic_the_engine() {
                             tolerate: (attempt % 4 == 1).then_some(Tolerance::Count(index % 3)),
                             reason: None,
                             at: now,
+                        }),
+                    },
+                    10 => Input::Event {
+                        seq: now,
+                        event: Event::SubjobsDone(SubjobsDone {
+                            job_id,
+                            step_index: step,
+                            index: index - index % 2,
+                            batch_size: if flag { 2 } else { u64::from(attempt) },
+                            attempt,
+                            duration_ms: 3,
+                            outcomes: (0..=u64::from(attempt % 3))
+                                .map(|k| ItemOutcome {
+                                    index: index.saturating_add(k),
+                                    attempt,
+                                    result: json!(k),
+                                    error: (k == 1 && !flag).then(|| "e".into()),
+                                })
+                                .collect(),
+                            run: 0,
+                            token: String::new(),
                         }),
                     },
                     _ => Input::Tick,

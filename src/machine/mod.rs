@@ -990,7 +990,7 @@ fn subjobs_done(
         return Err(Ignored::NotDispatched);
     }
     let replayed = replayed(job, seq);
-    let block = e.index..e.index + size;
+    let block = e.index..e.index.saturating_add(size);
     let each_ms = e.duration_ms as f64 / e.outcomes.len().max(1) as f64;
     let mut counted = false;
     let mut why = Ignored::Duplicate;
