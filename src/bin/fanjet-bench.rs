@@ -546,22 +546,8 @@ async fn deployed_run(n: u64, concurrency: usize, fair: bool, batch: u64) -> Res
     c.nats
         .apply_workflow(&Workflow::from_toml(&deployed_workflow(batch))?)
         .await?;
-    let slots = (concurrency / 2).max(1).to_string();
     let mut beats = c.nats.client.subscribe("fanjet.heartbeat.worker.>").await?;
-    let mut workers_pids = Vec::new();
-    for _ in 0..2 {
-        workers_pids.push(c.spawn(&[
-            "worker",
-            "--workflow",
-            "benchd",
-            "--step",
-            "noop",
-            "--sleep",
-            "0ms",
-            "--concurrency",
-            &slots,
-        ])?);
-    }
+    let workers_pids = c.noop_workers("benchd", "noop", concurrency)?;
     let manager_pid = c.children[0].id();
     c.wait_partitions(1).await?;
     // Both workers up (their first heartbeats), so the shares know them.
@@ -780,6 +766,24 @@ impl Cluster {
             });
         }
         Ok(c)
+    }
+
+    /// Two `fanjet worker --sleep 0ms` processes of half the slots each,
+    /// serving `workflow`'s `step`; their process ids.
+    fn noop_workers(&mut self, workflow: &str, step: &str, concurrency: usize) -> Result<Vec<u32>> {
+        let slots = (concurrency / 2).max(1).to_string();
+        let args = [
+            "worker",
+            "--workflow",
+            workflow,
+            "--step",
+            step,
+            "--sleep",
+            "0ms",
+            "--concurrency",
+            &slots,
+        ];
+        Ok(vec![self.spawn(&args)?, self.spawn(&args)?])
     }
 
     fn spawn(&mut self, args: &[&str]) -> Result<u32> {
@@ -1399,21 +1403,7 @@ async fn ten_million_run(n: u64, batch: u64, concurrency: usize) -> Result<Figur
             "name = \"tenm\"\n[[steps]]\nname = \"noop\"\nkind = \"fanout\"\nbatch_size = {batch}\nmax_in_flight = 50000\n"
         ))?)
         .await?;
-    let slots = (concurrency / 2).max(1).to_string();
-    let mut workers_pids = Vec::new();
-    for _ in 0..2 {
-        workers_pids.push(c.spawn(&[
-            "worker",
-            "--workflow",
-            "tenm",
-            "--step",
-            "noop",
-            "--sleep",
-            "0ms",
-            "--concurrency",
-            &slots,
-        ])?);
-    }
+    c.noop_workers("tenm", "noop", concurrency)?;
     let manager_pid = c.children[0].id();
     c.wait_partitions(1).await?;
     // The items: one number per line.
