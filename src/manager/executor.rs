@@ -59,7 +59,8 @@ pub struct Executor {
     sources: HashMap<u64, Arc<Value>>,
     /// Objects of items counted (and their digest checked) already.
     counted: HashSet<String>,
-    /// Where the last dispatch of each object's items stopped reading.
+    /// Where the last dispatch of each step run over an object's items
+    /// stopped reading.
     readers: HashMap<String, ItemReader>,
     acks: FuturesUnordered<<PublishAckFuture as IntoFuture>::IntoFuture>,
     /// The stored revision of each job record held.
@@ -268,7 +269,7 @@ impl Executor {
             None => (d.from..d.to).collect(),
         };
         let (items, input) = match d.step.kind {
-            StepKind::Fanout => match self.items(&d.source, &indices).await? {
+            StepKind::Fanout => match self.items(&d, &indices).await? {
                 Ok(items) => (items, Arc::new(Value::Null)),
                 Err(reason) => return Ok(Some(format!("step {:?}: {reason}", d.step.name))),
             },
@@ -419,10 +420,10 @@ impl Executor {
     /// next dispatch. The inner error is permanent, the outer transient.
     async fn items(
         &mut self,
-        source: &Source,
+        d: &Dispatch,
         indices: &[u64],
     ) -> Result<Result<Vec<Value>, String>, ManagerError> {
-        let raw = match self.raw(source).await? {
+        let raw = match self.raw(&d.source).await? {
             Ok(v) => v,
             Err(reason) => return Ok(Err(reason)),
         };
@@ -457,7 +458,10 @@ impl Executor {
             }
             self.counted.insert(r.name.clone());
         }
-        let mut reader = match self.readers.remove(&r.name) {
+        // A reader per step run: two jobs over the same object each read
+        // on from where their last dispatch stopped.
+        let at = format!("{}:{}:{}", d.job_id, d.step_index, d.run);
+        let mut reader = match self.readers.remove(&at) {
             Some(reader) if indices.first().is_none_or(|&i| i >= reader.position()) => reader,
             _ => match ItemReader::open(&self.nats.results, &r).await {
                 Ok(reader) => reader,
@@ -492,7 +496,7 @@ impl Executor {
         if self.readers.len() >= READERS_KEPT {
             self.readers.clear();
         }
-        self.readers.insert(r.name.clone(), reader);
+        self.readers.insert(at, reader);
         Ok(Ok(items))
     }
 

@@ -249,6 +249,12 @@ impl ItemReader {
     /// Item `index` (at or past [`position`](Self::position)) as JSON
     /// text, skipping those before it; `None` past the last item.
     pub async fn item(&mut self, index: u64) -> Result<Option<Vec<u8>>, ItemsReadError> {
+        if index < self.next {
+            return Err(ItemsReadError::transient(format!(
+                "item {index} of object {} was read already (the reader is at {})",
+                self.name, self.next
+            )));
+        }
         loop {
             let buffered = self.ready.len() as u64;
             if index < self.next + buffered {
