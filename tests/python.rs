@@ -121,4 +121,43 @@ async fn a_python_worker_shares_a_fanout_step_with_a_rust_worker() {
         .filter(|e| e["attempt"].as_u64() == Some(2) && e["result"]["by"].is_string())
         .count();
     assert_eq!(job.steps[0].retries as usize, retried);
+
+    // A batched step served by Python alone, from PROTOCOL.md's "Batches":
+    // items together, a failing one retried alone, one SubjobsDone each.
+    env.apply(
+        "name = \"squaresb\"\n[[steps]]\nname = \"square\"\nkind = \"fanout\"\ntimeout = \"10s\"\nmax_attempts = 3\nbackoff = [\"100ms\"]\nbatch_size = 5\n",
+    )
+    .await;
+    let mut batcher = py("worker.py")
+        .args(["--workflow", "squaresb", "--step", "square"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the python worker");
+    let items: Vec<i64> = (0..60).collect();
+    let reply = env
+        .submit("squaresb", json!({"job_id": "py-batch-1", "input": items}))
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    let job = env.wait_end("py-batch-1", Duration::from_secs(60)).await;
+    let _ = batcher.kill();
+    let _ = batcher.wait();
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    // Items 0, 13, 26, 39, 52 failed once and were retried alone.
+    assert_eq!(
+        (
+            job.steps[0].completed,
+            job.steps[0].failed,
+            job.steps[0].retries
+        ),
+        (60, 0, 5)
+    );
+    let events = env.events("py-batch-1").await;
+    let outcomes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "SubjobsDone")
+        .flat_map(|e| e["outcomes"].as_array().unwrap().iter())
+        .collect();
+    assert_eq!(outcomes.len(), 60);
+    assert!(outcomes.iter().all(|o| o["result"]["by"] == "python"
+        && o["result"]["square"].as_i64() == o["index"].as_i64().map(|i| i * i)));
 }

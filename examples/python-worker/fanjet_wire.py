@@ -50,6 +50,19 @@ def subjob_failed(task: dict, attempt: int, error: str):
     return event_subject(job, "subjob_failed"), headers, json.dumps(event).encode()
 
 
+def subjobs_done(task: dict, attempt: int, outcomes: list, duration_ms: int):
+    """(subject, headers, payload) of a SubjobsDone event: a batch's outcomes,
+    each {"index", "attempt", "result"} or {"index", "attempt", "error"}."""
+    job, i, first = task["job_id"], task["step_index"], task["index"]
+    run = task.get("run", 0)
+    event = {"type": "SubjobsDone", "job_id": job, "step_index": i, "index": first,
+             "batch_size": task["batch_size"], "attempt": attempt,
+             "duration_ms": duration_ms, "outcomes": outcomes,
+             "run": run, "token": task.get("token", "")}
+    msg_id = f"{job}:subjobs_done:{i}:{first}:{outcomes[0]['index']}" + (f":r{run}" if run else "")
+    return event_subject(job, "subjobs_done"), {"Nats-Msg-Id": msg_id}, json.dumps(event).encode()
+
+
 def backoff_seconds(task: dict, attempt: int) -> float:
     """The step's delay before retrying after failed attempt `attempt`."""
     delays = task.get("backoff_ms") or [0]

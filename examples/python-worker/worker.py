@@ -6,8 +6,9 @@
 It pulls tasks of one step from the durable consumer fanjet_<workflow>_<step>
 (never more than it has free slots), squares the item, reports a
 SubjobCompleted (then acks), or on error NAKs with the step's backoff, or on
-the last attempt reports SubjobFailed (then terminates the task). Long work
-sends in-progress acks. SIGTERM: stop pulling, finish what runs, exit.
+the last attempt reports SubjobFailed (then terminates the task). A batch
+(a step with batch_size) has each item squared, a failing one retried
+alone, and one SubjobsDone. Long work sends in-progress acks. SIGTERM: stop pulling, finish what runs, exit.
 """
 
 import argparse
@@ -37,10 +38,44 @@ class PermanentError(Exception):
     """Do not retry."""
 
 
+async def process_batch(js, msg, task, attempt):
+    """A batch (a step with batch_size): each item handled, one that fails
+    with a retryable error tried again alone after the step's backoff, then
+    one SubjobsDone with every item's outcome, then the ack."""
+    started = time.monotonic()
+    keepalive = asyncio.create_task(in_progress(msg, task["timeout_ms"] / 3000.0))
+    outcomes = []
+    try:
+        for index, item in zip(task["indices"], task["items"]):
+            single = dict(task, index=index, item=item)
+            tries = attempt
+            while True:
+                try:
+                    outcomes.append({"index": index, "attempt": tries, "result": handle(single, tries)})
+                    break
+                except PermanentError as e:
+                    outcomes.append({"index": index, "attempt": tries, "error": str(e)})
+                    break
+                except Exception as e:  # noqa: BLE001 - retried alone
+                    if tries >= task.get("max_attempts", 1):
+                        outcomes.append({"index": index, "attempt": tries, "error": f"{e} (last attempt)"})
+                        break
+                    await asyncio.sleep(wire.backoff_seconds(task, tries))
+                    tries += 1
+    finally:
+        keepalive.cancel()
+    subject, headers, payload = wire.subjobs_done(task, attempt, outcomes, int((time.monotonic() - started) * 1000))
+    await js.publish(subject, payload, headers=headers)
+    await msg.ack()
+
+
 async def process(js, msg, slots):
     try:
         task = json.loads(msg.data)
         attempt = msg.metadata.num_delivered
+        if "batch_size" in task:
+            await process_batch(js, msg, task, attempt)
+            return
         started = time.monotonic()
         keepalive = asyncio.create_task(in_progress(msg, task["timeout_ms"] / 3000.0))
         try:
