@@ -31,7 +31,7 @@ use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
     encode_json, job_tasks_filter, task_msg_id, task_subject, Event, ResultRef, Source,
-    SourceField, StepKind, Task, MANAGER_HEADER,
+    SourceField, StepKind, Task, TaskKey, MANAGER_HEADER,
 };
 
 /// Publishes awaiting their ack at once, at most.
@@ -278,13 +278,13 @@ impl Executor {
                 Err(reason) => return Ok(Some(format!("step {:?}: {reason}", d.step.name))),
             },
         };
-        if d.step.batch_size > 1 {
-            return self.dispatch_batches(&d, indices, items).await;
-        }
         let max = self.nats.max_payload();
         let key = self.nats.task_key.clone().ok_or_else(|| {
             ManagerError::Nats("this connection did not read the task token key".into())
         })?;
+        if d.step.batch_size > 1 {
+            return self.dispatch_batches(&d, &key, max, indices, items).await;
+        }
         for (index, item) in indices.into_iter().zip(items) {
             let task = Task {
                 indices: Vec::new(),
@@ -331,6 +331,8 @@ impl Executor {
     async fn dispatch_batches(
         &mut self,
         d: &Dispatch,
+        key: &TaskKey,
+        max: usize,
         indices: Vec<u64>,
         items: Vec<Value>,
     ) -> Result<Option<String>, ManagerError> {
@@ -349,7 +351,7 @@ impl Executor {
             }
             let (batch, batch_items) =
                 (std::mem::take(&mut block), std::mem::take(&mut block_items));
-            if let Some(reason) = self.enqueue_batch(d, batch, batch_items).await? {
+            if let Some(reason) = self.enqueue_batch(d, key, max, batch, batch_items).await? {
                 return Ok(Some(reason));
             }
         }
@@ -360,6 +362,8 @@ impl Executor {
     async fn enqueue_batch(
         &mut self,
         d: &Dispatch,
+        key: &TaskKey,
+        max: usize,
         batch: Vec<u64>,
         items: Vec<Value>,
     ) -> Result<Option<String>, ManagerError> {
@@ -368,10 +372,6 @@ impl Executor {
             return Ok(None);
         };
         let first = first_index - first_index % size;
-        let max = self.nats.max_payload();
-        let key = self.nats.task_key.clone().ok_or_else(|| {
-            ManagerError::Nats("this connection did not read the task token key".into())
-        })?;
         let task = Task {
             job_id: d.job_id.clone(),
             workflow: d.workflow.clone(),

@@ -240,8 +240,7 @@ fn events(done: SubjobsDone, max_payload: usize) -> Vec<(Event, bytes::Bytes)> {
         let event = Event::SubjobsDone(part.clone());
         match log::encode(&event, max_payload) {
             Ok(bytes) => out.push((event, bytes)),
-            Err(LogError::TooLarge { bytes, max, .. }) if part.outcomes.len() > 1 => {
-                let _ = (bytes, max);
+            Err(LogError::TooLarge { .. }) if part.outcomes.len() > 1 => {
                 let rest = part.outcomes.split_off(part.outcomes.len() / 2);
                 let mut second = part.clone();
                 second.outcomes = rest;
