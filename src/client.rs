@@ -12,10 +12,10 @@ use crate::nats::log::{self, LogError};
 use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
-    cancel_subject, customer_submit_subject, encode_json, new_job_id, now_ms, redrive_subject,
-    status_subject, submit_subject, update_subject, validate_token, CancelRequested, Event, Job,
-    RedriveRefused, RedriveRequested, RejectCode, Submission, SubmitReply, Tolerance,
-    UpdateRequested,
+    cancel_subject, customer_submit_subject, encode_json, list_subject, new_job_id, now_ms,
+    redrive_subject, status_subject, submit_subject, update_subject, validate_token,
+    CancelRequested, Event, IndexCounts, Job, JobPage, ListRequest, RedriveRefused,
+    RedriveRequested, RejectCode, Submission, SubmitReply, Tolerance, UpdateRequested,
 };
 
 #[derive(Debug, Error)]
@@ -296,6 +296,36 @@ async fn ask(
             _ => ClientError::Nats(e.to_string()),
         })?;
     serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Nats(e.to_string()))
+}
+
+/// A page of `customer`'s jobs (and their counts, when asked) through the
+/// listing service (for users whose permissions allow only
+/// `fanjet.jobs.<customer>`).
+pub async fn list_as(
+    nats: &async_nats::Client,
+    customer: &str,
+    req: &ListRequest,
+) -> Result<(JobPage, Option<IndexCounts>), ClientError> {
+    let body = serde_json::to_vec(req).map_err(|e| ClientError::Nats(e.to_string()))?;
+    let v = ask(nats, &list_subject(customer), body.into()).await?;
+    if let Some(e) = v.get("error") {
+        let text = |k: &str| {
+            e.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        return Err(ClientError::Answered {
+            code: text("code"),
+            message: text("message"),
+        });
+    }
+    let counts = v
+        .get("counts")
+        .and_then(|c| serde_json::from_value(c.clone()).ok());
+    let page = serde_json::from_value(v)
+        .map_err(|e| ClientError::Nats(format!("unreadable page: {e}")))?;
+    Ok((page, counts))
 }
 
 /// Asks for a job's cancellation through the cancel service, as `customer`

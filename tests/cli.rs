@@ -143,13 +143,21 @@ async fn the_cli_runs_a_job_end_to_end() {
         stdout(&human)
     );
 
-    let jobs = run(&env, &["jobs", "--customer", "acme", "--json"]);
-    let list: Value = serde_json::from_str(&stdout(&jobs)).unwrap();
-    assert_eq!(list.as_array().map(|a| a.len()), Some(1));
+    // The job index has it (kept by the manager, a moment after the end).
+    let mut listed = Value::Null;
+    for _ in 0..50 {
+        let jobs = run(&env, &["jobs", "--customer", "acme", "--json"]);
+        listed = serde_json::from_str(&stdout(&jobs)).unwrap();
+        if listed["jobs"].as_array().map(|a| a.len()) == Some(1) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(listed["jobs"][0]["state"], "completed", "{listed}");
     let none = run(&env, &["jobs", "--customer", "other", "--json"]);
     assert_eq!(
         serde_json::from_str::<Value>(&stdout(&none)).unwrap(),
-        json!([])
+        json!({"jobs": []})
     );
 
     // A plain publish, no reply subject: fire and forget, still a job.

@@ -165,12 +165,24 @@ async fn the_api_shows_status_statistics_events_and_live_progress() {
     assert!(st["throughput_per_s"].as_f64().unwrap() > 0.0);
     assert!(job.get("definition").is_none());
 
-    let (code, list) = get(&format!("{base}/api/jobs?customer=acme&state=completed")).await;
-    assert_eq!(code, 200);
-    assert_eq!(list["total"], 1);
+    // The job index has it a moment after its end.
+    let mut list = Value::Null;
+    for _ in 0..50 {
+        let (code, l) = get(&format!(
+            "{base}/api/jobs?customer=acme&state=completed&counts=true"
+        ))
+        .await;
+        assert_eq!(code, 200);
+        list = l;
+        if list["counts"]["total"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(list["counts"]["total"], 1, "{list}");
     assert_eq!(list["jobs"][0]["job_id"], "api-1");
     let (_, none) = get(&format!("{base}/api/jobs?customer=other")).await;
-    assert_eq!(none["total"], 0);
+    assert_eq!(none["jobs"], json!([]));
 
     let (code, ev) = get(&format!("{base}/api/jobs/api-1/events")).await;
     assert_eq!(code, 200);
@@ -289,6 +301,7 @@ async fn cancel_over_http_and_the_openapi_document_matches_the_routes() {
         ("/", "get"),
         ("/api/jobs", "get"),
         ("/api/jobs", "post"),
+        ("/api/jobs/counts", "get"),
         ("/api/jobs/{id}", "get"),
         ("/api/jobs/{id}/events", "get"),
         ("/api/jobs/{id}/stream", "get"),

@@ -12,12 +12,12 @@ use fanjet::manager::{self, ManagerOptions};
 use fanjet::nats::connect::ConnectArgs;
 use fanjet::nats::server::NatsServer;
 use fanjet::nats::{Nats, WorkerNats};
-use fanjet::protocol::JobState;
 use fanjet::protocol::Workflow;
 use fanjet::protocol::{
     customer_submit_subject, encode_json, event_subject, tenant_job_id, Event, JobCompleted,
     StepCompleted, SubjobCompleted, SubjobFailed, Submission,
 };
+use fanjet::protocol::{JobState, ListRequest};
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -70,6 +70,8 @@ async fn each_role_can_do_its_job_and_no_more() {
         "FANJET_EVENTS",
         "FANJET_TASKS",
         "OBJ_fanjet_results",
+        "FANJET_INDEX",
+        "KV_fanjet_index",
     ] {
         assert!(
             refused_request(
@@ -204,6 +206,54 @@ async fn each_role_can_do_its_job_and_no_more() {
     assert!(
         !matches!(peek, Ok(Ok(Some(_)))),
         "no status of another customer's job"
+    );
+    // It lists its own jobs through the listing service, and no other
+    // customer's; it cannot read the index itself.
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        let (page, _) = client::list_as(&submitter, "acme", &ListRequest::default())
+            .await
+            .expect("the submitter lists its jobs");
+        listed = page
+            .jobs
+            .iter()
+            .map(|j| j.job_id.clone())
+            .collect::<Vec<_>>();
+        if listed.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    listed.sort();
+    assert_eq!(listed, vec![sec1.clone(), tenant_job_id("acme", "sec-b")]);
+    let (_, counts) = client::list_as(
+        &submitter,
+        "acme",
+        &ListRequest {
+            counts: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("the submitter counts its jobs");
+    assert_eq!(counts.map(|c| c.total), Some(2));
+    let others = tokio::time::timeout(
+        Duration::from_secs(1),
+        client::list_as(&submitter, "globex", &ListRequest::default()),
+    )
+    .await;
+    assert!(
+        !matches!(others, Ok(Ok(_))),
+        "a submitter listed another customer's jobs: {others:?}"
+    );
+    assert!(
+        refused_request(
+            &submitter,
+            "$JS.API.DIRECT.GET.FANJET_INDEX",
+            "{\"seq\": 1, \"batch\": 10}"
+        )
+        .await,
+        "a submitter read the job index"
     );
     let forged = Event::JobCompleted(JobCompleted {
         run: 0,
@@ -905,10 +955,22 @@ async fn the_viewer_changes_no_consumer_and_pulls_none() {
         history.iter().any(|e| e.event["type"] == "StepStarted"),
         "{history:?}"
     );
-    let listed = fanjet::nats::store::list(&viewer, &Default::default())
+    let mut seen = false;
+    for _ in 0..100 {
+        let page = fanjet::nats::index::list(&viewer, &Default::default(), &Default::default())
+            .await
+            .expect("viewer lists jobs");
+        seen = page.jobs.iter().any(|j| j.job_id == acme_seen);
+        if seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "the viewer's listing never showed {acme_seen}");
+    let counts = fanjet::nats::index::counts(&viewer, &Default::default())
         .await
-        .expect("viewer lists jobs");
-    assert!(listed.iter().any(|j| j.job_id == acme_seen));
+        .expect("viewer counts jobs");
+    assert!(counts.total >= 1);
     env.stop().await;
 }
 

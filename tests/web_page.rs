@@ -217,6 +217,37 @@ async fn the_page_follows_a_running_job_live_in_chromium() {
         .js("return !!document.querySelector('tr.job[data-id=\"web-1\"]');")
         .await;
     assert_eq!(listed, json!(true), "the job is in the jobs list");
+    let counts = driver
+        .js("const e = document.querySelector('#counts'); return e ? e.textContent : null;")
+        .await;
+    assert!(
+        counts
+            .as_str()
+            .is_some_and(|c| c.contains("job(s):") && c.contains(" running")),
+        "the page counts the jobs per state: {counts}"
+    );
+    // A search by id prefix: another prefix lists nothing.
+    let none = driver
+        .js("document.querySelector('#filters [name=prefix]').value = 'zz'; document.querySelector('#filters button').click(); return true;")
+        .await;
+    assert_eq!(none, json!(true));
+    let start = Instant::now();
+    loop {
+        let empty = driver
+            .js("return !document.querySelector('tr.job') && document.querySelector('#jobs').textContent.includes('no jobs');")
+            .await;
+        if empty == json!(true) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the prefix search did not empty the list"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    driver
+        .js("document.querySelector('#filters [name=prefix]').value = 'web-'; document.querySelector('#filters button').click(); return true;")
+        .await;
     let procs = driver
         .js("const e = document.querySelector('#processes'); return e ? e.textContent : null;")
         .await;

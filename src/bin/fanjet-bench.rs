@@ -55,14 +55,14 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Scenarios to run (floor, A, A_deployed, A_batch10, B, B_deployed,
-    /// C, C_deployed, D, D10, E, F, G). The `_deployed` ones run as users deploy
+    /// C, C_deployed, D, D10, E, F, G, H, R). The `_deployed` ones run as users deploy
     /// fanjet: a `fanjet manager` process and `fanjet worker` processes
     /// (A_deployed against the streaming floor); A_batch10 is A_deployed
     /// with `batch_size = 10`.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "floor,A,A_deployed,A_batch10,B,B_deployed,C,C_deployed,D,D10,E,F,G"
+        default_value = "floor,A,A_deployed,A_batch10,B,B_deployed,C,C_deployed,D,D10,E,F,G,H"
     )]
     only: Vec<String>,
     /// The floor also sets `Nats-Msg-Id` on every publish, as fanjet does,
@@ -74,9 +74,12 @@ struct Args {
     /// of the size of fanjet's (about 400 bytes).
     #[arg(long)]
     floor_as_fanjet: bool,
-    /// Finished jobs in the store for scenarios R and L.
+    /// Finished jobs in the store for scenario R.
     #[arg(long, default_value_t = 100_000)]
     r_jobs: u64,
+    /// Ended jobs in the index for scenario H.
+    #[arg(long, default_value_t = 1_000_000)]
+    h_jobs: u64,
     /// Subjobs of scenario D.
     #[arg(long, default_value_t = 1_000_000)]
     d_subjobs: u64,
@@ -190,7 +193,7 @@ async fn main() -> Result<()> {
     }
     let plan = [
         ("R", want("R")),
-        ("L", want("L")),
+        ("H", want("H")),
         ("B", want("B")),
         ("B_deployed", want("B_deployed")),
         ("C", want("C")),
@@ -209,7 +212,7 @@ async fn main() -> Result<()> {
         for run in 1..=args.runs {
             let figures = match name {
                 "R" => restart_run(args.r_jobs).await?,
-                "L" => listing_run(args.r_jobs).await?,
+                "H" => index_run(args.h_jobs).await?,
                 "B" => seed_run(false).await?,
                 "B_deployed" => seed_run(true).await?,
                 "C" => many_jobs_run(args.concurrency, false).await?,
@@ -919,32 +922,201 @@ async fn finished_records(nats: &Nats, jobs: u64) -> Result<()> {
     Ok(())
 }
 
-/// L, listing over a month of jobs: `jobs` finished records, then `fanjet
-/// jobs`'s listing of all of them and of one customer's (a thousandth).
-async fn listing_run(jobs: u64) -> Result<Figures> {
-    let c = Cluster::bare().await?;
-    finished_records(&c.nats, jobs).await?;
-    let mut figures = Vec::new();
-    for (figure, customer) in [("seconds_all", None), ("seconds_one_customer", Some("c7"))] {
-        let filter = fanjet::nats::store::JobFilter {
-            customer: customer.map(str::to_string),
-            ..Default::default()
+/// H, finding jobs among a million: `jobs` ended jobs of 1,000 customers
+/// and 5 workflows in the job index, then `fanjet serve`'s API (a separate
+/// process) asked what `fanjet jobs` and the web page ask: the first page
+/// (50 newest) of one customer, of one state, of both, the next pages of a
+/// state, the counts of a customer and of everyone, a job id prefix. Each
+/// figure is the median of 30 requests (milliseconds), with `fanjet
+/// serve`'s peak memory. The first 20,000 jobs go through the index
+/// consumer from the log (its rate is a figure); the rest are written
+/// straight into the index as the consumer writes them: the index is
+/// measured, not the engine.
+async fn index_run(jobs: u64) -> Result<Figures> {
+    let mut c = Cluster::bare().await?;
+    let through_log = jobs.min(20_000);
+    let now = fanjet::protocol::now_ms();
+    let summary = |i: u64| {
+        let state = match i % 50 {
+            0 | 20 => fanjet::protocol::JobState::Failed,
+            10 => fanjet::protocol::JobState::Cancelled,
+            _ => fanjet::protocol::JobState::Completed,
         };
-        let start = Instant::now();
-        let listed = fanjet::nats::store::list(&c.nats, &filter).await?;
-        figures.push((figure, start.elapsed().as_secs_f64()));
-        let want = match customer {
-            None => jobs,
-            Some(_) => jobs / 1000 + u64::from(jobs % 1000 > 7),
-        };
+        let at = now - (jobs - i);
+        fanjet::protocol::JobSummary {
+            job_id: format!("job-{i:07}"),
+            workflow: format!("wf{}", i / 1000 % 5),
+            customer: Some(format!("c{}", i % 1000)),
+            state,
+            created_at: at,
+            changed_at: at,
+            finished_at: Some(at),
+            run: 0,
+            error: None,
+            seq: 0,
+        }
+    };
+    // The index consumer's own pace, from the log.
+    {
+        let mut acks = futures::stream::FuturesUnordered::new();
+        for i in 0..through_log {
+            let s = summary(i);
+            let requested = fanjet::protocol::Event::JobRequested(fanjet::protocol::JobRequested {
+                job_id: s.job_id.clone(),
+                workflow: s.workflow.clone(),
+                customer: s.customer.clone(),
+                input: Value::Null,
+                priority: None,
+                at: s.created_at,
+                deadline_at: None,
+            });
+            let ended = fanjet::protocol::Event::JobCompleted(fanjet::protocol::JobCompleted {
+                job_id: s.job_id.clone(),
+                workflow: s.workflow.clone(),
+                output: Value::Null,
+                run: 0,
+                at: s.changed_at,
+            });
+            for event in [requested, ended] {
+                let body = serde_json::to_vec(&event)?;
+                acks.push(
+                    c.nats
+                        .js
+                        .send_publish(
+                            event.subject(),
+                            PublishMessage::build().payload(body.into()),
+                        )
+                        .await?
+                        .into_future(),
+                );
+            }
+            while acks.len() >= 1024 {
+                acks.next().await.transpose()?;
+            }
+        }
+        while acks.next().await.transpose()?.is_some() {}
+    }
+    let start = Instant::now();
+    let (n, cancel) = (c.nats.clone(), c.cancel.clone());
+    c.tasks.spawn(async move {
+        fanjet::manager::index::run(n, cancel)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    let all = fanjet::protocol::IndexFilter::default();
+    loop {
+        let counts = fanjet::nats::index::counts(&c.nats, &all).await?;
+        if counts.total >= through_log {
+            break;
+        }
         anyhow::ensure!(
-            listed.len() as u64 == want,
-            "listed {} of {want}",
-            listed.len()
+            start.elapsed() < Duration::from_secs(600),
+            "the index consumer indexed {} of {through_log} jobs in 10 minutes",
+            counts.total
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let index_rate = through_log as f64 / start.elapsed().as_secs_f64();
+    // The rest, straight into the index.
+    {
+        let nats = &c.nats;
+        let mut acks = futures::stream::FuturesUnordered::new();
+        for i in through_log..jobs {
+            let s = summary(i);
+            acks.push(async move { fanjet::nats::index::write_entry(nats, &s, now).await });
+            while acks.len() >= 2048 {
+                acks.next().await.transpose()?;
+            }
+        }
+        while acks.next().await.transpose()?.is_some() {}
+    }
+    let listen = format!("127.0.0.1:{}", fanjet::nats::server::free_port());
+    let serve_pid = c.spawn(&["serve", "--listen", &listen])?;
+    let base = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    let start = Instant::now();
+    while http.get(format!("{base}/readyz")).send().await.is_err() {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "fanjet serve never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let get = |path: String| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let t = Instant::now();
+            let r = http.get(format!("{base}{path}")).send().await?;
+            anyhow::ensure!(r.status().is_success(), "{path}: {}", r.status());
+            let body: Value = r.json().await?;
+            Ok::<_, anyhow::Error>((t.elapsed().as_secs_f64() * 1000.0, body))
+        }
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let per_customer = jobs / 1000;
+    let (mut customer, mut state, mut both, mut counts_one, mut counts_all, mut next, mut prefix) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for k in 0..30u64 {
+        let who = format!("c{}", (k * 337) % 1000);
+        let (ms, body) = get(format!("/api/jobs?customer={who}&limit=50")).await?;
+        let page = body["jobs"].as_array().map(Vec::len).unwrap_or(0) as u64;
+        anyhow::ensure!(page == per_customer.min(50), "{who}: a page of {page}");
+        customer.push(ms);
+        let (ms, body) = get("/api/jobs?state=failed&limit=50".into()).await?;
+        anyhow::ensure!(
+            body["jobs"].as_array().map(Vec::len) == Some(50),
+            "failed: {body}"
+        );
+        state.push(ms);
+        let (ms, _) = get(format!("/api/jobs?customer={who}&state=failed&limit=50")).await?;
+        both.push(ms);
+        let (ms, body) = get(format!("/api/jobs/counts?customer={who}")).await?;
+        anyhow::ensure!(
+            body["total"].as_u64() == Some(per_customer),
+            "{who}: {body}"
+        );
+        counts_one.push(ms);
+        let (ms, body) = get("/api/jobs/counts".into()).await?;
+        anyhow::ensure!(body["total"].as_u64() == Some(jobs), "all: {body}");
+        counts_all.push(ms);
+        let (ms, _) = get(format!(
+            "/api/jobs?prefix=job-{:05}&limit=50",
+            (k * 3331) % (jobs / 100)
+        ))
+        .await?;
+        prefix.push(ms);
+    }
+    // Deeper: ten pages of the completed jobs, cursor after cursor.
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let path = match &cursor {
+            Some(c) => format!("/api/jobs?state=completed&limit=50&cursor={c}"),
+            None => "/api/jobs?state=completed&limit=50".into(),
+        };
+        let (ms, body) = get(path).await?;
+        next.push(ms);
+        cursor = body["next_cursor"].as_str().map(str::to_string);
+        anyhow::ensure!(
+            cursor.is_some(),
+            "the completed jobs ended after a few pages"
         );
     }
+    let rss = peak_rss_mib(serve_pid).unwrap_or(0.0);
     c.stop().await;
-    Ok(figures)
+    Ok(vec![
+        ("index_consumer_jobs_per_s", index_rate),
+        ("customer_first_page_ms", median(customer)),
+        ("state_first_page_ms", median(state)),
+        ("customer_and_state_page_ms", median(both)),
+        ("next_pages_ms", median(next)),
+        ("counts_customer_ms", median(counts_one)),
+        ("counts_all_ms", median(counts_all)),
+        ("id_prefix_page_ms", median(prefix)),
+        ("serve_peak_rss_mib", rss),
+    ])
 }
 
 /// R, a manager starting over a full store: `jobs` finished job records

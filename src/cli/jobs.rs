@@ -7,10 +7,12 @@ use clap::Args;
 
 use fanjet::client;
 use fanjet::nats::connect::ConnectArgs;
-use fanjet::nats::store::{self, JobFilter};
+use fanjet::nats::index;
+use fanjet::nats::store;
 use fanjet::nats::Nats;
 use fanjet::protocol::{
-    detailed, now_ms, validate_token, Job, JobState, StepState, Submission, Tolerance,
+    detailed, now_ms, validate_token, IndexCounts, IndexFilter, Job, JobState, ListRequest,
+    StepState, Submission, Tolerance,
 };
 
 use super::progress;
@@ -63,6 +65,8 @@ pub struct StatusArgs {
 // `fanjet jobs`
 #[derive(Args)]
 pub struct JobsArgs {
+    /// Only this customer's jobs, asked of the listing service as that
+    /// customer (what a user pinned to one customer may do).
     #[arg(long)]
     customer: Option<String>,
     #[arg(long)]
@@ -70,6 +74,26 @@ pub struct JobsArgs {
     /// Only jobs in this state (requested, running, completed, failed, cancelled, rejected).
     #[arg(long, value_parser = parse_state)]
     state: Option<JobState>,
+    /// Only jobs whose state changed since then: a time (2026-12-01T08:00:00Z)
+    /// or a while ago (90m, 2h, 7d).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<u64>,
+    /// Only jobs whose state changed before then (same forms as --since).
+    #[arg(long, value_parser = parse_time)]
+    until: Option<u64>,
+    /// Only jobs whose id starts with this (looks at the newest 10,000 jobs
+    /// the other filters keep; the cursor printed goes on from there).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// How many jobs (at most 1000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    limit: u64,
+    /// Go on where a listing stopped (the cursor it printed).
+    #[arg(long)]
+    cursor: Option<String>,
+    /// Also print how many jobs there are per workflow and state.
+    #[arg(long)]
+    counts: bool,
     /// Instead of jobs: each customer's running fanouts and their subjobs
     /// dispatched (running) and waiting for their share (queued), now.
     #[arg(long, conflicts_with_all = ["customer", "workflow", "state"])]
@@ -287,8 +311,8 @@ pub async fn status(connect: &ConnectArgs, args: StatusArgs) -> Result<u8> {
 }
 
 pub async fn list(connect: &ConnectArgs, args: JobsArgs) -> Result<u8> {
-    let nats = super::connect(connect, "fanjet-cli").await?;
     if args.by_customer {
+        let nats = super::connect(connect, "fanjet-cli").await?;
         let usage = fanjet::nats::tenants::usage(&nats.js).await?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&usage)?);
@@ -310,43 +334,122 @@ pub async fn list(connect: &ConnectArgs, args: JobsArgs) -> Result<u8> {
         }
         return Ok(0);
     }
-    let filter = JobFilter {
-        customer: args.customer,
-        workflow: args.workflow,
+    let req = ListRequest {
+        workflow: args.workflow.clone(),
         state: args.state,
+        since: args.since,
+        until: args.until,
+        prefix: args.prefix.clone(),
+        cursor: args.cursor.clone(),
+        limit: Some(args.limit as usize),
+        counts: args.counts,
     };
-    // Oldest first: the newest end up next to the prompt.
-    let mut jobs = store::list(&nats, &filter).await?;
-    jobs.reverse();
-    if args.json {
-        let list: Vec<_> = jobs
-            .iter()
-            .map(|j| serde_json::json!({"job_id": j.job_id, "workflow": j.workflow, "customer": j.customer, "state": j.state, "created_at": j.created_at, "finished_at": j.finished_at}))
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
-    } else {
-        println!(
-            "{:<28} {:<16} {:<16} {:<10} progress",
-            "job", "workflow", "customer", "state"
-        );
-        for j in &jobs {
-            let started = j
-                .steps
-                .iter()
-                .filter(|s| s.state != StepState::Pending)
-                .count();
-            println!(
-                "{:<28} {:<16} {:<16} {:<10} step {}/{}",
-                j.job_id,
-                j.workflow,
-                j.customer.as_deref().unwrap_or("-"),
-                progress::shown_state(j),
-                started,
-                j.steps.len()
-            );
+    let mut full = None;
+    let (page, counts) = match &args.customer {
+        Some(customer) => {
+            let client = connect.connect("fanjet-cli").await?;
+            client::list_as(&client, customer, &req).await?
         }
+        None => {
+            let nats = full.insert(super::connect(connect, "fanjet-cli").await?);
+            let filter = IndexFilter {
+                customer: None,
+                workflow: args.workflow.clone(),
+                state: args.state,
+            };
+            let page = index::list(nats, &filter, &req).await?;
+            let counts = match args.counts {
+                true => Some(index::counts(nats, &filter).await?),
+                false => None,
+            };
+            (page, counts)
+        }
+    };
+    if args.json {
+        let mut body = serde_json::json!(page);
+        if let Some(c) = &counts {
+            body["counts"] = serde_json::json!(c);
+        }
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(0);
+    }
+    if let Some(c) = &counts {
+        print_counts(c);
+    }
+    println!(
+        "{:<28} {:<16} {:<16} {:<10} {:<20} progress",
+        "job", "workflow", "customer", "state", "changed"
+    );
+    for j in &page.jobs {
+        // A job under way: its step and whether it is paused, from its record.
+        let record = match (&full, j.state.is_terminal()) {
+            (Some(nats), false) => store::status(nats, &j.job_id).await.ok().flatten(),
+            _ => None,
+        };
+        let (state, step) = match &record {
+            Some(job) => {
+                let started = job
+                    .steps
+                    .iter()
+                    .filter(|s| s.state != StepState::Pending)
+                    .count();
+                (
+                    progress::shown_state(job),
+                    format!("step {started}/{}", job.steps.len()),
+                )
+            }
+            None => (j.state.as_str(), String::new()),
+        };
+        println!(
+            "{:<28} {:<16} {:<16} {:<10} {:<20} {step}",
+            j.job_id,
+            j.workflow,
+            j.customer.as_deref().unwrap_or("-"),
+            state,
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(j.changed_at)
+            ),
+        );
+    }
+    match &page.next_cursor {
+        Some(c) => println!("more: add --cursor {c}"),
+        None if page.jobs.is_empty() => println!("no jobs"),
+        None => {}
     }
     Ok(0)
+}
+
+fn print_counts(c: &IndexCounts) {
+    let states: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+    print!("{:<16}", "workflow");
+    for s in &states {
+        print!(" {s:>10}");
+    }
+    println!();
+    for (wf, by_state) in &c.workflows {
+        print!("{wf:<16}");
+        for s in &states {
+            print!(" {:>10}", by_state.get(*s).copied().unwrap_or(0));
+        }
+        println!();
+    }
+    println!("{} jobs\n", c.total);
+}
+
+/// A time given as RFC 3339 or as a while ago, in ms since the epoch.
+fn parse_time(text: &str) -> Result<u64, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
+        return t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|e| e.to_string());
+    }
+    match humantime::parse_duration(text) {
+        Ok(ago) => Ok(now_ms().saturating_sub(ago.as_millis() as u64)),
+        Err(_) => Err(format!(
+            "{text:?} is neither a time (2026-12-01T08:00:00Z) nor a while ago (90m, 2h, 7d)"
+        )),
+    }
 }
 
 pub async fn cancel(connect: &ConnectArgs, args: CancelArgs) -> Result<u8> {

@@ -14,7 +14,9 @@
 mod advisories;
 mod cancel;
 mod executor;
+pub mod index;
 pub mod intake;
+mod list;
 mod partition;
 mod redrive;
 mod results;
@@ -139,6 +141,23 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     tasks.spawn(intake::run(nats.clone(), options.intake, cancel.clone()));
     tasks.spawn(status::run(nats.clone(), cancel.clone()));
+    tasks.spawn(list::run(nats.clone(), cancel.clone()));
+    // One index consumer across every manager; the others stand by.
+    let (n, c, me) = (nats.clone(), cancel.clone(), id.clone());
+    tasks.spawn(async move {
+        loop {
+            let run = leases::exclusive(&n, "index", &me, &c, |inner| index::run(n.clone(), inner));
+            match run.await {
+                Ok(()) if c.is_cancelled() => return Ok(()),
+                Ok(()) => warn!("the index consumer stopped; starting it again"),
+                Err(e) => warn!(error = %e, "the index consumer failed; starting it again"),
+            }
+            tokio::select! {
+                _ = c.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
     tasks.spawn(cancel::run(nats.clone(), cancel.clone()));
     tasks.spawn(update::run(nats.clone(), cancel.clone()));
     tasks.spawn(redrive::run(nats.clone(), cancel.clone()));

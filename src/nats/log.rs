@@ -367,59 +367,25 @@ pub async fn history(
     from_seq: u64,
     limit: usize,
 ) -> Result<Vec<LoggedEvent>, LogError> {
-    let err = |e: &dyn std::fmt::Display| LogError::Read(e.to_string());
     let filter = job_events_filter(job_id);
-    let api = format!("$JS.API.DIRECT.GET.{EVENTS_STREAM}");
     let mut out = Vec::new();
     let mut next = from_seq.max(1);
     while out.len() < limit {
         let want = (limit - out.len()).min(HISTORY_BATCH);
-        let inbox = nats.client.new_inbox();
-        let mut replies = nats
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| err(&e))?;
         let body = serde_json::json!({"seq": next, "next_by_subj": filter, "batch": want});
-        nats.client
-            .publish_with_reply(api.clone(), inbox, body.to_string().into())
+        let got = super::direct::batch(&nats.client, EVENTS_STREAM, &body)
             .await
-            .map_err(|e| err(&e))?;
-        let mut got = 0;
-        loop {
-            let reply = tokio::time::timeout(Duration::from_secs(5), replies.next())
-                .await
-                .map_err(|_| err(&"no answer to a direct get within 5 s"))?
-                .ok_or_else(|| err(&"the reply subscription closed"))?;
-            match reply.status.map(u16::from) {
-                // 204: end of the batch; 404: nothing (more) matches.
-                Some(204) => break,
-                Some(404) => return Ok(out),
-                Some(code) => {
-                    let why = reply.description.unwrap_or_default();
-                    return Err(err(&format!("direct get answered {code} {why}")));
-                }
-                None => {}
-            }
-            let header = |name: &str| {
-                reply
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(name))
-                    .map(|v| v.as_str().to_string())
-            };
-            let seq = header("Nats-Sequence")
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| err(&"a direct get reply without Nats-Sequence"))?;
+            .map_err(LogError::Read)?;
+        let full = got.len() >= want;
+        for m in got {
+            next = m.seq + 1;
             out.push(LoggedEvent {
-                seq,
-                subject: header("Nats-Subject").unwrap_or_default(),
-                event: serde_json::from_slice(&reply.payload).unwrap_or(Value::Null),
+                seq: m.seq,
+                subject: m.subject,
+                event: serde_json::from_slice(&m.payload).unwrap_or(Value::Null),
             });
-            next = seq + 1;
-            got += 1;
         }
-        if got < want {
+        if !full {
             break;
         }
     }

@@ -12,7 +12,9 @@
 //! matter. Restricted roles [`Nats::bind`] and create nothing.
 
 pub mod connect;
+pub mod direct;
 pub mod heartbeat;
+pub mod index;
 pub mod leases;
 pub mod log;
 pub mod objects;
@@ -28,8 +30,9 @@ use thiserror::Error;
 
 use crate::protocol::{
     max_deliveries_advisories, step_consumer, step_tasks_filter, Step, Workflow, ADVISORIES_STREAM,
-    EVENTS_STREAM, EVENTS_WILDCARD, JOBS_BUCKET, LEASES_BUCKET, LEASE_TTL, PENDING_BUCKET,
-    RESULTS_BUCKET, STATS_BUCKET, TASKS_STREAM, TASKS_WILDCARD, WORKFLOWS_BUCKET,
+    EVENTS_STREAM, EVENTS_WILDCARD, INDEX_BUCKET, INDEX_STREAM, INDEX_WILDCARD, JOBS_BUCKET,
+    LEASES_BUCKET, LEASE_TTL, PENDING_BUCKET, RESULTS_BUCKET, STATS_BUCKET, TASKS_STREAM,
+    TASKS_WILDCARD, WORKFLOWS_BUCKET,
 };
 use crate::protocol::{TaskKey, KEYS_BUCKET, SHARES_BUCKET, TASK_KEY, TENANTS_BUCKET};
 
@@ -96,6 +99,8 @@ pub struct Nats {
     pub events: stream::Stream,
     pub tasks: stream::Stream,
     pub advisories: stream::Stream,
+    /// The job index: a summary per job (see [`index`]).
+    pub index: stream::Stream,
     pub workflows: kv::Store,
     pub jobs: kv::Store,
     pub pending: kv::Store,
@@ -136,6 +141,7 @@ impl Nats {
             events: stream(EVENTS_STREAM).await?,
             tasks: stream(TASKS_STREAM).await?,
             advisories: stream(ADVISORIES_STREAM).await?,
+            index: stream(INDEX_STREAM).await?,
             workflows: bucket(WORKFLOWS_BUCKET).await?,
             jobs: bucket(JOBS_BUCKET).await?,
             pending: bucket(PENDING_BUCKET).await?,
@@ -235,6 +241,28 @@ impl Nats {
         // customers' settings.
         bucket(SHARES_BUCKET, 1, Duration::from_secs(600)).await?;
         bucket(TENANTS_BUCKET, 5, Duration::ZERO).await?;
+        // Where each job's entry is in the index: kept as long as the entry.
+        bucket(INDEX_BUCKET, 1, RECORDS_MAX_AGE).await?;
+        let index_stream = stream::Config {
+            name: INDEX_STREAM.to_string(),
+            subjects: vec![INDEX_WILDCARD.into()],
+            retention: stream::RetentionPolicy::Limits,
+            max_age: RECORDS_MAX_AGE,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: DUPLICATE_WINDOW,
+            // Listings read it with batched direct gets, from any replica.
+            allow_direct: true,
+            // Each entry lives as long as its job's record.
+            allow_message_ttl: true,
+            ..Default::default()
+        };
+        js.create_or_update_stream(index_stream)
+            .await
+            .map_err(|source| SetupError::Stream {
+                name: INDEX_STREAM,
+                source,
+            })?;
         let task_key = task_key(&keys).await?;
         Ok(Nats {
             events: stream(
@@ -258,6 +286,13 @@ impl Nats {
                 EVENTS_MAX_AGE,
             )
             .await?,
+            index: js
+                .get_stream(INDEX_STREAM)
+                .await
+                .map_err(|source| SetupError::GetStream {
+                    name: INDEX_STREAM,
+                    source,
+                })?,
             workflows: bucket(WORKFLOWS_BUCKET, 5, Duration::ZERO).await?,
             jobs: bucket(JOBS_BUCKET, 1, RECORDS_MAX_AGE).await?,
             // A job cannot outlive the log, so neither may its chunks: if

@@ -503,49 +503,6 @@ pub async fn job_ids(nats: &Nats) -> Result<Vec<String>, StoreError> {
     keys.try_collect().await.map_err(|e| err(&e))
 }
 
-/// Which jobs a listing keeps (`None`: any).
-#[derive(Debug, Clone, Default)]
-pub struct JobFilter {
-    pub customer: Option<String>,
-    pub workflow: Option<String>,
-    pub state: Option<JobState>,
-}
-
-impl JobFilter {
-    pub fn keeps(&self, job: &Job) -> bool {
-        self.customer
-            .as_deref()
-            .is_none_or(|c| job.customer.as_deref() == Some(c))
-            && self.workflow.as_deref().is_none_or(|w| job.workflow == w)
-            && self.state.is_none_or(|s| job.state == s)
-    }
-}
-
-/// Records read at once by a listing.
-const LIST_READS_IN_FLIGHT: usize = 64;
-
-/// Every job record the filter keeps, newest first (`fanjet jobs`, `GET
-/// /api/jobs`). It reads every record (many at once): fine for tens of
-/// thousands, not millions.
-pub async fn list(nats: &Nats, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
-    use futures::{StreamExt, TryStreamExt};
-    let ids = job_ids(nats).await?;
-    let mut jobs: Vec<Job> = futures::stream::iter(ids)
-        .map(|id| async move { get(nats, &id).await })
-        .buffer_unordered(LIST_READS_IN_FLIGHT)
-        .try_filter_map(|found| async move {
-            Ok(found.map(|(job, _)| job).filter(|job| filter.keeps(job)))
-        })
-        .try_collect()
-        .await?;
-    jobs.sort_by(|a, b| {
-        b.created_at
-            .cmp(&a.created_at)
-            .then_with(|| b.job_id.cmp(&a.job_id))
-    });
-    Ok(jobs)
-}
-
 /// The running jobs of one partition, loaded to resume: those with an
 /// active key (the keys of jobs that ended are deleted).
 pub async fn load_active(nats: &Nats, partition: u32) -> Result<Vec<(Job, u64)>, StoreError> {

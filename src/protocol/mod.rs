@@ -15,6 +15,7 @@ mod event;
 #[cfg(test)]
 mod fuzz;
 mod heartbeat;
+mod index;
 mod items;
 mod job;
 mod names;
@@ -40,6 +41,7 @@ pub use event::{
     SubjobsDone, SubjobsFailed, UpdateRequested,
 };
 pub use heartbeat::{Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL};
+pub use index::*;
 pub use items::{is_json_format, ItemScanner, ItemsError, ItemsFormat};
 pub use job::{
     bounded, Failure, Job, JobState, Redrive, RedriveRefused, RunFigures, Source, SourceField,

@@ -7,8 +7,8 @@ use schemars::schema_for;
 use serde_json::Value;
 
 use super::{
-    Demand, Event, Heartbeat, Job, JobStats, Reservations, ResultsPage, ResultsRequest, Submission,
-    SubmitReply, Task, Tenant, Workflow,
+    Demand, Event, Heartbeat, IndexCounts, Job, JobPage, JobStats, JobSummary, ListRequest,
+    Reservations, ResultsPage, ResultsRequest, Submission, SubmitReply, Task, Tenant, Workflow,
 };
 
 /// (file name in `docs/schemas/`, schema) for every payload.
@@ -28,6 +28,10 @@ pub fn all() -> Vec<(&'static str, Value)> {
         ("reservations.json", v(schema_for!(Reservations))),
         ("results-request.json", v(schema_for!(ResultsRequest))),
         ("results-page.json", v(schema_for!(ResultsPage))),
+        ("job-summary.json", v(schema_for!(JobSummary))),
+        ("list-request.json", v(schema_for!(ListRequest))),
+        ("job-page.json", v(schema_for!(JobPage))),
+        ("job-counts.json", v(schema_for!(IndexCounts))),
     ]
 }
 

@@ -22,8 +22,12 @@ use tokio_util::sync::CancellationToken;
 use super::{monitor, processes};
 use crate::client::{self, ClientError};
 use crate::metrics::Metrics;
+use crate::nats::index::{self, IndexError};
 use crate::nats::{log, store, Nats};
-use crate::protocol::{detailed, now_ms, validate_token, Job, JobState, RejectCode, Submission};
+use crate::protocol::{
+    detailed, now_ms, validate_token, IndexFilter, Job, JobPage, JobState, JobSummary, ListRequest,
+    RejectCode, Submission,
+};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -137,6 +141,7 @@ pub fn router(nats: Nats, tokens: ApiTokens) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/api/jobs", get(list_jobs).post(submit))
+        .route("/api/jobs/counts", get(job_counts))
         .route("/api/jobs/{id}", get(job))
         .route("/api/jobs/{id}/events", get(events))
         .route("/api/jobs/{id}/stream", get(stream))
@@ -319,65 +324,105 @@ struct ListQuery {
     workflow: Option<String>,
     customer: Option<String>,
     state: Option<String>,
-    #[serde(default = "default_limit")]
-    limit: usize,
+    since: Option<u64>,
+    until: Option<u64>,
+    prefix: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
     #[serde(default)]
-    offset: usize,
+    counts: bool,
 }
 
-fn default_limit() -> usize {
-    50
+impl ListQuery {
+    fn filter(&self) -> ApiResult<IndexFilter> {
+        let state = match self.state.as_deref().filter(|s| !s.is_empty()) {
+            None => None,
+            Some(name) => Some(JobState::parse(name).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("unknown state {name:?}"),
+                )
+            })?),
+        };
+        let given = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        Ok(IndexFilter {
+            customer: given(&self.customer),
+            workflow: given(&self.workflow),
+            state,
+        })
+    }
 }
 
-/// One line of the jobs list.
-fn summary(job: &Job) -> Value {
-    let step = job.steps.get(job.current);
-    json!({
-        "job_id": job.job_id,
-        "workflow": job.workflow,
-        "customer": job.customer,
-        "state": job.state,
-        "created_at": job.created_at,
-        "finished_at": job.finished_at,
-        "step": step.map(|s| s.name.clone()),
-        "step_index": job.current,
-        "steps": job.steps.len(),
-        "done": step.map(|s| s.completed + s.failed),
-        "total": step.map(|s| s.total),
-        "error": job.error,
-        "paused_at": job.paused_at,
-    })
+impl From<IndexError> for ApiError {
+    fn from(e: IndexError) -> Self {
+        match e {
+            IndexError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m),
+            e => ApiError::new(StatusCode::BAD_GATEWAY, "nats_error", e.to_string()),
+        }
+    }
+}
+
+/// One line of the jobs list: the index's summary and, for a job that has
+/// not ended, its current step from its record.
+fn summary(s: &JobSummary, record: Option<&Job>) -> Value {
+    let mut line = serde_json::to_value(s).unwrap_or(Value::Null);
+    if let (Some(job), Some(obj)) = (record, line.as_object_mut()) {
+        let step = job.steps.get(job.current);
+        obj.insert("state".into(), json!(job.state));
+        obj.insert("step".into(), json!(step.map(|s| s.name.clone())));
+        obj.insert("step_index".into(), json!(job.current));
+        obj.insert("steps".into(), json!(job.steps.len()));
+        obj.insert("done".into(), json!(step.map(|s| s.completed + s.failed)));
+        obj.insert("total".into(), json!(step.map(|s| s.total)));
+        obj.insert("paused_at".into(), json!(job.paused_at));
+    }
+    line
+}
+
+/// A page of the index with the running jobs' progress read from their
+/// records (at most a page of reads, at once).
+pub(crate) async fn page_with_progress(nats: &Nats, page: &JobPage) -> Vec<Value> {
+    let lines: Vec<_> = page.jobs.iter().map(|s| line(nats, s)).collect();
+    futures::stream::iter(lines).buffered(64).collect().await
+}
+
+async fn line(nats: &Nats, s: &JobSummary) -> Value {
+    let record = match s.state.is_terminal() {
+        true => None,
+        false => store::status(nats, &s.job_id).await.ok().flatten(),
+    };
+    summary(s, record.as_ref())
 }
 
 async fn list_jobs(State(nats): State<Nats>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
-    let state = match q.state.as_deref().map(JobState::parse) {
-        None => None,
-        Some(Some(s)) => Some(s),
-        Some(None) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("unknown state {:?}", q.state.unwrap_or_default()),
-            ))
-        }
+    let filter = q.filter()?;
+    let req = ListRequest {
+        workflow: None,
+        state: None,
+        since: q.since,
+        until: q.until,
+        prefix: q.prefix.clone().filter(|p| !p.is_empty()),
+        cursor: q.cursor.clone().filter(|c| !c.is_empty()),
+        limit: q.limit,
+        counts: q.counts,
     };
-    let limit = q.limit.clamp(1, 1000);
-    let filter = store::JobFilter {
-        customer: q.customer,
-        workflow: q.workflow,
-        state,
-    };
-    let jobs = store::list(&nats, &filter).await?;
-    let total = jobs.len();
-    let page: Vec<Value> = jobs
-        .iter()
-        .skip(q.offset)
-        .take(limit)
-        .map(summary)
-        .collect();
-    Ok(Json(
-        json!({"jobs": page, "total": total, "offset": q.offset, "limit": limit}),
-    ))
+    let page = index::list(&nats, &filter, &req).await?;
+    let mut body = json!({
+        "jobs": page_with_progress(&nats, &page).await,
+        "next_cursor": page.next_cursor,
+    });
+    if q.counts {
+        body["counts"] = json!(index::counts(&nats, &filter).await?);
+    }
+    Ok(Json(body))
+}
+
+async fn job_counts(
+    State(nats): State<Nats>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(index::counts(&nats, &q.filter()?).await?)))
 }
 
 async fn job(State(nats): State<Nats>, Path(id): Path<String>) -> ApiResult<Json<Value>> {

@@ -1,0 +1,418 @@
+//! The job index: listings, filters, cursors and counts answered from
+//! `FANJET_INDEX` agree with the job records, through a restart of the
+//! index consumer and a redrive, over the API, the CLI and the customer
+//! listing service.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{cli, Env};
+use fanjet::nats::{index, store};
+use fanjet::protocol::{IndexCounts, IndexFilter, JobState, ListRequest};
+use fanjet::worker::{TaskContext, TaskError, Worker};
+use serde_json::{json, Value};
+
+/// A task step whose input says how it ends: `"ok"`, `"fail"` (gives up)
+/// or `"wait"` (runs until cancelled).
+async fn env_with_workflows() -> Env {
+    let mut env = Env::start().await;
+    for wf in ["billing", "reports"] {
+        env.apply(&format!(
+            "name = \"{wf}\"\n[[steps]]\nname = \"t\"\nkind = \"task\"\ntimeout = \"30s\"\nmax_attempts = 1\n"
+        ))
+        .await;
+    }
+    env.manager();
+    let handler = |c: TaskContext| async move {
+        match c.task.input.as_str() {
+            Some("fail") => Err(TaskError::give_up("asked to fail")),
+            Some("wait") => {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                Ok(json!(null))
+            }
+            _ => Ok(json!("done")),
+        }
+    };
+    let worker = Worker::new(env.nats.clone())
+        .concurrency(32)
+        .handler("billing", "t", handler)
+        .handler("reports", "t", handler);
+    env.worker(worker);
+    env
+}
+
+/// What the records say: (customer, workflow, state) per job id.
+async fn truth(env: &Env, ids: &[String]) -> BTreeMap<String, (String, String, JobState)> {
+    let mut out = BTreeMap::new();
+    for id in ids {
+        let (job, _) = store::get(&env.nats, id)
+            .await
+            .expect("read record")
+            .expect("recorded");
+        out.insert(
+            id.clone(),
+            (job.customer.unwrap_or_default(), job.workflow, job.state),
+        );
+    }
+    out
+}
+
+fn counts_of<'a>(
+    jobs: impl Iterator<Item = &'a (String, String, JobState)>,
+    customer: Option<&str>,
+) -> IndexCounts {
+    let mut c = IndexCounts::default();
+    for (_, wf, st) in jobs.filter(|j| customer.is_none_or(|c| j.0 == c)) {
+        c.total += 1;
+        *c.states.entry(st.as_str().into()).or_default() += 1;
+        *c.workflows
+            .entry(wf.clone())
+            .or_default()
+            .entry(st.as_str().into())
+            .or_default() += 1;
+    }
+    c
+}
+
+/// Every page of a listing, following cursors: the ids in order, and how
+/// many pages it took.
+async fn all_pages(env: &Env, filter: &IndexFilter, req: ListRequest) -> (Vec<String>, usize) {
+    let mut ids = Vec::new();
+    let mut req = req;
+    let mut pages = 0;
+    loop {
+        let page = index::list(&env.nats, filter, &req).await.expect("list");
+        pages += 1;
+        // Newest first: in the order the changes were logged.
+        let mut last_seq = u64::MAX;
+        for j in &page.jobs {
+            assert!(filter.keeps(j), "{j:?} does not match {filter:?}");
+            assert!(j.seq < last_seq, "not newest first: {page:?}");
+            last_seq = j.seq;
+            ids.push(j.job_id.clone());
+        }
+        match page.next_cursor {
+            Some(c) => req.cursor = Some(c),
+            None => return (ids, pages),
+        }
+        assert!(pages < 100, "the cursor never ends");
+    }
+}
+
+async fn wait_counts(env: &Env, want: &IndexCounts) {
+    let start = Instant::now();
+    loop {
+        let got = index::counts(&env.nats, &IndexFilter::default())
+            .await
+            .expect("counts");
+        if &got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the index never agreed with the records:\nindex {got:?}\nrecords {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listings_pages_and_counts_agree_with_the_records() {
+    let env = env_with_workflows().await;
+    let customers = ["acme", "globex", "a customer, with spaces"];
+    let mut ids = Vec::new();
+    let mut waiting = Vec::new();
+    // 60 jobs: three customers, two workflows, three endings.
+    for i in 0..60 {
+        let customer = customers[i % 3];
+        let workflow = ["billing", "reports"][i / 3 % 2];
+        let input = match i % 5 {
+            0 => "fail",
+            1 if i % 10 == 1 => "wait",
+            _ => "ok",
+        };
+        let id = format!("ix-{i:02}");
+        let reply = env
+            .submit(
+                workflow,
+                json!({"job_id": id, "customer": customer, "input": input}),
+            )
+            .await;
+        assert!(reply.ok, "{reply:?}");
+        if input == "wait" {
+            waiting.push(id.clone());
+        } else {
+            env.wait_end(&id, Duration::from_secs(30)).await;
+        }
+        ids.push(id);
+    }
+    // Two of the waiting ones are cancelled; the others keep running.
+    for id in &waiting[..2] {
+        fanjet::client::cancel(&env.nats, id, Some("not needed".into()))
+            .await
+            .expect("cancel");
+        env.wait_end(id, Duration::from_secs(30)).await;
+    }
+    for id in &waiting[2..] {
+        env.wait_for(id, Duration::from_secs(30), "running", |j| {
+            j.state == JobState::Running
+        })
+        .await;
+    }
+    let jobs = truth(&env, &ids).await;
+    wait_counts(&env, &counts_of(jobs.values(), None)).await;
+
+    // Each customer's jobs, page after page, exactly once each.
+    for customer in customers {
+        let filter = IndexFilter {
+            customer: Some(customer.into()),
+            ..Default::default()
+        };
+        let req = ListRequest {
+            limit: Some(7),
+            ..Default::default()
+        };
+        let (listed, pages) = all_pages(&env, &filter, req).await;
+        let want: BTreeSet<&String> = jobs
+            .iter()
+            .filter(|j| j.1 .0 == customer)
+            .map(|j| j.0)
+            .collect();
+        assert_eq!(listed.len(), want.len(), "{customer}: {listed:?}");
+        assert_eq!(listed.iter().collect::<BTreeSet<_>>(), want, "{customer}");
+        assert!(
+            pages >= 3,
+            "{customer}: 20 jobs in pages of 7 took {pages} pages"
+        );
+        let counts = index::counts(&env.nats, &filter).await.expect("counts");
+        assert_eq!(
+            counts,
+            counts_of(jobs.values(), Some(customer)),
+            "{customer}"
+        );
+    }
+    // One state across customers, and every filter at once.
+    for state in [
+        JobState::Failed,
+        JobState::Completed,
+        JobState::Running,
+        JobState::Cancelled,
+    ] {
+        let filter = IndexFilter {
+            state: Some(state),
+            ..Default::default()
+        };
+        let (listed, _) = all_pages(&env, &filter, ListRequest::default()).await;
+        let want: BTreeSet<&String> = jobs
+            .iter()
+            .filter(|j| j.1 .2 == state)
+            .map(|j| j.0)
+            .collect();
+        assert_eq!(listed.iter().collect::<BTreeSet<_>>(), want, "{state:?}");
+        assert!(!want.is_empty(), "{state:?}");
+    }
+    let filter = IndexFilter {
+        customer: Some("globex".into()),
+        workflow: Some("reports".into()),
+        state: Some(JobState::Completed),
+    };
+    let (listed, _) = all_pages(&env, &filter, ListRequest::default()).await;
+    let want: BTreeSet<&String> = jobs
+        .iter()
+        .filter(|j| j.1 == &("globex".into(), "reports".into(), JobState::Completed))
+        .map(|j| j.0)
+        .collect();
+    assert_eq!(listed.iter().collect::<BTreeSet<_>>(), want);
+    // A job id prefix.
+    let (listed, _) = all_pages(
+        &env,
+        &IndexFilter::default(),
+        ListRequest {
+            prefix: Some("ix-1".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        listed.iter().collect::<BTreeSet<_>>(),
+        (10..20)
+            .map(|i| format!("ix-{i}"))
+            .collect::<BTreeSet<_>>()
+            .iter()
+            .collect()
+    );
+    // A bad cursor is the caller's mistake, said so.
+    let bad = index::list(
+        &env.nats,
+        &IndexFilter::default(),
+        &ListRequest {
+            cursor: Some("yesterday".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        matches!(bad, Err(index::IndexError::BadRequest(_))),
+        "{bad:?}"
+    );
+
+    // A time range: jobs that changed after a moment, and before it.
+    let mark = fanjet::protocol::now_ms();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut later = Vec::new();
+    for i in 0..5 {
+        let id = format!("late-{i}");
+        env.submit(
+            "billing",
+            json!({"job_id": id, "customer": "acme", "input": "ok"}),
+        )
+        .await;
+        env.wait_end(&id, Duration::from_secs(30)).await;
+        later.push(id);
+    }
+    ids.extend(later.clone());
+    let jobs = truth(&env, &ids).await;
+    wait_counts(&env, &counts_of(jobs.values(), None)).await;
+    let since = ListRequest {
+        since: Some(mark),
+        ..Default::default()
+    };
+    let (listed, _) = all_pages(&env, &IndexFilter::default(), since).await;
+    assert_eq!(
+        listed.iter().collect::<BTreeSet<_>>(),
+        later.iter().collect::<BTreeSet<_>>()
+    );
+    let until = ListRequest {
+        until: Some(mark),
+        ..Default::default()
+    };
+    let (listed, _) = all_pages(&env, &IndexFilter::default(), until).await;
+    assert_eq!(listed.len(), 60);
+
+    // A redrive moves a failed job back to running, then to its new end.
+    let failed = "ix-00";
+    env.wait_for(failed, Duration::from_secs(5), "failed", |j| {
+        j.state == JobState::Failed
+    })
+    .await;
+    fanjet::client::redrive(&env.nats, failed, None, None)
+        .await
+        .expect("redrive");
+    env.wait_for(
+        failed,
+        Duration::from_secs(30),
+        "a second run that failed",
+        |j| j.run == 1 && j.state == JobState::Failed,
+    )
+    .await;
+    let jobs = truth(&env, &ids).await;
+    wait_counts(&env, &counts_of(jobs.values(), None)).await;
+    let page = index::list(&env.nats, &IndexFilter::default(), &ListRequest::default())
+        .await
+        .expect("list");
+    assert_eq!(
+        page.jobs[0].job_id, failed,
+        "the job that changed last comes first"
+    );
+    assert_eq!(page.jobs[0].run, 1);
+
+    // Over the API (with the running jobs' progress) and the CLI.
+    let mut env = env;
+    let (base, _stop) = env.serve(Default::default()).await;
+    let api: Value = reqwest::get(format!("{base}/api/jobs?customer=acme&limit=5&counts=true"))
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(api["jobs"].as_array().map(Vec::len), Some(5), "{api}");
+    assert!(api["next_cursor"].is_string(), "{api}");
+    assert_eq!(
+        serde_json::from_value::<IndexCounts>(api["counts"].clone()).unwrap(),
+        counts_of(jobs.values(), Some("acme"))
+    );
+    let running: Value = reqwest::get(format!("{base}/api/jobs?state=running"))
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        running["jobs"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty() && a.iter().all(|j| j["step"] == "t")),
+        "{running}"
+    );
+    let code = reqwest::get(format!("{base}/api/jobs?state=sleeping"))
+        .await
+        .expect("GET")
+        .status();
+    assert_eq!(code, 400);
+    let (ok, out) = cli(&env, &["jobs", "--state", "failed", "--counts"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ix-05") && out.contains("billing"), "{out}");
+    let (ok, out) = cli(
+        &env,
+        &["jobs", "--customer", "acme", "--limit", "2", "--json"],
+    );
+    assert!(ok, "{out}");
+    let page: Value = serde_json::from_str(&out).expect("json page");
+    assert_eq!(page["jobs"].as_array().map(Vec::len), Some(2), "{page}");
+    let cursor = page["next_cursor"].as_str().expect("a cursor").to_string();
+    let (ok, out) = cli(
+        &env,
+        &[
+            "jobs",
+            "--customer",
+            "acme",
+            "--limit",
+            "2",
+            "--cursor",
+            &cursor,
+            "--json",
+        ],
+    );
+    assert!(ok, "{out}");
+    let next: Value = serde_json::from_str(&out).expect("json page");
+    assert_ne!(next["jobs"][0]["job_id"], page["jobs"][0]["job_id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_index_consumer_counts_nothing_twice() {
+    let env = env_with_workflows().await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let id = format!("rs-{i:02}");
+        env.submit("billing", json!({"job_id": id, "customer": "acme", "input": if i % 4 == 0 { "fail" } else { "ok" }}))
+            .await;
+        ids.push(id);
+    }
+    for id in &ids {
+        env.wait_end(id, Duration::from_secs(30)).await;
+    }
+    let jobs = truth(&env, &ids).await;
+    wait_counts(&env, &counts_of(jobs.values(), None)).await;
+    // Its consumer read again from the start, as after a crash that lost
+    // every acknowledgement: the entries stay one per job.
+    env.nats
+        .events
+        .delete_consumer(fanjet::protocol::INDEX_CONSUMER)
+        .await
+        .expect("delete the index consumer");
+    for i in 30..40 {
+        let id = format!("rs-{i:02}");
+        env.submit(
+            "billing",
+            json!({"job_id": id, "customer": "acme", "input": "ok"}),
+        )
+        .await;
+        env.wait_end(&id, Duration::from_secs(30)).await;
+        ids.push(id);
+    }
+    let jobs = truth(&env, &ids).await;
+    wait_counts(&env, &counts_of(jobs.values(), None)).await;
+    let info = env.nats.index.get_info().await.expect("index info");
+    assert_eq!(info.state.messages, 40, "one entry per job");
+}
