@@ -415,4 +415,38 @@ async fn a_restarted_index_consumer_counts_nothing_twice() {
     wait_counts(&env, &counts_of(jobs.values(), None)).await;
     let info = env.nats.index.get_info().await.expect("index info");
     assert_eq!(info.state.messages, 40, "one entry per job");
+
+    // Each entry lives as long as its job's record: its TTL is the
+    // record's age limit, less the time since the change.
+    let last = env
+        .nats
+        .index
+        .direct_get(info.state.last_sequence)
+        .await
+        .expect("the newest entry");
+    let ttl: u64 = last
+        .headers
+        .get("Nats-TTL")
+        .expect("a TTL")
+        .as_str()
+        .parse()
+        .expect("seconds");
+    let full = fanjet::nats::RECORDS_MAX_AGE.as_secs();
+    assert!((full - 60..=full).contains(&ttl), "TTL {ttl} s");
+    // An entry written by a consumer that stopped before storing its place
+    // is found, not written twice.
+    let summary: fanjet::protocol::JobSummary =
+        serde_json::from_slice(&last.payload).expect("a summary");
+    let found = index::find_entry(&env.nats, &summary, summary.changed_at - 1000)
+        .await
+        .expect("look for it");
+    assert_eq!(found, Some(info.state.last_sequence));
+    let mut other = summary.clone();
+    other.seq += 1;
+    assert_eq!(
+        index::find_entry(&env.nats, &other, summary.changed_at - 1000)
+            .await
+            .expect("look for it"),
+        None
+    );
 }

@@ -96,7 +96,7 @@ pub struct JobsArgs {
     counts: bool,
     /// Instead of jobs: each customer's running fanouts and their subjobs
     /// dispatched (running) and waiting for their share (queued), now.
-    #[arg(long, conflicts_with_all = ["customer", "workflow", "state"])]
+    #[arg(long, conflicts_with_all = ["customer", "workflow", "state", "since", "until", "prefix", "cursor", "counts"])]
     by_customer: bool,
     #[arg(long)]
     json: bool,

@@ -381,7 +381,11 @@ pub async fn list(
             }
         }
     }
-    let next_cursor = if found.len() > need {
+    let next_cursor = if found.len() > need && found[need - 1].0 == u64::MAX {
+        // Only the job found by its whole id on this page: go on from the
+        // first entry the scan found.
+        Some(found[need].0.saturating_add(1))
+    } else if found.len() > need {
         Some(found[need - 1].0)
     } else if found.len() == need {
         // Full: there may be more below its last.
@@ -485,4 +489,26 @@ async fn first_at(nats: &Nats, at: Millis) -> Result<Option<u64>, IndexError> {
 
 fn rfc3339(at: Millis) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(at)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_lives_as_long_as_the_record_written_at_its_change() {
+        let day = 24 * 3600 * 1000;
+        assert_eq!(entry_ttl(1000, 1000), Some(RECORDS_MAX_AGE));
+        // Written a day after the change (the consumer was behind): a day less.
+        assert_eq!(
+            entry_ttl(0, day),
+            Some(RECORDS_MAX_AGE - Duration::from_millis(day))
+        );
+        // The record has expired: no entry.
+        let age = RECORDS_MAX_AGE.as_millis() as Millis;
+        assert_eq!(entry_ttl(0, age), None);
+        assert_eq!(entry_ttl(0, age + 5), None);
+        // A change stamped a little ahead of this clock.
+        assert_eq!(entry_ttl(2000, 1000), Some(RECORDS_MAX_AGE));
+    }
 }
