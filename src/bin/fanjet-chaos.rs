@@ -17,6 +17,7 @@
 //! - per fanout step of a completed job, completed == the distinct indices
 //!   in the ledger and completed + failed == total; no subjob lost;
 //! - statistics == job record, for every job;
+//! - the job index holds one entry per recorded job, in its recorded state;
 //! - each step started once in the log and was announced: POSTed to a
 //!   webhook this run serves (retried until taken); the same notification
 //!   on NATS is counted too, but core NATS reaches only subscribers
@@ -1017,6 +1018,29 @@ async fn statistics_differ(nats: &Nats, job: &fanjet::protocol::Job) -> Result<O
     )))
 }
 
+/// Why the job index differs from the job records, if it does: one entry
+/// per recorded job, in its recorded state.
+async fn index_differs(nats: &Nats) -> Result<Option<String>> {
+    let mut recorded: BTreeMap<String, u64> = BTreeMap::new();
+    let ids = fanjet::nats::store::job_ids(nats).await?;
+    for id in &ids {
+        if let Some((job, _)) = fanjet::nats::store::get(nats, id).await? {
+            *recorded.entry(job.state.as_str().to_string()).or_default() += 1;
+        }
+    }
+    let counts = fanjet::nats::index::counts(nats, &Default::default()).await?;
+    let entries = nats.index.get_info().await?.state.messages;
+    let total: u64 = recorded.values().sum();
+    if counts.states == recorded && entries == total {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "the job index holds {entries} entries {:?}; the records {total} {recorded:?} (after {} s)",
+        counts.states,
+        STATS_CATCH_UP.as_secs()
+    )))
+}
+
 struct Report {
     ledger_lines: u64,
     distinct: u64,
@@ -1164,6 +1188,17 @@ async fn check(
         behind = still;
         if !behind.is_empty() {
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    // So is the index consumer.
+    loop {
+        match index_differs(nats).await? {
+            None => break,
+            Some(differ) if catch_up.elapsed() >= STATS_CATCH_UP => {
+                violations.push(differ);
+                break;
+            }
+            Some(_) => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
     Ok(Report {
