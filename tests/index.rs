@@ -450,3 +450,95 @@ async fn a_restarted_index_consumer_counts_nothing_twice() {
         None
     );
 }
+
+/// A consumer whose lease has passed (a manager frozen past it, woken while
+/// another runs the index) writes nothing more: the first batch it reads
+/// after its fence lapsed ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_consumer_past_its_lease_writes_nothing() {
+    use fanjet::nats::leases::{self, Lease};
+    use fanjet::protocol::{Event, JobCompleted, JobRequested};
+    let env = Env::start().await;
+    let job = |id: &str| {
+        let requested = Event::JobRequested(JobRequested {
+            job_id: id.into(),
+            workflow: "wf".into(),
+            customer: Some("acme".into()),
+            input: Value::Null,
+            priority: None,
+            at: fanjet::protocol::now_ms(),
+            deadline_at: None,
+        });
+        let completed = Event::JobCompleted(JobCompleted {
+            job_id: id.into(),
+            workflow: "wf".into(),
+            output: Value::Null,
+            run: 0,
+            at: fanjet::protocol::now_ms(),
+        });
+        [requested, completed]
+    };
+    for e in job("f-1") {
+        fanjet::nats::log::append(&env.nats, &e)
+            .await
+            .expect("append");
+    }
+    let kv = leases::bucket(&env.nats).await.expect("leases");
+    let lease = Lease::claim(&kv, "exclusive.index-test", "me")
+        .await
+        .expect("claim")
+        .expect("free");
+    let claimed = Instant::now();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(fanjet::manager::index::run(
+        env.nats.clone(),
+        cancel.clone(),
+        Some(lease.fence()),
+    ));
+    let counted = |n: u64| {
+        let nats = env.nats.clone();
+        async move {
+            let c = index::counts(&nats, &IndexFilter::default())
+                .await
+                .expect("counts");
+            c.total == n
+        }
+    };
+    while !counted(1).await {
+        assert!(
+            claimed.elapsed() < fanjet::nats::leases::LEASE_VALID,
+            "f-1 not indexed while the lease held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Never renewed: the fence lapses.
+    tokio::time::sleep(
+        fanjet::nats::leases::LEASE_VALID.saturating_sub(claimed.elapsed())
+            + Duration::from_millis(200),
+    )
+    .await;
+    for e in job("f-2") {
+        fanjet::nats::log::append(&env.nats, &e)
+            .await
+            .expect("append");
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the consumer stops at its next batch")
+        .expect("join");
+    assert!(
+        matches!(ended, Err(fanjet::manager::index::IndexerError::Fenced(_))),
+        "{ended:?}"
+    );
+    assert!(counted(1).await, "f-2 was indexed after the lease passed");
+    let page = index::list(&env.nats, &IndexFilter::default(), &ListRequest::default())
+        .await
+        .expect("list");
+    assert_eq!(
+        page.jobs
+            .iter()
+            .map(|j| j.job_id.as_str())
+            .collect::<Vec<_>>(),
+        ["f-1"]
+    );
+}

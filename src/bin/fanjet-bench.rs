@@ -999,7 +999,7 @@ async fn index_run(jobs: u64) -> Result<Figures> {
     let start = Instant::now();
     let (n, cancel) = (c.nats.clone(), c.cancel.clone());
     c.tasks.spawn(async move {
-        fanjet::manager::index::run(n, cancel)
+        fanjet::manager::index::run(n, cancel, None)
             .await
             .map_err(anyhow::Error::from)
     });

@@ -1022,10 +1022,12 @@ async fn statistics_differ(nats: &Nats, job: &fanjet::protocol::Job) -> Result<O
 /// per recorded job, in its recorded state.
 async fn index_differs(nats: &Nats) -> Result<Option<String>> {
     let mut recorded: BTreeMap<String, u64> = BTreeMap::new();
+    let mut states: BTreeMap<String, String> = BTreeMap::new();
     let ids = fanjet::nats::store::job_ids(nats).await?;
     for id in &ids {
         if let Some((job, _)) = fanjet::nats::store::get(nats, id).await? {
             *recorded.entry(job.state.as_str().to_string()).or_default() += 1;
+            states.insert(id.clone(), job.state.as_str().to_string());
         }
     }
     let counts = fanjet::nats::index::counts(nats, &Default::default()).await?;
@@ -1034,8 +1036,48 @@ async fn index_differs(nats: &Nats) -> Result<Option<String>> {
     if counts.states == recorded && entries == total {
         return Ok(None);
     }
+    // Which jobs: every entry read, against the records.
+    let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut next = 1;
+    loop {
+        let request = serde_json::json!({"seq": next, "batch": 1000});
+        let got =
+            fanjet::nats::direct::batch(&nats.client, fanjet::protocol::INDEX_STREAM, &request)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        for m in &got {
+            if let Ok(s) = serde_json::from_slice::<fanjet::protocol::JobSummary>(&m.payload) {
+                seen.entry(s.job_id).or_default().push(format!(
+                    "{}@{}(seq {})",
+                    s.state.as_str(),
+                    m.seq,
+                    s.seq
+                ));
+            }
+        }
+        match got.last() {
+            Some(last) if got.len() == 1000 => next = last.seq + 1,
+            _ => break,
+        }
+    }
+    let wrong: Vec<String> = seen
+        .iter()
+        .filter(|(id, e)| {
+            e.len() != 1
+                || !states
+                    .get(*id)
+                    .is_some_and(|s| e[0].starts_with(s.as_str()))
+        })
+        .map(|(id, e)| format!("{id}: {e:?}, recorded {:?}", states.get(id)))
+        .chain(
+            states
+                .keys()
+                .filter(|id| !seen.contains_key(*id))
+                .map(|id| format!("{id}: no entry")),
+        )
+        .collect();
     Ok(Some(format!(
-        "the job index holds {entries} entries {:?}; the records {total} {recorded:?} (after {} s)",
+        "the job index holds {entries} entries {:?}; the records {total} {recorded:?} (after {} s): {wrong:?}",
         counts.states,
         STATS_CATCH_UP.as_secs()
     )))

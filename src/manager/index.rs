@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::nats::index::{self as idx, IndexError};
+use crate::nats::leases::{Fence, Fenced};
 use crate::nats::log::{stream_seq, Batch, LogError, Reader};
 use crate::nats::store::{self, StoreError};
 use crate::nats::{Nats, DUPLICATE_WINDOW};
@@ -42,6 +43,8 @@ pub enum IndexerError {
     Store(#[from] StoreError),
     #[error("NATS: {0}")]
     Nats(String),
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
 }
 
 /// Events read at once.
@@ -52,14 +55,21 @@ const WRITES_IN_FLIGHT: usize = 64;
 /// its write).
 const WRITING_KEY: &str = "index.writing";
 
-/// Runs the index consumer until `cancel`.
-pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), IndexerError> {
+/// Runs the index consumer until `cancel`. With a `fence` (the lease of
+/// the one index consumer), every write is made only while the lease is
+/// certainly held: a consumer frozen past its lease while another took
+/// over would otherwise write entries from summaries read before.
+pub async fn run(
+    nats: Nats,
+    cancel: CancellationToken,
+    fence: Option<Fence>,
+) -> Result<(), IndexerError> {
     let positions = nats
         .js
         .get_key_value(INDEX_BUCKET)
         .await
         .map_err(|e| IndexerError::Nats(format!("opening bucket {INDEX_BUCKET}: {e}")))?;
-    backfill(&nats, &positions, &cancel).await?;
+    backfill(&nats, &positions, &cancel, &fence).await?;
     let filters = INDEXED_KINDS
         .iter()
         .map(|k| kind_filter(k.token()))
@@ -69,8 +79,15 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), IndexerErr
         // Where the writer before stopped: entries it wrote after this
         // may have no position stored.
         let since = last_batch_start(&positions).await?;
-        let mut reader =
-            Reader::open(&nats, INDEX_CONSUMER, filters.clone(), BATCH, "index", None).await?;
+        let mut reader = Reader::open(
+            &nats,
+            INDEX_CONSUMER,
+            filters.clone(),
+            BATCH,
+            "index",
+            fence.as_ref(),
+        )
+        .await?;
         let mut look_first = since;
         loop {
             let batch = tokio::select! {
@@ -79,12 +96,14 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), IndexerErr
             };
             let Batch { messages, hole } = batch;
             if !messages.is_empty() {
+                checked(&fence)?;
                 positions
                     .put(WRITING_KEY, Default::default())
                     .await
                     .map_err(|e| IndexerError::Nats(format!("marking a batch: {e}")))?;
-                apply(&nats, &positions, &messages, look_first.take()).await?;
+                apply(&nats, &positions, &messages, look_first.take(), &fence).await?;
                 if let Some(last) = messages.last() {
+                    checked(&fence)?;
                     last.ack()
                         .await
                         .map_err(|e| IndexerError::Nats(e.to_string()))?;
@@ -130,6 +149,7 @@ async fn apply(
     positions: &kv::Store,
     messages: &[async_nats::jetstream::Message],
     look_since: Option<Millis>,
+    fence: &Option<Fence>,
 ) -> Result<(), IndexerError> {
     // Each job's summary as the batch goes on (None: not indexed), read
     // for all of the batch's jobs at once.
@@ -199,7 +219,7 @@ async fn apply(
     }
     let mut changed: Vec<Changed> = changed.into_values().collect();
     changed.sort_by_key(|c| c.summary.seq);
-    write(nats, positions, changed, now_ms(), look_since).await
+    write(nats, positions, changed, now_ms(), look_since, fence).await
 }
 
 /// A job's summary before the batch: from its position, else (a job the
@@ -233,9 +253,11 @@ async fn write(
     changed: Vec<Changed>,
     now: Millis,
     look_since: Option<Millis>,
+    fence: &Option<Fence>,
 ) -> Result<(), IndexerError> {
     let mut sent = Vec::with_capacity(changed.len());
     for c in &changed {
+        checked(fence)?;
         let found = match look_since {
             Some(since) => idx::find_entry(nats, &c.summary, since).await?,
             None => None,
@@ -262,6 +284,7 @@ async fn write(
     }
     futures::stream::iter(changed.into_iter().zip(entries).map(Ok::<_, IndexerError>))
         .try_for_each_concurrent(WRITES_IN_FLIGHT, |(c, entry)| async move {
+            checked(fence)?;
             if let Some(old) = c.old.filter(|&old| Some(old) != entry) {
                 idx::delete_entry(nats, old).await?;
             }
@@ -283,6 +306,14 @@ async fn write(
         .await
 }
 
+/// Fails when the lease this consumer stands for is not certainly held.
+fn checked(fence: &Option<Fence>) -> Result<(), IndexerError> {
+    match fence.as_ref().map(Fence::check) {
+        Some(Err(e)) => Err(IndexerError::Fenced(e)),
+        _ => Ok(()),
+    }
+}
+
 /// How a job's new entry was written.
 enum Sent {
     /// Written before (by a writer that stopped before storing its place).
@@ -299,6 +330,7 @@ async fn backfill(
     nats: &Nats,
     positions: &kv::Store,
     cancel: &CancellationToken,
+    fence: &Option<Fence>,
 ) -> Result<(), IndexerError> {
     let done = positions
         .get(INDEX_BACKFILLED_KEY)
@@ -336,7 +368,7 @@ async fn backfill(
             .await?;
         // Oldest change first, as the log would have written them.
         found.sort_by_key(|c| c.summary.changed_at);
-        write(nats, positions, found, now, None).await?;
+        write(nats, positions, found, now, None, fence).await?;
     }
     if cancel.is_cancelled() {
         return Ok(());

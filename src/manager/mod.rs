@@ -146,7 +146,9 @@ pub async fn run(
     let (n, c, me) = (nats.clone(), cancel.clone(), id.clone());
     tasks.spawn(async move {
         loop {
-            let run = leases::exclusive(&n, "index", &me, &c, |inner| index::run(n.clone(), inner));
+            let run = leases::exclusive(&n, "index", &me, &c, |inner, fence| {
+                index::run(n.clone(), inner, Some(fence))
+            });
             match run.await {
                 Ok(()) if c.is_cancelled() => return Ok(()),
                 Ok(()) => warn!("the index consumer stopped; starting it again"),

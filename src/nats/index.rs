@@ -67,13 +67,15 @@ pub const PREFIX_SCAN_BUDGET: u64 = 10_000;
 /// read subject by subject.
 const FEW_SUBJECTS: usize = 16;
 
-/// Where a job's entry is, as its position says (`None`: not indexed).
+/// Where a job's entry is, as its position says (`None`: not indexed), as
+/// the bucket's leader has it.
 pub async fn position(
     positions: &kv::Store,
     job_id: &str,
 ) -> Result<Option<IndexPosition>, IndexError> {
-    let bytes = positions
-        .get(job_id)
+    // From the leader: a replica behind it would answer with the place of
+    // an entry replaced since, and the entry that replaced it would stay.
+    let bytes = super::store::read_latest(positions, job_id)
         .await
         .map_err(|e| IndexError::Read(format!("position of {job_id}: {e}")))?;
     Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))

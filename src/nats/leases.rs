@@ -322,7 +322,9 @@ impl Lease {
 }
 
 /// Runs `work` while this process holds the lease `name`; waits for it
-/// while another process does. `work` is cancelled if the lease is lost.
+/// while another process does. `work` is cancelled if the lease is lost,
+/// and gets the lease's fence: a process frozen past its lease (and woken
+/// before it noticed) must check it before each write.
 pub async fn exclusive<F, Fut, E>(
     nats: &Nats,
     name: &str,
@@ -331,7 +333,7 @@ pub async fn exclusive<F, Fut, E>(
     work: F,
 ) -> Result<(), LeaseError>
 where
-    F: FnOnce(CancellationToken) -> Fut,
+    F: FnOnce(CancellationToken, Fence) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
@@ -352,7 +354,7 @@ where
         }
     };
     let inner = cancel.child_token();
-    let work = work(inner.clone());
+    let work = work(inner.clone(), lease.fence());
     tokio::pin!(work);
     let mut round = tokio::time::interval(LEASE_ROUND);
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -318,6 +318,12 @@ async fn read_raw(
     }
 }
 
+/// A key's value as the bucket's leader has it (`None`: not there, or
+/// deleted): for the one writer of a key, going on from what it wrote.
+pub async fn read_latest(bucket: &kv::Store, key: &str) -> Result<Option<Bytes>, String> {
+    Ok(read_raw(bucket, key, Read::Leader).await?.map(|(b, _)| b))
+}
+
 /// Reads one job record (without its bitmaps): what `fanjet status` shows.
 pub async fn get(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreError> {
     get_with(nats, job_id, Read::Any).await

@@ -50,7 +50,7 @@ pub async fn serve(
     tasks.spawn(supervise("statistics", c.clone(), move || {
         let (n, c, me) = (n.clone(), c.clone(), me.clone());
         async move {
-            leases::exclusive(&n, "statistics", &me, &c, |inner| {
+            leases::exclusive(&n, "statistics", &me, &c, |inner, _fence| {
                 stats::run(n.clone(), inner)
             })
             .await
