@@ -63,6 +63,11 @@ pub const DEFAULT_PAGE: usize = 50;
 /// once, wherever it is).
 pub const PREFIX_SCAN_BUDGET: u64 = 10_000;
 
+/// How long after a change its entry is written, at most, as a time range
+/// reckons (ms); an entry written later, by an index consumer that was
+/// behind, is missed by a range that ends before it was written.
+const WRITTEN_WITHIN: Millis = 60_000;
+
 /// A filter matching at most this many subjects, holding few entries, is
 /// read subject by subject.
 const FEW_SUBJECTS: usize = 16;
@@ -328,7 +333,8 @@ pub async fn list(
         }
     }
     if let Some(until) = req.until {
-        if let Some(seq) = first_at(nats, until).await? {
+        // Entries are written a moment after the change they show.
+        if let Some(seq) = first_at(nats, until.saturating_add(WRITTEN_WITHIN)).await? {
             hi = hi.min(seq.saturating_sub(1));
         }
     }
@@ -336,7 +342,15 @@ pub async fn list(
         return Ok(JobPage::default());
     }
     let prefix = req.prefix.as_deref().filter(|p| !p.is_empty());
-    let keeps = |s: &JobSummary| filter.keeps(s) && prefix.is_none_or(|p| s.job_id.starts_with(p));
+    // The sequences bound when entries were written; their changes (a
+    // moment before, or longer when the index consumer was behind) are
+    // what a time range asks for.
+    let keeps = |s: &JobSummary| {
+        filter.keeps(s)
+            && prefix.is_none_or(|p| s.job_id.starts_with(p))
+            && req.since.is_none_or(|t| s.changed_at >= t)
+            && req.until.is_none_or(|t| s.changed_at < t)
+    };
     let span = Span {
         lo,
         hi,
