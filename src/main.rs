@@ -51,7 +51,10 @@ enum Command {
     Submit(cli::jobs::SubmitArgs),
     /// Shows a job's detailed status and statistics (with --json: the same object as GET /api/jobs/JOB).
     Status(cli::jobs::StatusArgs),
-    /// Lists jobs.
+    /// Lists jobs from the job index, most recently changed first (a running
+    /// job by when it started, an ended one by when it ended), a page at a
+    /// time: filters, a time range, a job id prefix, counts per workflow
+    /// and state; the cursor it prints goes on to the next page.
     Jobs(cli::jobs::JobsArgs),
     /// Cancels a job: nothing new is dispatched, queued tasks are dropped.
     Cancel(cli::jobs::CancelArgs),
