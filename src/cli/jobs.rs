@@ -376,8 +376,16 @@ pub async fn list(connect: &ConnectArgs, args: JobsArgs) -> Result<u8> {
     if let Some(c) = &counts {
         print_counts(c);
     }
+    // Ids of jobs submitted as a customer carry its tag: as wide as they are.
+    let w = page
+        .jobs
+        .iter()
+        .map(|j| j.job_id.len())
+        .max()
+        .unwrap_or(0)
+        .max(28);
     println!(
-        "{:<28} {:<16} {:<16} {:<10} {:<20} progress",
+        "{:<w$} {:<16} {:<16} {:<10} {:<20} progress",
         "job", "workflow", "customer", "state", "changed"
     );
     for j in &page.jobs {
@@ -401,7 +409,7 @@ pub async fn list(connect: &ConnectArgs, args: JobsArgs) -> Result<u8> {
             None => (j.state.as_str(), String::new()),
         };
         println!(
-            "{:<28} {:<16} {:<16} {:<10} {:<20} {step}",
+            "{:<w$} {:<16} {:<16} {:<10} {:<20} {step}",
             j.job_id,
             j.workflow,
             j.customer.as_deref().unwrap_or("-"),
