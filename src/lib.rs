@@ -8,7 +8,8 @@
 //!   (job records with their pending bitmaps, statistics, heartbeats, the
 //!   detailed status), codecs and the JSON Schemas generated from them.
 //! - [`metrics`]: the one Prometheus registry; every metric name and help.
-//! - [`shutdown`]: signals to cancellation.
+//! - [`shutdown`]: signals to cancellation; a part of a process started
+//!   again alone when it fails.
 //! - [`logging`]: the log lines on stderr (colour only on a terminal).
 //! - [`machine`]: every workflow rule, as a pure state machine: inputs in,
 //!   actions out. No I/O, no clock. Uses `protocol`.
@@ -19,7 +20,8 @@
 //!   status service.
 //! - [`manager`]: the only writer of job state: partition coordinator, one
 //!   event loop per partition around the machine, executor, intake, status
-//!   service, max-deliveries advisories.
+//!   and listing services, max-deliveries advisories, the job index's
+//!   consumer.
 //! - [`worker`]: the worker pool, the handler API and the `--exec` handler.
 //! - [`observe`]: what `fanjet serve` runs: statistics, notifications,
 //!   gauges, the process list, the HTTP API and web page. Reads, never

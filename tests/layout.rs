@@ -14,9 +14,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("machine", &["protocol"]),
     ("nats", &["protocol", "metrics"]),
     ("client", &["protocol", "nats"]),
-    ("manager", &["protocol", "machine", "nats", "metrics"]),
+    (
+        "manager",
+        &["protocol", "machine", "nats", "metrics", "shutdown"],
+    ),
     ("worker", &["protocol", "nats", "metrics"]),
-    ("observe", &["protocol", "nats", "metrics", "client"]),
+    (
+        "observe",
+        &["protocol", "nats", "metrics", "shutdown", "client"],
+    ),
 ];
 
 fn rust_files(path: &Path, out: &mut Vec<PathBuf>) {

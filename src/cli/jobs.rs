@@ -11,8 +11,8 @@ use fanjet::nats::index;
 use fanjet::nats::store;
 use fanjet::nats::Nats;
 use fanjet::protocol::{
-    detailed, now_ms, validate_token, IndexCounts, IndexFilter, Job, JobState, ListRequest,
-    StepState, Submission, Tolerance,
+    detailed, now_ms, validate_token, IndexCounts, Job, JobState, ListRequest, StepState,
+    Submission, Tolerance,
 };
 
 use super::progress;
@@ -352,11 +352,7 @@ pub async fn list(connect: &ConnectArgs, args: JobsArgs) -> Result<u8> {
         }
         None => {
             let nats = full.insert(super::connect(connect, "fanjet-cli").await?);
-            let filter = IndexFilter {
-                customer: None,
-                workflow: args.workflow.clone(),
-                state: args.state,
-            };
+            let filter = req.filter(None);
             let page = index::list(nats, &filter, &req).await?;
             let counts = match args.counts {
                 true => Some(index::counts(nats, &filter).await?),

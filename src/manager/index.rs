@@ -182,29 +182,20 @@ async fn apply(
             .try_collect()
             .await?;
     let mut changed: HashMap<String, Changed> = HashMap::new();
-    for (seq, event) in &events {
-        let (seq, event) = (*seq, event);
+    for &(seq, ref event) in &events {
         let id = event.job_id().to_string();
         let Some(slot) = known.get_mut(&id) else {
             continue;
         };
         let old_entry = slot.as_ref().and_then(|(e, _)| *e);
-        let next = match slot.as_ref() {
-            Some((_, s)) => change(Some(s), seq, event),
-            None => change(None, seq, event),
-        };
+        let next = change(slot.as_ref().map(|(_, s)| s), seq, event);
         let Some(next) = next else {
             // A job known from its record only is indexed as it stands.
             if let Some((None, base)) = slot.as_ref() {
-                if !changed.contains_key(&id) {
-                    changed.insert(
-                        id.clone(),
-                        Changed {
-                            old: None,
-                            summary: base.clone(),
-                        },
-                    );
-                }
+                changed.entry(id).or_insert_with(|| Changed {
+                    old: None,
+                    summary: base.clone(),
+                });
             }
             continue;
         };
@@ -294,7 +285,7 @@ async fn write(
                         entry,
                         summary: c.summary,
                     };
-                    idx::put_position(positions, &pos.summary.job_id.clone(), &pos).await?;
+                    idx::put_position(positions, &pos).await?;
                 }
                 // Its record has expired: the index forgets it.
                 None => {

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::ManagerError;
 use crate::nats::index::{self, IndexError};
 use crate::nats::{service, Nats};
-use crate::protocol::{IndexFilter, ListRequest, LIST_WILDCARD};
+use crate::protocol::{ListRequest, LIST_WILDCARD};
 
 /// Serves listing requests until `cancel`.
 pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerError> {
@@ -28,11 +28,7 @@ async fn answer(nats: &Nats, msg: async_nats::Message) -> Value {
         },
     };
     // The subject's customer, whatever the request says.
-    let filter = IndexFilter {
-        customer: Some(customer.to_string()),
-        workflow: req.workflow.clone(),
-        state: req.state,
-    };
+    let filter = req.filter(Some(customer.to_string()));
     let page = match index::list(nats, &filter, &req).await {
         Ok(page) => page,
         Err(e) => return index_refusal(e),

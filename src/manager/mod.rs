@@ -145,20 +145,17 @@ pub async fn run(
     // One index consumer across every manager; the others stand by.
     let (n, c, me) = (nats.clone(), cancel.clone(), id.clone());
     tasks.spawn(async move {
-        loop {
-            let run = leases::exclusive(&n, "index", &me, &c, |inner, fence| {
-                index::run(n.clone(), inner, Some(fence))
-            });
-            match run.await {
-                Ok(()) if c.is_cancelled() => return Ok(()),
-                Ok(()) => warn!("the index consumer stopped; starting it again"),
-                Err(e) => warn!(error = %e, "the index consumer failed; starting it again"),
+        crate::shutdown::supervise("job index", c.clone(), move || {
+            let (n, c, me) = (n.clone(), c.clone(), me.clone());
+            async move {
+                leases::exclusive(&n, "index", &me, &c, |inner, fence| {
+                    index::run(n.clone(), inner, Some(fence))
+                })
+                .await
             }
-            tokio::select! {
-                _ = c.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
+        })
+        .await;
+        Ok(())
     });
     tasks.spawn(cancel::run(nats.clone(), cancel.clone()));
     tasks.spawn(update::run(nats.clone(), cancel.clone()));

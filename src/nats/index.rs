@@ -87,11 +87,8 @@ pub async fn position(
 }
 
 /// Stores where a job's entry is.
-pub async fn put_position(
-    positions: &kv::Store,
-    job_id: &str,
-    pos: &IndexPosition,
-) -> Result<(), IndexError> {
+pub async fn put_position(positions: &kv::Store, pos: &IndexPosition) -> Result<(), IndexError> {
+    let job_id = &pos.summary.job_id;
     let bytes = serde_json::to_vec(pos).map_err(|e| IndexError::Write(e.to_string()))?;
     positions
         .put(job_id, bytes.into())
@@ -180,12 +177,12 @@ pub async fn find_entry(
     summary: &JobSummary,
     since: Millis,
 ) -> Result<Option<u64>, IndexError> {
-    let mut request = json!({
-        "start_time": rfc3339(since),
-        "next_by_subj": summary.subject(),
-        "batch": MAX_BATCH,
-    });
+    // From the time, then on from the last entry read.
+    let mut from = json!({"start_time": rfc3339(since)});
     loop {
+        let mut request = from.clone();
+        request["next_by_subj"] = json!(summary.subject());
+        request["batch"] = json!(MAX_BATCH);
         let got = direct::batch(&nats.client, INDEX_STREAM, &request)
             .await
             .map_err(IndexError::Read)?;
@@ -197,13 +194,7 @@ pub async fn find_entry(
             }
         }
         match got.last() {
-            Some(last) if got.len() == MAX_BATCH => {
-                request = json!({
-                    "seq": last.seq + 1,
-                    "next_by_subj": summary.subject(),
-                    "batch": MAX_BATCH,
-                });
-            }
+            Some(last) if got.len() == MAX_BATCH => from = json!({"seq": last.seq + 1}),
             _ => return Ok(None),
         }
     }

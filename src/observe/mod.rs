@@ -12,9 +12,7 @@ pub mod notify;
 pub mod processes;
 pub mod stats;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +20,7 @@ use tracing::error;
 
 use crate::nats::heartbeat::process_id;
 use crate::nats::{leases, Nats};
+use crate::shutdown::supervise;
 use api::ServeError;
 use notify::Webhooks;
 
@@ -80,35 +79,4 @@ pub async fn serve(
         }
     }
     served
-}
-
-/// Runs `part` until `cancel`, starting it again (with a growing pause) when
-/// it fails, so one consumer's trouble does not stop the others.
-async fn supervise<F, Fut, E>(name: &'static str, cancel: CancellationToken, mut part: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    const FIRST_PAUSE: Duration = Duration::from_millis(200);
-    let mut pause = FIRST_PAUSE;
-    loop {
-        let started = tokio::time::Instant::now();
-        let result = part().await;
-        // A part that ran a while before failing starts again soon: only
-        // failures in a row lengthen the pause.
-        if started.elapsed() >= Duration::from_secs(30) {
-            pause = FIRST_PAUSE;
-        }
-        match result {
-            Ok(()) if cancel.is_cancelled() => return,
-            Ok(()) => error!(part = name, "stopped on its own; starting it again"),
-            Err(e) => error!(part = name, error = %e, "failed; starting it again"),
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-        pause = (pause * 2).min(Duration::from_secs(10));
-    }
 }

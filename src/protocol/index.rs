@@ -291,6 +291,17 @@ pub struct ListRequest {
     pub counts: bool,
 }
 
+impl ListRequest {
+    /// Which jobs it keeps, of `customer`'s (any customer's: `None`).
+    pub fn filter(&self, customer: Option<String>) -> IndexFilter {
+        IndexFilter {
+            customer,
+            workflow: self.workflow.clone(),
+            state: self.state,
+        }
+    }
+}
+
 /// Request subject of the listing service for one customer (a permission
 /// can pin the customer).
 pub fn list_subject(customer: &str) -> String {

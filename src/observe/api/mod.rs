@@ -25,8 +25,8 @@ use crate::metrics::Metrics;
 use crate::nats::index::{self, IndexError};
 use crate::nats::{log, store, Nats};
 use crate::protocol::{
-    detailed, now_ms, validate_token, IndexFilter, Job, JobPage, JobState, JobSummary, ListRequest,
-    RejectCode, Submission,
+    detailed, now_ms, validate_token, Job, JobPage, JobState, JobSummary, ListRequest, RejectCode,
+    Submission,
 };
 
 /// The OpenAPI document of this API.
@@ -334,10 +334,13 @@ struct ListQuery {
 }
 
 impl ListQuery {
-    fn filter(&self) -> ApiResult<IndexFilter> {
-        let state = match self.state.as_deref().filter(|s| !s.is_empty()) {
+    /// The listing it asks for (an empty parameter is no parameter), and
+    /// of which customer's jobs.
+    fn request(&self) -> ApiResult<(ListRequest, Option<String>)> {
+        let given = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        let state = match given(&self.state) {
             None => None,
-            Some(name) => Some(JobState::parse(name).ok_or_else(|| {
+            Some(name) => Some(JobState::parse(&name).ok_or_else(|| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "bad_request",
@@ -345,12 +348,17 @@ impl ListQuery {
                 )
             })?),
         };
-        let given = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
-        Ok(IndexFilter {
-            customer: given(&self.customer),
+        let req = ListRequest {
             workflow: given(&self.workflow),
             state,
-        })
+            since: self.since,
+            until: self.until,
+            prefix: given(&self.prefix),
+            cursor: given(&self.cursor),
+            limit: self.limit,
+            counts: self.counts,
+        };
+        Ok((req, given(&self.customer)))
     }
 }
 
@@ -396,23 +404,14 @@ async fn line(nats: &Nats, s: &JobSummary) -> Value {
 }
 
 async fn list_jobs(State(nats): State<Nats>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
-    let filter = q.filter()?;
-    let req = ListRequest {
-        workflow: None,
-        state: None,
-        since: q.since,
-        until: q.until,
-        prefix: q.prefix.clone().filter(|p| !p.is_empty()),
-        cursor: q.cursor.clone().filter(|c| !c.is_empty()),
-        limit: q.limit,
-        counts: q.counts,
-    };
+    let (req, customer) = q.request()?;
+    let filter = req.filter(customer);
     let page = index::list(&nats, &filter, &req).await?;
     let mut body = json!({
         "jobs": page_with_progress(&nats, &page).await,
         "next_cursor": page.next_cursor,
     });
-    if q.counts {
+    if req.counts {
         body["counts"] = json!(index::counts(&nats, &filter).await?);
     }
     Ok(Json(body))
@@ -422,7 +421,10 @@ async fn job_counts(
     State(nats): State<Nats>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(json!(index::counts(&nats, &q.filter()?).await?)))
+    let (req, customer) = q.request()?;
+    Ok(Json(json!(
+        index::counts(&nats, &req.filter(customer)).await?
+    )))
 }
 
 async fn job(State(nats): State<Nats>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
