@@ -323,7 +323,7 @@ async fn large_results_go_to_the_object_store_and_limits_hold() {
         send.failures
     );
     // The 9 MB result is in the object store, its event carries the reference.
-    let events = env.events("big-1").await;
+    let events = common::completions(&env.events("big-1").await);
     let nine = events
         .iter()
         .find(|e| e["type"] == "SubjobCompleted" && e["step_index"] == 1 && e["index"] == 1)

@@ -88,7 +88,7 @@ async fn a_thousand_subjobs_from_a_plain_nats_request_complete_with_exact_counts
     assert_eq!(count("JobRequested"), 1);
     assert_eq!(count("StepStarted"), 3);
     assert_eq!(count("StepCompleted"), 3);
-    assert_eq!(count("SubjobCompleted"), 1002);
+    assert_eq!(common::completions(&events).len(), 1002);
     assert_eq!(count("JobCompleted"), 1);
     assert_eq!(
         events.last().map(|e| e["type"].clone()),
@@ -624,6 +624,76 @@ async fn a_batched_fanout_hands_items_together_and_retries_a_failing_item_alone(
         14,
         "95 items in blocks of 7"
     );
+}
+
+/// A busy worker reports the completions of one step that are ready at
+/// the same moment in one `SubjobsCompleted`: fewer events than subjobs,
+/// and the record, the statistics, the results and the step after count
+/// each subjob once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_reports_completions_together_and_each_counts_once() {
+    let mut env = Env::start().await;
+    env.apply(&seed_workflow("together", "max_in_flight = 200"))
+        .await;
+    env.manager();
+    let (_base, _stop) = env.serve(Default::default()).await;
+    env.worker(seed_worker(&env, "together", |ctx| {
+        Ok(json!(ctx.task.item.as_u64().unwrap_or(0) * 2))
+    }));
+    let reply = env
+        .submit(
+            "together",
+            json!({"job_id": "tg-1", "input": {"count": 3000}}),
+        )
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    let job = env.wait_end("tg-1", Duration::from_secs(90)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!((job.steps[1].completed, job.steps[1].failed), (3000, 0));
+    assert_eq!(job.output["completed"], 3000);
+
+    let events = env.events("tg-1").await;
+    let together = events
+        .iter()
+        .filter(|e| e["type"] == "SubjobsCompleted")
+        .count();
+    let alone = events
+        .iter()
+        .filter(|e| e["type"] == "SubjobCompleted" && e["step_index"] == 1)
+        .count();
+    assert!(together > 0, "no completions were reported together");
+    assert!(
+        together + alone < 3000,
+        "{together} reports together and {alone} alone for 3,000 subjobs"
+    );
+    let done = common::completions(&events);
+    let mut indices: Vec<u64> = done
+        .iter()
+        .filter(|e| e["step_index"] == 1)
+        .filter_map(|e| e["index"].as_u64())
+        .collect();
+    indices.sort_unstable();
+    indices.dedup();
+    assert_eq!(indices.len(), 3000);
+
+    // Results as `fanjet results` reads them from the log: each once.
+    let (ok, text) = common::cli(&env, &["results", "tg-1", "--step", "send"]);
+    assert!(ok, "{text}");
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(lines.len(), 3000);
+    assert!(lines
+        .iter()
+        .all(|l| l["ok"] == true && l["result"].as_u64() == l["index"].as_u64().map(|i| i * 2)));
+
+    env.wait_stats("tg-1", Duration::from_secs(15), |s| {
+        s.steps
+            .get(1)
+            .is_some_and(|s| (s.completed, s.failed) == (3000, 0))
+    })
+    .await;
 }
 
 /// A fanout over items put in the object store (`fanjet items put`, or a

@@ -97,11 +97,8 @@ async fn a_python_worker_shares_a_fanout_step_with_a_rust_worker() {
 
     let job = env.wait_end("py-job-1", Duration::from_secs(10)).await;
     assert_eq!(job.state, JobState::Completed);
-    let events = env.events("py-job-1").await;
-    let done: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["type"] == "SubjobCompleted" && e["step_index"] == 0)
-        .collect();
+    let events = common::completions(&env.events("py-job-1").await);
+    let done: Vec<&Value> = events.iter().filter(|e| e["step_index"] == 0).collect();
     assert_eq!(done.len(), 300);
     let by_python = done
         .iter()

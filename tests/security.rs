@@ -3,6 +3,8 @@
 //! read the log; a submitter can submit and read status for its own
 //! customer only and cannot forge events; a viewer changes nothing.
 
+mod common;
+
 use std::future::IntoFuture;
 use std::path::Path;
 use std::time::Duration;
@@ -654,6 +656,23 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
             token: "AAAAAAAAAAAAAAAAAAAAAA".into(),
         }));
     }
+    // And all three reported together, under tokens of its own making.
+    forged.push(Event::SubjobsCompleted(
+        fanjet::protocol::SubjobsCompleted {
+            job_id: bob_parked.clone(),
+            step_index: 0,
+            run: 0,
+            outcomes: (0..3)
+                .map(|index| fanjet::protocol::Completion {
+                    index,
+                    attempt: 1,
+                    result: json!("forged"),
+                    duration_ms: 0,
+                    token: "AAAAAAAAAAAAAAAAAAAAAA".into(),
+                })
+                .collect(),
+        },
+    ));
     for e in &forged {
         attacker
             .js
@@ -777,11 +796,16 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(counted, Some((3, 0)), "statistics ignore forgeries");
-    let results: Vec<_> = fanjet::nats::log::history(&env.admin, &bob_parked, 0, 1000)
-        .await
-        .unwrap()
+    let logged: Vec<serde_json::Value> =
+        fanjet::nats::log::history(&env.admin, &bob_parked, 0, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event)
+            .collect();
+    let results: Vec<_> = common::completions(&logged)
         .into_iter()
-        .filter(|e| e.event["type"] == "SubjobCompleted" && e.event["result"] != json!("forged"))
+        .filter(|e| e["result"] != json!("forged"))
         .collect();
     assert_eq!(results.len(), 3, "the real outcomes are in the log");
     env.stop().await;

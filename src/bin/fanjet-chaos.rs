@@ -1262,6 +1262,7 @@ async fn outcome_times(nats: &Nats) -> Result<Vec<i128>> {
                 "fanjet.ev.*.*.subjob_completed".into(),
                 "fanjet.ev.*.*.subjob_failed".into(),
                 "fanjet.ev.*.*.subjobs_done".into(),
+                "fanjet.ev.*.*.subjobs_completed".into(),
             ],
             ..Default::default()
         })

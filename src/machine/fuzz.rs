@@ -12,15 +12,16 @@ use serde_json::json;
 
 use super::{Definition, Engine, Input, ShareView, StepView, Unqueued};
 use crate::protocol::{
-    CancelRequested, Event, ItemOutcome, JobDemand, JobRequested, JobState, SubjobCompleted,
-    SubjobFailed, SubjobsDone, Tenant, Tolerance, UpdateRequested, Workflow,
+    CancelRequested, Completion, Event, ItemOutcome, JobDemand, JobRequested, JobState,
+    SubjobCompleted, SubjobFailed, SubjobsCompleted, SubjobsDone, Tenant, Tolerance,
+    UpdateRequested, Workflow,
 };
 
 /// Random, mostly nonsensical inputs for the engine: unknown jobs, huge
 /// indices, wrong steps, duplicates, ticks, aborts.
 fn engine_input() -> impl Strategy<Value = (u8, u8, usize, u64, u32, bool)> {
     (
-        0u8..12,
+        0u8..13,
         0u8..3,
         0usize..4,
         prop_oneof![0u64..12, Just(u64::MAX), any::<u64>()],
@@ -190,6 +191,23 @@ fn random_event_streams_never_panic_the_engine() {
                                 .collect(),
                             run: 0,
                             token: String::new(),
+                        }),
+                    },
+                    11 => Input::Event {
+                        seq: now,
+                        event: Event::SubjobsCompleted(SubjobsCompleted {
+                            job_id,
+                            step_index: step,
+                            run: u32::from(!flag && attempt % 5 == 0),
+                            outcomes: (0..=u64::from(attempt % 4))
+                                .map(|k| Completion {
+                                    index: index.saturating_add(k % 3),
+                                    attempt,
+                                    result: json!(k),
+                                    duration_ms: 2,
+                                    token: String::new(),
+                                })
+                                .collect(),
                         }),
                     },
                     _ => Input::Tick,

@@ -62,8 +62,9 @@ use crate::protocol::{
     JobDemand, JobFailed, JobRedriven, JobRejected, JobRequested, JobState, Mark, Millis, Pace,
     Pending, Redrive, RedriveRequested, RejectCode, RunFigures, Share, Source, SourceField, Step,
     StepCompleted, StepKind, StepRun, StepStarted, StepState, SubjobCompleted, SubjobFailed,
-    SubjobsDone, SubjobsFailed, UpdateRequested, Workflow, EVENTS_STREAM, INLINE_RESULT_MAX,
-    MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON, MAX_REASON_BYTES,
+    SubjobsCompleted, SubjobsDone, SubjobsFailed, UpdateRequested, Workflow, EVENTS_STREAM,
+    INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON,
+    MAX_REASON_BYTES,
 };
 
 /// Refill a step's in-flight window only when at least this many slots are
@@ -299,6 +300,12 @@ impl Engine {
             Event::SubjobCompleted(e) => (&e.job_id, e.step_index, e.index, e.run),
             Event::SubjobFailed(e) => (&e.job_id, e.step_index, e.index, e.run),
             Event::SubjobsDone(e) => {
+                return e
+                    .outcomes
+                    .iter()
+                    .any(|o| self.unapplied_outcome(&e.job_id, e.step_index, o.index, e.run))
+            }
+            Event::SubjobsCompleted(e) => {
                 return e
                     .outcomes
                     .iter()
@@ -763,6 +770,7 @@ impl Engine {
             Event::SubjobFailed(e) => subjob_failed(job, seq, e.clone(), now, out),
             Event::SubjobsFailed(e) => subjobs_failed(job, seq, e, now, out),
             Event::SubjobsDone(e) => subjobs_done(job, seq, e, now, out),
+            Event::SubjobsCompleted(e) => subjobs_completed(job, seq, e, now, out),
             Event::CancelRequested(e) => Ok(cancel(job, e.clone(), now, out)),
             Event::UpdateRequested(e) => Ok(update(job, e, now, out)),
             // The manager's own output, read back: already applied.
@@ -927,6 +935,45 @@ fn subjob_completed(
     out: &mut Vec<Action>,
 ) -> Result<bool, Ignored> {
     let replayed = replayed(job, seq);
+    count_completed(job, seq, e, replayed)?;
+    job.updated_at = now;
+    after_outcome(job, now, out);
+    Ok(true)
+}
+
+/// Completions reported together: each counts as its own event would; the
+/// step then ends or refills once.
+fn subjobs_completed(
+    job: &mut Job,
+    seq: u64,
+    e: &SubjobsCompleted,
+    now: Millis,
+    out: &mut Vec<Action>,
+) -> Result<bool, Ignored> {
+    let replayed = replayed(job, seq);
+    let mut counted = false;
+    let mut why = Ignored::Duplicate;
+    for one in e.each() {
+        match count_completed(job, seq, one, replayed) {
+            Ok(()) => counted = true,
+            Err(w) => why = w,
+        }
+    }
+    if !counted {
+        return Err(why);
+    }
+    job.updated_at = now;
+    after_outcome(job, now, out);
+    Ok(true)
+}
+
+/// Counts one subjob's completion (its first outcome of the running step).
+fn count_completed(
+    job: &mut Job,
+    seq: u64,
+    e: SubjobCompleted,
+    replayed: bool,
+) -> Result<(), Ignored> {
     let step = mark_outcome(job, e.step_index, e.index, e.run, false)?;
     step.completed += 1;
     let took = e.duration_ms as f64;
@@ -941,9 +988,7 @@ fn subjob_completed(
             job.output = output(e.result, seq);
         }
     }
-    job.updated_at = now;
-    after_outcome(job, now, out);
-    Ok(true)
+    Ok(())
 }
 
 fn subjob_failed(

@@ -77,6 +77,28 @@ fn done(step_index: usize, index: u64, attempt: u32, result: Value) -> Input {
     }
 }
 
+/// Completions of step `step_index` reported together (index, attempt).
+fn done_together(step_index: usize, outcomes: &[(u64, u32)]) -> Input {
+    Input::Event {
+        seq: next_seq(),
+        event: Event::SubjobsCompleted(crate::protocol::SubjobsCompleted {
+            job_id: "j".into(),
+            step_index,
+            run: 0,
+            outcomes: outcomes
+                .iter()
+                .map(|&(index, attempt)| crate::protocol::Completion {
+                    index,
+                    attempt,
+                    result: json!({"i": index}),
+                    duration_ms: 1,
+                    token: String::new(),
+                })
+                .collect(),
+        }),
+    }
+}
+
 fn failed(step_index: usize, index: u64) -> Input {
     failed_with(step_index, index, 3, format!("bad {index}"))
 }
@@ -177,6 +199,45 @@ fn happy_path_runs_three_steps_and_counts_once() {
         (3, 0, 1)
     );
     assert!(e.apply(done(2, 0, 1, json!(null)), 50).is_empty());
+}
+
+#[test]
+fn completions_reported_together_count_each_once_and_end_the_step_once() {
+    let mut e = Engine::new();
+    request(&mut e, workflow(""));
+    e.apply(done(0, 0, 1, json!([1, 2, 3, 4, 5])), 20);
+    assert!(e.apply(done_together(1, &[(0, 1), (1, 2)]), 30).is_empty());
+    // 1 again (a duplicate), 9 beyond the step: only 2 counts.
+    assert!(e
+        .apply(done_together(1, &[(1, 1), (9, 1), (2, 1)]), 31)
+        .is_empty());
+    assert_eq!(
+        e.job("j")
+            .map(|j| (j.steps[1].completed, j.steps[1].retries)),
+        Some((3, 1))
+    );
+    // Nothing new in it: ignored.
+    assert!(e.apply(done_together(1, &[(0, 1), (2, 1)]), 32).is_empty());
+    let a = e.apply(done_together(1, &[(3, 1), (4, 3)]), 33);
+    assert_eq!(
+        kinds(&a),
+        ["step_completed", "step_started", "dispatch 2:0..1"]
+    );
+    let job = e.job("j").unwrap();
+    assert_eq!(
+        (
+            job.steps[1].completed,
+            job.steps[1].failed,
+            job.steps[1].retries
+        ),
+        (5, 0, 3)
+    );
+    // After the step's end: late, counted nowhere.
+    assert!(e.apply(done_together(1, &[(0, 1)]), 34).is_empty());
+    // The last (task) step's one completion reported that way is its output.
+    let a = e.apply(done_together(2, &[(0, 1)]), 40);
+    assert_eq!(kinds(&a), ["step_completed", "completed"]);
+    assert_eq!(e.job("j").unwrap().output, json!({"i": 0}));
 }
 
 #[test]

@@ -535,6 +535,10 @@ impl Executor {
         let value = match (serde_json::from_slice::<Event>(&payload), field) {
             (Ok(Event::JobRequested(r)), SourceField::Input) => r.input,
             (Ok(Event::SubjobCompleted(c)), SourceField::Result) => c.result,
+            // A task step's one completion, reported with others.
+            (Ok(Event::SubjobsCompleted(mut c)), SourceField::Result) if c.outcomes.len() == 1 => {
+                c.outcomes.remove(0).result
+            }
             _ => return Ok(Err(format!("event {seq} does not hold a step input"))),
         };
         if self.sources.len() >= SOURCE_CACHE {

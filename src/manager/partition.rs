@@ -280,7 +280,12 @@ impl EventLoop {
             for job_id in stalled {
                 if queued_tasks(&self.nats, &job_id).await? == 0 {
                     let mut last_outcome = 0;
-                    for kind in [EventKind::SubjobCompleted, EventKind::SubjobFailed] {
+                    for kind in [
+                        EventKind::SubjobCompleted,
+                        EventKind::SubjobFailed,
+                        EventKind::SubjobsCompleted,
+                        EventKind::SubjobsDone,
+                    ] {
                         let subject = event_subject(&job_id, kind.token());
                         last_outcome = last_outcome.max(log::last_seq(&self.nats, &subject).await?);
                     }

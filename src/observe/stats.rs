@@ -75,6 +75,7 @@ impl JobStats {
             Event::SubjobCompleted(_)
                 | Event::SubjobFailed(_)
                 | Event::SubjobsDone(_)
+                | Event::SubjobsCompleted(_)
                 | Event::SubjobsFailed(_)
         );
         if outcome && event.run() != Some(self.run) {
@@ -213,6 +214,33 @@ impl JobStats {
                     .subjobs_failed
                     .with_label_values(&labels)
                     .inc_by(failed);
+                metrics
+                    .subjob_retries
+                    .with_label_values(&labels)
+                    .inc_by(retries);
+            }
+            Event::SubjobsCompleted(e) => {
+                let name = self.step_name(e.step_index);
+                let workflow = self.workflow.clone();
+                let labels = [workflow.as_str(), name.as_str()];
+                let s = self.step(e.step_index);
+                let (mut completed, mut retries) = (0, 0);
+                let duration = metrics.subjob_duration.with_label_values(&labels);
+                for o in &e.outcomes {
+                    if !s.first_outcome(o.index, false) {
+                        continue;
+                    }
+                    s.completed += 1;
+                    completed += 1;
+                    s.record_attempt(o.attempt);
+                    s.record_duration(o.duration_ms);
+                    retries += u64::from(o.attempt.saturating_sub(1));
+                    duration.observe(o.duration_ms as f64 / 1000.0);
+                }
+                metrics
+                    .subjobs_completed
+                    .with_label_values(&labels)
+                    .inc_by(completed);
                 metrics
                     .subjob_retries
                     .with_label_values(&labels)

@@ -121,6 +121,54 @@ pub struct SubjobCompleted {
     pub token: String,
 }
 
+/// Subjobs of one step completed, each run as a task of its own, reported
+/// together: a busy worker reports in one event the completions of one job's
+/// step that are ready at the same moment (fewer messages for the server to
+/// store, deliver and acknowledge). Each counts as its own
+/// [`SubjobCompleted`] would.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SubjobsCompleted {
+    pub job_id: String,
+    pub step_index: usize,
+    /// The run they belong to (absent when 0); every task reported shares it.
+    #[serde(default, skip_serializing_if = "super::is_first_run")]
+    pub run: u32,
+    pub outcomes: Vec<Completion>,
+}
+
+/// One subjob's completion in a [`SubjobsCompleted`]: what its own
+/// [`SubjobCompleted`] would carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Completion {
+    pub index: u64,
+    /// The delivery attempt that succeeded, from 1.
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub result: Value,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// The task's `token`: the event is ignored unless every outcome
+    /// carries its own task's.
+    #[serde(default)]
+    pub token: String,
+}
+
+impl SubjobsCompleted {
+    /// Each outcome as the [`SubjobCompleted`] its task would report alone.
+    pub fn each(&self) -> impl Iterator<Item = SubjobCompleted> + '_ {
+        self.outcomes.iter().map(|o| SubjobCompleted {
+            job_id: self.job_id.clone(),
+            step_index: self.step_index,
+            index: o.index,
+            attempt: o.attempt,
+            result: o.result.clone(),
+            duration_ms: o.duration_ms,
+            run: self.run,
+            token: o.token.clone(),
+        })
+    }
+}
+
 /// The subjobs of one batch task (a fanout step with `batch_size` > 1)
 /// ended: one outcome per subjob it carried, reported together.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -381,6 +429,7 @@ pub enum Event {
     SubjobCompleted(SubjobCompleted),
     SubjobFailed(SubjobFailed),
     SubjobsDone(SubjobsDone),
+    SubjobsCompleted(SubjobsCompleted),
     SubjobsFailed(SubjobsFailed),
     JobCompleted(JobCompleted),
     JobFailed(JobFailed),
@@ -401,6 +450,7 @@ pub enum EventKind {
     SubjobCompleted,
     SubjobFailed,
     SubjobsDone,
+    SubjobsCompleted,
     SubjobsFailed,
     JobCompleted,
     JobFailed,
@@ -412,7 +462,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 15] = [
+    pub const ALL: [EventKind; 16] = [
         EventKind::JobRequested,
         EventKind::JobRejected,
         EventKind::StepStarted,
@@ -420,6 +470,7 @@ impl EventKind {
         EventKind::SubjobCompleted,
         EventKind::SubjobFailed,
         EventKind::SubjobsDone,
+        EventKind::SubjobsCompleted,
         EventKind::SubjobsFailed,
         EventKind::JobCompleted,
         EventKind::JobFailed,
@@ -440,6 +491,7 @@ impl EventKind {
             EventKind::SubjobCompleted => "subjob_completed",
             EventKind::SubjobFailed => "subjob_failed",
             EventKind::SubjobsDone => "subjobs_done",
+            EventKind::SubjobsCompleted => "subjobs_completed",
             EventKind::SubjobsFailed => "subjobs_failed",
             EventKind::JobCompleted => "completed",
             EventKind::JobFailed => "failed",
@@ -460,6 +512,7 @@ impl EventKind {
                 | EventKind::SubjobCompleted
                 | EventKind::SubjobFailed
                 | EventKind::SubjobsDone
+                | EventKind::SubjobsCompleted
                 | EventKind::SubjobsFailed
                 | EventKind::CancelRequested
                 | EventKind::UpdateRequested
@@ -478,6 +531,7 @@ impl Event {
             Event::SubjobCompleted(_) => EventKind::SubjobCompleted,
             Event::SubjobFailed(_) => EventKind::SubjobFailed,
             Event::SubjobsDone(_) => EventKind::SubjobsDone,
+            Event::SubjobsCompleted(_) => EventKind::SubjobsCompleted,
             Event::SubjobsFailed(_) => EventKind::SubjobsFailed,
             Event::JobCompleted(_) => EventKind::JobCompleted,
             Event::JobFailed(_) => EventKind::JobFailed,
@@ -498,6 +552,7 @@ impl Event {
             Event::SubjobCompleted(e) => &e.job_id,
             Event::SubjobFailed(e) => &e.job_id,
             Event::SubjobsDone(e) => &e.job_id,
+            Event::SubjobsCompleted(e) => &e.job_id,
             Event::SubjobsFailed(e) => &e.job_id,
             Event::JobCompleted(e) => &e.job_id,
             Event::JobFailed(e) => &e.job_id,
@@ -529,6 +584,7 @@ impl Event {
             Event::SubjobCompleted(e) => Some(e.run),
             Event::SubjobFailed(e) => Some(e.run),
             Event::SubjobsDone(e) => Some(e.run),
+            Event::SubjobsCompleted(e) => Some(e.run),
             Event::SubjobsFailed(e) => Some(e.run),
             Event::JobCompleted(e) => Some(e.run),
             Event::JobFailed(e) => Some(e.run),
@@ -578,6 +634,20 @@ impl Event {
                 e.step_index,
                 e.index,
                 e.outcomes.first().map_or(e.index, |o| o.index)
+            ),
+            // The same completions (a worker's publish sent again) share an
+            // id; another set of them does not.
+            Event::SubjobsCompleted(e) => format!(
+                "{job}:{kind}:{}:{}:{}:{:016x}",
+                e.step_index,
+                e.outcomes.first().map_or(0, |o| o.index),
+                e.outcomes.len(),
+                e.outcomes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, o| {
+                    o.index
+                        .to_le_bytes()
+                        .iter()
+                        .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+                })
             ),
             Event::SubjobsFailed(e) => format!(
                 "{job}:{kind}:{}:{}:{}",
@@ -684,6 +754,27 @@ mod tests {
                 run: 0,
                 token: "t".into(),
             }),
+            Event::SubjobsCompleted(SubjobsCompleted {
+                job_id: "j".into(),
+                step_index: 1,
+                run: 0,
+                outcomes: vec![
+                    Completion {
+                        index: 3,
+                        attempt: 1,
+                        result: json!({"sent": true}),
+                        duration_ms: 4,
+                        token: "t3".into(),
+                    },
+                    Completion {
+                        index: 9,
+                        attempt: 2,
+                        result: Value::Null,
+                        duration_ms: 5,
+                        token: "t9".into(),
+                    },
+                ],
+            }),
             Event::SubjobsFailed(SubjobsFailed {
                 run: 0,
                 job_id: "j".into(),
@@ -763,6 +854,39 @@ mod tests {
         let json = serde_json::to_value(failed(0)).unwrap();
         assert!(json.get("run").is_none(), "absent in the first run: {json}");
         assert_eq!(serde_json::to_value(failed(2)).unwrap()["run"], 2);
+    }
+
+    #[test]
+    fn completions_reported_together_have_an_id_per_set() {
+        let together = |indices: &[u64], run: u32| {
+            Event::SubjobsCompleted(SubjobsCompleted {
+                job_id: "j".into(),
+                step_index: 1,
+                run,
+                outcomes: indices
+                    .iter()
+                    .map(|&index| Completion {
+                        index,
+                        attempt: 1,
+                        result: Value::Null,
+                        duration_ms: 0,
+                        token: String::new(),
+                    })
+                    .collect(),
+            })
+        };
+        let id = together(&[3, 9], 0).msg_id();
+        assert!(id.starts_with("j:subjobs_completed:1:3:2:"), "{id}");
+        assert_eq!(id, together(&[3, 9], 0).msg_id(), "sent again: the same");
+        assert_ne!(id, together(&[3, 8], 0).msg_id());
+        assert_ne!(id, together(&[3, 9, 10], 0).msg_id());
+        assert!(together(&[3, 9], 2).msg_id().ends_with(":r2"));
+        // Each as it would be reported alone.
+        let each: Vec<u64> = match together(&[3, 9], 2) {
+            Event::SubjobsCompleted(e) => e.each().map(|c| c.index + u64::from(c.run)).collect(),
+            _ => unreachable!(),
+        };
+        assert_eq!(each, [5, 11]);
     }
 
     #[test]

@@ -35,10 +35,10 @@ pub use codec::{
     decode, encode_cbor, encode_json, CodecError, Encoding, CBOR_CONTENT_TYPE, JSON_CONTENT_TYPE,
 };
 pub use event::{
-    AbandonReason, CancelRequested, ChangeRequest, Event, EventKind, ItemOutcome, JobCancelled,
-    JobCompleted, JobFailed, JobRedriven, JobRejected, JobRequested, RedriveRequest,
+    AbandonReason, CancelRequested, ChangeRequest, Completion, Event, EventKind, ItemOutcome,
+    JobCancelled, JobCompleted, JobFailed, JobRedriven, JobRejected, JobRequested, RedriveRequest,
     RedriveRequested, RejectCode, StepCompleted, StepStarted, SubjobCompleted, SubjobFailed,
-    SubjobsDone, SubjobsFailed, UpdateRequested,
+    SubjobsCompleted, SubjobsDone, SubjobsFailed, UpdateRequested,
 };
 pub use heartbeat::{Heartbeat, HEARTBEAT_EVERY, HEARTBEAT_TTL};
 pub use index::*;

@@ -8,7 +8,8 @@
 //! - the first outcome of each subjob counts, later ones are duplicates;
 //! - a `SubjobsFailed` fails every subjob below its `below` that has no
 //!   outcome yet;
-//! - a `SubjobsDone` (a batch) is an outcome for each subjob it names;
+//! - a `SubjobsDone` (a batch) is an outcome for each subjob it names, and
+//!   a `SubjobsCompleted` a completion for each;
 //! - with the task key, an outcome without its task's token is dropped
 //!   (a reader without the key cannot tell, and says so);
 //! - a redriven job ran the step more than once ([`Job::result_runs`]):
@@ -252,6 +253,20 @@ impl StepResults {
                     if failed && !keep_failures {
                         out.truncate(before);
                     }
+                }
+            }
+            Event::SubjobsCompleted(e) if e.step_index == self.step_index => {
+                if !self.key.as_ref().is_none_or(|k| k.admits(event)) {
+                    return;
+                }
+                for o in &e.outcomes {
+                    let c = Counted::Completed {
+                        index: o.index,
+                        attempt: o.attempt,
+                        result: o.result.clone(),
+                        seq,
+                    };
+                    self.count_admitted(c, out);
                 }
             }
             Event::SubjobsFailed(e) if e.step_index == self.step_index => {
@@ -501,5 +516,58 @@ mod tests {
         );
         assert_eq!(got.len(), 1);
         assert!(matches!(&got[0], Counted::Completed { result, .. } if result == "real"));
+    }
+
+    #[test]
+    fn completions_reported_together_count_each_once() {
+        use crate::protocol::{Completion, SubjobsCompleted};
+        let key = TaskKey::generate();
+        let together = |indices: &[u64], forged: bool| {
+            Event::SubjobsCompleted(SubjobsCompleted {
+                job_id: "j".into(),
+                step_index: 1,
+                run: 0,
+                outcomes: indices
+                    .iter()
+                    .map(|&index| Completion {
+                        index,
+                        attempt: 1,
+                        result: json!(index * 10),
+                        duration_ms: 1,
+                        token: match forged {
+                            true => "xx".into(),
+                            false => key.token("j", 1, index, 0),
+                        },
+                    })
+                    .collect(),
+            })
+        };
+        let mut r = StepResults::new(1, Some(key.clone()));
+        let got = read(
+            &mut r,
+            &[
+                started(4),
+                together(&[0, 1], true), // forged: dropped whole
+                ok(1, json!("alone"), &key.token("j", 1, 1, 0)), // 1 first alone
+                together(&[0, 1, 2], false), // 1 again: a duplicate
+                together(&[3], false),
+            ],
+        );
+        let shown: Vec<(u64, Value)> = got
+            .iter()
+            .map(|c| match c {
+                Counted::Completed { index, result, .. } => (*index, result.clone()),
+                Counted::Failed { index, .. } => (*index, Value::Null),
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (1, json!("alone")),
+                (0, json!(0)),
+                (2, json!(20)),
+                (3, json!(30))
+            ]
+        );
     }
 }

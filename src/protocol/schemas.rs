@@ -82,6 +82,7 @@ mod tests {
             "SubjobCompleted",
             "SubjobFailed",
             "SubjobsDone",
+            "SubjobsCompleted",
             "SubjobsFailed",
             "JobCompleted",
             "JobFailed",

@@ -150,8 +150,15 @@ impl TaskKey {
 
     /// Whether `event` may count: any event but an outcome, and an outcome
     /// carrying its subjob's token for its run (a batch's: its block's,
-    /// with every outcome inside the block).
+    /// with every outcome inside the block; completions reported together:
+    /// each its own).
     pub fn admits(&self, event: &Event) -> bool {
+        if let Event::SubjobsCompleted(e) = event {
+            return !e.outcomes.is_empty()
+                && e.outcomes
+                    .iter()
+                    .all(|o| self.verify(&e.job_id, e.step_index, o.index, e.run, &o.token));
+        }
         if let Event::SubjobsDone(e) = event {
             let block = e.index..e.index.saturating_add(e.batch_size);
             return e.batch_size > 1
@@ -242,6 +249,37 @@ mod tests {
         assert!(!key.admits(&done(10, 10, &[10], &single)));
         assert!(!key.verify("job-1", 1, 10, 0, &t), "not a subjob's token");
         assert!(!key.admits(&done(10, 1, &[10], &key.batch_token("job-1", 1, 10, 1, 0))));
+    }
+
+    #[test]
+    fn completions_reported_together_count_only_with_each_ones_token() {
+        use crate::protocol::{Completion, SubjobsCompleted};
+        let key = TaskKey::generate();
+        let done = |outcomes: &[(u64, String)]| {
+            Event::SubjobsCompleted(SubjobsCompleted {
+                job_id: "job-1".into(),
+                step_index: 1,
+                run: 0,
+                outcomes: outcomes
+                    .iter()
+                    .map(|(index, token)| Completion {
+                        index: *index,
+                        attempt: 1,
+                        result: serde_json::Value::Null,
+                        duration_ms: 0,
+                        token: token.clone(),
+                    })
+                    .collect(),
+            })
+        };
+        let t = |i| key.token("job-1", 1, i, 0);
+        assert!(key.admits(&done(&[(3, t(3)), (9, t(9))])));
+        // One forged among them, a token moved to another index, none at all.
+        assert!(!key.admits(&done(&[(3, t(3)), (4, t(9))])));
+        assert!(!key.admits(&done(&[(3, t(3)), (4, String::new())])));
+        assert!(!key.admits(&done(&[])));
+        // A batch token covers no single completion.
+        assert!(!key.admits(&done(&[(10, key.batch_token("job-1", 1, 10, 10, 0))])));
     }
 
     #[test]

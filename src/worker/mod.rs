@@ -8,6 +8,7 @@
 
 mod batch;
 mod exec;
+mod report;
 mod results;
 
 pub use exec::{exec_batch_handler, exec_handler, sleep_handler, EXIT_GIVE_UP};
@@ -312,15 +313,18 @@ impl Worker {
         }
         let running: Arc<tokio::sync::Mutex<JoinSet<()>>> =
             Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+        let (reporter, reporting) =
+            report::Reporter::start(Arc::new(self.nats.clone()), self.concurrency);
         // Each step binds on its own, so a step whose workflow is not applied
         // yet does not hold up the others.
         for (workflow, step, handler) in self.handlers {
-            let (nats, slots, running, cancel, active) = (
+            let (nats, slots, running, cancel, active, reporter) = (
                 self.nats.clone(),
                 slots.clone(),
                 running.clone(),
                 cancel.clone(),
                 active.clone(),
+                reporter.clone(),
             );
             let max_batch = self.concurrency;
             loops.spawn(async move {
@@ -337,6 +341,7 @@ impl Worker {
                     max_batch,
                     running,
                     active,
+                    reporter,
                 }
                 .run(cancel)
                 .await
@@ -363,6 +368,9 @@ impl Worker {
             );
             running.shutdown().await;
         }
+        // What was handed to the reporter is reported before the worker ends.
+        drop(reporter);
+        let _ = reporting.await;
         Ok(())
     }
 }
@@ -414,6 +422,7 @@ struct PullLoop {
     running: Arc<tokio::sync::Mutex<JoinSet<()>>>,
     /// Tasks being handled, for the heartbeat.
     active: Arc<AtomicU64>,
+    reporter: report::Reporter,
 }
 
 /// Counts a task as being handled while it lives (also when its handler
@@ -514,8 +523,9 @@ impl PullLoop {
                 let nats = self.nats.clone();
                 let handler = self.handler.clone();
                 let active = Active::start(&self.active);
+                let reporter = self.reporter.clone();
                 self.running.lock().await.spawn(async move {
-                    process(&nats, msg, handler, max_payload).await;
+                    process(&nats, &reporter, msg, handler, max_payload).await;
                     drop(active);
                     drop(permit);
                 });
@@ -533,6 +543,7 @@ impl PullLoop {
 /// server's whole INFO).
 async fn process(
     nats: &WorkerNats,
+    reporter: &report::Reporter,
     msg: async_nats::jetstream::Message,
     handler: StepHandler,
     max_payload: usize,
@@ -602,7 +613,8 @@ async fn process(
     });
     settle(
         nats,
-        &msg,
+        reporter,
+        msg,
         &task,
         attempt,
         started.elapsed(),
@@ -636,9 +648,11 @@ fn one_of_batch(batch: BatchHandler) -> Handler {
 }
 
 /// Maps a handler outcome to the log and to JetStream's ack, NAK or TERM.
+#[allow(clippy::too_many_arguments)]
 async fn settle(
     nats: &WorkerNats,
-    msg: &async_nats::jetstream::Message,
+    reporter: &report::Reporter,
+    msg: async_nats::jetstream::Message,
     task: &Task,
     attempt: u32,
     took: Duration,
@@ -650,8 +664,8 @@ async fn settle(
         Err(e) => Err(e),
     };
     let (event, ack) = match result {
-        Ok(result) => (
-            Some(Event::SubjobCompleted(SubjobCompleted {
+        Ok(result) => {
+            let done = SubjobCompleted {
                 job_id: task.job_id.clone(),
                 step_index: task.step_index,
                 index: task.index,
@@ -660,9 +674,9 @@ async fn settle(
                 duration_ms: took.as_millis() as u64,
                 run: task.run,
                 token: task.token.clone(),
-            })),
-            AckKind::Ack,
-        ),
+            };
+            return reporter.report(nats, done, msg).await;
+        }
         Err(TaskError::Retry { message, after }) if attempt < task.max_attempts => {
             let delay = after.unwrap_or_else(|| task.backoff_after(attempt));
             debug!(job_id = %task.job_id, index = task.index, attempt, ?delay, error = %message, "retrying");
@@ -691,18 +705,30 @@ async fn settle(
             )
         }
     };
+    send(nats, &msg, event, ack, max_payload).await;
+}
+
+/// Stores a task's outcome (if any) on the log, then settles its message
+/// with `ack`; a completion too large for the server fails its subjob.
+async fn send(
+    nats: &WorkerNats,
+    msg: &async_nats::jetstream::Message,
+    event: Option<Event>,
+    ack: AckKind,
+    max_payload: usize,
+) {
     let (event, ack) = match event.map(|e| (log::encode(&e, max_payload), e)) {
         None => (None, ack),
         Some((Ok(bytes), e)) => (Some((e, bytes)), ack),
         Some((Err(LogError::TooLarge { bytes, max, .. }), Event::SubjobCompleted(done))) => {
             // Retrying would not make it fit: fail the subjob with a clear error.
             let error = format!("result too large: {bytes} bytes, the server accepts {max}");
-            warn!(job_id = %task.job_id, index = task.index, error, "failing the subjob");
+            warn!(job_id = %done.job_id, index = done.index, error, "failing the subjob");
             let failed = Event::SubjobFailed(SubjobFailed {
                 job_id: done.job_id,
                 step_index: done.step_index,
                 index: done.index,
-                attempt,
+                attempt: done.attempt,
                 error,
                 run: done.run,
                 token: done.token,
@@ -712,20 +738,20 @@ async fn settle(
                 Err(_) => (None, AckKind::Term),
             }
         }
-        Some((Err(e), _)) => {
-            warn!(job_id = %task.job_id, index = task.index, error = %e, "could not encode an outcome");
+        Some((Err(e), event)) => {
+            warn!(job_id = %event.job_id(), error = %e, "could not encode an outcome");
             (None, AckKind::Nak(None))
         }
     };
     if let Some((event, payload)) = event {
         if let Err(e) = log::append_retrying(&nats.js, &event, payload).await {
             // Not acked: the task comes back after its deadline and runs again.
-            warn!(job_id = %task.job_id, index = task.index, error = %e, "could not report an outcome");
+            warn!(job_id = %event.job_id(), error = %e, "could not report an outcome");
             return;
         }
     }
     if let Err(e) = msg.ack_with(ack).await {
-        warn!(job_id = %task.job_id, index = task.index, error = %e, "could not ack a task");
+        warn!(subject = %msg.subject, error = %e, "could not ack a task");
     }
 }
 

@@ -352,6 +352,36 @@ pub async fn submit_bytes(nats: &Nats, workflow: &str, body: Vec<u8>) -> SubmitR
 }
 
 /// `fanjet ARGS` pointed at `url`, with quiet logs.
+/// The completions among `events` (log events as JSON), each as the
+/// `SubjobCompleted` it would be alone: those a worker reported together (a
+/// `SubjobsCompleted`) are taken apart.
+#[allow(dead_code)]
+pub fn completions(events: &[Value]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for e in events {
+        match e["type"].as_str() {
+            Some("SubjobCompleted") => out.push(e.clone()),
+            Some("SubjobsCompleted") => {
+                for o in e["outcomes"].as_array().into_iter().flatten() {
+                    let mut one = o.clone();
+                    one["type"] = "SubjobCompleted".into();
+                    one["job_id"] = e["job_id"].clone();
+                    one["step_index"] = e["step_index"].clone();
+                    if let Some(run) = e.get("run") {
+                        one["run"] = run.clone();
+                    }
+                    if one.get("result").is_none() {
+                        one["result"] = Value::Null;
+                    }
+                    out.push(one);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 pub fn fanjet_command(url: &str, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fanjet"));
     c.args(args)
