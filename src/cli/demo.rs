@@ -1,16 +1,13 @@
 //! Handlers of the seed `invoices` workflow, used by `fanjet dev`: S1 lists
 //! a customer's invoices, S2 "generates and emails" one (a short delay, and
 //! a transient failure now and then so retries show), S3 totals the results
-//! it reads back from the event log.
+//! it reads back through the manager's results service.
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, DeliverPolicy};
-use futures::StreamExt;
 use rand::Rng;
 use serde_json::{json, Value};
 
-use fanjet::nats::Nats;
 use fanjet::worker::{TaskContext, TaskError, Worker};
 
 /// The seed workflow's definition.
@@ -38,7 +35,7 @@ impl Default for DemoOptions {
 }
 
 /// Registers the three handlers on `worker`.
-pub fn register(worker: Worker, nats: Nats, options: DemoOptions) -> Worker {
+pub fn register(worker: Worker, options: DemoOptions) -> Worker {
     let default_count = options.invoices;
     let send_opts = options.clone();
     worker
@@ -49,9 +46,8 @@ pub fn register(worker: Worker, nats: Nats, options: DemoOptions) -> Worker {
             let o = send_opts.clone();
             async move { send(ctx, &o).await }
         })
-        .handler("invoices", "summarize", move |ctx: TaskContext| {
-            let nats = nats.clone();
-            async move { summarize(&nats, &ctx.task.input).await }
+        .handler("invoices", "summarize", |ctx: TaskContext| async move {
+            summarize(&ctx).await
         })
 }
 
@@ -88,46 +84,21 @@ async fn send(ctx: TaskContext, o: &DemoOptions) -> Result<Value, TaskError> {
     Ok(json!({"invoice": item["invoice"], "amount_cents": item["amount_cents"], "sent": true}))
 }
 
-/// S3: reads the fanout's results from the log (the subject its summary
-/// names) and totals them.
-async fn summarize(nats: &Nats, summary: &Value) -> Result<Value, TaskError> {
-    let subject = summary["results"]["subject"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let step_index = summary["results"]["step_index"].as_u64().unwrap_or(0);
-    let expected = summary["completed"].as_u64().unwrap_or(0);
+/// S3: reads the fanout's results (each invoice's once, page by page,
+/// through the manager's results service) and totals them.
+async fn summarize(ctx: &TaskContext) -> Result<Value, TaskError> {
+    let summary = &ctx.task.input;
+    let step_index = summary["results"]["step_index"]
+        .as_u64()
+        .and_then(|i| usize::try_from(i).ok())
+        .unwrap_or(0);
     let mut total_cents = 0u64;
     let mut seen = std::collections::HashSet::new();
-    if expected > 0 {
-        let consumer = nats
-            .events
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: subject.clone(),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| TaskError::retry(format!("reading results: {e}")))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| TaskError::retry(format!("reading results: {e}")))?;
-        while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .map_err(|_| TaskError::retry("timed out reading results"))?
-        {
-            let msg = msg.map_err(|e| TaskError::retry(format!("reading results: {e}")))?;
-            let ev: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
-            if ev["step_index"].as_u64() == Some(step_index) {
-                let index = ev["index"].as_u64().unwrap_or(u64::MAX);
-                if seen.insert(index) {
-                    total_cents += ev["result"]["amount_cents"].as_u64().unwrap_or(0);
-                }
-            }
-            let pending = msg.info().map(|i| i.pending).unwrap_or(0);
-            if pending == 0 {
-                break;
+    let mut results = ctx.results(step_index);
+    while let Some(page) = results.next_page().await? {
+        for line in page.iter().filter(|l| l["ok"] == true) {
+            if seen.insert(line["index"].as_u64().unwrap_or(u64::MAX)) {
+                total_cents += line["result"]["amount_cents"].as_u64().unwrap_or(0);
             }
         }
     }

@@ -95,11 +95,7 @@ pub async fn run(o: DevArgs) -> Result<u8> {
             failure_rate: o.failure_rate,
             ..Default::default()
         };
-        let worker = demo::register(
-            Worker::new(nats.clone()).concurrency(o.concurrency),
-            nats.clone(),
-            opts,
-        );
+        let worker = demo::register(Worker::new(nats.clone()).concurrency(o.concurrency), opts);
         let c = root.clone();
         tasks.spawn(async move { worker.run(c).await.map_err(anyhow::Error::from) });
     }
