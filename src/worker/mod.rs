@@ -524,11 +524,15 @@ impl PullLoop {
                 let handler = self.handler.clone();
                 let active = Active::start(&self.active);
                 let reporter = self.reporter.clone();
-                self.running.lock().await.spawn(async move {
+                // Boxed: a task's future is several KiB, and the runtime
+                // would copy it whole when spawning and again when it ends;
+                // a box is copied once.
+                let task = Box::pin(async move {
                     process(&nats, &reporter, msg, handler, max_payload).await;
                     drop(active);
                     drop(permit);
                 });
+                self.running.lock().await.spawn(task);
             }
             idle = got == 0;
             // Reap finished tasks so the set does not grow.
@@ -561,7 +565,17 @@ async fn process(
         }
     };
     if task.is_batch() {
-        return batch::process(nats, msg, task, attempt, handler, max_payload).await;
+        // Boxed: the batch path's state would otherwise make every task's
+        // future as large as its own.
+        return Box::pin(batch::process(
+            nats,
+            msg,
+            task,
+            attempt,
+            handler,
+            max_payload,
+        ))
+        .await;
     }
     let handler = match (handler.one, handler.batch) {
         (Some(one), _) => one,
@@ -705,7 +719,8 @@ async fn settle(
             )
         }
     };
-    send(nats, &msg, event, ack, max_payload).await;
+    // Boxed: a failure is rare, and a send's state is large.
+    Box::pin(send(nats, &msg, event, ack, max_payload)).await;
 }
 
 /// Stores a task's outcome (if any) on the log, then settles its message
@@ -772,7 +787,8 @@ async fn offload(nats: &WorkerNats, value: Value) -> Result<Value, TaskError> {
         )));
     }
     let name = ResultRef::new_name();
-    let digest = objects::put(&nats.js, RESULTS_BUCKET, &name, &bytes)
+    // Boxed: most results are small, and a put's state is large.
+    let digest = Box::pin(objects::put(&nats.js, RESULTS_BUCKET, &name, &bytes))
         .await
         .map_err(|e| TaskError::retry(format!("storing a large result: {e}")))?;
     let reference = ResultRef {
