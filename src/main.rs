@@ -100,7 +100,14 @@ fn main() -> ExitCode {
         end_quietly_on_a_closed_pipe();
     }
     fanjet::logging::init("info,async_nats=warn");
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match &cli.command {
+        Command::Worker(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(args.threads))
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

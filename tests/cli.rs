@@ -251,6 +251,27 @@ fn help_explains_the_commands() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Exit 100"), "{text}");
     assert!(text.contains("--concurrency"));
+    assert!(text.contains("--threads"));
+    let zero = std::process::Command::new(env!("CARGO_BIN_EXE_fanjet"))
+        .args([
+            "worker",
+            "--workflow",
+            "w",
+            "--step",
+            "s",
+            "--sleep",
+            "0ms",
+            "--threads",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!zero.status.success());
+    assert!(
+        String::from_utf8_lossy(&zero.stderr).contains("--threads"),
+        "{}",
+        String::from_utf8_lossy(&zero.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,6 +83,12 @@ pub struct WorkerArgs {
     /// at the latest 5 s later, when their outcomes cannot be reported).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     grace: Duration,
+    /// Threads of this process's runtime. One is enough for the handlers of
+    /// this command (each --exec task runs in a process of its own, --sleep
+    /// only waits), and costs less per task than several (fewer wake-ups
+    /// between threads); raise it only if this process itself is busy.
+    #[arg(long, default_value_t = 1, env = "FANJET_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: u16,
 }
 
 // `fanjet serve`
