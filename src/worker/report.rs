@@ -37,6 +37,17 @@ struct Ready {
     settled: oneshot::Sender<()>,
 }
 
+impl Ready {
+    /// Reports the completion alone (its own `SubjobCompleted`), acks its
+    /// task, and says so.
+    async fn alone(self, nats: &WorkerNats, max_payload: usize) {
+        let event = Some(Event::SubjobCompleted(self.done));
+        // Boxed: a send's state is large, and it would size every report.
+        Box::pin(send(nats, &self.msg, event, AckKind::Ack, max_payload)).await;
+        let _ = self.settled.send(());
+    }
+}
+
 /// The handle through which a worker's tasks report completions.
 #[derive(Clone)]
 pub(super) struct Reporter {
@@ -64,17 +75,7 @@ impl Reporter {
             Ok(()) => {
                 let _ = wait.await;
             }
-            Err(mpsc::error::SendError(r)) => {
-                let max = nats.max_payload();
-                send(
-                    nats,
-                    &r.msg,
-                    Some(Event::SubjobCompleted(r.done)),
-                    AckKind::Ack,
-                    max,
-                )
-                .await;
-            }
+            Err(mpsc::error::SendError(r)) => r.alone(nats, nats.max_payload()).await,
         }
     }
 }
@@ -134,17 +135,7 @@ fn group<T>(
 /// completion's own `SubjobCompleted`.
 async fn report(nats: &WorkerNats, mut g: Vec<Ready>, max_payload: usize) {
     if g.len() == 1 {
-        let r = g.remove(0);
-        send(
-            nats,
-            &r.msg,
-            Some(Event::SubjobCompleted(r.done)),
-            AckKind::Ack,
-            max_payload,
-        )
-        .await;
-        let _ = r.settled.send(());
-        return;
+        return g.remove(0).alone(nats, max_payload).await;
     }
     let head = &g[0].done;
     let event = Event::SubjobsCompleted(SubjobsCompleted {
