@@ -28,6 +28,10 @@ pub struct StepStats {
     /// Counts per duration bucket (see [`DURATION_BOUNDS_MS`]), successful attempts only.
     pub duration_buckets: Vec<u64>,
     pub duration_max_ms: u64,
+    /// The shortest successful attempt (absent in records written before
+    /// it was kept): no quantile is reported below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_min_ms: Option<u64>,
     pub duration_sum_ms: u64,
     /// Subjobs with an outcome counted, while the step runs: each subjob is
     /// counted once, as the manager counts it. Kept in memory only (one
@@ -58,11 +62,13 @@ impl StepStats {
             .unwrap_or(DURATION_BOUNDS_MS.len());
         self.duration_buckets[i] += 1;
         self.duration_max_ms = self.duration_max_ms.max(ms);
+        self.duration_min_ms = Some(self.duration_min_ms.map_or(ms, |m| m.min(ms)));
         self.duration_sum_ms += ms;
     }
 
     /// The duration (ms) under which a share `q` of successful attempts
-    /// fall, interpolated within its bucket and capped by the maximum seen.
+    /// fall, interpolated within its bucket and kept between the shortest
+    /// and the longest seen.
     pub fn duration_quantile_ms(&self, q: f64) -> Option<u64> {
         let n: u64 = self.duration_buckets.iter().sum();
         if n == 0 {
@@ -73,6 +79,9 @@ impl StepStats {
         for (i, c) in self.duration_buckets.iter().enumerate() {
             if *c > 0 && (below + c) as f64 >= rank {
                 let lo = if i == 0 { 0 } else { DURATION_BOUNDS_MS[i - 1] };
+                let lo = lo
+                    .max(self.duration_min_ms.unwrap_or(0))
+                    .min(self.duration_max_ms);
                 let hi = DURATION_BOUNDS_MS
                     .get(i)
                     .copied()
@@ -151,5 +160,28 @@ impl JobStats {
             .map(|s| s.name.clone())
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| format!("step{i}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_stay_between_the_shortest_and_longest_seen() {
+        // Every attempt took 5 ms, at the top of the (2, 5] bucket: no
+        // quantile of them is below 5.
+        let mut s = StepStats::default();
+        for _ in 0..100 {
+            s.record_duration(5);
+        }
+        s.record_duration(7);
+        assert_eq!(s.duration_quantile_ms(0.5), Some(5));
+        assert_eq!(s.duration_quantile_ms(0.99), Some(5));
+        assert_eq!(s.duration_quantile_ms(1.0), Some(7));
+        // A record from before the minimum was kept: as it was.
+        let mut old = s.clone();
+        old.duration_min_ms = None;
+        assert_eq!(old.duration_quantile_ms(0.5), Some(4));
     }
 }
