@@ -3,8 +3,10 @@
 //!
 //! A handler's result says what happens next ([`TaskError`]); `settle`
 //! is the one place that maps it to JetStream: ack, NAK with a delay, or
-//! TERM. Long handlers get in-progress acks on a timer so the ack deadline
-//! only fires for a worker that died or hung.
+//! TERM. Completions go through the reporter (`report.rs`), which stores
+//! those ready at the same moment in one event before acking their tasks.
+//! Long handlers get in-progress acks on a timer so the ack deadline only
+//! fires for a worker that died or hung.
 
 mod batch;
 mod exec;

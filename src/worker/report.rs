@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use super::{json_len, send};
-use crate::nats::log;
+use crate::nats::log::{self, LogError};
 use crate::nats::WorkerNats;
 use crate::protocol::{Completion, Event, SubjobCompleted, SubjobsCompleted};
 
@@ -155,6 +155,14 @@ async fn report(nats: &WorkerNats, mut g: Vec<Ready>, max_payload: usize) {
     });
     let stored = match log::encode(&event, max_payload) {
         Ok(payload) => log::append_retrying(&nats.js, &event, payload).await,
+        // The sizes are reckoned from above, so this should not happen; were
+        // it to, each goes alone rather than coming back for ever.
+        Err(LogError::TooLarge { .. }) => {
+            for r in g {
+                r.alone(nats, max_payload).await;
+            }
+            return;
+        }
         Err(e) => Err(e),
     };
     match stored {
