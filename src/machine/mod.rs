@@ -58,12 +58,12 @@ use serde_json::{json, Value};
 
 use crate::protocol::{
     array_len, bounded, customer_cap_key, event_subject, step_cap_key, validate_token,
-    AbandonReason, CancelRequested, Event, EventKind, Failure, Job, JobCancelled, JobCompleted,
-    JobDemand, JobFailed, JobRedriven, JobRejected, JobRequested, JobState, Mark, Millis, Pace,
-    Pending, Redrive, RedriveRequested, RejectCode, RunFigures, Share, Source, SourceField, Step,
-    StepCompleted, StepKind, StepRun, StepStarted, StepState, SubjobCompleted, SubjobFailed,
-    SubjobsCompleted, SubjobsDone, SubjobsFailed, UpdateRequested, Workflow, EVENTS_STREAM,
-    INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON,
+    AbandonReason, CancelRequested, Completion, Event, EventKind, Failure, Job, JobCancelled,
+    JobCompleted, JobDemand, JobFailed, JobRedriven, JobRejected, JobRequested, JobState, Mark,
+    Millis, Pace, Pending, Redrive, RedriveRequested, RejectCode, RunFigures, Share, Source,
+    SourceField, Step, StepCompleted, StepKind, StepRun, StepStarted, StepState, SubjobCompleted,
+    SubjobFailed, SubjobsCompleted, SubjobsDone, SubjobsFailed, UpdateRequested, Workflow,
+    EVENTS_STREAM, INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON,
     MAX_REASON_BYTES,
 };
 
@@ -935,7 +935,8 @@ fn subjob_completed(
     out: &mut Vec<Action>,
 ) -> Result<bool, Ignored> {
     let replayed = replayed(job, seq);
-    count_completed(job, seq, e, replayed)?;
+    let (step_index, run) = (e.step_index, e.run);
+    count_completed(job, seq, step_index, run, &Completion::from(e), replayed)?;
     job.updated_at = now;
     after_outcome(job, now, out);
     Ok(true)
@@ -953,8 +954,8 @@ fn subjobs_completed(
     let replayed = replayed(job, seq);
     let mut counted = false;
     let mut why = Ignored::Duplicate;
-    for one in e.each() {
-        match count_completed(job, seq, one, replayed) {
+    for c in &e.outcomes {
+        match count_completed(job, seq, e.step_index, e.run, c, replayed) {
             Ok(()) => counted = true,
             Err(w) => why = w,
         }
@@ -971,21 +972,23 @@ fn subjobs_completed(
 fn count_completed(
     job: &mut Job,
     seq: u64,
-    e: SubjobCompleted,
+    step_index: usize,
+    run: u32,
+    c: &Completion,
     replayed: bool,
 ) -> Result<(), Ignored> {
-    let step = mark_outcome(job, e.step_index, e.index, e.run, false)?;
+    let step = mark_outcome(job, step_index, c.index, run, false)?;
     step.completed += 1;
-    let took = e.duration_ms as f64;
+    let took = c.duration_ms as f64;
     step.pace.mean_ms = Some(step.pace.mean_ms.map_or(took, |m| 0.9 * m + 0.1 * took));
     if !replayed {
-        step.retries += u64::from(e.attempt.saturating_sub(1));
+        step.retries += u64::from(c.attempt.saturating_sub(1));
     }
     if step.kind == StepKind::Task {
         step.output_seq = Some(seq);
-        step.output_len = array_len(&e.result);
-        if e.step_index + 1 == job.steps.len() {
-            job.output = output(e.result, seq);
+        step.output_len = array_len(&c.result);
+        if step_index + 1 == job.steps.len() {
+            job.output = output(c.result.clone(), seq);
         }
     }
     Ok(())

@@ -60,6 +60,44 @@ pub enum StatsError {
 }
 
 impl JobStats {
+    /// Completions of step `step_index` (index, attempt, duration in ms):
+    /// each subjob's first outcome counts, in the record and the metrics.
+    fn count_completions(
+        &mut self,
+        step_index: usize,
+        done: impl IntoIterator<Item = (u64, u32, u64)>,
+        metrics: &Metrics,
+    ) {
+        let name = self.step_name(step_index);
+        let workflow = self.workflow.clone();
+        let labels = [workflow.as_str(), name.as_str()];
+        let s = self.step(step_index);
+        let (mut completed, mut retries, mut duration) = (0, 0, None);
+        for (index, attempt, ms) in done {
+            if !s.first_outcome(index, false) {
+                continue;
+            }
+            s.completed += 1;
+            s.record_attempt(attempt);
+            s.record_duration(ms);
+            completed += 1;
+            retries += u64::from(attempt.saturating_sub(1));
+            duration
+                .get_or_insert_with(|| metrics.subjob_duration.with_label_values(&labels))
+                .observe(ms as f64 / 1000.0);
+        }
+        if completed > 0 {
+            metrics
+                .subjobs_completed
+                .with_label_values(&labels)
+                .inc_by(completed);
+            metrics
+                .subjob_retries
+                .with_label_values(&labels)
+                .inc_by(retries);
+        }
+    }
+
     /// Applies one event; updates the metrics. False when already applied.
     pub fn apply(&mut self, seq: u64, event: &Event, metrics: &Metrics) -> bool {
         if seq <= self.applied_seq {
@@ -145,24 +183,8 @@ impl JobStats {
                     .observe(secs);
             }
             Event::SubjobCompleted(e) => {
-                let name = self.step_name(e.step_index);
-                let s = self.step(e.step_index);
-                if !s.first_outcome(e.index, false) {
-                    return true;
-                }
-                s.completed += 1;
-                s.record_attempt(e.attempt);
-                s.record_duration(e.duration_ms);
-                let labels = [self.workflow.as_str(), name.as_str()];
-                metrics.subjobs_completed.with_label_values(&labels).inc();
-                metrics
-                    .subjob_retries
-                    .with_label_values(&labels)
-                    .inc_by(u64::from(e.attempt.saturating_sub(1)));
-                metrics
-                    .subjob_duration
-                    .with_label_values(&labels)
-                    .observe(e.duration_ms as f64 / 1000.0);
+                let done = [(e.index, e.attempt, e.duration_ms)];
+                self.count_completions(e.step_index, done, metrics);
             }
             Event::SubjobFailed(e) => {
                 let name = self.step_name(e.step_index);
@@ -220,31 +242,11 @@ impl JobStats {
                     .inc_by(retries);
             }
             Event::SubjobsCompleted(e) => {
-                let name = self.step_name(e.step_index);
-                let workflow = self.workflow.clone();
-                let labels = [workflow.as_str(), name.as_str()];
-                let s = self.step(e.step_index);
-                let (mut completed, mut retries) = (0, 0);
-                let duration = metrics.subjob_duration.with_label_values(&labels);
-                for o in &e.outcomes {
-                    if !s.first_outcome(o.index, false) {
-                        continue;
-                    }
-                    s.completed += 1;
-                    completed += 1;
-                    s.record_attempt(o.attempt);
-                    s.record_duration(o.duration_ms);
-                    retries += u64::from(o.attempt.saturating_sub(1));
-                    duration.observe(o.duration_ms as f64 / 1000.0);
-                }
-                metrics
-                    .subjobs_completed
-                    .with_label_values(&labels)
-                    .inc_by(completed);
-                metrics
-                    .subjob_retries
-                    .with_label_values(&labels)
-                    .inc_by(retries);
+                let done = e
+                    .outcomes
+                    .iter()
+                    .map(|o| (o.index, o.attempt, o.duration_ms));
+                self.count_completions(e.step_index, done, metrics);
             }
             Event::SubjobsFailed(e) => {
                 let name = self.step_name(e.step_index);

@@ -691,7 +691,7 @@ async fn settle(
                 run: task.run,
                 token: task.token.clone(),
             };
-            return reporter.report(nats, done, msg).await;
+            return reporter.report(done, msg).await;
         }
         Err(TaskError::Retry { message, after }) if attempt < task.max_attempts => {
             let delay = after.unwrap_or_else(|| task.backoff_after(attempt));

@@ -12,9 +12,11 @@
 //! its completion is stored, as when reported alone.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_nats::jetstream::{AckKind, Message};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tracing::warn;
 
 use super::{json_len, send};
@@ -52,35 +54,34 @@ impl Ready {
 #[derive(Clone)]
 pub(super) struct Reporter {
     tx: mpsc::Sender<Ready>,
+    nats: Arc<WorkerNats>,
 }
 
 impl Reporter {
     /// Starts the reporting loop; it ends once every handle is dropped and
     /// what was handed to it is reported.
-    pub(super) fn start(
-        nats: std::sync::Arc<WorkerNats>,
-        slots: usize,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    pub(super) fn start(nats: Arc<WorkerNats>, slots: usize) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(slots.max(1));
-        (Reporter { tx }, tokio::spawn(run(nats, rx)))
+        let reporting = tokio::spawn(run(nats.clone(), rx));
+        (Reporter { tx, nats }, reporting)
     }
 
     /// Reports `done` and acknowledges `msg` once it is stored; returns
     /// when that is done (or failed: the task then comes back). Without a
     /// running reporter, reports it alone.
-    pub(super) async fn report(&self, nats: &WorkerNats, done: SubjobCompleted, msg: Message) {
+    pub(super) async fn report(&self, done: SubjobCompleted, msg: Message) {
         let (settled, wait) = oneshot::channel();
         let ready = Ready { done, msg, settled };
         match self.tx.send(ready).await {
             Ok(()) => {
                 let _ = wait.await;
             }
-            Err(mpsc::error::SendError(r)) => r.alone(nats, nats.max_payload()).await,
+            Err(mpsc::error::SendError(r)) => r.alone(&self.nats, self.nats.max_payload()).await,
         }
     }
 }
 
-async fn run(nats: std::sync::Arc<WorkerNats>, mut rx: mpsc::Receiver<Ready>) {
+async fn run(nats: Arc<WorkerNats>, mut rx: mpsc::Receiver<Ready>) {
     let max_payload = nats.max_payload();
     while let Some(first) = rx.recv().await {
         let mut ready = vec![first];

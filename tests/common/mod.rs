@@ -355,7 +355,6 @@ pub async fn submit_bytes(nats: &Nats, workflow: &str, body: Vec<u8>) -> SubmitR
 /// The completions among `events` (log events as JSON), each as the
 /// `SubjobCompleted` it would be alone: those a worker reported together (a
 /// `SubjobsCompleted`) are taken apart.
-#[allow(dead_code)]
 pub fn completions(events: &[Value]) -> Vec<Value> {
     let mut out = Vec::new();
     for e in events {
