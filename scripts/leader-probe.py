@@ -11,6 +11,8 @@ is connected to a node that survives, so what is measured is the servers'.
 
     --consumers beside     each consumer led from its stream's leader
     --consumers victim     every consumer led from n0, the node killed
+    --fault move           instead of the kill, hand n0's stream and its
+                           consumer over to n1 (what a move costs)
 
 Run: PYTHONPATH=.tools/python python3 scripts/leader-probe.py
 (needs nats-server on PATH and nats-py: `just nats-server python-deps`).
@@ -129,7 +131,14 @@ async def main(args):
         loops = [asyncio.create_task(loop(i, stop, times)) for i in range(3)]
         await asyncio.sleep(5)
         killed_at = time.monotonic()
-        procs[0].send_signal(signal.SIGKILL)
+        if args.fault == "kill":
+            procs[0].send_signal(signal.SIGKILL)
+        else:
+            # Hand P0 and its consumer over to n1, as a placement keeper would.
+            nc = await nats.connect(f"nats://127.0.0.1:{PORTS[1]}", error_cb=quiet)
+            for subject in ("$JS.API.STREAM.LEADER.STEPDOWN.P0", "$JS.API.CONSUMER.LEADER.STEPDOWN.P0.c0"):
+                await request(nc, subject, {"placement": {"preferred": "n1"}})
+            await nc.close()
         await asyncio.sleep(20)
         stop.set()
         await asyncio.gather(*loops)
@@ -140,7 +149,7 @@ async def main(args):
                 gap = 20.0
             print(
                 f"stream P{i} (leader {placed[i][0]}, consumer leader {placed[i][1]}): "
-                f"longest wait after the kill of n0 {gap:.2f} s, round trips {len(after) - 1}"
+                f"longest wait after the {args.fault} {gap:.2f} s, round trips {len(after) - 1}"
             )
     finally:
         for p in procs:
@@ -152,4 +161,10 @@ async def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--consumers", choices=["beside", "victim"], default="beside")
+    parser.add_argument(
+        "--fault",
+        choices=["kill", "move"],
+        default="kill",
+        help="kill: SIGKILL n0; move: hand P0 and its consumer over from n0 to n1 (step-downs)",
+    )
     asyncio.run(main(parser.parse_args()))

@@ -1,7 +1,9 @@
 //! fanjet on a 3-node JetStream cluster with 3 replicas of everything and two
 //! managers splitting the partitions: simultaneous submissions of one job id
-//! are all answered ok (one starts it), and a job keeps going and ends with
-//! exact counts when the event log's leader is killed mid-job.
+//! are all answered ok (one starts it), every stream, bucket and consumer is
+//! led from the event log's leader (before a node is lost and again after),
+//! and a job keeps going and ends with exact counts when the event log's
+//! leader is killed mid-job.
 //! (Attempts are generous: while streams change leaders, outcomes cannot be
 //! reported and tasks come back; a subjob that ran out of attempts then
 //! would fail, rightly, and this test is about nothing being lost.)
@@ -111,6 +113,9 @@ async fn a_job_survives_losing_a_cluster_node() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The managers keep every leader beside the log's, so that losing
+    // another node stalls nothing.
+    together(&admin, "before the kill").await;
     // Kill the hardest node to lose: the event log's leader. Outcomes cannot
     // be written until another node leads, and deliveries in flight to the
     // manager are lost with it.
@@ -183,11 +188,36 @@ async fn a_job_survives_losing_a_cluster_node() {
         ),
         (600, 600, 0)
     );
+    // After the election, the rest follow the log's new leader (the
+    // killed node's copies are not current, so they are not counted).
+    together(&admin, "after the kill").await;
     cancel.cancel();
     for m in managers {
         let _ = m.await;
     }
     let _ = worker.await;
+}
+
+/// Waits (60 s at most) until every replicated stream, bucket and durable
+/// consumer of fanjet's is led from the node leading the event log.
+async fn together(admin: &Nats, when: &str) {
+    use fanjet::nats::placement::{apart, survey};
+    let start = Instant::now();
+    loop {
+        let (anchor, groups) = survey(admin).await.unwrap_or_default();
+        let away: Vec<String> = match &anchor {
+            Some(a) => apart(a, &groups).iter().map(|g| g.to_string()).collect(),
+            None => vec!["the event log itself".into()],
+        };
+        if away.is_empty() && groups.len() > 10 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{when}: not led from the log's leader {anchor:?} after 60 s: {away:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Submissions of one job id at the same moment to two intakes: on a

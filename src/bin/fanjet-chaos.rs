@@ -49,7 +49,7 @@ use fanjet::nats::connect::ConnectArgs;
 use fanjet::nats::server::NatsCluster;
 use fanjet::nats::Nats;
 use fanjet::protocol::{
-    lease_key, JobState, Submission, Workflow, EVENTS_STREAM, LEASE_TTL, PARTITIONS, TASKS_STREAM,
+    lease_key, JobState, Submission, Workflow, EVENTS_STREAM, LEASE_TTL, PARTITIONS,
     WORKFLOWS_BUCKET,
 };
 use fanjet::worker::{TaskContext, TaskError, Worker};
@@ -75,6 +75,16 @@ struct Args {
     /// to measure one; all of them by default.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(FAULTS.map(|(kind, _)| kind)))]
     only: Vec<String>,
+    /// Which NATS node a `kill_nats` fault kills: `mixed`, the event log's
+    /// leader half the time and any node otherwise; `followers`, never the
+    /// log's leader (what keeping leaders together is for).
+    #[arg(long, value_enum, default_value = "mixed")]
+    nats_victims: Victims,
+    /// Run the managers with `--no-placement` (leaders where elections put
+    /// them), to compare with the default (every leader beside the event
+    /// log's).
+    #[arg(long)]
+    no_placement: bool,
     #[command(subcommand)]
     role: Option<Role>,
 }
@@ -420,11 +430,15 @@ async fn run(args: &Args) -> Result<i32> {
         url: url.clone(),
         all: Vec::new(),
     };
+    let mut manager_args = vec!["manager".to_string()];
+    if args.no_placement {
+        manager_args.push("--no-placement".into());
+    }
     let managers: Vec<usize> = (0..MANAGERS)
-        .map(|i| procs.start(&format!("manager-{i}"), &fanjet, &["manager".into()]))
+        .map(|i| procs.start(&format!("manager-{i}"), &fanjet, &manager_args))
         .collect::<Result<_>>()?;
     // Step starts as the webhook receives them.
-    let hooked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let hooked: Hooked = Arc::default();
     let hook = webhook_receiver(hooked.clone()).await?;
     let serve_port = fanjet::nats::server::free_port();
     let serve = procs.start(
@@ -494,6 +508,7 @@ async fn run(args: &Args) -> Result<i32> {
     faults(
         args.seed,
         &args.only,
+        args.nats_victims,
         run_for,
         &mut cluster,
         &mut procs,
@@ -535,24 +550,49 @@ async fn run(args: &Args) -> Result<i32> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let all_ended = last_fault.elapsed();
-    // Statistics trail the log a little.
+    // Statistics trail the log a little; announcements too (a notifier
+    // whose consumer lost its leader pulls again once it has a new one).
+    // Wait until no announcement came for ANNOUNCE_QUIET.
+    let quiet_since = Instant::now();
+    let mut last = (hooked.lock().expect("lock").len(), Instant::now());
     tokio::time::sleep(Duration::from_secs(2)).await;
+    while last.1.elapsed() < ANNOUNCE_QUIET && quiet_since.elapsed() < Duration::from_secs(60) {
+        let now = hooked.lock().expect("lock").len();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     let report = check(&nats, &args.out, &jobs, &records, &hooked, &notes).await?;
     let outcomes = outcome_times(&nats).await.unwrap_or_default();
     let stall = longest_gap(&outcomes, i128::MIN, i128::MAX);
-    // After each fault: the longest wait for an outcome within 20 s.
+    // After each fault: the longest wait for an outcome within 20 s, or
+    // until the next fault if that comes first (so that a fault is not
+    // charged with the stall of the one after it).
+    let windows: Vec<(i128, i128)> = figures
+        .schedule
+        .iter()
+        .enumerate()
+        .map(|(i, (_, at, _))| {
+            let next = figures
+                .schedule
+                .get(i + 1)
+                .map_or(i128::MAX, |(_, n, _)| *n);
+            (*at, (at + 20_000_000_000).min(next))
+        })
+        .collect();
     let per_fault: Vec<Value> = figures
         .schedule
         .iter()
-        .map(|(kind, at, led)| {
-            let to = at + 20_000_000_000;
-            json!({"kind": kind, "stall_ms": longest_gap(&outcomes, *at, to), "led": led})
+        .zip(&windows)
+        .map(|((kind, _, led), (from, to))| {
+            json!({"kind": kind, "stall_ms": longest_gap(&outcomes, *from, *to), "window_ms": (to - from) / 1_000_000, "led": led})
         })
         .collect();
     let mut worst: BTreeMap<&str, u64> = BTreeMap::new();
-    for (kind, at, _) in &figures.schedule {
-        let gap = longest_gap(&outcomes, *at, at + 20_000_000_000);
+    for ((kind, _, _), (from, to)) in figures.schedule.iter().zip(&windows) {
+        let gap = longest_gap(&outcomes, *from, *to);
         let w = worst.entry(kind).or_default();
         *w = (*w).max(gap);
     }
@@ -580,6 +620,7 @@ async fn run(args: &Args) -> Result<i32> {
         "last_fault_to_all_terminal_ms": all_ended.as_millis() as u64,
         "hung": report.hung,
         "missed_on_nats": report.missed_on_nats,
+        "announce_lag_ms": {"p50": report.announce_lag.p50, "max": report.announce_lag.max, "slowest": report.slowest_announcements},
         "violations": report.violations,
     });
     std::fs::write(
@@ -593,7 +634,7 @@ async fn run(args: &Args) -> Result<i32> {
         .collect();
     let worst: Vec<String> = worst.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!(
-        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; graceful handover max {} ms; longest stall {} ms (after {}); last fault to all terminal {:.1} s; step starts missed on NATS {}; hung {}; violations {}",
+        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; graceful handover max {} ms; longest stall {} ms (after {}); last fault to all terminal {:.1} s; step starts announced after p50 {} ms, max {} ms (missed on NATS {}); hung {}; violations {}",
         args.seed,
         jobs.len(),
         report.ledger_lines,
@@ -609,6 +650,8 @@ async fn run(args: &Args) -> Result<i32> {
         stall,
         worst.join(", "),
         all_ended.as_secs_f64(),
+        report.announce_lag.p50,
+        report.announce_lag.max,
         report.missed_on_nats,
         report.hung,
         report.violations.len(),
@@ -815,6 +858,7 @@ fn fault_kind(mut draw: u32) -> &'static str {
 async fn faults(
     seed: u64,
     only: &[String],
+    victims: Victims,
     run_for: Duration,
     cluster: &mut NatsCluster,
     procs: &mut Procs,
@@ -884,9 +928,18 @@ async fn faults(
                 procs.restart(serve)?;
             }
             _ => {
-                let node = match rng.random_bool(0.5) {
-                    true => events_leader(nats).await.unwrap_or(0),
-                    false => rng.random_range(0..cluster.nodes.len()),
+                let node = match victims {
+                    Victims::Mixed => match rng.random_bool(0.5) {
+                        true => events_leader(nats).await.unwrap_or(0),
+                        false => rng.random_range(0..cluster.nodes.len()),
+                    },
+                    Victims::Followers => {
+                        let leader = events_leader(nats).await;
+                        let others: Vec<usize> = (0..cluster.nodes.len())
+                            .filter(|n| Some(*n) != leader)
+                            .collect();
+                        others[rng.random_range(0..others.len())]
+                    }
                 };
                 if let Some(fault) = figures.schedule.last_mut() {
                     fault.2 = led_by(nats, node).await;
@@ -905,30 +958,33 @@ async fn faults(
     Ok(())
 }
 
-/// The streams (and buckets, as `KV_<bucket>`) whose leader is node
-/// `node`, of those every job needs.
+/// What node `node` leads of fanjet's: its streams (buckets as
+/// `KV_<bucket>`) by name, and how many durable consumers.
 async fn led_by(nats: &Nats, node: usize) -> Vec<String> {
-    let mut led = Vec::new();
-    for name in [
-        EVENTS_STREAM,
-        TASKS_STREAM,
-        "KV_fanjet_jobs",
-        "KV_fanjet_pending",
-        "KV_fanjet_leases",
-        "KV_fanjet_stats",
-    ] {
-        let Ok(mut stream) = nats.js.get_stream(name).await else {
-            continue;
-        };
-        let Ok(info) = stream.info().await else {
-            continue;
-        };
-        let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
-        if leader.as_deref() == Some(format!("n{node}").as_str()) {
-            led.push(name.to_string());
-        }
+    let Ok((_, groups)) = fanjet::nats::placement::survey(nats).await else {
+        return vec!["(not surveyed)".into()];
+    };
+    let name = format!("n{node}");
+    let mine = groups
+        .iter()
+        .filter(|(_, l)| l.leader.as_deref() == Some(name.as_str()));
+    let mut led: Vec<String> = mine
+        .clone()
+        .filter(|(g, _)| g.consumer.is_none())
+        .map(|(g, _)| g.stream.clone())
+        .collect();
+    let consumers = mine.filter(|(g, _)| g.consumer.is_some()).count();
+    if consumers > 0 {
+        led.push(format!("{consumers} consumers"));
     }
     led
+}
+
+/// Which node a `kill_nats` fault picks.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Victims {
+    Mixed,
+    Followers,
 }
 
 /// The node leading the event log (`n0` → 0).
@@ -965,9 +1021,35 @@ async fn takeover(nats: &Nats, victim: &str, within: Duration) -> Option<Duratio
     None
 }
 
+/// The median and the largest of some durations (ms); 0 for none.
+#[derive(Default)]
+struct Quantiles {
+    p50: u64,
+    max: u64,
+}
+
+impl Quantiles {
+    fn of(mut values: Vec<u64>) -> Self {
+        values.sort_unstable();
+        Quantiles {
+            p50: values.get(values.len() / 2).copied().unwrap_or(0),
+            max: values.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// Step starts POSTed to the run's webhook: notification id → when it
+/// first arrived (ms since the epoch).
+type Hooked = Arc<Mutex<BTreeMap<String, i64>>>;
+
+/// How long no announcement may have arrived before the check, once every
+/// job has ended: a notifier that lost its consumer's leader is back within
+/// an election and a pull (a missing announcement is a violation).
+const ANNOUNCE_QUIET: Duration = Duration::from_secs(10);
+
 /// Serves a webhook on a free local port that records the step starts it
 /// is POSTed (by their `Fanjet-Notification-Id`); returns its URL.
-async fn webhook_receiver(hooked: Arc<Mutex<BTreeSet<String>>>) -> Result<String> {
+async fn webhook_receiver(hooked: Hooked) -> Result<String> {
     use axum::http::HeaderMap;
     let app = axum::Router::new().route(
         "/hook",
@@ -979,7 +1061,12 @@ async fn webhook_receiver(hooked: Arc<Mutex<BTreeSet<String>>>) -> Result<String
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default();
                 if id.contains(":step_started:") {
-                    hooked.lock().expect("lock").insert(id.to_string());
+                    let now = fanjet::protocol::now_ms() as i64;
+                    hooked
+                        .lock()
+                        .expect("lock")
+                        .entry(id.to_string())
+                        .or_insert(now);
                 }
                 "ok"
             }
@@ -1089,6 +1176,10 @@ struct Report {
     hung: u64,
     /// Step starts the webhook got and no NATS listener heard.
     missed_on_nats: u64,
+    /// From a step's start (its record) to its announcement's arrival.
+    announce_lag: Quantiles,
+    /// The five latest announcements: (lag in ms, notification id).
+    slowest_announcements: Vec<(u64, String)>,
     violations: Vec<String>,
 }
 
@@ -1097,7 +1188,7 @@ async fn check(
     out: &Path,
     jobs: &[Planned],
     records: &BTreeMap<String, fanjet::protocol::Job>,
-    hooked: &Arc<Mutex<BTreeSet<String>>>,
+    hooked: &Hooked,
     notes: &Arc<Mutex<HashMap<String, u32>>>,
 ) -> Result<Report> {
     // The ledgers: (job, step) → distinct indices run to success.
@@ -1129,6 +1220,8 @@ async fn check(
     let notes = notes.lock().expect("lock").clone();
     let hooked = hooked.lock().expect("lock").clone();
     let mut missed_on_nats = 0;
+    let mut lags = Vec::new();
+    let mut slowest: Vec<(u64, String)> = Vec::new();
     let mut behind = Vec::new();
     for j in jobs {
         let Some(job) = records.get(&j.id) else {
@@ -1168,8 +1261,16 @@ async fn check(
             }
             if ran_it {
                 let id = format!("{}:step_started:{i}", j.id);
-                if !hooked.contains(&id) {
-                    violations.push(format!("{}: step {i} start never announced", j.id));
+                match (hooked.get(&id), step.started_at) {
+                    (Some(at), Some(started)) => {
+                        let lag = at.saturating_sub(started as i64).max(0) as u64;
+                        lags.push(lag);
+                        slowest.push((lag, id.clone()));
+                    }
+                    (Some(_), None) => {}
+                    (None, _) => {
+                        violations.push(format!("{}: step {i} start never announced", j.id))
+                    }
                 }
                 if !notes.contains_key(&id) {
                     missed_on_nats += 1;
@@ -1248,6 +1349,12 @@ async fn check(
         distinct,
         hung,
         missed_on_nats,
+        announce_lag: Quantiles::of(lags),
+        slowest_announcements: {
+            slowest.sort_unstable_by(|a, b| b.cmp(a));
+            slowest.truncate(5);
+            slowest
+        },
         violations,
     })
 }
@@ -1297,12 +1404,32 @@ fn longest_gap(times: &[i128], from: i128, to: i128) -> u64 {
         }
         last = Some(t);
     }
+    // A wait still going on at the window's end counts up to it (when
+    // outcomes came after it: the run had work, it was not idle).
+    if let Some(l) = last {
+        if to != i128::MAX && times.iter().any(|t| *t > to) {
+            gap = gap.max(to - l);
+        }
+    }
     (gap / 1_000_000) as u64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fault_is_charged_with_the_waits_in_its_window_only() {
+        let ms = |v: i128| v * 1_000_000;
+        let times: Vec<i128> = [0, 1000, 1500, 9000, 9500].map(ms).to_vec();
+        // From the fault at 1.2 s: 1.5 s, then nothing until 9 s.
+        assert_eq!(longest_gap(&times, ms(1200), ms(20_000)), 7500);
+        // Until the next fault at 4 s: still waiting then, 2.5 s so far.
+        assert_eq!(longest_gap(&times, ms(1200), ms(4000)), 2500);
+        // The last window with nothing after it: no tail.
+        assert_eq!(longest_gap(&times, ms(9200), ms(20_000)), 300);
+        assert_eq!(longest_gap(&times, i128::MIN, i128::MAX), 7500);
+    }
 
     #[test]
     fn the_weights_pick_the_kinds_the_seeded_schedules_always_had() {

@@ -53,6 +53,13 @@ pub struct ManagerArgs {
     /// `max_in_flight`, first come first served.
     #[arg(long, conflicts_with = "queue_ahead")]
     no_fair_share: bool,
+    /// Leave the leaders of fanjet's streams, buckets and consumers where
+    /// the cluster's elections put them. By default one manager at a time
+    /// keeps them on the node that leads the event log, so that losing any
+    /// other node stalls nothing (docs/RELIABILITY.md); on a single server
+    /// this does nothing either way.
+    #[arg(long)]
+    no_placement: bool,
 }
 
 // `fanjet worker`
@@ -147,6 +154,7 @@ pub async fn manager(connect: &ConnectArgs, args: ManagerArgs) -> Result<u8> {
             rejection_burst: args.rejection_burst,
         },
         queue_ahead: (!args.no_fair_share).then_some(args.queue_ahead),
+        keep_leaders_together: !args.no_placement,
         ..ManagerOptions::default()
     };
     let result = manager::run(nats, options, root.clone()).await;

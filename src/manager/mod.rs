@@ -39,9 +39,10 @@ use partition::EventLoop;
 
 use crate::nats::heartbeat::{beat, process_id};
 use crate::nats::leases::{
-    self, Fence, LeaseError, Partitions as PartitionLeases, LEASE_ROUND, LEASE_VALID,
+    self, Fence, Hold, LeaseError, Partitions as PartitionLeases, LEASE_ROUND, LEASE_VALID,
 };
 use crate::nats::log::LogError;
+use crate::nats::placement;
 use crate::nats::store::StoreError;
 use crate::nats::{Nats, SetupError};
 use crate::protocol::{Heartbeat, MANAGER_CONSUMER, PARTITIONS};
@@ -86,6 +87,9 @@ pub struct ManagerOptions {
     /// can start soon). `None`: each job dispatches up to its
     /// `max_in_flight`, first come first served.
     pub queue_ahead: Option<Duration>,
+    /// Keep the leaders of fanjet's streams, buckets and consumers on the
+    /// node leading the event log ([`placement`]).
+    pub keep_leaders_together: bool,
 }
 
 impl Default for ManagerOptions {
@@ -97,6 +101,7 @@ impl Default for ManagerOptions {
             stall_after: Duration::from_secs(30),
             intake: intake::IntakeLimits::default(),
             queue_ahead: Some(Duration::from_millis(50)),
+            keep_leaders_together: true,
         }
     }
 }
@@ -148,7 +153,7 @@ pub async fn run(
         crate::shutdown::supervise("job index", c.clone(), move || {
             let (n, c, me) = (n.clone(), c.clone(), me.clone());
             async move {
-                leases::exclusive(&n, "index", &me, &c, |inner, fence| {
+                leases::exclusive(&n, "index", &me, Hold::Fenced, &c, |inner, fence| {
                     index::run(n.clone(), inner, Some(fence))
                 })
                 .await
@@ -157,6 +162,28 @@ pub async fn run(
         .await;
         Ok(())
     });
+    if options.keep_leaders_together {
+        // One process at a time keeps the leaders beside the log's.
+        let (n, c, me) = (nats.clone(), cancel.clone(), id.clone());
+        tasks.spawn(async move {
+            crate::shutdown::supervise("leader placement", c.clone(), move || {
+                let (n, c, me) = (n.clone(), c.clone(), me.clone());
+                async move {
+                    leases::exclusive(
+                        &n,
+                        "placement",
+                        &me,
+                        Hold::UntilTaken,
+                        &c,
+                        |inner, fence| placement::run(n.clone(), inner, fence),
+                    )
+                    .await
+                }
+            })
+            .await;
+            Ok(())
+        });
+    }
     tasks.spawn(cancel::run(nats.clone(), cancel.clone()));
     tasks.spawn(update::run(nats.clone(), cancel.clone()));
     tasks.spawn(redrive::run(nats.clone(), cancel.clone()));

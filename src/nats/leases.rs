@@ -321,14 +321,28 @@ impl Lease {
     }
 }
 
+/// How [`exclusive`] work holds on through renewals that fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Stopped once its fence has passed: work that writes what only one
+    /// holder may write.
+    Fenced,
+    /// Goes on while renewals fail (the lease bucket electing a leader) and
+    /// stops only when the key is found another's or gone: work that two
+    /// processes may do for a moment without harm, and that must not stop
+    /// for the lease bucket's elections (leader placement).
+    UntilTaken,
+}
+
 /// Runs `work` while this process holds the lease `name`; waits for it
-/// while another process does. `work` is cancelled if the lease is lost,
-/// and gets the lease's fence: a process frozen past its lease (and woken
-/// before it noticed) must check it before each write.
+/// while another process does. `work` is cancelled if the lease is lost
+/// (see [`Hold`]), and gets the lease's fence: a process frozen past its
+/// lease (and woken before it noticed) must check it before each write.
 pub async fn exclusive<F, Fut, E>(
     nats: &Nats,
     name: &str,
     me: &str,
+    hold: Hold,
     cancel: &CancellationToken,
     work: F,
 ) -> Result<(), LeaseError>
@@ -368,7 +382,8 @@ where
                 if let Renewal::Failed(error) = &renewal {
                     warn!(part = name, error, "could not renew the lease");
                 }
-                if matches!(renewal, Renewal::TakenOver | Renewal::Gone) || !lease.fence.holds() {
+                let expired = hold == Hold::Fenced && !lease.fence.holds();
+                if matches!(renewal, Renewal::TakenOver | Renewal::Gone) || expired {
                     inner.cancel();
                     let _ = work.await;
                     break Err(LeaseError::Lost(name.to_string()));

@@ -2,9 +2,10 @@
 //! [`Nats`], the handle every part uses (one connection, with its streams
 //! and buckets found or created); the connection flags ([`connect`]); the
 //! event log, appended to and read ([`log`]); job records, pending chunks
-//! and statistics records in KV ([`store`]); leases ([`leases`]);
-//! heartbeats ([`heartbeat`]); request/reply services in a queue group
-//! ([`service`]); and a local nats-server ([`server`]).
+//! and statistics records in KV ([`store`]); leases ([`leases`]); leaders
+//! kept beside the event log's on a cluster ([`placement`]); heartbeats
+//! ([`heartbeat`]); request/reply services in a queue group ([`service`]);
+//! and a local nats-server ([`server`]).
 //!
 //! [`Nats::ensure`] creates (or updates to the current settings) every
 //! stream, consumer and bucket; the manager, `fanjet serve` and `workflow
@@ -18,6 +19,7 @@ pub mod index;
 pub mod leases;
 pub mod log;
 pub mod objects;
+pub mod placement;
 pub mod server;
 pub mod service;
 pub mod store;
@@ -86,6 +88,14 @@ impl SetupError {
         !matches!(self, SetupError::BadDefinition { .. })
     }
 }
+
+/// Life of each pull request of a reader that runs for ever (the
+/// notifier, the advisory watcher). A pull outlives the leader of its
+/// consumer: when the leader changes (a node lost), the reader learns it
+/// from a missed heartbeat (every quarter of this) and pulls again from the
+/// new one. The client's default (30 s, heartbeats every 15) left a
+/// notifier silent for half a minute after a node was killed.
+pub const READER_PULL: Duration = Duration::from_secs(4);
 
 /// Room kept for headers (message id and the like) under the server's max
 /// payload.

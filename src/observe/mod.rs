@@ -49,9 +49,14 @@ pub async fn serve(
     tasks.spawn(supervise("statistics", c.clone(), move || {
         let (n, c, me) = (n.clone(), c.clone(), me.clone());
         async move {
-            leases::exclusive(&n, "statistics", &me, &c, |inner, _fence| {
-                stats::run(n.clone(), inner)
-            })
+            leases::exclusive(
+                &n,
+                "statistics",
+                &me,
+                leases::Hold::Fenced,
+                &c,
+                |inner, _fence| stats::run(n.clone(), inner),
+            )
             .await
         }
     }));

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::nats::Nats;
+use crate::nats::{Nats, READER_PULL};
 use crate::protocol::{
     kind_filter, notify_subject, Event, EventKind, NOTIFICATION_ID_HEADER, NOTIFY_CONSUMER,
 };
@@ -114,7 +114,13 @@ pub async fn run(
         })
         .await
         .map_err(|e| err(&e))?;
-    let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
+    let mut messages = consumer
+        .stream()
+        .expires(READER_PULL)
+        .heartbeat(READER_PULL / 4)
+        .messages()
+        .await
+        .map_err(|e| err(&e))?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
