@@ -41,6 +41,8 @@ use crate::protocol::EVENTS_STREAM;
 
 /// How often the leaders are looked at (four requests a round).
 pub const ROUND: Duration = Duration::from_secs(1);
+/// How often to look when nothing is replicated.
+const UNREPLICATED_ROUND: Duration = Duration::from_secs(30);
 /// How long a group asked to move is left alone before it is asked again
 /// (doubled for every ask that did not take, up to [`BACKOFF_MAX`]).
 const BACKOFF: Duration = Duration::from_secs(6);
@@ -301,6 +303,15 @@ pub async fn run(
                 continue;
             }
         };
+        if groups.is_empty() {
+            // A single server (or one replica of everything): nothing to
+            // keep, look again now and then in case that changes.
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(UNREPLICATED_ROUND) => {}
+            }
+            continue;
+        }
         let Some(anchor) = anchor else { continue };
         if last_anchor.as_ref() != Some(&anchor) {
             // A new leader of the log: what was asked toward the old one
