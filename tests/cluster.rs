@@ -86,6 +86,9 @@ async fn a_job_survives_losing_a_cluster_node() {
     let worker = tokio::spawn(async move { worker.run(wc).await });
 
     duplicates_in_flight_are_duplicates(&admin).await;
+    // The managers keep every leader beside the log's, so that losing
+    // another node stalls nothing.
+    together(&admin, "before the kill").await;
 
     let reply = fanjet::client::submit(
         &admin.client,
@@ -115,7 +118,6 @@ async fn a_job_survives_losing_a_cluster_node() {
     }
     // The managers keep every leader beside the log's, so that losing
     // another node stalls nothing.
-    together(&admin, "before the kill").await;
     // Kill the hardest node to lose: the event log's leader. Outcomes cannot
     // be written until another node leads, and deliveries in flight to the
     // manager are lost with it.

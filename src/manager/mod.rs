@@ -175,7 +175,7 @@ pub async fn run(
                         &me,
                         Hold::UntilTaken,
                         &c,
-                        |inner, fence| placement::run(n.clone(), inner, fence),
+                        |inner, _fence| placement::run(n.clone(), inner),
                     )
                     .await
                 }

@@ -327,10 +327,11 @@ pub enum Hold {
     /// Stopped once its fence has passed: work that writes what only one
     /// holder may write.
     Fenced,
-    /// Goes on while renewals fail (the lease bucket electing a leader) and
-    /// stops only when the key is found another's or gone: work that two
-    /// processes may do for a moment without harm, and that must not stop
-    /// for the lease bucket's elections (leader placement).
+    /// Goes on while renewals fail (the lease bucket electing a leader),
+    /// takes the key again at once if it expired meanwhile, and stops only
+    /// when the key is found another's: work that two processes may do for
+    /// a moment without harm, and that must not stop for the lease bucket's
+    /// elections (leader placement). Its fence says nothing.
     UntilTaken,
 }
 
@@ -381,6 +382,15 @@ where
                     .unwrap_or_else(|_| Renewal::Failed("timed out".into()));
                 if let Renewal::Failed(error) = &renewal {
                     warn!(part = name, error, "could not renew the lease");
+                }
+                if hold == Hold::UntilTaken && matches!(renewal, Renewal::Gone) {
+                    // Expired while the bucket could not be written (an
+                    // election): take it again at once if nobody has.
+                    if let Ok(Some(again)) = Lease::claim(&kv, &key, me).await {
+                        info!(part = name, "the lease expired unrenewed; claimed it again");
+                        lease = again;
+                        continue;
+                    }
                 }
                 let expired = hold == Hold::Fenced && !lease.fence.holds();
                 if matches!(renewal, Renewal::TakenOver | Renewal::Gone) || expired {

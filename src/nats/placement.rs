@@ -35,7 +35,6 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::leases::Fence;
 use super::Nats;
 use crate::protocol::EVENTS_STREAM;
 
@@ -163,6 +162,7 @@ pub async fn survey(
         .map_err(|e| err(&e))?;
     let mut groups = BTreeMap::new();
     let mut anchor = None;
+    let mut listings = Vec::new();
     for info in streams {
         let name = info.config.name.clone();
         if !ours(&name) || info.config.num_replicas < 2 {
@@ -172,7 +172,10 @@ pub async fn survey(
         if name == EVENTS_STREAM {
             anchor = lead.leader.clone();
         }
-        let has_consumers = info.state.consumer_count > 0 && lead.leader.is_some();
+        // Buckets and object stores have only their watchers' ephemeral
+        // consumers; listing them can wait for a dead node's answer.
+        let durables =
+            name.starts_with("FANJET_") && info.state.consumer_count > 0 && lead.leader.is_some();
         groups.insert(
             Group {
                 stream: name.clone(),
@@ -180,9 +183,12 @@ pub async fn survey(
             },
             lead,
         );
-        if !has_consumers {
-            continue;
+        if durables {
+            listings.push(name);
         }
+    }
+    // Each stream's consumers at once: one slow answer holds up no other.
+    let listed = futures::future::join_all(listings.into_iter().map(|name| async move {
         let consumers = async {
             let stream = nats
                 .js
@@ -195,7 +201,12 @@ pub async fn survey(
                 .await
                 .map_err(|e| err(&e))
         };
-        let consumers = match tokio::time::timeout(LIST_TIMEOUT, consumers).await {
+        let listed = tokio::time::timeout(LIST_TIMEOUT, consumers).await;
+        (name, listed)
+    }))
+    .await;
+    for (name, listed) in listed {
+        let consumers = match listed {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 debug!(stream = name, error = %e, "placement: consumers not listed");
@@ -207,8 +218,8 @@ pub async fn survey(
             }
         };
         for c in consumers {
-            // Ephemeral consumers (KV watchers, ordered readers) have one
-            // replica: nothing to move, and their clients recreate them.
+            // Ephemeral consumers (ordered readers) have one replica:
+            // nothing to move, and their clients recreate them.
             let replicated = c.cluster.as_ref().is_some_and(|cl| !cl.replicas.is_empty());
             if c.config.durable_name.is_none() || !replicated {
                 continue;
@@ -280,13 +291,11 @@ impl Asked {
     }
 }
 
-/// Keeps the leaders together until `cancel`, writing nothing once `fence`
-/// has passed (another process took over).
-pub async fn run(
-    nats: Nats,
-    cancel: CancellationToken,
-    fence: Fence,
-) -> Result<(), PlacementError> {
+/// Keeps the leaders together until `cancel`. Run under a lease held with
+/// [`Hold::UntilTaken`](super::leases::Hold): two keepers for a moment
+/// ask for the same hand-overs, which is harmless, and a keeper must not
+/// stop while the lease bucket elects a leader, when it is needed most.
+pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), PlacementError> {
     let mut asked = Asked::default();
     let mut last_anchor = None;
     let mut round = tokio::time::interval(ROUND);
@@ -336,7 +345,7 @@ pub async fn run(
             MOVES_PER_ROUND,
         );
         for m in moves {
-            if cancel.is_cancelled() || fence.check().is_err() {
+            if cancel.is_cancelled() {
                 break;
             }
             asked.asked(&m.group, now);
