@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::ManagerError;
-use crate::nats::{log, Nats, READER_PULL};
+use crate::nats::{log, reader_messages, Nats};
 use crate::protocol::{Event, ItemOutcome, SubjobFailed, SubjobsDone, Task, ADVISORY_CONSUMER};
 
 #[derive(Debug, Deserialize)]
@@ -34,11 +34,7 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), ManagerErr
         })
         .await
         .map_err(|e| ManagerError::Nats(format!("creating the advisory consumer: {e}")))?;
-    let mut messages = consumer
-        .stream()
-        .expires(READER_PULL)
-        .heartbeat(READER_PULL / 4)
-        .messages()
+    let mut messages = reader_messages(&consumer)
         .await
         .map_err(|e| ManagerError::Nats(format!("pulling advisories: {e}")))?;
     loop {

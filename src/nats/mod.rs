@@ -97,6 +97,19 @@ impl SetupError {
 /// notifier silent for half a minute after a node was killed.
 pub const READER_PULL: Duration = Duration::from_secs(4);
 
+/// The messages of `consumer` for a reader that runs for ever, each pull
+/// living [`READER_PULL`].
+pub async fn reader_messages(
+    consumer: &consumer::PullConsumer,
+) -> Result<consumer::pull::Stream, consumer::StreamError> {
+    consumer
+        .stream()
+        .expires(READER_PULL)
+        .heartbeat(READER_PULL / 4)
+        .messages()
+        .await
+}
+
 /// Room kept for headers (message id and the like) under the server's max
 /// payload.
 const HEADER_ROOM: usize = 1024;

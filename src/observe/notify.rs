@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::nats::{Nats, READER_PULL};
+use crate::nats::{reader_messages, Nats};
 use crate::protocol::{
     kind_filter, notify_subject, Event, EventKind, NOTIFICATION_ID_HEADER, NOTIFY_CONSUMER,
 };
@@ -114,13 +114,7 @@ pub async fn run(
         })
         .await
         .map_err(|e| err(&e))?;
-    let mut messages = consumer
-        .stream()
-        .expires(READER_PULL)
-        .heartbeat(READER_PULL / 4)
-        .messages()
-        .await
-        .map_err(|e| err(&e))?;
+    let mut messages = reader_messages(&consumer).await.map_err(|e| err(&e))?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
