@@ -133,6 +133,10 @@ pub async fn submit_as(
     send(nats, customer_submit_subject(workflow, customer), sub).await
 }
 
+/// How long one try of a submission waits for its answer; it is sent again
+/// (same id) until [`send`]'s ten seconds have passed.
+const ATTEMPT_WAIT: Duration = Duration::from_secs(2);
+
 async fn send(
     nats: &async_nats::Client,
     subject: String,
@@ -145,7 +149,15 @@ async fn send(
     let wait = Duration::from_secs(10);
     let mut pause = Duration::from_millis(100);
     loop {
-        let answer = request(nats, &subject, body.clone(), wait).await?;
+        // A manager that stopped answering (frozen, or its host lost) still
+        // takes its turn of the queue group's requests until the server
+        // drops it: ask again, with the same id (idempotent), after a
+        // short wait, and another manager answers.
+        let answer = match request(nats, &subject, body.clone(), ATTEMPT_WAIT).await {
+            Err(ClientError::Timeout(_)) if start.elapsed() + ATTEMPT_WAIT <= wait => continue,
+            Err(ClientError::Timeout(_)) => return Err(ClientError::Timeout(start.elapsed())),
+            other => other?,
+        };
         match answer {
             Ok(msg) => {
                 let reply: SubmitReply = serde_json::from_slice(&msg.payload).map_err(|e| {

@@ -1,7 +1,7 @@
 //! End-to-end jobs on a real nats-server: the happy path at 1,000 subjobs
 //! submitted by a plain NATS request, retries, failure policies, duplicates
-//! and late completions, cancel, bad submissions, and isolation of
-//! concurrent jobs.
+//! and late completions, cancel, bad submissions, a silent member of the
+//! intake's queue group, and isolation of concurrent jobs.
 
 mod common;
 
@@ -824,4 +824,56 @@ async fn a_fanout_reads_its_items_from_an_object_put_with_the_cli() {
         (3000, 3000),
         "each subjob got its own item"
     );
+}
+
+/// A manager that stopped answering (frozen, its host gone) still takes its
+/// turn of the intake's queue group: the client asks again after 2 s with
+/// the same id and another manager answers (it waited 10 s and gave up
+/// before, `timed out`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_taken_by_a_silent_manager_is_answered_by_another() {
+    use futures::{FutureExt, StreamExt};
+    let mut env = Env::start().await;
+    env.apply(&seed_workflow("silent", "")).await;
+    env.manager();
+    // Let the manager's intake subscribe first.
+    env.submit(
+        "silent",
+        json!({"job_id": "warm-up", "input": {"count": 0}}),
+    )
+    .await;
+    // A member of the queue group that takes one request and never answers.
+    let mut silent = env
+        .nats
+        .client
+        .queue_subscribe(
+            fanjet::protocol::SUBMIT_WILDCARD,
+            fanjet::protocol::INTAKE_QUEUE.into(),
+        )
+        .await
+        .expect("subscribe");
+    silent
+        .unsubscribe_after(1)
+        .await
+        .expect("unsubscribe after one");
+    env.nats.client.flush().await.expect("flush");
+    for i in 0..40 {
+        let sub = fanjet::protocol::Submission {
+            job_id: Some(format!("silent-{i}")),
+            customer: None,
+            input: json!({"count": 0}),
+            priority: None,
+        };
+        let reply = fanjet::client::submit(&env.nats.client, "silent", &sub)
+            .await
+            .unwrap_or_else(|e| panic!("submission {i} not answered: {e}"));
+        assert!(reply.ok, "{reply:?}");
+        if let Some(Some(taken)) = silent.next().now_or_never() {
+            let first_try: Value = serde_json::from_slice(&taken.payload).expect("json");
+            assert_eq!(first_try["job_id"], format!("silent-{i}"));
+            assert_eq!(reply.job_id, Some(format!("silent-{i}")));
+            return;
+        }
+    }
+    panic!("the silent member of the queue group never got a request");
 }
