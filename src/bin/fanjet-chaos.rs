@@ -22,11 +22,12 @@
 //!   webhook this run serves (retried until taken); the same notification
 //!   on NATS is counted too, but core NATS reaches only subscribers
 //!   connected at that moment, so one missed there while a node restarts
-//!   is a figure (`missed_on_nats`), not a violation.
+//!   is a figure (`missed_on_nats`), not a violation. Announcements are
+//!   awaited until none came for 10 s; their lag is a figure.
 //!
 //! It prints one line of figures (faults by kind, re-executions, takeover
-//! times, the longest stall between two outcomes, time from the last fault
-//! to all terminal) and writes them with every violation to
+//! times, the longest stall between two outcomes, and after each fault
+//! until the next, time from the last fault to all terminal) and writes them with every violation to
 //! `<out>/result.json`; the history of a job with subjobs counted lost goes
 //! to `<out>/events-<job>.json`.
 
@@ -553,10 +554,10 @@ async fn run(args: &Args) -> Result<i32> {
     // Statistics trail the log a little; announcements too (a notifier
     // whose consumer lost its leader pulls again once it has a new one).
     // Wait until no announcement came for ANNOUNCE_QUIET.
-    let quiet_since = Instant::now();
+    let waiting_since = Instant::now();
     let mut last = (hooked.lock().expect("lock").len(), Instant::now());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    while last.1.elapsed() < ANNOUNCE_QUIET && quiet_since.elapsed() < Duration::from_secs(60) {
+    while last.1.elapsed() < ANNOUNCE_QUIET && waiting_since.elapsed() < Duration::from_secs(60) {
         let now = hooked.lock().expect("lock").len();
         if now != last.0 {
             last = (now, Instant::now());
@@ -582,19 +583,23 @@ async fn run(args: &Args) -> Result<i32> {
             (*at, (at + 20_000_000_000).min(next))
         })
         .collect();
+    let stalls: Vec<u64> = windows
+        .iter()
+        .map(|(from, to)| longest_gap(&outcomes, *from, *to))
+        .collect();
     let per_fault: Vec<Value> = figures
         .schedule
         .iter()
         .zip(&windows)
-        .map(|((kind, _, led), (from, to))| {
-            json!({"kind": kind, "stall_ms": longest_gap(&outcomes, *from, *to), "window_ms": (to - from) / 1_000_000, "led": led})
+        .zip(&stalls)
+        .map(|(((kind, _, led), (from, to)), stall)| {
+            json!({"kind": kind, "stall_ms": stall, "window_ms": (to - from) / 1_000_000, "led": led})
         })
         .collect();
     let mut worst: BTreeMap<&str, u64> = BTreeMap::new();
-    for ((kind, _, _), (from, to)) in figures.schedule.iter().zip(&windows) {
-        let gap = longest_gap(&outcomes, *from, *to);
+    for ((kind, _, _), stall) in figures.schedule.iter().zip(&stalls) {
         let w = worst.entry(kind).or_default();
-        *w = (*w).max(gap);
+        *w = (*w).max(*stall);
     }
     procs.stop_all();
     for l in listeners {
@@ -603,8 +608,7 @@ async fn run(args: &Args) -> Result<i32> {
 
     let mut takeovers = figures.takeovers_ms.clone();
     takeovers.sort_unstable();
-    let p50 = takeovers.get(takeovers.len() / 2).copied();
-    let max = takeovers.last().copied();
+    let Quantiles { p50, max } = Quantiles::of(takeovers.clone());
     let result = json!({
         "seed": args.seed,
         "minutes": args.minutes,
@@ -650,8 +654,8 @@ async fn run(args: &Args) -> Result<i32> {
         stall,
         worst.join(", "),
         all_ended.as_secs_f64(),
-        report.announce_lag.p50,
-        report.announce_lag.max,
+        report.announce_lag.p50.map_or("-".into(), |v| v.to_string()),
+        report.announce_lag.max.map_or("-".into(), |v| v.to_string()),
         report.missed_on_nats,
         report.hung,
         report.violations.len(),
@@ -1021,19 +1025,18 @@ async fn takeover(nats: &Nats, victim: &str, within: Duration) -> Option<Duratio
     None
 }
 
-/// The median and the largest of some durations (ms); 0 for none.
-#[derive(Default)]
+/// The median and the largest of some durations (ms); `None` for none.
 struct Quantiles {
-    p50: u64,
-    max: u64,
+    p50: Option<u64>,
+    max: Option<u64>,
 }
 
 impl Quantiles {
     fn of(mut values: Vec<u64>) -> Self {
         values.sort_unstable();
         Quantiles {
-            p50: values.get(values.len() / 2).copied().unwrap_or(0),
-            max: values.last().copied().unwrap_or(0),
+            p50: values.get(values.len() / 2).copied(),
+            max: values.last().copied(),
         }
     }
 }

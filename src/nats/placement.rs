@@ -39,7 +39,7 @@ use super::Nats;
 use crate::protocol::EVENTS_STREAM;
 
 /// How often the leaders are looked at (four requests a round).
-pub const ROUND: Duration = Duration::from_secs(1);
+const ROUND: Duration = Duration::from_secs(1);
 /// How often to look when nothing is replicated.
 const UNREPLICATED_ROUND: Duration = Duration::from_secs(30);
 /// How long a group asked to move is left alone before it is asked again
@@ -145,8 +145,8 @@ fn ours(stream: &str) -> bool {
         || stream.starts_with("OBJ_fanjet_")
 }
 
-/// How long one listing may take: a stream electing a leader does not
-/// answer, and the others should not wait for it.
+/// How long one listing or step-down may take: a stream electing a leader
+/// does not answer, and the others should not wait for it.
 const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Every group of fanjet's, replicated ones only, with its leadership; and
@@ -252,11 +252,11 @@ async fn step_down(nats: &Nats, m: &Move) -> Result<(), String> {
         None => format!("STREAM.LEADER.STEPDOWN.{}", m.group.stream),
     };
     let body = json!({ "placement": { "preferred": m.to } });
-    let answer: serde_json::Value = nats
-        .js
-        .request(subject, &body)
-        .await
-        .map_err(|e| e.to_string())?;
+    let answer: serde_json::Value =
+        tokio::time::timeout(LIST_TIMEOUT, nats.js.request(subject, &body))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     match answer.get("error") {
         Some(e) => Err(e.to_string()),
         None => Ok(()),
@@ -330,12 +330,16 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), PlacementE
         }
         asked.settle(&anchor, &groups);
         if tracing::enabled!(tracing::Level::DEBUG) {
-            debug!(
-            anchor,
-            apart = ?apart(&anchor, &groups).iter().map(|g| g.to_string()).collect::<Vec<_>>(),
-            resting = ?asked.0.iter().map(|(g, (_, t))| format!("{g} x{t}")).collect::<Vec<_>>(),
-            "placement round"
-            );
+            let away: Vec<String> = apart(&anchor, &groups)
+                .iter()
+                .map(|g| g.to_string())
+                .collect();
+            let resting: Vec<String> = asked
+                .0
+                .iter()
+                .map(|(g, (_, t))| format!("{g} x{t}"))
+                .collect();
+            debug!(anchor, ?away, ?resting, "placement round");
         }
         let now = Instant::now();
         let moves = plan(
