@@ -51,7 +51,7 @@ async fn a_job_survives_losing_a_cluster_node() {
             }
         }
     };
-    let info = admin.events.get_info().await.unwrap();
+    let info = admin.cell_log(0).get_info().await.unwrap();
     assert_eq!(info.config.num_replicas, 3);
     assert_eq!(
         info.cluster.as_ref().map(|c| c.replicas.len()),
@@ -122,7 +122,7 @@ async fn a_job_survives_losing_a_cluster_node() {
     // be written until another node leads, and deliveries in flight to the
     // manager are lost with it.
     let leader = admin
-        .events
+        .log("ha-1")
         .get_info()
         .await
         .ok()
@@ -156,7 +156,7 @@ async fn a_job_survives_losing_a_cluster_node() {
                     )
                 });
             let mgr = admin
-                .events
+                .log("ha-1")
                 .clone()
                 .consumer_info(fanjet::protocol::manager_consumer(
                     fanjet::protocol::partition("ha-1"),
@@ -176,7 +176,7 @@ async fn a_job_survives_losing_a_cluster_node() {
                 .consumer_info("fanjet_ha_send")
                 .await
                 .map(|i| (i.num_pending, i.num_ack_pending, i.num_waiting));
-            let ev = admin.events.get_info().await.map(|i| i.state.messages);
+            let ev = admin.log("ha-1").get_info().await.map(|i| i.state.messages);
             panic!("the job did not end after losing a node: job {job:?} manager consumer {mgr:?} tasks consumer {tasks:?} events {ev:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -203,20 +203,19 @@ async fn a_job_survives_losing_a_cluster_node() {
 /// Waits (60 s at most) until every replicated stream, bucket and durable
 /// consumer of fanjet's is led from the node leading the event log.
 async fn together(admin: &Nats, when: &str) {
-    use fanjet::nats::placement::{apart, survey};
     let start = Instant::now();
     loop {
-        let (anchor, groups) = survey(admin).await.unwrap_or_default();
-        let away: Vec<String> = match &anchor {
-            Some(a) => apart(a, &groups).iter().map(|g| g.to_string()).collect(),
-            None => vec!["the event log itself".into()],
-        };
-        if away.is_empty() && groups.len() > 10 {
+        let survey = fanjet::nats::placement::survey(admin)
+            .await
+            .unwrap_or_default();
+        let away: Vec<String> = survey.misplaced().iter().map(|g| g.to_string()).collect();
+        if away.is_empty() && survey.groups.len() > 10 {
             return;
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "{when}: not led from the log's leader {anchor:?} after 60 s: {away:?}"
+            "{when}: not led from their cells' log leaders {:?} after 60 s: {away:?}",
+            survey.anchors
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

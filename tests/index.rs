@@ -396,11 +396,11 @@ async fn a_restarted_index_consumer_counts_nothing_twice() {
     wait_counts(&env, &counts_of(jobs.values(), None)).await;
     // Its consumer read again from the start, as after a crash that lost
     // every acknowledgement: the entries stay one per job.
-    env.nats
-        .events
-        .delete_consumer(fanjet::protocol::INDEX_CONSUMER)
-        .await
-        .expect("delete the index consumer");
+    for log in &env.nats.events {
+        log.delete_consumer(fanjet::protocol::INDEX_CONSUMER)
+            .await
+            .expect("delete the index consumer");
+    }
     for i in 30..40 {
         let id = format!("rs-{i:02}");
         env.submit(

@@ -266,23 +266,32 @@ async fn a_step_input_is_gone_only_when_it_is_not_for_a_moment() {
             priority: None,
         })
     };
+    // A second job in the same cell: its event follows in the same stream.
+    let cell = fanjet::protocol::job_cell("in-1");
+    let second = (2..)
+        .map(|i| format!("in-{i}"))
+        .find(|id| fanjet::protocol::job_cell(id) == cell)
+        .expect("an id in the cell");
     let first = fanjet::nats::log::append(&env.nats, &event("in-1"))
         .await
         .expect("append")
         .seq;
-    assert!(event_at(&env.nats, first).await.expect("read").is_some());
+    assert!(event_at(&env.nats, "in-1", first)
+        .await
+        .expect("read")
+        .is_some());
 
     // Asked for before it is there (as a read during a leader change can
     // answer "no message" for an event that exists): found once it is.
     let nats = env.nats.clone();
     let late = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        fanjet::nats::log::append(&nats, &event("in-2"))
+        fanjet::nats::log::append(&nats, &event(&second))
             .await
             .expect("append")
             .seq
     });
-    let found = event_at(&env.nats, first + 1).await.expect("read");
+    let found = event_at(&env.nats, "in-1", first + 1).await.expect("read");
     assert_eq!(late.await.expect("join"), first + 1);
     assert!(
         found.is_some(),
@@ -290,28 +299,31 @@ async fn a_step_input_is_gone_only_when_it_is_not_for_a_moment() {
     );
 
     // Past the end of the log: not gone either, but not readable now.
-    let err = event_at(&env.nats, first + 100)
+    let err = event_at(&env.nats, "in-1", first + 100)
         .await
         .expect_err("not there yet");
     assert!(err.is_transient(), "{err}");
 
     // Deleted, or older than the log's first event: gone for good.
     env.nats
-        .events
+        .log("in-1")
         .delete_message(first + 1)
         .await
         .expect("delete");
-    assert!(event_at(&env.nats, first + 1)
+    assert!(event_at(&env.nats, "in-1", first + 1)
         .await
         .expect("read")
         .is_none());
     env.nats
-        .events
+        .log("in-1")
         .purge()
         .sequence(first + 1)
         .await
         .expect("purge");
-    assert!(event_at(&env.nats, first).await.expect("read").is_none());
+    assert!(event_at(&env.nats, "in-1", first)
+        .await
+        .expect("read")
+        .is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,7 +344,7 @@ async fn pending_chunks_cannot_outlive_the_log_even_on_an_older_store() {
     .await
     .unwrap();
     let nats = fanjet::nats::Nats::ensure(client).await.unwrap();
-    let events = nats.events.get_info().await.unwrap().config.max_age;
+    let events = nats.cell_log(0).get_info().await.unwrap().config.max_age;
     let pending = js
         .get_stream(format!("KV_{}", fanjet::protocol::PENDING_BUCKET))
         .await

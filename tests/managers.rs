@@ -316,12 +316,12 @@ type Writes = std::sync::Arc<std::sync::Mutex<Vec<(i128, Option<String>, String)
 
 async fn record_writes(env: &Env, job_id: &str) -> Writes {
     use async_nats::jetstream::consumer::pull::OrderedConfig;
-    use fanjet::protocol::{lease_key, EVENTS_STREAM, JOBS_BUCKET, PENDING_BUCKET};
+    use fanjet::protocol::{events_stream, job_cell, lease_key, JOBS_BUCKET, PENDING_BUCKET};
     use futures::StreamExt;
     let writes = Writes::default();
     let sources = [
         (
-            EVENTS_STREAM.to_string(),
+            events_stream(job_cell(job_id)),
             fanjet::protocol::job_events_filter(job_id),
         ),
         (

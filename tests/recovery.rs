@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{seed_workflow, Env};
-use fanjet::protocol::JobState;
+use fanjet::protocol::{job_cell, JobState};
 use fanjet::worker::{TaskContext, Worker};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -411,7 +411,7 @@ async fn a_busy_neighbour_does_not_hide_a_jobs_lost_tasks() {
     assert_eq!(job.steps[0].failed, 3);
     let info = env
         .nats
-        .events
+        .cell_log(fanjet::protocol::cell(p))
         .clone()
         .consumer_info(manager_consumer(p))
         .await
@@ -471,8 +471,14 @@ async fn an_outcome_the_reader_went_past_is_read_back_before_subjobs_count_as_lo
     // Those went by the manager's readers unread; past-1's subjob 1 is
     // read as it should be.
     for id in jobs {
-        let taken =
-            take_deliveries(&env, &manager_consumer(partition(id)), 1000, Taken::AckAll).await;
+        let taken = take_deliveries(
+            &env,
+            job_cell(id),
+            &manager_consumer(partition(id)),
+            1000,
+            Taken::AckAll,
+        )
+        .await;
         assert!(taken >= 1, "{id}'s outcomes were not waiting");
     }
     publish(&env, outcome("past-1", 1)).await;
@@ -508,16 +514,17 @@ enum Taken {
     AckAll,
 }
 
-/// Takes up to `n` deliveries of `consumer` on the event log away from its
-/// reader; returns how many it took. The readers' consumers deliver to one
-/// pinned client: this takes the pin for one pull, then lets it go.
-async fn take_deliveries(env: &Env, consumer: &str, n: usize, then: Taken) -> usize {
+/// Takes up to `n` deliveries of `consumer` on the event log of `cell` away
+/// from its reader; returns how many it took. The readers' consumers
+/// deliver to one pinned client: this takes the pin for one pull, then lets
+/// it go.
+async fn take_deliveries(env: &Env, cell: u32, consumer: &str, n: usize, then: Taken) -> usize {
     use futures::StreamExt;
     let client = async_nats::connect(env.url()).await.expect("connect");
     let stream = env
         .nats
         .js
-        .get_stream(fanjet::protocol::EVENTS_STREAM)
+        .get_stream(fanjet::protocol::events_stream(cell))
         .await
         .expect("stream");
     stream
@@ -531,7 +538,7 @@ async fn take_deliveries(env: &Env, consumer: &str, n: usize, then: Taken) -> us
         .publish_with_reply(
             format!(
                 "$JS.API.CONSUMER.MSG.NEXT.{}.{consumer}",
-                fanjet::protocol::EVENTS_STREAM
+                fanjet::protocol::events_stream(cell)
             ),
             inbox,
             serde_json::to_vec(&request).expect("json").into(),
@@ -600,6 +607,7 @@ async fn events_lost_on_the_way_to_the_manager_or_statistics_are_read_again() {
         if stolen.0 == 0 {
             stolen.0 += take_deliveries(
                 &env,
+                job_cell("g1"),
                 &fanjet::protocol::manager_consumer(fanjet::protocol::partition("g1")),
                 5,
                 Taken::Dropped,
@@ -607,8 +615,14 @@ async fn events_lost_on_the_way_to_the_manager_or_statistics_are_read_again() {
             .await;
         }
         if stolen.1 == 0 {
-            stolen.1 +=
-                take_deliveries(&env, fanjet::protocol::STATS_CONSUMER, 5, Taken::Dropped).await;
+            stolen.1 += take_deliveries(
+                &env,
+                job_cell("g1"),
+                fanjet::protocol::STATS_CONSUMER,
+                5,
+                Taken::Dropped,
+            )
+            .await;
         }
     }
     assert!(
@@ -703,7 +717,7 @@ async fn a_submission_nats_cannot_take_for_a_moment_is_unavailable_not_internal(
     // leader: "no stream found for given subject".
     env.nats
         .js
-        .delete_stream(fanjet::protocol::EVENTS_STREAM)
+        .delete_stream(fanjet::protocol::events_stream(job_cell("brief-1")))
         .await
         .unwrap();
     let reply = env
@@ -1022,7 +1036,7 @@ async fn a_reader_takes_over_a_consumer_an_earlier_version_made() {
     }
     let old = env
         .nats
-        .events
+        .cell_log(0)
         .create_consumer(pull::Config {
             durable_name: Some("upgrade-test".into()),
             filter_subjects: vec![subject.into()],
@@ -1043,6 +1057,7 @@ async fn a_reader_takes_over_a_consumer_an_earlier_version_made() {
 
     let mut reader = fanjet::nats::log::Reader::open(
         &env.nats,
+        0,
         "upgrade-test",
         vec![subject.into()],
         10,
@@ -1059,7 +1074,7 @@ async fn a_reader_takes_over_a_consumer_an_earlier_version_made() {
     );
     let info = env
         .nats
-        .events
+        .cell_log(0)
         .clone()
         .consumer_info("upgrade-test")
         .await

@@ -69,7 +69,9 @@ async fn each_role_can_do_its_job_and_no_more() {
     // It cannot list job ids: no stream info beyond the workflows bucket.
     for stream in [
         "KV_fanjet_jobs",
-        "FANJET_EVENTS",
+        "FANJET_EVENTS_0",
+        "FANJET_EVENTS_1",
+        "FANJET_EVENTS_2",
         "FANJET_TASKS",
         "OBJ_fanjet_results",
         "FANJET_INDEX",
@@ -116,7 +118,9 @@ async fn each_role_can_do_its_job_and_no_more() {
     // Nor can it list job ids: STREAM.INFO with a subjects filter is refused.
     for stream in [
         "KV_fanjet_jobs",
-        "FANJET_EVENTS",
+        "FANJET_EVENTS_0",
+        "FANJET_EVENTS_1",
+        "FANJET_EVENTS_2",
         "FANJET_TASKS",
         "OBJ_fanjet_results",
     ] {
@@ -323,12 +327,12 @@ async fn each_role_can_do_its_job_and_no_more() {
     );
     for (subject, body, what) in [
         (
-            "$JS.API.STREAM.MSG.GET.FANJET_EVENTS".to_string(),
+            "$JS.API.STREAM.MSG.GET.FANJET_EVENTS_0".to_string(),
             "{\"seq\": 1}",
             "read the event log",
         ),
         (
-            "$JS.API.DIRECT.GET.FANJET_EVENTS".to_string(),
+            "$JS.API.DIRECT.GET.FANJET_EVENTS_1".to_string(),
             "{\"seq\": 1, \"next_by_subj\": \"fanjet.ev.>\"}",
             "read the event log",
         ),
@@ -338,8 +342,8 @@ async fn each_role_can_do_its_job_and_no_more() {
             "read job status",
         ),
         (
-            "$JS.API.CONSUMER.CREATE.FANJET_EVENTS".to_string(),
-            "{\"stream_name\": \"FANJET_EVENTS\", \"config\": {}}",
+            "$JS.API.CONSUMER.CREATE.FANJET_EVENTS_2".to_string(),
+            "{\"stream_name\": \"FANJET_EVENTS_2\", \"config\": {}}",
             "follow the log",
         ),
     ] {
@@ -887,7 +891,9 @@ async fn no_role_reads_another_ones_replies() {
 async fn the_viewer_changes_no_consumer_and_pulls_none() {
     let env = Secure::start().await;
     // The manager has made its consumers.
-    let stream = env.admin.events.clone();
+    // Partition 07 is in cell 1, partitions 09 and 12 in cell 0.
+    let stream = env.admin.cell_log(1).clone();
+    let cell0 = env.admin.cell_log(0).clone();
     for _ in 0..100 {
         if stream.consumer_info("fanjet-manager-07").await.is_ok() {
             break;
@@ -901,44 +907,44 @@ async fn the_viewer_changes_no_consumer_and_pulls_none() {
         .config;
     let viewer = env.bind("viewer").await;
     let hijack = json!({
-        "stream_name": "FANJET_EVENTS",
+        "stream_name": "FANJET_EVENTS_1",
         "config": {"durable_name": "fanjet-manager-07", "filter_subject": "nothing.matches", "ack_policy": "all"},
         "action": ""
     })
     .to_string();
     for (subject, body) in [
         (
-            "$JS.API.CONSUMER.CREATE.FANJET_EVENTS.fanjet-manager-07.nothing.matches",
+            "$JS.API.CONSUMER.CREATE.FANJET_EVENTS_1.fanjet-manager-07.nothing.matches",
             hijack.as_str(),
         ),
         (
-            "$JS.API.CONSUMER.CREATE.FANJET_EVENTS.fanjet-manager-07",
+            "$JS.API.CONSUMER.CREATE.FANJET_EVENTS_1.fanjet-manager-07",
             hijack.as_str(),
         ),
-        ("$JS.API.CONSUMER.CREATE.FANJET_EVENTS", hijack.as_str()),
+        ("$JS.API.CONSUMER.CREATE.FANJET_EVENTS_1", hijack.as_str()),
         (
-            "$JS.API.CONSUMER.DURABLE.CREATE.FANJET_EVENTS.fanjet-manager-07",
+            "$JS.API.CONSUMER.DURABLE.CREATE.FANJET_EVENTS_1.fanjet-manager-07",
             hijack.as_str(),
         ),
         (
-            "$JS.API.CONSUMER.DELETE.FANJET_EVENTS.fanjet-manager-09",
+            "$JS.API.CONSUMER.DELETE.FANJET_EVENTS_0.fanjet-manager-09",
             "",
         ),
-        ("$JS.API.CONSUMER.DELETE.FANJET_EVENTS.fanjet-notify", ""),
-        ("$JS.API.CONSUMER.DELETE.FANJET_EVENTS.fanjet-stats", ""),
+        ("$JS.API.CONSUMER.DELETE.FANJET_EVENTS_0.fanjet-notify", ""),
+        ("$JS.API.CONSUMER.DELETE.FANJET_EVENTS_0.fanjet-stats", ""),
         (
-            "$JS.API.CONSUMER.MSG.NEXT.FANJET_EVENTS.fanjet-manager-12",
+            "$JS.API.CONSUMER.MSG.NEXT.FANJET_EVENTS_0.fanjet-manager-12",
             "{\"batch\": 1}",
         ),
         (
-            "$JS.API.CONSUMER.UNPIN.FANJET_EVENTS.fanjet-manager-12",
+            "$JS.API.CONSUMER.UNPIN.FANJET_EVENTS_0.fanjet-manager-12",
             "{\"group\": \"reader\"}",
         ),
         (
-            "$JS.API.CONSUMER.PAUSE.FANJET_EVENTS.fanjet-manager-12",
+            "$JS.API.CONSUMER.PAUSE.FANJET_EVENTS_0.fanjet-manager-12",
             "{}",
         ),
-        ("$JS.API.STREAM.PURGE.FANJET_EVENTS", ""),
+        ("$JS.API.STREAM.PURGE.FANJET_EVENTS_0", ""),
     ] {
         assert!(
             refused_request(&viewer.client, subject, body).await,
@@ -953,7 +959,7 @@ async fn the_viewer_changes_no_consumer_and_pulls_none() {
     assert_eq!(after.filter_subjects, before.filter_subjects);
     assert_eq!(after.filter_subject, before.filter_subject);
     for name in ["fanjet-manager-09", "fanjet-stats"] {
-        assert!(stream.consumer_info(name).await.is_ok(), "{name} is gone");
+        assert!(cell0.consumer_info(name).await.is_ok(), "{name} is gone");
     }
     // What the viewer is for still works: a job's history and the job list.
     let acme = env.client("submitter").await;

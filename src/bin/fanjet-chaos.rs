@@ -50,8 +50,7 @@ use fanjet::nats::connect::ConnectArgs;
 use fanjet::nats::server::NatsCluster;
 use fanjet::nats::Nats;
 use fanjet::protocol::{
-    lease_key, JobState, Submission, Workflow, EVENTS_STREAM, LEASE_TTL, PARTITIONS,
-    WORKFLOWS_BUCKET,
+    lease_key, JobState, Submission, Workflow, LEASE_TTL, PARTITIONS, WORKFLOWS_BUCKET,
 };
 use fanjet::worker::{TaskContext, TaskError, Worker};
 
@@ -566,7 +565,19 @@ async fn run(args: &Args) -> Result<i32> {
     }
 
     let report = check(&nats, &args.out, &jobs, &records, &hooked, &notes).await?;
-    let outcomes = outcome_times(&nats).await.unwrap_or_default();
+    let tagged = outcome_times(&nats).await.unwrap_or_default();
+    let outcomes: Vec<i128> = tagged.iter().map(|(t, _)| *t).collect();
+    // Each cell's own outcomes: a node's loss should stall the cell it
+    // led, not the others.
+    let cells: Vec<Vec<i128>> = (0..fanjet::protocol::CELLS)
+        .map(|c| {
+            tagged
+                .iter()
+                .filter(|(_, cell)| *cell == c)
+                .map(|(t, _)| *t)
+                .collect()
+        })
+        .collect();
     let stall = longest_gap(&outcomes, i128::MIN, i128::MAX);
     // After each fault: the longest wait for an outcome within 20 s, or
     // until the next fault if that comes first (so that a fault is not
@@ -593,7 +604,11 @@ async fn run(args: &Args) -> Result<i32> {
         .zip(&windows)
         .zip(&stalls)
         .map(|(((kind, _, led), (from, to)), stall)| {
-            json!({"kind": kind, "stall_ms": stall, "window_ms": (to - from) / 1_000_000, "led": led})
+            let cell_stalls: Vec<u64> = cells
+                .iter()
+                .map(|times| longest_gap(times, *from, *to))
+                .collect();
+            json!({"kind": kind, "stall_ms": stall, "cell_stall_ms": cell_stalls, "window_ms": (to - from) / 1_000_000, "led": led})
         })
         .collect();
     let mut worst: BTreeMap<&str, u64> = BTreeMap::new();
@@ -933,16 +948,21 @@ async fn faults(
             }
             _ => {
                 let node = match victims {
+                    // Cell 0's log leader leads what the cells share too.
                     Victims::Mixed => match rng.random_bool(0.5) {
-                        true => events_leader(nats).await.unwrap_or(0),
+                        true => log_leaders(nats).await[0].unwrap_or(0),
                         false => rng.random_range(0..cluster.nodes.len()),
                     },
                     Victims::Followers => {
-                        let leader = events_leader(nats).await;
+                        let leaders = log_leaders(nats).await;
                         let others: Vec<usize> = (0..cluster.nodes.len())
-                            .filter(|n| Some(*n) != leader)
+                            .filter(|n| !leaders.contains(&Some(*n)))
                             .collect();
-                        others[rng.random_range(0..others.len())]
+                        match others.is_empty() {
+                            // Every node leads a cell's log.
+                            true => rng.random_range(0..cluster.nodes.len()),
+                            false => others[rng.random_range(0..others.len())],
+                        }
                     }
                 };
                 if let Some(fault) = figures.schedule.last_mut() {
@@ -965,7 +985,9 @@ async fn faults(
 /// What node `node` leads of fanjet's: its streams (buckets as
 /// `KV_<bucket>`) by name, and how many durable consumers.
 async fn led_by(nats: &Nats, node: usize) -> Vec<String> {
-    let Ok((_, groups)) = fanjet::nats::placement::survey(nats).await else {
+    let Ok(fanjet::nats::placement::Survey { groups, .. }) =
+        fanjet::nats::placement::survey(nats).await
+    else {
         return vec!["(not surveyed)".into()];
     };
     let name = format!("n{node}");
@@ -991,12 +1013,18 @@ enum Victims {
     Followers,
 }
 
-/// The node leading the event log (`n0` → 0).
-async fn events_leader(nats: &Nats) -> Option<usize> {
-    let mut stream = nats.js.get_stream(EVENTS_STREAM).await.ok()?;
-    let info = stream.info().await.ok()?;
-    let leader = info.cluster.as_ref()?.leader.clone()?;
-    leader.strip_prefix('n')?.parse().ok()
+/// The node leading each cell's log (`n0` → 0), by cell.
+async fn log_leaders(nats: &Nats) -> Vec<Option<usize>> {
+    let mut out = Vec::new();
+    for log in &nats.events {
+        let mut log = log.clone();
+        let leader = match log.info().await {
+            Ok(info) => info.cluster.as_ref().and_then(|c| c.leader.clone()),
+            Err(_) => None,
+        };
+        out.push(leader.and_then(|l| l.strip_prefix('n')?.parse().ok()));
+    }
+    out
 }
 
 /// How long until no partition is held by `victim` (an id prefix) and every
@@ -1362,11 +1390,23 @@ async fn check(
     })
 }
 
-/// When each subjob outcome was stored in the log (unix ns), in order.
-async fn outcome_times(nats: &Nats) -> Result<Vec<i128>> {
+/// When each subjob outcome was stored in the log (unix ns), in order,
+/// with its cell.
+async fn outcome_times(nats: &Nats) -> Result<Vec<(i128, u32)>> {
+    let mut times = Vec::new();
+    for (cell, log) in nats.events.iter().enumerate() {
+        for t in cell_outcome_times(log).await? {
+            times.push((t, cell as u32));
+        }
+    }
+    times.sort_unstable();
+    Ok(times)
+}
+
+/// When each subjob outcome was stored in one cell's log (unix ns).
+async fn cell_outcome_times(log: &async_nats::jetstream::stream::Stream) -> Result<Vec<i128>> {
     use async_nats::jetstream::consumer::pull::OrderedConfig;
-    let consumer = nats
-        .events
+    let consumer = log
         .create_consumer(OrderedConfig {
             filter_subjects: vec![
                 "fanjet.ev.*.*.subjob_completed".into(),

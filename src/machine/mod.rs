@@ -57,13 +57,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{json, Value};
 
 use crate::protocol::{
-    array_len, bounded, customer_cap_key, event_subject, step_cap_key, validate_token,
-    AbandonReason, CancelRequested, Completion, Event, EventKind, Failure, Job, JobCancelled,
-    JobCompleted, JobDemand, JobFailed, JobRedriven, JobRejected, JobRequested, JobState, Mark,
-    Millis, Pace, Pending, Redrive, RedriveRequested, RejectCode, RunFigures, Share, Source,
-    SourceField, Step, StepCompleted, StepKind, StepRun, StepStarted, StepState, SubjobCompleted,
-    SubjobFailed, SubjobsCompleted, SubjobsDone, SubjobsFailed, UpdateRequested, Workflow,
-    EVENTS_STREAM, INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON,
+    array_len, bounded, customer_cap_key, event_subject, events_stream, job_cell, step_cap_key,
+    validate_token, AbandonReason, CancelRequested, Completion, Event, EventKind, Failure, Job,
+    JobCancelled, JobCompleted, JobDemand, JobFailed, JobRedriven, JobRejected, JobRequested,
+    JobState, Mark, Millis, Pace, Pending, Redrive, RedriveRequested, RejectCode, RunFigures,
+    Share, Source, SourceField, Step, StepCompleted, StepKind, StepRun, StepStarted, StepState,
+    SubjobCompleted, SubjobFailed, SubjobsCompleted, SubjobsDone, SubjobsFailed, UpdateRequested,
+    Workflow, INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_FAILURES_KEPT, MAX_FAILURES_PASSED_ON,
     MAX_REASON_BYTES,
 };
 
@@ -1500,7 +1500,7 @@ fn fanout_summary(job_id: &str, i: usize, step: &StepRun) -> Value {
         "retries": step.retries,
         "failures": step.failures.iter().take(MAX_FAILURES_PASSED_ON).collect::<Vec<_>>(),
         "results": {
-            "stream": EVENTS_STREAM,
+            "stream": events_stream(job_cell(job_id)),
             "subject": event_subject(job_id, EventKind::SubjobCompleted.token()),
             "step_index": i,
         },

@@ -273,7 +273,7 @@ impl Executor {
                 Ok(items) => (items, Arc::new(Value::Null)),
                 Err(reason) => return Ok(Some(format!("step {:?}: {reason}", d.step.name))),
             },
-            StepKind::Task => match self.source(&d.source).await? {
+            StepKind::Task => match self.source(&d.job_id, &d.source).await? {
                 Ok(v) => (vec![Value::Null; indices.len()], v),
                 Err(reason) => return Ok(Some(format!("step {:?}: {reason}", d.step.name))),
             },
@@ -423,7 +423,7 @@ impl Executor {
         d: &Dispatch,
         indices: &[u64],
     ) -> Result<Result<Vec<Value>, String>, ManagerError> {
-        let raw = match self.raw(&d.source).await? {
+        let raw = match self.raw(&d.job_id, &d.source).await? {
             Ok(v) => v,
             Err(reason) => return Ok(Err(reason)),
         };
@@ -505,9 +505,10 @@ impl Executor {
     /// permanent (the job cannot go on), the outer one transient.
     async fn source(
         &mut self,
+        job_id: &str,
         source: &Source,
     ) -> Result<Result<Arc<Value>, String>, ManagerError> {
-        let raw = match self.raw(source).await? {
+        let raw = match self.raw(job_id, source).await? {
             Ok(v) => v,
             Err(reason) => return Ok(Err(reason)),
         };
@@ -519,7 +520,11 @@ impl Executor {
 
     /// The value a step reads as its event holds it (a large result as its
     /// reference), kept for the next dispatches.
-    async fn raw(&mut self, source: &Source) -> Result<Result<Arc<Value>, String>, ManagerError> {
+    async fn raw(
+        &mut self,
+        job_id: &str,
+        source: &Source,
+    ) -> Result<Result<Arc<Value>, String>, ManagerError> {
         let (seq, field) = match source {
             Source::Inline(v) => return Ok(Ok(Arc::new(v.clone()))),
             Source::Event { seq, field } => (*seq, *field),
@@ -527,7 +532,7 @@ impl Executor {
         if let Some(v) = self.sources.get(&seq) {
             return Ok(Ok(v.clone()));
         }
-        let Some(payload) = log::event_at(&self.nats, seq).await? else {
+        let Some(payload) = log::event_at(&self.nats, job_id, seq).await? else {
             return Ok(Err(format!(
                 "its input (event {seq}) is no longer in the log"
             )));

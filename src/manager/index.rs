@@ -20,6 +20,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use futures::{StreamExt, TryStreamExt};
 use thiserror::Error;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -29,9 +30,10 @@ use crate::nats::log::{stream_seq, Batch, LogError, Reader};
 use crate::nats::store::{self, StoreError};
 use crate::nats::{Nats, DUPLICATE_WINDOW};
 use crate::protocol::{
-    change, kind_filter, now_ms, Event, EventKind, IndexPosition, JobSummary, Millis,
+    change, kind_filter, now_ms, Event, EventKind, IndexPosition, JobSummary, Millis, CELLS,
     INDEXED_KINDS, INDEX_BACKFILLED_KEY, INDEX_BUCKET, INDEX_CONSUMER,
 };
+use crate::shutdown::supervise;
 
 #[derive(Debug, Error)]
 pub enum IndexerError {
@@ -75,12 +77,48 @@ pub async fn run(
         .map(|k| kind_filter(k.token()))
         .collect::<Vec<_>>();
     info!("index consumer running");
+    // A reader per cell, each started again alone when it fails: a cell's
+    // log electing a leader holds up none of the others.
+    let mut cells = JoinSet::new();
+    for cell in 0..CELLS {
+        let (n, p, f, c, filters) = (
+            nats.clone(),
+            positions.clone(),
+            fence.clone(),
+            cancel.clone(),
+            filters.clone(),
+        );
+        cells.spawn(supervise("job index", cancel.clone(), move || {
+            run_cell(
+                n.clone(),
+                p.clone(),
+                cell,
+                filters.clone(),
+                c.clone(),
+                f.clone(),
+            )
+        }));
+    }
+    while cells.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Indexes one cell's log until `cancel`.
+async fn run_cell(
+    nats: Nats,
+    positions: kv::Store,
+    cell: u32,
+    filters: Vec<String>,
+    cancel: CancellationToken,
+    fence: Option<Fence>,
+) -> Result<(), IndexerError> {
     loop {
         // Where the writer before stopped: entries it wrote after this
         // may have no position stored.
         let since = last_batch_start(&positions).await?;
         let mut reader = Reader::open(
             &nats,
+            cell,
             INDEX_CONSUMER,
             filters.clone(),
             BATCH,

@@ -45,7 +45,7 @@ use crate::nats::log::LogError;
 use crate::nats::placement;
 use crate::nats::store::StoreError;
 use crate::nats::{Nats, SetupError};
-use crate::protocol::{Heartbeat, MANAGER_CONSUMER, PARTITIONS};
+use crate::protocol::{Heartbeat, PARTITIONS};
 
 #[derive(Debug, Error)]
 pub enum ManagerError {
@@ -139,10 +139,6 @@ pub async fn run(
             }
         }
     };
-    // Retired: the single consumer of versions that did not split the log.
-    if nats.events.delete_consumer(MANAGER_CONSUMER).await.is_ok() {
-        info!("removed the unpartitioned manager consumer of an earlier version");
-    }
     let mut tasks = JoinSet::new();
     tasks.spawn(intake::run(nats.clone(), options.intake, cancel.clone()));
     tasks.spawn(status::run(nats.clone(), cancel.clone()));

@@ -33,7 +33,7 @@ use crate::nats::log::{self, stream_seq, Batch, LogError, Reader};
 use crate::nats::store;
 use crate::nats::{Nats, SetupError};
 use crate::protocol::{
-    event_subject, job_tasks_filter, manager_consumer, now_ms, partition_kind_filter, Event,
+    cell, event_subject, job_tasks_filter, manager_consumer, now_ms, partition_kind_filter, Event,
     EventKind, TaskKey, Workflow,
 };
 
@@ -106,7 +106,8 @@ impl EventLoop {
             .map(|k| partition_kind_filter(partition, k.token()))
             .collect();
         let name = manager_consumer(partition);
-        match Reader::open(nats, &name, filters, batch, "manager", Some(fence)).await {
+        let cell = cell(partition);
+        match Reader::open(nats, cell, &name, filters, batch, "manager", Some(fence)).await {
             Ok(r) => Ok(r),
             Err(LogError::Fenced(f)) => Err(f.into()),
             Err(e) => Err(e.into()),
@@ -287,7 +288,8 @@ impl EventLoop {
                         EventKind::SubjobsDone,
                     ] {
                         let subject = event_subject(&job_id, kind.token());
-                        last_outcome = last_outcome.max(log::last_seq(&self.nats, &subject).await?);
+                        last_outcome =
+                            last_outcome.max(log::last_seq(&self.nats, &job_id, &subject).await?);
                     }
                     let read_back = match self.engine.read_back(&job_id) {
                         Some(from) => self.read_back(&job_id, from, last_outcome).await?,
@@ -360,7 +362,7 @@ impl EventLoop {
             // an ack floor past them means its reader went past them.
             let consumer = self
                 .nats
-                .events
+                .cell_log(cell(self.partition))
                 .clone()
                 .consumer_info(manager_consumer(self.partition))
                 .await

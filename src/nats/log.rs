@@ -1,4 +1,4 @@
-//! The event log (`FANJET_EVENTS`), the one place that writes to it and
+//! The event log (`FANJET_EVENTS_<cell>`, a stream per cell), the one place that writes to it and
 //! reads it in order: [`append`] (and [`encode`] + [`message`] for writers
 //! that pipeline), [`Reader`] for the acknowledge-all readers (the manager's
 //! partitions, the statistics consumer), and [`history`] for a job's events.
@@ -49,8 +49,8 @@ use super::leases::{Fence, Fenced};
 use super::Nats;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    encode_json, job_events_filter, Counted, Event, Job, Source, StepResults, TaskKey,
-    EVENTS_STREAM,
+    encode_json, events_stream, job_cell, job_events_filter, Counted, Event, Job, Source,
+    StepResults, TaskKey,
 };
 
 /// What can go wrong with the log, and whether trying again can help
@@ -175,11 +175,12 @@ pub async fn append_retrying(
 /// error: it could not be read now, try again later. A "no message" answer
 /// alone is not trusted: while a cluster changes leaders a read can answer
 /// that for an event that is there, which would fail a job for nothing.
-pub async fn event_at(nats: &Nats, seq: u64) -> Result<Option<Bytes>, LogError> {
+pub async fn event_at(nats: &Nats, job_id: &str, seq: u64) -> Result<Option<Bytes>, LogError> {
+    let log = nats.log(job_id);
     let err = |e: &dyn std::fmt::Display| LogError::Read(format!("event {seq}: {e}"));
     let mut pause = Duration::from_millis(250);
     for _ in 0..3 {
-        match nats.events.get_raw_message(seq).await {
+        match log.get_raw_message(seq).await {
             Ok(m) => return Ok(Some(m.payload)),
             Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {
                 tokio::time::sleep(pause).await;
@@ -188,7 +189,7 @@ pub async fn event_at(nats: &Nats, seq: u64) -> Result<Option<Bytes>, LogError> 
             Err(e) => return Err(err(&e)),
         }
     }
-    let state = nats.events.get_info().await.map_err(|e| err(&e))?.state;
+    let state = log.get_info().await.map_err(|e| err(&e))?.state;
     if seq > state.last_sequence {
         // What answered has not seen it yet: it is not gone.
         return Err(err(&"not found, and the log's last event is older"));
@@ -196,9 +197,13 @@ pub async fn event_at(nats: &Nats, seq: u64) -> Result<Option<Bytes>, LogError> 
     Ok(None)
 }
 
-/// The log sequence of the last event on `subject` (0: none).
-pub async fn last_seq(nats: &Nats, subject: &str) -> Result<u64, LogError> {
-    match nats.events.get_last_raw_message_by_subject(subject).await {
+/// The log sequence of the last event of `job_id` on `subject` (0: none).
+pub async fn last_seq(nats: &Nats, job_id: &str, subject: &str) -> Result<u64, LogError> {
+    match nats
+        .log(job_id)
+        .get_last_raw_message_by_subject(subject)
+        .await
+    {
         Ok(m) => Ok(m.sequence),
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
         Err(e) => Err(LogError::Read(format!("last event on {subject}: {e}"))),
@@ -244,7 +249,8 @@ const PIN_TIMEOUT: Duration = Duration::from_secs(10);
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
 impl Reader {
-    /// Creates (or updates) the durable consumer `name` over `filters`,
+    /// Creates (or updates) the durable consumer `name` over `filters` on
+    /// the log stream of `cell`,
     /// resets it to its ack floor, so everything not yet acknowledged is
     /// delivered again in order, takes the pin from any earlier reader and
     /// starts pulling batches of at most `batch` events. With a `fence`,
@@ -252,6 +258,7 @@ impl Reader {
     /// lease it stands for is certainly held (checked right before each).
     pub async fn open(
         nats: &Nats,
+        cell: u32,
         name: &str,
         filters: Vec<String>,
         batch: usize,
@@ -277,14 +284,14 @@ impl Reader {
         };
         // An existing consumer, pinned or made by an earlier version that
         // did not pin, is updated in place from where it is.
+        let log = nats.cell_log(cell);
         fenced()?;
-        let consumer = nats
-            .events
+        let consumer = log
             .create_consumer(consumer)
             .await
             .map_err(|e| err("creating consumer", &e))?;
         fenced()?;
-        let (deliveries, floor) = Deliveries::reset(&nats.events, name)
+        let (deliveries, floor) = Deliveries::reset(log, name)
             .await
             .map_err(|e| err("resetting consumer", &e))?;
         tracing::info!(
@@ -294,8 +301,7 @@ impl Reader {
             "reading the log again from its ack floor"
         );
         fenced()?;
-        nats.events
-            .unpin_consumer(name, READER_GROUP)
+        log.unpin_consumer(name, READER_GROUP)
             .await
             .map_err(|e| err("taking the pin of", &e))?;
         let messages = consumer
@@ -357,7 +363,7 @@ pub struct LoggedEvent {
 const HISTORY_BATCH: usize = 500;
 
 /// A job's events from the log in order, from sequence `from_seq`, at most
-/// `limit`. Read with batched direct gets (`$JS.API.DIRECT.GET.FANJET_EVENTS`
+/// `limit`. Read with batched direct gets (`$JS.API.DIRECT.GET.FANJET_EVENTS_<cell>`
 /// with `next_by_subj`), so a reader needs no consumer on the log: the
 /// viewer role may read history without any right to create, change or
 /// pull the consumers the manager depends on.
@@ -373,7 +379,7 @@ pub async fn history(
     while out.len() < limit {
         let want = (limit - out.len()).min(HISTORY_BATCH);
         let body = serde_json::json!({"seq": next, "next_by_subj": filter, "batch": want});
-        let got = super::direct::batch(&nats.client, EVENTS_STREAM, &body)
+        let got = super::direct::batch(&nats.client, &events_stream(job_cell(job_id)), &body)
             .await
             .map_err(LogError::Read)?;
         let full = got.len() >= want;
@@ -478,7 +484,7 @@ const RESULTS_PAGE: usize = 2000;
 /// task's input) is still in the log: a redrive needs it.
 pub async fn step_input_kept(nats: &Nats, job: &Job, step_index: usize) -> Result<bool, LogError> {
     match job.steps.get(step_index).and_then(|s| s.source.as_ref()) {
-        Some(Source::Event { seq, .. }) => Ok(event_at(nats, *seq).await?.is_some()),
+        Some(Source::Event { seq, .. }) => Ok(event_at(nats, &job.job_id, *seq).await?.is_some()),
         _ => Ok(true),
     }
 }

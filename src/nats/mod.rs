@@ -31,10 +31,10 @@ use async_nats::jetstream::{self, consumer, kv, object_store, stream, Context};
 use thiserror::Error;
 
 use crate::protocol::{
-    max_deliveries_advisories, step_consumer, step_tasks_filter, Step, Workflow, ADVISORIES_STREAM,
-    EVENTS_STREAM, EVENTS_WILDCARD, INDEX_BUCKET, INDEX_STREAM, INDEX_WILDCARD, JOBS_BUCKET,
-    LEASES_BUCKET, LEASE_TTL, PENDING_BUCKET, RESULTS_BUCKET, STATS_BUCKET, TASKS_STREAM,
-    TASKS_WILDCARD, WORKFLOWS_BUCKET,
+    cell_events_subjects, events_stream, job_cell, max_deliveries_advisories, step_consumer,
+    step_tasks_filter, Step, Workflow, ADVISORIES_STREAM, CELLS, INDEX_BUCKET, INDEX_STREAM,
+    INDEX_WILDCARD, JOBS_BUCKET, LEASES_BUCKET, LEASE_TTL, PENDING_BUCKET, RESULTS_BUCKET,
+    STATS_BUCKET, TASKS_STREAM, TASKS_WILDCARD, WORKFLOWS_BUCKET,
 };
 use crate::protocol::{TaskKey, KEYS_BUCKET, SHARES_BUCKET, TASK_KEY, TENANTS_BUCKET};
 
@@ -50,7 +50,7 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
 pub enum SetupError {
     #[error("could not create or update stream {name}: {source}")]
     Stream {
-        name: &'static str,
+        name: String,
         source: jetstream::context::CreateStreamError,
     },
     #[error("could not create or update bucket {name}: {source}")]
@@ -65,7 +65,7 @@ pub enum SetupError {
     },
     #[error("could not read stream {name}: {source}")]
     GetStream {
-        name: &'static str,
+        name: String,
         source: jetstream::context::GetStreamError,
     },
     #[error("fanjet's streams and buckets are not there or not readable ({0}): start `fanjet manager` (or `fanjet dev`) first, or check this user's permissions")]
@@ -119,7 +119,8 @@ const HEADER_ROOM: usize = 1024;
 pub struct Nats {
     pub client: async_nats::Client,
     pub js: Context,
-    pub events: stream::Stream,
+    /// The event log, one stream per cell (index = cell): see [`Nats::log`].
+    pub events: Vec<stream::Stream>,
     pub tasks: stream::Stream,
     pub advisories: stream::Stream,
     /// The job index: a summary per job (see [`index`]).
@@ -139,6 +140,16 @@ pub struct Nats {
 }
 
 impl Nats {
+    /// The log stream holding `job_id`'s events (its cell's).
+    pub fn log(&self, job_id: &str) -> &stream::Stream {
+        self.cell_log(job_cell(job_id))
+    }
+
+    /// The log stream of one cell.
+    pub fn cell_log(&self, cell: u32) -> &stream::Stream {
+        &self.events[cell as usize]
+    }
+
     /// The largest payload a message of fanjet's may carry: the server's
     /// max payload, less room for headers.
     pub fn max_payload(&self) -> usize {
@@ -152,19 +163,23 @@ impl Nats {
         let js = context(client.clone());
         let missing =
             |what: &str, e: &dyn std::fmt::Display| SetupError::Missing(format!("{what}: {e}"));
-        let stream = |name: &'static str| {
+        let stream = |name: String| {
             let js = js.clone();
-            async move { js.get_stream(name).await.map_err(|e| missing(name, &e)) }
+            async move { js.get_stream(&name).await.map_err(|e| missing(&name, &e)) }
         };
         let bucket = |name: &'static str| {
             let js = js.clone();
             async move { js.get_key_value(name).await.map_err(|e| missing(name, &e)) }
         };
+        let mut events = Vec::new();
+        for cell in 0..CELLS {
+            events.push(stream(events_stream(cell)).await?);
+        }
         Ok(Nats {
-            events: stream(EVENTS_STREAM).await?,
-            tasks: stream(TASKS_STREAM).await?,
-            advisories: stream(ADVISORIES_STREAM).await?,
-            index: stream(INDEX_STREAM).await?,
+            events,
+            tasks: stream(TASKS_STREAM.into()).await?,
+            advisories: stream(ADVISORIES_STREAM.into()).await?,
+            index: stream(INDEX_STREAM.into()).await?,
             workflows: bucket(WORKFLOWS_BUCKET).await?,
             jobs: bucket(JOBS_BUCKET).await?,
             pending: bucket(PENDING_BUCKET).await?,
@@ -215,26 +230,27 @@ impl Nats {
     ) -> Result<Self, SetupError> {
         let replicas = replicas.max(1);
         let js = context(client.clone());
-        let stream = |name: &'static str, subject: String, retention, max_age| {
+        let stream = |name: String, subjects: Vec<String>, retention, max_age, allow_direct| {
             let js = js.clone();
             let cfg = stream::Config {
-                name: name.to_string(),
-                subjects: vec![subject],
+                name: name.clone(),
+                subjects,
                 retention,
                 max_age,
                 storage: stream::StorageType::File,
                 num_replicas: replicas,
                 duplicate_window: DUPLICATE_WINDOW,
-                // Readers without consumer rights (the viewer role) read a
-                // job's history with direct gets.
-                allow_direct: name == EVENTS_STREAM,
+                allow_direct,
                 ..Default::default()
             };
             async move {
                 js.create_or_update_stream(cfg)
                     .await
-                    .map_err(|source| SetupError::Stream { name, source })?;
-                js.get_stream(name)
+                    .map_err(|source| SetupError::Stream {
+                        name: name.clone(),
+                        source,
+                    })?;
+                js.get_stream(&name)
                     .await
                     .map_err(|source| SetupError::GetStream { name, source })
             }
@@ -283,37 +299,46 @@ impl Nats {
         js.create_or_update_stream(index_stream)
             .await
             .map_err(|source| SetupError::Stream {
-                name: INDEX_STREAM,
+                name: INDEX_STREAM.into(),
                 source,
             })?;
         let task_key = task_key(&keys).await?;
-        Ok(Nats {
-            events: stream(
-                EVENTS_STREAM,
-                EVENTS_WILDCARD.into(),
+        let mut events = Vec::new();
+        for cell in 0..CELLS {
+            // Readers without consumer rights (the viewer role) read a
+            // job's history with direct gets.
+            let log = stream(
+                events_stream(cell),
+                cell_events_subjects(cell),
                 Limits,
                 EVENTS_MAX_AGE,
-            )
-            .await?,
+                true,
+            );
+            events.push(log.await?);
+        }
+        Ok(Nats {
+            events,
             tasks: stream(
-                TASKS_STREAM,
-                TASKS_WILDCARD.into(),
+                TASKS_STREAM.into(),
+                vec![TASKS_WILDCARD.into()],
                 WorkQueue,
                 Duration::ZERO,
+                false,
             )
             .await?,
             advisories: stream(
-                ADVISORIES_STREAM,
-                max_deliveries_advisories(),
+                ADVISORIES_STREAM.into(),
+                vec![max_deliveries_advisories()],
                 Limits,
                 EVENTS_MAX_AGE,
+                false,
             )
             .await?,
             index: js
                 .get_stream(INDEX_STREAM)
                 .await
                 .map_err(|source| SetupError::GetStream {
-                    name: INDEX_STREAM,
+                    name: INDEX_STREAM.into(),
                     source,
                 })?,
             workflows: bucket(WORKFLOWS_BUCKET, 5, Duration::ZERO).await?,

@@ -1,5 +1,6 @@
-//! Keeps every stream, bucket and durable consumer of fanjet's led from the
-//! node that leads the event log.
+//! Keeps each cell's streams, buckets and durable consumers led from the
+//! node that leads the cell's event log, and the cells' logs led from
+//! different nodes.
 //!
 //! Why: on a cluster, each stream, bucket and durable consumer is a Raft
 //! group of its own with a leader of its own, and a group whose leader dies
@@ -9,21 +10,23 @@
 //! step's consumer, a partition's consumer, the job and pending buckets,
 //! the leases. Left where elections put them, the leaders spread over the
 //! nodes, so the loss of almost any node stalls every partition for an
-//! election (docs/RELIABILITY.md measures it). Kept on one node, only the
-//! loss of that node stalls; the loss of another costs the clients a
-//! reconnect.
+//! election (docs/RELIABILITY.md measures it). Kept on the node leading
+//! their cell's log, the loss of a node stalls the cell it leads (a third
+//! of the partitions on three nodes), and the loss of a node leading no
+//! cell costs the clients a reconnect.
 //!
-//! The rule is [`plan`] (pure): every group led from elsewhere whose peers
-//! include an up-to-date copy on the log's leader is asked to step down in
-//! its favour (`$JS.API.STREAM.LEADER.STEPDOWN`, `…CONSUMER.LEADER.STEPDOWN`
-//! with a preferred server, a hand-over that takes a moment rather than an
-//! election). The log's leader is never moved: a leader that changed after
-//! a node was lost stays where the election put it and the rest follow it,
-//! so a node coming back moves nothing. A group asked to move that is still
-//! elsewhere on the next look is left alone for a while, doubling, so a
-//! refusal never turns into a storm of step-downs. One process at a time
-//! does this (a lease, [`super::leases::exclusive`]); on a single server
-//! every leader is the same and nothing is ever asked.
+//! The rule is [`plan`] (pure): every group led from elsewhere than its
+//! cell's log leader (groups all cells share: cell 0's) whose peers
+//! include an up-to-date copy there is asked to step down in its favour
+//! (`$JS.API.STREAM.LEADER.STEPDOWN`, `…CONSUMER.LEADER.STEPDOWN` with a
+//! preferred server, a hand-over that takes a moment rather than an
+//! election). A cell's log led from the node of a lower cell's log is asked
+//! to move to a node that leads no cell's log, if one has an up-to-date
+//! copy; otherwise logs never move, and the rest follow them. A group asked
+//! to move that is still elsewhere on the next look is left alone for a
+//! while, doubling, so a refusal never turns into a storm of step-downs.
+//! One process at a time does this (a lease, [`super::leases::exclusive`]);
+//! on a single server every leader is the same and nothing is ever asked.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -36,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Nats;
-use crate::protocol::EVENTS_STREAM;
+use crate::protocol::{events_stream, stream_cell, CELLS, EVENTS_STREAM_PREFIX};
 
 /// How often the leaders are looked at (four requests a round).
 const ROUND: Duration = Duration::from_secs(1);
@@ -64,6 +67,19 @@ pub enum PlacementError {
 pub struct Group {
     pub stream: String,
     pub consumer: Option<String>,
+}
+
+impl Group {
+    /// The cell whose log this group follows (cell 0 for what all share).
+    pub fn cell(&self) -> u32 {
+        stream_cell(&self.stream).unwrap_or(0)
+    }
+
+    /// The log stream of a cell itself (not a consumer of it).
+    fn log_of(&self) -> Option<u32> {
+        let cell = stream_cell(&self.stream)?;
+        (self.consumer.is_none() && self.stream.starts_with(EVENTS_STREAM_PREFIX)).then_some(cell)
+    }
 }
 
 impl std::fmt::Display for Group {
@@ -109,32 +125,110 @@ pub struct Move {
     pub to: String,
 }
 
-/// The moves that bring every group to the log's leader `anchor`: groups
-/// led from elsewhere with an up-to-date copy on `anchor`, except those in
-/// `resting` (asked recently), at most `limit` of them. Groups electing, or
-/// whose peers do not include `anchor` (a replica count below the cluster's
-/// size), stay where they are.
-pub fn plan(
-    anchor: &str,
-    groups: &BTreeMap<Group, Leadership>,
-    resting: &dyn Fn(&Group) -> bool,
-    limit: usize,
-) -> Vec<Move> {
-    groups
-        .iter()
-        .filter_map(|(group, l)| {
-            let from = l.leader.as_deref()?;
-            let movable = from != anchor
-                && l.current.iter().any(|p| p == anchor)
-                && !(group.stream == EVENTS_STREAM && group.consumer.is_none());
-            (movable && !resting(group)).then(|| Move {
+/// What a survey saw: where each cell's log is led from, and every group.
+#[derive(Debug, Clone, Default)]
+pub struct Survey {
+    /// The leader of each cell's log (index = cell), `None` while electing
+    /// or not replicated.
+    pub anchors: Vec<Option<String>>,
+    pub groups: BTreeMap<Group, Leadership>,
+}
+
+impl Survey {
+    /// The server a group should be led from: its cell's log leader.
+    fn target(&self, g: &Group) -> Option<&str> {
+        self.anchors.get(g.cell() as usize)?.as_deref()
+    }
+
+    /// Groups not where the rule wants them: led from elsewhere than their
+    /// cell's log leader (or electing), and cells' logs led from the node
+    /// of a lower cell's log while another node could lead them.
+    pub fn misplaced(&self) -> Vec<&Group> {
+        self.groups
+            .iter()
+            .filter(|(g, l)| match g.log_of() {
+                Some(c) => {
+                    let shared = self.anchors[..c as usize]
+                        .iter()
+                        .any(|a| a.is_some() && *a == l.leader);
+                    let free = l
+                        .current
+                        .iter()
+                        .any(|n| !self.anchors.contains(&Some(n.clone())));
+                    l.leader.is_none() || (shared && free)
+                }
+                None => l.leader.is_none() || l.leader.as_deref() != self.target(g),
+            })
+            .map(|(g, _)| g)
+            .collect()
+    }
+}
+
+/// The moves that bring the groups where they belong, at most `limit`,
+/// none of those `resting` (asked to go to that server recently):
+/// - a cell's log led from the node of a lower cell's log goes to a node
+///   with an up-to-date copy that leads no cell's log (the first by name);
+///   its cell's other groups wait for it;
+/// - every other group led from elsewhere than its cell's log leader, with
+///   an up-to-date copy there, goes there.
+///
+/// Groups electing, or whose peers do not include their target (a replica
+/// count below the cluster's size), stay where they are.
+pub fn plan(survey: &Survey, resting: &dyn Fn(&Group, &str) -> bool, limit: usize) -> Vec<Move> {
+    let mut moves = Vec::new();
+    let mut anchors = survey.anchors.clone();
+    let mut moving = Vec::new();
+    for cell in 1..anchors.len() {
+        let Some(leader) = anchors[cell].clone() else {
+            continue;
+        };
+        if !anchors[..cell].contains(&Some(leader.clone())) {
+            continue;
+        }
+        let group = Group {
+            stream: events_stream(cell as u32),
+            consumer: None,
+        };
+        let Some(lead) = survey.groups.get(&group) else {
+            continue;
+        };
+        let mut free: Vec<&String> = lead
+            .current
+            .iter()
+            .filter(|n| !anchors.contains(&Some((*n).clone())))
+            .collect();
+        free.sort();
+        let Some(to) = free.first().map(|n| (*n).clone()) else {
+            continue;
+        };
+        if resting(&group, &to) {
+            continue;
+        }
+        moving.push(cell as u32);
+        anchors[cell] = Some(to.clone());
+        moves.push(Move {
+            group,
+            from: leader,
+            to,
+        });
+    }
+    for (group, l) in &survey.groups {
+        if group.log_of().is_some() || moving.contains(&group.cell()) {
+            continue;
+        }
+        let (Some(from), Some(to)) = (l.leader.as_deref(), survey.target(group)) else {
+            continue;
+        };
+        if from != to && l.current.iter().any(|p| p == to) && !resting(group, to) {
+            moves.push(Move {
                 group: group.clone(),
                 from: from.to_string(),
-                to: anchor.to_string(),
-            })
-        })
-        .take(limit)
-        .collect()
+                to: to.to_string(),
+            });
+        }
+    }
+    moves.truncate(limit);
+    moves
 }
 
 /// Whether a stream is fanjet's: its streams, and the streams of its
@@ -150,18 +244,16 @@ fn ours(stream: &str) -> bool {
 const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Every group of fanjet's, replicated ones only, with its leadership; and
-/// the log's leader. A stream whose consumers cannot be listed now (it is
-/// electing) is surveyed without them.
-pub async fn survey(
-    nats: &Nats,
-) -> Result<(Option<String>, BTreeMap<Group, Leadership>), PlacementError> {
+/// each cell's log leader. A stream whose consumers cannot be listed now
+/// (it is electing) is surveyed without them.
+pub async fn survey(nats: &Nats) -> Result<Survey, PlacementError> {
     let err = |e: &dyn std::fmt::Display| PlacementError::List(e.to_string());
     let streams: Vec<_> = tokio::time::timeout(LIST_TIMEOUT, nats.js.streams().try_collect())
         .await
         .map_err(|e| err(&e))?
         .map_err(|e| err(&e))?;
     let mut groups = BTreeMap::new();
-    let mut anchor = None;
+    let mut anchors = vec![None; CELLS as usize];
     let mut listings = Vec::new();
     for info in streams {
         let name = info.config.name.clone();
@@ -169,8 +261,13 @@ pub async fn survey(
             continue;
         }
         let lead = Leadership::of(info.cluster.as_ref());
-        if name == EVENTS_STREAM {
-            anchor = lead.leader.clone();
+        if let Some(cell) = (Group {
+            stream: name.clone(),
+            consumer: None,
+        })
+        .log_of()
+        {
+            anchors[cell as usize] = lead.leader.clone();
         }
         // Buckets and object stores have only their watchers' ephemeral
         // consumers; listing them can wait for a dead node's answer.
@@ -233,16 +330,7 @@ pub async fn survey(
             );
         }
     }
-    Ok((anchor, groups))
-}
-
-/// The groups led from elsewhere than `anchor` (or electing).
-pub fn apart<'a>(anchor: &str, groups: &'a BTreeMap<Group, Leadership>) -> Vec<&'a Group> {
-    groups
-        .iter()
-        .filter(|(_, l)| l.leader.as_deref() != Some(anchor))
-        .map(|(g, _)| g)
-        .collect()
+    Ok(Survey { anchors, groups })
 }
 
 /// Asks `m.group`'s leader to hand over to `m.to`.
@@ -263,31 +351,35 @@ async fn step_down(nats: &Nats, m: &Move) -> Result<(), String> {
     }
 }
 
-/// What was asked of each group lately: when it may be asked again and how
-/// many asks have not taken.
+/// What was asked of each group lately: toward which server, when it may
+/// be asked again and how many asks have not taken.
 #[derive(Default)]
-struct Asked(BTreeMap<Group, (Instant, u32)>);
+struct Asked(BTreeMap<Group, (String, Instant, u32)>);
 
 impl Asked {
-    fn resting(&self, g: &Group, now: Instant) -> bool {
-        self.0.get(g).is_some_and(|(until, _)| now < *until)
+    /// Asked to go to `to` lately (a new target is asked at once).
+    fn resting(&self, g: &Group, to: &str, now: Instant) -> bool {
+        self.0
+            .get(g)
+            .is_some_and(|(target, until, _)| target == to && now < *until)
     }
 
-    fn asked(&mut self, g: &Group, now: Instant) {
-        let tries = self.0.get(g).map_or(0, |(_, t)| *t) + 1;
+    fn asked(&mut self, g: &Group, to: &str, now: Instant) {
+        let tries = match self.0.get(g) {
+            Some((target, _, t)) if target == to => *t + 1,
+            _ => 1,
+        };
         let wait = BACKOFF
             .saturating_mul(1 << (tries - 1).min(5))
             .min(BACKOFF_MAX);
-        self.0.insert(g.clone(), (now + wait, tries));
+        self.0
+            .insert(g.clone(), (to.to_string(), now + wait, tries));
     }
 
-    /// Forgets groups now led from the anchor (or gone).
-    fn settle(&mut self, anchor: &str, groups: &BTreeMap<Group, Leadership>) {
-        self.0.retain(|g, _| {
-            groups
-                .get(g)
-                .is_some_and(|l| l.leader.as_deref() != Some(anchor))
-        });
+    /// Forgets groups now where they belong (or gone).
+    fn settle(&mut self, survey: &Survey) {
+        let misplaced = survey.misplaced();
+        self.0.retain(|g, _| misplaced.contains(&g));
     }
 }
 
@@ -297,7 +389,6 @@ impl Asked {
 /// stop while the lease bucket elects a leader, when it is needed most.
 pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), PlacementError> {
     let mut asked = Asked::default();
-    let mut last_anchor = None;
     let mut round = tokio::time::interval(ROUND);
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -305,14 +396,14 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), PlacementE
             _ = cancel.cancelled() => return Ok(()),
             _ = round.tick() => {}
         }
-        let (anchor, groups) = match survey(&nats).await {
+        let survey = match survey(&nats).await {
             Ok(s) => s,
             Err(e) => {
                 debug!(error = %e, "placement: no survey this round");
                 continue;
             }
         };
-        if groups.is_empty() {
+        if survey.groups.is_empty() {
             // A single server (or one replica of everything): nothing to
             // keep, look again now and then in case that changes.
             tokio::select! {
@@ -321,41 +412,26 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), PlacementE
             }
             continue;
         }
-        let Some(anchor) = anchor else { continue };
-        if last_anchor.as_ref() != Some(&anchor) {
-            // A new leader of the log: what was asked toward the old one
-            // says nothing about the new one.
-            asked = Asked::default();
-            last_anchor = Some(anchor.clone());
-        }
-        asked.settle(&anchor, &groups);
+        asked.settle(&survey);
         if tracing::enabled!(tracing::Level::DEBUG) {
-            let away: Vec<String> = apart(&anchor, &groups)
-                .iter()
-                .map(|g| g.to_string())
-                .collect();
+            let away: Vec<String> = survey.misplaced().iter().map(|g| g.to_string()).collect();
             let resting: Vec<String> = asked
                 .0
                 .iter()
-                .map(|(g, (_, t))| format!("{g} x{t}"))
+                .map(|(g, (to, _, t))| format!("{g} to {to} x{t}"))
                 .collect();
-            debug!(anchor, ?away, ?resting, "placement round");
+            debug!(anchors = ?survey.anchors, ?away, ?resting, "placement round");
         }
         let now = Instant::now();
-        let moves = plan(
-            &anchor,
-            &groups,
-            &|g| asked.resting(g, now),
-            MOVES_PER_ROUND,
-        );
+        let moves = plan(&survey, &|g, to| asked.resting(g, to, now), MOVES_PER_ROUND);
         for m in moves {
             if cancel.is_cancelled() {
                 break;
             }
-            asked.asked(&m.group, now);
+            asked.asked(&m.group, &m.to, now);
             match step_down(&nats, &m).await {
                 Ok(()) => {
-                    info!(group = %m.group, from = m.from, to = m.to, "moved a leader beside the event log's")
+                    info!(group = %m.group, from = m.from, to = m.to, "moved a leader where its cell is led")
                 }
                 Err(e) => {
                     warn!(group = %m.group, from = m.from, to = m.to, error = e, "a leader would not move")
@@ -383,67 +459,149 @@ mod tests {
         }
     }
 
-    fn groups() -> BTreeMap<Group, Leadership> {
-        BTreeMap::from([
-            (g(EVENTS_STREAM, None), led(Some("n1"), &["n0", "n2"])),
+    fn survey(groups: Vec<(Group, Leadership)>) -> Survey {
+        let groups: BTreeMap<Group, Leadership> = groups.into_iter().collect();
+        let anchors = (0..CELLS)
+            .map(|c| {
+                groups
+                    .get(&g(&events_stream(c), None))
+                    .and_then(|l| l.leader.clone())
+            })
+            .collect();
+        Survey { anchors, groups }
+    }
+
+    /// Three cells' logs led from n0, n1, n2, and groups of cells 0 and 1.
+    fn spread() -> Survey {
+        survey(vec![
+            (g("FANJET_EVENTS_0", None), led(Some("n0"), &["n1", "n2"])),
+            (g("FANJET_EVENTS_1", None), led(Some("n1"), &["n0", "n2"])),
+            (g("FANJET_EVENTS_2", None), led(Some("n2"), &["n0", "n1"])),
             (
-                g(EVENTS_STREAM, Some("fanjet-manager-00")),
+                g("FANJET_EVENTS_1", Some("fanjet-manager-01")),
+                led(Some("n0"), &["n1", "n2"]),
+            ),
+            (
+                g("FANJET_EVENTS_0", Some("fanjet-manager-00")),
                 led(Some("n0"), &["n1", "n2"]),
             ),
             (g("FANJET_TASKS", None), led(Some("n1"), &["n0", "n2"])),
-            (g("KV_fanjet_jobs", None), led(Some("n2"), &["n0"])),
+            (g("KV_fanjet_jobs", None), led(Some("n2"), &["n1"])),
             (g("KV_fanjet_pending", None), led(None, &["n1", "n2"])),
         ])
     }
 
-    #[test]
-    fn groups_led_elsewhere_move_to_the_log_leader() {
-        let moves = plan("n1", &groups(), &|_| false, 16);
-        let what: Vec<(String, &str, &str)> = moves
+    fn what(moves: &[Move]) -> Vec<(String, &str, &str)> {
+        moves
             .iter()
             .map(|m| (m.group.to_string(), m.from.as_str(), m.to.as_str()))
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn groups_move_to_their_cells_log_leader_and_shared_ones_to_cell_0s() {
+        let moves = plan(&spread(), &|_, _| false, 16);
         assert_eq!(
-            what,
-            [("consumer fanjet-manager-00 of FANJET_EVENTS".to_string(), "n0", "n1")],
-            "the jobs bucket has no up-to-date copy on n1, pending is electing, the tasks are there"
+            what(&moves),
+            [
+                (
+                    "consumer fanjet-manager-01 of FANJET_EVENTS_1".to_string(),
+                    "n0",
+                    "n1"
+                ),
+                ("stream FANJET_TASKS".to_string(), "n1", "n0"),
+            ],
+            "the jobs bucket has no up-to-date copy on n0, pending is electing"
+        );
+        assert_eq!(spread().misplaced().len(), 4);
+    }
+
+    #[test]
+    fn logs_on_distinct_nodes_never_move() {
+        let moves = plan(&spread(), &|_, _| false, 16);
+        assert!(moves.iter().all(|m| m.group.log_of().is_none()));
+    }
+
+    #[test]
+    fn a_log_sharing_a_node_moves_to_a_free_one_and_its_cell_waits_for_it() {
+        // n2 was lost: cell 2's log elected n0, where cell 0's log is led.
+        let s = survey(vec![
+            (g("FANJET_EVENTS_0", None), led(Some("n0"), &["n1"])),
+            (g("FANJET_EVENTS_1", None), led(Some("n1"), &["n0"])),
+            (g("FANJET_EVENTS_2", None), led(Some("n0"), &["n1"])),
+            (
+                g("FANJET_EVENTS_2", Some("fanjet-manager-02")),
+                led(Some("n1"), &["n0"]),
+            ),
+        ]);
+        assert_eq!(
+            what(&plan(&s, &|_, _| false, 16)),
+            [(
+                "consumer fanjet-manager-02 of FANJET_EVENTS_2".to_string(),
+                "n1",
+                "n0"
+            )],
+            "no node is free: the log stays, its consumer follows it"
+        );
+        // n2 came back and caught up: cell 2's log goes there, its
+        // consumer waits for it.
+        let s = survey(vec![
+            (g("FANJET_EVENTS_0", None), led(Some("n0"), &["n1", "n2"])),
+            (g("FANJET_EVENTS_1", None), led(Some("n1"), &["n0", "n2"])),
+            (g("FANJET_EVENTS_2", None), led(Some("n0"), &["n1", "n2"])),
+            (
+                g("FANJET_EVENTS_2", Some("fanjet-manager-02")),
+                led(Some("n1"), &["n0", "n2"]),
+            ),
+        ]);
+        assert_eq!(
+            what(&plan(&s, &|_, _| false, 16)),
+            [("stream FANJET_EVENTS_2".to_string(), "n0", "n2")]
+        );
+        // The move refused lately: the consumer follows the log where it is.
+        let rest = plan(&s, &|g, _| g.log_of().is_some(), 16);
+        assert_eq!(
+            what(&rest),
+            [(
+                "consumer fanjet-manager-02 of FANJET_EVENTS_2".to_string(),
+                "n1",
+                "n0"
+            )]
         );
     }
 
     #[test]
-    fn the_log_itself_never_moves() {
-        // Whatever else is where, the log's leader is the anchor, never moved.
-        let moves = plan("n0", &groups(), &|_| false, 16);
-        assert!(moves.iter().all(|m| m.group != g(EVENTS_STREAM, None)));
-        assert_eq!(moves.len(), 2, "the tasks and the jobs bucket: {moves:?}");
-    }
-
-    #[test]
     fn resting_groups_and_the_limit_are_respected() {
-        let all = plan("n0", &groups(), &|_| false, 16);
-        let rest = plan("n0", &groups(), &|g| g.stream == "FANJET_TASKS", 16);
+        let all = plan(&spread(), &|_, _| false, 16);
+        let rest = plan(&spread(), &|g, _| g.stream == "FANJET_TASKS", 16);
         assert_eq!(rest.len(), all.len() - 1);
-        assert_eq!(plan("n0", &groups(), &|_| false, 1).len(), 1);
+        assert_eq!(plan(&spread(), &|_, _| false, 1).len(), 1);
     }
 
     #[test]
-    fn an_ask_that_did_not_take_waits_longer_each_time() {
+    fn an_ask_that_did_not_take_waits_longer_each_time_unless_the_target_changes() {
         let mut asked = Asked::default();
         let t0 = Instant::now();
         let grp = g("FANJET_TASKS", None);
-        asked.asked(&grp, t0);
-        assert!(asked.resting(&grp, t0 + BACKOFF - Duration::from_millis(1)));
-        assert!(!asked.resting(&grp, t0 + BACKOFF));
-        asked.asked(&grp, t0);
-        assert!(asked.resting(&grp, t0 + BACKOFF * 2 - Duration::from_millis(1)));
+        asked.asked(&grp, "n0", t0);
+        assert!(asked.resting(&grp, "n0", t0 + BACKOFF - Duration::from_millis(1)));
+        assert!(!asked.resting(&grp, "n0", t0 + BACKOFF));
+        assert!(
+            !asked.resting(&grp, "n1", t0),
+            "a new target is asked at once"
+        );
+        asked.asked(&grp, "n0", t0);
+        assert!(asked.resting(&grp, "n0", t0 + BACKOFF * 2 - Duration::from_millis(1)));
         for _ in 0..20 {
-            asked.asked(&grp, t0);
+            asked.asked(&grp, "n0", t0);
         }
-        assert!(!asked.resting(&grp, t0 + BACKOFF_MAX), "capped");
-        // Once led from the anchor it is forgotten.
-        let mut now_there = BTreeMap::new();
-        now_there.insert(grp.clone(), led(Some("n0"), &["n1"]));
-        asked.settle("n0", &now_there);
-        assert!(!asked.resting(&grp, t0));
+        assert!(!asked.resting(&grp, "n0", t0 + BACKOFF_MAX), "capped");
+        // Once where it belongs it is forgotten.
+        let there = survey(vec![
+            (g("FANJET_EVENTS_0", None), led(Some("n0"), &["n1"])),
+            (grp.clone(), led(Some("n0"), &["n1"])),
+        ]);
+        asked.settle(&there);
+        assert!(!asked.resting(&grp, "n0", t0));
     }
 }

@@ -365,7 +365,11 @@ pub async fn status(nats: &Nats, job_id: &str) -> Result<Option<Job>, StoreError
         return Ok(None);
     }
     let subject = event_subject(job_id, EventKind::JobRequested.token());
-    let Ok(msg) = nats.events.get_last_raw_message_by_subject(&subject).await else {
+    let Ok(msg) = nats
+        .log(job_id)
+        .get_last_raw_message_by_subject(&subject)
+        .await
+    else {
         return Ok(None);
     };
     let Ok(Event::JobRequested(req)) = serde_json::from_slice::<Event>(&msg.payload) else {

@@ -15,7 +15,9 @@ use crate::metrics::{Metrics, CUSTOMER_SERIES};
 use crate::nats::heartbeat::{ages, record, Heard};
 use crate::nats::tenants;
 use crate::nats::Nats;
-use crate::protocol::{manager_consumer, Heartbeat, HEARTBEAT_TTL, HEARTBEAT_WILDCARD, PARTITIONS};
+use crate::protocol::{
+    cell, manager_consumer, Heartbeat, HEARTBEAT_TTL, HEARTBEAT_WILDCARD, PARTITIONS,
+};
 
 /// The heartbeats [`collect`] heard lately: what the API's process list
 /// shows. Empty in a process that does not collect.
@@ -132,7 +134,7 @@ async fn consumers(nats: &Nats, m: &Metrics) {
     }
     // The lag of every partition's consumer, summed.
     let lags = (0..PARTITIONS).map(|p| {
-        let events = nats.events.clone();
+        let events = nats.cell_log(cell(p)).clone();
         async move {
             events
                 .consumer_info(manager_consumer(p))

@@ -102,19 +102,24 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), NotifyError> {
     let err = |e: &dyn std::fmt::Display| NotifyError::Nats(e.to_string());
-    let consumer = nats
-        .events
-        .create_consumer(pull::Config {
-            durable_name: Some(NOTIFY_CONSUMER.into()),
-            filter_subjects: NOTIFIED.iter().map(|k| kind_filter(k.token())).collect(),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: ACK_WAIT,
-            max_ack_pending: SLOTS as i64,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err(&e))?;
-    let mut messages = reader_messages(&consumer).await.map_err(|e| err(&e))?;
+    // One consumer on each cell's log, read as one stream of deliveries:
+    // each is acknowledged on its own, so their order does not matter.
+    let mut cells = Vec::new();
+    for log in &nats.events {
+        let consumer = log
+            .create_consumer(pull::Config {
+                durable_name: Some(NOTIFY_CONSUMER.into()),
+                filter_subjects: NOTIFIED.iter().map(|k| kind_filter(k.token())).collect(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                max_ack_pending: SLOTS as i64,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(&e))?;
+        cells.push(reader_messages(&consumer).await.map_err(|e| err(&e))?);
+    }
+    let mut messages = futures::stream::select_all(cells);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use thiserror::Error;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -29,9 +30,10 @@ use crate::nats::log::{stream_seq, Batch, LogError, Reader};
 use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
-    capacity, AbandonReason, Event, JobStats, Mark, Millis, Pending, StepStats, EVENTS_WILDCARD,
-    STATS_CONSUMER,
+    capacity, cell_events_subjects, AbandonReason, Event, JobStats, Mark, Millis, Pending,
+    StepStats, TaskKey, CELLS, STATS_CONSUMER,
 };
+use crate::shutdown::supervise;
 
 impl StepStats {
     /// Whether this is the first outcome of subjob `index` while the step
@@ -328,11 +330,33 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
     let Some(key) = nats.task_key.clone() else {
         return Err(StatsError::Nats("the task token key was not read".into()));
     };
+    // A reader per cell, each started again alone when it fails (its
+    // cell's log electing a leader stops none of the others). A job's
+    // events are all in its cell, so their records are apart too.
+    let mut cells = JoinSet::new();
+    for cell in 0..CELLS {
+        let (n, k, c) = (nats.clone(), key.clone(), cancel.clone());
+        cells.spawn(supervise("statistics", cancel.clone(), move || {
+            run_cell(n.clone(), k.clone(), cell, c.clone())
+        }));
+    }
+    while cells.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Reads one cell's log into statistics until `cancel`.
+async fn run_cell(
+    nats: Nats,
+    key: TaskKey,
+    cell: u32,
+    cancel: CancellationToken,
+) -> Result<(), StatsError> {
     let open = || {
         Reader::open(
             &nats,
+            cell,
             STATS_CONSUMER,
-            vec![EVENTS_WILDCARD.into()],
+            cell_events_subjects(cell),
             2000,
             "statistics",
             None,
@@ -344,7 +368,7 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), StatsError
     let mut dirty: Vec<String> = Vec::new();
     let mut unacked: Option<Message> = None;
     let mut saver = tokio::time::interval(Duration::from_millis(500));
-    info!("statistics consumer running");
+    info!(cell, "statistics consumer running");
     loop {
         // After a hole: the reader before is gone (its pull with it) before
         // the next one opens.

@@ -3,8 +3,9 @@
 
 use thiserror::Error;
 
-/// The event log: every fact about every job, subjects per job.
-pub const EVENTS_STREAM: &str = "FANJET_EVENTS";
+/// Prefix of the event log's streams, one per cell ([`events_stream`]):
+/// every fact about every job, subjects per job.
+pub const EVENTS_STREAM_PREFIX: &str = "FANJET_EVENTS";
 /// The work queue: one message per task or subjob attempt-set.
 pub const TASKS_STREAM: &str = "FANJET_TASKS";
 /// Captures the server's max-deliveries advisories for the task stream, so a
@@ -54,6 +55,51 @@ pub const MAX_SUBMISSION_BYTES: usize = 1024 * 1024;
 pub const MAX_TOKEN_LEN: usize = 64;
 /// Longest customer (tenant) key accepted.
 pub const MAX_CUSTOMER_LEN: usize = 128;
+
+/// Number of cells. Partition `NN` is in cell `NN mod CELLS`; each cell has
+/// streams, buckets and consumers of its own (the log's, first), so that a
+/// NATS node's loss stalls the cell whose leaders it held and no other.
+pub const CELLS: u32 = 3;
+
+/// The cell of a partition.
+pub fn cell(partition: u32) -> u32 {
+    partition % CELLS
+}
+
+/// The cell of a job: its partition's.
+pub fn job_cell(job_id: &str) -> u32 {
+    cell(partition(job_id))
+}
+
+/// The partitions of one cell, in order.
+pub fn cell_partitions(cell: u32) -> impl Iterator<Item = u32> {
+    (0..PARTITIONS).filter(move |p| p % CELLS == cell)
+}
+
+/// The event log's stream of one cell: `FANJET_EVENTS_<cell>`.
+pub fn events_stream(cell: u32) -> String {
+    format!("{EVENTS_STREAM_PREFIX}_{cell}")
+}
+
+/// Streams (and buckets' streams) kept per cell: their names end with
+/// `_<cell>`.
+const CELLED_STREAMS: [&str; 1] = [EVENTS_STREAM_PREFIX];
+
+/// The cell a stream (or a bucket's stream, `KV_…`) belongs to; `None` for
+/// one all cells share.
+pub fn stream_cell(stream: &str) -> Option<u32> {
+    let (prefix, n) = stream.rsplit_once('_')?;
+    let cell: u32 = n.parse().ok()?;
+    (cell < CELLS && CELLED_STREAMS.contains(&prefix)).then_some(cell)
+}
+
+/// The subjects of one cell's log stream: `fanjet.ev.<NN>.>` for each of
+/// its partitions.
+pub fn cell_events_subjects(cell: u32) -> Vec<String> {
+    cell_partitions(cell)
+        .map(|p| format!("fanjet.ev.{p:02}.>"))
+        .collect()
+}
 
 /// The partition of a job: FNV-1a (32 bit) of the job id's bytes, modulo
 /// [`PARTITIONS`].
@@ -199,7 +245,8 @@ pub const STATUS_WILDCARD: &str = "fanjet.status.*.*";
 /// Wildcard the intake subscribes to.
 pub const SUBMIT_WILDCARD: &str = "fanjet.submit.>";
 
-/// Subjects of the event log.
+/// Every event of the log (a core NATS subscription; each cell's stream
+/// holds a part, [`cell_events_subjects`]).
 pub const EVENTS_WILDCARD: &str = "fanjet.ev.>";
 
 /// Subject of one event of a job: `fanjet.ev.<partition>.<job_id>.<kind>`.

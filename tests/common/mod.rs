@@ -283,7 +283,7 @@ impl Env {
         use futures::StreamExt;
         let consumer = self
             .nats
-            .events
+            .log(job_id)
             .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
                 filter_subject: fanjet::protocol::job_events_filter(job_id),
                 ..Default::default()

@@ -287,7 +287,14 @@ async fn healthz() -> Json<Value> {
 
 async fn readyz(State(nats): State<Nats>) -> Response {
     let connected = nats.client.connection_state() == async_nats::connection::State::Connected;
-    let streams = nats.events.get_info().await.is_ok();
+    let infos = nats.events.iter().map(|log| async move {
+        let mut log = log.clone();
+        log.info().await.is_ok()
+    });
+    let streams = futures::future::join_all(infos)
+        .await
+        .into_iter()
+        .all(|ok| ok);
     let body = json!({"nats_connected": connected, "streams": streams});
     let status = if connected && streams {
         StatusCode::OK
