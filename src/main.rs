@@ -30,7 +30,7 @@ enum Command {
     /// Runs the workflow manager (intake, event loops, advisories) until SIGTERM.
     ///
     /// Run several for capacity and availability: they split the event log's
-    /// 16 partitions evenly through leases in the `fanjet_leases` bucket. A
+    /// 16 partitions evenly through leases in the `fanjet_leases_<cell>` buckets. A
     /// manager that stops gracefully hands its partitions over at once; one
     /// that dies loses them after about 3.5 s, when the others take them over.
     ///

@@ -1,9 +1,10 @@
 //! fanjet on a 3-node JetStream cluster with 3 replicas of everything and two
 //! managers splitting the partitions: simultaneous submissions of one job id
 //! are all answered ok (one starts it), every stream, bucket and consumer is
-//! led from the event log's leader (before a node is lost and again after),
-//! and a job keeps going and ends with exact counts when the event log's
-//! leader is killed mid-job.
+//! led from its cell's log leader and the cells' logs from different nodes
+//! (before a node is lost and again after), and a job keeps going and ends
+//! with exact counts when its cell's log leader is killed mid-job, while
+//! the other cells' logs keep their leaders.
 //! (Attempts are generous: while streams change leaders, outcomes cannot be
 //! reported and tasks come back; a subjob that ran out of attempts then
 //! would fail, rightly, and this test is about nothing being lost.)
@@ -86,8 +87,6 @@ async fn a_job_survives_losing_a_cluster_node() {
     let worker = tokio::spawn(async move { worker.run(wc).await });
 
     duplicates_in_flight_are_duplicates(&admin).await;
-    // The managers keep every leader beside the log's, so that losing
-    // another node stalls nothing.
     together(&admin, "before the kill").await;
 
     let reply = fanjet::client::submit(
@@ -116,11 +115,15 @@ async fn a_job_survives_losing_a_cluster_node() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The managers keep every leader beside the log's, so that losing
-    // another node stalls nothing.
-    // Kill the hardest node to lose: the event log's leader. Outcomes cannot
-    // be written until another node leads, and deliveries in flight to the
-    // manager are lost with it.
+    // The managers keep each cell's leaders beside its log's, the cells'
+    // logs on different nodes, so that losing a node stalls its cell only.
+    // Kill the hardest node to lose for this job: its cell's log leader.
+    // Outcomes cannot be written until another node leads, and deliveries
+    // in flight to the manager are lost with it.
+    let before = fanjet::nats::placement::survey(&admin)
+        .await
+        .expect("survey")
+        .anchors;
     let leader = admin
         .log("ha-1")
         .get_info()
@@ -171,7 +174,7 @@ async fn a_job_survives_losing_a_cluster_node() {
                     )
                 });
             let tasks = admin
-                .tasks
+                .task_queue("ha-1")
                 .clone()
                 .consumer_info("fanjet_ha_send")
                 .await
@@ -193,6 +196,18 @@ async fn a_job_survives_losing_a_cluster_node() {
     // After the election, the rest follow the log's new leader (the
     // killed node's copies are not current, so they are not counted).
     together(&admin, "after the kill").await;
+    // The other cells' logs were led from other nodes: none had to elect.
+    let after = fanjet::nats::placement::survey(&admin)
+        .await
+        .expect("survey")
+        .anchors;
+    let killed = fanjet::protocol::job_cell("ha-1") as usize;
+    for cell in (0..after.len()).filter(|c| *c != killed) {
+        assert_eq!(
+            after[cell], before[cell],
+            "cell {cell}'s log changed leader when cell {killed}'s node died: {before:?} -> {after:?}"
+        );
+    }
     cancel.cancel();
     for m in managers {
         let _ = m.await;
@@ -201,7 +216,8 @@ async fn a_job_survives_losing_a_cluster_node() {
 }
 
 /// Waits (60 s at most) until every replicated stream, bucket and durable
-/// consumer of fanjet's is led from the node leading the event log.
+/// consumer of fanjet's is led from the node leading its cell's log, and
+/// the cells' logs from different nodes while there are nodes enough.
 async fn together(admin: &Nats, when: &str) {
     let start = Instant::now();
     loop {

@@ -85,12 +85,14 @@ async fn all_pages(env: &Env, filter: &IndexFilter, req: ListRequest) -> (Vec<St
     loop {
         let page = index::list(&env.nats, filter, &req).await.expect("list");
         pages += 1;
-        // Newest first: in the order the changes were logged.
-        let mut last_seq = u64::MAX;
+        // Newest first: a cell's jobs in the order their changes were
+        // logged in the cell's log (the cells' readers write side by side).
+        let mut last_seq = [u64::MAX; fanjet::protocol::CELLS as usize];
         for j in &page.jobs {
             assert!(filter.keeps(j), "{j:?} does not match {filter:?}");
-            assert!(j.seq < last_seq, "not newest first: {page:?}");
-            last_seq = j.seq;
+            let last = &mut last_seq[fanjet::protocol::job_cell(&j.job_id) as usize];
+            assert!(j.seq < *last, "not newest first: {page:?}");
+            *last = j.seq;
             ids.push(j.job_id.clone());
         }
         match page.next_cursor {
@@ -541,4 +543,82 @@ async fn an_index_consumer_past_its_lease_writes_nothing() {
             .collect::<Vec<_>>(),
         ["f-1"]
     );
+}
+
+/// A consumer that stopped after writing a job's entry and before storing
+/// its place, in the middle of a batch, leaves that entry behind; the next
+/// one reads the batch again with the job's later events in it, so it
+/// writes another summary: it finds the entry left and deletes it, and the
+/// job is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_left_by_a_consumer_stopped_mid_batch_is_not_counted_twice() {
+    use fanjet::protocol::{job_cell, Event, JobCompleted, JobRequested, INDEX_BUCKET};
+    let env = Env::start().await;
+    let id = "orphan-1";
+    let requested = Event::JobRequested(JobRequested {
+        job_id: id.into(),
+        workflow: "wf".into(),
+        customer: Some("acme".into()),
+        input: Value::Null,
+        priority: None,
+        at: fanjet::protocol::now_ms(),
+        deadline_at: None,
+    });
+    let seq = fanjet::nats::log::append(&env.nats, &requested)
+        .await
+        .expect("append")
+        .seq;
+    // The consumer before: the job's entry as its request left it, sent;
+    // its place not stored, the batch not marked done.
+    let summary = fanjet::protocol::change(None, seq, &requested).expect("a summary");
+    index::send_entry(&env.nats, &summary, fanjet::protocol::now_ms())
+        .await
+        .expect("send")
+        .expect("not expired")
+        .await
+        .expect("stored");
+    let positions = env
+        .nats
+        .js
+        .get_key_value(INDEX_BUCKET)
+        .await
+        .expect("positions");
+    positions
+        .put(format!("index.writing.{}", job_cell(id)), "begun".into())
+        .await
+        .expect("mark");
+    // The job ended meanwhile: the next batch reads both events.
+    let completed = Event::JobCompleted(JobCompleted {
+        job_id: id.into(),
+        workflow: "wf".into(),
+        output: Value::Null,
+        run: 0,
+        at: fanjet::protocol::now_ms(),
+    });
+    fanjet::nats::log::append(&env.nats, &completed)
+        .await
+        .expect("append");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(fanjet::manager::index::run(
+        env.nats.clone(),
+        cancel.clone(),
+        None,
+    ));
+    let start = Instant::now();
+    loop {
+        let pos = index::position(&positions, id).await.expect("position");
+        if pos.is_some_and(|p| p.summary.state == JobState::Completed) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never indexed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let info = env.nats.index.get_info().await.expect("index info");
+    assert_eq!(info.state.messages, 1, "the entry left behind is gone");
+    let counts = index::counts(&env.nats, &IndexFilter::default())
+        .await
+        .expect("counts");
+    assert_eq!(counts.total, 1);
+    cancel.cancel();
+    let _ = run.await;
 }

@@ -314,7 +314,7 @@ async fn cancel_drops_queued_tasks_and_ends_the_job() {
     assert_eq!(job.steps[1].state, StepState::Cancelled);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        env.queued_tasks("fanjet.task.*.*.c1").await,
+        env.queued_tasks("fanjet.task.*.*.*.c1").await,
         0,
         "queued tasks dropped"
     );

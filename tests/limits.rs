@@ -76,7 +76,7 @@ async fn long_error_texts_from_any_worker_never_stop_a_partition() {
     // up on every subjob with a long traceback (20 KB) and terminates it.
     let consumer: PullConsumer = env
         .nats
-        .tasks
+        .task_queue(&noisy)
         .get_consumer("fanjet_noisy_send")
         .await
         .expect("step consumer");
@@ -142,7 +142,7 @@ async fn long_error_texts_from_any_worker_never_stop_a_partition() {
     assert_eq!(job.output, json!({"failed": 200}));
     let (_, record) = env
         .nats
-        .jobs
+        .records(&noisy)
         .entry(&noisy)
         .await
         .ok()
@@ -337,7 +337,7 @@ async fn pending_chunks_cannot_outlive_the_log_even_on_an_older_store() {
     // The bucket as earlier versions made it: kept forever.
     let js = async_nats::jetstream::new(client.clone());
     js.create_key_value(async_nats::jetstream::kv::Config {
-        bucket: fanjet::protocol::PENDING_BUCKET.into(),
+        bucket: fanjet::protocol::pending_bucket(1),
         history: 1,
         ..Default::default()
     })
@@ -346,7 +346,7 @@ async fn pending_chunks_cannot_outlive_the_log_even_on_an_older_store() {
     let nats = fanjet::nats::Nats::ensure(client).await.unwrap();
     let events = nats.cell_log(0).get_info().await.unwrap().config.max_age;
     let pending = js
-        .get_stream(format!("KV_{}", fanjet::protocol::PENDING_BUCKET))
+        .get_stream(format!("KV_{}", fanjet::protocol::pending_bucket(1)))
         .await
         .unwrap()
         .get_info()
@@ -356,4 +356,33 @@ async fn pending_chunks_cannot_outlive_the_log_even_on_an_older_store() {
         .max_age;
     assert!(events > Duration::ZERO);
     assert_eq!(pending, events, "chunks expire with the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_from_before_the_cells_is_refused_saying_what_to_do() {
+    let server =
+        tokio::task::spawn_blocking(|| fanjet::nats::server::NatsServer::start(None, None))
+            .await
+            .unwrap()
+            .expect("this test needs a real nats-server");
+    let client = async_nats::connect(server.url()).await.unwrap();
+    // The single log earlier versions made: it takes every event subject.
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "FANJET_EVENTS".into(),
+        subjects: vec!["fanjet.ev.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = match fanjet::nats::Nats::ensure(client).await {
+        Ok(_) => panic!("set up beside an earlier version's log"),
+        Err(e) => e,
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains("nats stream rm FANJET_EVENTS") && text.contains("Upgrading"),
+        "{text}"
+    );
+    assert!(!err.is_transient(), "waiting will not mend it: {text}");
 }

@@ -26,8 +26,7 @@ async fn lease_bucket(env: &Env) -> async_nats::jetstream::kv::Store {
 
 /// Partition → the manager holding its lease.
 async fn holders(env: &Env) -> BTreeMap<u32, String> {
-    let kv = lease_bucket(env).await;
-    fanjet::nats::leases::holders(&kv)
+    fanjet::nats::leases::holders(&env.nats)
         .await
         .expect("read leases")
         .0
@@ -316,7 +315,14 @@ type Writes = std::sync::Arc<std::sync::Mutex<Vec<(i128, Option<String>, String)
 
 async fn record_writes(env: &Env, job_id: &str) -> Writes {
     use async_nats::jetstream::consumer::pull::OrderedConfig;
-    use fanjet::protocol::{events_stream, job_cell, lease_key, JOBS_BUCKET, PENDING_BUCKET};
+    use fanjet::protocol::{
+        events_stream, job_cell, jobs_bucket, lease_key, partition_leases_bucket, pending_bucket,
+    };
+    let (jobs, pending, leases) = (
+        jobs_bucket(job_cell(job_id)),
+        pending_bucket(job_cell(job_id)),
+        partition_leases_bucket(job_cell(job_id)),
+    );
     use futures::StreamExt;
     let writes = Writes::default();
     let sources = [
@@ -324,17 +330,11 @@ async fn record_writes(env: &Env, job_id: &str) -> Writes {
             events_stream(job_cell(job_id)),
             fanjet::protocol::job_events_filter(job_id),
         ),
+        (format!("KV_{jobs}"), format!("$KV.{jobs}.{job_id}")),
+        (format!("KV_{pending}"), format!("$KV.{pending}.{job_id}.>")),
         (
-            format!("KV_{JOBS_BUCKET}"),
-            format!("$KV.{JOBS_BUCKET}.{job_id}"),
-        ),
-        (
-            format!("KV_{PENDING_BUCKET}"),
-            format!("$KV.{PENDING_BUCKET}.{job_id}.>"),
-        ),
-        (
-            format!("KV_{LEASES_BUCKET}"),
-            format!("$KV.{LEASES_BUCKET}.{}", lease_key(partition(job_id))),
+            format!("KV_{leases}"),
+            format!("$KV.{leases}.{}", lease_key(partition(job_id))),
         ),
     ];
     for (stream, filter) in sources {
@@ -353,7 +353,7 @@ async fn record_writes(env: &Env, job_id: &str) -> Writes {
                 let Ok(info) = m.info() else { continue };
                 let at = info.published.unix_timestamp_nanos();
                 let subject = m.subject.to_string();
-                let manager = if subject.starts_with(&format!("$KV.{LEASES_BUCKET}.")) {
+                let manager = if subject.starts_with(&format!("$KV.{LEASES_BUCKET}_")) {
                     Some(String::from_utf8_lossy(&m.payload).into_owned())
                 } else {
                     m.headers
@@ -384,7 +384,7 @@ fn written_between(writes: &Writes, manager: &str, from: i128, to: i128) -> Vec<
             m.as_deref() == Some(manager)
                 && *at > from
                 && *at < to
-                && !s.starts_with(&format!("$KV.{LEASES_BUCKET}."))
+                && !s.starts_with(&format!("$KV.{LEASES_BUCKET}_"))
         })
         .map(|(_, _, s)| s.clone())
         .collect()
@@ -399,7 +399,7 @@ fn claimed_after(writes: &Writes, manager: &str, after: i128) -> Option<i128> {
         .filter(|(at, m, s)| {
             *at > after
                 && m.as_deref() == Some(manager)
-                && s.starts_with(&format!("$KV.{LEASES_BUCKET}."))
+                && s.starts_with(&format!("$KV.{LEASES_BUCKET}_"))
         })
         .map(|(at, _, _)| *at)
         .min()
@@ -527,7 +527,7 @@ async fn a_manager_frozen_past_its_lease_writes_nothing_after_it() {
         assert_eq!(n, 1, "{kind} logged {n} times");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for kind in ["fanjet.ev.", "$KV.fanjet_jobs.", "$KV.fanjet_pending."] {
+    for kind in ["fanjet.ev.", "$KV.fanjet_jobs_", "$KV.fanjet_pending_"] {
         assert!(
             writes
                 .lock()

@@ -310,7 +310,7 @@ async fn subjobs_whose_tasks_vanished_fail_instead_of_hanging() {
     })
     .await;
     // No worker ever runs; an operator purges the queue.
-    env.nats.tasks.purge().await.unwrap();
+    env.nats.task_queue("lost-1").purge().await.unwrap();
     let job = env.wait_end("lost-1", Duration::from_secs(20)).await;
     assert_eq!(job.state, JobState::Failed);
     assert_eq!(job.steps[0].failed, 3);
@@ -371,7 +371,7 @@ async fn a_busy_neighbour_does_not_hide_a_jobs_lost_tasks() {
     // While no manager runs, an operator drops one job's tasks and the
     // other piles up a backlog of events, as a million-subjob job does.
     env.nats
-        .tasks
+        .task_queue("lost-2")
         .purge()
         .filter(fanjet::protocol::job_tasks_filter("lost-2"))
         .await
@@ -459,7 +459,7 @@ async fn an_outcome_the_reader_went_past_is_read_back_before_subjobs_count_as_lo
     };
     for id in jobs {
         env.nats
-            .tasks
+            .task_queue(id)
             .purge()
             .filter(fanjet::protocol::job_tasks_filter(id))
             .await
@@ -905,7 +905,7 @@ async fn statistics_count_what_the_job_record_counts() {
         publish(&env, done(index)).await;
     }
     env.nats
-        .tasks
+        .task_queue("ag-3")
         .purge()
         .filter(fanjet::protocol::job_tasks_filter("ag-3"))
         .await
@@ -1085,7 +1085,7 @@ async fn a_reader_takes_over_a_consumer_an_earlier_version_made() {
 /// Whether the job's active key is stored.
 async fn listed(env: &Env, job_id: &str) -> bool {
     env.nats
-        .pending
+        .pending_of(job_id)
         .get(fanjet::protocol::active_key(job_id))
         .await
         .expect("read the pending bucket")
@@ -1125,12 +1125,12 @@ async fn a_manager_loads_the_running_jobs_by_their_active_keys_and_once_scans_an
         fanjet::protocol::active_key("act-1"),
         fanjet::protocol::active_scanned_key(p),
     ] {
-        env.nats.pending.purge(&key).await.unwrap();
+        env.nats.pending_of("act-1").purge(&key).await.unwrap();
     }
     // And a key whose job is not stored yet (a crash came between its key
     // and its first record): it stays, and changes nothing.
     env.nats
-        .pending
+        .pending_of("ghost")
         .put(fanjet::protocol::active_key("ghost"), Default::default())
         .await
         .unwrap();
@@ -1140,7 +1140,7 @@ async fn a_manager_loads_the_running_jobs_by_their_active_keys_and_once_scans_an
         "the ghost's partition is not act-1's (which is to be scanned)"
     );
     env.nats
-        .pending
+        .pending_of("ghost")
         .put(fanjet::protocol::active_scanned_key(gp), Default::default())
         .await
         .unwrap();
@@ -1152,7 +1152,7 @@ async fn a_manager_loads_the_running_jobs_by_their_active_keys_and_once_scans_an
     assert_eq!(job.steps[0].completed, 3);
     assert!(
         env.nats
-            .pending
+            .pending_of("act-1")
             .get(fanjet::protocol::active_scanned_key(p))
             .await
             .unwrap()
@@ -1183,13 +1183,13 @@ async fn a_running_job_missing_from_the_listing_is_held_at_its_first_event() {
     // The listing will not have it; the partition counts as scanned.
     let p = fanjet::protocol::partition("miss-1");
     env.nats
-        .pending
+        .pending_of("miss-1")
         .purge(fanjet::protocol::active_key("miss-1"))
         .await
         .unwrap();
     assert!(env
         .nats
-        .pending
+        .pending_of("miss-1")
         .get(fanjet::protocol::active_scanned_key(p))
         .await
         .unwrap()

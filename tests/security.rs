@@ -68,11 +68,15 @@ async fn each_role_can_do_its_job_and_no_more() {
         .with_user(Some("worker"));
     // It cannot list job ids: no stream info beyond the workflows bucket.
     for stream in [
-        "KV_fanjet_jobs",
+        "KV_fanjet_jobs_0",
+        "KV_fanjet_jobs_1",
+        "KV_fanjet_jobs_2",
         "FANJET_EVENTS_0",
         "FANJET_EVENTS_1",
         "FANJET_EVENTS_2",
-        "FANJET_TASKS",
+        "FANJET_TASKS_0",
+        "FANJET_TASKS_1",
+        "FANJET_TASKS_2",
         "OBJ_fanjet_results",
         "FANJET_INDEX",
         "KV_fanjet_index",
@@ -117,11 +121,15 @@ async fn each_role_can_do_its_job_and_no_more() {
     );
     // Nor can it list job ids: STREAM.INFO with a subjects filter is refused.
     for stream in [
-        "KV_fanjet_jobs",
+        "KV_fanjet_jobs_0",
+        "KV_fanjet_jobs_1",
+        "KV_fanjet_jobs_2",
         "FANJET_EVENTS_0",
         "FANJET_EVENTS_1",
         "FANJET_EVENTS_2",
-        "FANJET_TASKS",
+        "FANJET_TASKS_0",
+        "FANJET_TASKS_1",
+        "FANJET_TASKS_2",
         "OBJ_fanjet_results",
     ] {
         assert!(
@@ -275,7 +283,10 @@ async fn each_role_can_do_its_job_and_no_more() {
     assert!(
         refused_request(
             &submitter,
-            &format!("$JS.API.DIRECT.GET.KV_fanjet_jobs.$KV.fanjet_jobs.{sec1}"),
+            &format!(
+                "$JS.API.DIRECT.GET.KV_{jobs}.$KV.{jobs}.{sec1}",
+                jobs = fanjet::protocol::jobs_bucket(fanjet::protocol::job_cell(&sec1))
+            ),
             ""
         )
         .await,
@@ -337,7 +348,10 @@ async fn each_role_can_do_its_job_and_no_more() {
             "read the event log",
         ),
         (
-            format!("$JS.API.DIRECT.GET.KV_fanjet_jobs.$KV.fanjet_jobs.{sec1}"),
+            format!(
+                "$JS.API.DIRECT.GET.KV_{jobs}.$KV.{jobs}.{sec1}",
+                jobs = fanjet::protocol::jobs_bucket(fanjet::protocol::job_cell(&sec1))
+            ),
             "",
             "read job status",
         ),
@@ -431,9 +445,9 @@ async fn each_role_can_do_its_job_and_no_more() {
     assert!(shown.managers[0].seen_ms_ago.is_some(), "{shown:?}");
     let leases = viewer
         .js
-        .get_key_value(fanjet::protocol::LEASES_BUCKET)
+        .get_key_value(fanjet::protocol::partition_leases_bucket(0))
         .await
-        .expect("viewer binds the lease bucket");
+        .expect("viewer binds a cell's lease bucket");
     let grab = tokio::time::timeout(
         Duration::from_secs(1),
         leases.put("partition.00", "viewer".into()),
@@ -704,16 +718,21 @@ async fn a_worker_decides_only_the_tasks_it_was_given() {
     assert_eq!(job.state, JobState::Running);
     assert_eq!((job.steps[0].completed, job.steps[0].failed), (0, 0));
 
-    // It cannot take `inv` tasks (and their tokens) either.
-    assert!(
-        refused_request(
-            &attacker.client,
-            "$JS.API.CONSUMER.MSG.NEXT.FANJET_TASKS.fanjet_inv_send",
-            "{\"batch\": 1, \"expires\": 500000000}"
-        )
-        .await,
-        "a squares worker pulls inv tasks"
-    );
+    // It cannot take `inv` tasks (and their tokens) either, in any cell.
+    for cell in 0..fanjet::protocol::CELLS {
+        assert!(
+            refused_request(
+                &attacker.client,
+                &format!(
+                    "$JS.API.CONSUMER.MSG.NEXT.{}.fanjet_inv_send",
+                    fanjet::protocol::tasks_stream(cell)
+                ),
+                "{\"batch\": 1, \"expires\": 500000000}"
+            )
+            .await,
+            "a squares worker pulls inv tasks"
+        );
+    }
 
     // Its own work goes through, acks and all.
     let w = Worker::new(attacker.clone())

@@ -15,6 +15,24 @@ def partition(job_id: str) -> int:
     return h % 16
 
 
+CELLS = 3
+
+
+def cell(job_id: str) -> int:
+    """The cell of a job: its partition mod 3."""
+    return partition(job_id) % CELLS
+
+
+def jobs_bucket(job_id: str) -> str:
+    """The KV bucket of a job's status (its cell's)."""
+    return f"fanjet_jobs_{cell(job_id)}"
+
+
+def tasks_stream(cell: int) -> str:
+    """The work queue of a cell (partition mod 3)."""
+    return f"FANJET_TASKS_{cell}"
+
+
 def event_subject(job_id: str, kind: str) -> str:
     return f"fanjet.ev.{partition(job_id):02d}.{job_id}.{kind}"
 

@@ -53,7 +53,7 @@ async def main():
     await asyncio.wait_for(ended.wait(), timeout=120)
 
     # The detailed status, from the jobs bucket (it follows the log within ~100 ms).
-    kv = await js.key_value("fanjet_jobs")
+    kv = await js.key_value(wire.jobs_bucket(args.job_id))
     for _ in range(50):
         status = json.loads((await kv.get(args.job_id)).value)
         if status["state"] in wire.TERMINAL:

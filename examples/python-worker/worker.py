@@ -118,29 +118,36 @@ async def main():
 
     nc = await nats.connect(servers=[args.server])
     js = nc.jetstream()
-    sub = await js.pull_subscribe_bind(durable=wire.step_consumer(args.workflow, args.step), stream="FANJET_TASKS")
+    # The step's consumer in each cell's work queue, pulled side by side.
+    subs = [await js.pull_subscribe_bind(durable=wire.step_consumer(args.workflow, args.step),
+                                         stream=wire.tasks_stream(cell))
+            for cell in range(wire.CELLS)]
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     slots = asyncio.Semaphore(args.concurrency)
     running = set()
     print(f"python worker serving {args.workflow}/{args.step}", flush=True)
-    while not stop.is_set():
-        await slots.acquire()
-        free = 1
-        while free < args.concurrency and not slots.locked():
+
+    async def pull(sub):
+        while not stop.is_set():
             await slots.acquire()
-            free += 1
-        try:
-            msgs = await sub.fetch(batch=free, timeout=1)
-        except NatsTimeout:
-            msgs = []
-        for _ in range(free - len(msgs)):
-            slots.release()
-        for msg in msgs:
-            t = asyncio.create_task(process(js, msg, slots))
-            running.add(t)
-            t.add_done_callback(running.discard)
+            free = 1
+            while free < args.concurrency and not slots.locked():
+                await slots.acquire()
+                free += 1
+            try:
+                msgs = await sub.fetch(batch=free, timeout=1)
+            except NatsTimeout:
+                msgs = []
+            for _ in range(free - len(msgs)):
+                slots.release()
+            for msg in msgs:
+                t = asyncio.create_task(process(js, msg, slots))
+                running.add(t)
+                t.add_done_callback(running.discard)
+
+    await asyncio.gather(*(pull(sub) for sub in subs))
     if running:
         await asyncio.wait(running, timeout=30)
     await nc.drain()

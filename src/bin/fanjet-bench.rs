@@ -838,14 +838,9 @@ impl Cluster {
 
     /// Waits until `managers` managers hold an equal share of the partitions.
     async fn wait_partitions(&self, managers: usize) -> Result<()> {
-        let kv = self
-            .nats
-            .js
-            .get_key_value(fanjet::protocol::LEASES_BUCKET)
-            .await?;
         let start = Instant::now();
         loop {
-            let (held, _) = fanjet::nats::leases::holders(&kv).await?;
+            let (held, _) = fanjet::nats::leases::holders(&self.nats).await?;
             let mut by: std::collections::HashMap<&str, usize> = Default::default();
             for m in held.values() {
                 *by.entry(m.as_str()).or_default() += 1;
@@ -888,7 +883,7 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Writes `jobs` finished job records straight into `fanjet_jobs` (as a
+/// Writes `jobs` finished job records straight into `fanjet_jobs_<cell>` (as a
 /// month of jobs leaves them), of 1,000 customers `c0`…`c999`.
 async fn finished_records(nats: &Nats, jobs: u64) -> Result<()> {
     let mut acks = futures::stream::FuturesUnordered::new();
@@ -908,7 +903,10 @@ async fn finished_records(nats: &Nats, jobs: u64) -> Result<()> {
         let ack = nats
             .js
             .send_publish(
-                format!("$KV.{}.{id}", fanjet::protocol::JOBS_BUCKET),
+                format!(
+                    "$KV.{}.{id}",
+                    fanjet::protocol::jobs_bucket(fanjet::protocol::job_cell(&id))
+                ),
                 PublishMessage::build().payload(body.into()),
             )
             .await?
@@ -1210,14 +1208,17 @@ async fn seed_run(deployed: bool) -> Result<Figures> {
     let consumer = fanjet::protocol::step_consumer("seed", "send");
     let start = Instant::now();
     loop {
-        let waiting = c
-            .nats
-            .tasks
-            .clone()
-            .consumer_info(&consumer)
-            .await
-            .map(|i| i.num_waiting)
-            .unwrap_or(0);
+        // The fewest pulls waiting in any cell's work queue.
+        let mut waiting = usize::MAX;
+        for queue in &c.nats.tasks {
+            let n = queue
+                .clone()
+                .consumer_info(&consumer)
+                .await
+                .map(|i| i.num_waiting)
+                .unwrap_or(0);
+            waiting = waiting.min(n);
+        }
         if waiting >= 4 || start.elapsed() > Duration::from_secs(20) {
             break;
         }

@@ -1031,15 +1031,12 @@ async fn log_leaders(nats: &Nats) -> Vec<Option<usize>> {
 /// partition is held again.
 async fn takeover(nats: &Nats, victim: &str, within: Duration) -> Option<Duration> {
     let start = Instant::now();
-    let kv = nats
-        .js
-        .get_key_value(fanjet::protocol::LEASES_BUCKET)
-        .await
-        .ok()?;
+    let cells = fanjet::nats::leases::cell_buckets(nats).await.ok()?;
     while start.elapsed() < within {
         let mut held = 0;
         let mut by_victim = false;
         for p in 0..PARTITIONS {
+            let kv = &cells[fanjet::protocol::cell(p) as usize];
             if let Ok(Some(v)) = kv.get(lease_key(p)).await {
                 held += 1;
                 by_victim |= String::from_utf8_lossy(&v).starts_with(victim);

@@ -19,10 +19,10 @@ use crate::protocol::{
 /// One write of a checkpoint, in the order they must be made.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
-    /// The job record (`fanjet_jobs`), revision-checked: when another
+    /// The job record (`fanjet_jobs_<cell>`), revision-checked: when another
     /// manager changed it, the writes after it are not made.
     Record(Bytes),
-    /// A changed chunk of a fanout step's pending set (`fanjet_pending`).
+    /// A changed chunk of a fanout step's pending set (`fanjet_pending_<cell>`).
     Chunk {
         step_index: usize,
         chunk: u64,

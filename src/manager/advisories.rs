@@ -14,10 +14,15 @@ use tracing::{info, warn};
 
 use super::ManagerError;
 use crate::nats::{log, reader_messages, Nats};
-use crate::protocol::{Event, ItemOutcome, SubjobFailed, SubjobsDone, Task, ADVISORY_CONSUMER};
+use crate::protocol::{
+    stream_cell, Event, ItemOutcome, SubjobFailed, SubjobsDone, Task, ADVISORY_CONSUMER,
+    TASKS_STREAM_PREFIX,
+};
 
 #[derive(Debug, Deserialize)]
 struct MaxDeliveries {
+    /// The work queue (a cell's) the task is in.
+    stream: String,
     stream_seq: u64,
     #[serde(default)]
     deliveries: u64,
@@ -65,7 +70,17 @@ async fn handle(nats: &Nats, payload: &[u8]) -> Result<(), String> {
             return Ok(());
         }
     };
-    let raw = match nats.tasks.get_raw_message(adv.stream_seq).await {
+    let Some(queue) = stream_cell(&adv.stream)
+        .filter(|_| adv.stream.starts_with(TASKS_STREAM_PREFIX))
+        .map(|cell| &nats.tasks[cell as usize])
+    else {
+        warn!(
+            stream = adv.stream,
+            "ignoring an advisory of a stream not fanjet's work queue"
+        );
+        return Ok(());
+    };
+    let raw = match queue.get_raw_message(adv.stream_seq).await {
         Ok(m) => m,
         // Gone already (acked late, purged, or handled before a restart).
         Err(_) => return Ok(()),
@@ -116,7 +131,7 @@ async fn handle(nats: &Nats, payload: &[u8]) -> Result<(), String> {
             "an exhausted task is unreadable; deleting it"
         );
     }
-    nats.tasks
+    queue
         .delete_message(adv.stream_seq)
         .await
         .map_err(|e| e.to_string())?;

@@ -152,7 +152,7 @@ impl Executor {
                     self.flush().await?;
                     self.writer.fence.check()?;
                     self.nats
-                        .tasks
+                        .task_queue(&job_id)
                         .purge()
                         .filter(job_tasks_filter(&job_id))
                         .await

@@ -6,10 +6,14 @@
 //! is acknowledged after all of them. Read again after a restart, an event
 //! changes nothing (each summary carries the log sequence it reflects). A
 //! crash between writing an entry and storing its place would leave the
-//! entry behind, counted twice: writing it again within the index
-//! stream's duplicate window is answered with the first one, and after
-//! that, the first batch looks for entries written since the last batch
-//! began (its start is stored, with the server's time) before writing.
+//! entry behind, counted twice, and the batch read again may end a job's
+//! events elsewhere (its summary then differs from the one written). So
+//! each cell's reader marks a batch as begun (`index.writing.<cell>`, with
+//! the server's time) and as done once acknowledged; a reader that finds
+//! its cell's last batch begun and not done looks, in its first batch, for
+//! the entries each job got since then: the newest one written is kept
+//! (and the summary it holds, when it is as new as this batch's or newer),
+//! the others deleted.
 //!
 //! Jobs recorded before the index existed are indexed from their records
 //! once, when the consumer first runs.
@@ -28,12 +32,11 @@ use crate::nats::index::{self as idx, IndexError};
 use crate::nats::leases::{Fence, Fenced};
 use crate::nats::log::{stream_seq, Batch, LogError, Reader};
 use crate::nats::store::{self, StoreError};
-use crate::nats::{Nats, DUPLICATE_WINDOW};
+use crate::nats::Nats;
 use crate::protocol::{
     change, kind_filter, now_ms, Event, EventKind, IndexPosition, JobSummary, Millis, CELLS,
     INDEXED_KINDS, INDEX_BACKFILLED_KEY, INDEX_BUCKET, INDEX_CONSUMER,
 };
-use crate::shutdown::supervise;
 
 #[derive(Debug, Error)]
 pub enum IndexerError {
@@ -49,13 +52,26 @@ pub enum IndexerError {
     Fenced(#[from] Fenced),
 }
 
+impl IndexerError {
+    /// The lease's fence lapsed: nothing more may be written.
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            IndexerError::Fenced(_) | IndexerError::Log(LogError::Fenced(_))
+        )
+    }
+}
+
 /// Events read at once.
 const BATCH: usize = 1000;
 /// Jobs whose entries are written at once.
 const WRITES_IN_FLIGHT: usize = 64;
-/// The key that holds when the last batch began (the server's time of
-/// its write).
+/// Prefix of each cell's key (`index.writing.<cell>`) that holds when its
+/// last batch began (the server's time of its write) and whether it is done.
 const WRITING_KEY: &str = "index.writing";
+/// The value of a cell's [`WRITING_KEY`] while a batch is being written
+/// (empty once it is done).
+const BATCH_BEGUN: &str = "begun";
 
 /// Runs the index consumer until `cancel`. With a `fence` (the lease of
 /// the one index consumer), every write is made only while the lease is
@@ -77,30 +93,47 @@ pub async fn run(
         .map(|k| kind_filter(k.token()))
         .collect::<Vec<_>>();
     info!("index consumer running");
-    // A reader per cell, each started again alone when it fails: a cell's
-    // log electing a leader holds up none of the others.
+    // A reader per cell, each started again alone when it fails (a cell's
+    // log electing a leader holds up none of the others); past the lease,
+    // every one stops and the error is the index's.
+    let stop = cancel.child_token();
     let mut cells = JoinSet::new();
     for cell in 0..CELLS {
         let (n, p, f, c, filters) = (
             nats.clone(),
             positions.clone(),
             fence.clone(),
-            cancel.clone(),
+            stop.clone(),
             filters.clone(),
         );
-        cells.spawn(supervise("job index", cancel.clone(), move || {
-            run_cell(
-                n.clone(),
-                p.clone(),
-                cell,
-                filters.clone(),
-                c.clone(),
-                f.clone(),
-            )
-        }));
+        cells.spawn(async move {
+            let mut pause = Duration::from_millis(200);
+            loop {
+                let started = tokio::time::Instant::now();
+                match run_cell(n.clone(), p.clone(), cell, filters.clone(), c.clone(), f.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.is_fenced() => return Err(e),
+                    Err(e) => warn!(cell, error = %e, "job index: a cell's reader failed; starting it again"),
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    pause = Duration::from_millis(200);
+                }
+                tokio::select! {
+                    _ = c.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        });
     }
-    while cells.join_next().await.is_some() {}
-    Ok(())
+    let mut result = Ok(());
+    while let Some(r) = cells.join_next().await {
+        if let Ok(Err(e)) = r {
+            stop.cancel();
+            result = Err(e);
+        }
+    }
+    result
 }
 
 /// Indexes one cell's log until `cancel`.
@@ -112,10 +145,11 @@ async fn run_cell(
     cancel: CancellationToken,
     fence: Option<Fence>,
 ) -> Result<(), IndexerError> {
+    let writing = format!("{WRITING_KEY}.{cell}");
     loop {
-        // Where the writer before stopped: entries it wrote after this
-        // may have no position stored.
-        let since = last_batch_start(&positions).await?;
+        // Where the writer before stopped mid-batch: entries it wrote
+        // after this may have no position stored.
+        let since = unfinished_batch(&positions, &writing).await?;
         let mut reader = Reader::open(
             &nats,
             cell,
@@ -136,15 +170,19 @@ async fn run_cell(
             if !messages.is_empty() {
                 checked(&fence)?;
                 positions
-                    .put(WRITING_KEY, Default::default())
+                    .put(&writing, BATCH_BEGUN.into())
                     .await
                     .map_err(|e| IndexerError::Nats(format!("marking a batch: {e}")))?;
                 apply(&nats, &positions, &messages, look_first.take(), &fence).await?;
                 if let Some(last) = messages.last() {
                     checked(&fence)?;
-                    last.ack()
+                    last.double_ack()
                         .await
                         .map_err(|e| IndexerError::Nats(e.to_string()))?;
+                    positions
+                        .put(&writing, Default::default())
+                        .await
+                        .map_err(|e| IndexerError::Nats(format!("marking a batch done: {e}")))?;
                 }
             }
             if let Some(hole) = hole {
@@ -155,22 +193,23 @@ async fn run_cell(
     }
 }
 
-/// When the last batch of the writer before began, if that is longer ago
-/// than the duplicate window remembers (less a margin): its writes without
-/// a stored position must then be looked for.
-async fn last_batch_start(positions: &kv::Store) -> Result<Option<Millis>, IndexerError> {
+/// When the last batch of a cell began, if it was not marked done (its
+/// writer stopped in it): its writes without a stored position must be
+/// looked for.
+async fn unfinished_batch(
+    positions: &kv::Store,
+    key: &str,
+) -> Result<Option<Millis>, IndexerError> {
     let entry = positions
-        .entry(WRITING_KEY)
+        .entry(key)
         .await
-        .map_err(|e| IndexerError::Nats(format!("reading {WRITING_KEY}: {e}")))?;
-    let Some(entry) = entry else {
+        .map_err(|e| IndexerError::Nats(format!("reading {key}: {e}")))?;
+    let Some(entry) = entry.filter(|e| e.value.as_ref() == BATCH_BEGUN.as_bytes()) else {
         return Ok(None);
     };
     let began = (entry.created.unix_timestamp_nanos() / 1_000_000).max(0) as Millis;
-    let remembered = DUPLICATE_WINDOW.saturating_sub(Duration::from_secs(30));
-    let long_ago = now_ms().saturating_sub(began) > remembered.as_millis() as Millis;
     // A second of margin for the clocks of different servers.
-    Ok(long_ago.then(|| began.saturating_sub(1000)))
+    Ok(Some(began.saturating_sub(1000)))
 }
 
 /// What a batch changes for one job.
@@ -178,6 +217,9 @@ struct Changed {
     /// Where its entry was (`None`: it had none).
     old: Option<u64>,
     summary: JobSummary,
+    /// Entries a writer before left without storing their place (found
+    /// when looked for), to delete.
+    stale: Vec<u64>,
 }
 
 /// Applies a batch of events in log order, then writes each changed job's
@@ -233,6 +275,7 @@ async fn apply(
                 changed.entry(id).or_insert_with(|| Changed {
                     old: None,
                     summary: base.clone(),
+                    stale: Vec::new(),
                 });
             }
             continue;
@@ -243,6 +286,7 @@ async fn apply(
             .or_insert(Changed {
                 old: old_entry,
                 summary: next.clone(),
+                stale: Vec::new(),
             });
         *slot = Some((old_entry, next));
     }
@@ -284,15 +328,32 @@ async fn write(
     look_since: Option<Millis>,
     fence: &Option<Fence>,
 ) -> Result<(), IndexerError> {
+    let mut changed = changed;
     let mut sent = Vec::with_capacity(changed.len());
-    for c in &changed {
+    for c in &mut changed {
         checked(fence)?;
         let found = match look_since {
-            Some(since) => idx::find_entry(nats, &c.summary, since).await?,
-            None => None,
+            Some(since) => idx::job_entries(nats, &c.summary, since).await?,
+            None => Vec::new(),
         };
-        sent.push(match found {
-            Some(seq) => Sent::Found(seq),
+        // The newest entry a writer before left, when it is as new as
+        // this batch's summary or newer, is the job's entry: the events
+        // it reflects come again, and change nothing.
+        let newest = found
+            .iter()
+            .filter(|(_, s)| s.seq >= c.summary.seq)
+            .max_by_key(|(_, s)| s.seq)
+            .cloned();
+        c.stale = found
+            .iter()
+            .map(|(seq, _)| *seq)
+            .filter(|seq| newest.as_ref().is_none_or(|(kept, _)| kept != seq))
+            .collect();
+        sent.push(match newest {
+            Some((seq, summary)) => {
+                c.summary = summary;
+                Sent::Found(seq)
+            }
             None => match idx::send_entry(nats, &c.summary, now).await? {
                 Some(ack) => Sent::Pending(ack),
                 None => Sent::Expired,
@@ -314,8 +375,10 @@ async fn write(
     futures::stream::iter(changed.into_iter().zip(entries).map(Ok::<_, IndexerError>))
         .try_for_each_concurrent(WRITES_IN_FLIGHT, |(c, entry)| async move {
             checked(fence)?;
-            if let Some(old) = c.old.filter(|&old| Some(old) != entry) {
-                idx::delete_entry(nats, old).await?;
+            for old in c.old.iter().chain(&c.stale) {
+                if Some(*old) != entry {
+                    idx::delete_entry(nats, *old).await?;
+                }
             }
             match entry {
                 Some(entry) => {
@@ -345,7 +408,8 @@ fn checked(fence: &Option<Fence>) -> Result<(), IndexerError> {
 
 /// How a job's new entry was written.
 enum Sent {
-    /// Written before (by a writer that stopped before storing its place).
+    /// Written before (by a writer that stopped before storing its place),
+    /// as new as this batch's summary or newer.
     Found(u64),
     /// Sent; the server's confirmation comes with its sequence.
     Pending(async_nats::jetstream::context::PublishAckFuture),
@@ -387,6 +451,7 @@ async fn backfill(
                 Ok(store::get(nats, id).await?.map(|(job, _)| Changed {
                     old: None,
                     summary: JobSummary::of_job(&job),
+                    stale: Vec::new(),
                 }))
             })
             .collect();

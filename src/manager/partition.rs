@@ -60,6 +60,9 @@ pub(super) struct EventLoop {
     published: Published,
     /// Its reservations under caps.
     reserved: Reserved,
+    /// No write to the shares bucket before this (one did not answer in
+    /// time: the bucket, shared by every cell, may be electing a leader).
+    shares_resume: Option<std::time::Instant>,
     /// Jobs an event named that are not held, looked up this session and
     /// found ended or not stored (late events of ended jobs are common).
     not_running: HashSet<String>,
@@ -88,6 +91,7 @@ impl EventLoop {
             board,
             published: Published::default(),
             reserved: Reserved::default(),
+            shares_resume: None,
             not_running: HashSet::new(),
         }
     }
@@ -397,29 +401,54 @@ impl EventLoop {
             return Ok(());
         }
         let now = now_ms();
-        if let (true, Some(wanted)) = (self.fence.holds(), self.engine.reservations()) {
+        // The shares bucket is every cell's: while it elects a leader, this
+        // loop goes on with the last view rather than wait for it.
+        let writing = self.fence.holds()
+            && self
+                .shares_resume
+                .is_none_or(|at| std::time::Instant::now() >= at);
+        if let (true, Some(wanted)) = (writing, self.engine.reservations()) {
             let wanted = wanted.clone();
-            if let Err(e) = self
-                .reserved
-                .sync(&self.nats, self.partition, &wanted)
-                .await
-            {
-                warn!(partition = self.partition, error = %e, "could not change reservations under caps");
+            let sync = self.reserved.sync(&self.nats, self.partition, &wanted);
+            match tokio::time::timeout(SHARES_WAIT, sync).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(partition = self.partition, error = %e, "could not change reservations under caps")
+                }
+                Err(_) => self.shares_late("changing reservations under caps"),
             }
         }
         let mut view = self.board.view(self.partition, now);
         view.reserved = self.reserved.held();
         self.feed(Input::Shares(view)).await?;
-        if self.fence.holds() {
-            let written = self
-                .published
-                .write(&self.nats, self.partition, self.engine.demands(), now)
-                .await;
-            if let Err(e) = written {
-                warn!(partition = self.partition, error = %e, "could not publish this partition's demands");
+        if writing
+            && self
+                .shares_resume
+                .is_none_or(|at| std::time::Instant::now() >= at)
+        {
+            let write =
+                self.published
+                    .write(&self.nats, self.partition, self.engine.demands(), now);
+            match tokio::time::timeout(SHARES_WAIT, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(partition = self.partition, error = %e, "could not publish this partition's demands")
+                }
+                Err(_) => self.shares_late("publishing this partition's demands"),
             }
         }
         Ok(())
+    }
+
+    /// A write to the shares bucket did not answer in time: none for a
+    /// while.
+    fn shares_late(&mut self, what: &str) {
+        warn!(
+            partition = self.partition,
+            pause = ?SHARES_PAUSE,
+            "{what} timed out; the fair share goes on with the last view"
+        );
+        self.shares_resume = Some(std::time::Instant::now() + SHARES_PAUSE);
     }
 
     /// Checkpoints changed jobs, then acknowledges every event applied so far.
@@ -601,14 +630,24 @@ impl EventLoop {
             Err(e) => return Err(e.into()),
         };
         if self.workflows.get(name) != Some(&wf) {
+            // This partition's cell's consumers: another cell's work queue
+            // electing a leader must not hold up this one.
+            let cell = cell(self.partition);
             for step in &wf.steps {
-                self.nats.ensure_step_consumer(&wf.name, step).await?;
+                self.nats
+                    .ensure_cell_step_consumer(cell, &wf.name, step)
+                    .await?;
             }
             self.workflows.insert(name.to_string(), wf.clone());
         }
         Ok(Definition::Found(wf))
     }
 }
+
+/// The longest a partition loop waits for the shares bucket at a tick...
+const SHARES_WAIT: Duration = Duration::from_millis(250);
+/// ...and how long it leaves the bucket alone after it did not answer.
+const SHARES_PAUSE: Duration = Duration::from_secs(2);
 
 /// A fresh engine, paced when the fair share is on.
 fn engine(options: &ManagerOptions) -> Engine {
@@ -621,7 +660,7 @@ fn engine(options: &ManagerOptions) -> Engine {
 /// Tasks of one job in the work queue (queued, running or waiting to be retried).
 async fn queued_tasks(nats: &Nats, job_id: &str) -> Result<u64, ManagerError> {
     let mut subjects = nats
-        .tasks
+        .task_queue(job_id)
         .info_with_subjects(job_tasks_filter(job_id))
         .await
         .map_err(|e| ManagerError::Nats(format!("counting tasks of {job_id}: {e}")))?;

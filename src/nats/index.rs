@@ -170,32 +170,47 @@ pub async fn delete_entry(nats: &Nats, seq: u64) -> Result<(), IndexError> {
 }
 
 /// The entry written for `summary` since `since`, if one was (a write the
-/// consumer made before it stopped, without storing its position, longer
-/// ago than the duplicate window remembers).
+/// consumer made before it stopped, without storing its position).
 pub async fn find_entry(
     nats: &Nats,
     summary: &JobSummary,
     since: Millis,
 ) -> Result<Option<u64>, IndexError> {
+    Ok(job_entries(nats, summary, since)
+        .await?
+        .into_iter()
+        .find(|(_, s)| s.seq == summary.seq)
+        .map(|(seq, _)| seq))
+}
+
+/// Every entry of `summary`'s job written since `since`, in any state, with
+/// the summary each holds: what a consumer that stopped before storing
+/// their positions may have left.
+pub async fn job_entries(
+    nats: &Nats,
+    summary: &JobSummary,
+    since: Millis,
+) -> Result<Vec<(u64, JobSummary)>, IndexError> {
     // From the time, then on from the last entry read.
     let mut from = json!({"start_time": rfc3339(since)});
+    let mut out = Vec::new();
     loop {
         let mut request = from.clone();
-        request["next_by_subj"] = json!(summary.subject());
+        request["next_by_subj"] = json!(summary.any_state_subject());
         request["batch"] = json!(MAX_BATCH);
         let got = direct::batch(&nats.client, INDEX_STREAM, &request)
             .await
             .map_err(IndexError::Read)?;
         for m in &got {
             if let Ok(s) = serde_json::from_slice::<JobSummary>(&m.payload) {
-                if s.job_id == summary.job_id && s.seq == summary.seq {
-                    return Ok(Some(m.seq));
+                if s.job_id == summary.job_id {
+                    out.push((m.seq, s));
                 }
             }
         }
         match got.last() {
             Some(last) if got.len() == MAX_BATCH => from = json!({"seq": last.seq + 1}),
-            _ => return Ok(None),
+            _ => return Ok(out),
         }
     }
 }

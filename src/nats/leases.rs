@@ -1,5 +1,8 @@
-//! Leases in the `fanjet_leases` KV bucket: who runs what, when only one
-//! process may.
+//! Leases in KV buckets: who runs what, when only one process may. The
+//! partitions' leases are in their cells' buckets (`fanjet_leases_<cell>`),
+//! so that renewals go on while another cell's bucket elects a leader;
+//! memberships and the work one process at a time does are in
+//! `fanjet_leases`.
 //!
 //! Two users. Managers split the event log's partitions ([`Partitions`]):
 //! each partition is read by one manager at a time, through its own durable
@@ -50,8 +53,8 @@ use tracing::{debug, info, warn};
 
 use super::Nats;
 use crate::protocol::{
-    exclusive_key, lease_key, member_key, partition, LEASES_BUCKET, LEASE_KEY_PREFIX, LEASE_TTL,
-    MEMBER_KEY_PREFIX, PARTITIONS,
+    cell, exclusive_key, lease_key, member_key, partition, partition_leases_bucket, CELLS,
+    LEASES_BUCKET, LEASE_KEY_PREFIX, LEASE_TTL, MEMBER_KEY_PREFIX, PARTITIONS,
 };
 
 /// How often holders renew their leases.
@@ -144,22 +147,40 @@ pub async fn bucket(nats: &Nats) -> Result<kv::Store, LeaseError> {
         .map_err(|e| LeaseError::Nats(e.to_string()))
 }
 
+/// The partition leases' buckets, one per cell (index = cell).
+pub async fn cell_buckets(nats: &Nats) -> Result<Vec<kv::Store>, LeaseError> {
+    let mut out = Vec::new();
+    for c in 0..CELLS {
+        let kv = nats
+            .js
+            .get_key_value(partition_leases_bucket(c))
+            .await
+            .map_err(|e| LeaseError::Nats(e.to_string()))?;
+        out.push(kv);
+    }
+    Ok(out)
+}
+
 /// Forgets every lease. Only for a server no other fanjet process uses
 /// (`fanjet dev`'s own): leases left by a killed earlier run would
 /// otherwise keep its partitions idle until they expire.
 pub async fn clear(nats: &Nats) -> Result<(), LeaseError> {
     let err = |e: &dyn std::fmt::Display| LeaseError::Nats(e.to_string());
-    let stream = nats
-        .js
-        .get_stream(format!("KV_{LEASES_BUCKET}"))
-        .await
-        .map_err(|e| err(&e))?;
-    stream.purge().await.map_err(|e| err(&e))?;
+    let buckets =
+        std::iter::once(LEASES_BUCKET.to_string()).chain((0..CELLS).map(partition_leases_bucket));
+    for bucket in buckets {
+        let stream = nats
+            .js
+            .get_stream(format!("KV_{bucket}"))
+            .await
+            .map_err(|e| err(&e))?;
+        stream.purge().await.map_err(|e| err(&e))?;
+    }
     Ok(())
 }
 
-/// The bucket's live keys, sorted out: the managers' ids and the
-/// partitions held.
+/// A bucket's live keys, sorted out: the managers' ids and the partitions
+/// held.
 async fn keys(kv: &kv::Store) -> Result<(Vec<String>, Vec<u32>), LeaseError> {
     let err = |e: &dyn std::fmt::Display| LeaseError::Nats(e.to_string());
     let keys: Vec<String> = kv
@@ -185,16 +206,19 @@ async fn keys(kv: &kv::Store) -> Result<(Vec<String>, Vec<u32>), LeaseError> {
 }
 
 /// Who holds what: partition → manager id, and the live managers' ids.
-pub async fn holders(kv: &kv::Store) -> Result<(BTreeMap<u32, String>, Vec<String>), LeaseError> {
-    let (members, held) = keys(kv).await?;
+pub async fn holders(nats: &Nats) -> Result<(BTreeMap<u32, String>, Vec<String>), LeaseError> {
+    let (members, _) = keys(&bucket(nats).await?).await?;
     let mut partitions = BTreeMap::new();
-    for p in held {
-        let holder = kv
-            .get(lease_key(p))
-            .await
-            .map_err(|e| LeaseError::Nats(e.to_string()))?;
-        if let Some(holder) = holder {
-            partitions.insert(p, String::from_utf8_lossy(&holder).into_owned());
+    for kv in cell_buckets(nats).await? {
+        let (_, held) = keys(&kv).await?;
+        for p in held {
+            let holder = kv
+                .get(lease_key(p))
+                .await
+                .map_err(|e| LeaseError::Nats(e.to_string()))?;
+            if let Some(holder) = holder {
+                partitions.insert(p, String::from_utf8_lossy(&holder).into_owned());
+            }
         }
     }
     Ok((partitions, members))
@@ -407,10 +431,18 @@ where
 
 /// This manager's membership and the partitions it holds.
 pub struct Partitions {
+    /// Memberships.
     kv: kv::Store,
+    /// Each cell's partition leases (index = cell).
+    cells: Vec<kv::Store>,
     me: String,
     held: BTreeMap<u32, Lease>,
 }
+
+/// The longest one request to a lease bucket may hold up a round: a cell's
+/// bucket electing a leader must not delay the renewals of the others'
+/// partitions past their fences.
+const BUCKET_WAIT: Duration = Duration::from_millis(500);
 
 /// What one round should change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -457,9 +489,15 @@ impl Partitions {
     pub async fn open(nats: &Nats, me: String) -> Result<Self, LeaseError> {
         Ok(Partitions {
             kv: bucket(nats).await?,
+            cells: cell_buckets(nats).await?,
             me,
             held: BTreeMap::new(),
         })
+    }
+
+    /// The lease bucket of partition `p`'s cell.
+    fn bucket_of(&self, p: u32) -> &kv::Store {
+        &self.cells[cell(p) as usize]
     }
 
     /// Partitions held, in order.
@@ -472,24 +510,28 @@ impl Partitions {
         self.held.get(&p).map(Lease::fence)
     }
 
-    /// Renews the membership and every held lease. A lease someone else
-    /// holds now (or nobody) is dropped, its fence revoked, and returned,
-    /// with whether nobody holds it. A lease merely not renewed stays: its
-    /// fence pauses its work.
+    /// Renews the membership and every held lease, side by side, each
+    /// given [`BUCKET_WAIT`]. A lease someone else holds now (or nobody) is
+    /// dropped, its fence revoked, and returned, with whether nobody holds
+    /// it. A lease merely not renewed stays: its fence pauses its work.
     pub async fn renew(&mut self) -> Vec<(u32, bool)> {
-        if let Err(e) = self
-            .kv
-            .put(member_key(&self.me), self.me.clone().into())
-            .await
-        {
-            warn!(error = %e, "could not renew this manager's membership");
-        }
-        let (kv, me) = (&self.kv, self.me.as_str());
-        let renewals = self
-            .held
-            .iter_mut()
-            .map(|(p, lease)| async move { (*p, lease.renew(kv, me).await) });
-        let renewals = futures::future::join_all(renewals).await;
+        let membership = async {
+            let put = self.kv.put(member_key(&self.me), self.me.clone().into());
+            match tokio::time::timeout(BUCKET_WAIT, put).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(error = %e, "could not renew this manager's membership"),
+                Err(_) => warn!("renewing this manager's membership timed out"),
+            }
+        };
+        let (cells, me) = (&self.cells, self.me.as_str());
+        let renewals = self.held.iter_mut().map(|(p, lease)| async move {
+            let kv = &cells[cell(*p) as usize];
+            let renewal = tokio::time::timeout(BUCKET_WAIT, lease.renew(kv, me))
+                .await
+                .unwrap_or_else(|_| Renewal::Failed("timed out".into()));
+            (*p, renewal)
+        });
+        let (_, renewals) = futures::join!(membership, futures::future::join_all(renewals));
         let mut lost = Vec::new();
         let mut failed = Vec::new();
         for (p, renewal) in renewals {
@@ -520,19 +562,51 @@ impl Partitions {
     }
 
     /// Live managers (this one included) and the partitions nobody holds.
+    /// A cell whose bucket does not answer within [`BUCKET_WAIT`] offers
+    /// none of its partitions this time.
     pub async fn survey(&self) -> Result<(usize, Vec<u32>), LeaseError> {
-        let (members, taken) = keys(&self.kv).await?;
+        let listed = |kv: &kv::Store| {
+            let kv = kv.clone();
+            async move {
+                tokio::time::timeout(BUCKET_WAIT, async { keys(&kv).await })
+                    .await
+                    .map_err(|_| LeaseError::Nats("timed out".into()))?
+            }
+        };
+        let (members, cells) = futures::join!(
+            listed(&self.kv),
+            futures::future::join_all(self.cells.iter().map(listed))
+        );
+        let (members, _) = members?;
         let mut members: BTreeSet<String> = members.into_iter().collect();
         members.insert(self.me.clone());
-        let free = (0..PARTITIONS)
-            .filter(|p| !taken.contains(p) && !self.held.contains_key(p))
-            .collect();
+        let mut free = Vec::new();
+        for (c, listing) in cells.into_iter().enumerate() {
+            let taken = match listing {
+                Ok((_, taken)) => taken,
+                Err(e) => {
+                    debug!(cell = c, error = %e, "a cell's partition leases were not listed");
+                    continue;
+                }
+            };
+            free.extend(
+                (0..PARTITIONS)
+                    .filter(|p| cell(*p) as usize == c)
+                    .filter(|p| !taken.contains(p) && !self.held.contains_key(p)),
+            );
+        }
+        free.sort_unstable();
         Ok((members.len(), free))
     }
 
     /// Tries to take a free partition; false when another manager won it.
     pub async fn claim(&mut self, p: u32) -> Result<bool, LeaseError> {
-        match Lease::claim(&self.kv, &lease_key(p), &self.me).await? {
+        let key = lease_key(p);
+        let claim = Lease::claim(self.bucket_of(p), &key, &self.me);
+        let claimed = tokio::time::timeout(BUCKET_WAIT, claim)
+            .await
+            .map_err(|_| LeaseError::Nats(format!("claiming partition {p} timed out")))?;
+        match claimed? {
             Some(lease) => {
                 debug!(partition = p, "partition lease claimed");
                 self.held.insert(p, lease);
@@ -542,20 +616,25 @@ impl Partitions {
         }
     }
 
-    /// Gives a partition up (its loop must have stopped).
+    /// Gives a partition up (its loop must have stopped); one not released
+    /// within [`BUCKET_WAIT`] expires instead.
     pub async fn release(&mut self, p: u32) {
         if let Some(lease) = self.held.remove(&p) {
-            lease.release(&self.kv, &self.me).await;
+            let kv = self.cells[cell(p) as usize].clone();
+            let _ = tokio::time::timeout(BUCKET_WAIT, lease.release(&kv, &self.me)).await;
         }
     }
 
     /// Gives every partition up and leaves (graceful shutdown), so other
     /// managers take over at once instead of after the leases expire.
     pub async fn leave(&mut self, within: Duration) {
-        let (kv, me) = (&self.kv, self.me.as_str());
+        let (kv, cells, me) = (&self.kv, &self.cells, self.me.as_str());
         let held = std::mem::take(&mut self.held);
         let leave = async {
-            futures::future::join_all(held.into_values().map(|l| l.release(kv, me))).await;
+            let releases = held
+                .into_iter()
+                .map(|(p, l)| l.release(&cells[cell(p) as usize], me));
+            futures::future::join_all(releases).await;
             let _ = kv.delete(member_key(me)).await;
         };
         let _ = tokio::time::timeout(within, leave).await;

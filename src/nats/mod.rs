@@ -31,10 +31,11 @@ use async_nats::jetstream::{self, consumer, kv, object_store, stream, Context};
 use thiserror::Error;
 
 use crate::protocol::{
-    cell_events_subjects, events_stream, job_cell, max_deliveries_advisories, step_consumer,
-    step_tasks_filter, Step, Workflow, ADVISORIES_STREAM, CELLS, INDEX_BUCKET, INDEX_STREAM,
-    INDEX_WILDCARD, JOBS_BUCKET, LEASES_BUCKET, LEASE_TTL, PENDING_BUCKET, RESULTS_BUCKET,
-    STATS_BUCKET, TASKS_STREAM, TASKS_WILDCARD, WORKFLOWS_BUCKET,
+    cell_events_subjects, cell_tasks_subjects, events_stream, job_cell, jobs_bucket,
+    max_deliveries_advisories, partition_leases_bucket, pending_bucket, step_consumer,
+    step_tasks_filter, tasks_stream, Step, Workflow, ADVISORIES_STREAM, CELLS,
+    EVENTS_STREAM_PREFIX, INDEX_BUCKET, INDEX_STREAM, INDEX_WILDCARD, LEASES_BUCKET, LEASE_TTL,
+    RESULTS_BUCKET, STATS_BUCKET, TASKS_STREAM_PREFIX, WORKFLOWS_BUCKET,
 };
 use crate::protocol::{TaskKey, KEYS_BUCKET, SHARES_BUCKET, TASK_KEY, TENANTS_BUCKET};
 
@@ -55,7 +56,7 @@ pub enum SetupError {
     },
     #[error("could not create or update bucket {name}: {source}")]
     Bucket {
-        name: &'static str,
+        name: String,
         source: jetstream::context::CreateKeyValueError,
     },
     #[error("could not create consumer {name}: {source}")]
@@ -70,6 +71,10 @@ pub enum SetupError {
     },
     #[error("fanjet's streams and buckets are not there or not readable ({0}): start `fanjet manager` (or `fanjet dev`) first, or check this user's permissions")]
     Missing(String),
+    /// A store an earlier version made, with one log and one work queue:
+    /// this version splits them into cells.
+    #[error("stream {0} is an earlier fanjet's (one log and one work queue; this version keeps them per cell): let its jobs end, then delete it (`nats stream rm {0}`); see docs/OPERATIONS.md, \"Upgrading\"")]
+    Legacy(String),
     #[error("could not read or create the task token key in bucket {KEYS_BUCKET}: {0}")]
     Key(String),
     #[error("could not open the results object store: {0}")]
@@ -85,7 +90,10 @@ impl SetupError {
     /// True when trying again may succeed (NATS unavailable, a timeout);
     /// false when the thing itself is wrong.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, SetupError::BadDefinition { .. })
+        !matches!(
+            self,
+            SetupError::BadDefinition { .. } | SetupError::Legacy(_)
+        )
     }
 }
 
@@ -121,13 +129,17 @@ pub struct Nats {
     pub js: Context,
     /// The event log, one stream per cell (index = cell): see [`Nats::log`].
     pub events: Vec<stream::Stream>,
-    pub tasks: stream::Stream,
+    /// The work queue, one stream per cell (index = cell).
+    pub tasks: Vec<stream::Stream>,
     pub advisories: stream::Stream,
     /// The job index: a summary per job (see [`index`]).
     pub index: stream::Stream,
     pub workflows: kv::Store,
-    pub jobs: kv::Store,
-    pub pending: kv::Store,
+    /// Job records, one bucket per cell: see [`Nats::records`].
+    pub jobs: Vec<kv::Store>,
+    /// Pending sets and active keys, one bucket per cell: see
+    /// [`Nats::pending_of`].
+    pub pending: Vec<kv::Store>,
     pub stats: kv::Store,
     /// Results too large to travel inline in their event.
     pub results: object_store::ObjectStore,
@@ -143,6 +155,21 @@ impl Nats {
     /// The log stream holding `job_id`'s events (its cell's).
     pub fn log(&self, job_id: &str) -> &stream::Stream {
         self.cell_log(job_cell(job_id))
+    }
+
+    /// The work queue holding `job_id`'s tasks (its cell's).
+    pub fn task_queue(&self, job_id: &str) -> &stream::Stream {
+        &self.tasks[job_cell(job_id) as usize]
+    }
+
+    /// The bucket of `job_id`'s record (its cell's).
+    pub fn records(&self, job_id: &str) -> &kv::Store {
+        &self.jobs[job_cell(job_id) as usize]
+    }
+
+    /// The bucket of `job_id`'s pending sets and active key (its cell's).
+    pub fn pending_of(&self, job_id: &str) -> &kv::Store {
+        &self.pending[job_cell(job_id) as usize]
     }
 
     /// The log stream of one cell.
@@ -167,23 +194,31 @@ impl Nats {
             let js = js.clone();
             async move { js.get_stream(&name).await.map_err(|e| missing(&name, &e)) }
         };
-        let bucket = |name: &'static str| {
+        let bucket = |name: String| {
             let js = js.clone();
-            async move { js.get_key_value(name).await.map_err(|e| missing(name, &e)) }
+            async move {
+                js.get_key_value(&name)
+                    .await
+                    .map_err(|e| missing(&name, &e))
+            }
         };
-        let mut events = Vec::new();
+        let (mut events, mut tasks) = (Vec::new(), Vec::new());
+        let (mut jobs, mut pending) = (Vec::new(), Vec::new());
         for cell in 0..CELLS {
             events.push(stream(events_stream(cell)).await?);
+            tasks.push(stream(tasks_stream(cell)).await?);
+            jobs.push(bucket(jobs_bucket(cell)).await?);
+            pending.push(bucket(pending_bucket(cell)).await?);
         }
         Ok(Nats {
             events,
-            tasks: stream(TASKS_STREAM.into()).await?,
+            tasks,
             advisories: stream(ADVISORIES_STREAM.into()).await?,
             index: stream(INDEX_STREAM.into()).await?,
-            workflows: bucket(WORKFLOWS_BUCKET).await?,
-            jobs: bucket(JOBS_BUCKET).await?,
-            pending: bucket(PENDING_BUCKET).await?,
-            stats: bucket(STATS_BUCKET).await?,
+            workflows: bucket(WORKFLOWS_BUCKET.into()).await?,
+            jobs,
+            pending,
+            stats: bucket(STATS_BUCKET.into()).await?,
             results: js
                 .get_object_store(RESULTS_BUCKET)
                 .await
@@ -255,10 +290,10 @@ impl Nats {
                     .map_err(|source| SetupError::GetStream { name, source })
             }
         };
-        let bucket = |name: &'static str, history: i64, max_age: Duration| {
+        let bucket = |name: String, history: i64, max_age: Duration| {
             let js = js.clone();
             let cfg = kv::Config {
-                bucket: name.to_string(),
+                bucket: name.clone(),
                 history,
                 max_age,
                 storage: stream::StorageType::File,
@@ -273,15 +308,15 @@ impl Nats {
         };
         use stream::RetentionPolicy::{Limits, WorkQueue};
         // Managers split the log's partitions through leases that expire.
-        bucket(LEASES_BUCKET, 1, LEASE_TTL).await?;
-        let keys = bucket(KEYS_BUCKET, 1, Duration::ZERO).await?;
+        bucket(LEASES_BUCKET.into(), 1, LEASE_TTL).await?;
+        let keys = bucket(KEYS_BUCKET.into(), 1, Duration::ZERO).await?;
         // The fair share: what each partition wants of each step (rewritten
         // every few seconds; a key nobody rewrites goes), and the
         // customers' settings.
-        bucket(SHARES_BUCKET, 1, Duration::from_secs(600)).await?;
-        bucket(TENANTS_BUCKET, 5, Duration::ZERO).await?;
+        bucket(SHARES_BUCKET.into(), 1, Duration::from_secs(600)).await?;
+        bucket(TENANTS_BUCKET.into(), 5, Duration::ZERO).await?;
         // Where each job's entry is in the index: kept as long as the entry.
-        bucket(INDEX_BUCKET, 1, RECORDS_MAX_AGE).await?;
+        bucket(INDEX_BUCKET.into(), 1, RECORDS_MAX_AGE).await?;
         let index_stream = stream::Config {
             name: INDEX_STREAM.to_string(),
             subjects: vec![INDEX_WILDCARD.into()],
@@ -303,8 +338,23 @@ impl Nats {
                 source,
             })?;
         let task_key = task_key(&keys).await?;
-        let mut events = Vec::new();
+        // A store made by a version before the cells: its single log and
+        // work queue take the subjects the cells' streams need.
+        for legacy in [EVENTS_STREAM_PREFIX, TASKS_STREAM_PREFIX] {
+            if js.get_stream(legacy).await.is_ok() {
+                return Err(SetupError::Legacy(legacy.into()));
+            }
+        }
+        let (mut events, mut tasks) = (Vec::new(), Vec::new());
+        let (mut jobs, mut pending) = (Vec::new(), Vec::new());
         for cell in 0..CELLS {
+            jobs.push(bucket(jobs_bucket(cell), 1, RECORDS_MAX_AGE).await?);
+            // A job cannot outlive the log, so neither may its chunks: if
+            // deleting them when the job ended failed, they expire.
+            pending.push(bucket(pending_bucket(cell), 1, EVENTS_MAX_AGE).await?);
+            // Each cell's partitions are leased in a bucket of the cell's:
+            // renewals go on while another cell's bucket elects a leader.
+            bucket(partition_leases_bucket(cell), 1, LEASE_TTL).await?;
             // Readers without consumer rights (the viewer role) read a
             // job's history with direct gets.
             let log = stream(
@@ -315,20 +365,21 @@ impl Nats {
                 true,
             );
             events.push(log.await?);
-        }
-        Ok(Nats {
-            events,
-            tasks: stream(
-                TASKS_STREAM.into(),
-                vec![TASKS_WILDCARD.into()],
+            let queue = stream(
+                tasks_stream(cell),
+                cell_tasks_subjects(cell),
                 WorkQueue,
                 Duration::ZERO,
                 false,
-            )
-            .await?,
+            );
+            tasks.push(queue.await?);
+        }
+        Ok(Nats {
+            events,
+            tasks,
             advisories: stream(
                 ADVISORIES_STREAM.into(),
-                vec![max_deliveries_advisories()],
+                max_deliveries_advisories(),
                 Limits,
                 EVENTS_MAX_AGE,
                 false,
@@ -341,12 +392,10 @@ impl Nats {
                     name: INDEX_STREAM.into(),
                     source,
                 })?,
-            workflows: bucket(WORKFLOWS_BUCKET, 5, Duration::ZERO).await?,
-            jobs: bucket(JOBS_BUCKET, 1, RECORDS_MAX_AGE).await?,
-            // A job cannot outlive the log, so neither may its chunks: if
-            // deleting them when the job ended failed, they expire.
-            pending: bucket(PENDING_BUCKET, 1, EVENTS_MAX_AGE).await?,
-            stats: bucket(STATS_BUCKET, 1, RECORDS_MAX_AGE).await?,
+            workflows: bucket(WORKFLOWS_BUCKET.into(), 5, Duration::ZERO).await?,
+            jobs,
+            pending,
+            stats: bucket(STATS_BUCKET.into(), 1, RECORDS_MAX_AGE).await?,
             results: results_bucket(&js, replicas).await?,
             task_key: Some(task_key),
             user: "_".into(),
@@ -355,14 +404,26 @@ impl Nats {
         })
     }
 
-    /// Creates or updates the pull consumer workers of one step share:
-    /// AckWait = the step's timeout, MaxDeliver = its attempts.
+    /// Creates or updates the pull consumers workers of one step share, one
+    /// in each cell's work queue (index = cell): AckWait = the step's
+    /// timeout, MaxDeliver = its attempts.
     pub async fn ensure_step_consumer(
         &self,
         workflow: &str,
         step: &Step,
-    ) -> Result<consumer::PullConsumer, SetupError> {
+    ) -> Result<Vec<consumer::PullConsumer>, SetupError> {
         create_step_consumer(&self.js, workflow, step).await
+    }
+
+    /// Creates or updates a step's consumer in one cell's work queue (what
+    /// a partition of that cell needs, whatever the other cells' state).
+    pub async fn ensure_cell_step_consumer(
+        &self,
+        cell: u32,
+        workflow: &str,
+        step: &Step,
+    ) -> Result<consumer::PullConsumer, SetupError> {
+        create_cell_step_consumer(&self.js, cell, workflow, step).await
     }
 
     /// Stores a workflow definition and creates its step consumers.
@@ -421,10 +482,25 @@ impl Nats {
     }
 }
 
-/// Creates or updates the pull consumer workers of one step share:
-/// AckWait = the step's timeout, MaxDeliver = its attempts.
+/// Creates or updates the pull consumers workers of one step share, one in
+/// each cell's work queue: AckWait = the step's timeout, MaxDeliver = its
+/// attempts.
 async fn create_step_consumer(
     js: &Context,
+    workflow: &str,
+    step: &Step,
+) -> Result<Vec<consumer::PullConsumer>, SetupError> {
+    let mut consumers = Vec::new();
+    for cell in 0..CELLS {
+        consumers.push(create_cell_step_consumer(js, cell, workflow, step).await?);
+    }
+    Ok(consumers)
+}
+
+/// Creates or updates a step's consumer in one cell's work queue.
+async fn create_cell_step_consumer(
+    js: &Context,
+    cell: u32,
     workflow: &str,
     step: &Step,
 ) -> Result<consumer::PullConsumer, SetupError> {
@@ -439,7 +515,7 @@ async fn create_step_consumer(
         max_waiting: 4096,
         ..Default::default()
     };
-    js.create_consumer_on_stream(config, TASKS_STREAM)
+    js.create_consumer_on_stream(config, tasks_stream(cell))
         .await
         .map_err(|source| SetupError::Consumer { name, source })
 }
@@ -544,26 +620,30 @@ impl WorkerNats {
         read_workflow(&self.workflows, name).await
     }
 
-    /// The existing consumer of a step (consumer info only).
+    /// The existing consumer of a step in one cell's work queue (consumer
+    /// info only).
     pub async fn step_consumer(
         &self,
+        cell: u32,
         workflow: &str,
         step: &str,
     ) -> Result<consumer::PullConsumer, String> {
         self.js
-            .get_consumer_from_stream(step_consumer(workflow, step), TASKS_STREAM)
+            .get_consumer_from_stream(step_consumer(workflow, step), tasks_stream(cell))
             .await
             .map_err(|e| e.to_string())
     }
 
-    /// Creates the step's consumer (for a user allowed to: a worker that
-    /// runs with the manager role, as in `fanjet dev`).
+    /// Creates the step's consumer in one cell's work queue (for a user
+    /// allowed to: a worker that runs with the manager role, as in `fanjet
+    /// dev`).
     pub async fn ensure_step_consumer(
         &self,
+        cell: u32,
         workflow: &str,
         step: &Step,
     ) -> Result<consumer::PullConsumer, SetupError> {
-        create_step_consumer(&self.js, workflow, step).await
+        create_cell_step_consumer(&self.js, cell, workflow, step).await
     }
 }
 

@@ -485,7 +485,7 @@ mod tests {
                 g("FANJET_EVENTS_0", Some("fanjet-manager-00")),
                 led(Some("n0"), &["n1", "n2"]),
             ),
-            (g("FANJET_TASKS", None), led(Some("n1"), &["n0", "n2"])),
+            (g("FANJET_ADVISORIES", None), led(Some("n1"), &["n0", "n2"])),
             (g("KV_fanjet_jobs", None), led(Some("n2"), &["n1"])),
             (g("KV_fanjet_pending", None), led(None, &["n1", "n2"])),
         ])
@@ -504,12 +504,12 @@ mod tests {
         assert_eq!(
             what(&moves),
             [
+                ("stream FANJET_ADVISORIES".to_string(), "n1", "n0"),
                 (
                     "consumer fanjet-manager-01 of FANJET_EVENTS_1".to_string(),
                     "n0",
                     "n1"
                 ),
-                ("stream FANJET_TASKS".to_string(), "n1", "n0"),
             ],
             "the jobs bucket has no up-to-date copy on n0, pending is electing"
         );
@@ -573,7 +573,7 @@ mod tests {
     #[test]
     fn resting_groups_and_the_limit_are_respected() {
         let all = plan(&spread(), &|_, _| false, 16);
-        let rest = plan(&spread(), &|g, _| g.stream == "FANJET_TASKS", 16);
+        let rest = plan(&spread(), &|g, _| g.stream == "FANJET_ADVISORIES", 16);
         assert_eq!(rest.len(), all.len() - 1);
         assert_eq!(plan(&spread(), &|_, _| false, 1).len(), 1);
     }
@@ -582,7 +582,7 @@ mod tests {
     fn an_ask_that_did_not_take_waits_longer_each_time_unless_the_target_changes() {
         let mut asked = Asked::default();
         let t0 = Instant::now();
-        let grp = g("FANJET_TASKS", None);
+        let grp = g("FANJET_ADVISORIES", None);
         asked.asked(&grp, "n0", t0);
         assert!(asked.resting(&grp, "n0", t0 + BACKOFF - Duration::from_millis(1)));
         assert!(!asked.resting(&grp, "n0", t0 + BACKOFF));

@@ -1,6 +1,6 @@
-//! The records fanjet keeps in KV: job records (`fanjet_jobs`), their
-//! pending-set chunks (`fanjet_pending`) and statistics records
-//! (`fanjet_stats`).
+//! The records fanjet keeps in KV: job records (`fanjet_jobs_<cell>`),
+//! their pending-set chunks (`fanjet_pending_<cell>`) and statistics
+//! records (`fanjet_stats`).
 //!
 //! The manager writes a job's record first and its changed bitmap chunks
 //! second (see [`crate::machine::Checkpoint`]); on load the counts are
@@ -16,9 +16,9 @@ use thiserror::Error;
 
 use super::Nats;
 use crate::protocol::{
-    active_filter, active_key, active_scanned_key, chunk_key, event_subject, validate_token, Event,
-    EventKind, Job, JobState, JobStats, Pending, StepKind, StepState, JOBS_BUCKET, MANAGER_HEADER,
-    PENDING_BUCKET,
+    active_filter, active_key, active_scanned_key, cell, chunk_key, event_subject, job_cell,
+    jobs_bucket, pending_bucket, validate_token, Event, EventKind, Job, JobState, JobStats,
+    Pending, StepKind, StepState, CELLS, MANAGER_HEADER,
 };
 
 #[derive(Debug, Error)]
@@ -58,7 +58,7 @@ pub async fn put_record(
     };
     let written = kv_write(
         nats,
-        JOBS_BUCKET,
+        &jobs_bucket(job_cell(job_id)),
         job_id,
         record.clone(),
         author,
@@ -71,15 +71,17 @@ pub async fn put_record(
         (Err(e), Some(_)) if e.kind() == PublishErrorKind::WrongLastSequence => Err(conflict()),
         // A key deleted before has a revision of its own: the KV API's
         // create knows how to create over it (without the author).
-        (Err(e), None) if e.kind() == PublishErrorKind::WrongLastSequence => {
-            nats.jobs.create(job_id, record).await.map_err(|e| {
+        (Err(e), None) if e.kind() == PublishErrorKind::WrongLastSequence => nats
+            .records(job_id)
+            .create(job_id, record)
+            .await
+            .map_err(|e| {
                 if e.kind() == kv::CreateErrorKind::AlreadyExists {
                     conflict()
                 } else {
                     kv_error(job_id, "create", &e)
                 }
-            })
-        }
+            }),
         (Err(e), None) => Err(kv_error(job_id, "create", &e)),
         (Err(e), Some(_)) => Err(kv_error(job_id, "update", &e)),
     }
@@ -95,7 +97,8 @@ pub async fn put_chunk(
     bits: Vec<u8>,
 ) -> Result<(), StoreError> {
     let key = chunk_key(job_id, step_index, chunk);
-    kv_write(nats, PENDING_BUCKET, &key, bits.into(), author, None, &[])
+    let bucket = pending_bucket(job_cell(job_id));
+    kv_write(nats, &bucket, &key, bits.into(), author, None, &[])
         .await
         .map(|_| ())
         .map_err(|e| kv_error(job_id, "put chunk", &e))
@@ -130,7 +133,7 @@ async fn purge_pending(
     let purge = [("KV-Operation", "PURGE"), ("Nats-Rollup", "sub")];
     kv_write(
         nats,
-        PENDING_BUCKET,
+        &pending_bucket(job_cell(job_id)),
         key,
         Bytes::new(),
         author,
@@ -147,7 +150,7 @@ async fn purge_pending(
 pub async fn list_active(nats: &Nats, author: &str, job_id: &str) -> Result<(), StoreError> {
     kv_write(
         nats,
-        PENDING_BUCKET,
+        &pending_bucket(job_cell(job_id)),
         &active_key(job_id),
         Bytes::new(),
         author,
@@ -180,9 +183,8 @@ async fn active_ids(nats: &Nats, partition: u32) -> Result<Vec<String>, StoreErr
         op: "list active keys",
         message: e.to_string(),
     };
-    let prefix = format!("$KV.{PENDING_BUCKET}.");
-    let consumer = nats
-        .pending
+    let prefix = format!("$KV.{}.", pending_bucket(cell(partition)));
+    let consumer = nats.pending[cell(partition) as usize]
         .stream
         .create_consumer(push::OrderedConfig {
             deliver_subject: nats.client.new_inbox(),
@@ -343,7 +345,7 @@ pub async fn latest(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, Sto
 
 /// One job record, read as `how` says.
 async fn get_with(nats: &Nats, job_id: &str, how: Read) -> Result<Option<(Job, u64)>, StoreError> {
-    match read_key(&nats.jobs, job_id, how, job_id, "get").await? {
+    match read_key(nats.records(job_id), job_id, how, job_id, "get").await? {
         Some((value, revision)) => {
             let job: Job = serde_json::from_slice(&value).map_err(|source| StoreError::Decode {
                 job_id: job_id.into(),
@@ -482,9 +484,15 @@ async fn bits(
     let mut whole = true;
     for c in 0..pending.chunk_count() {
         let key = chunk_key(job_id, step_index, c);
-        let bytes = read_key(&nats.pending, &key, Read::Leader, job_id, "get chunk")
-            .await?
-            .map(|(value, _)| value);
+        let bytes = read_key(
+            nats.pending_of(job_id),
+            &key,
+            Read::Leader,
+            job_id,
+            "get chunk",
+        )
+        .await?
+        .map(|(value, _)| value);
         match bytes {
             Some(b) => {
                 if !pending.load_chunk(c, &b) {
@@ -502,22 +510,30 @@ async fn bits(
     Ok((pending, whole))
 }
 
-/// Every job id in the jobs bucket.
+/// Every job id with a record, cell after cell.
 pub async fn job_ids(nats: &Nats) -> Result<Vec<String>, StoreError> {
+    let mut ids = Vec::new();
+    for cell in 0..CELLS {
+        ids.extend(cell_job_ids(nats, cell).await?);
+    }
+    Ok(ids)
+}
+
+/// The job ids with a record in one cell.
+async fn cell_job_ids(nats: &Nats, cell: u32) -> Result<Vec<String>, StoreError> {
     let err = |e: &dyn std::fmt::Display| StoreError::Kv {
         job_id: "*".into(),
         op: "list",
         message: e.to_string(),
     };
-    let keys = nats.jobs.keys().await.map_err(|e| err(&e))?;
+    let keys = nats.jobs[cell as usize].keys().await.map_err(|e| err(&e))?;
     keys.try_collect().await.map_err(|e| err(&e))
 }
 
 /// The running jobs of one partition, loaded to resume: those with an
 /// active key (the keys of jobs that ended are deleted).
 pub async fn load_active(nats: &Nats, partition: u32) -> Result<Vec<(Job, u64)>, StoreError> {
-    let scanned = nats
-        .pending
+    let scanned = nats.pending[cell(partition) as usize]
         .get(active_scanned_key(partition))
         .await
         .map_err(|e| kv_error("*", "get scanned key", &e))?;
@@ -547,7 +563,7 @@ pub async fn load_active(nats: &Nats, partition: u32) -> Result<Vec<(Job, u64)>,
 /// partition is marked scanned.
 async fn scan_partition(nats: &Nats, partition: u32) -> Result<Vec<(Job, u64)>, StoreError> {
     let mut out = Vec::new();
-    for id in job_ids(nats)
+    for id in cell_job_ids(nats, cell(partition))
         .await?
         .into_iter()
         .filter(|id| crate::protocol::partition(id) == partition)
@@ -562,7 +578,7 @@ async fn scan_partition(nats: &Nats, partition: u32) -> Result<Vec<(Job, u64)>, 
             out.push((job, rev));
         }
     }
-    nats.pending
+    nats.pending[cell(partition) as usize]
         .put(active_scanned_key(partition), Bytes::new())
         .await
         .map_err(|e| kv_error("*", "put scanned key", &e))?;

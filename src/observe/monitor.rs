@@ -5,6 +5,7 @@
 //! serve` listens, reads the task and manager consumers' state, and sets
 //! the gauges, so one scrape target covers every process.
 
+use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -109,28 +110,41 @@ async fn customers(nats: &Nats, m: &Metrics) {
     }
 }
 
-/// Backlog, in-flight and redelivered tasks per step; the manager's lag.
+/// Backlog, in-flight and redelivered tasks per step (summed over the
+/// cells' work queues); the manager's lag.
 async fn consumers(nats: &Nats, m: &Metrics) {
-    let mut list = nats.tasks.consumers();
-    while let Some(Ok(info)) = list.next().await {
-        // Consumer names join workflow and step with '_', which the names
-        // may hold too; the filter subject keeps them apart.
-        let filter = info.config.filter_subject.clone();
-        let parts: Vec<&str> = filter.split('.').collect();
-        if parts.len() != 5 || parts[0] != "fanjet" || parts[1] != "task" {
-            continue;
+    // (backlog, in flight, redelivered) per (workflow, step).
+    let mut steps: BTreeMap<(String, String), [u64; 3]> = BTreeMap::new();
+    for queue in &nats.tasks {
+        let mut list = queue.consumers();
+        while let Some(Ok(info)) = list.next().await {
+            // Consumer names join workflow and step with '_', which the
+            // names may hold too; the filter subject keeps them apart.
+            let filter = info.config.filter_subject.clone();
+            let parts: Vec<&str> = filter.split('.').collect();
+            if parts.len() != 6 || parts[0] != "fanjet" || parts[1] != "task" {
+                continue;
+            }
+            let figures = steps
+                .entry((parts[3].to_string(), parts[4].to_string()))
+                .or_default();
+            figures[0] += info.num_pending;
+            figures[1] += info.num_ack_pending as u64;
+            figures[2] += info.num_redelivered as u64;
         }
-        let labels = [parts[2], parts[3]];
-        m.known_step(parts[2], parts[3]);
+    }
+    for ((workflow, step), [backlog, in_flight, redelivered]) in steps {
+        let labels = [workflow.as_str(), step.as_str()];
+        m.known_step(&workflow, &step);
         m.task_backlog
             .with_label_values(&labels)
-            .set(info.num_pending as i64);
+            .set(backlog as i64);
         m.tasks_in_flight
             .with_label_values(&labels)
-            .set(info.num_ack_pending as i64);
+            .set(in_flight as i64);
         m.tasks_redelivered
             .with_label_values(&labels)
-            .set(info.num_redelivered as i64);
+            .set(redelivered as i64);
     }
     // The lag of every partition's consumer, summed.
     let lags = (0..PARTITIONS).map(|p| {

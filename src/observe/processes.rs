@@ -80,10 +80,7 @@ pub async fn processes(nats: &Nats, beats: Vec<(Duration, Heartbeat)>) -> Proces
             _ => {}
         }
     }
-    let leases = match leases::bucket(nats).await {
-        Ok(kv) => leases::holders(&kv).await,
-        Err(e) => Err(e),
-    };
+    let leases = leases::holders(nats).await;
     // A manager in the lease bucket whose heartbeat was not heard (yet).
     let unheard = |id: &str| ManagerView {
         user: None,

@@ -378,10 +378,10 @@ async fn run_cell(
         };
         tokio::select! {
             _ = cancel.cancelled() => {
-                save(&nats, &mut jobs, &mut dirty, &mut unacked).await?;
+                save(&nats, cell, &mut jobs, &mut dirty, &mut unacked).await?;
                 return Ok(());
             }
-            _ = saver.tick() => save(&nats, &mut jobs, &mut dirty, &mut unacked).await?,
+            _ = saver.tick() => save(&nats, cell, &mut jobs, &mut dirty, &mut unacked).await?,
             batch = reading.next_batch() => {
                 let Batch { mut messages, hole } = batch?;
                 for msg in &messages {
@@ -415,7 +415,7 @@ async fn run_cell(
                     // Applying past the hole would mark the missing event
                     // as seen; save, and read again from the ack floor
                     // (at once: a hole is no failure of this consumer).
-                    save(&nats, &mut jobs, &mut dirty, &mut unacked).await?;
+                    save(&nats, cell, &mut jobs, &mut dirty, &mut unacked).await?;
                     debug!(%hole, "statistics: reading again from the last acknowledged event");
                     reader = None;
                 }
@@ -459,8 +459,10 @@ async fn seed(nats: &Nats, job_id: &str) -> JobStats {
     s
 }
 
+/// Stores what changed of one cell's records, then acknowledges.
 async fn save(
     nats: &Nats,
+    cell: u32,
     jobs: &mut HashMap<String, JobStats>,
     dirty: &mut Vec<String>,
     unacked: &mut Option<Message>,
@@ -478,7 +480,7 @@ async fn save(
     if let Some(m) = unacked.take() {
         m.ack().await.map_err(|e| StatsError::Nats(e.to_string()))?;
     }
-    capacity_gauges(jobs.values(), crate::protocol::now_ms());
+    capacity_gauges(cell, jobs.values(), crate::protocol::now_ms());
     // Running jobs stay in memory (with their steps' bitmaps); ended ones
     // left above. A bound in case the log holds jobs no manager will end:
     // dropped records are reloaded from KV, without their bitmaps.
@@ -490,7 +492,7 @@ async fn save(
 
 /// Per workflow and step, over running jobs: worker slots needed to meet
 /// the jobs' deadlines, and seconds left at the throughput seen.
-fn capacity_gauges<'a>(jobs: impl Iterator<Item = &'a JobStats>, now: Millis) {
+fn capacity_gauges<'a>(cell: u32, jobs: impl Iterator<Item = &'a JobStats>, now: Millis) {
     let m = Metrics::get();
     let mut needed: HashMap<(String, String), (i64, i64)> = HashMap::new();
     for job in jobs.filter(|j| j.outcome.is_none()) {
@@ -523,17 +525,27 @@ fn capacity_gauges<'a>(jobs: impl Iterator<Item = &'a JobStats>, now: Millis) {
             .unwrap_or(0) as i64;
         e.1 = e.1.max(left);
     }
-    // Steps seen once stay at 0 when idle: a dashboard line drops to zero
-    // rather than vanishing.
-    static SEEN: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
-    let Ok(mut seen) = SEEN.lock() else { return };
-    for key in needed.keys() {
-        if !seen.contains(key) {
-            seen.push(key.clone());
-        }
+    // Each cell's reader sees its own jobs: the gauges add up the cells'
+    // figures, each cell's replaced by its latest. Steps seen once stay at
+    // 0 when idle: a dashboard line drops to zero rather than vanishing.
+    type ByStep = HashMap<(String, String), (i64, i64)>;
+    static CELLS: std::sync::Mutex<Option<HashMap<u32, ByStep>>> = std::sync::Mutex::new(None);
+    let Ok(mut cells) = CELLS.lock() else { return };
+    let cells = cells.get_or_insert_with(HashMap::new);
+    let mine = cells.entry(cell).or_default();
+    for figures in mine.values_mut() {
+        *figures = (0, 0);
     }
-    for key in seen.iter() {
-        let (slots, left) = needed.get(key).copied().unwrap_or((0, 0));
+    mine.extend(needed);
+    let mut seen: Vec<(String, String)> =
+        cells.values().flat_map(|by| by.keys().cloned()).collect();
+    seen.sort();
+    seen.dedup();
+    for key in seen {
+        let (slots, left) = cells
+            .values()
+            .filter_map(|by| by.get(&key))
+            .fold((0, 0), |(s, l), (s1, l1)| (s + s1, l.max(*l1)));
         m.slots_needed
             .with_label_values(&[&key.0, &key.1])
             .set(slots);

@@ -160,6 +160,14 @@ impl JobSummary {
     pub fn subject(&self) -> String {
         index_subject(self.customer.as_deref(), self.state, &self.workflow)
     }
+
+    /// The subjects any entry of this job is on, whatever its state.
+    pub fn any_state_subject(&self) -> String {
+        let mut t: Vec<String> = self.subject().split('.').map(String::from).collect();
+        // fanjet.index.<customer>.<state>.<workflow>
+        t[3] = "*".into();
+        t.join(".")
+    }
 }
 
 /// What the `fanjet_index` bucket keeps of a job: where its entry is and

@@ -6,18 +6,21 @@ use thiserror::Error;
 /// Prefix of the event log's streams, one per cell ([`events_stream`]):
 /// every fact about every job, subjects per job.
 pub const EVENTS_STREAM_PREFIX: &str = "FANJET_EVENTS";
-/// The work queue: one message per task or subjob attempt-set.
-pub const TASKS_STREAM: &str = "FANJET_TASKS";
+/// Prefix of the work queue's streams, one per cell ([`tasks_stream`]):
+/// one message per task.
+pub const TASKS_STREAM_PREFIX: &str = "FANJET_TASKS";
 /// Captures the server's max-deliveries advisories for the task stream, so a
 /// subjob whose last attempt timed out is noticed even if no manager was up.
 pub const ADVISORIES_STREAM: &str = "FANJET_ADVISORIES";
 
 /// KV bucket: workflow definitions, key = workflow name.
 pub const WORKFLOWS_BUCKET: &str = "fanjet_workflows";
-/// KV bucket: detailed job status, key = job id.
-pub const JOBS_BUCKET: &str = "fanjet_jobs";
-/// KV bucket: pending sets as bitmap chunks, key = `<job>.<step>.<chunk>`.
-pub const PENDING_BUCKET: &str = "fanjet_pending";
+/// Prefix of the KV buckets of detailed job status, one per cell
+/// ([`jobs_bucket`]), key = job id.
+pub const JOBS_BUCKET_PREFIX: &str = "fanjet_jobs";
+/// Prefix of the KV buckets of pending sets as bitmap chunks, one per cell
+/// ([`pending_bucket`]), key = `<job>.<step>.<chunk>`.
+pub const PENDING_BUCKET_PREFIX: &str = "fanjet_pending";
 
 /// KV bucket: per-job statistics, key = job id.
 pub const STATS_BUCKET: &str = "fanjet_stats";
@@ -29,9 +32,11 @@ pub const NOTIFY_CONSUMER: &str = "fanjet-notify";
 /// Prefix of the durable consumers through which managers read the event
 /// log, one per partition: `fanjet-manager-00` … `fanjet-manager-15`.
 pub const MANAGER_CONSUMER: &str = "fanjet-manager";
-/// KV bucket: which manager owns which partition of the log (keys
-/// `partition.<NN>`), and which managers are alive (keys `manager.<id>`).
-/// Entries expire after [`LEASE_TTL`] unless renewed.
+/// KV bucket: which managers are alive (keys `manager.<id>`) and who runs
+/// the work one process at a time does (keys `exclusive.<name>`); the
+/// partition leases are in their cells' buckets
+/// ([`partition_leases_bucket`]). Entries expire after [`LEASE_TTL`]
+/// unless renewed.
 pub const LEASES_BUCKET: &str = "fanjet_leases";
 /// How long a partition lease or a manager's membership lasts unrenewed.
 pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(3);
@@ -83,7 +88,29 @@ pub fn events_stream(cell: u32) -> String {
 
 /// Streams (and buckets' streams) kept per cell: their names end with
 /// `_<cell>`.
-const CELLED_STREAMS: [&str; 1] = [EVENTS_STREAM_PREFIX];
+const CELLED_STREAMS: [&str; 5] = [
+    EVENTS_STREAM_PREFIX,
+    TASKS_STREAM_PREFIX,
+    "KV_fanjet_jobs",
+    "KV_fanjet_pending",
+    "KV_fanjet_leases",
+];
+
+/// The job records of one cell: `fanjet_jobs_<cell>`.
+pub fn jobs_bucket(cell: u32) -> String {
+    format!("{JOBS_BUCKET_PREFIX}_{cell}")
+}
+
+/// The pending sets (and active keys) of one cell: `fanjet_pending_<cell>`.
+pub fn pending_bucket(cell: u32) -> String {
+    format!("{PENDING_BUCKET_PREFIX}_{cell}")
+}
+
+/// The leases of one cell's partitions (keys `partition.<NN>`, expiring
+/// after [`LEASE_TTL`] unless renewed): `fanjet_leases_<cell>`.
+pub fn partition_leases_bucket(cell: u32) -> String {
+    format!("{LEASES_BUCKET}_{cell}")
+}
 
 /// The cell a stream (or a bucket's stream, `KV_…`) belongs to; `None` for
 /// one all cells share.
@@ -91,6 +118,19 @@ pub fn stream_cell(stream: &str) -> Option<u32> {
     let (prefix, n) = stream.rsplit_once('_')?;
     let cell: u32 = n.parse().ok()?;
     (cell < CELLS && CELLED_STREAMS.contains(&prefix)).then_some(cell)
+}
+
+/// The work queue's stream of one cell: `FANJET_TASKS_<cell>`.
+pub fn tasks_stream(cell: u32) -> String {
+    format!("{TASKS_STREAM_PREFIX}_{cell}")
+}
+
+/// The subjects of one cell's work queue: `fanjet.task.<NN>.>` for each of
+/// its partitions.
+pub fn cell_tasks_subjects(cell: u32) -> Vec<String> {
+    cell_partitions(cell)
+        .map(|p| format!("fanjet.task.{p:02}.>"))
+        .collect()
 }
 
 /// The subjects of one cell's log stream: `fanjet.ev.<NN>.>` for each of
@@ -125,12 +165,12 @@ pub fn partition_kind_filter(partition: u32, kind: &str) -> String {
 /// Header naming the manager process on every event and task a manager
 /// publishes (an audit: which process wrote what).
 pub const MANAGER_HEADER: &str = "Fanjet-Manager";
-/// Prefix of the partition leases' keys in [`LEASES_BUCKET`].
+/// Prefix of the partition leases' keys in [`partition_leases_bucket`].
 pub const LEASE_KEY_PREFIX: &str = "partition.";
 /// Prefix of the managers' membership keys in [`LEASES_BUCKET`].
 pub const MEMBER_KEY_PREFIX: &str = "manager.";
 
-/// Key of a partition's lease in [`LEASES_BUCKET`].
+/// Key of a partition's lease in its cell's [`partition_leases_bucket`].
 pub fn lease_key(partition: u32) -> String {
     format!("{LEASE_KEY_PREFIX}{partition:02}")
 }
@@ -314,22 +354,23 @@ pub const ROLL_CALL: &str = "fanjet.rollcall";
 /// receivers to drop the rare duplicate.
 pub const NOTIFICATION_ID_HEADER: &str = "Fanjet-Notification-Id";
 
-/// Subjects of the task stream.
-pub const TASKS_WILDCARD: &str = "fanjet.task.>";
-
-/// Subject of a task: `fanjet.task.<workflow>.<step>.<job_id>`.
+/// Subject of a task: `fanjet.task.<partition>.<workflow>.<step>.<job_id>`
+/// (the partition picks the cell's work queue).
 pub fn task_subject(workflow: &str, step: &str, job_id: &str) -> String {
-    format!("fanjet.task.{workflow}.{step}.{job_id}")
+    format!(
+        "fanjet.task.{:02}.{workflow}.{step}.{job_id}",
+        partition(job_id)
+    )
 }
 
-/// What a step's consumer filters on.
+/// What a step's consumer filters on (in each cell's work queue).
 pub fn step_tasks_filter(workflow: &str, step: &str) -> String {
-    format!("fanjet.task.{workflow}.{step}.*")
+    format!("fanjet.task.*.{workflow}.{step}.*")
 }
 
 /// Every queued task of one job (used to drop them on cancel or failure).
 pub fn job_tasks_filter(job_id: &str) -> String {
-    format!("fanjet.task.*.*.{job_id}")
+    format!("fanjet.task.{:02}.*.*.{job_id}", partition(job_id))
 }
 
 /// Name of the durable pull consumer workers of one step share.
@@ -337,12 +378,19 @@ pub fn step_consumer(workflow: &str, step: &str) -> String {
     format!("fanjet_{workflow}_{step}")
 }
 
-/// Subjects captured by the advisories stream.
-pub fn max_deliveries_advisories() -> String {
-    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.>")
+/// Subjects captured by the advisories stream: every cell's work queue's.
+pub fn max_deliveries_advisories() -> Vec<String> {
+    (0..CELLS)
+        .map(|c| {
+            format!(
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.>",
+                tasks_stream(c)
+            )
+        })
+        .collect()
 }
 
-/// KV key (in [`PENDING_BUCKET`]) marking a job its partition's manager
+/// KV key (in its cell's [`pending_bucket`]) marking a job its partition's manager
 /// must load when it takes the partition over: present from the job's
 /// first checkpoint to its last, so a manager loads the running jobs of a
 /// partition without reading every record kept (a month of them). `=`
@@ -356,14 +404,14 @@ pub fn active_filter(partition: u32) -> String {
     format!("=active.{partition:02}.>")
 }
 
-/// KV key (in [`PENDING_BUCKET`]) saying that a partition's active keys are
+/// KV key (in its cell's [`pending_bucket`]) saying that a partition's active keys are
 /// complete: a manager of a version before them wrote none, so without it
 /// a manager scans every record of the partition once and writes them.
 pub fn active_scanned_key(partition: u32) -> String {
     format!("=scanned.{partition:02}")
 }
 
-/// KV key (in [`PENDING_BUCKET`]) of one chunk of a step's pending set.
+/// KV key (in its job's cell's [`pending_bucket`]) of one chunk of a step's pending set.
 pub fn chunk_key(job_id: &str, step_index: usize, chunk: u64) -> String {
     format!("{job_id}.{step_index}.{chunk}")
 }

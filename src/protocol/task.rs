@@ -1,5 +1,5 @@
 //! The task message: one per subjob (or per task step run), on
-//! `fanjet.task.<workflow>.<step>.<job_id>`.
+//! `fanjet.task.<partition>.<workflow>.<step>.<job_id>`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -37,8 +37,8 @@ use crate::nats::heartbeat::{beat, process_id};
 use crate::nats::log::{self, LogError};
 use crate::nats::{objects, SetupError, WorkerNats};
 use crate::protocol::{
-    bounded, Event, Heartbeat, ResultRef, SubjobCompleted, SubjobFailed, Task, INLINE_RESULT_MAX,
-    MAX_ERROR_BYTES, MAX_RESULT_BYTES, RESULTS_BUCKET,
+    bounded, Event, Heartbeat, ResultRef, SubjobCompleted, SubjobFailed, Task, CELLS,
+    INLINE_RESULT_MAX, MAX_ERROR_BYTES, MAX_RESULT_BYTES, RESULTS_BUCKET,
 };
 
 /// Why a handler did not produce a result, and what should happen next.
@@ -284,7 +284,7 @@ impl Worker {
             return Err(WorkerError::NoSteps);
         }
         let slots = Arc::new(Semaphore::new(self.concurrency));
-        // Tasks being handled (slots also hold idle pulls, which are not work).
+        // Tasks being handled.
         let active = Arc::new(AtomicU64::new(0));
         let mut loops = JoinSet::new();
         {
@@ -330,23 +330,54 @@ impl Worker {
             );
             let max_batch = self.concurrency;
             loops.spawn(async move {
-                let consumer = tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    c = bind(&nats, &workflow, &step) => c?,
-                };
-                info!(workflow, step, concurrency = max_batch, "worker serving");
-                PullLoop {
-                    nats: Arc::new(nats),
-                    consumer,
-                    handler,
-                    slots,
-                    max_batch,
-                    running,
-                    active,
-                    reporter,
+                // One loop per cell's work queue, sharing the slots; each
+                // binds its cell's consumer on its own, so a cell whose
+                // work queue elects a leader holds up none of the others.
+                let nats = Arc::new(nats);
+                let step_cancel = cancel.child_token();
+                let mut cells = JoinSet::new();
+                for cell in 0..CELLS {
+                    let (nats, workflow, step) = (nats.clone(), workflow.clone(), step.clone());
+                    let (handler, slots, running, active, reporter) = (
+                        handler.clone(),
+                        slots.clone(),
+                        running.clone(),
+                        active.clone(),
+                        reporter.clone(),
+                    );
+                    let cancel = step_cancel.clone();
+                    cells.spawn(async move {
+                        let consumer = tokio::select! {
+                            _ = cancel.cancelled() => return Ok(()),
+                            c = bind(&nats, cell, &workflow, &step) => c?,
+                        };
+                        if cell == 0 {
+                            info!(workflow, step, concurrency = max_batch, "worker serving");
+                        }
+                        PullLoop {
+                            nats,
+                            consumer,
+                            handler,
+                            slots,
+                            max_batch,
+                            running,
+                            active,
+                            reporter,
+                        }
+                        .run(cancel)
+                        .await
+                    });
                 }
-                .run(cancel)
-                .await
+                let mut result = Ok(());
+                while let Some(r) = cells.join_next().await {
+                    if let Ok(Err(e)) = r {
+                        // One loop failed: the step's others stop too,
+                        // and the error is the step's.
+                        step_cancel.cancel();
+                        result = Err(e);
+                    }
+                }
+                result
             });
         }
         while let Some(r) = loops.join_next().await {
@@ -377,19 +408,24 @@ impl Worker {
     }
 }
 
-/// Finds the step's consumer, creating it from the stored workflow; waits
-/// (saying so) until the workflow has been applied.
-async fn bind(nats: &WorkerNats, workflow: &str, step: &str) -> Result<PullConsumer, WorkerError> {
+/// Finds the step's consumer in one cell's work queue, creating it from the
+/// stored workflow; waits (saying so) until the workflow has been applied.
+async fn bind(
+    nats: &WorkerNats,
+    cell: u32,
+    workflow: &str,
+    step: &str,
+) -> Result<PullConsumer, WorkerError> {
     let mut said = false;
     loop {
         // The consumer exists once the workflow was applied; binding to it
         // needs no right to create anything.
-        if let Ok(c) = nats.step_consumer(workflow, step).await {
+        if let Ok(c) = nats.step_consumer(cell, workflow, step).await {
             return Ok(c);
         }
         if let Some(wf) = nats.workflow(workflow).await? {
             match wf.steps.iter().find(|s| s.name == step) {
-                Some(s) => match nats.ensure_step_consumer(workflow, s).await {
+                Some(s) => match nats.ensure_step_consumer(cell, workflow, s).await {
                     Ok(c) => return Ok(c),
                     Err(e) if !said => {
                         warn!(workflow, step, error = %e, "cannot create the step's consumer; waiting for the workflow to be applied")
@@ -446,16 +482,41 @@ impl Drop for Active {
 
 impl PullLoop {
     async fn run(self, cancel: CancellationToken) -> Result<(), WorkerError> {
-        // An idle step waits for one task at a time, so it does not hold
-        // slots that a busy step of the same worker could use.
+        // An idle loop waits for one task holding no slot: a worker pulls
+        // from every step's consumer in every cell, more loops than it may
+        // have slots, and idle ones must not keep the slots a busy one
+        // could use.
         let mut idle = true;
         loop {
+            if idle {
+                let Some(msg) = self.wait_for_one(&cancel).await else {
+                    if cancel.is_cancelled() {
+                        return Ok(());
+                    }
+                    continue;
+                };
+                // A slot for it, telling the server meanwhile that it is
+                // taken (all slots may be busy for a while).
+                let permit = tokio::select! {
+                    _ = cancel.cancelled() => {
+                        // Not started: back to the queue for another worker.
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        return Ok(());
+                    }
+                    p = keep_alive(&msg, self.slots.clone().acquire_owned()) => {
+                        p.map_err(|e| WorkerError::Nats(e.to_string()))?
+                    }
+                };
+                self.start(msg, permit, self.nats.max_payload()).await;
+                idle = false;
+                continue;
+            }
             let first = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 p = self.slots.clone().acquire_owned() => p.map_err(|e| WorkerError::Nats(e.to_string()))?,
             };
             let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
-            let want = if idle { 1 } else { self.max_batch };
+            let want = self.max_batch;
             // A busy step waits a moment for a quarter of its slots to free
             // up, so each pull round trip brings several tasks, not one.
             let enough = (want / 4).max(1);
@@ -473,22 +534,13 @@ impl PullLoop {
                     },
                 }
             }
-            // Busy: take what is there now, without waiting. Idle: wait for
-            // one task, holding a single slot.
-            let batch = if idle {
-                self.consumer
-                    .batch()
-                    .max_messages(1)
-                    .expires(IDLE_WAIT)
-                    .messages()
-                    .await
-            } else {
-                self.consumer
-                    .fetch()
-                    .max_messages(permits.len())
-                    .messages()
-                    .await
-            };
+            // Busy: take what is there now, without waiting.
+            let batch = self
+                .consumer
+                .fetch()
+                .max_messages(permits.len())
+                .messages()
+                .await;
             let mut batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
@@ -522,24 +574,100 @@ impl PullLoop {
                 };
                 let Some(permit) = permits.pop() else { break };
                 got += 1;
-                let nats = self.nats.clone();
-                let handler = self.handler.clone();
-                let active = Active::start(&self.active);
-                let reporter = self.reporter.clone();
-                // Boxed: a task's future is several KiB, and the runtime
-                // would copy it whole when spawning and again when it ends;
-                // a box is copied once.
-                let task = Box::pin(async move {
-                    process(&nats, &reporter, msg, handler, max_payload).await;
-                    drop(active);
-                    drop(permit);
-                });
-                self.running.lock().await.spawn(task);
+                self.start(msg, permit, max_payload).await;
             }
             idle = got == 0;
             // Reap finished tasks so the set does not grow.
             let mut running = self.running.lock().await;
             while running.try_join_next().is_some() {}
+        }
+    }
+
+    /// Waits (a pull of [`IDLE_WAIT`]) for one task; `None` when none came.
+    async fn wait_for_one(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Option<async_nats::jetstream::Message> {
+        let batch = self
+            .consumer
+            .batch()
+            .max_messages(1)
+            .expires(IDLE_WAIT)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "pull request failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                return None;
+            }
+        };
+        // Given up a while after the server would have answered (a leader
+        // that moved leaves a pull unanswered).
+        let give_up_at = tokio::time::Instant::now() + IDLE_WAIT + Duration::from_secs(3);
+        tokio::select! {
+            _ = cancel.cancelled() => None,
+            _ = tokio::time::sleep_until(give_up_at) => {
+                debug!("pull request unanswered; pulling again");
+                None
+            }
+            n = batch.next() => match n {
+                Some(Ok(m)) => Some(m),
+                Some(Err(e)) => {
+                    debug!(error = %e, "pull batch ended");
+                    None
+                }
+                None => None,
+            },
+        }
+    }
+
+    /// Runs a task in the background, holding its slot. `max_payload` is
+    /// read by the caller, once per pull (reading it clones the server's
+    /// whole INFO).
+    async fn start(
+        &self,
+        msg: async_nats::jetstream::Message,
+        permit: OwnedSemaphorePermit,
+        max_payload: usize,
+    ) {
+        let nats = self.nats.clone();
+        let handler = self.handler.clone();
+        let active = Active::start(&self.active);
+        let reporter = self.reporter.clone();
+        // Boxed: a task's future is several KiB, and the runtime would copy
+        // it whole when spawning and again when it ends; a box is copied
+        // once.
+        let task = Box::pin(async move {
+            process(&nats, &reporter, msg, handler, max_payload).await;
+            drop(active);
+            drop(permit);
+        });
+        self.running.lock().await.spawn(task);
+    }
+}
+
+/// Runs `work`, telling the server every second that `msg` is taken, so
+/// that its ack wait does not run out while it waits.
+async fn keep_alive<T>(
+    msg: &async_nats::jetstream::Message,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let every = Duration::from_secs(1);
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = progress.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    debug!(error = %e, "in-progress ack while waiting for a slot");
+                }
+            }
         }
     }
 }

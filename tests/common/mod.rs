@@ -306,15 +306,16 @@ impl Env {
     /// Messages left in the task stream for `filter`.
     pub async fn queued_tasks(&self, filter: &str) -> u64 {
         use futures::StreamExt;
-        let mut subjects = self
-            .nats
-            .tasks
-            .info_with_subjects(filter)
-            .await
-            .expect("stream info");
         let mut n = 0;
-        while let Some(entry) = subjects.next().await {
-            n += entry.expect("subject count").1 as u64;
+        for queue in &self.nats.tasks {
+            let mut subjects = queue
+                .clone()
+                .info_with_subjects(filter)
+                .await
+                .expect("stream info");
+            while let Some(entry) = subjects.next().await {
+                n += entry.expect("subject count").1 as u64;
+            }
         }
         n
     }

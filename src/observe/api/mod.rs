@@ -474,7 +474,7 @@ async fn stream(
         return Err(ClientError::NoSuchJob(id).into());
     }
     let watch = nats
-        .jobs
+        .records(&id)
         .watch(&id)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "nats_error", e.to_string()))?;
