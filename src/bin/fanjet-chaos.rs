@@ -578,6 +578,21 @@ async fn run(args: &Args) -> Result<i32> {
                 .collect()
         })
         .collect();
+    // When each cell had a job running (unix ns): a cell without one has
+    // nothing to wait for, and its quiet is no stall.
+    let ms_ns = |ms: u64| i128::from(ms) * 1_000_000;
+    let busy: Vec<Vec<(i128, i128)>> = (0..fanjet::protocol::CELLS)
+        .map(|c| {
+            records
+                .values()
+                .filter(|j| fanjet::protocol::job_cell(&j.job_id) == c)
+                .map(|j| {
+                    let end = j.finished_at.map_or(i128::MAX, ms_ns);
+                    (ms_ns(j.created_at), end)
+                })
+                .collect()
+        })
+        .collect();
     let stall = longest_gap(&outcomes, i128::MIN, i128::MAX);
     // After each fault: the longest wait for an outcome within 20 s, or
     // until the next fault if that comes first (so that a fault is not
@@ -606,11 +621,37 @@ async fn run(args: &Args) -> Result<i32> {
         .map(|(((kind, _, led), (from, to)), stall)| {
             let cell_stalls: Vec<u64> = cells
                 .iter()
-                .map(|times| longest_gap(times, *from, *to))
+                .zip(&busy)
+                .map(|(times, busy)| longest_busy_gap(times, busy, *from, *to))
                 .collect();
-            json!({"kind": kind, "stall_ms": stall, "cell_stall_ms": cell_stalls, "window_ms": (to - from) / 1_000_000, "led": led})
+            let led_cells: Vec<u32> = (0..fanjet::protocol::CELLS)
+                .filter(|c| led.contains(&fanjet::protocol::events_stream(*c)))
+                .collect();
+            json!({"kind": kind, "stall_ms": stall, "cell_stall_ms": cell_stalls, "led_cells": led_cells, "window_ms": (to - from) / 1_000_000, "led": led})
         })
         .collect();
+    // After a node's loss, the longest stall of a cell whose log it did
+    // not lead (one with a job running): what cells are for.
+    let mut others: Vec<u64> = per_fault
+        .iter()
+        .filter(|f| f["kind"] == "kill_nats")
+        .filter_map(|f| {
+            let led: Vec<u64> = f["led_cells"]
+                .as_array()?
+                .iter()
+                .filter_map(Value::as_u64)
+                .collect();
+            f["cell_stall_ms"]
+                .as_array()?
+                .iter()
+                .enumerate()
+                .filter(|(c, _)| !led.contains(&(*c as u64)))
+                .filter_map(|(_, v)| v.as_u64())
+                .max()
+        })
+        .collect();
+    others.sort_unstable();
+    let other_cells = Quantiles::of(others);
     let mut worst: BTreeMap<&str, u64> = BTreeMap::new();
     for ((kind, _, _), stall) in figures.schedule.iter().zip(&stalls) {
         let w = worst.entry(kind).or_default();
@@ -634,6 +675,7 @@ async fn run(args: &Args) -> Result<i32> {
         "takeover_ms": {"p50": p50, "max": max, "all": takeovers},
         "graceful_handover_ms": figures.handovers_ms,
         "longest_stall_ms": stall,
+        "other_cells_stall_ms": {"p50": other_cells.p50, "max": other_cells.max},
         "longest_stall_after_ms": worst,
         "schedule": per_fault,
         "last_fault_to_all_terminal_ms": all_ended.as_millis() as u64,
@@ -653,7 +695,7 @@ async fn run(args: &Args) -> Result<i32> {
         .collect();
     let worst: Vec<String> = worst.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!(
-        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; graceful handover max {} ms; longest stall {} ms (after {}); last fault to all terminal {:.1} s; step starts announced after p50 {} ms, max {} ms (missed on NATS {}); hung {}; violations {}",
+        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; graceful handover max {} ms; longest stall {} ms (after {}); after a node's loss, the other cells' longest stall p50 {} ms, max {} ms; last fault to all terminal {:.1} s; step starts announced after p50 {} ms, max {} ms (missed on NATS {}); hung {}; violations {}",
         args.seed,
         jobs.len(),
         report.ledger_lines,
@@ -668,6 +710,8 @@ async fn run(args: &Args) -> Result<i32> {
             .map_or("-".into(), |v| v.to_string()),
         stall,
         worst.join(", "),
+        other_cells.p50.map_or("-".into(), |v| v.to_string()),
+        other_cells.max.map_or("-".into(), |v| v.to_string()),
         all_ended.as_secs_f64(),
         report.announce_lag.p50.map_or("-".into(), |v| v.to_string()),
         report.announce_lag.max.map_or("-".into(), |v| v.to_string()),
@@ -1433,6 +1477,37 @@ async fn cell_outcome_times(log: &async_nats::jetstream::stream::Stream) -> Resu
     Ok(times)
 }
 
+/// The longest time (ms) in `[from, to]` without an outcome (`times`,
+/// sorted) while a job was running (`busy`: start and end of each).
+fn longest_busy_gap(times: &[i128], busy: &[(i128, i128)], from: i128, to: i128) -> u64 {
+    let mut merged: Vec<(i128, i128)> = busy.to_vec();
+    merged.sort_unstable();
+    let mut union: Vec<(i128, i128)> = Vec::new();
+    for (a, b) in merged {
+        match union.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => union.push((a, b)),
+        }
+    }
+    // The longest stretch of the quiet `(a, b)` with a job running.
+    let covered = |a: i128, b: i128| -> i128 {
+        union
+            .iter()
+            .map(|(s, e)| (b.min(*e) - a.max(*s)).max(0))
+            .max()
+            .unwrap_or(0)
+    };
+    let mut points = vec![from];
+    points.extend(times.iter().copied().filter(|t| *t > from && *t < to));
+    points.push(to);
+    let gap = points
+        .windows(2)
+        .map(|w| covered(w[0], w[1]))
+        .max()
+        .unwrap_or(0);
+    (gap / 1_000_000) as u64
+}
+
 /// The longest time (ms) without an outcome in `[from, to]`, counting
 /// from `from` to the first outcome after it.
 fn longest_gap(times: &[i128], from: i128, to: i128) -> u64 {
@@ -1469,6 +1544,22 @@ mod tests {
         // The last window with nothing after it: no tail.
         assert_eq!(longest_gap(&times, ms(9200), ms(20_000)), 300);
         assert_eq!(longest_gap(&times, i128::MIN, i128::MAX), 7500);
+    }
+
+    #[test]
+    fn a_cell_is_stalled_only_while_it_has_a_job_running() {
+        let ms = |v: i128| v * 1_000_000;
+        let times: Vec<i128> = [1000, 2000, 9000].map(ms).to_vec();
+        // Running from 0 to 3 s and from 8 s on: the quiet from 3 to 8 s
+        // is no stall; 2 to 3 s and 8 to 9 s are.
+        let busy = [(ms(0), ms(3000)), (ms(8000), i128::MAX)];
+        assert_eq!(longest_busy_gap(&times, &busy, ms(0), ms(10_000)), 1000);
+        // Running throughout: the whole quiet counts.
+        let always = [(ms(0), i128::MAX)];
+        assert_eq!(longest_busy_gap(&times, &always, ms(0), ms(10_000)), 7000);
+        // Overlapping jobs are counted once.
+        let two = [(ms(0), ms(5000)), (ms(1000), ms(6000))];
+        assert_eq!(longest_busy_gap(&times, &two, ms(0), ms(10_000)), 4000);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use executor::{Executor, Writer};
 use partition::EventLoop;
@@ -216,6 +216,7 @@ pub async fn run(
         board,
         cancel: cancel.clone(),
         loops: BTreeMap::new(),
+        stopping: Vec::new(),
     };
     let mut round = tokio::time::interval(LEASE_ROUND);
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -230,6 +231,12 @@ pub async fn run(
     cancel.cancel();
     let all: Vec<u32> = loops.loops.keys().copied().collect();
     loops.stop(&all).await;
+    // At a shutdown, what stops late is waited for (within the grace).
+    for (p, handle) in loops.stopping.drain(..) {
+        if let Err(e) = handle.await {
+            error!(partition = p, error = %e, "partition loop panicked");
+        }
+    }
     leases.leave(Duration::from_secs(2)).await;
     while let Some(r) = tasks.join_next().await {
         match r {
@@ -251,7 +258,16 @@ struct Partitions {
     board: shares::Board,
     cancel: CancellationToken,
     loops: BTreeMap<u32, (CancellationToken, tokio::task::JoinHandle<()>)>,
+    /// Loops told to stop that had not ended within [`STOP_WAIT`]: their
+    /// fences are revoked, so they write nothing more; they end on their own.
+    stopping: Vec<(u32, tokio::task::JoinHandle<()>)>,
 }
+
+/// How long a lease round waits for a stopping loop. A loop waiting on a
+/// NATS request (its cell's streams electing a leader) can take seconds to
+/// notice, and the round renews every other partition's lease: waiting
+/// for it would let their fences lapse.
+const STOP_WAIT: Duration = Duration::from_secs(1);
 
 impl Partitions {
     /// One lease round: renew, stop what was lost (its fence revoked, so
@@ -356,8 +372,11 @@ impl Partitions {
     }
 
     /// Stops these partitions' loops (each stores what it applied first)
-    /// and waits until they have.
+    /// and waits until they have, [`STOP_WAIT`] at most: one that takes
+    /// longer goes on ending in the background, its lease given up or lost
+    /// (a released lease's fence is revoked first, so it writes nothing).
     async fn stop(&mut self, partitions: &[u32]) {
+        self.stopping.retain(|(_, h)| !h.is_finished());
         let stopping: Vec<_> = partitions
             .iter()
             .filter_map(|p| self.loops.remove(p).map(|l| (*p, l)))
@@ -365,9 +384,15 @@ impl Partitions {
         for (_, (cancel, _)) in &stopping {
             cancel.cancel();
         }
-        for (p, (_, handle)) in stopping {
-            if let Err(e) = handle.await {
-                error!(partition = p, error = %e, "partition loop panicked");
+        let until = tokio::time::Instant::now() + STOP_WAIT;
+        for (p, (_, mut handle)) in stopping {
+            match tokio::time::timeout_at(until, &mut handle).await {
+                Ok(Err(e)) => error!(partition = p, error = %e, "partition loop panicked"),
+                Ok(Ok(())) => {}
+                Err(_) => {
+                    debug!(partition = p, "a stopping loop has not ended yet; going on");
+                    self.stopping.push((p, handle));
+                }
             }
             if let Some(n) = self.running.get(p as usize) {
                 n.store(0, Ordering::Relaxed);

@@ -376,21 +376,42 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let kv = bucket(nats).await?;
     let key = exclusive_key(name);
     let mut waiting_said = false;
+    // The bucket not answering (its leader's node lost, an election) is a
+    // reason to wait and ask again soon, not to fail: whoever is standing
+    // by when it answers again must be quick to take over.
+    let mut kv = None;
     let mut lease = loop {
-        if let Some(lease) = Lease::claim(&kv, &key, me).await? {
-            break lease;
-        }
-        if !waiting_said {
-            info!(part = name, "another process runs this; standing by");
-            waiting_said = true;
+        let claimed = match &kv {
+            Some(kv) => Lease::claim(kv, &key, me).await,
+            None => match bucket(nats).await {
+                Ok(b) => {
+                    let claimed = Lease::claim(&b, &key, me).await;
+                    kv = Some(b);
+                    claimed
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match claimed {
+            Ok(Some(lease)) => break lease,
+            Ok(None) if !waiting_said => {
+                info!(part = name, "another process runs this; standing by");
+                waiting_said = true;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                debug!(part = name, error = %e, "the lease bucket did not answer; asking again")
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(LEASE_TTL / 5) => {}
         }
+    };
+    let Some(kv) = kv else {
+        return Err(LeaseError::Nats("no lease bucket".into()));
     };
     let inner = cancel.child_token();
     let work = work(inner.clone(), lease.fence());
@@ -435,6 +456,8 @@ pub struct Partitions {
     kv: kv::Store,
     /// Each cell's partition leases (index = cell).
     cells: Vec<kv::Store>,
+    /// Cells whose lease bucket did not answer the last survey.
+    unlisted: Vec<bool>,
     me: String,
     held: BTreeMap<u32, Lease>,
 }
@@ -490,6 +513,7 @@ impl Partitions {
         Ok(Partitions {
             kv: bucket(nats).await?,
             cells: cell_buckets(nats).await?,
+            unlisted: vec![false; CELLS as usize],
             me,
             held: BTreeMap::new(),
         })
@@ -563,8 +587,11 @@ impl Partitions {
 
     /// Live managers (this one included) and the partitions nobody holds.
     /// A cell whose bucket does not answer within [`BUCKET_WAIT`] offers
-    /// none of its partitions this time.
-    pub async fn survey(&self) -> Result<(usize, Vec<u32>), LeaseError> {
+    /// none of its partitions this time, nor the next: a bucket that had no
+    /// leader for a lease's life comes back with every lease expired, and
+    /// their holders, which take them again at their next renewal, go
+    /// first (their partitions would otherwise move between managers).
+    pub async fn survey(&mut self) -> Result<(usize, Vec<u32>), LeaseError> {
         let listed = |kv: &kv::Store| {
             let kv = kv.clone();
             async move {
@@ -583,9 +610,14 @@ impl Partitions {
         let mut free = Vec::new();
         for (c, listing) in cells.into_iter().enumerate() {
             let taken = match listing {
+                Ok(_) if self.unlisted[c] => {
+                    self.unlisted[c] = false;
+                    continue;
+                }
                 Ok((_, taken)) => taken,
                 Err(e) => {
                     debug!(cell = c, error = %e, "a cell's partition leases were not listed");
+                    self.unlisted[c] = true;
                     continue;
                 }
             };

@@ -52,6 +52,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(120);
 /// Most step-downs asked for in one round: a hand-over is short, but many
 /// at once would add up.
 const MOVES_PER_ROUND: usize = 16;
+/// How long a node must have been up to date before a cell's log is moved
+/// to it: one that just came back is catching up, and one that comes and
+/// goes should not take a cell each time.
+const SETTLE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum PlacementError {
@@ -166,15 +170,21 @@ impl Survey {
 
 /// The moves that bring the groups where they belong, at most `limit`,
 /// none of those `resting` (asked to go to that server recently):
-/// - a cell's log led from the node of a lower cell's log goes to a node
-///   with an up-to-date copy that leads no cell's log (the first by name);
+/// - a cell's log led from the node of a lower cell's log goes to a
+///   `settled` node with an up-to-date copy that leads no cell's log (the
+///   first by name);
 ///   its cell's other groups wait for it;
 /// - every other group led from elsewhere than its cell's log leader, with
 ///   an up-to-date copy there, goes there.
 ///
 /// Groups electing, or whose peers do not include their target (a replica
 /// count below the cluster's size), stay where they are.
-pub fn plan(survey: &Survey, resting: &dyn Fn(&Group, &str) -> bool, limit: usize) -> Vec<Move> {
+pub fn plan(
+    survey: &Survey,
+    resting: &dyn Fn(&Group, &str) -> bool,
+    settled: &dyn Fn(&str) -> bool,
+    limit: usize,
+) -> Vec<Move> {
     let mut moves = Vec::new();
     let mut anchors = survey.anchors.clone();
     let mut moving = Vec::new();
@@ -195,7 +205,7 @@ pub fn plan(survey: &Survey, resting: &dyn Fn(&Group, &str) -> bool, limit: usiz
         let mut free: Vec<&String> = lead
             .current
             .iter()
-            .filter(|n| !anchors.contains(&Some((*n).clone())))
+            .filter(|n| !anchors.contains(&Some((*n).clone())) && settled(n))
             .collect();
         free.sort();
         let Some(to) = free.first().map(|n| (*n).clone()) else {
@@ -389,6 +399,9 @@ impl Asked {
 /// stop while the lease bucket elects a leader, when it is needed most.
 pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), PlacementError> {
     let mut asked = Asked::default();
+    // Since when each node has been seen up to date (the nodes of the first
+    // survey count as settled).
+    let mut seen: Option<BTreeMap<String, Instant>> = None;
     let mut round = tokio::time::interval(ROUND);
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -413,6 +426,20 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), PlacementE
             continue;
         }
         asked.settle(&survey);
+        let now = Instant::now();
+        let present: std::collections::BTreeSet<&String> = survey
+            .groups
+            .values()
+            .flat_map(|l| l.current.iter().chain(l.leader.iter()))
+            .collect();
+        let since = seen.get_or_insert_with(|| {
+            let settled = now.checked_sub(SETTLE).unwrap_or(now);
+            present.iter().map(|n| ((*n).clone(), settled)).collect()
+        });
+        since.retain(|n, _| present.contains(n));
+        for n in &present {
+            since.entry((*n).clone()).or_insert(now);
+        }
         if tracing::enabled!(tracing::Level::DEBUG) {
             let away: Vec<String> = survey.misplaced().iter().map(|g| g.to_string()).collect();
             let resting: Vec<String> = asked
@@ -422,8 +449,17 @@ pub async fn run(nats: Nats, cancel: CancellationToken) -> Result<(), PlacementE
                 .collect();
             debug!(anchors = ?survey.anchors, ?away, ?resting, "placement round");
         }
-        let now = Instant::now();
-        let moves = plan(&survey, &|g, to| asked.resting(g, to, now), MOVES_PER_ROUND);
+        let settled = |n: &str| {
+            since
+                .get(n)
+                .is_some_and(|t| now.duration_since(*t) >= SETTLE)
+        };
+        let moves = plan(
+            &survey,
+            &|g, to| asked.resting(g, to, now),
+            &settled,
+            MOVES_PER_ROUND,
+        );
         for m in moves {
             if cancel.is_cancelled() {
                 break;
@@ -500,7 +536,7 @@ mod tests {
 
     #[test]
     fn groups_move_to_their_cells_log_leader_and_shared_ones_to_cell_0s() {
-        let moves = plan(&spread(), &|_, _| false, 16);
+        let moves = plan(&spread(), &|_, _| false, &|_| true, 16);
         assert_eq!(
             what(&moves),
             [
@@ -518,7 +554,7 @@ mod tests {
 
     #[test]
     fn logs_on_distinct_nodes_never_move() {
-        let moves = plan(&spread(), &|_, _| false, 16);
+        let moves = plan(&spread(), &|_, _| false, &|_| true, 16);
         assert!(moves.iter().all(|m| m.group.log_of().is_none()));
     }
 
@@ -535,7 +571,7 @@ mod tests {
             ),
         ]);
         assert_eq!(
-            what(&plan(&s, &|_, _| false, 16)),
+            what(&plan(&s, &|_, _| false, &|_| true, 16)),
             [(
                 "consumer fanjet-manager-02 of FANJET_EVENTS_2".to_string(),
                 "n1",
@@ -555,11 +591,21 @@ mod tests {
             ),
         ]);
         assert_eq!(
-            what(&plan(&s, &|_, _| false, 16)),
+            what(&plan(&s, &|_, _| false, &|_| true, 16)),
             [("stream FANJET_EVENTS_2".to_string(), "n0", "n2")]
         );
+        // n2 came back a moment ago: not yet, the consumer follows the log
+        // where it is.
+        assert_eq!(
+            what(&plan(&s, &|_, _| false, &|n| n != "n2", 16)),
+            [(
+                "consumer fanjet-manager-02 of FANJET_EVENTS_2".to_string(),
+                "n1",
+                "n0"
+            )]
+        );
         // The move refused lately: the consumer follows the log where it is.
-        let rest = plan(&s, &|g, _| g.log_of().is_some(), 16);
+        let rest = plan(&s, &|g, _| g.log_of().is_some(), &|_| true, 16);
         assert_eq!(
             what(&rest),
             [(
@@ -572,10 +618,15 @@ mod tests {
 
     #[test]
     fn resting_groups_and_the_limit_are_respected() {
-        let all = plan(&spread(), &|_, _| false, 16);
-        let rest = plan(&spread(), &|g, _| g.stream == "FANJET_ADVISORIES", 16);
+        let all = plan(&spread(), &|_, _| false, &|_| true, 16);
+        let rest = plan(
+            &spread(),
+            &|g, _| g.stream == "FANJET_ADVISORIES",
+            &|_| true,
+            16,
+        );
         assert_eq!(rest.len(), all.len() - 1);
-        assert_eq!(plan(&spread(), &|_, _| false, 1).len(), 1);
+        assert_eq!(plan(&spread(), &|_, _| false, &|_| true, 1).len(), 1);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::AckKind;
 use futures::FutureExt;
 use serde_json::Value;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, warn};
 
 use super::{offload, BatchContext, StepHandler, TaskContext, TaskError};
@@ -31,6 +32,7 @@ pub(super) async fn process(
     attempt: u32,
     handler: StepHandler,
     max_payload: usize,
+    slot: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
     let progress_every = Duration::from_millis((task.timeout_ms / 3).max(500));
@@ -48,6 +50,9 @@ pub(super) async fn process(
             }
         }
     };
+    // The slot was the handler's: reporting waits on the job's cell's log,
+    // which must not keep a slot another cell's task could use.
+    drop(slot);
     let done = SubjobsDone {
         job_id: task.job_id.clone(),
         step_index: task.step_index,

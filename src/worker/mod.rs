@@ -176,6 +176,9 @@ const GATHER: Duration = Duration::from_millis(2);
 
 /// How long an idle pull loop's request waits for a task.
 const IDLE_WAIT: Duration = Duration::from_secs(2);
+/// How long a busy loop waits for the answer to a fetch that does not
+/// wait (the server answers at once) before it lets its slots go.
+const FETCH_WAIT: Duration = Duration::from_secs(2);
 
 /// A step's handler.
 pub type Handler = Arc<dyn Fn(TaskContext) -> HandlerFuture + Send + Sync>;
@@ -551,10 +554,11 @@ impl PullLoop {
             };
             let mut got = 0;
             let max_payload = self.nats.max_payload();
-            // A pull whose answer never comes (its consumer's leader moved to
-            // another node of a cluster) must not hold the loop: give up on it
-            // a while after the server would have answered.
-            let give_up_at = tokio::time::Instant::now() + IDLE_WAIT + Duration::from_secs(3);
+            // A pull whose answer never comes (its consumer's leader died or
+            // moved) must not hold the loop, nor the slots it took, which
+            // another cell's tasks could use: a fetch that does not wait is
+            // answered at once by a live leader.
+            let give_up_at = tokio::time::Instant::now() + FETCH_WAIT;
             loop {
                 let next = tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
@@ -643,9 +647,8 @@ impl PullLoop {
         // it whole when spawning and again when it ends; a box is copied
         // once.
         let task = Box::pin(async move {
-            process(&nats, &reporter, msg, handler, max_payload).await;
+            process(&nats, &reporter, msg, handler, max_payload, permit).await;
             drop(active);
-            drop(permit);
         });
         self.running.lock().await.spawn(task);
     }
@@ -681,6 +684,7 @@ async fn process(
     msg: async_nats::jetstream::Message,
     handler: StepHandler,
     max_payload: usize,
+    slot: OwnedSemaphorePermit,
 ) {
     let attempt = msg
         .info()
@@ -704,6 +708,7 @@ async fn process(
             attempt,
             handler,
             max_payload,
+            slot,
         ))
         .await;
     }
@@ -755,6 +760,9 @@ async fn process(
             .unwrap_or_else(|| "handler panicked".into());
         Err(TaskError::retry(format!("handler panicked: {what}")))
     });
+    // The slot was the handler's: reporting waits on the job's cell's log,
+    // which must not keep a slot another cell's task could use.
+    drop(slot);
     settle(
         nats,
         reporter,

@@ -9,7 +9,9 @@
 //! as soon as the previous send is stored, so an idle worker reports each
 //! completion alone and at once, and a busy one groups what finished while
 //! its previous report was on its way. Each task is acknowledged only after
-//! its completion is stored, as when reported alone.
+//! its completion is stored, as when reported alone. Each cell's
+//! completions go through a reporter of their own: a cell's log electing a
+//! leader holds up no other cell's reports.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use tracing::warn;
 use super::{json_len, send};
 use crate::nats::log::{self, LogError};
 use crate::nats::WorkerNats;
-use crate::protocol::{Completion, Event, SubjobCompleted, SubjobsCompleted};
+use crate::protocol::{job_cell, Completion, Event, SubjobCompleted, SubjobsCompleted, CELLS};
 
 /// Completions in one report at most.
 const MAX_GROUP: usize = 256;
@@ -53,16 +55,27 @@ impl Ready {
 /// The handle through which a worker's tasks report completions.
 #[derive(Clone)]
 pub(super) struct Reporter {
-    tx: mpsc::Sender<Ready>,
+    /// One reporting loop per cell (index = cell).
+    tx: Vec<mpsc::Sender<Ready>>,
     nats: Arc<WorkerNats>,
 }
 
 impl Reporter {
-    /// Starts the reporting loop; it ends once every handle is dropped and
-    /// what was handed to it is reported.
+    /// Starts the reporting loops, one per cell; they end once every handle
+    /// is dropped and what was handed to them is reported.
     pub(super) fn start(nats: Arc<WorkerNats>, slots: usize) -> (Self, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(slots.max(1));
-        let reporting = tokio::spawn(run(nats.clone(), rx));
+        let mut tx = Vec::new();
+        let mut loops = Vec::new();
+        for _ in 0..CELLS {
+            let (t, rx) = mpsc::channel(slots.max(1));
+            tx.push(t);
+            loops.push(tokio::spawn(run(nats.clone(), rx)));
+        }
+        let reporting = tokio::spawn(async move {
+            for l in loops {
+                let _ = l.await;
+            }
+        });
         (Reporter { tx, nats }, reporting)
     }
 
@@ -71,8 +84,9 @@ impl Reporter {
     /// running reporter, reports it alone.
     pub(super) async fn report(&self, done: SubjobCompleted, msg: Message) {
         let (settled, wait) = oneshot::channel();
+        let tx = &self.tx[job_cell(&done.job_id) as usize];
         let ready = Ready { done, msg, settled };
-        match self.tx.send(ready).await {
+        match tx.send(ready).await {
             Ok(()) => {
                 let _ = wait.await;
             }
