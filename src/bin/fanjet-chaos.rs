@@ -75,16 +75,22 @@ struct Args {
     /// to measure one; all of them by default.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(FAULTS.map(|(kind, _)| kind)))]
     only: Vec<String>,
-    /// Which NATS node a `kill_nats` fault kills: `mixed`, the event log's
-    /// leader half the time and any node otherwise; `followers`, never the
-    /// log's leader (what keeping leaders together is for).
+    /// Which NATS node a `kill_nats` fault kills: `mixed`, the node leading
+    /// cell 0's log (and what the cells share) half the time and any node
+    /// otherwise; `followers`, one leading no cell's log (when there is).
     #[arg(long, value_enum, default_value = "mixed")]
     nats_victims: Victims,
     /// Run the managers with `--no-placement` (leaders where elections put
-    /// them), to compare with the default (every leader beside the event
-    /// log's).
+    /// them), to compare with the default (each cell's leaders beside its
+    /// log's, the cells' logs on different nodes).
     #[arg(long)]
     no_placement: bool,
+    /// Seconds of quiet added after each fault before the next (default
+    /// none: 3 to 7 s). Some 40 s lets the cluster settle (a node back
+    /// takes a cell again after 30 s), so each fault meets the state a
+    /// real cluster is in when a fault comes.
+    #[arg(long, default_value_t = 0)]
+    gap: u64,
     #[command(subcommand)]
     role: Option<Role>,
 }
@@ -509,6 +515,7 @@ async fn run(args: &Args) -> Result<i32> {
         args.seed,
         &args.only,
         args.nats_victims,
+        Duration::from_secs(args.gap),
         run_for,
         &mut cluster,
         &mut procs,
@@ -594,7 +601,8 @@ async fn run(args: &Args) -> Result<i32> {
         })
         .collect();
     let stall = longest_gap(&outcomes, i128::MIN, i128::MAX);
-    // After each fault: the longest wait for an outcome within 20 s, or
+    // After each fault: the longest wait for an outcome within 20 s (and
+    // the quiet gap asked for), or
     // until the next fault if that comes first (so that a fault is not
     // charged with the stall of the one after it).
     let windows: Vec<(i128, i128)> = figures
@@ -606,7 +614,11 @@ async fn run(args: &Args) -> Result<i32> {
                 .schedule
                 .get(i + 1)
                 .map_or(i128::MAX, |(_, n, _)| *n);
-            (*at, (at + 20_000_000_000).min(next))
+            // With a quiet gap, the window covers it too: what follows a
+            // node's return (the keeper moving a cell to it) is charged to
+            // the fault.
+            let cap = (20 + i128::from(args.gap)) * 1_000_000_000;
+            (*at, (at + cap).min(next))
         })
         .collect();
     let stalls: Vec<u64> = windows
@@ -619,15 +631,23 @@ async fn run(args: &Args) -> Result<i32> {
         .zip(&windows)
         .zip(&stalls)
         .map(|(((kind, _, led), (from, to)), stall)| {
+            // The fault's own 20 s, and (with a quiet gap) what came after
+            // until the next fault: the node back, a cell moved to it.
+            let cut = (*from + 20_000_000_000).min(*to);
             let cell_stalls: Vec<u64> = cells
                 .iter()
                 .zip(&busy)
-                .map(|(times, busy)| longest_busy_gap(times, busy, *from, *to))
+                .map(|(times, busy)| longest_busy_gap(times, busy, *from, cut))
+                .collect();
+            let later: Vec<u64> = cells
+                .iter()
+                .zip(&busy)
+                .map(|(times, busy)| longest_busy_gap(times, busy, cut, *to))
                 .collect();
             let led_cells: Vec<u32> = (0..fanjet::protocol::CELLS)
                 .filter(|c| led.contains(&fanjet::protocol::events_stream(*c)))
                 .collect();
-            json!({"kind": kind, "stall_ms": stall, "cell_stall_ms": cell_stalls, "led_cells": led_cells, "window_ms": (to - from) / 1_000_000, "led": led})
+            json!({"kind": kind, "stall_ms": stall, "cell_stall_ms": cell_stalls, "cell_stall_later_ms": later, "led_cells": led_cells, "window_ms": (to - from) / 1_000_000, "led": led})
         })
         .collect();
     // After a node's loss, the longest stall of a cell whose log it did
@@ -922,6 +942,7 @@ async fn faults(
     seed: u64,
     only: &[String],
     victims: Victims,
+    quiet: Duration,
     run_for: Duration,
     cluster: &mut NatsCluster,
     procs: &mut Procs,
@@ -1021,7 +1042,7 @@ async fn faults(
             }
         }
         let gap = rng.random_range(3000..7000);
-        tokio::time::sleep(Duration::from_millis(gap)).await;
+        tokio::time::sleep(Duration::from_millis(gap) + quiet).await;
     }
     Ok(())
 }

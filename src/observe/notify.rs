@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::nats::{reader_messages, Nats};
 use crate::protocol::{
-    kind_filter, notify_subject, Event, EventKind, NOTIFICATION_ID_HEADER, NOTIFY_CONSUMER,
+    kind_filter, notify_subject, Event, EventKind, CELLS, NOTIFICATION_ID_HEADER, NOTIFY_CONSUMER,
 };
 
 #[derive(Debug, Error)]
@@ -95,36 +95,53 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// so none waits for a slot unannounced to the server.
 const SLOTS: usize = 64;
 
-/// Runs the notifier until `cancel`.
+/// Runs the notifier until `cancel`: a reader per cell's log, each started
+/// again alone when it fails (a cell's consumer electing a leader, or its
+/// pull ending), so one cell's trouble delays no other's notifications.
 pub async fn run(
     nats: Nats,
     hooks: Webhooks,
     cancel: CancellationToken,
 ) -> Result<(), NotifyError> {
-    let err = |e: &dyn std::fmt::Display| NotifyError::Nats(e.to_string());
-    // One consumer on each cell's log, read as one stream of deliveries:
-    // each is acknowledged on its own, so their order does not matter.
-    let mut cells = Vec::new();
-    for log in &nats.events {
-        let consumer = log
-            .create_consumer(pull::Config {
-                durable_name: Some(NOTIFY_CONSUMER.into()),
-                filter_subjects: NOTIFIED.iter().map(|k| kind_filter(k.token())).collect(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                max_ack_pending: SLOTS as i64,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| err(&e))?;
-        cells.push(reader_messages(&consumer).await.map_err(|e| err(&e))?);
+    let hooks = Arc::new(hooks);
+    let mut cells = tokio::task::JoinSet::new();
+    for cell in 0..CELLS {
+        let (n, h, c) = (nats.clone(), hooks.clone(), cancel.clone());
+        cells.spawn(crate::shutdown::supervise(
+            "notifier",
+            cancel.clone(),
+            move || run_cell(n.clone(), cell, h.clone(), c.clone()),
+        ));
     }
-    let mut messages = futures::stream::select_all(cells);
+    while cells.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Notifies one cell's events until `cancel`.
+async fn run_cell(
+    nats: Nats,
+    cell: u32,
+    hooks: Arc<Webhooks>,
+    cancel: CancellationToken,
+) -> Result<(), NotifyError> {
+    let err = |e: &dyn std::fmt::Display| NotifyError::Nats(e.to_string());
+    let consumer = nats
+        .cell_log(cell)
+        .create_consumer(pull::Config {
+            durable_name: Some(NOTIFY_CONSUMER.into()),
+            filter_subjects: NOTIFIED.iter().map(|k| kind_filter(k.token())).collect(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: SLOTS as i64,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(&e))?;
+    let mut messages = reader_messages(&consumer).await.map_err(|e| err(&e))?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| err(&e))?;
-    let hooks = Arc::new(hooks);
     let slots = Arc::new(Semaphore::new(SLOTS));
     // Cancelled after a grace period at a stop: deliveries still under
     // way then hand their events back.
@@ -132,7 +149,7 @@ pub async fn run(
     let mut deliveries = JoinSet::new();
     // An event taken from the consumer that had no slot yet at a stop.
     let mut waiting = None;
-    info!(webhooks = hooks.urls.len(), "notifier running");
+    info!(cell, webhooks = hooks.urls.len(), "notifier running");
     loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => break,
