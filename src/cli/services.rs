@@ -55,9 +55,10 @@ pub struct ManagerArgs {
     no_fair_share: bool,
     /// Leave the leaders of fanjet's streams, buckets and consumers where
     /// the cluster's elections put them. By default one manager at a time
-    /// keeps them on the node that leads the event log, so that losing any
-    /// other node stalls nothing (docs/RELIABILITY.md); on a single server
-    /// this does nothing either way.
+    /// keeps each cell's on the node that leads the cell's log, and the
+    /// cells' logs on different nodes, so that losing a node stalls only the
+    /// cell it led (docs/RELIABILITY.md); on a single server this does
+    /// nothing either way.
     #[arg(long)]
     no_placement: bool,
 }

@@ -87,8 +87,8 @@ pub struct ManagerOptions {
     /// can start soon). `None`: each job dispatches up to its
     /// `max_in_flight`, first come first served.
     pub queue_ahead: Option<Duration>,
-    /// Keep the leaders of fanjet's streams, buckets and consumers on the
-    /// node leading the event log ([`placement`]).
+    /// Keep each cell's leaders on the node leading its log, the cells'
+    /// logs on different nodes ([`placement`]).
     pub keep_leaders_together: bool,
 }
 
