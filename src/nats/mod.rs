@@ -118,6 +118,27 @@ pub async fn reader_messages(
         .await
 }
 
+/// Runs `work`, telling the server every `every` that `msg` is still being
+/// worked on (in-progress acks), so that its ack wait does not run out.
+pub async fn keep_taken<T>(
+    msg: &async_nats::jetstream::Message,
+    every: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = progress.tick() => {
+                if let Err(e) = msg.ack_with(jetstream::AckKind::Progress).await {
+                    tracing::warn!(subject = %msg.subject, error = %e, "telling the server a message is still being worked on");
+                }
+            }
+        }
+    }
+}
+
 /// Room kept for headers (message id and the like) under the server's max
 /// payload.
 const HEADER_ROOM: usize = 1024;

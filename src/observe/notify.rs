@@ -232,19 +232,7 @@ async fn keep_alive<T>(
     msg: &async_nats::jetstream::Message,
     work: impl std::future::Future<Output = T>,
 ) -> T {
-    let mut progress =
-        tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            done = &mut work => return done,
-            _ = progress.tick() => {
-                if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                    warn!(error = %e, "telling the server a notification is under way");
-                }
-            }
-        }
-    }
+    crate::nats::keep_taken(msg, PROGRESS_EVERY, work).await
 }
 
 /// Gives an event back unfinished, for delivery again at once (another

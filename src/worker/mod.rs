@@ -506,7 +506,7 @@ impl PullLoop {
                         let _ = msg.ack_with(AckKind::Nak(None)).await;
                         return Ok(());
                     }
-                    p = keep_alive(&msg, self.slots.clone().acquire_owned()) => {
+                    p = crate::nats::keep_taken(&msg, Duration::from_secs(1), self.slots.clone().acquire_owned()) => {
                         p.map_err(|e| WorkerError::Nats(e.to_string()))?
                     }
                 };
@@ -651,27 +651,6 @@ impl PullLoop {
             drop(active);
         });
         self.running.lock().await.spawn(task);
-    }
-}
-
-/// Runs `work`, telling the server every second that `msg` is taken, so
-/// that its ack wait does not run out while it waits.
-async fn keep_alive<T>(
-    msg: &async_nats::jetstream::Message,
-    work: impl std::future::Future<Output = T>,
-) -> T {
-    let every = Duration::from_secs(1);
-    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            done = &mut work => return done,
-            _ = progress.tick() => {
-                if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                    debug!(error = %e, "in-progress ack while waiting for a slot");
-                }
-            }
-        }
     }
 }
 
