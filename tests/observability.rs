@@ -57,7 +57,10 @@ async fn the_api_shows_status_statistics_events_and_live_progress() {
         .await;
     env.manager();
     let (base, _stop) = env.serve(Webhooks::default()).await;
-    env.worker(seed_worker(&env, "inv", 5));
+    // Handlers of 30 ms: the job lasts long enough (half a second or more)
+    // for the live stream to show several checkpoints; with 5 ms ones it
+    // could end two updates after the stream opened.
+    env.worker(seed_worker(&env, "inv", 30));
 
     let (code, body) = post(
         &format!("{base}/api/jobs"),
@@ -130,7 +133,7 @@ async fn the_api_shows_status_statistics_events_and_live_progress() {
     assert_eq!(send["failures"][0]["error"], "bad address");
     assert_eq!(send["failures"][0]["index"], 7);
     // Statistics (they follow the log within a second): attempts histogram
-    // and duration percentiles of the 5 ms handlers.
+    // and duration percentiles of the 30 ms handlers.
     let mut job = job;
     for _ in 0..50 {
         if job["steps"][1]["stats"]["attempts_histogram"]
