@@ -19,7 +19,7 @@
 //! once, when the consumer first runs.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::kv;
 use futures::{StreamExt, TryStreamExt};
@@ -37,6 +37,7 @@ use crate::protocol::{
     change, kind_filter, now_ms, Event, EventKind, IndexPosition, JobSummary, Millis, CELLS,
     INDEXED_KINDS, INDEX_BACKFILLED_KEY, INDEX_BUCKET, INDEX_CONSUMER,
 };
+use crate::shutdown::supervise;
 
 #[derive(Debug, Error)]
 pub enum IndexerError {
@@ -97,43 +98,44 @@ pub async fn run(
     // log electing a leader holds up none of the others); past the lease,
     // every one stops and the error is the index's.
     let stop = cancel.child_token();
+    let fenced: Arc<Mutex<Option<IndexerError>>> = Arc::default();
     let mut cells = JoinSet::new();
     for cell in 0..CELLS {
-        let (n, p, f, c, filters) = (
+        let (n, p, f, c, filters, fenced) = (
             nats.clone(),
             positions.clone(),
             fence.clone(),
             stop.clone(),
             filters.clone(),
+            fenced.clone(),
         );
-        cells.spawn(async move {
-            let mut pause = Duration::from_millis(200);
-            loop {
-                let started = tokio::time::Instant::now();
-                match run_cell(n.clone(), p.clone(), cell, filters.clone(), c.clone(), f.clone()).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) if e.is_fenced() => return Err(e),
-                    Err(e) => warn!(cell, error = %e, "job index: a cell's reader failed; starting it again"),
+        cells.spawn(supervise("job index", stop.clone(), move || {
+            let (n, p, f, c, filters, fenced) = (
+                n.clone(),
+                p.clone(),
+                f.clone(),
+                c.clone(),
+                filters.clone(),
+                fenced.clone(),
+            );
+            async move {
+                match run_cell(n, p, cell, filters, c.clone(), f).await {
+                    Err(e) if e.is_fenced() => {
+                        c.cancel();
+                        *fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        Ok(())
+                    }
+                    done => done,
                 }
-                if started.elapsed() > Duration::from_secs(30) {
-                    pause = Duration::from_millis(200);
-                }
-                tokio::select! {
-                    _ = c.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(pause) => {}
-                }
-                pause = (pause * 2).min(Duration::from_secs(5));
             }
-        });
+        }));
     }
-    let mut result = Ok(());
-    while let Some(r) = cells.join_next().await {
-        if let Ok(Err(e)) = r {
-            stop.cancel();
-            result = Err(e);
-        }
+    while cells.join_next().await.is_some() {}
+    let fenced = fenced.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match fenced {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    result
 }
 
 /// Indexes one cell's log until `cancel`.

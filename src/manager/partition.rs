@@ -403,11 +403,7 @@ impl EventLoop {
         let now = now_ms();
         // The shares bucket is every cell's: while it elects a leader, this
         // loop goes on with the last view rather than wait for it.
-        let writing = self.fence.holds()
-            && self
-                .shares_resume
-                .is_none_or(|at| std::time::Instant::now() >= at);
-        if let (true, Some(wanted)) = (writing, self.engine.reservations()) {
+        if let (true, Some(wanted)) = (self.shares_open(), self.engine.reservations()) {
             let wanted = wanted.clone();
             let sync = self.reserved.sync(&self.nats, self.partition, &wanted);
             match tokio::time::timeout(SHARES_WAIT, sync).await {
@@ -421,11 +417,7 @@ impl EventLoop {
         let mut view = self.board.view(self.partition, now);
         view.reserved = self.reserved.held();
         self.feed(Input::Shares(view)).await?;
-        if writing
-            && self
-                .shares_resume
-                .is_none_or(|at| std::time::Instant::now() >= at)
-        {
+        if self.shares_open() {
             let write =
                 self.published
                     .write(&self.nats, self.partition, self.engine.demands(), now);
@@ -438,6 +430,15 @@ impl EventLoop {
             }
         }
         Ok(())
+    }
+
+    /// Whether this loop writes to the shares bucket now: while its lease
+    /// is held, and not while a write lately did not answer.
+    fn shares_open(&self) -> bool {
+        self.fence.holds()
+            && self
+                .shares_resume
+                .is_none_or(|at| std::time::Instant::now() >= at)
     }
 
     /// A write to the shares bucket did not answer in time: none for a

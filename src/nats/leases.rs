@@ -53,8 +53,9 @@ use tracing::{debug, info, warn};
 
 use super::Nats;
 use crate::protocol::{
-    cell, exclusive_key, lease_key, member_key, partition, partition_leases_bucket, CELLS,
-    LEASES_BUCKET, LEASE_KEY_PREFIX, LEASE_TTL, MEMBER_KEY_PREFIX, PARTITIONS,
+    cell, cell_partitions, exclusive_key, lease_key, member_key, partition,
+    partition_leases_bucket, CELLS, LEASES_BUCKET, LEASE_KEY_PREFIX, LEASE_TTL, MEMBER_KEY_PREFIX,
+    PARTITIONS,
 };
 
 /// How often holders renew their leases.
@@ -381,20 +382,25 @@ where
     // The bucket not answering (its leader's node lost, an election) is a
     // reason to wait and ask again soon, not to fail: whoever is standing
     // by when it answers again must be quick to take over.
-    let mut kv = None;
+    let pause = || async {
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(LEASE_TTL / 5) => true,
+        }
+    };
+    let kv = loop {
+        match bucket(nats).await {
+            Ok(kv) => break kv,
+            Err(e) => {
+                debug!(part = name, error = %e, "the lease bucket did not answer; asking again")
+            }
+        }
+        if !pause().await {
+            return Ok(());
+        }
+    };
     let mut lease = loop {
-        let claimed = match &kv {
-            Some(kv) => Lease::claim(kv, &key, me).await,
-            None => match bucket(nats).await {
-                Ok(b) => {
-                    let claimed = Lease::claim(&b, &key, me).await;
-                    kv = Some(b);
-                    claimed
-                }
-                Err(e) => Err(e),
-            },
-        };
-        match claimed {
+        match Lease::claim(&kv, &key, me).await {
             Ok(Some(lease)) => break lease,
             Ok(None) if !waiting_said => {
                 info!(part = name, "another process runs this; standing by");
@@ -405,13 +411,9 @@ where
                 debug!(part = name, error = %e, "the lease bucket did not answer; asking again")
             }
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(LEASE_TTL / 5) => {}
+        if !pause().await {
+            return Ok(());
         }
-    };
-    let Some(kv) = kv else {
-        return Err(LeaseError::Nats("no lease bucket".into()));
     };
     let inner = cancel.child_token();
     let work = work(inner.clone(), lease.fence());
@@ -622,8 +624,7 @@ impl Partitions {
                 }
             };
             free.extend(
-                (0..PARTITIONS)
-                    .filter(|p| cell(*p) as usize == c)
+                cell_partitions(c as u32)
                     .filter(|p| !taken.contains(p) && !self.held.contains_key(p)),
             );
         }

@@ -658,7 +658,7 @@ impl WorkerNats {
     /// Creates the step's consumer in one cell's work queue (for a user
     /// allowed to: a worker that runs with the manager role, as in `fanjet
     /// dev`).
-    pub async fn ensure_step_consumer(
+    pub async fn ensure_cell_step_consumer(
         &self,
         cell: u32,
         workflow: &str,

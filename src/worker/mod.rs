@@ -428,7 +428,7 @@ async fn bind(
         }
         if let Some(wf) = nats.workflow(workflow).await? {
             match wf.steps.iter().find(|s| s.name == step) {
-                Some(s) => match nats.ensure_step_consumer(cell, workflow, s).await {
+                Some(s) => match nats.ensure_cell_step_consumer(cell, workflow, s).await {
                     Ok(c) => return Ok(c),
                     Err(e) if !said => {
                         warn!(workflow, step, error = %e, "cannot create the step's consumer; waiting for the workflow to be applied")
@@ -547,8 +547,7 @@ impl PullLoop {
             let mut batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
-                    warn!(error = %e, "pull request failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    pull_failed(&e, &cancel).await;
                     continue;
                 }
             };
@@ -602,11 +601,7 @@ impl PullLoop {
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
-                warn!(error = %e, "pull request failed; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
+                pull_failed(&e, cancel).await;
                 return None;
             }
         };
@@ -651,6 +646,16 @@ impl PullLoop {
             drop(active);
         });
         self.running.lock().await.spawn(task);
+    }
+}
+
+/// Says a pull request failed and pauses before the next (a moment, or
+/// until `cancel`).
+async fn pull_failed(error: &(dyn std::fmt::Display + Sync), cancel: &CancellationToken) {
+    warn!(error = %error, "pull request failed; retrying");
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
     }
 }
 
