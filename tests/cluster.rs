@@ -179,8 +179,45 @@ async fn a_job_survives_losing_a_cluster_node() {
                 .consumer_info("fanjet_ha_send")
                 .await
                 .map(|i| (i.num_pending, i.num_ack_pending, i.num_waiting));
-            let ev = admin.log("ha-1").get_info().await.map(|i| i.state.messages);
-            panic!("the job did not end after losing a node: job {job:?} manager consumer {mgr:?} tasks consumer {tasks:?} events {ev:?}");
+            let ev = admin
+                .log("ha-1")
+                .get_info()
+                .await
+                .map(|i| (i.state.messages, i.cluster.and_then(|c| c.leader)));
+            let queue = admin
+                .task_queue("ha-1")
+                .get_info()
+                .await
+                .map(|i| (i.state.messages, i.cluster.and_then(|c| c.leader)));
+            // Does the work queue take a publish from a new connection to
+            // each node (on a subject of the job's partition no step's
+            // consumer takes)?
+            let mut probe = Vec::new();
+            for (i, n) in cluster.nodes.iter().enumerate() {
+                if i == node {
+                    continue;
+                }
+                let Ok(c) = async_nats::connect(n.url()).await else {
+                    continue;
+                };
+                let js = async_nats::jetstream::new(c);
+                let got = async {
+                    let msg = async_nats::jetstream::message::PublishMessage::build()
+                        .payload("probe".into())
+                        .message_id(format!("probe-{i}"));
+                    js.send_publish(
+                        fanjet::protocol::task_subject("probe", "probe", "ha-1"),
+                        msg,
+                    )
+                    .await?
+                    .await
+                }
+                .await
+                .map(|ack| format!("stored at {}", ack.sequence))
+                .unwrap_or_else(|e| e.to_string());
+                probe.push(format!("n{i}: {got}"));
+            }
+            panic!("the job did not end after losing a node: job {job:?} manager consumer {mgr:?} tasks consumer {tasks:?} events {ev:?} task queue {queue:?} probes {probe:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };

@@ -14,11 +14,13 @@ use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
 use std::sync::Arc;
 
-use async_nats::jetstream::context::{PublishAckFuture, PublishError};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::Message;
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use tracing::warn;
 
@@ -62,7 +64,8 @@ pub struct Executor {
     /// Where the last dispatch of each step run over an object's items
     /// stopped reading.
     readers: HashMap<String, ItemReader>,
-    acks: FuturesUnordered<<PublishAckFuture as IntoFuture>::IntoFuture>,
+    /// Acks awaited, each naming the subject published to if it fails.
+    acks: FuturesUnordered<BoxFuture<'static, Result<PublishAck, ManagerError>>>,
     /// The stored revision of each job record held.
     revisions: HashMap<String, u64>,
     /// The last event applied and not yet acknowledged.
@@ -240,7 +243,7 @@ impl Executor {
     async fn send(&mut self, subject: String, msg: PublishMessage) -> Result<(), ManagerError> {
         while self.acks.len() >= MAX_IN_FLIGHT {
             if let Some(ack) = self.acks.next().await {
-                ack.map_err(publish_err)?;
+                ack?;
             }
         }
         self.writer.fence.check()?;
@@ -248,16 +251,20 @@ impl Executor {
         let fut = self
             .nats
             .js
-            .send_publish(subject, msg)
+            .send_publish(subject.clone(), msg)
             .await
-            .map_err(publish_err)?;
-        self.acks.push(fut.into_future());
+            .map_err(|e| publish_err(&subject, e))?;
+        self.acks.push(
+            fut.into_future()
+                .map(move |ack| ack.map_err(|e| publish_err(&subject, e)))
+                .boxed(),
+        );
         Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), ManagerError> {
         while let Some(ack) = self.acks.next().await {
-            ack.map_err(publish_err)?;
+            ack?;
         }
         Ok(())
     }
@@ -637,6 +644,9 @@ async fn write(
     Ok(stored.or(revision).unwrap_or_default())
 }
 
-fn publish_err(e: PublishError) -> ManagerError {
-    ManagerError::Nats(format!("publish: {e}"))
+fn publish_err(subject: &str, e: PublishError) -> ManagerError {
+    match e.kind() {
+        PublishErrorKind::StreamNotFound => ManagerError::Unanswered(subject.to_string()),
+        _ => ManagerError::Nats(format!("publishing to {subject}: {e}")),
+    }
 }

@@ -31,7 +31,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::stream::ClusterInfo;
+use async_nats::jetstream::stream::{ClusterInfo, PeerInfo};
 use futures::TryStreamExt;
 use serde_json::json;
 use thiserror::Error;
@@ -114,11 +114,24 @@ impl Leadership {
             current: c
                 .replicas
                 .iter()
-                .filter(|p| p.current && !p.offline)
+                .filter(|p| up_to_date(p))
                 .map(|p| p.name.clone())
                 .collect(),
         }
     }
+}
+
+/// How recently a peer must have answered its leader to count as up to
+/// date. A leader hears from its followers at least every second (its
+/// heartbeats), but goes on reporting a peer that stopped answering as
+/// `current` until it has been silent 10 s: a node just killed would look
+/// like a fine place to move a cell to.
+const ANSWERED_WITHIN: Duration = Duration::from_secs(3);
+
+/// Whether a peer could take over at once: up to date, online, and heard
+/// from lately.
+fn up_to_date(p: &PeerInfo) -> bool {
+    p.current && !p.offline && p.active <= ANSWERED_WITHIN
 }
 
 /// A step-down to ask for: `group` from `from` to `to`.
@@ -525,6 +538,24 @@ mod tests {
             (g("KV_fanjet_jobs", None), led(Some("n2"), &["n1"])),
             (g("KV_fanjet_pending", None), led(None, &["n1", "n2"])),
         ])
+    }
+
+    #[test]
+    fn a_peer_silent_for_seconds_is_not_up_to_date_though_reported_current() {
+        let peer = |current: bool, active_ms: u64, offline: bool| -> PeerInfo {
+            serde_json::from_value(json!({
+                "name": "n1",
+                "current": current,
+                "active": active_ms * 1_000_000,
+                "offline": offline,
+            }))
+            .expect("a peer")
+        };
+        assert!(up_to_date(&peer(true, 400, false)));
+        // A leader reports a killed peer as current for 10 s.
+        assert!(!up_to_date(&peer(true, 4_000, false)));
+        assert!(!up_to_date(&peer(false, 400, false)));
+        assert!(!up_to_date(&peer(true, 400, true)));
     }
 
     fn what(moves: &[Move]) -> Vec<(String, &str, &str)> {
