@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
 use std::sync::Arc;
 
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::Message;
@@ -645,8 +645,5 @@ async fn write(
 }
 
 fn publish_err(subject: &str, e: PublishError) -> ManagerError {
-    match e.kind() {
-        PublishErrorKind::StreamNotFound => ManagerError::Unanswered(subject.to_string()),
-        _ => ManagerError::Nats(format!("publishing to {subject}: {e}")),
-    }
+    ManagerError::Nats(format!("publishing to {subject}: {e}"))
 }

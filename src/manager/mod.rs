@@ -59,10 +59,6 @@ pub enum ManagerError {
     Log(#[from] LogError),
     #[error("NATS: {0}")]
     Nats(String),
-    /// No stream answered a publish to this subject (electing a leader,
-    /// most often).
-    #[error("NATS: no stream answered a publish to {0}")]
-    Unanswered(String),
     /// The partition's lease is not certainly held: nothing was written.
     #[error(transparent)]
     Fenced(#[from] leases::Fenced),

@@ -34,7 +34,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::consumer::{AckPolicy, Info, PriorityPolicy};
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{
     ConsumerResetError, LastRawMessageErrorKind, RawMessageErrorKind, Stream,
@@ -72,9 +71,6 @@ pub enum LogError {
     /// NATS did not take or confirm the event (a node down, a timeout).
     #[error("appending to the event log: {0}")]
     Append(String),
-    /// No stream answered (the log electing a leader, most often).
-    #[error("appending to the event log: no stream answered")]
-    Unanswered,
     /// Reading failed (a node down, a timeout, a consumer gone).
     #[error("reading the event log: {0}")]
     Read(String),
@@ -88,7 +84,7 @@ impl LogError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            LogError::Append(_) | LogError::Unanswered | LogError::Read(_) | LogError::Fenced(_)
+            LogError::Append(_) | LogError::Read(_) | LogError::Fenced(_)
         )
     }
 }
@@ -137,16 +133,13 @@ pub async fn append_encoded(
     event: &Event,
     payload: Bytes,
 ) -> Result<Appended, LogError> {
-    let err = |e: PublishError| match e.kind() {
-        PublishErrorKind::StreamNotFound => LogError::Unanswered,
-        _ => LogError::Append(e.to_string()),
-    };
+    let err = |e: &dyn std::fmt::Display| LogError::Append(e.to_string());
     let ack = js
         .send_publish(event.subject(), message(event, payload))
         .await
-        .map_err(err)?
+        .map_err(|e| err(&e))?
         .await
-        .map_err(err)?;
+        .map_err(|e| err(&e))?;
     Ok(Appended {
         seq: ack.sequence,
         duplicate: ack.duplicate,
