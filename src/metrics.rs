@@ -40,6 +40,7 @@ pub const MANAGER_IGNORED: &str = "fanjet_manager_events_ignored_total";
 pub const LOG_HOLES: &str = "fanjet_log_deliveries_missed_total";
 pub const MANAGER_FENCED: &str = "fanjet_manager_partitions_paused_total";
 pub const MANAGER_RECOVERED: &str = "fanjet_manager_outcomes_read_back_total";
+pub const MANAGER_RESTARTS: &str = "fanjet_manager_sessions_restarted_total";
 pub const SLOTS_NEEDED: &str = "fanjet_step_slots_needed";
 pub const SECONDS_LEFT: &str = "fanjet_step_predicted_seconds_left";
 
@@ -80,6 +81,7 @@ pub struct Metrics {
     pub log_holes: IntCounterVec,
     pub manager_fenced: IntCounter,
     pub manager_recovered_outcomes: IntCounter,
+    pub manager_restarts: IntCounter,
     pub slots_needed: IntGaugeVec,
     pub predicted_seconds_left: IntGaugeVec,
 }
@@ -163,6 +165,11 @@ impl Metrics {
                 &r,
                 MANAGER_FENCED,
                 "Partition loops of this manager that stopped writing because their lease was not certainly held (lease renewals failing, a frozen process, another manager taking over); each dropped its state unsaved and loaded it again once the lease was held. Exported by the process that runs the manager.",
+            ),
+            manager_restarts: plain_counter(
+                &r,
+                MANAGER_RESTARTS,
+                "Partition sessions of this manager that failed (a NATS error: a leader election, a timeout) and started again from the last checkpoints. A few around a fault are expected; a steady rate means a partition is stuck. Exported by the process that runs the manager.",
             ),
             manager_recovered_outcomes: plain_counter(
                 &r,

@@ -1201,3 +1201,71 @@ async fn a_running_job_missing_from_the_listing_is_held_at_its_first_event() {
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!((job.steps[0].completed, job.steps[0].failed), (3, 0));
 }
+
+/// A session whose publishes failed leaves none of them to the next: once
+/// the work queue takes tasks again, the job goes on. (The acks a failed
+/// session still awaited used to stay with the partition, each failing one
+/// later session 2 s apart: after a node's loss a job stalled for minutes,
+/// `tests/cluster.rs` in about 1 run of 30.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_session_leaves_no_failed_publish_to_the_next() {
+    use async_nats::jetstream::stream::DiscardPolicy;
+    let mut env = Env::start().await;
+    env.apply(
+        "name = \"one\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"5s\"\nmax_in_flight = 100\n",
+    )
+    .await;
+    // The job's work queue takes 5 tasks and refuses the rest, so each
+    // session of its partition publishes 100 and fails on the 6th ack.
+    let queue = env.nats.task_queue("refused-1").clone();
+    let original = queue.get_info().await.expect("work queue").config;
+    let mut refusing = original.clone();
+    refusing.max_messages = 5;
+    refusing.discard = DiscardPolicy::New;
+    env.nats
+        .js
+        .update_stream(&refusing)
+        .await
+        .expect("limit the work queue");
+    env.manager_with(fanjet::manager::ManagerOptions {
+        tick: Duration::from_millis(200),
+        queue_ahead: None,
+        ..Default::default()
+    });
+    let items: Vec<u64> = (0..300).collect();
+    assert!(
+        env.submit("one", json!({"job_id": "refused-1", "input": items}))
+            .await
+            .ok
+    );
+    let start = Instant::now();
+    while queue
+        .clone()
+        .get_info()
+        .await
+        .expect("work queue")
+        .state
+        .messages
+        < 5
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no task was queued"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A few sessions fail (0.2, 0.4, 0.8 s apart, then 2 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    env.nats
+        .js
+        .update_stream(&original)
+        .await
+        .expect("lift the limit");
+    env.worker(echo_worker(&env));
+    // The next session goes on within its back-off (2 s); 300 echoes take
+    // well under a second. Each failure left over would cost 2 s, and
+    // there are hundreds.
+    let job = env.wait_end("refused-1", Duration::from_secs(30)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!((job.steps[0].completed, job.steps[0].failed), (300, 0));
+}

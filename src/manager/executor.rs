@@ -87,9 +87,14 @@ impl Executor {
     }
 
     /// Starts over from stored records: `revisions` of the jobs loaded.
+    /// The acks a failed session still awaited go with it: what they
+    /// confirm is published again from the checkpoints (under the same
+    /// message ids, so the streams keep one copy), and one kept would
+    /// fail the next session with the last one's error.
     pub fn reset(&mut self, revisions: HashMap<String, u64>) {
         self.revisions = revisions;
         self.unacked = None;
+        self.acks = FuturesUnordered::new();
     }
 
     /// A job loaded again (an ended one, redriven) at `revision`.
@@ -235,12 +240,23 @@ impl Executor {
             (Err(e @ LogError::TooLarge { .. }), _) => return Ok(Some(e.to_string())),
             (Err(e), _) => return Err(e.into()),
         };
-        self.send(event.subject(), log::message(event, payload))
-            .await?;
+        self.send(
+            event.subject(),
+            event.msg_id(),
+            log::message(event, payload),
+        )
+        .await?;
         Ok(None)
     }
 
-    async fn send(&mut self, subject: String, msg: PublishMessage) -> Result<(), ManagerError> {
+    /// Publishes `msg` (whose message id is `id`) without waiting for its
+    /// ack; a failed publish names both.
+    async fn send(
+        &mut self,
+        subject: String,
+        id: String,
+        msg: PublishMessage,
+    ) -> Result<(), ManagerError> {
         while self.acks.len() >= MAX_IN_FLIGHT {
             if let Some(ack) = self.acks.next().await {
                 ack?;
@@ -253,10 +269,10 @@ impl Executor {
             .js
             .send_publish(subject.clone(), msg)
             .await
-            .map_err(|e| publish_err(&subject, e))?;
+            .map_err(|e| publish_err(&subject, &id, e))?;
         self.acks.push(
             fut.into_future()
-                .map(move |ack| ack.map_err(|e| publish_err(&subject, e)))
+                .map(move |ack| ack.map_err(|e| publish_err(&subject, &id, e)))
                 .boxed(),
         );
         Ok(())
@@ -322,10 +338,9 @@ impl Executor {
                     payload.len()
                 )));
             }
-            let msg = PublishMessage::build()
-                .payload(payload)
-                .message_id(task_msg_id(&d.job_id, d.step_index, index, d.run));
-            self.send(task_subject(&d.workflow, &d.step.name, &d.job_id), msg)
+            let id = task_msg_id(&d.job_id, d.step_index, index, d.run);
+            let msg = PublishMessage::build().payload(payload).message_id(&id);
+            self.send(task_subject(&d.workflow, &d.step.name, &d.job_id), id, msg)
                 .await?;
         }
         Ok(None)
@@ -409,12 +424,13 @@ impl Executor {
             )));
         }
         // A block split over two dispatches (a window's edge) is two tasks.
-        let msg = PublishMessage::build().payload(payload).message_id(format!(
+        let id = format!(
             "{}:b{}",
             task_msg_id(&d.job_id, d.step_index, first, d.run),
             task.indices[0]
-        ));
-        self.send(task_subject(&d.workflow, &d.step.name, &d.job_id), msg)
+        );
+        let msg = PublishMessage::build().payload(payload).message_id(&id);
+        self.send(task_subject(&d.workflow, &d.step.name, &d.job_id), id, msg)
             .await?;
         Ok(None)
     }
@@ -644,6 +660,6 @@ async fn write(
     Ok(stored.or(revision).unwrap_or_default())
 }
 
-fn publish_err(subject: &str, e: PublishError) -> ManagerError {
-    ManagerError::Nats(format!("publishing to {subject}: {e}"))
+fn publish_err(subject: &str, id: &str, e: PublishError) -> ManagerError {
+    ManagerError::Nats(format!("publishing {id} to {subject}: {e}"))
 }

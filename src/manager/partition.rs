@@ -171,6 +171,7 @@ impl EventLoop {
                         backoff = Duration::from_millis(200); // it had recovered
                     }
                     error!(partition = self.partition, error = %e, "manager loop failed; reloading state and resuming from the last checkpoint");
+                    Metrics::get().manager_restarts.inc();
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}

@@ -105,6 +105,13 @@ fn spawn(
         .arg("-l")
         .arg(log)
         .args(extra)
+        // Every protocol message in the log, to see what a test's servers
+        // did (large: use it on one test at a time).
+        .args(if std::env::var_os("FANJET_NATS_TRACE").is_some() {
+            &["-DV"][..]
+        } else {
+            &[][..]
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -146,6 +153,8 @@ pub struct NatsServer {
     /// How it was started, to start it again ([`NatsServer::restart`]).
     conf: PathBuf,
     extra: Vec<String>,
+    /// Its HTTP monitoring port, when it has one (cluster nodes do).
+    monitor: Option<u16>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -242,6 +251,7 @@ impl NatsServer {
             store,
             conf,
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            monitor: None,
             _temp: temp,
         };
         server.wait_ready(Duration::from_secs(15))?;
@@ -292,6 +302,7 @@ impl NatsServer {
             store,
             conf: copy,
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            monitor: None,
             _temp: Some(temp),
         };
         server.wait_ready(Duration::from_secs(15))?;
@@ -338,6 +349,13 @@ impl NatsServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Its HTTP monitoring endpoint (`http://127.0.0.1:<port>`), if it
+    /// has one: the nodes of a [`NatsCluster`] do, for tests to read
+    /// `/routez` or `/subsz` when something goes wrong.
+    pub fn monitor_url(&self) -> Option<String> {
+        self.monitor.map(|p| format!("http://127.0.0.1:{p}"))
     }
 
     pub fn store(&self) -> &Path {
@@ -402,13 +420,15 @@ impl NatsCluster {
             path: path.clone(),
             message,
         };
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
         let routes: Vec<String> = ports
             .iter()
-            .map(|(_, r)| format!("\"nats-route://127.0.0.1:{r}\""))
+            .map(|(_, r, _)| format!("\"nats-route://127.0.0.1:{r}\""))
             .collect();
         let mut nodes = Vec::new();
-        for (i, (client, route)) in ports.iter().enumerate() {
+        for (i, (client, route, monitor)) in ports.iter().enumerate() {
             let temp = tempfile::Builder::new()
                 .prefix("fanjet-cluster-")
                 .tempdir()
@@ -416,7 +436,7 @@ impl NatsCluster {
             let store = temp.path().to_path_buf();
             let conf = store.join("server.conf");
             let text = format!(
-                "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\njetstream {{\n  store_dir: {:?}\n{}}}\ncluster {{\n  name: fanjet\n  listen: \"127.0.0.1:{route}\"\n  routes: [{}]\n}}\n",
+                "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\nhttp: \"127.0.0.1:{monitor}\"\njetstream {{\n  store_dir: {:?}\n{}}}\ncluster {{\n  name: fanjet\n  listen: \"127.0.0.1:{route}\"\n  routes: [{}]\n}}\n",
                 store.join("jetstream").display().to_string(),
                 if sync_always {
                     "  sync_interval: always\n"
@@ -433,6 +453,7 @@ impl NatsCluster {
                 store,
                 conf,
                 extra: Vec::new(),
+                monitor: Some(*monitor),
                 _temp: Some(temp),
             });
         }
