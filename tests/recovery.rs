@@ -1269,3 +1269,58 @@ async fn a_failed_session_leaves_no_failed_publish_to_the_next() {
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!((job.steps[0].completed, job.steps[0].failed), (300, 0));
 }
+
+/// A session opening its partition's reader, and a job's first dispatch
+/// making sure of its step's consumer, ask no one to create a consumer that
+/// is already as wanted: creating asks the cluster's JetStream meta leader,
+/// and after the loss of the node leading it every session of every cell
+/// waited for its election (4-9 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_already_as_wanted_are_not_created_again() {
+    use futures::StreamExt;
+    let env = Env::start().await;
+    let wf = env
+        .apply(
+            "name = \"again\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\ntimeout = \"5s\"\n",
+        )
+        .await;
+    let mut creates = env
+        .nats
+        .client
+        .subscribe("$JS.API.CONSUMER.>")
+        .await
+        .expect("subscribe");
+    env.nats.client.flush().await.expect("flush");
+    for _ in 0..3 {
+        let reader = fanjet::nats::log::Reader::open(
+            &env.nats,
+            0,
+            "again-test",
+            vec!["fanjet.ev.00.again.>".into()],
+            10,
+            "manager",
+            None,
+        )
+        .await
+        .expect("reader");
+        drop(reader);
+        env.nats
+            .ensure_cell_step_consumer(0, &wf.name, &wf.steps[0])
+            .await
+            .expect("step consumer");
+    }
+    env.nats.client.flush().await.expect("flush");
+    let mut made = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), creates.next()).await {
+        if m.subject.contains(".CREATE.") {
+            made.push(m.subject.to_string());
+        }
+    }
+    // The step's consumer was made when the workflow was applied; the
+    // reader's, at its first opening.
+    assert_eq!(
+        made,
+        ["$JS.API.CONSUMER.CREATE.FANJET_EVENTS_0.again-test"],
+        "created once each"
+    );
+}

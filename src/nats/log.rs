@@ -286,8 +286,7 @@ impl Reader {
         // did not pin, is updated in place from where it is.
         let log = nats.cell_log(cell);
         fenced()?;
-        let consumer = log
-            .create_consumer(consumer)
+        let consumer = super::consumer_as(&nats.js, log, name, consumer)
             .await
             .map_err(|e| err("creating consumer", &e))?;
         fenced()?;

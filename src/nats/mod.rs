@@ -536,9 +536,68 @@ async fn create_cell_step_consumer(
         max_waiting: 4096,
         ..Default::default()
     };
-    js.create_consumer_on_stream(config, tasks_stream(cell))
+    let queue = js
+        .get_stream_no_info(tasks_stream(cell))
+        .await
+        .map_err(|e| SetupError::Consumer {
+            name: name.clone(),
+            source: stream::ConsumerError::with_source(stream::ConsumerErrorKind::Other, e),
+        })?;
+    consumer_as(js, &queue, &name, config)
         .await
         .map_err(|source| SetupError::Consumer { name, source })
+}
+
+/// The durable pull consumer `name` as `wanted`: the one there is when it
+/// already is (its info comes from its own leader), created or changed
+/// otherwise. Creating asks the cluster's JetStream meta leader, which
+/// after a node's loss may be electing for seconds: a session that finds
+/// its consumers as it left them must not wait for that.
+pub(crate) async fn consumer_as<I>(
+    js: &Context,
+    stream: &stream::Stream<I>,
+    name: &str,
+    wanted: consumer::pull::Config,
+) -> Result<consumer::PullConsumer, stream::ConsumerError> {
+    use jetstream::context::ConsumerInfoErrorKind as Info;
+    use stream::{ConsumerError, ConsumerErrorKind};
+    match stream.consumer_info(name).await {
+        Ok(info) if consumer_is(&info.config, &wanted) => {
+            Ok(consumer::Consumer::new(wanted, info, js.clone()))
+        }
+        Ok(_) => stream.create_consumer(wanted).await,
+        Err(e) if matches!(e.kind(), Info::NotFound) => stream.create_consumer(wanted).await,
+        Err(e) if matches!(e.kind(), Info::TimedOut) => {
+            Err(ConsumerError::with_source(ConsumerErrorKind::TimedOut, e))
+        }
+        Err(e) => Err(ConsumerError::with_source(ConsumerErrorKind::Other, e)),
+    }
+}
+
+/// Whether a consumer's stored config is what `wanted` asks for, in every
+/// field `wanted` sets (the server fills in the rest with its defaults).
+fn consumer_is(have: &consumer::Config, wanted: &consumer::pull::Config) -> bool {
+    use consumer::IntoConsumerConfig;
+    let want = wanted.clone().into_consumer_config();
+    let filters = |c: &consumer::Config| {
+        let mut f = c.filter_subjects.clone();
+        if !c.filter_subject.is_empty() {
+            f.push(c.filter_subject.clone());
+        }
+        f.sort();
+        f
+    };
+    let set = |w: i64, h: i64| w == 0 || w == h;
+    have.durable_name == want.durable_name
+        && filters(have) == filters(&want)
+        && have.ack_policy == want.ack_policy
+        && (want.ack_wait.is_zero() || have.ack_wait == want.ack_wait)
+        && set(want.max_deliver, have.max_deliver)
+        && set(want.max_ack_pending, have.max_ack_pending)
+        && set(want.max_waiting, have.max_waiting)
+        && have.priority_policy == want.priority_policy
+        && have.priority_groups == want.priority_groups
+        && (want.priority_timeout.is_zero() || have.priority_timeout == want.priority_timeout)
 }
 
 /// Reads a stored workflow and checks it; `Ok(None)` when there is none by
