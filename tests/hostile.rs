@@ -276,8 +276,14 @@ async fn a_subjob_that_kills_its_worker_process_is_failed_after_its_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_results_go_to_the_object_store_and_limits_hold() {
     let mut env = Env::start().await;
-    env.apply(&seed_workflow("big", "tolerate_failures = \"1\""))
-        .await;
+    // A 65 MB result takes seconds to build in a debug build on a busy
+    // 2-core machine: the seed workflow's 5 s would run it again.
+    env.apply(&seed_workflow("big", "tolerate_failures = \"1\"").replacen(
+        "timeout = \"5s\"\nmax_attempts",
+        "timeout = \"60s\"\nmax_attempts",
+        1,
+    ))
+    .await;
     env.apply(
         "name = \"capped\"\n[[steps]]\nname = \"send\"\nkind = \"fanout\"\nmax_subjobs = 5\n",
     )
