@@ -288,7 +288,7 @@ impl Reader {
         fenced()?;
         let consumer = super::consumer_as(&nats.js, log, name, consumer)
             .await
-            .map_err(|e| err("creating consumer", &e))?;
+            .map_err(|e| err("reading or creating consumer", &e))?;
         fenced()?;
         let (deliveries, floor) = Deliveries::reset(log, name)
             .await
