@@ -90,6 +90,24 @@ async fn a_job_survives_losing_a_cluster_node() {
     let worker = tokio::spawn(async move { worker.run(wc).await });
 
     duplicates_in_flight_are_duplicates(&admin).await;
+    // A reader of the job's cell beside the managers', opened again the
+    // moment its consumer's leader is lost (below).
+    let probe_cell = fanjet::protocol::job_cell("ha-1");
+    let probe = || {
+        fanjet::nats::log::Reader::open(
+            &admin,
+            probe_cell,
+            "fanjet-probe",
+            vec![fanjet::protocol::partition_kind_filter(
+                fanjet::protocol::partition("ha-1"),
+                "probe",
+            )],
+            10,
+            "probe",
+            None,
+        )
+    };
+    drop(probe().await.expect("a reader of the job's cell"));
     together(&admin, "before the kill").await;
 
     let reply = fanjet::client::submit(
@@ -140,6 +158,10 @@ async fn a_job_survives_losing_a_cluster_node() {
         .parse()
         .unwrap_or_else(|_| panic!("unexpected server name {leader}"));
     cluster.nodes[node].kill();
+    // Its consumer is led from the killed node (the managers keep it
+    // there): the requests that open it go unanswered until its followers
+    // elect a leader, and are asked again rather than waited out.
+    let reopened = probe().await.map(drop);
 
     let start = Instant::now();
     let mut reported = false;
@@ -167,6 +189,9 @@ async fn a_job_survives_losing_a_cluster_node() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    if let Err(e) = reopened {
+        panic!("a reader opened as its consumer's leader was lost did not open once another was elected: {e}");
+    }
     assert_eq!(
         (
             job.steps[0].total,

@@ -682,6 +682,7 @@ async fn nats_server_killed_and_restarted_mid_job_loses_nothing() {
     // SIGKILL the server, then start it again on the same port and store:
     // the manager, the worker and this test's client reconnect by themselves.
     let (store, port) = (env.server.store().to_path_buf(), env.server.port());
+    let connects = fanjet::nats::connect::connects(&env.nats.client);
     env.server.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _again = tokio::task::spawn_blocking(move || {
@@ -690,6 +691,14 @@ async fn nats_server_killed_and_restarted_mid_job_loses_nothing() {
     .await
     .expect("join")
     .expect("the server starts again on its store");
+    // What a partition session watches for, to start again rather than
+    // wait on requests the lost connection will never answer.
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        fanjet::nats::connect::reconnected(&env.nats.client, connects),
+    )
+    .await
+    .expect("a connection made again is seen as such");
     let job = env.wait_end("r1", Duration::from_secs(90)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!(

@@ -298,7 +298,10 @@ impl Procs {
             .args(args)
             .env("NATS_URL", &self.url)
             .env("FANJET_REPLICAS", "3")
-            .env("FANJET_LOG", "info")
+            .env(
+                "FANJET_LOG",
+                std::env::var("FANJET_CHAOS_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

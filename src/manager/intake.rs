@@ -286,11 +286,16 @@ async fn submit(nats: &Nats, msg: &async_nats::Message, limiters: &Limiters) -> 
 
 /// Appends a submission's event ([`log::append_retrying`]: a publish that
 /// met the same job still in process, on a replicated stream, ends as a
-/// duplicate).
+/// duplicate), for [`APPEND_FOR`]: then the submitter hears `unavailable`
+/// while it still waits for an answer.
 async fn append(nats: &Nats, event: &Event) -> Result<Appended, LogError> {
     let payload = log::encode(event, nats.max_payload())?;
-    log::append_retrying(&nats.js, event, payload).await
+    log::append_retrying(&nats.js, event, payload, APPEND_FOR).await
 }
+
+/// How long a submission's event is tried: a client asks again after 2 s
+/// and waits 10 s in all.
+const APPEND_FOR: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What is known of a submission when it is refused.
 struct Rejection<'a> {

@@ -28,6 +28,7 @@ use super::shares::{Board, Published, Reserved};
 use super::{Executor, ManagerError, ManagerOptions, Writer};
 use crate::machine::{valid_job_id, Action, Definition, Engine, Input, Unqueued};
 use crate::metrics::Metrics;
+use crate::nats::connect::{connects, reconnected};
 use crate::nats::leases::Fence;
 use crate::nats::log::{self, stream_seq, Batch, LogError, Reader};
 use crate::nats::store;
@@ -66,6 +67,17 @@ pub(super) struct EventLoop {
     /// Jobs an event named that are not held, looked up this session and
     /// found ended or not stored (late events of ended jobs are common).
     not_running: HashSet<String>,
+    /// The session went on without listing the partition's running jobs.
+    unlisted: bool,
+    /// The jobs the last session held, when it ended on a transient
+    /// failure (`None` after a lost lease, whose state was dropped, and
+    /// before the first session).
+    held: Option<Vec<String>>,
+    /// The session loaded its jobs: those in memory are the ones it holds.
+    loaded: bool,
+    /// Turns of the session's loop (each at most a checkpoint interval
+    /// apart while it is not held up).
+    progress: Arc<AtomicU64>,
 }
 
 impl EventLoop {
@@ -93,6 +105,10 @@ impl EventLoop {
             reserved: Reserved::default(),
             shares_resume: None,
             not_running: HashSet::new(),
+            unlisted: false,
+            held: None,
+            loaded: false,
+            progress: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -120,15 +136,28 @@ impl EventLoop {
 
     /// Loads the partition's running jobs from their checkpoints.
     async fn reload(&mut self) -> Result<(), ManagerError> {
+        // In case the listing cannot be had at once.
+        let known = self.held.clone();
+        self.loaded = false;
         self.engine = engine(&self.options);
         self.not_running.clear();
         let p = self.partition;
         let mut revisions = HashMap::new();
-        for (job, rev) in store::load_active(&self.nats, p).await? {
+        let (jobs, listed) = store::load_active(&self.nats, p, known.as_deref()).await?;
+        if !listed {
+            warn!(
+                partition = p,
+                jobs = known.as_ref().map_or(0, Vec::len),
+                "the partition's running jobs could not be listed at once; going on with those held before, listing again at each tick"
+            );
+        }
+        self.unlisted = !listed;
+        for (job, rev) in jobs {
             revisions.insert(job.job_id.clone(), rev);
             self.engine.insert(job);
         }
         self.executor.reset(revisions);
+        self.loaded = true;
         if !self.engine.is_empty() {
             info!(
                 partition = p,
@@ -153,9 +182,20 @@ impl EventLoop {
                 _ = self.fence.held() => {}
             }
             let began = std::time::Instant::now();
-            match self.session(&cancel).await {
+            // A session waiting on a lost connection's requests (a
+            // checkpoint, a publish) is started again rather than waiting
+            // out their time-outs: it resumes from what was stored.
+            let stuck = stuck_after_reconnect(self.nats.client.clone(), self.progress.clone());
+            let ended = tokio::select! {
+                ended = self.session(&cancel) => ended,
+                _ = stuck => Err(ManagerError::Nats(
+                    "the connection to NATS was lost and made again, and the session has been waiting since on what was in flight on it (never answered)".into(),
+                )),
+            };
+            match ended {
                 Ok(()) => return Ok(()),
                 Err(ManagerError::Fenced(_)) => {
+                    self.held = None;
                     self.engine = engine(&self.options);
                     self.set_running();
                     if !cancel.is_cancelled() {
@@ -167,6 +207,9 @@ impl EventLoop {
                     }
                 }
                 Err(e) => {
+                    if self.loaded {
+                        self.held = Some(self.engine.jobs().map(|j| j.job_id.clone()).collect());
+                    }
                     if began.elapsed() > Duration::from_secs(30) {
                         backoff = Duration::from_millis(200); // it had recovered
                     }
@@ -204,6 +247,7 @@ impl EventLoop {
         let mut unsaved = 0usize;
         debug!(partition = self.partition, "partition loop running");
         loop {
+            self.progress.fetch_add(1, Ordering::Relaxed);
             // After a hole or a failed pull, what was applied is stored and
             // a new reader goes on from there (the one before is gone
             // first): the jobs in memory are what a reload would give, so
@@ -222,6 +266,7 @@ impl EventLoop {
                     return Ok(());
                 }
                 _ = ticker.tick() => {
+                    self.list_again().await?;
                     self.share().await?;
                     self.feed(Input::Tick).await?;
                 }
@@ -491,6 +536,24 @@ impl EventLoop {
         Ok(())
     }
 
+    /// After a session went on without its partition's listing (see
+    /// [`store::load_active`]): lists again, a second at most, and holds
+    /// any running job listed that it does not.
+    async fn list_again(&mut self) -> Result<(), ManagerError> {
+        if !self.unlisted {
+            return Ok(());
+        }
+        let listing = store::active_ids(&self.nats, self.partition);
+        // Not answered (or refused): again at the next tick.
+        if let Ok(Ok(ids)) = tokio::time::timeout(Duration::from_secs(1), listing).await {
+            for id in ids {
+                self.hold_if_running(&id).await?;
+            }
+            self.unlisted = false;
+        }
+        Ok(())
+    }
+
     fn set_running(&self) {
         if let Some(n) = self.running.get(self.partition as usize) {
             n.store(self.engine.len() as u64, Ordering::Relaxed);
@@ -643,6 +706,27 @@ impl EventLoop {
             self.workflows.insert(name.to_string(), wf.clone());
         }
         Ok(Definition::Found(wf))
+    }
+}
+
+/// How long a session may go without a turn of its loop after its
+/// connection was made again before it counts as held up by what was in
+/// flight on the lost one (a turn comes every checkpoint interval, 100 ms
+/// by default, unless a request holds it up).
+const STUCK_AFTER_RECONNECT: Duration = Duration::from_secs(1);
+
+/// Resolves when `client` has connected again and the session whose turns
+/// `progress` counts has made none for [`STUCK_AFTER_RECONNECT`] since: it
+/// waits on a request sent on the lost connection, never to be answered.
+/// A session that goes on turning after a reconnection is left alone.
+async fn stuck_after_reconnect(client: async_nats::Client, progress: Arc<AtomicU64>) {
+    loop {
+        reconnected(&client, connects(&client)).await;
+        let seen = progress.load(Ordering::Relaxed);
+        tokio::time::sleep(STUCK_AFTER_RECONNECT).await;
+        if progress.load(Ordering::Relaxed) == seen {
+            return;
+        }
     }
 }
 

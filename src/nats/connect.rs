@@ -260,6 +260,32 @@ impl ConnectArgs {
     }
 }
 
+/// Resolves once `client` has connected again since it had connected
+/// `since` times (`client.statistics().connects`, read before the work it
+/// guards). Requests sent on a connection that was lost are never answered
+/// (their replies went to it), so work waiting on them would wait out each
+/// one's time-out (10 s): work that may be dropped and started again races
+/// this instead. Looked at five times a second.
+pub async fn reconnected(client: &async_nats::Client, since: u64) {
+    let stats = client.statistics();
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if stats.connects.load(std::sync::atomic::Ordering::Relaxed) > since {
+            return;
+        }
+    }
+}
+
+/// How many times `client` has connected so far (for [`reconnected`]).
+pub fn connects(client: &async_nats::Client) -> u64 {
+    client
+        .statistics()
+        .connects
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -146,24 +146,43 @@ pub async fn append_encoded(
     })
 }
 
+/// How long one try of [`append_retrying`] waits for the log's
+/// acknowledgement. A publish that reaches a stream as it hands its
+/// leadership over (an election, or a move on purpose) is never
+/// acknowledged; waited out for the client's 10 s, it held up every later
+/// outcome of that worker's cell as long (seen in a chaos run).
+pub const APPEND_WAIT: Duration = Duration::from_secs(2);
+/// How long a worker goes on trying to store an outcome: past a leader
+/// election (4-9 s), so that it is stored rather than its subjob run again.
+pub const OUTCOME_APPEND_FOR: Duration = Duration::from_secs(15);
+
 /// Appends an event already [`encode`]d, trying again after transient
-/// failures for about three seconds (pauses doubling from 100 ms). The
-/// message id makes that safe: an event the log took already is answered
-/// as a duplicate, which is also how a publish that met the same event
-/// still in process on a replicated stream (another intake, a resent
-/// request) ends.
+/// failures and unacknowledged tries ([`APPEND_WAIT`] each) for up to
+/// `within` (pauses doubling from 100 ms up to 1 s). The message id
+/// makes that safe: an event the log took already is answered as a
+/// duplicate, which is also how a publish that met the same event still in
+/// process on a replicated stream (another intake, a resent request) ends.
 pub async fn append_retrying(
     js: &Context,
     event: &Event,
     payload: Bytes,
+    within: Duration,
 ) -> Result<Appended, LogError> {
+    let began = std::time::Instant::now();
     let mut pause = Duration::from_millis(100);
     loop {
-        match append_encoded(js, event, payload.clone()).await {
-            Err(e) if e.is_transient() && pause <= Duration::from_millis(1600) => {
+        let tried = tokio::time::timeout(APPEND_WAIT, append_encoded(js, event, payload.clone()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(LogError::Append(format!(
+                    "no acknowledgement within {APPEND_WAIT:?}"
+                )))
+            });
+        match tried {
+            Err(e) if e.is_transient() && began.elapsed() + pause < within => {
                 tracing::debug!(error = %e, job_id = event.job_id(), "appending an event; trying again");
                 tokio::time::sleep(pause).await;
-                pause *= 2;
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
             result => return result,
         }
@@ -284,25 +303,39 @@ impl Reader {
         };
         // An existing consumer, pinned or made by an earlier version that
         // did not pin, is updated in place from where it is.
+        // Each request is asked again when it goes unanswered (its group
+        // electing a leader), the fence checked before every try.
         let log = nats.cell_log(cell);
-        fenced()?;
-        let consumer = super::consumer_as(&nats.js, log, name, consumer)
-            .await
-            .map_err(|e| err("reading or creating consumer", &e))?;
-        fenced()?;
-        let (deliveries, floor) = Deliveries::reset(log, name)
-            .await
-            .map_err(|e| err("resetting consumer", &e))?;
+        let consumer = super::answered(|| async {
+            fenced()?;
+            super::consumer_as(&nats.js, log, name, consumer.clone())
+                .await
+                .map_err(|e| err("reading or creating consumer", &e))
+        })
+        .await
+        .map_err(|e| err("reading or creating consumer", &e))??;
+        let (deliveries, floor) = super::answered(|| async {
+            fenced()?;
+            Deliveries::reset(log, name)
+                .await
+                .map_err(|e| err("resetting consumer", &e))
+        })
+        .await
+        .map_err(|e| err("resetting consumer", &e))??;
         tracing::info!(
             consumer = name,
             ack_floor = floor,
             next_delivery = deliveries.next,
             "reading the log again from its ack floor"
         );
-        fenced()?;
-        log.unpin_consumer(name, READER_GROUP)
-            .await
-            .map_err(|e| err("taking the pin of", &e))?;
+        super::answered(|| async {
+            fenced()?;
+            log.unpin_consumer(name, READER_GROUP)
+                .await
+                .map_err(|e| err("taking the pin of", &e))
+        })
+        .await
+        .map_err(|e| err("taking the pin of", &e))??;
         let messages = consumer
             .stream()
             .group(READER_GROUP)

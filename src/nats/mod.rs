@@ -543,9 +543,57 @@ async fn create_cell_step_consumer(
             name: name.clone(),
             source: stream::ConsumerError::with_source(stream::ConsumerErrorKind::Other, e),
         })?;
-    consumer_as(js, &queue, &name, config)
+    answered(|| consumer_as(js, &queue, &name, config.clone()))
         .await
+        .unwrap_or_else(|e| {
+            Err(stream::ConsumerError::with_source(
+                stream::ConsumerErrorKind::TimedOut,
+                e,
+            ))
+        })
         .map_err(|source| SetupError::Consumer { name, source })
+}
+
+/// How long each try of [`answered`] waits for an answer: short at first,
+/// then a little longer for a server that is only slow.
+const ASK_WAITS: [Duration; 8] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(2),
+    Duration::from_secs(2),
+    Duration::from_secs(2),
+    Duration::from_secs(2),
+    Duration::from_secs(3),
+    Duration::from_secs(3),
+];
+
+/// A request that was asked [`ASK_WAITS`] times and never answered.
+#[derive(Debug, Clone, Copy, Error)]
+#[error("not answered in {0:?} (asked {1} times)")]
+pub struct Unanswered(pub Duration, pub usize);
+
+/// Asks `ask` until it is answered: each try waits briefly, and one that
+/// gets no answer is asked again. A stream or consumer whose leader was
+/// lost answers nothing until its followers elect another (4-9 s), and a
+/// request sent before that is never answered: waiting out the client's
+/// 10 s for it kept a session away for up to 6 s after its consumer had a
+/// leader again. Only for requests that may be repeated (reads, and
+/// changes that leave the same result when applied twice); `ask` is
+/// called before each try, so it may check a fence first. Answers that
+/// are errors come back as they are.
+pub(crate) async fn answered<T, E, F, Fut>(mut ask: F) -> Result<Result<T, E>, Unanswered>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut waited = Duration::ZERO;
+    for wait in ASK_WAITS {
+        if let Ok(answer) = tokio::time::timeout(wait, ask()).await {
+            return Ok(answer);
+        }
+        waited += wait;
+    }
+    Err(Unanswered(waited, ASK_WAITS.len()))
 }
 
 /// The durable pull consumer `name` as `wanted`: the one there is when it

@@ -31,7 +31,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::stream::{ClusterInfo, PeerInfo};
+use async_nats::jetstream::stream::{self, ClusterInfo, PeerInfo};
 use futures::TryStreamExt;
 use serde_json::json;
 use thiserror::Error;
@@ -149,6 +149,9 @@ pub struct Survey {
     /// or not replicated.
     pub anchors: Vec<Option<String>>,
     pub groups: BTreeMap<Group, Leadership>,
+    /// Each cell's log elected its leader after losing one, less than
+    /// [`SETTLE`] ago (index = cell; missing: no).
+    pub failed_over: Vec<bool>,
 }
 
 impl Survey {
@@ -185,7 +188,7 @@ impl Survey {
 /// none of those `resting` (asked to go to that server recently):
 /// - a cell's log led from the node of a lower cell's log goes to a
 ///   `settled` node with an up-to-date copy that leads no cell's log (the
-///   first by name);
+///   first by name), unless it `failed_over` lately;
 ///   its cell's other groups wait for it;
 /// - every other group led from elsewhere than its cell's log leader, with
 ///   an up-to-date copy there, goes there.
@@ -206,6 +209,12 @@ pub fn plan(
             continue;
         };
         if !anchors[..cell].contains(&Some(leader.clone())) {
+            continue;
+        }
+        // Shared since a node was lost: that node may be the free one,
+        // just back (a node killed and started again within seconds never
+        // looks absent), so the log stays until the loss is SETTLE old.
+        if survey.failed_over.get(cell).copied().unwrap_or(false) {
             continue;
         }
         let group = Group {
@@ -254,6 +263,29 @@ pub fn plan(
     moves
 }
 
+/// Whether a stream's leader was elected after it lost one, less than
+/// [`SETTLE`] ago: led since well after the stream was created (its first
+/// leader is elected with it), and not for long. The times are the
+/// servers' clocks against this one's; a skew of a few seconds only moves
+/// the moment a cell goes back.
+fn failed_over_lately(info: &stream::Info) -> bool {
+    let Some(since) = info.cluster.as_ref().and_then(|c| c.leader_since) else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    let (since, created) = (
+        since.unix_timestamp_nanos(),
+        info.created.unix_timestamp_nanos(),
+    );
+    let secs = |d: Duration| d.as_nanos() as i128;
+    since - created > secs(FIRST_LEADER_WITHIN) && now - since < secs(SETTLE)
+}
+
+/// A stream's first leader is elected within this long of its creation.
+const FIRST_LEADER_WITHIN: Duration = Duration::from_secs(10);
+
 /// Whether a stream is fanjet's: its streams, and the streams of its
 /// buckets and object stores.
 fn ours(stream: &str) -> bool {
@@ -277,6 +309,7 @@ pub async fn survey(nats: &Nats) -> Result<Survey, PlacementError> {
         .map_err(|e| err(&e))?;
     let mut groups = BTreeMap::new();
     let mut anchors = vec![None; CELLS as usize];
+    let mut failed_over = vec![false; CELLS as usize];
     let mut listings = Vec::new();
     for info in streams {
         let name = info.config.name.clone();
@@ -291,6 +324,7 @@ pub async fn survey(nats: &Nats) -> Result<Survey, PlacementError> {
         .log_of()
         {
             anchors[cell as usize] = lead.leader.clone();
+            failed_over[cell as usize] = failed_over_lately(&info);
         }
         // Buckets and object stores have only their watchers' ephemeral
         // consumers; listing them can wait for a dead node's answer.
@@ -353,7 +387,11 @@ pub async fn survey(nats: &Nats) -> Result<Survey, PlacementError> {
             );
         }
     }
-    Ok(Survey { anchors, groups })
+    Ok(Survey {
+        anchors,
+        groups,
+        failed_over,
+    })
 }
 
 /// Asks `m.group`'s leader to hand over to `m.to`.
@@ -517,7 +555,11 @@ mod tests {
                     .and_then(|l| l.leader.clone())
             })
             .collect();
-        Survey { anchors, groups }
+        Survey {
+            anchors,
+            groups,
+            failed_over: Vec::new(),
+        }
     }
 
     /// Three cells' logs led from n0, n1, n2, and groups of cells 0 and 1.
@@ -635,6 +677,19 @@ mod tests {
                 "n0"
             )]
         );
+        // n2 back at once, but cell 2's log elected n0 after losing n2 a
+        // moment ago: not yet either (the keeper may never have seen n2
+        // gone, or may be new).
+        let mut lately = s.clone();
+        lately.failed_over = vec![false, false, true];
+        assert_eq!(
+            what(&plan(&lately, &|_, _| false, &|_| true, 16)),
+            [(
+                "consumer fanjet-manager-02 of FANJET_EVENTS_2".to_string(),
+                "n1",
+                "n0"
+            )]
+        );
         // The move refused lately: the consumer follows the log where it is.
         let rest = plan(&s, &|g, _| g.log_of().is_some(), &|_| true, 16);
         assert_eq!(
@@ -685,5 +740,31 @@ mod tests {
         ]);
         asked.settle(&there);
         assert!(!asked.resting(&grp, "n0", t0));
+    }
+
+    #[test]
+    fn a_log_failed_over_lately_when_led_since_well_after_its_creation() {
+        let at = |ago: u64| {
+            let t = std::time::SystemTime::now() - Duration::from_secs(ago);
+            humantime::format_rfc3339(t).to_string()
+        };
+        let info = |created: u64, since: Option<u64>| -> stream::Info {
+            let cluster = since.map(|s| json!({"leader": "n0", "leader_since": at(s)}));
+            serde_json::from_value(json!({
+                "config": stream::Config {
+                    name: "FANJET_EVENTS_0".into(),
+                    ..Default::default()
+                },
+                "created": at(created),
+                "state": {"messages": 0, "bytes": 0, "first_seq": 0, "last_seq": 0,
+                          "consumer_count": 0, "first_ts": at(created), "last_ts": at(created)},
+                "cluster": cluster,
+            }))
+            .unwrap()
+        };
+        assert!(failed_over_lately(&info(3600, Some(5))), "elected 5 s ago");
+        assert!(!failed_over_lately(&info(3600, Some(60))), "a minute ago");
+        assert!(!failed_over_lately(&info(8, Some(7))), "its first leader");
+        assert!(!failed_over_lately(&info(3600, None)), "not clustered");
     }
 }

@@ -175,7 +175,7 @@ pub async fn unlist_active(nats: &Nats, author: &str, job_id: &str) -> Result<()
 }
 
 /// The job ids of one partition's active keys.
-async fn active_ids(nats: &Nats, partition: u32) -> Result<Vec<String>, StoreError> {
+pub async fn active_ids(nats: &Nats, partition: u32) -> Result<Vec<String>, StoreError> {
     use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
     use futures::StreamExt;
     let err = |e: &dyn std::fmt::Display| StoreError::Kv {
@@ -184,9 +184,10 @@ async fn active_ids(nats: &Nats, partition: u32) -> Result<Vec<String>, StoreErr
         message: e.to_string(),
     };
     let prefix = format!("$KV.{}.", pending_bucket(cell(partition)));
-    let consumer = nats.pending[cell(partition) as usize]
-        .stream
-        .create_consumer(push::OrderedConfig {
+    let stream = &nats.pending[cell(partition) as usize].stream;
+    // Created by the meta leader: asked again while it is being elected.
+    let consumer = super::answered(|| {
+        stream.create_consumer(push::OrderedConfig {
             deliver_subject: nats.client.new_inbox(),
             filter_subject: format!("{prefix}{}", active_filter(partition)),
             headers_only: true,
@@ -194,8 +195,10 @@ async fn active_ids(nats: &Nats, partition: u32) -> Result<Vec<String>, StoreErr
             deliver_policy: DeliverPolicy::LastPerSubject,
             ..Default::default()
         })
-        .await
-        .map_err(|e| err(&e))?;
+    })
+    .await
+    .map_err(|e| err(&e))?
+    .map_err(|e| err(&e))?;
     let mut ids = Vec::new();
     if consumer.cached_info().num_pending == 0 {
         return Ok(ids);
@@ -530,18 +533,63 @@ async fn cell_job_ids(nats: &Nats, cell: u32) -> Result<Vec<String>, StoreError>
     keys.try_collect().await.map_err(|e| err(&e))
 }
 
+/// How long a session that already knows its partition's running jobs
+/// waits for the listing of active keys before it goes on with those.
+const LISTING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The running jobs of one partition, loaded to resume: those with an
-/// active key (the keys of jobs that ended are deleted).
-pub async fn load_active(nats: &Nats, partition: u32) -> Result<Vec<(Job, u64)>, StoreError> {
+/// active key (the keys of jobs that ended are deleted), and those of
+/// `known` still running.
+///
+/// Listing the keys takes a consumer, which the cluster's JetStream meta
+/// leader creates: after the loss of the node leading it, for as long as
+/// the election takes (4-9 s). A session starting again in the same
+/// process after a transient failure (`known`: the jobs the last one
+/// held, perhaps none) waits a second for the
+/// listing (or for an error), then goes on with what it knew: a job it did not know has its
+/// events, which load it as they come (the partition loop's
+/// `hold_if_running`). `Ok((jobs, false))` when the listing was left out.
+pub async fn load_active(
+    nats: &Nats,
+    partition: u32,
+    known: Option<&[String]>,
+) -> Result<(Vec<(Job, u64)>, bool), StoreError> {
     let scanned = nats.pending[cell(partition) as usize]
         .get(active_scanned_key(partition))
         .await
         .map_err(|e| kv_error("*", "get scanned key", &e))?;
     if scanned.is_none() {
-        return scan_partition(nats, partition).await;
+        return Ok((scan_partition(nats, partition).await?, true));
     }
+    let Some(known) = known else {
+        return Ok((
+            load_listed(nats, active_ids(nats, partition).await?).await?,
+            true,
+        ));
+    };
+    let (mut ids, listed) = {
+        match tokio::time::timeout(LISTING_WAIT, active_ids(nats, partition)).await {
+            Ok(Ok(ids)) => (ids, true),
+            Ok(Err(e)) => {
+                tracing::debug!(partition, error = %e, "listing active keys");
+                (Vec::new(), false)
+            }
+            Err(_) => (Vec::new(), false),
+        }
+    };
+    for id in known {
+        if !ids.contains(id) {
+            ids.push(id.clone());
+        }
+    }
+    Ok((load_listed(nats, ids).await?, listed))
+}
+
+/// The jobs of `ids` still running, loaded; the active keys of those that
+/// ended are deleted.
+async fn load_listed(nats: &Nats, ids: Vec<String>) -> Result<Vec<(Job, u64)>, StoreError> {
     let mut out = Vec::new();
-    for id in active_ids(nats, partition).await? {
+    for id in ids {
         match load(nats, &id).await? {
             Some((mut job, rev)) if !job.state.is_terminal() => {
                 job.listed = true;

@@ -65,7 +65,9 @@ pub(super) async fn process(
         token: task.token.clone(),
     };
     for (event, payload) in events(done, max_payload) {
-        if let Err(e) = log::append_retrying(&nats.js, &event, payload).await {
+        if let Err(e) =
+            log::append_retrying(&nats.js, &event, payload, log::OUTCOME_APPEND_FOR).await
+        {
             // Not acked: the batch comes back after its deadline and runs again.
             warn!(job_id = %task.job_id, index = task.index, error = %e, "could not report a batch's outcomes");
             return;

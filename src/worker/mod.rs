@@ -881,7 +881,9 @@ async fn send(
         }
     };
     if let Some((event, payload)) = event {
-        if let Err(e) = log::append_retrying(&nats.js, &event, payload).await {
+        if let Err(e) =
+            log::append_retrying(&nats.js, &event, payload, log::OUTCOME_APPEND_FOR).await
+        {
             // Not acked: the task comes back after its deadline and runs again.
             warn!(job_id = %event.job_id(), error = %e, "could not report an outcome");
             return;

@@ -169,7 +169,9 @@ async fn report(nats: &WorkerNats, mut g: Vec<Ready>, max_payload: usize) {
             .collect(),
     });
     let stored = match log::encode(&event, max_payload) {
-        Ok(payload) => log::append_retrying(&nats.js, &event, payload).await,
+        Ok(payload) => {
+            log::append_retrying(&nats.js, &event, payload, log::OUTCOME_APPEND_FOR).await
+        }
         // The sizes are reckoned from above, so this should not happen; were
         // it to, each goes alone rather than coming back for ever.
         Err(LogError::TooLarge { .. }) => {
