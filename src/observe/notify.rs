@@ -25,7 +25,7 @@ use thiserror::Error;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::nats::{reader_messages, Nats};
 use crate::protocol::{
@@ -155,7 +155,14 @@ async fn run_cell(
             _ = cancel.cancelled() => break,
             m = messages.next() => match m {
                 Some(Ok(m)) => m,
-                Some(Err(e)) => { warn!(error = %e, "notifier pull"); continue; }
+                Some(Err(e)) => {
+                    warn!(error = %e, "notifier pull");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = redeliver_unacknowledged(&nats, cell) => {}
+                    }
+                    continue;
+                }
                 None => break,
             },
         };
@@ -224,6 +231,21 @@ async fn run_cell(
     deliveries.shutdown().await;
     let _ = nats.client.flush().await;
     Ok(())
+}
+
+/// After a failed pull: what the consumer delivered and nobody
+/// acknowledged is delivered again now. A delivery that went out as the
+/// consumer's leader was lost (its pull unanswered since) would otherwise
+/// wait out [`ACK_WAIT`] (announcements came 15 s late in chaos runs). An
+/// event being announced at that moment may be announced twice, which
+/// receivers drop by its id.
+async fn redeliver_unacknowledged(nats: &Nats, cell: u32) {
+    let log = nats.cell_log(cell);
+    match crate::nats::answered(|| log.reset_consumer(NOTIFY_CONSUMER, None)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => debug!(cell, error = %e, "notifier: resetting its consumer"),
+        Err(e) => debug!(cell, error = %e, "notifier: resetting its consumer"),
+    }
 }
 
 /// Runs `work`, telling the server every [`PROGRESS_EVERY`] that `msg` is
