@@ -71,10 +71,8 @@ pub(super) struct EventLoop {
     unlisted: bool,
     /// The jobs the last session held, when it ended on a transient
     /// failure (`None` after a lost lease, whose state was dropped, and
-    /// before the first session).
+    /// until a session has loaded its jobs).
     held: Option<Vec<String>>,
-    /// The session loaded its jobs: those in memory are the ones it holds.
-    loaded: bool,
     /// Turns of the session's loop (each at most a checkpoint interval
     /// apart while it is not held up).
     progress: Arc<AtomicU64>,
@@ -107,7 +105,6 @@ impl EventLoop {
             not_running: HashSet::new(),
             unlisted: false,
             held: None,
-            loaded: false,
             progress: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -136,14 +133,15 @@ impl EventLoop {
 
     /// Loads the partition's running jobs from their checkpoints.
     async fn reload(&mut self) -> Result<(), ManagerError> {
-        // In case the listing cannot be had at once.
+        // In case the listing cannot be had at once. The engine in memory
+        // is replaced only once the new one is loaded: until then it is
+        // what the last session held.
         let known = self.held.clone();
-        self.loaded = false;
-        self.engine = engine(&self.options);
-        self.not_running.clear();
         let p = self.partition;
         let mut revisions = HashMap::new();
         let (jobs, listed) = store::load_active(&self.nats, p, known.as_deref()).await?;
+        self.engine = engine(&self.options);
+        self.not_running.clear();
         if !listed {
             warn!(
                 partition = p,
@@ -157,7 +155,8 @@ impl EventLoop {
             self.engine.insert(job);
         }
         self.executor.reset(revisions);
-        self.loaded = true;
+        // Loaded: from now on what it holds is known.
+        self.held.get_or_insert_with(Vec::new);
         if !self.engine.is_empty() {
             info!(
                 partition = p,
@@ -207,8 +206,8 @@ impl EventLoop {
                     }
                 }
                 Err(e) => {
-                    if self.loaded {
-                        self.held = Some(self.engine.jobs().map(|j| j.job_id.clone()).collect());
+                    if let Some(held) = &mut self.held {
+                        *held = self.engine.jobs().map(|j| j.job_id.clone()).collect();
                     }
                     if began.elapsed() > Duration::from_secs(30) {
                         backoff = Duration::from_millis(200); // it had recovered
@@ -543,9 +542,8 @@ impl EventLoop {
         if !self.unlisted {
             return Ok(());
         }
-        let listing = store::active_ids(&self.nats, self.partition);
         // Not answered (or refused): again at the next tick.
-        if let Ok(Ok(ids)) = tokio::time::timeout(Duration::from_secs(1), listing).await {
+        if let Some(ids) = store::active_ids_briefly(&self.nats, self.partition).await {
             for id in ids {
                 self.hold_if_running(&id).await?;
             }

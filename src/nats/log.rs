@@ -151,7 +151,7 @@ pub async fn append_encoded(
 /// leadership over (an election, or a move on purpose) is never
 /// acknowledged; waited out for the client's 10 s, it held up every later
 /// outcome of that worker's cell as long (seen in a chaos run).
-pub const APPEND_WAIT: Duration = Duration::from_secs(2);
+const APPEND_WAIT: Duration = Duration::from_secs(2);
 /// How long a worker goes on trying to store an outcome: past a leader
 /// election (4-9 s), so that it is stored rather than its subjob run again.
 pub const OUTCOME_APPEND_FOR: Duration = Duration::from_secs(15);

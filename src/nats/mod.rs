@@ -576,8 +576,8 @@ pub struct Unanswered(pub Duration, pub usize);
 /// gets no answer is asked again. A stream or consumer whose leader was
 /// lost answers nothing until its followers elect another (4-9 s), and a
 /// request sent before that is never answered: waiting out the client's
-/// 10 s for it kept a session away for up to 6 s after its consumer had a
-/// leader again. Only for requests that may be repeated (reads, and
+/// 10 s for it kept sessions waiting 3 to 5 s after their consumers had
+/// leaders again (a chaos run's logs). Only for requests that may be repeated (reads, and
 /// changes that leave the same result when applied twice); `ask` is
 /// called before each try, so it may check a fence first. Answers that
 /// are errors come back as they are.

@@ -537,6 +537,19 @@ async fn cell_job_ids(nats: &Nats, cell: u32) -> Result<Vec<String>, StoreError>
 /// waits for the listing of active keys before it goes on with those.
 const LISTING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// [`active_ids`] if they come within [`LISTING_WAIT`]; `None` when they
+/// do not (or the listing fails).
+pub async fn active_ids_briefly(nats: &Nats, partition: u32) -> Option<Vec<String>> {
+    match tokio::time::timeout(LISTING_WAIT, active_ids(nats, partition)).await {
+        Ok(Ok(ids)) => Some(ids),
+        Ok(Err(e)) => {
+            tracing::debug!(partition, error = %e, "listing active keys");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 /// The running jobs of one partition, loaded to resume: those with an
 /// active key (the keys of jobs that ended are deleted), and those of
 /// `known` still running.
@@ -544,11 +557,11 @@ const LISTING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Listing the keys takes a consumer, which the cluster's JetStream meta
 /// leader creates: after the loss of the node leading it, for as long as
 /// the election takes (4-9 s). A session starting again in the same
-/// process after a transient failure (`known`: the jobs the last one
-/// held, perhaps none) waits a second for the
-/// listing (or for an error), then goes on with what it knew: a job it did not know has its
-/// events, which load it as they come (the partition loop's
-/// `hold_if_running`). `Ok((jobs, false))` when the listing was left out.
+/// process after a transient failure (`known`: the jobs the last one held,
+/// perhaps none) waits for the listing [`LISTING_WAIT`] at most, then goes
+/// on with what it knew: a job it did not know has its events, which load
+/// it as they come (the partition loop's `hold_if_running`).
+/// `Ok((jobs, false))` when the listing was left out.
 pub async fn load_active(
     nats: &Nats,
     partition: u32,
@@ -562,27 +575,18 @@ pub async fn load_active(
         return Ok((scan_partition(nats, partition).await?, true));
     }
     let Some(known) = known else {
-        return Ok((
-            load_listed(nats, active_ids(nats, partition).await?).await?,
-            true,
-        ));
+        let ids = active_ids(nats, partition).await?;
+        return Ok((load_listed(nats, ids).await?, true));
     };
-    let (mut ids, listed) = {
-        match tokio::time::timeout(LISTING_WAIT, active_ids(nats, partition)).await {
-            Ok(Ok(ids)) => (ids, true),
-            Ok(Err(e)) => {
-                tracing::debug!(partition, error = %e, "listing active keys");
-                (Vec::new(), false)
-            }
-            Err(_) => (Vec::new(), false),
-        }
-    };
+    let listed = active_ids_briefly(nats, partition).await;
+    let done = listed.is_some();
+    let mut ids = listed.unwrap_or_default();
     for id in known {
         if !ids.contains(id) {
             ids.push(id.clone());
         }
     }
-    Ok((load_listed(nats, ids).await?, listed))
+    Ok((load_listed(nats, ids).await?, done))
 }
 
 /// The jobs of `ids` still running, loaded; the active keys of those that

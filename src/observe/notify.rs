@@ -241,10 +241,12 @@ async fn run_cell(
 /// receivers drop by its id.
 async fn redeliver_unacknowledged(nats: &Nats, cell: u32) {
     let log = nats.cell_log(cell);
-    match crate::nats::answered(|| log.reset_consumer(NOTIFY_CONSUMER, None)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => debug!(cell, error = %e, "notifier: resetting its consumer"),
-        Err(e) => debug!(cell, error = %e, "notifier: resetting its consumer"),
+    let reset = crate::nats::answered(|| log.reset_consumer(NOTIFY_CONSUMER, None)).await;
+    if let Err(error) = reset
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        debug!(cell, error, "notifier: resetting its consumer");
     }
 }
 
