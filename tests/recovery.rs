@@ -1333,3 +1333,43 @@ async fn consumers_already_as_wanted_are_not_created_again() {
         "created once each"
     );
 }
+
+/// A publish that finds no stream (its leader lost and another not yet
+/// elected: "no stream found", as in a chaos run) is sent again under its
+/// message id until the stream takes it, and is stored once; the
+/// manager's tasks and events go this way. Taken as final, it failed the
+/// session at the first answer. A re-send the fence forbids is not made.
+#[tokio::test]
+async fn a_publish_that_finds_no_stream_is_sent_again_until_stored() {
+    use async_nats::jetstream::message::PublishMessage;
+    use async_nats::jetstream::stream;
+    use fanjet::nats::leases::Fenced;
+    use fanjet::nats::publish::{confirmed, ConfirmError};
+
+    let env = Env::start().await;
+    let js = env.nats.js.clone();
+    let msg = |id: &str| PublishMessage::build().payload("x".into()).message_id(id);
+    let create = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        js.create_stream(stream::Config {
+            name: "PROBE".into(),
+            subjects: vec!["probe.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    };
+    let sent = msg("probe-1");
+    let first = js.send_publish("probe.1", sent.clone()).await.unwrap();
+    let (ack, mut probe) = tokio::join!(confirmed(&js, "probe.1", &sent, first, || Ok(())), create);
+    let ack = ack.expect("stored once the stream is there");
+    assert!(!ack.duplicate);
+    assert_eq!(probe.info().await.unwrap().state.messages, 1);
+
+    // Fenced: the first answer is not taken as final, and nothing is sent
+    // again.
+    let sent = msg("probe-2");
+    let first = js.send_publish("nowhere.2", sent.clone()).await.unwrap();
+    let fenced = confirmed(&js, "nowhere.2", &sent, first, || Err(Fenced)).await;
+    assert!(matches!(fenced, Err(ConfirmError::Fenced(_))), "{fenced:?}");
+}

@@ -680,6 +680,20 @@ async fn run(args: &Args) -> Result<i32> {
         let w = worst.entry(kind).or_default();
         *w = (*w).max(*stall);
     }
+    // After each kind of fault: the longest any cell with a job running
+    // waited for an outcome (in the fault's own 20 s), per fault; a quiet
+    // cluster between jobs is no stall.
+    let mut busy_after: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for ((kind, _, _), f) in figures.schedule.iter().zip(&per_fault) {
+        let longest = f["cell_stall_ms"]
+            .as_array()
+            .map_or(0, |c| c.iter().filter_map(Value::as_u64).max().unwrap_or(0));
+        busy_after.entry(kind).or_default().push(longest);
+    }
+    let busy_after: BTreeMap<&str, Quantiles> = busy_after
+        .into_iter()
+        .map(|(k, v)| (k, Quantiles::of(v)))
+        .collect();
     procs.stop_all();
     for l in listeners {
         l.abort();
@@ -700,6 +714,7 @@ async fn run(args: &Args) -> Result<i32> {
         "longest_stall_ms": stall,
         "other_cells_stall_ms": {"p50": other_cells.p50, "max": other_cells.max},
         "longest_stall_after_ms": worst,
+        "busy_cell_stall_after_ms": busy_after.iter().map(|(k, q)| (k.to_string(), json!({"p50": q.p50, "max": q.max}))).collect::<BTreeMap<_, _>>(),
         "schedule": per_fault,
         "last_fault_to_all_terminal_ms": all_ended.as_millis() as u64,
         "hung": report.hung,
@@ -717,8 +732,12 @@ async fn run(args: &Args) -> Result<i32> {
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
     let worst: Vec<String> = worst.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let busy: Vec<String> = busy_after
+        .iter()
+        .map(|(k, q)| format!("{k} {}/{}", q.p50.unwrap_or(0), q.max.unwrap_or(0)))
+        .collect();
     println!(
-        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; graceful handover max {} ms; longest stall {} ms (after {}); after a node's loss, the other cells' longest stall p50 {} ms, max {} ms; last fault to all terminal {:.1} s; step starts announced after p50 {} ms, max {} ms (missed on NATS {}); hung {}; violations {}",
+        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; graceful handover max {} ms; longest stall {} ms (after {}); a busy cell's longest stall after each fault, p50/max ms: {}; after a node's loss, the other cells' longest stall p50 {} ms, max {} ms; last fault to all terminal {:.1} s; step starts announced after p50 {} ms, max {} ms (missed on NATS {}); hung {}; violations {}",
         args.seed,
         jobs.len(),
         report.ledger_lines,
@@ -733,6 +752,7 @@ async fn run(args: &Args) -> Result<i32> {
             .map_or("-".into(), |v| v.to_string()),
         stall,
         worst.join(", "),
+        busy.join(", "),
         other_cells.p50.map_or("-".into(), |v| v.to_string()),
         other_cells.max.map_or("-".into(), |v| v.to_string()),
         all_ended.as_secs_f64(),

@@ -11,14 +11,11 @@
 //! ([`ManagerError::Conflict`]) ends the session, whose state is stale.
 
 use std::collections::{HashMap, HashSet};
-use std::future::IntoFuture;
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
-use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::Message;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -31,6 +28,7 @@ use crate::machine::{Action, Checkpoint, Dispatch, Input, Write};
 use crate::nats::leases::Fence;
 use crate::nats::log::{self, LogError};
 use crate::nats::objects::{ItemReader, ItemsReadError};
+use crate::nats::publish::{self, ConfirmError};
 use crate::nats::store::{self, StoreError};
 use crate::nats::Nats;
 use crate::protocol::{
@@ -40,15 +38,6 @@ use crate::protocol::{
 
 /// Publishes awaiting their ack at once, at most.
 const MAX_IN_FLIGHT: usize = 1024;
-/// How long a publish's ack is awaited before the message is sent again
-/// (under its message id): a publish that reaches a stream as it changes
-/// leaders is never answered, and the client's own 10 s wait held up the
-/// partition as long.
-const ACK_WAIT: Duration = Duration::from_secs(2);
-/// Sends of one message before the session fails on it (a stream
-/// electing a leader answers "no stream" at once; those are sent again a
-/// second apart).
-const SENDS: u32 = 8;
 /// Step inputs kept decoded (each is one logged event's payload).
 const SOURCE_CACHE: usize = 64;
 /// Readers of items objects kept between dispatches.
@@ -284,29 +273,12 @@ impl Executor {
         let (js, fence) = (self.nats.js.clone(), self.writer.fence.clone());
         self.acks.push(
             async move {
-                let mut ack = fut.into_future();
-                let mut sent = 1;
-                loop {
-                    let answer = tokio::time::timeout(ACK_WAIT, &mut ack)
-                        .await
-                        .unwrap_or_else(|_| Err(PublishError::new(PublishErrorKind::TimedOut)));
-                    match answer {
-                        Err(e) if unconfirmed(&e) && sent < SENDS => {
-                            if e.kind() != PublishErrorKind::TimedOut {
-                                tokio::time::sleep(ACK_WAIT / 2).await;
-                            }
-                        }
-                        answer => return answer.map_err(|e| publish_err(&subject, &id, e)),
-                    }
-                    // Sent again under the same message id: the stream keeps one.
-                    fence.check()?;
-                    ack = js
-                        .send_publish(subject.clone(), msg.clone())
-                        .await
-                        .map_err(|e| publish_err(&subject, &id, e))?
-                        .into_future();
-                    sent += 1;
-                }
+                publish::confirmed(&js, &subject, &msg, fut, || fence.check())
+                    .await
+                    .map_err(|e| match e {
+                        ConfirmError::Fenced(f) => f.into(),
+                        ConfirmError::Publish(e) => publish_err(&subject, &id, e),
+                    })
             }
             .boxed(),
         );
@@ -695,50 +667,6 @@ async fn write(
     Ok(stored.or(revision).unwrap_or_default())
 }
 
-/// A publish answered in a way that says nothing is stored *yet*: no
-/// answer, no stream (its leader lost, another not yet elected), or the same
-/// message id still in process (an earlier send of it). Sent again, it
-/// is stored once or answered as a duplicate.
-fn unconfirmed(e: &PublishError) -> bool {
-    match e.kind() {
-        PublishErrorKind::TimedOut | PublishErrorKind::StreamNotFound => true,
-        PublishErrorKind::Other => std::error::Error::source(e)
-            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
-            .is_some_and(|j| j.error_code() == ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT),
-        _ => false,
-    }
-}
-
 fn publish_err(subject: &str, id: &str, e: PublishError) -> ManagerError {
     ManagerError::Nats(format!("publishing {id} to {subject}: {e}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn answered(code: u64, description: &str) -> PublishError {
-        let error: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
-            "code": 400, "err_code": code, "description": description
-        }))
-        .unwrap();
-        PublishError::with_source(PublishErrorKind::Other, error)
-    }
-
-    #[test]
-    fn only_answers_that_store_nothing_yet_are_sent_again() {
-        assert!(unconfirmed(&PublishError::new(PublishErrorKind::TimedOut)));
-        assert!(unconfirmed(&PublishError::new(
-            PublishErrorKind::StreamNotFound
-        )));
-        assert!(unconfirmed(&answered(
-            10158,
-            "duplicate message id is in process"
-        )));
-        // A refusal stays one (a full queue, a bad subject…).
-        assert!(!unconfirmed(&answered(10077, "maximum messages exceeded")));
-        assert!(!unconfirmed(&PublishError::new(
-            PublishErrorKind::MaxPayloadExceeded
-        )));
-    }
 }

@@ -61,8 +61,9 @@ use crate::protocol::{
 /// How often holders renew their leases.
 pub const LEASE_ROUND: Duration = Duration::from_millis(500);
 /// How long after a successful renewal was sent its holder may still write:
-/// [`LEASE_TTL`] less a margin for writes already on their way.
-pub const LEASE_VALID: Duration = LEASE_TTL.saturating_sub(Duration::from_secs(1));
+/// [`LEASE_TTL`] less a margin for writes already on their way (and a
+/// taker still has to see the key gone, claim it and open its reader).
+pub const LEASE_VALID: Duration = LEASE_TTL.saturating_sub(Duration::from_millis(500));
 
 /// Until when a lease is certainly held; see the module docs. Clones share
 /// it: the lease extends it, the work it guards checks it.

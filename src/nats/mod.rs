@@ -20,6 +20,7 @@ pub mod leases;
 pub mod log;
 pub mod objects;
 pub mod placement;
+pub mod publish;
 pub mod server;
 pub mod service;
 pub mod store;

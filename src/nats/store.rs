@@ -407,8 +407,14 @@ pub async fn stats(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StoreE
 /// writer to go on from: a replica behind its leader (a node just back)
 /// can answer with an older record or none, and the consumer would count
 /// again what it counted, or count late outcomes of an ended job.
+/// The statistics bucket is shared by every cell: after its leader's node
+/// is lost, a read or a write is asked again ([`super::answered`]) rather
+/// than waited out.
 pub async fn stats_to_update(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StoreError> {
-    let entry = read_key(&nats.stats, job_id, Read::Leader, job_id, "get statistics").await?;
+    let op = "get statistics";
+    let entry = super::answered(|| read_key(&nats.stats, job_id, Read::Leader, job_id, op))
+        .await
+        .map_err(|e| kv_error(job_id, op, &e))??;
     Ok(entry.and_then(|(b, _)| serde_json::from_slice(&b).ok()))
 }
 
@@ -418,11 +424,13 @@ pub async fn put_stats(nats: &Nats, job_id: &str, stats: &JobStats) -> Result<()
         job_id: job_id.to_string(),
         source,
     })?;
-    nats.stats
-        .put(job_id, bytes.into())
+    let op = "put statistics";
+    let bytes = Bytes::from(bytes);
+    super::answered(|| nats.stats.put(job_id, bytes.clone()))
         .await
+        .map_err(|e| kv_error(job_id, op, &e))?
         .map(|_| ())
-        .map_err(|e| kv_error(job_id, "put statistics", &e))
+        .map_err(|e| kv_error(job_id, op, &e))
 }
 
 /// Reads a job record with the bitmap of its running step, ready to

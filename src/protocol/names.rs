@@ -38,8 +38,10 @@ pub const MANAGER_CONSUMER: &str = "fanjet-manager";
 /// ([`partition_leases_bucket`]). Entries expire after [`LEASE_TTL`]
 /// unless renewed.
 pub const LEASES_BUCKET: &str = "fanjet_leases";
-/// How long a partition lease or a manager's membership lasts unrenewed.
-pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a partition lease or a manager's membership lasts unrenewed:
+/// a killed or frozen manager's partitions are taken over this long after
+/// its last renewal (renewals go every 0.5 s, so four are tried first).
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 /// Durable consumer of the advisories stream used by the workflow manager.
 pub const ADVISORY_CONSUMER: &str = "fanjet-advisories";
 /// Queue group of the submission intake (any number of managers).
