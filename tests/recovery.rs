@@ -1373,3 +1373,71 @@ async fn a_publish_that_finds_no_stream_is_sent_again_until_stored() {
     let fenced = confirmed(&js, "nowhere.2", &sent, first, || Err(Fenced)).await;
     assert!(matches!(fenced, Err(ConfirmError::Fenced(_))), "{fenced:?}");
 }
+
+/// The server's count of messages received from clients (`/varz`).
+async fn in_msgs(monitor: &str) -> u64 {
+    let varz: Value = reqwest::get(format!("{monitor}/varz"))
+        .await
+        .expect("monitoring endpoint")
+        .json()
+        .await
+        .expect("varz JSON");
+    varz["in_msgs"].as_u64().expect("in_msgs")
+}
+
+/// A step consumer that answers no pull (while it elects a leader after a
+/// node's loss, its pulls are refused at once: 503, no responders) is
+/// asked again after growing pauses. Asked again at once, one worker
+/// sent over 3,000 pulls a second in a chaos run, to the servers every
+/// other cell was waiting on.
+#[tokio::test]
+async fn a_worker_does_not_flood_a_consumer_that_refuses_its_pulls() {
+    use fanjet::nats::server::NatsServer;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+        .to_string();
+    let monitor = format!("http://127.0.0.1:{port}");
+    let server =
+        tokio::task::spawn_blocking(move || NatsServer::start_with(None, None, &["-m", &port]))
+            .await
+            .expect("join")
+            .unwrap_or_else(|e| panic!("this test needs a real nats-server: {e}"));
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let nats = fanjet::nats::Nats::ensure(client).await.expect("ensure");
+    let wf =
+        fanjet::protocol::Workflow::from_toml(&ONE_FANOUT.replace("MAX", "3")).expect("workflow");
+    nats.apply_workflow(&wf).await.expect("apply");
+    let cancel = CancellationToken::new();
+    let worker = Worker::new(nats.clone()).handler("one", "send", |c: TaskContext| async move {
+        Ok(c.task.item)
+    });
+    let running = tokio::spawn(worker.run(cancel.clone()));
+    // Once the worker waits on cell 0's consumer, the consumer goes.
+    let name = fanjet::protocol::step_consumer("one", "send");
+    let queue = nats.tasks[0].clone();
+    let waited = Instant::now();
+    loop {
+        let info = queue.consumer_info(&name).await.expect("consumer info");
+        if info.num_waiting > 0 {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "the worker never pulled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    queue.delete_consumer(&name).await.expect("delete consumer");
+    // Its pending pull ends with the consumer; the next ones are refused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = in_msgs(&monitor).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent = in_msgs(&monitor).await - before;
+    cancel.cancel();
+    let _ = running.await;
+    // Paced: a few refused pulls (50 ms doubling to 1 s), the other
+    // cells' idle pulls (every 2 s) and a heartbeat or two; at once: thousands.
+    assert!(sent < 100, "{sent} messages in 3 s");
+}

@@ -33,6 +33,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::nats::connect;
 use crate::nats::heartbeat::{beat, process_id};
 use crate::nats::log::{self, LogError};
 use crate::nats::{objects, SetupError, WorkerNats};
@@ -176,6 +177,9 @@ const GATHER: Duration = Duration::from_millis(2);
 
 /// How long an idle pull loop's request waits for a task.
 const IDLE_WAIT: Duration = Duration::from_secs(2);
+/// How long after its expiry a pull request is surely over: no task
+/// comes to it any more.
+const PULL_EXPIRED_AFTER: Duration = Duration::from_millis(500);
 /// How long a busy loop waits for the answer to a fetch that does not
 /// wait (the server answers at once) before it lets its slots go.
 const FETCH_WAIT: Duration = Duration::from_secs(2);
@@ -490,14 +494,22 @@ impl PullLoop {
         // have slots, and idle ones must not keep the slots a busy one
         // could use.
         let mut idle = true;
+        let mut backoff = PullBackoff::default();
         loop {
             if idle {
-                let Some(msg) = self.wait_for_one(&cancel).await else {
-                    if cancel.is_cancelled() {
-                        return Ok(());
+                let msg = match self.wait_for_one(&cancel).await {
+                    _ if cancel.is_cancelled() => return Ok(()),
+                    Pulled::Task(msg) => *msg,
+                    Pulled::Nothing => {
+                        backoff.reset();
+                        continue;
                     }
-                    continue;
+                    Pulled::Failed => {
+                        backoff.wait(&cancel).await;
+                        continue;
+                    }
                 };
+                backoff.reset();
                 // A slot for it, telling the server meanwhile that it is
                 // taken (all slots may be busy for a while).
                 let permit = tokio::select! {
@@ -552,6 +564,7 @@ impl PullLoop {
                 }
             };
             let mut got = 0;
+            let mut failed = false;
             let max_payload = self.nats.max_payload();
             // A pull whose answer never comes (its consumer's leader died or
             // moved) must not hold the loop, nor the slots it took, which
@@ -572,6 +585,7 @@ impl PullLoop {
                     Some(Ok(m)) => m,
                     Some(Err(e)) => {
                         debug!(error = %e, "pull batch ended");
+                        failed = got == 0;
                         break;
                     }
                 };
@@ -580,17 +594,23 @@ impl PullLoop {
                 self.start(msg, permit, max_payload).await;
             }
             idle = got == 0;
+            if failed {
+                drop(permits);
+                backoff.wait(&cancel).await;
+            } else {
+                backoff.reset();
+            }
             // Reap finished tasks so the set does not grow.
             let mut running = self.running.lock().await;
             while running.try_join_next().is_some() {}
         }
     }
 
-    /// Waits (a pull of [`IDLE_WAIT`]) for one task; `None` when none came.
-    async fn wait_for_one(
-        &self,
-        cancel: &CancellationToken,
-    ) -> Option<async_nats::jetstream::Message> {
+    /// Waits (a pull of [`IDLE_WAIT`]) for one task.
+    async fn wait_for_one(&self, cancel: &CancellationToken) -> Pulled {
+        let client = &self.nats.client;
+        let connects = connect::connects(client);
+        let sent = tokio::time::Instant::now();
         let batch = self
             .consumer
             .batch()
@@ -602,25 +622,39 @@ impl PullLoop {
             Ok(b) => b,
             Err(e) => {
                 pull_failed(&e, cancel).await;
-                return None;
+                return Pulled::Nothing;
             }
         };
         // Given up a while after the server would have answered (a leader
-        // that moved leaves a pull unanswered).
-        let give_up_at = tokio::time::Instant::now() + IDLE_WAIT + Duration::from_secs(3);
+        // that moved leaves a pull unanswered). After a reconnection, as
+        // soon as the pull has certainly expired: sent just before the
+        // connection was lost, it may never have reached the consumer,
+        // and the cell's tasks would wait for this worker meanwhile (up
+        // to 4.7 s in a chaos run). Not sooner: a pull that did reach a
+        // live leader is still answered, and a task it delivers to an
+        // inbox no longer read would wait for its ack deadline.
+        let give_up_at = sent + IDLE_WAIT + Duration::from_secs(3);
+        let after_reconnection = async {
+            connect::reconnected(client, connects).await;
+            tokio::time::sleep_until(sent + IDLE_WAIT + PULL_EXPIRED_AFTER).await;
+        };
         tokio::select! {
-            _ = cancel.cancelled() => None,
+            _ = cancel.cancelled() => Pulled::Nothing,
             _ = tokio::time::sleep_until(give_up_at) => {
                 debug!("pull request unanswered; pulling again");
-                None
+                Pulled::Nothing
+            }
+            _ = after_reconnection => {
+                debug!("pull request sent before a reconnection expired unanswered; pulling again");
+                Pulled::Nothing
             }
             n = batch.next() => match n {
-                Some(Ok(m)) => Some(m),
+                Some(Ok(m)) => Pulled::Task(Box::new(m)),
                 Some(Err(e)) => {
                     debug!(error = %e, "pull batch ended");
-                    None
+                    Pulled::Failed
                 }
-                None => None,
+                None => Pulled::Nothing,
             },
         }
     }
@@ -651,6 +685,46 @@ impl PullLoop {
 
 /// Says a pull request failed and pauses before the next (a moment, or
 /// until `cancel`).
+/// What an idle loop's pull brought.
+enum Pulled {
+    Task(Box<async_nats::jetstream::Message>),
+    /// No task: the pull expired, or was given up.
+    Nothing,
+    /// The pull was refused at once, e.g. "no responders" (503) while the
+    /// consumer elects a leader.
+    Failed,
+}
+
+/// Pauses after pulls refused at once, doubling from [`PULL_PAUSE_FIRST`]
+/// to [`PULL_PAUSE_MAX`]. Pulling again at once, every loop of a worker
+/// asked thousands of times a second while a consumer elected its leader
+/// (over 3,000 refused pulls a second from one worker in a chaos run),
+/// load on the very servers the other cells were waiting on.
+struct PullBackoff(Duration);
+
+const PULL_PAUSE_FIRST: Duration = Duration::from_millis(50);
+const PULL_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+impl Default for PullBackoff {
+    fn default() -> Self {
+        PullBackoff(PULL_PAUSE_FIRST)
+    }
+}
+
+impl PullBackoff {
+    async fn wait(&mut self, cancel: &CancellationToken) {
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::sleep(self.0) => {}
+        }
+        self.0 = (self.0 * 2).min(PULL_PAUSE_MAX);
+    }
+
+    fn reset(&mut self) {
+        self.0 = PULL_PAUSE_FIRST;
+    }
+}
+
 async fn pull_failed(error: &(dyn std::fmt::Display + Sync), cancel: &CancellationToken) {
     warn!(error = %error, "pull request failed; retrying");
     tokio::select! {
