@@ -497,9 +497,10 @@ impl PullLoop {
         let mut backoff = PullBackoff::default();
         loop {
             if idle {
+                // A task that came as the worker stops is handed back below.
                 let msg = match self.wait_for_one(&cancel).await {
-                    _ if cancel.is_cancelled() => return Ok(()),
                     Pulled::Task(msg) => *msg,
+                    _ if cancel.is_cancelled() => return Ok(()),
                     Pulled::Nothing => {
                         backoff.reset();
                         continue;
@@ -683,8 +684,6 @@ impl PullLoop {
     }
 }
 
-/// Says a pull request failed and pauses before the next (a moment, or
-/// until `cancel`).
 /// What an idle loop's pull brought.
 enum Pulled {
     Task(Box<async_nats::jetstream::Message>),
@@ -725,6 +724,8 @@ impl PullBackoff {
     }
 }
 
+/// Says a pull request failed and pauses before the next (a moment, or
+/// until `cancel`).
 async fn pull_failed(error: &(dyn std::fmt::Display + Sync), cancel: &CancellationToken) {
     warn!(error = %error, "pull request failed; retrying");
     tokio::select! {
