@@ -1441,3 +1441,64 @@ async fn a_worker_does_not_flood_a_consumer_that_refuses_its_pulls() {
     // cells' idle pulls (every 2 s) and a heartbeat or two; at once: thousands.
     assert!(sent < 100, "{sent} messages in 3 s");
 }
+
+/// A rejection is answered only once it is recorded under the submitted
+/// id: while the log cannot take it (as while it elects a leader) the
+/// answer is `unavailable`, and the same submission sent again is
+/// rejected and recorded. Before, the rejection was answered as final
+/// with nothing recorded (a chaos run's bad definition never got a
+/// record), or recorded under a fresh id when reading the id's status
+/// failed.
+#[tokio::test]
+async fn a_rejection_the_log_cannot_take_is_unavailable_then_recorded() {
+    let mut env = Env::start().await;
+    env.one_fanout("brief", "", 4, Duration::from_millis(1))
+        .await;
+    env.manager();
+    // Well-formed JSON put straight into the bucket, but a step named
+    // "a.b" is no subject token.
+    let mut def = serde_json::to_value(
+        fanjet::protocol::Workflow::from_toml(
+            "name = \"dotted\"\n[[steps]]\nname = \"ab\"\nkind = \"task\"\n",
+        )
+        .expect("valid"),
+    )
+    .expect("json");
+    def["steps"][0]["name"] = json!("a.b");
+    env.nats
+        .workflows
+        .put("dotted", serde_json::to_vec(&def).expect("json").into())
+        .await
+        .expect("put");
+    assert!(
+        env.submit("brief", json!({"job_id": "warm-up", "input": [1]}))
+            .await
+            .ok
+    );
+    let cell = job_cell("bad-1");
+    env.nats
+        .js
+        .delete_stream(fanjet::protocol::events_stream(cell))
+        .await
+        .unwrap();
+    let reply = env.submit("dotted", json!({"job_id": "bad-1"})).await;
+    let error = reply.error.expect("an error");
+    assert_eq!(
+        error.code,
+        fanjet::protocol::RejectCode::Unavailable,
+        "{error:?}"
+    );
+    // Back: the same submission is rejected, and recorded under its id.
+    let client = async_nats::connect(env.url()).await.unwrap();
+    fanjet::nats::Nats::ensure(client).await.unwrap();
+    let reply = env.submit("dotted", json!({"job_id": "bad-1"})).await;
+    let error = reply.error.expect("an error");
+    assert_eq!(
+        error.code,
+        fanjet::protocol::RejectCode::InvalidDefinition,
+        "{error:?}"
+    );
+    assert_eq!(reply.job_id.as_deref(), Some("bad-1"));
+    let job = env.wait_end("bad-1", Duration::from_secs(30)).await;
+    assert_eq!(job.state, JobState::Rejected);
+}

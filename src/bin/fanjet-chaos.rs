@@ -50,7 +50,7 @@ use fanjet::nats::connect::ConnectArgs;
 use fanjet::nats::server::NatsCluster;
 use fanjet::nats::Nats;
 use fanjet::protocol::{
-    lease_key, JobState, Submission, Workflow, LEASE_TTL, PARTITIONS, WORKFLOWS_BUCKET,
+    lease_key, JobState, RejectCode, Submission, Workflow, LEASE_TTL, PARTITIONS, WORKFLOWS_BUCKET,
 };
 use fanjet::worker::{TaskContext, TaskError, Worker};
 
@@ -919,6 +919,16 @@ async fn submit_one(nats: &Nats, mut job: Planned) -> Planned {
     };
     for _ in 0..10 {
         match fanjet::client::submit(&nats.client, &job.workflow, &sub).await {
+            // Nothing recorded, for now: sent again, as PROTOCOL.md asks.
+            Ok(reply)
+                if reply.error.as_ref().is_some_and(|e| {
+                    matches!(e.code, RejectCode::Unavailable | RejectCode::RateLimited)
+                }) =>
+            {
+                tracing::info!(job_id = %job.id, ?reply, "submission not recorded; again");
+                job.unanswered = true;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             Ok(reply) => {
                 if !reply.ok && job.workflow != "chaos_bad" {
                     tracing::warn!(job_id = %job.id, ?reply, "submission refused");

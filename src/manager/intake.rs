@@ -330,9 +330,16 @@ impl Rejection<'_> {
                 ),
             );
         }
+        // Whether the submitted id is free must be known: a read that
+        // failed (a leader election) would otherwise record the rejection
+        // under a fresh id, and the submitted one would never get a record.
         let job_id = match self.job_id {
-            Some(id) if matches!(store::status(nats, &id).await, Ok(None)) => id,
-            _ => new_job_id(),
+            Some(id) => match store::status(nats, &id).await {
+                Ok(None) => id,
+                Ok(Some(_)) => new_job_id(),
+                Err(e) => return unavailable(id, &e),
+            },
+            None => new_job_id(),
         };
         warn!(job_id, ?code, reason, "submission rejected");
         let event = Event::JobRejected(JobRejected {
@@ -343,9 +350,32 @@ impl Rejection<'_> {
             reason: reason.clone(),
             at: now_ms(),
         });
-        if let Err(e) = log::append(nats, &event).await {
-            warn!(job_id, error = %e, "could not log a rejection");
+        // Answered only once recorded: a rejection the log did not take is
+        // `unavailable`, and the same submission sent again is rejected
+        // and recorded then.
+        let recorded = log::encode(&event, nats.max_payload())
+            .map_err(|e| e.to_string())
+            .map(|payload| log::append_retrying(&nats.js, &event, payload, APPEND_FOR));
+        match recorded {
+            Ok(append) => match append.await {
+                Ok(_) => rejected(Some(job_id), code, reason),
+                Err(e) => unavailable(job_id, &e),
+            },
+            Err(e) => {
+                warn!(job_id, error = %e, "could not log a rejection");
+                rejected(Some(job_id), code, reason)
+            }
         }
-        rejected(Some(job_id), code, reason)
     }
+}
+
+/// Nothing was recorded, for a moment: the submitter sends the same
+/// submission again.
+fn unavailable(job_id: String, e: &dyn std::fmt::Display) -> SubmitReply {
+    warn!(job_id, error = %e, "a submission could not be handled for now");
+    rejected(
+        Some(job_id),
+        RejectCode::Unavailable,
+        format!("could not record the submission, try again: {e}"),
+    )
 }
