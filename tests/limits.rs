@@ -166,21 +166,7 @@ async fn a_stored_definition_that_fails_validation_is_refused_where_it_is_read()
     env.one_fanout("quiet", "", 4, Duration::from_millis(1))
         .await;
     env.manager();
-    // Put straight into the bucket (not through `fanjet workflow apply`): it
-    // is well-formed JSON, but a step name with a dot is no subject token.
-    let mut def = serde_json::to_value(
-        fanjet::protocol::Workflow::from_toml(
-            "name = \"dotted\"\n[[steps]]\nname = \"ab\"\nkind = \"task\"\n",
-        )
-        .expect("valid"),
-    )
-    .expect("json");
-    def["steps"][0]["name"] = json!("a.b");
-    env.nats
-        .workflows
-        .put("dotted", serde_json::to_vec(&def).expect("json").into())
-        .await
-        .expect("put");
+    env.put_dotted_workflow("dotted").await;
 
     let p = 9;
     let refused = id_on(p, "dotted");

@@ -1455,21 +1455,7 @@ async fn a_rejection_the_log_cannot_take_is_unavailable_then_recorded() {
     env.one_fanout("brief", "", 4, Duration::from_millis(1))
         .await;
     env.manager();
-    // Well-formed JSON put straight into the bucket, but a step named
-    // "a.b" is no subject token.
-    let mut def = serde_json::to_value(
-        fanjet::protocol::Workflow::from_toml(
-            "name = \"dotted\"\n[[steps]]\nname = \"ab\"\nkind = \"task\"\n",
-        )
-        .expect("valid"),
-    )
-    .expect("json");
-    def["steps"][0]["name"] = json!("a.b");
-    env.nats
-        .workflows
-        .put("dotted", serde_json::to_vec(&def).expect("json").into())
-        .await
-        .expect("put");
+    env.put_dotted_workflow("dotted").await;
     assert!(
         env.submit("brief", json!({"job_id": "warm-up", "input": [1]}))
             .await

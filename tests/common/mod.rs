@@ -91,6 +91,25 @@ impl Env {
         cancel
     }
 
+    /// Puts workflow `name` straight into the bucket (not through
+    /// `fanjet workflow apply`): well-formed JSON, but its one step is
+    /// named `a.b`, which is no subject token.
+    pub async fn put_dotted_workflow(&self, name: &str) {
+        let mut def = serde_json::to_value(
+            fanjet::protocol::Workflow::from_toml(&format!(
+                "name = \"{name}\"\n[[steps]]\nname = \"ab\"\nkind = \"task\"\n"
+            ))
+            .expect("valid"),
+        )
+        .expect("json");
+        def["steps"][0]["name"] = serde_json::json!("a.b");
+        self.nats
+            .workflows
+            .put(name, serde_json::to_vec(&def).expect("json").into())
+            .await
+            .expect("put");
+    }
+
     /// Applies workflow `name`, one fanout step `send` (`extra`: more TOML
     /// lines for it), served by an in-process worker of `slots` slots whose
     /// handler waits `each` and returns its item.
