@@ -235,7 +235,7 @@ async fn submit(nats: &Nats, msg: &async_nats::Message, limiters: &Limiters) -> 
             }
         }
         Ok(None) => {}
-        Err(e) => return rejected(Some(job_id), RejectCode::Unavailable, e.to_string()),
+        Err(e) => return unavailable(job_id, &e),
     }
     let deadline_ms = match nats.workflow(&workflow).await {
         Ok(Some(wf)) => wf.deadline_ms,
@@ -250,7 +250,7 @@ async fn submit(nats: &Nats, msg: &async_nats::Message, limiters: &Limiters) -> 
                 .send(nats, RejectCode::InvalidDefinition, e.to_string())
                 .await
         }
-        Err(e) => return rejected(Some(job_id), RejectCode::Unavailable, e.to_string()),
+        Err(e) => return unavailable(job_id, &e),
     };
     let at = now_ms();
     let event = Event::JobRequested(JobRequested {
@@ -276,11 +276,7 @@ async fn submit(nats: &Nats, msg: &async_nats::Message, limiters: &Limiters) -> 
             let m = format!("the job's request is {bytes} bytes; the server accepts {max}");
             reject.send(nats, RejectCode::PayloadTooLarge, m).await
         }
-        Err(e) => rejected(
-            Some(job_id),
-            RejectCode::Unavailable,
-            format!("could not record the job, try again: {e}"),
-        ),
+        Err(e) => unavailable(job_id, &e),
     }
 }
 
@@ -353,14 +349,9 @@ impl Rejection<'_> {
         // Answered only once recorded: a rejection the log did not take is
         // `unavailable`, and the same submission sent again is rejected
         // and recorded then.
-        let recorded = log::encode(&event, nats.max_payload())
-            .map_err(|e| e.to_string())
-            .map(|payload| log::append_retrying(&nats.js, &event, payload, APPEND_FOR));
-        match recorded {
-            Ok(append) => match append.await {
-                Ok(_) => rejected(Some(job_id), code, reason),
-                Err(e) => unavailable(job_id, &e),
-            },
+        match append(nats, &event).await {
+            Ok(_) => rejected(Some(job_id), code, reason),
+            Err(e) if e.is_transient() => unavailable(job_id, &e),
             Err(e) => {
                 warn!(job_id, error = %e, "could not log a rejection");
                 rejected(Some(job_id), code, reason)
