@@ -31,7 +31,7 @@
 //! `<out>/result.json`; the history of a job with subjobs counted lost goes
 //! to `<out>/events-<job>.json`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -246,7 +246,14 @@ async fn send(c: TaskContext, ledger: Arc<Mutex<std::fs::File>>) -> Result<Value
     }
     let ms = rand::rng().random_range(5..40);
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    let line = format!("{} {} {} {}\n", c.task.job_id, c.task.step, i, c.attempt);
+    let line = format!(
+        "{} {} {} {} {}\n",
+        c.task.job_id,
+        c.task.step,
+        i,
+        c.attempt,
+        std::process::id()
+    );
     let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let mut f = ledger
             .lock()
@@ -385,6 +392,9 @@ struct Figures {
     /// The same after a SIGTERM.
     handovers_ms: Vec<u64>,
     last_fault: Option<Instant>,
+    /// The process ids of the workers SIGKILLed (the ledgers name the
+    /// process that ran each subjob).
+    killed_workers: HashSet<u32>,
 }
 
 fn unix_nanos() -> i128 {
@@ -574,7 +584,16 @@ async fn run(args: &Args) -> Result<i32> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    let report = check(&nats, &args.out, &jobs, &records, &hooked, &notes).await?;
+    let report = check(
+        &nats,
+        &args.out,
+        &jobs,
+        &records,
+        &hooked,
+        &notes,
+        &figures.killed_workers,
+    )
+    .await?;
     let tagged = outcome_times(&nats).await.unwrap_or_default();
     let outcomes: Vec<i128> = tagged.iter().map(|(t, _)| *t).collect();
     // Each cell's own outcomes: a node's loss should stall the cell it
@@ -708,6 +727,7 @@ async fn run(args: &Args) -> Result<i32> {
         "jobs": jobs.len(),
         "subjobs_run": report.ledger_lines,
         "re_executions": report.ledger_lines.saturating_sub(report.distinct),
+        "re_executions_after_worker_kill": report.re_executions_after_kill,
         "faults": figures.faults,
         "takeover_ms": {"p50": p50, "max": max, "all": takeovers},
         "graceful_handover_ms": figures.handovers_ms,
@@ -737,11 +757,12 @@ async fn run(args: &Args) -> Result<i32> {
         .map(|(k, q)| format!("{k} {}/{}", q.p50.unwrap_or(0), q.max.unwrap_or(0)))
         .collect();
     println!(
-        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions); faults: {}; takeover p50 {} ms, max {} ms; graceful handover max {} ms; longest stall {} ms (after {}); a busy cell's longest stall after each fault, p50/max ms: {}; after a node's loss, the other cells' longest stall p50 {} ms, max {} ms; last fault to all terminal {:.1} s; step starts announced after p50 {} ms, max {} ms (missed on NATS {}); hung {}; violations {}",
+        "chaos seed {}: {} jobs, {} subjobs run ({} re-executions, {} after a run by a worker killed); faults: {}; takeover p50 {} ms, max {} ms; graceful handover max {} ms; longest stall {} ms (after {}); a busy cell's longest stall after each fault, p50/max ms: {}; after a node's loss, the other cells' longest stall p50 {} ms, max {} ms; last fault to all terminal {:.1} s; step starts announced after p50 {} ms, max {} ms (missed on NATS {}); hung {}; violations {}",
         args.seed,
         jobs.len(),
         report.ledger_lines,
         report.ledger_lines.saturating_sub(report.distinct),
+        report.re_executions_after_kill,
         faults.join(", "),
         p50.map_or("-".into(), |v| v.to_string()),
         max.map_or("-".into(), |v| v.to_string()),
@@ -1035,6 +1056,7 @@ async fn faults(
             }
             "kill_worker" => {
                 let i = workers[rng.random_range(0..workers.len())];
+                figures.killed_workers.insert(procs.pid(i));
                 procs.kill(i);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 procs.restart(i)?;
@@ -1299,6 +1321,8 @@ async fn index_differs(nats: &Nats) -> Result<Option<String>> {
 struct Report {
     ledger_lines: u64,
     distinct: u64,
+    /// Re-executions whose run before was by a worker later SIGKILLed.
+    re_executions_after_kill: u64,
     hung: u64,
     /// Step starts the webhook got and no NATS listener heard.
     missed_on_nats: u64,
@@ -1309,6 +1333,18 @@ struct Report {
     violations: Vec<String>,
 }
 
+/// Of one subjob's runs (attempt, process id), how many came after a run
+/// by a worker that was SIGKILLed: that worker may have died before its
+/// report was stored, so the task was delivered again. A run after one by
+/// a worker that lived on was for another reason (a report lost with a
+/// node, an ack deadline passed).
+fn re_executions_after_kill(mut runs: Vec<(u32, u32)>, killed: &HashSet<u32>) -> u64 {
+    runs.sort_unstable();
+    runs.windows(2)
+        .filter(|pair| killed.contains(&pair[0].1))
+        .count() as u64
+}
+
 async fn check(
     nats: &Nats,
     out: &Path,
@@ -1316,9 +1352,12 @@ async fn check(
     records: &BTreeMap<String, fanjet::protocol::Job>,
     hooked: &Hooked,
     notes: &Arc<Mutex<HashMap<String, u32>>>,
+    killed_workers: &HashSet<u32>,
 ) -> Result<Report> {
     // The ledgers: (job, step) → distinct indices run to success.
     let mut ran: HashMap<(String, String), BTreeSet<u64>> = HashMap::new();
+    // Each subjob's runs: (attempt, the worker's process id).
+    let mut runs: HashMap<(String, String, u64), Vec<(u32, u32)>> = HashMap::new();
     let mut lines = 0u64;
     for entry in std::fs::read_dir(out)? {
         let path = entry?.path();
@@ -1330,12 +1369,16 @@ async fn check(
         }
         for line in std::fs::read_to_string(&path)?.lines() {
             let parts: Vec<&str> = line.split(' ').collect();
-            if let [job, step, index, _attempt] = parts[..] {
-                if let Ok(i) = index.parse() {
+            if let [job, step, index, attempt, pid] = parts[..] {
+                if let (Ok(i), Ok(attempt), Ok(pid)) = (index.parse(), attempt.parse(), pid.parse())
+                {
                     lines += 1;
                     ran.entry((job.to_string(), step.to_string()))
                         .or_default()
                         .insert(i);
+                    runs.entry((job.to_string(), step.to_string(), i))
+                        .or_default()
+                        .push((attempt, pid));
                 }
             }
         }
@@ -1473,6 +1516,10 @@ async fn check(
     Ok(Report {
         ledger_lines: lines,
         distinct,
+        re_executions_after_kill: runs
+            .into_values()
+            .map(|r| re_executions_after_kill(r, killed_workers))
+            .sum(),
         hung,
         missed_on_nats,
         announce_lag: Quantiles::of(lags),
@@ -1586,6 +1633,22 @@ fn longest_gap(times: &[i128], from: i128, to: i128) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_re_execution_is_charged_to_a_kill_when_the_run_before_was_by_a_killed_worker() {
+        let killed = HashSet::from([7]);
+        // Once, by a worker that lived on: none.
+        assert_eq!(re_executions_after_kill(vec![(1, 5)], &killed), 0);
+        // Run by worker 7, killed, then again by 5: one after a kill.
+        assert_eq!(re_executions_after_kill(vec![(2, 5), (1, 7)], &killed), 1);
+        // Run by 5, which lived on, then again by 7: for another reason.
+        assert_eq!(re_executions_after_kill(vec![(1, 5), (2, 7)], &killed), 0);
+        // Three runs: 7 (killed), 5, 5: the second after the kill, the third not.
+        assert_eq!(
+            re_executions_after_kill(vec![(3, 5), (1, 7), (2, 5)], &killed),
+            1
+        );
+    }
 
     #[test]
     fn a_fault_is_charged_with_the_waits_in_its_window_only() {
