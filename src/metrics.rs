@@ -152,7 +152,7 @@ impl Metrics {
             manager_ignored: counter(
                 &r,
                 MANAGER_IGNORED,
-                "Events the manager read and ignored, by reason: duplicate, step_not_running (late), job_ended, unknown_job, not_dispatched, invalid_job_id, unreadable, subject_mismatch, bad_token (an outcome without its task's token). Exported by the process that runs the manager.",
+                "Events the manager read and ignored, by reason: duplicate, step_not_running (late), job_ended, unknown_job, not_dispatched, not_dispatched_yet (held until its subjob is dispatched, then counted), invalid_job_id, unreadable, subject_mismatch, bad_token (an outcome without its task's token). Exported by the process that runs the manager.",
                 &["reason"],
             ),
             log_holes: counter(

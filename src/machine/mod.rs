@@ -9,7 +9,9 @@
 //! - each subjob's outcome is counted once (the [`Pending`] bitmaps), and an
 //!   outcome replayed after a crash is not counted twice (`applied_seq`);
 //! - events for a step that is no longer running, or a job that ended, are
-//!   ignored;
+//!   ignored; an outcome of a fanout subjob not dispatched yet is held and
+//!   counted once it is ([`Engine::early`]: a session started again may
+//!   dispatch less than the one before, whose workers ran more);
 //! - steps run in order; a fanout keeps at most `max_in_flight` subjobs
 //!   dispatched and unfinished; failures beyond the step's tolerance, a
 //!   step's deadline, a cancellation end the job;
@@ -70,6 +72,11 @@ use crate::protocol::{
 /// Refill a step's in-flight window only when at least this many slots are
 /// free (or the rest fits), so dispatches go out in batches.
 const MIN_REFILL: u64 = 256;
+
+/// Outcomes held at most until their subjobs are dispatched
+/// ([`Engine::early`]); beyond, an outcome is left to the lost-task
+/// check's read back.
+const MAX_EARLY: usize = 10_000;
 
 /// What the engine is told.
 #[derive(Debug, Clone)]
@@ -201,6 +208,27 @@ pub struct Engine {
     /// Per cap key: the cap, and the room this engine's jobs under it want
     /// reserved, as of the last [`Input::Shares`] (none before the first).
     wanted: Option<BTreeMap<String, (u64, u64)>>,
+    /// Outcomes of fanout subjobs that this engine has not dispatched
+    /// (yet), by job: each is applied once its subjob is. A session
+    /// started again reads the log again from its last acknowledged event
+    /// and dispatches what its window and share allow now, which can be
+    /// less than the session before had dispatched and its workers ran;
+    /// their outcomes then come before the dispatch. Their tokens say a
+    /// manager dispatched them (forgeries never reach the engine), and
+    /// their tasks, enqueued again, are duplicates the work queue drops,
+    /// so no other outcome would come. At most [`MAX_EARLY`], kept in
+    /// memory only: a session that fails with some held leaves them to be
+    /// read again or read back.
+    early: HashMap<String, Vec<Early>>,
+}
+
+/// An outcome held until its subjob is dispatched.
+#[derive(Debug, Clone)]
+struct Early {
+    seq: u64,
+    event: Event,
+    /// It came at or before the job's last applied sequence (a replay).
+    replay: bool,
 }
 
 impl Engine {
@@ -317,19 +345,13 @@ impl Engine {
     }
 
     fn unapplied_outcome(&self, job_id: &str, step_index: usize, index: u64, run: u32) -> bool {
-        let Some(job) = self.jobs.get(job_id) else {
-            return false;
-        };
-        let running = job.state == JobState::Running && job.current == step_index;
-        match job.steps.get(step_index) {
-            Some(s) if running && run == job.run && s.state == StepState::Running => {
-                index < s.dispatched && index < s.pending.len() && !s.pending.is_done(index)
-            }
-            _ => false,
-        }
+        self.jobs
+            .get(job_id)
+            .is_some_and(|job| standing(job, step_index, index, run) == Standing::Open)
     }
 
     fn unload(&mut self, job_id: &str) {
+        self.early.remove(job_id);
         self.dirty.remove(job_id);
         self.suspects.remove(job_id);
         self.waiting.remove(job_id);
@@ -391,7 +413,56 @@ impl Engine {
         if self.pacing.is_some() {
             self.first_shares(now, &mut out);
         }
+        self.release_early(now, &mut out);
         out
+    }
+
+    /// Applies the held outcomes whose subjobs are now dispatched (which
+    /// may dispatch more, and release others); drops those that can no
+    /// longer count (their job or step ended, or they count nothing).
+    fn release_early(&mut self, now: Millis, out: &mut Vec<Action>) {
+        while !self.early.is_empty() {
+            let mut counted = false;
+            let ids: Vec<String> = self.early.keys().cloned().collect();
+            for id in ids {
+                let Some(held) = self.early.remove(&id) else {
+                    continue;
+                };
+                let mut keep = Vec::new();
+                for early in held {
+                    let Some(job) = self.jobs.get_mut(&id) else {
+                        break;
+                    };
+                    let (open, undispatched) = standings(job, &early.event);
+                    if !open {
+                        if undispatched {
+                            keep.push(early);
+                        }
+                        continue;
+                    }
+                    // Sequence 0 is never taken for a replay; a replay
+                    // keeps its own, at or below the last one applied.
+                    let seq = if early.replay { early.seq } else { 0 };
+                    if let Ok(true) = outcome(job, seq, &early.event, now, out) {
+                        counted = true;
+                        self.dirty.insert(id.clone());
+                        if standings(job, &early.event).1 {
+                            keep.push(early);
+                        }
+                    }
+                }
+                if !keep.is_empty() {
+                    self.early.insert(id, keep);
+                }
+            }
+            if !counted {
+                break;
+            }
+        }
+    }
+
+    fn held_early(&self) -> usize {
+        self.early.values().map(Vec::len).sum()
     }
 
     /// A paced fanout that just started gets its share at once (from the
@@ -765,17 +836,28 @@ impl Engine {
             self.ignore(&event, Ignored::JobEnded);
             return;
         }
+        let replay = seq != 0 && seq <= job.applied_seq;
         let result = match &event {
-            Event::SubjobCompleted(e) => subjob_completed(job, seq, e.clone(), now, out),
-            Event::SubjobFailed(e) => subjob_failed(job, seq, e.clone(), now, out),
             Event::SubjobsFailed(e) => subjobs_failed(job, seq, e, now, out),
-            Event::SubjobsDone(e) => subjobs_done(job, seq, e, now, out),
-            Event::SubjobsCompleted(e) => subjobs_completed(job, seq, e, now, out),
             Event::CancelRequested(e) => Ok(cancel(job, e.clone(), now, out)),
             Event::UpdateRequested(e) => Ok(update(job, e, now, out)),
-            // The manager's own output, read back: already applied.
-            _ => Ok(false),
+            _ => outcome(job, seq, &event, now, out),
         };
+        if standings(job, &event).1 && self.held_early() < MAX_EARLY {
+            let held = Early {
+                seq,
+                event: without_results(event.clone()),
+                replay,
+            };
+            self.early
+                .entry(event.job_id().to_string())
+                .or_default()
+                .push(held);
+            if let Err(Ignored::NotDispatched) = result {
+                self.ignore(&event, Ignored::Early);
+                return;
+            }
+        }
         match result {
             Ok(true) => {
                 if !self.dirty.contains(event.job_id()) {
@@ -862,6 +944,9 @@ pub enum Ignored {
     StepNotRunning,
     /// The subjob was never dispatched (forged, or a corrupt index).
     NotDispatched,
+    /// The subjob is not dispatched yet: the outcome is held until it is
+    /// ([`Engine::early`]).
+    Early,
     /// The subjob's outcome was counted already.
     Duplicate,
     /// The job id is no subject token (only a client that writes the log
@@ -881,6 +966,7 @@ impl Ignored {
             Ignored::JobEnded => "job_ended",
             Ignored::StepNotRunning => "step_not_running",
             Ignored::NotDispatched => "not_dispatched",
+            Ignored::Early => "not_dispatched_yet",
             Ignored::Duplicate => "duplicate",
             Ignored::InvalidJobId => "invalid_job_id",
             Ignored::OtherRun => "other_run",
@@ -896,6 +982,100 @@ pub fn valid_job_id(job_id: &str) -> bool {
 }
 
 /// Records a subjob's outcome once; the step it belongs to, or why not.
+/// A subjob outcome's effect on a job: counts it (the handlers of each
+/// kind); `Ok(false)` for other events.
+fn outcome(
+    job: &mut Job,
+    seq: u64,
+    event: &Event,
+    now: Millis,
+    out: &mut Vec<Action>,
+) -> Result<bool, Ignored> {
+    match event {
+        Event::SubjobCompleted(e) => subjob_completed(job, seq, e.clone(), now, out),
+        Event::SubjobFailed(e) => subjob_failed(job, seq, e.clone(), now, out),
+        Event::SubjobsDone(e) => subjobs_done(job, seq, e, now, out),
+        Event::SubjobsCompleted(e) => subjobs_completed(job, seq, e, now, out),
+        // The manager's own output, read back: already applied.
+        _ => Ok(false),
+    }
+}
+
+/// Where one subjob of a job stands, for an outcome of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Dispatched, no outcome counted yet.
+    Open,
+    /// In the running fanout step, but not dispatched yet.
+    Undispatched,
+    /// Counted already, or not of the running step and run.
+    Other,
+}
+
+fn standing(job: &Job, step_index: usize, index: u64, run: u32) -> Standing {
+    let running = job.state == JobState::Running && job.current == step_index && run == job.run;
+    match job.steps.get(step_index) {
+        Some(s) if running && s.state == StepState::Running => {
+            if index >= s.pending.len() || s.pending.is_done(index) {
+                Standing::Other
+            } else if index < s.dispatched {
+                Standing::Open
+            } else if s.kind == StepKind::Fanout {
+                Standing::Undispatched
+            } else {
+                Standing::Other
+            }
+        }
+        _ => Standing::Other,
+    }
+}
+
+/// Whether any subjob an outcome event reports is open, and whether any
+/// is undispatched ([`Standing`]). Only the subjobs of a batch's own
+/// block count.
+fn standings(job: &Job, event: &Event) -> (bool, bool) {
+    let (step_index, run, indices): (usize, u32, Vec<u64>) = match event {
+        Event::SubjobCompleted(e) => (e.step_index, e.run, vec![e.index]),
+        Event::SubjobFailed(e) => (e.step_index, e.run, vec![e.index]),
+        Event::SubjobsCompleted(e) => (
+            e.step_index,
+            e.run,
+            e.outcomes.iter().map(|o| o.index).collect(),
+        ),
+        Event::SubjobsDone(e) => {
+            let block = e.index..e.index.saturating_add(e.batch_size);
+            let inside = e.outcomes.iter().map(|o| o.index);
+            (
+                e.step_index,
+                e.run,
+                inside.filter(|i| block.contains(i)).collect(),
+            )
+        }
+        _ => return (false, false),
+    };
+    let mut seen = (false, false);
+    for index in indices {
+        match standing(job, step_index, index, run) {
+            Standing::Open => seen.0 = true,
+            Standing::Undispatched => seen.1 = true,
+            Standing::Other => {}
+        }
+    }
+    seen
+}
+
+/// A fanout outcome without its results, which only a task step's
+/// outcome keeps (held outcomes are of fanout steps).
+fn without_results(mut event: Event) -> Event {
+    match &mut event {
+        Event::SubjobCompleted(e) => e.result = Value::Null,
+        Event::SubjobsCompleted(e) => e.outcomes.iter_mut().for_each(|o| o.result = Value::Null),
+        Event::SubjobsDone(e) => e.outcomes.iter_mut().for_each(|o| o.result = Value::Null),
+        _ => {}
+    }
+    event
+}
+
 fn mark_outcome(
     job: &mut Job,
     step_index: usize,

@@ -641,7 +641,7 @@ fn the_window_moves_through_a_large_fanout_and_the_deadline_fails_the_rest() {
     }
     assert!(
         e.apply(done(1, 1000, 1, json!(null)), 1001).is_empty(),
-        "not dispatched yet: ignored"
+        "not dispatched yet: held"
     );
     assert_eq!(
         kinds(&e.apply(done(1, 255, 1, json!(null)), 1002)),
@@ -660,7 +660,11 @@ fn the_window_moves_through_a_large_fanout_and_the_deadline_fails_the_rest() {
         ]
     );
     let step = &e.job("j").unwrap().steps[1];
-    assert_eq!((step.completed, step.failed), (256, 4744));
+    assert_eq!(
+        (step.completed, step.failed),
+        (257, 4743),
+        "1000 counted once dispatched"
+    );
     assert!(step.failures[0].error.contains("deadline"));
     assert!(
         read_back(&mut e, &a, 11_002).is_empty(),
@@ -1906,4 +1910,68 @@ fn a_batch_read_back_is_unapplied_while_any_of_its_subjobs_is() {
     assert!(e.unapplied(&event), "subjob 1 has no outcome yet");
     e.apply(batch_done(0, 2, &[(1, None)]), 22);
     assert!(!e.unapplied(&event));
+}
+
+#[test]
+fn an_outcome_replayed_before_its_subjob_is_dispatched_again_counts_once_it_is() {
+    // Session A dispatched 200 subjobs (its share then), and a worker ran
+    // subjob 150; A failed before its first checkpoint.
+    let request = Input::Requested {
+        seq: next_seq(),
+        event: JobRequested {
+            job_id: "big".into(),
+            workflow: "fair".into(),
+            customer: Some("acme".into()),
+            input: Value::Array(vec![Value::Null; 20_000]),
+            at: 10,
+            deadline_at: None,
+            priority: None,
+        },
+        stored: false,
+        workflow: Definition::Found(fair_workflow("")),
+    };
+    let mut a = Engine::paced(50);
+    a.apply(view(Some(100), vec![]), 1);
+    assert_eq!(dispatched(&a.apply(request.clone(), 10))["big"], 200);
+    let ran = Input::Event {
+        seq: next_seq(),
+        event: Event::SubjobCompleted(SubjobCompleted {
+            run: 0,
+            job_id: "big".into(),
+            step_index: 0,
+            index: 150,
+            attempt: 1,
+            result: Value::Null,
+            duration_ms: 50,
+            token: String::new(),
+        }),
+    };
+    // Session B reads the log again from its start, with a smaller share
+    // than A had: the outcome comes before B dispatched subjob 150.
+    let mut b = Engine::paced(50);
+    b.apply(view(Some(10), vec![]), 20);
+    assert_eq!(dispatched(&b.apply(request, 21))["big"], 20);
+    b.apply(ran, 22);
+    assert_eq!(b.job("big").unwrap().steps[0].completed, 0);
+    // Its share grows; once it dispatches 150 again, the outcome counts
+    // (its task, dispatched again, is dropped as a duplicate by the work
+    // queue, so no other outcome would ever come).
+    b.apply(view(Some(100), vec![]), 30);
+    let mut now = 40;
+    let mut index = 0;
+    while b.job("big").unwrap().steps[0].dispatched <= 150 {
+        finish(&mut b, "big", index, now);
+        index += 1;
+        now += 1;
+        assert!(index < 150, "dispatched up to 150 by finishing others");
+    }
+    let step = &b.job("big").unwrap().steps[0];
+    assert!(
+        step.pending.is_done(150),
+        "the outcome counted once dispatched"
+    );
+    assert_eq!(step.completed, index + 1);
+    // Counted once: the same outcome again is a duplicate.
+    finish(&mut b, "big", 150, now);
+    assert_eq!(b.job("big").unwrap().steps[0].completed, index + 1);
 }
