@@ -419,20 +419,36 @@ impl Engine {
 
     /// Applies the held outcomes whose subjobs are now dispatched (which
     /// may dispatch more, and release others); drops those that can no
-    /// longer count (their job or step ended, or they count nothing).
+    /// longer count (their job or step ended, or they count nothing). Looks
+    /// only at the jobs the actions of this input dispatched or ended.
     fn release_early(&mut self, now: Millis, out: &mut Vec<Action>) {
-        while !self.early.is_empty() {
-            let mut counted = false;
-            let ids: Vec<String> = self.early.keys().cloned().collect();
-            for id in ids {
+        let mut from = 0;
+        while !self.early.is_empty() && from < out.len() {
+            let touched: BTreeSet<String> = out[from..]
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Dispatch(d) => Some(d.job_id.as_str()),
+                    Action::Publish(
+                        e @ (Event::StepCompleted(_)
+                        | Event::JobCompleted(_)
+                        | Event::JobFailed(_)
+                        | Event::JobCancelled(_)),
+                    ) => Some(e.job_id()),
+                    _ => None,
+                })
+                .filter(|id| self.early.contains_key(*id))
+                .map(str::to_string)
+                .collect();
+            from = out.len();
+            for id in touched {
                 let Some(held) = self.early.remove(&id) else {
+                    continue;
+                };
+                let Some(job) = self.jobs.get_mut(&id) else {
                     continue;
                 };
                 let mut keep = Vec::new();
                 for early in held {
-                    let Some(job) = self.jobs.get_mut(&id) else {
-                        break;
-                    };
                     let (open, undispatched) = standings(job, &early.event);
                     if !open {
                         if undispatched {
@@ -444,7 +460,6 @@ impl Engine {
                     // keeps its own, at or below the last one applied.
                     let seq = if early.replay { early.seq } else { 0 };
                     if let Ok(true) = outcome(job, seq, &early.event, now, out) {
-                        counted = true;
                         self.dirty.insert(id.clone());
                         if standings(job, &early.event).1 {
                             keep.push(early);
@@ -454,9 +469,6 @@ impl Engine {
                 if !keep.is_empty() {
                     self.early.insert(id, keep);
                 }
-            }
-            if !counted {
-                break;
             }
         }
     }
