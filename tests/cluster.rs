@@ -160,8 +160,11 @@ async fn a_job_survives_losing_a_cluster_node() {
     cluster.nodes[node].kill();
     // Its consumer is led from the killed node (the managers keep it
     // there): the requests that open it go unanswered until its followers
-    // elect a leader, and are asked again rather than waited out.
-    let reopened = probe().await.map(drop);
+    // elect a leader, and are asked again rather than waited out. So are
+    // those that load the job to resume it (its record and bitmap, read
+    // from their buckets' leaders, led from there too).
+    let (reopened, loaded) = tokio::join!(probe(), fanjet::nats::store::load(&admin, "ha-1"));
+    let reopened = reopened.map(drop);
 
     let start = Instant::now();
     let mut reported = false;
@@ -191,6 +194,12 @@ async fn a_job_survives_losing_a_cluster_node() {
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     if let Err(e) = reopened {
         panic!("a reader opened as its consumer's leader was lost did not open once another was elected: {e}");
+    }
+    match loaded {
+        Ok(Some(_)) => {}
+        other => panic!(
+            "a job loaded as its record's leader was lost did not load once another was elected: {other:?}"
+        ),
     }
     assert_eq!(
         (

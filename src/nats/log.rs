@@ -199,7 +199,13 @@ pub async fn event_at(nats: &Nats, job_id: &str, seq: u64) -> Result<Option<Byte
     let err = |e: &dyn std::fmt::Display| LogError::Read(format!("event {seq}: {e}"));
     let mut pause = Duration::from_millis(250);
     for _ in 0..3 {
-        match log.get_raw_message(seq).await {
+        // Asked again when unanswered: a read sent as the log's leader was
+        // lost is never answered, and waiting out the client's 10 s held
+        // its session up that long.
+        let got = super::answered(|| log.get_raw_message(seq))
+            .await
+            .map_err(|e| err(&e))?;
+        match got {
             Ok(m) => return Ok(Some(m.payload)),
             Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {
                 tokio::time::sleep(pause).await;

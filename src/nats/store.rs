@@ -271,6 +271,11 @@ enum Read {
     /// job needs; a stale record or bitmap there would count subjobs
     /// twice, or lose the outcomes acknowledged since.
     Leader,
+    /// From the leader, asked again when unanswered ([`super::answered`]):
+    /// a read sent as the bucket's leader was lost is never answered, and
+    /// waiting out the client's 10 s for it held a partition's reload that
+    /// long (13 sessions in a 20-minute chaos run).
+    LeaderAskedAgain,
 }
 
 /// A key's value and revision (`None`: not there, or deleted); an error
@@ -282,13 +287,17 @@ async fn read_key(
     job_id: &str,
     op: &'static str,
 ) -> Result<Option<(Bytes, u64)>, StoreError> {
-    read_raw(bucket, key, how)
-        .await
-        .map_err(|message| StoreError::Kv {
-            job_id: job_id.into(),
-            op,
-            message,
-        })
+    let read = match how {
+        Read::LeaderAskedAgain => super::answered(|| read_raw(bucket, key, Read::Leader))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string())),
+        _ => read_raw(bucket, key, how).await,
+    };
+    read.map_err(|message| StoreError::Kv {
+        job_id: job_id.into(),
+        op,
+        message,
+    })
 }
 
 async fn read_raw(
@@ -302,7 +311,7 @@ async fn read_raw(
             Ok(_) => Ok(None),
             Err(e) => Err(e.to_string()),
         },
-        Read::Leader => {
+        Read::Leader | Read::LeaderAskedAgain => {
             let subject = format!("$KV.{}.{key}", bucket.name);
             match bucket
                 .stream
@@ -436,7 +445,7 @@ pub async fn put_stats(nats: &Nats, job_id: &str, stats: &JobStats) -> Result<()
 /// Reads a job record with the bitmap of its running step, ready to
 /// resume, from the buckets' leaders.
 pub async fn load(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreError> {
-    let Some((mut job, rev)) = get_with(nats, job_id, Read::Leader).await? else {
+    let Some((mut job, rev)) = get_with(nats, job_id, Read::LeaderAskedAgain).await? else {
         return Ok(None);
     };
     let i = job.current;
@@ -498,7 +507,7 @@ async fn bits(
         let bytes = read_key(
             nats.pending_of(job_id),
             &key,
-            Read::Leader,
+            Read::LeaderAskedAgain,
             job_id,
             "get chunk",
         )
