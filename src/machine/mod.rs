@@ -993,7 +993,6 @@ pub fn valid_job_id(job_id: &str) -> bool {
     validate_token("job id", job_id).is_ok()
 }
 
-/// Records a subjob's outcome once; the step it belongs to, or why not.
 /// A subjob outcome's effect on a job: counts it (the handlers of each
 /// kind); `Ok(false)` for other events.
 fn outcome(
@@ -1088,6 +1087,7 @@ fn without_results(mut event: Event) -> Event {
     event
 }
 
+/// Records a subjob's outcome once; the step it belongs to, or why not.
 fn mark_outcome(
     job: &mut Job,
     step_index: usize,

@@ -1862,6 +1862,9 @@ fn a_batched_fanout_dispatches_whole_blocks_and_counts_each_subjob_once() {
     assert!(e.apply(batch_done(0, 4, &[(5, None)]), 21).is_empty());
     assert!(e.apply(batch_done(0, 2, &[(0, None)]), 21).is_empty());
     assert!(e.apply(batch_done(2, 4, &[(2, None)]), 21).is_empty());
+    // Nor does one of another batch size whose block is not dispatched
+    // yet: held until it is, then dropped.
+    assert!(e.apply(batch_done(4, 2, &[(4, None)]), 21).is_empty());
     assert_eq!(e.job("j").unwrap().steps[1].completed, 0);
     // One item failed (tolerated), three completed: the window refills.
     let a = e.apply(
