@@ -161,9 +161,14 @@ async fn a_job_survives_losing_a_cluster_node() {
     // Its consumer is led from the killed node (the managers keep it
     // there): the requests that open it go unanswered until its followers
     // elect a leader, and are asked again rather than waited out. So are
-    // those that load the job to resume it (its record and bitmap, read
-    // from their buckets' leaders, led from there too).
-    let (reopened, loaded) = tokio::join!(probe(), fanjet::nats::store::load(&admin, "ha-1"));
+    // those that load the job to resume it or ask whether it is stored
+    // (its record and bitmap, read from their buckets' leaders, led from
+    // there too).
+    let (reopened, loaded, stored) = tokio::join!(
+        probe(),
+        fanjet::nats::store::load(&admin, "ha-1"),
+        fanjet::nats::store::stored(&admin, "ha-1")
+    );
     let reopened = reopened.map(drop);
 
     let start = Instant::now();
@@ -201,6 +206,10 @@ async fn a_job_survives_losing_a_cluster_node() {
             "a job loaded as its record's leader was lost did not load once another was elected: {other:?}"
         ),
     }
+    assert!(
+        matches!(stored, Ok(true)),
+        "whether a job is stored, asked as its record's leader was lost, was not answered once another was elected: {stored:?}"
+    );
     assert_eq!(
         (
             job.steps[0].total,

@@ -273,8 +273,8 @@ enum Read {
     Leader,
     /// From the leader, asked again when unanswered ([`super::answered`]):
     /// a read sent as the bucket's leader was lost is never answered, and
-    /// waiting out the client's 10 s for it held a partition's reload that
-    /// long (13 sessions in a 20-minute chaos run).
+    /// waiting out the client's 10 s for it held a partition's session
+    /// that long (13 reloads in a 20-minute chaos run).
     LeaderAskedAgain,
 }
 
@@ -343,9 +343,13 @@ pub async fn get(nats: &Nats, job_id: &str) -> Result<Option<(Job, u64)>, StoreE
     get_with(nats, job_id, Read::Any).await
 }
 
-/// Whether a job's record is stored, as the bucket's leader says.
+/// Whether a job's record is stored, as the bucket's leader says (asked
+/// again when unanswered: a partition's session asks it of every job
+/// requested).
 pub async fn stored(nats: &Nats, job_id: &str) -> Result<bool, StoreError> {
-    Ok(latest(nats, job_id).await?.is_some())
+    Ok(get_with(nats, job_id, Read::LeaderAskedAgain)
+        .await?
+        .is_some())
 }
 
 /// One job record (without its bitmaps) as the bucket's leader has it:
