@@ -324,30 +324,9 @@ impl Engine {
     /// Whether `event`, read back from the log, is an outcome of a held
     /// job's running step (and run) that it has not applied.
     pub fn unapplied(&self, event: &Event) -> bool {
-        let (job_id, step_index, index, run) = match event {
-            Event::SubjobCompleted(e) => (&e.job_id, e.step_index, e.index, e.run),
-            Event::SubjobFailed(e) => (&e.job_id, e.step_index, e.index, e.run),
-            Event::SubjobsDone(e) => {
-                return e
-                    .outcomes
-                    .iter()
-                    .any(|o| self.unapplied_outcome(&e.job_id, e.step_index, o.index, e.run))
-            }
-            Event::SubjobsCompleted(e) => {
-                return e
-                    .outcomes
-                    .iter()
-                    .any(|o| self.unapplied_outcome(&e.job_id, e.step_index, o.index, e.run))
-            }
-            _ => return false,
-        };
-        self.unapplied_outcome(job_id, step_index, index, run)
-    }
-
-    fn unapplied_outcome(&self, job_id: &str, step_index: usize, index: u64, run: u32) -> bool {
         self.jobs
-            .get(job_id)
-            .is_some_and(|job| standing(job, step_index, index, run) == Standing::Open)
+            .get(event.job_id())
+            .is_some_and(|job| standings(job, event).0)
     }
 
     fn unload(&mut self, job_id: &str) {

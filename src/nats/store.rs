@@ -425,9 +425,7 @@ pub async fn stats(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StoreE
 /// than waited out.
 pub async fn stats_to_update(nats: &Nats, job_id: &str) -> Result<Option<JobStats>, StoreError> {
     let op = "get statistics";
-    let entry = super::answered(|| read_key(&nats.stats, job_id, Read::Leader, job_id, op))
-        .await
-        .map_err(|e| kv_error(job_id, op, &e))??;
+    let entry = read_key(&nats.stats, job_id, Read::LeaderAskedAgain, job_id, op).await?;
     Ok(entry.and_then(|(b, _)| serde_json::from_slice(&b).ok()))
 }
 
